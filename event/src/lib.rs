@@ -1,0 +1,42 @@
+//! The Custos event: what an agent signs, and how anyone checks it.
+//!
+//! This crate has no I/O and no async runtime, so every other crate (and any
+//! third-party verifier written in Rust) can depend on it.
+//!
+//! ```text
+//!  payload JSON ──▶ Signer ──(seq, prev, PAE, ed25519)──▶ DSSE Envelope ──▶ wire
+//!                                                             │
+//!  wire bytes ──▶ decode_envelope ──▶ verify_signatures (batch, fallback to single)
+//!                                            │
+//!                                            ▼
+//!                               Payload::parse + keyid check ──▶ Verified
+//! ```
+//!
+//! - [`did`]: `did:key` identifiers for ed25519 keys (multicodec `0xed01`, base58btc).
+//! - [`dsse`]: the DSSE envelope and its pre-authentication encoding (PAE).
+//! - [`payload`]: the event payload model and its validation rules.
+//! - [`sign`]: keys and the chain-keeping [`sign::Signer`].
+//! - [`verify`]: decoding and batch signature verification.
+//! - [`reason`]: stable reason codes for every rejection.
+//!
+//! The formats are specified in `docs/event-format.md`; the test vectors there are checked
+//! by this crate's tests.
+
+pub mod did;
+pub mod dsse;
+pub mod payload;
+pub mod reason;
+pub mod sign;
+pub mod verify;
+
+pub use did::{did_from_public_key, public_key_from_did};
+pub use dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, pae};
+pub use payload::{Kind, Outcome, Payload};
+pub use reason::{Reason, Rejection};
+pub use sign::{AgentKey, ChainState, Signer};
+pub use verify::{Decoded, Verified, decode_envelope, verify_signatures};
+
+/// blake3 of some bytes, as the lowercase hex used in `prev` and in the docs.
+pub fn blake3_hex(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}

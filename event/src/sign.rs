@@ -1,0 +1,176 @@
+//! Keys and signing.
+
+use ed25519_dalek::Signer as _;
+use serde::{Deserialize, Serialize};
+
+use crate::did::did_from_public_key;
+use crate::dsse::{EVENT_PAYLOAD_TYPE, Envelope, pae};
+use crate::payload::Payload;
+
+/// An ed25519 key with its `did:key`.
+///
+/// `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct AgentKey {
+    signing: ed25519_dalek::SigningKey,
+    did: String,
+}
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentKey")
+            .field("did", &self.did)
+            .field("secret", &"**REDACTED**")
+            .finish()
+    }
+}
+
+/// Why a fresh key could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random source failed: {0}")]
+pub struct RandomError(String);
+
+impl AgentKey {
+    /// A new key from the operating system's random source.
+    pub fn generate() -> Result<Self, RandomError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|error| RandomError(error.to_string()))?;
+        Ok(Self::from_seed(&seed))
+    }
+
+    /// The key whose 32-byte secret seed is `seed` (RFC 8032).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let signing = ed25519_dalek::SigningKey::from_bytes(seed);
+        let did = did_from_public_key(&signing.verifying_key().to_bytes());
+        Self { signing, did }
+    }
+
+    pub fn seed(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    pub fn did(&self) -> &str {
+        &self.did
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// Signs raw bytes (no PAE); used for checkpoints and other notes.
+    pub fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        self.signing.sign(message).to_bytes()
+    }
+
+    /// Signs `payload` as a DSSE envelope of `payload_type`.
+    pub fn sign_envelope(&self, payload_type: &str, payload: Vec<u8>) -> Envelope {
+        let sig = self.sign_raw(&pae(payload_type, &payload));
+        Envelope {
+            payload_type: payload_type.to_owned(),
+            payload,
+            keyid: self.did.clone(),
+            sig,
+        }
+    }
+}
+
+/// Where an agent's hash chain stands: the next `seq` and the digest of the last payload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainState {
+    pub next_seq: u64,
+    /// Lowercase hex blake3 of the last signed payload; `None` before the first.
+    pub prev: Option<String>,
+}
+
+impl ChainState {
+    /// Advances past a signed payload.
+    pub fn advance(&mut self, payload: &[u8]) {
+        self.next_seq += 1;
+        self.prev = Some(crate::blake3_hex(payload));
+    }
+}
+
+/// Signs an agent's events in order, keeping its `seq` / `prev` chain.
+#[derive(Debug)]
+pub struct Signer {
+    key: AgentKey,
+    realm: String,
+    chain: ChainState,
+}
+
+impl Signer {
+    /// A signer at the start of a chain.
+    pub fn new(key: AgentKey, realm: impl Into<String>) -> Self {
+        Self::resume(key, realm, ChainState::default())
+    }
+
+    /// A signer that continues an existing chain.
+    pub fn resume(key: AgentKey, realm: impl Into<String>, chain: ChainState) -> Self {
+        Self {
+            key,
+            realm: realm.into(),
+            chain,
+        }
+    }
+
+    pub fn key(&self) -> &AgentKey {
+        &self.key
+    }
+
+    pub fn did(&self) -> &str {
+        self.key.did()
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    pub fn chain(&self) -> &ChainState {
+        &self.chain
+    }
+
+    /// Fills `agent`, `seq`, `prev` and (when empty) `realm`, then signs the payload.
+    pub fn sign(&mut self, mut payload: Payload) -> Envelope {
+        payload.agent = self.key.did().to_owned();
+        payload.seq = self.chain.next_seq;
+        payload.prev = self.chain.prev.clone();
+        if payload.realm.is_empty() {
+            payload.realm = self.realm.clone();
+        }
+        // A Payload of strings, numbers and a JSON map always serialises.
+        let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+        self.sign_bytes(bytes)
+    }
+
+    /// Fills the chain fields of a JSON object (keeping every other field as given),
+    /// validates it as a payload, and signs it.
+    pub fn sign_object(
+        &mut self,
+        mut object: serde_json::Map<String, serde_json::Value>,
+        default_ts: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Envelope, String> {
+        use serde_json::Value;
+        object.insert("agent".into(), Value::String(self.key.did().to_owned()));
+        object.insert("seq".into(), Value::from(self.chain.next_seq));
+        object.insert(
+            "prev".into(),
+            self.chain.prev.clone().map_or(Value::Null, Value::String),
+        );
+        object
+            .entry("realm")
+            .or_insert_with(|| Value::String(self.realm.clone()));
+        object.entry("ts").or_insert_with(|| {
+            Value::String(default_ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        });
+        let bytes = serde_json::to_vec(&object).map_err(|error| error.to_string())?;
+        Payload::parse(&bytes)?;
+        Ok(self.sign_bytes(bytes))
+    }
+
+    /// Signs payload bytes as they are and advances the chain past them. The caller is
+    /// responsible for their `seq` and `prev` being this signer's.
+    pub fn sign_bytes(&mut self, bytes: Vec<u8>) -> Envelope {
+        self.chain.advance(&bytes);
+        self.key.sign_envelope(EVENT_PAYLOAD_TYPE, bytes)
+    }
+}

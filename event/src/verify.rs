@@ -1,0 +1,203 @@
+//! Decoding and signature verification of envelopes.
+//!
+//! The order is fixed and documented in `docs/reason-codes.md`: size, envelope structure,
+//! base64, payload type, key id, then the signature (batched), and only then is the signed
+//! payload parsed. Nothing from an unverified payload is trusted or interpreted.
+
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
+use rayon::prelude::*;
+
+use crate::did::{public_key_from_did, truncate};
+use crate::dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, WireEnvelope, decode_base64};
+use crate::payload::Payload;
+use crate::reason::{Reason, Rejection};
+
+/// An envelope that passed structural checks, with its key parsed.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    pub envelope: Envelope,
+    pub public_key: [u8; 32],
+}
+
+/// An envelope whose signature verified and whose payload is a valid event by its signer.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub envelope: Envelope,
+    pub payload: Payload,
+    /// blake3 of the payload bytes.
+    pub digest: [u8; 32],
+}
+
+/// How many signatures go into one `verify_batch` call.
+pub const BATCH: usize = 256;
+
+/// Decodes one wire envelope. `max_bytes` bounds the whole envelope as received.
+///
+/// `allowed_types` lists the accepted `payloadType`s (ingest accepts only events).
+pub fn decode_envelope(raw: &[u8], max_bytes: usize, allowed_types: &[&str]) -> Result<Decoded, Rejection> {
+    if raw.len() > max_bytes {
+        return Err(Rejection::new(
+            Reason::TooLarge,
+            format!("envelope is {} bytes; the limit is {max_bytes}", raw.len()),
+        ));
+    }
+    let wire: WireEnvelope = serde_json::from_slice(raw)
+        .map_err(|error| Rejection::new(Reason::Malformed, format!("not a DSSE envelope: {error}")))?;
+    let [signature] = wire.signatures.as_slice() else {
+        return Err(Rejection::new(
+            Reason::Malformed,
+            format!("expected exactly one signature, found {}", wire.signatures.len()),
+        ));
+    };
+    let payload = decode_base64(&wire.payload)
+        .ok_or_else(|| Rejection::new(Reason::BadBase64, "`payload` is not base64"))?;
+    let sig_bytes = decode_base64(&signature.sig)
+        .ok_or_else(|| Rejection::new(Reason::BadBase64, format!("`sig` `{}` is not base64", truncate(&signature.sig))))?;
+    let sig: [u8; 64] = sig_bytes.as_slice().try_into().map_err(|_| {
+        Rejection::new(
+            Reason::BadSignature,
+            format!("`sig` decodes to {} bytes; an ed25519 signature is 64", sig_bytes.len()),
+        )
+    })?;
+    if !allowed_types.contains(&wire.payload_type.as_str()) {
+        return Err(Rejection::new(
+            Reason::WrongPayloadType,
+            format!(
+                "`payloadType` is `{}`; expected `{}`",
+                truncate(&wire.payload_type),
+                allowed_types.join("` or `")
+            ),
+        ));
+    }
+    let public_key = public_key_from_did(&signature.keyid)
+        .map_err(|error| Rejection::new(Reason::BadKeyid, format!("`keyid`: {error}")))?;
+    Ok(Decoded {
+        envelope: Envelope {
+            payload_type: wire.payload_type,
+            payload,
+            keyid: signature.keyid.clone(),
+            sig,
+        },
+        public_key,
+    })
+}
+
+/// The payload types a Custos log holds.
+pub const LOG_PAYLOAD_TYPES: [&str; 2] = [EVENT_PAYLOAD_TYPE, CONTROL_PAYLOAD_TYPE];
+
+/// Verifies many signatures: batches of [`BATCH`] across all cores, and any batch that
+/// fails is re-checked one by one so only the culprits are rejected.
+///
+/// The result is in input order. A batch that verifies is accepted as a whole, so the
+/// cofactored batch equation decides; see `docs/event-format.md`.
+pub fn verify_signatures(items: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
+    items
+        .par_chunks(BATCH)
+        .flat_map_iter(verify_chunk)
+        .collect()
+}
+
+fn verify_chunk(chunk: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
+    let mut keys = Vec::with_capacity(chunk.len());
+    let mut key_errors = vec![None; chunk.len()];
+    for (position, (public, _)) in chunk.iter().enumerate() {
+        match VerifyingKey::from_bytes(public) {
+            Ok(key) => keys.push(Some(key)),
+            Err(_) => {
+                keys.push(None);
+                key_errors[position] = Some(Rejection::new(Reason::BadKeyid, "`keyid` is not a valid ed25519 point"));
+            }
+        }
+    }
+    let messages: Vec<Vec<u8>> = chunk.iter().map(|(_, envelope)| envelope.pae()).collect();
+    let signatures: Vec<Signature> = chunk.iter().map(|(_, envelope)| Signature::from_bytes(&envelope.sig)).collect();
+    if key_errors.iter().all(Option::is_none) {
+        let keys: Vec<VerifyingKey> = keys.iter().flatten().copied().collect();
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        if ed25519_dalek::verify_batch(&refs, &signatures, &keys).is_ok() {
+            return vec![Ok(()); chunk.len()];
+        }
+    }
+    (0..chunk.len())
+        .map(|position| {
+            if let Some(error) = key_errors[position].take() {
+                return Err(error);
+            }
+            let key = keys[position].as_ref().ok_or_else(|| Rejection::new(Reason::BadKeyid, "invalid key"))?;
+            key.verify(&messages[position], &signatures[position]).map_err(|_| {
+                Rejection::new(
+                    Reason::BadSignature,
+                    format!("signature by `{}` does not verify over the DSSE PAE", truncate(&chunk[position].1.keyid)),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Verifies one envelope's signature (no batching).
+pub fn verify_one(public: &[u8; 32], envelope: &Envelope) -> Result<(), Rejection> {
+    verify_chunk(&[(public, envelope)]).pop().unwrap_or(Ok(()))
+}
+
+/// Parses the signed payload of an event envelope and checks it names its signer.
+pub fn check_event(envelope: Envelope) -> Result<Verified, Rejection> {
+    let payload = Payload::parse(&envelope.payload).map_err(|message| Rejection::new(Reason::BadPayload, message))?;
+    if payload.agent != envelope.keyid {
+        return Err(Rejection::new(
+            Reason::KeyidMismatch,
+            format!(
+                "payload `agent` `{}` differs from signature `keyid` `{}`",
+                truncate(&payload.agent),
+                truncate(&envelope.keyid)
+            ),
+        ));
+    }
+    let digest = envelope.payload_digest();
+    Ok(Verified {
+        envelope,
+        payload,
+        digest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentKey, Kind, Signer};
+
+    fn signed(count: usize) -> (Vec<[u8; 32]>, Vec<Envelope>) {
+        let key = AgentKey::from_seed(&[3u8; 32]);
+        let public = key.public_key();
+        let mut signer = Signer::new(key, "test");
+        let ts = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc();
+        let envelopes: Vec<Envelope> = (0..count).map(|_| signer.sign(crate::Payload::new(Kind::ToolCall, ts))).collect();
+        (vec![public; count], envelopes)
+    }
+
+    #[test]
+    fn batch_finds_exactly_the_culprits() {
+        let (keys, mut envelopes) = signed(600);
+        envelopes[5].sig[0] ^= 1;
+        envelopes[300].payload.push(b' ');
+        envelopes[599].sig[63] ^= 0x10;
+        let items: Vec<_> = keys.iter().zip(envelopes.iter()).collect();
+        let results = verify_signatures(&items);
+        let bad: Vec<usize> = results.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
+        assert_eq!(bad, vec![5, 300, 599]);
+        assert!(results[5].as_ref().unwrap_err().reason == Reason::BadSignature);
+    }
+
+    #[test]
+    fn decode_rejections_name_their_reason() {
+        let (_, envelopes) = signed(1);
+        let good = envelopes[0].to_json();
+        let types = [EVENT_PAYLOAD_TYPE];
+        assert!(decode_envelope(good.as_bytes(), 65536, &types).is_ok());
+        let reason = |raw: &str| decode_envelope(raw.as_bytes(), 65536, &types).unwrap_err().reason;
+        assert_eq!(reason("{"), Reason::Malformed);
+        assert_eq!(reason(&good.replace("\"payload\":\"", "\"payload\":\"!!")), Reason::BadBase64);
+        assert_eq!(reason(&good.replace("custos.event", "custos.other")), Reason::WrongPayloadType);
+        assert_eq!(reason(&good.replace("did:key:z6Mk", "did:key:z6Mx")), Reason::BadKeyid);
+        assert_eq!(decode_envelope(good.as_bytes(), 10, &types).unwrap_err().reason, Reason::TooLarge);
+    }
+}

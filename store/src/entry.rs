@@ -1,0 +1,78 @@
+//! A log entry and its exact leaf bytes.
+
+use custos_event::Envelope;
+
+/// One entry of a log: an agent event or a control entry, as signed, plus what the node
+/// added (its position and ingest time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub log_index: u64,
+    /// Microseconds since the Unix epoch at which the node accepted the entry.
+    pub ingest_ts_us: i64,
+    pub payload_type: String,
+    /// The signer's `did:key`.
+    pub keyid: String,
+    pub sig: [u8; 64],
+    pub payload: Vec<u8>,
+    /// blake3 of `payload`.
+    pub payload_blake3: [u8; 32],
+    /// A `chain_gap` seen at ingest: the inclusive range of missing `seq`s.
+    pub gap: Option<(u64, u64)>,
+}
+
+/// Domain separator at the start of every leaf.
+pub const LEAF_PREFIX: &[u8; 14] = b"custos/leaf/v1";
+
+impl LogEntry {
+    pub fn from_envelope(envelope: Envelope, log_index: u64, ingest_ts_us: i64, gap: Option<(u64, u64)>) -> Self {
+        let payload_blake3 = envelope.payload_digest();
+        Self {
+            log_index,
+            ingest_ts_us,
+            payload_type: envelope.payload_type,
+            keyid: envelope.keyid,
+            sig: envelope.sig,
+            payload: envelope.payload,
+            payload_blake3,
+            gap,
+        }
+    }
+
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            payload_type: self.payload_type.clone(),
+            payload: self.payload.clone(),
+            keyid: self.keyid.clone(),
+            sig: self.sig,
+        }
+    }
+
+    /// The leaf bytes hashed into the Merkle tree (see `docs/store-format.md`):
+    ///
+    /// ```text
+    /// "custos/leaf/v1" ‖ u16be(len type) ‖ payloadType ‖ u16be(len keyid) ‖ keyid
+    ///                  ‖ sig[64] ‖ payload_blake3[32] ‖ i64be(ingest_ts_us)
+    /// ```
+    pub fn leaf_bytes(&self) -> Vec<u8> {
+        leaf_bytes(&self.payload_type, &self.keyid, &self.sig, &self.payload_blake3, self.ingest_ts_us)
+    }
+
+    pub fn leaf_hash(&self) -> crate::merkle::Hash {
+        crate::merkle::leaf_hash(&self.leaf_bytes())
+    }
+}
+
+/// See [`LogEntry::leaf_bytes`].
+pub fn leaf_bytes(payload_type: &str, keyid: &str, sig: &[u8; 64], payload_blake3: &[u8; 32], ingest_ts_us: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14 + 4 + payload_type.len() + keyid.len() + 64 + 32 + 8);
+    out.extend_from_slice(LEAF_PREFIX);
+    // Lengths are bounded far below u16::MAX by ingest; clamp rather than wrap.
+    out.extend_from_slice(&u16::try_from(payload_type.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(payload_type.as_bytes());
+    out.extend_from_slice(&u16::try_from(keyid.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(keyid.as_bytes());
+    out.extend_from_slice(sig);
+    out.extend_from_slice(payload_blake3);
+    out.extend_from_slice(&ingest_ts_us.to_be_bytes());
+    out
+}

@@ -1,0 +1,497 @@
+//! One log: WAL, open segment, sealed Parquet segments, Merkle tree and checkpoints.
+//!
+//! ```text
+//! append(entries) ─▶ WAL (group write + fsync) ─▶ tree.push ─▶ open segment (memory)
+//!                                                                 │ every N entries / close
+//!                                                                 ▼
+//!                       segments/<log>-<first>-<end>.parquet ─▶ segments.ndjson (signed line)
+//! checkpoint() ─▶ consistency with the last signed checkpoint ─▶ checkpoints.ndjson
+//! ```
+//! Files are only ever created, appended to, or (WAL files, once sealed) deleted.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use custos_event::AgentKey;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, NoteKey, sign_note, verify_checkpoint};
+use crate::entry::LogEntry;
+use crate::merkle::{Hash, ProofError, Tree};
+use crate::wal::{WalWriter, scan};
+use crate::{LogPaths, StoreError, fsync_dir, read_object};
+
+/// Tuning for one log.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// Seal the open segment once it holds this many entries.
+    pub segment_max_entries: usize,
+    /// Sign a checkpoint after this many new entries.
+    pub checkpoint_every: u64,
+    /// Sign a checkpoint at least this often while entries arrive.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_max_entries: 100_000,
+            checkpoint_every: 1_000,
+            checkpoint_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One line of `segments.ndjson`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentInfo {
+    pub file: String,
+    pub first_index: u64,
+    pub end_index: u64,
+    pub bytes: u64,
+    /// Lowercase hex blake3 of the whole file.
+    pub blake3: String,
+    pub sealed_at: String,
+    /// base64 ed25519 signature by the log key over [`SegmentInfo::signed_text`].
+    pub sig: String,
+}
+
+impl SegmentInfo {
+    /// `custos/segment/v1\n<log id>\n<file>\n<first>\n<end>\n<blake3>\n`
+    pub fn signed_text(&self, log_id: &str) -> String {
+        format!(
+            "custos/segment/v1\n{log_id}\n{}\n{}\n{}\n{}\n",
+            self.file, self.first_index, self.end_index, self.blake3
+        )
+    }
+}
+
+/// One line of `checkpoints.ndjson`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointLine {
+    pub size: u64,
+    pub note: String,
+}
+
+/// How to open a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Recover, truncate a torn WAL tail, and accept appends.
+    ReadWrite,
+    /// Read what is there without changing any file.
+    ReadOnly,
+}
+
+/// An open log.
+#[derive(Debug)]
+pub struct Log {
+    paths: LogPaths,
+    origin: String,
+    key: Option<AgentKey>,
+    note_key: NoteKey,
+    config: LogConfig,
+    tree: Tree,
+    sealed_end: u64,
+    open: Vec<LogEntry>,
+    wal: Option<WalWriter>,
+    wal_files: Vec<PathBuf>,
+    manifest: Vec<SegmentInfo>,
+    last_checkpoint: Option<(Checkpoint, String)>,
+    last_checkpoint_time: Instant,
+}
+
+impl Log {
+    /// Opens (or creates) the log `log_id` under `data`, calling `visit` on every entry in
+    /// index order so the caller can rebuild its state.
+    pub fn open(
+        data: &Path,
+        store_id: &str,
+        log_id: &str,
+        config: LogConfig,
+        mode: OpenMode,
+        visit: &mut dyn FnMut(&LogEntry),
+    ) -> Result<Self, StoreError> {
+        let paths = LogPaths::new(data, log_id);
+        let origin = format!("custos/{store_id}/{log_id}");
+        let key = match mode {
+            OpenMode::ReadWrite => {
+                fs_err::create_dir_all(&paths.wal_dir)?;
+                fs_err::create_dir_all(&paths.segment_dir)?;
+                let key = crate::keyfile::load_or_create(&paths.key)?;
+                let public = NoteKey {
+                    name: origin.clone(),
+                    public: key.public_key(),
+                };
+                let verifier = format!("{}\n", public.verifier_string());
+                if fs_err::read_to_string(&paths.public_key).ok().as_deref() != Some(verifier.as_str()) {
+                    fs_err::write(&paths.public_key, verifier)?;
+                }
+                Some(key)
+            }
+            OpenMode::ReadOnly => None,
+        };
+        let note_key = match &key {
+            Some(key) => NoteKey {
+                name: origin.clone(),
+                public: key.public_key(),
+            },
+            None => NoteKey::parse_verifier(&fs_err::read_to_string(&paths.public_key)?)?,
+        };
+        let mut log = Log {
+            paths,
+            origin,
+            key,
+            note_key,
+            config,
+            tree: Tree::new(),
+            sealed_end: 0,
+            open: Vec::new(),
+            wal: None,
+            wal_files: Vec::new(),
+            manifest: Vec::new(),
+            last_checkpoint: None,
+            last_checkpoint_time: Instant::now(),
+        };
+        log.recover(mode, visit)?;
+        Ok(log)
+    }
+
+    fn recover(&mut self, mode: OpenMode, visit: &mut dyn FnMut(&LogEntry)) -> Result<(), StoreError> {
+        // Sealed segments, in manifest order.
+        self.manifest = read_ndjson(&self.paths.manifest)?;
+        for info in &self.manifest {
+            if info.first_index != self.tree.size() {
+                return Err(StoreError::Tamper(format!(
+                    "segment `{}` starts at log index {} but {} entries precede it; run `custos verify`",
+                    info.file,
+                    info.first_index,
+                    self.tree.size()
+                )));
+            }
+            let bytes = read_object(&self.paths.segment_dir, &info.file)?;
+            if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
+                return Err(StoreError::Tamper(format!(
+                    "segment `{}` does not match its recorded blake3; run `custos verify`",
+                    info.file
+                )));
+            }
+            let segment = crate::segment::decode(bytes).map_err(|source| StoreError::Segment {
+                file: info.file.clone(),
+                source,
+            })?;
+            for row in &segment.rows {
+                if row.entry.log_index != self.tree.size() {
+                    return Err(StoreError::Tamper(format!(
+                        "segment `{}` holds log index {} where {} was expected; run `custos verify`",
+                        info.file,
+                        row.entry.log_index,
+                        self.tree.size()
+                    )));
+                }
+                visit(&row.entry);
+                self.tree.push(row.entry.leaf_hash());
+            }
+        }
+        self.sealed_end = self.tree.size();
+
+        // The WAL tail, oldest file first.
+        let mut wal_files: Vec<PathBuf> = fs_err::read_dir(&self.paths.wal_dir)
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .map(|entry| entry.path())
+                    .filter(|path| path.extension().is_some_and(|ext| ext == "wal"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        wal_files.sort();
+        let last_file = wal_files.len().saturating_sub(1);
+        for (position, path) in wal_files.iter().enumerate() {
+            let bytes = fs_err::read(path)?;
+            let found = scan(&bytes);
+            for (_, entry) in found.entries {
+                if entry.log_index < self.sealed_end {
+                    continue;
+                }
+                if entry.log_index != self.tree.size() {
+                    return Err(StoreError::Tamper(format!(
+                        "WAL `{}` holds log index {} where {} was expected",
+                        path.display(),
+                        entry.log_index,
+                        self.tree.size()
+                    )));
+                }
+                visit(&entry);
+                self.tree.push(entry.leaf_hash());
+                self.open.push(entry);
+            }
+            if let Some(problem) = found.problem {
+                if !(problem.at_tail && position == last_file) {
+                    return Err(StoreError::Tamper(format!(
+                        "WAL `{}` is corrupt at byte {} (log index {}): {}; run `custos verify`",
+                        path.display(),
+                        problem.offset,
+                        problem.log_index.map_or("unknown".into(), |index| index.to_string()),
+                        problem.detail
+                    )));
+                }
+                // A torn write from a crash: never acknowledged, so it is dropped.
+                if mode == OpenMode::ReadWrite {
+                    tracing::warn!(
+                        file = %path.display(),
+                        offset = found.good_len,
+                        "dropping a torn, unacknowledged WAL tail"
+                    );
+                    let file = fs_err::OpenOptions::new().write(true).open(path)?;
+                    file.set_len(found.good_len)?;
+                    file.sync_all()?;
+                }
+            }
+        }
+
+        // Checkpoints: the newest must be a prefix of what we hold.
+        let lines: Vec<CheckpointLine> = read_ndjson(&self.paths.checkpoints)?;
+        if let Some(line) = lines.last() {
+            let checkpoint = verify_checkpoint(&line.note, &self.note_key)?;
+            if checkpoint.size > self.tree.size() {
+                return Err(StoreError::Tamper(format!(
+                    "the latest signed checkpoint covers {} entries but only {} are stored; acknowledged entries are missing; run `custos verify`",
+                    checkpoint.size,
+                    self.tree.size()
+                )));
+            }
+            if self.tree.root_at(checkpoint.size)? != checkpoint.root {
+                return Err(StoreError::Tamper(format!(
+                    "the stored entries do not match the signed checkpoint at size {}; run `custos verify`",
+                    checkpoint.size
+                )));
+            }
+            self.last_checkpoint = Some((checkpoint, line.note.clone()));
+        }
+
+        if mode == OpenMode::ReadWrite {
+            let path = match wal_files.last() {
+                Some(path) => path.clone(),
+                None => self.paths.wal_file(self.tree.size()),
+            };
+            self.wal = Some(WalWriter::open(&path)?);
+            if wal_files.is_empty() {
+                wal_files.push(path);
+            }
+            self.wal_files = wal_files;
+            if self.last_checkpoint.is_none() {
+                self.checkpoint()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log_id(&self) -> &str {
+        &self.paths.log_id
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn note_key(&self) -> &NoteKey {
+        &self.note_key
+    }
+
+    pub fn paths(&self) -> &LogPaths {
+        &self.paths
+    }
+
+    /// The index the next appended entry gets.
+    pub fn next_index(&self) -> u64 {
+        self.tree.size()
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    pub fn segments(&self) -> &[SegmentInfo] {
+        &self.manifest
+    }
+
+    /// Entries not yet sealed into a segment.
+    pub fn open_entries(&self) -> &[LogEntry] {
+        &self.open
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<&(Checkpoint, String)> {
+        self.last_checkpoint.as_ref()
+    }
+
+    /// Appends entries whose `log_index` continue the log. Returns once they are durable.
+    pub fn append(&mut self, entries: Vec<LogEntry>) -> Result<(), StoreError> {
+        let Some(wal) = self.wal.as_mut() else {
+            return Err(StoreError::ReadOnly);
+        };
+        for (offset, entry) in entries.iter().enumerate() {
+            let expected = self.tree.size() + offset as u64;
+            if entry.log_index != expected {
+                return Err(StoreError::Internal(format!(
+                    "append of log index {} where {expected} was next",
+                    entry.log_index
+                )));
+            }
+        }
+        wal.append(&entries)?;
+        for entry in entries {
+            self.tree.push(entry.leaf_hash());
+            self.open.push(entry);
+        }
+        Ok(())
+    }
+
+    /// Seals and checkpoints when the configured thresholds are reached.
+    pub fn maintain(&mut self) -> Result<(), StoreError> {
+        if self.open.len() >= self.config.segment_max_entries {
+            self.seal()?;
+        }
+        let signed = self.last_checkpoint.as_ref().map_or(0, |(checkpoint, _)| checkpoint.size);
+        let fresh = self.tree.size() - signed;
+        if fresh >= self.config.checkpoint_every
+            || (fresh > 0 && self.last_checkpoint_time.elapsed() >= self.config.checkpoint_interval)
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the open entries as a sealed segment and starts a new WAL file.
+    pub fn seal(&mut self) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (self.open.first(), self.open.last()) else {
+            return Ok(());
+        };
+        let Some(key) = self.key.as_ref() else {
+            return Err(StoreError::ReadOnly);
+        };
+        let (first, end) = (first.log_index, last.log_index + 1);
+        let bytes = crate::segment::encode(&self.paths.log_id, &self.open).map_err(|source| StoreError::Segment {
+            file: "(new segment)".into(),
+            source,
+        })?;
+        let file = self.paths.segment_name(first, end);
+        let path = self.paths.segment_dir.join(&file);
+        let temporary = self.paths.segment_dir.join(format!("{file}.tmp"));
+        {
+            let mut out = fs_err::File::create(&temporary)?;
+            out.write_all(&bytes)?;
+            out.sync_all()?;
+        }
+        fs_err::rename(&temporary, &path)?;
+        fsync_dir(&self.paths.segment_dir)?;
+        let mut info = SegmentInfo {
+            file,
+            first_index: first,
+            end_index: end,
+            bytes: bytes.len() as u64,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            sealed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            sig: String::new(),
+        };
+        info.sig = base64::engine::general_purpose::STANDARD.encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
+        append_ndjson(&self.paths.manifest, &info)?;
+        self.manifest.push(info);
+        self.sealed_end = end;
+        self.open.clear();
+        // New entries go to a fresh WAL file; the sealed ones are no longer needed.
+        let next = self.paths.wal_file(end);
+        self.wal = Some(WalWriter::open(&next)?);
+        for old in std::mem::take(&mut self.wal_files) {
+            if old != next {
+                fs_err::remove_file(&old)?;
+            }
+        }
+        self.wal_files.push(next);
+        fsync_dir(&self.paths.wal_dir)?;
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    /// Signs a checkpoint of the current tree, unless the last one already covers it.
+    /// Refuses to sign anything inconsistent with the previous checkpoint.
+    pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError> {
+        let size = self.tree.size();
+        if let Some((last, _)) = &self.last_checkpoint {
+            if last.size == size {
+                self.last_checkpoint_time = Instant::now();
+                return Ok(None);
+            }
+            if size < last.size || self.tree.root_at(last.size)? != last.root {
+                return Err(StoreError::Internal(format!(
+                    "refusing to sign size {size}: inconsistent with the checkpoint at size {}",
+                    last.size
+                )));
+            }
+        }
+        let Some(key) = self.key.as_ref() else {
+            return Err(StoreError::ReadOnly);
+        };
+        let checkpoint = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: self.tree.root(),
+        };
+        let note = sign_note(&checkpoint.body(), &self.origin, key);
+        append_ndjson(
+            &self.paths.checkpoints,
+            &CheckpointLine {
+                size,
+                note: note.clone(),
+            },
+        )?;
+        self.last_checkpoint = Some((checkpoint.clone(), note));
+        self.last_checkpoint_time = Instant::now();
+        Ok(Some(checkpoint))
+    }
+
+    /// Seals the open segment and signs a final checkpoint.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.seal()?;
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+        self.tree.inclusion_proof(index, size)
+    }
+
+    pub fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, ProofError> {
+        self.tree.consistency_proof(from, to)
+    }
+}
+
+/// Reads an NDJSON file of `T`; a missing file is empty.
+pub fn read_ndjson<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
+    let text = match fs_err::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error.into()),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(number, line)| {
+            serde_json::from_str(line).map_err(|error| {
+                StoreError::Tamper(format!("`{}` line {}: {error}", path.display(), number + 1))
+            })
+        })
+        .collect()
+}
+
+/// Appends one JSON line and fsyncs.
+pub fn append_ndjson<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let mut line = serde_json::to_vec(value).map_err(|error| StoreError::Internal(error.to_string()))?;
+    line.push(b'\n');
+    let mut file = fs_err::OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(&line)?;
+    file.sync_data()?;
+    Ok(())
+}

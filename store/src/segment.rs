@@ -1,0 +1,278 @@
+//! Sealed segments: zstd Parquet files, one row per log entry.
+//!
+//! Every row keeps the raw signed `payload`, the `sig` and the `payload_blake3` beside the
+//! decoded columns, so any row can be re-verified from the file alone. The decoded columns
+//! are a convenience for SQL engines; `custos verify` re-derives them from the payload.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, BinaryBuilder, FixedSizeBinaryArray, FixedSizeBinaryBuilder, RecordBatch,
+    StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::entry::LogEntry;
+
+/// Key-value metadata keys written into every segment footer.
+pub const META_LOG_ID: &str = "custos.log_id";
+pub const META_FIRST_INDEX: &str = "custos.first_index";
+pub const META_END_INDEX: &str = "custos.end_index";
+pub const META_FORMAT: &str = "custos.format";
+
+const STRING_FIELDS: [&str; 13] = [
+    "agent", "prev", "realm", "kind", "action", "target", "outcome", "session", "trace_id", "span_id", "parent",
+    "memory_id", "attrs",
+];
+const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
+
+/// The decoded columns of one row, derived from its payload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// Values of [`STRING_FIELDS`], in order. `attrs` is the object as compact JSON.
+    pub strings: [Option<String>; 13],
+    /// Values of [`NUMBER_FIELDS`], in order.
+    pub numbers: [Option<u64>; 5],
+    /// `ts` in microseconds since the epoch.
+    pub ts_us: Option<i64>,
+}
+
+impl Decoded {
+    /// Extracts the decoded columns from payload JSON. Fields of the wrong type are left
+    /// null rather than failing: the payload bytes are the record, these are an index.
+    pub fn from_payload(payload: &[u8]) -> Self {
+        let mut decoded = Decoded::default();
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return decoded;
+        };
+        for (slot, name) in decoded.strings.iter_mut().zip(STRING_FIELDS) {
+            *slot = match object.get(name) {
+                Some(serde_json::Value::String(text)) => Some(text.clone()),
+                Some(value @ serde_json::Value::Object(_)) if name == "attrs" => Some(value.to_string()),
+                _ => None,
+            };
+        }
+        for (slot, name) in decoded.numbers.iter_mut().zip(NUMBER_FIELDS) {
+            *slot = object.get(name).and_then(serde_json::Value::as_u64);
+        }
+        decoded.ts_us = object
+            .get("ts")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+            .map(|ts| ts.timestamp_micros());
+        decoded
+    }
+}
+
+/// The Arrow schema of a segment.
+pub fn schema() -> SchemaRef {
+    let utc: Arc<str> = Arc::from("UTC");
+    let timestamp = DataType::Timestamp(TimeUnit::Microsecond, Some(utc));
+    let mut fields = vec![
+        Field::new("log_index", DataType::UInt64, false),
+        Field::new("ingest_ts", timestamp.clone(), false),
+        Field::new("payload_type", DataType::Utf8, false),
+        Field::new("keyid", DataType::Utf8, false),
+        Field::new("ts", timestamp, true),
+    ];
+    fields.extend(STRING_FIELDS.iter().map(|name| Field::new(*name, DataType::Utf8, true)));
+    fields.extend(NUMBER_FIELDS.iter().map(|name| Field::new(*name, DataType::UInt64, true)));
+    fields.extend([
+        Field::new("gap_from", DataType::UInt64, true),
+        Field::new("gap_to", DataType::UInt64, true),
+        Field::new("payload", DataType::Binary, false),
+        Field::new("sig", DataType::FixedSizeBinary(64), false),
+        Field::new("payload_blake3", DataType::FixedSizeBinary(32), false),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Why a segment could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("column `{0}` is missing or has the wrong type")]
+    Column(&'static str),
+}
+
+/// Encodes entries as one zstd Parquet file.
+pub fn encode(log_id: &str, entries: &[LogEntry]) -> Result<Vec<u8>, SegmentError> {
+    let batch = record_batch(entries)?;
+    let first = entries.first().map_or(0, |entry| entry.log_index);
+    let end = entries.last().map_or(0, |entry| entry.log_index + 1);
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_key_value_metadata(Some(vec![
+            parquet::file::metadata::KeyValue::new(META_LOG_ID.into(), log_id.to_owned()),
+            parquet::file::metadata::KeyValue::new(META_FIRST_INDEX.into(), first.to_string()),
+            parquet::file::metadata::KeyValue::new(META_END_INDEX.into(), end.to_string()),
+            parquet::file::metadata::KeyValue::new(META_FORMAT.into(), "1".to_owned()),
+        ]))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(properties))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(out)
+}
+
+fn record_batch(entries: &[LogEntry]) -> Result<RecordBatch, SegmentError> {
+    let rows = entries.len();
+    let mut log_index = UInt64Builder::with_capacity(rows);
+    let mut ingest_ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
+    let mut payload_type = StringBuilder::new();
+    let mut keyid = StringBuilder::new();
+    let mut ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
+    let mut strings: Vec<StringBuilder> = STRING_FIELDS.iter().map(|_| StringBuilder::new()).collect();
+    let mut numbers: Vec<UInt64Builder> = NUMBER_FIELDS.iter().map(|_| UInt64Builder::with_capacity(rows)).collect();
+    let mut gap_from = UInt64Builder::with_capacity(rows);
+    let mut gap_to = UInt64Builder::with_capacity(rows);
+    let mut payload = BinaryBuilder::new();
+    let mut sig = FixedSizeBinaryBuilder::with_capacity(rows, 64);
+    let mut digest = FixedSizeBinaryBuilder::with_capacity(rows, 32);
+    for entry in entries {
+        let decoded = Decoded::from_payload(&entry.payload);
+        log_index.append_value(entry.log_index);
+        ingest_ts.append_value(entry.ingest_ts_us);
+        payload_type.append_value(&entry.payload_type);
+        keyid.append_value(&entry.keyid);
+        ts.append_option(decoded.ts_us);
+        for (builder, value) in strings.iter_mut().zip(&decoded.strings) {
+            builder.append_option(value.as_deref());
+        }
+        for (builder, value) in numbers.iter_mut().zip(decoded.numbers) {
+            builder.append_option(value);
+        }
+        gap_from.append_option(entry.gap.map(|gap| gap.0));
+        gap_to.append_option(entry.gap.map(|gap| gap.1));
+        payload.append_value(&entry.payload);
+        sig.append_value(entry.sig)?;
+        digest.append_value(entry.payload_blake3)?;
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(log_index.finish()),
+        Arc::new(ingest_ts.finish()),
+        Arc::new(payload_type.finish()),
+        Arc::new(keyid.finish()),
+        Arc::new(ts.finish()),
+    ];
+    columns.extend(strings.iter_mut().map(|builder| Arc::new(builder.finish()) as ArrayRef));
+    columns.extend(numbers.iter_mut().map(|builder| Arc::new(builder.finish()) as ArrayRef));
+    columns.extend([
+        Arc::new(gap_from.finish()) as ArrayRef,
+        Arc::new(gap_to.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(sig.finish()),
+        Arc::new(digest.finish()),
+    ]);
+    Ok(RecordBatch::try_new(schema(), columns)?)
+}
+
+/// One row read back from a segment: the entry as stored and its decoded columns as stored.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub entry: LogEntry,
+    pub decoded: Decoded,
+}
+
+/// A decoded segment file.
+#[derive(Debug, Default)]
+pub struct Segment {
+    pub rows: Vec<Row>,
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Segment {
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Decodes a whole segment file.
+pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|pairs| {
+            pairs
+                .iter()
+                .map(|pair| (pair.key.clone(), pair.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut segment = Segment {
+        rows: Vec::new(),
+        metadata,
+    };
+    for batch in builder.build()? {
+        read_batch(&batch?, &mut segment.rows)?;
+    }
+    Ok(segment)
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &'static str) -> Result<&'a T, SegmentError> {
+    batch
+        .column_by_name(name)
+        .and_then(|array| array.as_any().downcast_ref::<T>())
+        .ok_or(SegmentError::Column(name))
+}
+
+fn read_batch(batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), SegmentError> {
+    let log_index: &UInt64Array = column(batch, "log_index")?;
+    let ingest_ts: &TimestampMicrosecondArray = column(batch, "ingest_ts")?;
+    let payload_type: &StringArray = column(batch, "payload_type")?;
+    let keyid: &StringArray = column(batch, "keyid")?;
+    let ts: &TimestampMicrosecondArray = column(batch, "ts")?;
+    let strings = STRING_FIELDS
+        .iter()
+        .map(|name| column::<StringArray>(batch, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let numbers = NUMBER_FIELDS
+        .iter()
+        .map(|name| column::<UInt64Array>(batch, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let gap_from: &UInt64Array = column(batch, "gap_from")?;
+    let gap_to: &UInt64Array = column(batch, "gap_to")?;
+    let payload: &BinaryArray = column(batch, "payload")?;
+    let sig: &FixedSizeBinaryArray = column(batch, "sig")?;
+    let digest: &FixedSizeBinaryArray = column(batch, "payload_blake3")?;
+    let option_u64 = |array: &UInt64Array, row: usize| (!array.is_null(row)).then(|| array.value(row));
+    for row in 0..batch.num_rows() {
+        let mut decoded = Decoded {
+            ts_us: (!ts.is_null(row)).then(|| ts.value(row)),
+            ..Decoded::default()
+        };
+        for (slot, array) in decoded.strings.iter_mut().zip(&strings) {
+            *slot = (!array.is_null(row)).then(|| array.value(row).to_owned());
+        }
+        for (slot, array) in decoded.numbers.iter_mut().zip(&numbers) {
+            *slot = option_u64(array, row);
+        }
+        let gap = option_u64(gap_from, row).zip(option_u64(gap_to, row));
+        rows.push(Row {
+            entry: LogEntry {
+                log_index: log_index.value(row),
+                ingest_ts_us: ingest_ts.value(row),
+                payload_type: payload_type.value(row).to_owned(),
+                keyid: keyid.value(row).to_owned(),
+                sig: sig.value(row).try_into().map_err(|_| SegmentError::Column("sig"))?,
+                payload: payload.value(row).to_vec(),
+                payload_blake3: digest.value(row).try_into().map_err(|_| SegmentError::Column("payload_blake3"))?,
+                gap,
+            },
+            decoded,
+        });
+    }
+    Ok(())
+}
