@@ -1,1 +1,289 @@
-fn main(){}
+//! `custos`: one binary for every role. This file and `cmd/` only wire the crates to a CLI.
+#![expect(clippy::print_stdout, reason = "standard output is the CLI's interface")]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod cmd;
+
+/// Audit, anomaly detection and automated response for fleets of AI agents.
+///
+/// Agents send ed25519-signed DSSE events; `custos serve` verifies every signature and
+/// appends accepted events to a tamper-evident store (WAL, Parquet segments, RFC 9162
+/// Merkle log with signed C2SP checkpoints). `custos verify` proves the store intact or
+/// names where it was altered.
+#[derive(Parser)]
+#[command(name = "custos", version, propagate_version = true, after_help = "\
+Examples:
+  custos demo                                   run the whole loop on a temporary store
+  custos serve --data ./store                   run a node on 127.0.0.1:7600
+  custos agent keygen --out agent.key           make an agent key, print its DID
+  custos agent enroll did:key:z6Mk… --realm eng --data ./store
+  custos emit --key agent.key --realm eng < events.jsonl
+  custos verify ./store --signatures            recompute and check everything")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: ingest over HTTP, store, checkpoints.
+    Serve(ServeArgs),
+    /// Make agent keys; enroll, revoke and list agents on a running node.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// List rejected inputs kept for forensics.
+    #[command(subcommand)]
+    Rejected(RejectedCommand),
+    /// Sign unsigned payload lines (JSON objects) from stdin and send them.
+    Emit(cmd::emit::EmitArgs),
+    /// Print RFC 9162 inclusion and consistency proofs from a store.
+    #[command(subcommand)]
+    Proof(ProofCommand),
+    /// Recompute every leaf, digest, root, checkpoint signature and agent chain.
+    Verify(cmd::verify::VerifyArgs),
+    /// Run a node on a temporary store with a simulated fleet, bad inputs and a verify.
+    Demo(cmd::demo::DemoArgs),
+    /// Benchmarks that report ratios against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  custos serve --data ./store
+  custos serve --data /var/lib/custos --listen 127.0.0.1:7600 --segment-max-entries 500000
+
+On first start the node creates the store, prints an admin token once, and writes it
+owner-only to DATA/admin.token for CLI use on this host. SIGTERM or Ctrl-C stops
+accepting, drains, seals the open segment and signs a final checkpoint.")]
+struct ServeArgs {
+    /// Data directory (created if missing).
+    #[arg(long, env = "CUSTOS_DATA")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7600")]
+    listen: SocketAddr,
+    /// Seal a Parquet segment after this many entries.
+    #[arg(long, default_value_t = 100_000)]
+    segment_max_entries: usize,
+    /// Sign a checkpoint after this many new entries.
+    #[arg(long, default_value_t = 1_000)]
+    checkpoint_every: u64,
+    /// Sign a checkpoint at least this often (milliseconds) while entries arrive.
+    #[arg(long, default_value_t = 1_000)]
+    checkpoint_interval_ms: u64,
+    /// Largest accepted envelope, in bytes.
+    #[arg(long, default_value_t = 65_536)]
+    max_event_bytes: usize,
+    /// How far ahead of this node's clock an event's `ts` may be, in seconds.
+    #[arg(long, default_value_t = 300)]
+    max_future_skew_secs: u64,
+    /// How old an event's `ts` may be, in seconds (default 7 days).
+    #[arg(long, default_value_t = 604_800)]
+    max_age_secs: u64,
+}
+
+impl ServeArgs {
+    fn config(&self) -> custos_ingest::NodeConfig {
+        let mut config = custos_ingest::NodeConfig::new(self.data.clone(), self.listen);
+        config.max_event_bytes = self.max_event_bytes;
+        config.max_future_skew = std::time::Duration::from_secs(self.max_future_skew_secs);
+        config.max_age = std::time::Duration::from_secs(self.max_age_secs);
+        config.log.segment_max_entries = self.segment_max_entries;
+        config.log.checkpoint_every = self.checkpoint_every;
+        config.log.checkpoint_interval = std::time::Duration::from_millis(self.checkpoint_interval_ms);
+        config
+    }
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Write a new ed25519 key file (mode 0600) and print its did:key.
+    #[command(after_help = "Example:\n  custos agent keygen --out agent.key")]
+    Keygen {
+        /// Where to write the key; refuses to overwrite.
+        #[arg(long, default_value = "agent.key")]
+        out: PathBuf,
+    },
+    /// Enroll an agent in a realm.
+    #[command(after_help = "Example:\n  custos agent enroll did:key:z6Mk… --realm eng --label team=payments --data ./store")]
+    Enroll {
+        did: String,
+        #[arg(long)]
+        realm: String,
+        /// A label, `key=value`; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Revoke an agent and every sub-agent it enrolled.
+    #[command(after_help = "Example:\n  custos agent revoke did:key:z6Mk… --reason 'key leaked' --data ./store")]
+    Revoke {
+        did: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// List every agent with its status.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RejectedCommand {
+    /// Newest first.
+    #[command(after_help = "Example:\n  custos rejected list --reason bad_signature --data ./store")]
+    List {
+        /// Only this reason code (see docs/reason-codes.md).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProofCommand {
+    /// Proof that the entry at INDEX is in the tree of SIZE entries.
+    #[command(after_help = "Example:\n  custos proof inclusion --data ./store --index 42")]
+    Inclusion {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = custos_store::DEFAULT_LOG_ID)]
+        log: String,
+        #[arg(long)]
+        index: u64,
+        /// Tree size; defaults to the latest signed checkpoint.
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// Proof that the tree of FROM entries is a prefix of the tree of TO entries.
+    #[command(after_help = "Example:\n  custos proof consistency --data ./store --from 1000 --to 2000")]
+    Consistency {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = custos_store::DEFAULT_LOG_ID)]
+        log: String,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Drive an in-process node over loopback HTTP with pre-signed events.
+    Ingest(cmd::bench::IngestArgs),
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label `{text}` is not `key=value`"))?;
+    if key.is_empty() {
+        return Err(format!("label `{text}` has an empty key"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing("info");
+            cmd::serve::run(args.config()).await?;
+        }
+        Command::Agent(command) => {
+            init_tracing("warn");
+            match command {
+                AgentCommand::Keygen { out } => cmd::agent::keygen(&out)?,
+                AgentCommand::Enroll {
+                    did,
+                    realm,
+                    labels,
+                    node,
+                } => cmd::agent::enroll(&node, &did, &realm, labels).await?,
+                AgentCommand::Revoke { did, reason, node } => cmd::agent::revoke(&node, &did, reason).await?,
+                AgentCommand::List { json, node } => cmd::agent::list(&node, json).await?,
+            }
+        }
+        Command::Rejected(RejectedCommand::List {
+            reason,
+            limit,
+            json,
+            node,
+        }) => {
+            init_tracing("warn");
+            cmd::agent::rejected(&node, reason, limit, json).await?;
+        }
+        Command::Emit(args) => {
+            init_tracing("warn");
+            return cmd::emit::run(args).await;
+        }
+        Command::Proof(command) => {
+            init_tracing("warn");
+            match command {
+                ProofCommand::Inclusion { data, log, index, size } => cmd::proof::inclusion(&data, &log, index, size)?,
+                ProofCommand::Consistency { data, log, from, to } => cmd::proof::consistency(&data, &log, from, to)?,
+            }
+        }
+        Command::Verify(args) => {
+            init_tracing("warn");
+            return cmd::verify::run(&args);
+        }
+        Command::Demo(args) => {
+            init_tracing("warn");
+            return cmd::demo::run(args).await;
+        }
+        Command::Bench(BenchCommand::Ingest(args)) => {
+            init_tracing("warn");
+            cmd::bench::ingest(args).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -91,7 +91,7 @@ impl ChainState {
 }
 
 /// Signs an agent's events in order, keeping its `seq` / `prev` chain.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Signer {
     key: AgentKey,
     realm: String,

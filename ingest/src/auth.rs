@@ -1,0 +1,153 @@
+//! Bearer tokens: random secrets shown once, stored only as SHA-256 hashes.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Manages agents, tokens and reads everything.
+    Admin,
+    Analyst,
+    Responder,
+    Compliance,
+    Auditor,
+}
+
+/// A stored token: never the secret itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    pub id: String,
+    pub role: Role,
+    /// Realms the token is limited to; empty means all.
+    #[serde(default)]
+    pub realms: Vec<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    /// Lowercase hex SHA-256 of the secret.
+    pub sha256: String,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// A caller that presented a valid token. `Debug` shows the id, never the secret.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub token_id: String,
+    pub role: Role,
+    pub realms: Vec<String>,
+}
+
+/// The token table, persisted in `tokens.json` in the data directory.
+#[derive(Debug)]
+pub struct Tokens {
+    path: PathBuf,
+    records: Vec<TokenRecord>,
+}
+
+/// A secret, printed as `**REDACTED**` by both `Debug` and `Display`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("**REDACTED**")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("**REDACTED**")
+    }
+}
+
+pub fn hash_token(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The file, next to the data, holding the first admin token for CLI use on this host.
+pub fn admin_token_path(data: &Path) -> PathBuf {
+    data.join("admin.token")
+}
+
+impl Tokens {
+    /// Loads `tokens.json`; on first start creates an admin token, writes it owner-only to
+    /// `admin.token` for local CLI use, and returns it so it can be printed once.
+    pub fn open(data: &Path) -> std::io::Result<(Self, Option<Secret>)> {
+        let path = data.join("tokens.json");
+        if path.exists() {
+            let text = fs_err::read_to_string(&path)?;
+            let records = serde_json::from_str(&text).map_err(|error| {
+                std::io::Error::other(format!("`{}` is not a token table: {error}", path.display()))
+            })?;
+            return Ok((Self { path, records }, None));
+        }
+        let mut tokens = Self {
+            path,
+            records: Vec::new(),
+        };
+        let secret = tokens.create(Role::Admin, Vec::new(), None)?;
+        custos_store::keyfile::write_private(&admin_token_path(data), format!("{}\n", secret.0).as_bytes())?;
+        Ok((tokens, Some(secret)))
+    }
+
+    /// Creates a token and persists its hash. The secret is returned once.
+    pub fn create(&mut self, role: Role, realms: Vec<String>, expires_at: Option<String>) -> std::io::Result<Secret> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|error| std::io::Error::other(error.to_string()))?;
+        let secret = format!("cus_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        let sha256 = hash_token(&secret);
+        self.records.push(TokenRecord {
+            id: sha256[..12].to_owned(),
+            role,
+            realms,
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            expires_at,
+            sha256,
+            revoked: false,
+        });
+        self.save()?;
+        Ok(Secret(secret))
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(&self.records).map_err(std::io::Error::other)?;
+        let temporary = self.path.with_extension("json.tmp");
+        fs_err::write(&temporary, text)?;
+        fs_err::File::open(&temporary)?.sync_all()?;
+        fs_err::rename(&temporary, &self.path)
+    }
+
+    /// The caller a bearer secret belongs to, if it is valid, unexpired and unrevoked.
+    pub fn authenticate(&self, secret: &str) -> Option<Caller> {
+        let digest = hash_token(secret);
+        let record = self
+            .records
+            .iter()
+            .find(|record| subtle_eq(record.sha256.as_bytes(), digest.as_bytes()))?;
+        if record.revoked {
+            return None;
+        }
+        if let Some(expiry) = &record.expires_at {
+            let expiry = chrono::DateTime::parse_from_rfc3339(expiry).ok()?;
+            if expiry < chrono::Utc::now() {
+                return None;
+            }
+        }
+        Some(Caller {
+            token_id: record.id.clone(),
+            role: record.role,
+            realms: record.realms.clone(),
+        })
+    }
+}
+
+fn subtle_eq(left: &[u8], right: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    left.ct_eq(right).into()
+}

@@ -1,0 +1,326 @@
+//! HTTP routes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use custos_event::verify::check_event;
+use custos_event::{EVENT_PAYLOAD_TYPE, Reason, Rejection, decode_envelope, verify_signatures};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::auth::{Caller, Role, Tokens};
+use crate::forensics::RejectedRecord;
+use crate::sequencer::{Command, Item};
+use crate::{ApiError, NodeConfig};
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) tokens: Arc<Tokens>,
+    pub(crate) config: Arc<NodeConfig>,
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let limit = state.config.max_request_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/events", post(post_events))
+        .route("/v1/agents", post(enroll).get(list_agents))
+        .route("/v1/agents/{did}", get(get_agent))
+        .route("/v1/agents/{did}/revoke", post(revoke))
+        .route("/v1/rejected", get(rejected))
+        .route("/v1/checkpoints/latest", get(checkpoint))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// Authenticates the bearer token and checks its role.
+fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
+    let caller = state
+        .tokens
+        .authenticate(secret.trim())
+        .ok_or_else(|| ApiError::new(401, "unauthenticated", "the bearer token is unknown, expired or revoked"))?;
+    if !allowed.contains(&caller.role) {
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            format!("role `{:?}` may not use this route", caller.role).to_lowercase(),
+        ));
+    }
+    Ok(caller)
+}
+
+async fn ask<T>(state: &AppState, make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command) -> Result<T, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    state
+        .commands
+        .send(make(reply))
+        .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
+    answer
+        .await
+        .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
+}
+
+/// Splits a body into envelopes: a JSON array, or NDJSON (one envelope per line).
+fn split_body(body: &[u8]) -> Result<Vec<Vec<u8>>, Rejection> {
+    let trimmed = body.trim_ascii_start();
+    if trimmed.first() == Some(&b'[') {
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(trimmed)
+            .map_err(|error| Rejection::new(Reason::Malformed, format!("body starts with `[` but is not a JSON array: {error}")))?;
+        return Ok(items.into_iter().map(|item| item.get().as_bytes().to_vec()).collect());
+    }
+    Ok(body
+        .split(|byte| *byte == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// Decode, size limit, batch signature check, payload parse: the CPU-bound part.
+fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize) -> Vec<Item> {
+    let decoded: Vec<_> = raws
+        .iter()
+        .map(|raw| decode_envelope(raw, max_event_bytes, &[EVENT_PAYLOAD_TYPE]))
+        .collect();
+    let to_check: Vec<(&[u8; 32], &custos_event::Envelope)> = decoded
+        .iter()
+        .filter_map(|result| result.as_ref().ok())
+        .map(|decoded| (&decoded.public_key, &decoded.envelope))
+        .collect();
+    let mut signatures = verify_signatures(&to_check).into_iter();
+    raws.into_iter()
+        .zip(decoded)
+        .map(|(raw, decoded)| {
+            let keyid = decoded.as_ref().ok().map(|decoded| decoded.envelope.keyid.clone());
+            let outcome = decoded.and_then(|decoded| {
+                signatures.next().unwrap_or(Ok(()))?;
+                check_event(decoded.envelope)
+            });
+            Item { raw, keyid, outcome }
+        })
+        .collect()
+}
+
+async fn post_events(
+    State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let remote = remote.to_string();
+    let raws = match split_body(&body) {
+        Ok(raws) => raws,
+        Err(rejection) => {
+            let record = RejectedRecord::new(&rejection, &body, &remote, None, None, None);
+            let _ = record_whole_request(&state, record).await;
+            return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
+        }
+    };
+    if raws.len() > state.config.max_events_per_request {
+        return Err(ApiError::new(
+            413,
+            "too_many_events",
+            format!(
+                "request holds {} envelopes; the limit is {}",
+                raws.len(),
+                state.config.max_events_per_request
+            ),
+        ));
+    }
+    let max_event_bytes = state.config.max_event_bytes;
+    let items = tokio::task::spawn_blocking(move || prestage(raws, max_event_bytes))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    let results = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
+    Ok(Json(results).into_response())
+}
+
+/// A body that cannot be split is still kept for forensics, as one rejected item.
+async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Result<(), ApiError> {
+    let rejection = Rejection::new(
+        Reason::from_code(&record.reason).unwrap_or(Reason::Malformed),
+        record.message.clone(),
+    );
+    let item = Item {
+        raw: record.input.into_bytes(),
+        keyid: None,
+        outcome: Err(rejection),
+    };
+    ask(state, |reply| Command::Ingest {
+        items: vec![item],
+        remote: record.remote,
+        reply,
+    })
+    .await
+    .map(|_| ())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    did: String,
+    realm: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+async fn enroll(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin])?;
+    let request: EnrollRequest = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::new(400, "bad_request", format!("expected {{\"did\",\"realm\",\"labels\"}}: {error}")))?;
+    let by = format!("token:{}", caller.token_id);
+    let record = ask(&state, |reply| Command::Enroll {
+        did: request.did,
+        realm: request.realm,
+        labels: request.labels,
+        by,
+        reply,
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+fn visible(caller: &Caller, realm: &str) -> bool {
+    caller.realms.is_empty() || caller.realms.iter().any(|allowed| allowed == realm)
+}
+
+const READERS: [Role; 3] = [Role::Admin, Role::Analyst, Role::Responder];
+
+async fn list_agents(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &READERS)?;
+    let agents = ask(&state, |reply| Command::Agents { reply }).await?;
+    let agents: Vec<_> = agents.into_iter().filter(|agent| visible(&caller, &agent.realm)).collect();
+    Ok(Json(serde_json::json!({ "agents": agents })).into_response())
+}
+
+async fn get_agent(State(state): State<AppState>, headers: HeaderMap, Path(did): Path<String>) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &READERS)?;
+    let agents = ask(&state, |reply| Command::Agents { reply }).await?;
+    agents
+        .into_iter()
+        .find(|agent| agent.did == did && visible(&caller, &agent.realm))
+        .map(|agent| Json(agent).into_response())
+        .ok_or_else(|| ApiError::new(404, "unknown_agent", format!("agent `{did}` is not enrolled")))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    reason: Option<String>,
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(did): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin])?;
+    let request: RevokeRequest = if body.trim_ascii().is_empty() {
+        RevokeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::new(400, "bad_request", format!("expected {{\"reason\"}}: {error}")))?
+    };
+    let by = format!("token:{}", caller.token_id);
+    let revoked = ask(&state, |reply| Command::Revoke {
+        did,
+        reason: request.reason,
+        by,
+        reply,
+    })
+    .await?;
+    Ok(Json(revoked).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectedQuery {
+    reason: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn rejected(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<RejectedQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &[Role::Admin])?;
+    if let Some(reason) = &query.reason
+        && Reason::from_code(reason).is_none()
+    {
+        return Err(ApiError::new(400, "bad_request", format!("unknown reason code `{reason}`")));
+    }
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let records = ask(&state, |reply| Command::Rejected {
+        reason: query.reason,
+        limit,
+        reply,
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "rejected": records })).into_response())
+}
+
+async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(
+        &state,
+        &headers,
+        &[Role::Admin, Role::Analyst, Role::Responder, Role::Compliance, Role::Auditor],
+    )?;
+    let view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
+    Ok(Json(view).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_arrays_and_ndjson() {
+        assert_eq!(split_body(b" [{\"a\":1}, {\"b\":[2]}]").unwrap(), vec![b"{\"a\":1}".to_vec(), b"{\"b\":[2]}".to_vec()]);
+        assert_eq!(split_body(b"{\"a\":1}\r\n\n{oops\n").unwrap(), vec![b"{\"a\":1}".to_vec(), b"{oops".to_vec()]);
+        assert_eq!(split_body(b"[{\"a\":1},").unwrap_err().reason, Reason::Malformed);
+    }
+}

@@ -1,0 +1,183 @@
+//! The agent registry and per-agent chain heads, folded from the log.
+//!
+//! Enrollment and revocation are control entries signed by the node key; the registry
+//! is nothing but the fold of those entries, so it is rebuilt exactly at every start.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The payload of a control entry (`application/vnd.custos.control+json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPayload {
+    /// Always `control`, so SQL over `kind` separates control entries from events.
+    pub kind: String,
+    pub action: ControlAction,
+    /// The node's own chain: the node key signs its control entries in order.
+    pub seq: u64,
+    pub prev: Option<String>,
+    pub ts: DateTime<Utc>,
+    /// The agent the entry is about.
+    pub agent: String,
+    pub realm: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The enrolling parent, for sub-agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Who did it: `token:<id>`, `delegation`, or `cascade`.
+    pub by: String,
+    /// The log index that caused it: the delegation event, or the revocation of an ancestor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    Enroll,
+    Revoke,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Active,
+    Revoked,
+}
+
+/// What the registry knows of one agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AgentRecord {
+    pub did: String,
+    pub realm: String,
+    pub labels: BTreeMap<String, String>,
+    pub parent: Option<String>,
+    pub children: Vec<String>,
+    pub status: AgentStatus,
+    pub enrolled_at: DateTime<Utc>,
+    pub enrolled_by: String,
+    pub enroll_log_index: u64,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoke_log_index: Option<u64>,
+    pub revoke_reason: Option<String>,
+    /// Accepted events so far.
+    pub events: u64,
+    pub last_seq: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_ts: Option<DateTime<Utc>>,
+}
+
+/// The head of one agent's hash chain, with a short window of recent digests so that a
+/// resent event is recognised as a duplicate and a different one at the same seq as a fork.
+#[derive(Clone, Debug)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub digest: [u8; 32],
+    pub recent: VecDeque<(u64, [u8; 32], u64)>,
+}
+
+/// The registry plus chain heads.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub agents: BTreeMap<String, AgentRecord>,
+    pub heads: HashMap<String, ChainHead>,
+    /// How many recent (seq, digest, log index) triples each chain head keeps.
+    pub window: usize,
+}
+
+impl Registry {
+    pub fn new(window: usize) -> Self {
+        Self {
+            window: window.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Applies a control entry at `log_index`.
+    pub fn apply_control(&mut self, control: &ControlPayload, log_index: u64) {
+        match control.action {
+            ControlAction::Enroll => {
+                if let Some(parent) = control.parent.as_ref().and_then(|parent| self.agents.get_mut(parent))
+                    && !parent.children.contains(&control.agent)
+                {
+                    parent.children.push(control.agent.clone());
+                }
+                self.agents.insert(
+                    control.agent.clone(),
+                    AgentRecord {
+                        did: control.agent.clone(),
+                        realm: control.realm.clone(),
+                        labels: control.labels.clone(),
+                        parent: control.parent.clone(),
+                        children: Vec::new(),
+                        status: AgentStatus::Active,
+                        enrolled_at: control.ts,
+                        enrolled_by: control.by.clone(),
+                        enroll_log_index: log_index,
+                        revoked_at: None,
+                        revoke_log_index: None,
+                        revoke_reason: None,
+                        events: 0,
+                        last_seq: None,
+                        last_log_index: None,
+                        last_ts: None,
+                    },
+                );
+            }
+            ControlAction::Revoke => {
+                if let Some(agent) = self.agents.get_mut(&control.agent) {
+                    agent.status = AgentStatus::Revoked;
+                    agent.revoked_at = Some(control.ts);
+                    agent.revoke_log_index = Some(log_index);
+                    agent.revoke_reason = control.reason.clone();
+                }
+            }
+        }
+    }
+
+    /// Records an accepted event.
+    pub fn apply_event(&mut self, agent: &str, seq: u64, digest: [u8; 32], log_index: u64, ts: DateTime<Utc>) {
+        if let Some(record) = self.agents.get_mut(agent) {
+            record.events += 1;
+            record.last_seq = Some(record.last_seq.map_or(seq, |last| last.max(seq)));
+            record.last_log_index = Some(log_index);
+            record.last_ts = Some(ts);
+        }
+        let window = self.window;
+        let head = self.heads.entry(agent.to_owned()).or_insert_with(|| ChainHead {
+            seq,
+            digest,
+            recent: VecDeque::new(),
+        });
+        if seq >= head.seq {
+            head.seq = seq;
+            head.digest = digest;
+        }
+        head.recent.push_back((seq, digest, log_index));
+        while head.recent.len() > window {
+            head.recent.pop_front();
+        }
+    }
+
+    /// `did` and every descendant that is still active, parents first.
+    pub fn active_subtree(&self, did: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![did.to_owned()];
+        while let Some(next) = stack.pop() {
+            let Some(record) = self.agents.get(&next) else { continue };
+            if out.contains(&next) {
+                continue;
+            }
+            if record.status == AgentStatus::Active {
+                out.push(next.clone());
+            }
+            stack.extend(record.children.iter().rev().cloned());
+        }
+        out
+    }
+}

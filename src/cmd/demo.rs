@@ -1,0 +1,238 @@
+//! `custos demo`: the embedded node, a fleet, every kind of bad input, and a verify.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Args;
+use custos_event::{AgentKey, Kind, Payload};
+use custos_ingest::samples::{Actors, Expect, cases};
+use rand::Rng as _;
+
+use super::client::Client;
+use super::fleet::{FleetAgent, fleet};
+
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  custos demo
+  custos demo --agents 100 --events 100000 --data ./demo-store")]
+pub(crate) struct DemoArgs {
+    /// Agents in the simulated fleet.
+    #[arg(long, default_value_t = 36)]
+    agents: usize,
+    /// Events to stream.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Store directory (default: a new directory under the system temp dir, kept afterwards).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Seed for the fleet's keys and behaviour.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn section(title: &str) {
+    println!("\n== {title}");
+}
+
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let data = match args.data.clone() {
+        Some(data) => data,
+        None => {
+            let mut suffix = [0u8; 4];
+            suffix.copy_from_slice(&AgentKey::generate()?.seed()[..4]);
+            std::env::temp_dir().join(format!("custos-demo-{}", hex::encode(suffix)))
+        }
+    };
+    let mut config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
+    config.log.segment_max_entries = 5_000;
+    let running = custos_ingest::start(config.clone()).await?;
+    let token = running
+        .admin_token
+        .clone()
+        .map(|secret| secret.0)
+        .or_else(|| fs_err::read_to_string(custos_ingest::auth::admin_token_path(&data)).ok())
+        .context("no admin token for the demo store")?;
+    let url = format!("http://{}", running.addr);
+    let admin = Client::new(&url, Some(token.trim().to_owned()));
+    let agents_client = Client::new(&url, None);
+    println!("Custos demo: node on {url}, store in {}", data.display());
+
+    section("Enroll a fleet (zero trust: only enrolled agents are accepted)");
+    let (mut agents, mut rng) = fleet(args.agents.max(6), args.seed);
+    for agent in &agents {
+        admin
+            .post_json(
+                "/v1/agents",
+                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm, "labels": {"role": agent.role.name}}),
+            )
+            .await?;
+    }
+    let realms: std::collections::BTreeSet<_> = agents.iter().map(|agent| agent.role.realm).collect();
+    println!("enrolled {} agents in realms {:?}", agents.len(), realms);
+
+    section("A coding agent spawns a sub-agent with a signed delegation event");
+    let child_key = AgentKey::generate()?;
+    let mut delegation = Payload::new(Kind::Delegation, chrono::Utc::now());
+    delegation.action = Some("spawn".into());
+    delegation.target = Some(child_key.did().to_owned());
+    let envelope = agents[0].signer.sign(delegation);
+    agents[0].remember(&envelope);
+    let result = agents_client.send_events(envelope.to_json().into_bytes()).await?;
+    println!(
+        "delegation accepted at log index {}; the child inherits realm `{}`",
+        index(result[0].log_index),
+        agents[0].role.realm
+    );
+    let mut child = FleetAgent::new(child_key, agents[0].role);
+
+    section(&format!("Stream {} signed events", args.events));
+    let bar = indicatif::ProgressBar::new(args.events as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let (mut accepted, mut other) = (0usize, 0usize);
+    let mut sent = 0;
+    while sent < args.events {
+        let batch = (args.events - sent).min(500);
+        let mut body = String::new();
+        for _ in 0..batch {
+            let position = rng.gen_range(0..agents.len() + 1);
+            let ts = chrono::Utc::now() - chrono::Duration::milliseconds(rng.gen_range(0..2_000));
+            let agent = if position == agents.len() { &mut child } else { &mut agents[position] };
+            body.push_str(&agent.next(&mut rng, ts).to_json());
+            body.push('\n');
+        }
+        for result in agents_client.send_events(body.into_bytes()).await? {
+            if result.status == "accepted" {
+                accepted += 1;
+            } else {
+                other += 1;
+            }
+        }
+        sent += batch;
+        bar.set_position(sent as u64);
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{accepted} accepted, {other} not, in {seconds:.1}s ({:.0} events/s over loopback HTTP, each acknowledged only after fsync)",
+        sent as f64 / seconds
+    );
+
+    section("Bad input: one of each kind (every rejection is kept for forensics)");
+    let mut compromised = FleetAgent::new(AgentKey::generate()?, agents[1].role);
+    admin
+        .post_json("/v1/agents", &serde_json::json!({"did": compromised.did(), "realm": compromised.role.realm}))
+        .await?;
+    let envelope = compromised.next(&mut rng, chrono::Utc::now());
+    agents_client.send_events(envelope.to_json().into_bytes()).await?;
+    admin
+        .post_json(&format!("/v1/agents/{}/revoke", compromised.did()), &serde_json::json!({"reason": "demo"}))
+        .await?;
+    let stranger = AgentKey::generate()?;
+    let target = &mut agents[1];
+    // Make sure the target has a long enough history for the replay case.
+    let mut body = String::new();
+    for _ in 0..40 {
+        body.push_str(&target.next(&mut rng, chrono::Utc::now()).to_json());
+        body.push('\n');
+    }
+    agents_client.send_events(body.into_bytes()).await?;
+    let (first, last) = (target.first.clone().context("no first event")?, target.last.clone().context("no last event")?);
+    let crafted = cases(
+        Actors {
+            agent: &mut target.signer,
+            first: &first,
+            last: &last,
+            stranger: &stranger,
+            revoked: &mut compromised.signer,
+            max_event_bytes: config.max_event_bytes,
+        },
+        chrono::Utc::now(),
+    );
+    println!("{:<34} {:<10} {:<20} message", "case", "status", "reason");
+    let mut surprises = 0;
+    for case in &crafted {
+        let result = agents_client.send_events(case.body.clone()).await?;
+        let result = result.first().context("no result")?;
+        let as_expected = match case.expect {
+            Expect::Rejected(reason) => result.reason.as_deref() == Some(reason.code()),
+            Expect::Duplicate => result.status == "duplicate",
+            Expect::Gap => result.flags.iter().any(|flag| flag == "chain_gap"),
+        };
+        if !as_expected {
+            surprises += 1;
+        }
+        let detail = match (&result.message, result.missing) {
+            (Some(message), _) => message.chars().take(90).collect::<String>(),
+            (None, Some([from, to])) => format!("accepted at log index {}; seqs {from}..={to} missing", index(result.log_index)),
+            (None, None) => format!("the original is at log index {}", index(result.log_index)),
+        };
+        println!(
+            "{:<34} {:<10} {:<20} {detail}{}",
+            case.name,
+            result.status,
+            result.reason.as_deref().or(result.flags.first().map(String::as_str)).unwrap_or("-"),
+            if as_expected { "" } else { "  <-- unexpected" }
+        );
+    }
+
+    section("Revocation cascades to sub-agents and takes effect before the next event");
+    let revoked = admin
+        .post_json(&format!("/v1/agents/{}/revoke", agents[0].did()), &serde_json::json!({"reason": "demo"}))
+        .await?;
+    for did in revoked["revoked"].as_array().cloned().unwrap_or_default() {
+        println!("revoked {}", did.as_str().unwrap_or("?"));
+    }
+    let after = child.next(&mut rng, chrono::Utc::now());
+    let result = agents_client.send_events(after.to_json().into_bytes()).await?;
+    println!(
+        "the sub-agent's next event: {} ({})",
+        result[0].status,
+        result[0].reason.as_deref().unwrap_or("-")
+    );
+
+    section("Shut down: drain, seal the open segment, sign a final checkpoint");
+    running.shutdown().await?;
+    println!("sealed");
+
+    section("Verify the store from its files alone, signatures included");
+    let verify = super::verify::VerifyArgs {
+        data: data.clone(),
+        signatures: true,
+        log_key: None,
+        json: false,
+        quiet: false,
+    };
+    let started = Instant::now();
+    let report = super::verify::verify_with_progress(
+        &verify,
+        &custos_store::verify::VerifyOptions {
+            signatures: true,
+            log_key: None,
+        },
+    )?;
+    super::verify::print_report(&report, started.elapsed());
+
+    section("Try next");
+    let shown = data.display();
+    println!("  custos serve --data {shown}                     # restart this node (admin token in {shown}/admin.token)");
+    println!("  custos agent list --data {shown}                # with the node running");
+    println!("  custos rejected list --data {shown}             # the bad inputs above, kept with their reasons");
+    println!("  custos proof inclusion --data {shown} --index 42");
+    println!("  custos verify {shown} --signatures              # then flip a byte in a segment and run it again");
+    if surprises > 0 || !report.ok() {
+        println!("\nthe demo saw {surprises} unexpected answers and {} integrity problems", report.problems.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn index(log_index: Option<u64>) -> String {
+    log_index.map_or_else(|| "-".to_owned(), |index| index.to_string())
+}
