@@ -98,8 +98,9 @@ impl NoteKey {
 
     pub fn parse_verifier(text: &str) -> Result<Self, NoteError> {
         let bad = || NoteError::BadVerifierKey(text.trim().to_owned());
-        let mut parts = text.trim().rsplitn(3, '+');
-        let (Some(key), Some(id), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        // Key names cannot contain `+`; the base64 key data can.
+        let mut parts = text.trim().splitn(3, '+');
+        let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
         let typed = B64.decode(key).map_err(|_| bad())?;

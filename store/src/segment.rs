@@ -25,11 +25,11 @@ pub const META_FIRST_INDEX: &str = "custos.first_index";
 pub const META_END_INDEX: &str = "custos.end_index";
 pub const META_FORMAT: &str = "custos.format";
 
-const STRING_FIELDS: [&str; 13] = [
+pub const STRING_FIELDS: [&str; 13] = [
     "agent", "prev", "realm", "kind", "action", "target", "outcome", "session", "trace_id", "span_id", "parent",
     "memory_id", "attrs",
 ];
-const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
+pub const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
 
 /// The decoded columns of one row, derived from its payload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -105,7 +105,21 @@ pub enum SegmentError {
 
 /// Encodes entries as one zstd Parquet file.
 pub fn encode(log_id: &str, entries: &[LogEntry]) -> Result<Vec<u8>, SegmentError> {
-    let batch = record_batch(entries)?;
+    let decoded: Vec<Decoded> = entries.iter().map(|entry| Decoded::from_payload(&entry.payload)).collect();
+    write(log_id, entries.iter().zip(&decoded))
+}
+
+/// Encodes rows with the decoded columns they carry (tests use it to forge columns).
+pub fn encode_rows(log_id: &str, rows: &[Row]) -> Result<Vec<u8>, SegmentError> {
+    write(log_id, rows.iter().map(|row| (&row.entry, &row.decoded)))
+}
+
+fn write<'a>(
+    log_id: &str,
+    rows: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)> + Clone,
+) -> Result<Vec<u8>, SegmentError> {
+    let entries: Vec<&LogEntry> = rows.clone().map(|(entry, _)| entry).collect();
+    let batch = record_batch(rows)?;
     let first = entries.first().map_or(0, |entry| entry.log_index);
     let end = entries.last().map_or(0, |entry| entry.log_index + 1);
     let properties = WriterProperties::builder()
@@ -125,8 +139,8 @@ pub fn encode(log_id: &str, entries: &[LogEntry]) -> Result<Vec<u8>, SegmentErro
     Ok(out)
 }
 
-fn record_batch(entries: &[LogEntry]) -> Result<RecordBatch, SegmentError> {
-    let rows = entries.len();
+fn record_batch<'a>(rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)>) -> Result<RecordBatch, SegmentError> {
+    let rows = rows_in.len();
     let mut log_index = UInt64Builder::with_capacity(rows);
     let mut ingest_ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
     let mut payload_type = StringBuilder::new();
@@ -139,8 +153,7 @@ fn record_batch(entries: &[LogEntry]) -> Result<RecordBatch, SegmentError> {
     let mut payload = BinaryBuilder::new();
     let mut sig = FixedSizeBinaryBuilder::with_capacity(rows, 64);
     let mut digest = FixedSizeBinaryBuilder::with_capacity(rows, 32);
-    for entry in entries {
-        let decoded = Decoded::from_payload(&entry.payload);
+    for (entry, decoded) in rows_in {
         log_index.append_value(entry.log_index);
         ingest_ts.append_value(entry.ingest_ts_us);
         payload_type.append_value(&entry.payload_type);

@@ -1,1 +1,7 @@
+//! Integration tests of the store: one binary, several modules.
 
+mod merkle;
+mod support;
+mod tamper;
+
+mod wal;

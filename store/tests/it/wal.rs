@@ -1,0 +1,99 @@
+//! Recovery: replay, torn tails, and refusing to start on damage.
+
+use crate::support::{append_events, build_with_wal_tail, open, verify};
+
+#[test]
+fn reopening_replays_the_wal_without_loss_or_duplicates() {
+    let built = build_with_wal_tail(30, 17);
+    let before = {
+        let mut seen = Vec::new();
+        let info = custos_store::StoreInfo::open(built.path(), false).unwrap();
+        let log = custos_store::Log::open(
+            built.path(),
+            &info.store_id,
+            "0",
+            crate::support::config(30),
+            custos_store::OpenMode::ReadWrite,
+            &mut |entry| seen.push(entry.log_index),
+        )
+        .unwrap();
+        assert_eq!(seen, (0..47).collect::<Vec<u64>>());
+        assert_eq!(log.open_entries().len(), 17);
+        log.tree().root()
+    };
+    let mut tree = custos_store::merkle::Tree::new();
+    for entry in &built.entries {
+        tree.push(entry.leaf_hash());
+    }
+    assert_eq!(before, tree.root());
+}
+
+#[test]
+fn a_torn_tail_is_dropped_and_the_log_continues() {
+    let built = build_with_wal_tail(30, 5);
+    let wal = built.wal_files().last().unwrap().clone();
+    // A crash in the middle of a write: half a record at the end.
+    let mut record = Vec::new();
+    let mut next = built.entries[3].clone();
+    next.log_index = 35;
+    custos_store::wal::encode_record(&next, &mut record);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&wal).unwrap();
+    std::io::Write::write_all(&mut file, &record[..record.len() / 2]).unwrap();
+    drop(file);
+    let report = verify(built.path());
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+
+    let mut log = open(built.path(), 30);
+    assert_eq!(log.next_index(), 35);
+    let mut signers = built.signers.clone();
+    let _ = append_events(&mut log, &mut signers, 3);
+    log.close().unwrap();
+    let report = verify(built.path());
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(report.logs[0].entries, 38);
+}
+
+#[test]
+fn damage_before_the_tail_refuses_to_start() {
+    let built = build_with_wal_tail(30, 10);
+    let wal = built.wal_files().last().unwrap().clone();
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let scan = custos_store::wal::scan(&bytes);
+    let (offset, _) = scan.entries[2];
+    bytes[offset as usize + 20] ^= 0x10;
+    std::fs::write(&wal, bytes).unwrap();
+    let info = custos_store::StoreInfo::open(built.path(), false).unwrap();
+    let error = custos_store::Log::open(
+        built.path(),
+        &info.store_id,
+        "0",
+        crate::support::config(30),
+        custos_store::OpenMode::ReadWrite,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("corrupt"), "{error}");
+    assert!(error.to_string().contains("log index 32"), "{error}");
+}
+
+#[test]
+fn a_checkpoint_beyond_the_stored_entries_refuses_to_start() {
+    let built = build_with_wal_tail(30, 12);
+    // Lose the WAL: acknowledged, checkpointed entries are gone.
+    for file in built.wal_files() {
+        std::fs::remove_file(file).unwrap();
+    }
+    let info = custos_store::StoreInfo::open(built.path(), false).unwrap();
+    let error = custos_store::Log::open(
+        built.path(),
+        &info.store_id,
+        "0",
+        crate::support::config(30),
+        custos_store::OpenMode::ReadWrite,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("acknowledged entries are missing"), "{error}");
+}
