@@ -16,14 +16,19 @@ mod cmd;
 /// Merkle log with signed C2SP checkpoints). `custos verify` proves the store intact or
 /// names where it was altered.
 #[derive(Parser)]
-#[command(name = "custos", version, propagate_version = true, after_help = "\
+#[command(
+    name = "custos",
+    version,
+    propagate_version = true,
+    after_help = "\
 Examples:
   custos demo                                   run the whole loop on a temporary store
   custos serve --data ./store                   run a node on 127.0.0.1:7600
   custos agent keygen --out agent.key           make an agent key, print its DID
   custos agent enroll did:key:z6Mk… --realm eng --data ./store
   custos emit --key agent.key --realm eng < events.jsonl
-  custos verify ./store --signatures            recompute and check everything")]
+  custos verify ./store --signatures            recompute and check everything"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,7 +117,9 @@ enum AgentCommand {
         out: PathBuf,
     },
     /// Enroll an agent in a realm.
-    #[command(after_help = "Example:\n  custos agent enroll did:key:z6Mk… --realm eng --label team=payments --data ./store")]
+    #[command(
+        after_help = "Example:\n  custos agent enroll did:key:z6Mk… --realm eng --label team=payments --data ./store"
+    )]
     Enroll {
         did: String,
         #[arg(long)]

@@ -80,7 +80,10 @@ mod tests {
 
     #[test]
     fn rejects_other_codecs_and_garbage() {
-        assert!(matches!(public_key_from_did("did:web:example.com"), Err(DidError::Prefix(_))));
+        assert!(matches!(
+            public_key_from_did("did:web:example.com"),
+            Err(DidError::Prefix(_))
+        ));
         assert!(matches!(public_key_from_did("did:key:z0OIl"), Err(DidError::Base58(_))));
         // secp256k1 did:key (multicodec 0xe7) is refused.
         let mut other = vec![0xe7, 0x01];

@@ -84,15 +84,12 @@ impl Envelope {
 
 /// Decodes base64 as DSSE allows it: standard or URL-safe alphabet, padded or not.
 pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
     use base64::engine::DecodePaddingMode;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
     let config = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     let standard = GeneralPurpose::new(&base64::alphabet::STANDARD, config);
     let url_safe = GeneralPurpose::new(&base64::alphabet::URL_SAFE, config);
-    standard
-        .decode(text)
-        .ok()
-        .or_else(|| url_safe.decode(text).ok())
+    standard.decode(text).ok().or_else(|| url_safe.decode(text).ok())
 }
 
 #[cfg(test)]

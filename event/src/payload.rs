@@ -162,10 +162,17 @@ impl Payload {
         match (&self.prev, self.seq) {
             (None, 0) => {}
             (Some(prev), 0) => return Err(format!("`prev` must be null at seq 0, found `{}`", truncate(prev))),
-            (None, seq) => return Err(format!("`prev` is null at seq {seq}; only seq 0 may have no predecessor")),
+            (None, seq) => {
+                return Err(format!(
+                    "`prev` is null at seq {seq}; only seq 0 may have no predecessor"
+                ));
+            }
             (Some(prev), _) => {
                 if !is_lower_hex(prev, 64) {
-                    return Err(format!("`prev` must be 64 lowercase hex digits, found `{}`", truncate(prev)));
+                    return Err(format!(
+                        "`prev` must be 64 lowercase hex digits, found `{}`",
+                        truncate(prev)
+                    ));
                 }
             }
         }
@@ -191,12 +198,18 @@ impl Payload {
         if let Some(trace) = &self.trace_id
             && !is_lower_hex(trace, 32)
         {
-            return Err(format!("`trace_id` must be 32 lowercase hex digits, found `{}`", truncate(trace)));
+            return Err(format!(
+                "`trace_id` must be 32 lowercase hex digits, found `{}`",
+                truncate(trace)
+            ));
         }
         if let Some(span) = &self.span_id
             && !is_lower_hex(span, 16)
         {
-            return Err(format!("`span_id` must be 16 lowercase hex digits, found `{}`", truncate(span)));
+            return Err(format!(
+                "`span_id` must be 16 lowercase hex digits, found `{}`",
+                truncate(span)
+            ));
         }
         Ok(())
     }

@@ -159,9 +159,9 @@ impl Signer {
         object
             .entry("realm")
             .or_insert_with(|| Value::String(self.realm.clone()));
-        object.entry("ts").or_insert_with(|| {
-            Value::String(default_ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-        });
+        object
+            .entry("ts")
+            .or_insert_with(|| Value::String(default_ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
         let bytes = serde_json::to_vec(&object).map_err(|error| error.to_string())?;
         Payload::parse(&bytes)?;
         Ok(self.sign_bytes(bytes))

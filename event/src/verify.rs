@@ -49,10 +49,14 @@ pub fn decode_envelope(raw: &[u8], max_bytes: usize, allowed_types: &[&str]) -> 
             format!("expected exactly one signature, found {}", wire.signatures.len()),
         ));
     };
-    let payload = decode_base64(&wire.payload)
-        .ok_or_else(|| Rejection::new(Reason::BadBase64, "`payload` is not base64"))?;
-    let sig_bytes = decode_base64(&signature.sig)
-        .ok_or_else(|| Rejection::new(Reason::BadBase64, format!("`sig` `{}` is not base64", truncate(&signature.sig))))?;
+    let payload =
+        decode_base64(&wire.payload).ok_or_else(|| Rejection::new(Reason::BadBase64, "`payload` is not base64"))?;
+    let sig_bytes = decode_base64(&signature.sig).ok_or_else(|| {
+        Rejection::new(
+            Reason::BadBase64,
+            format!("`sig` `{}` is not base64", truncate(&signature.sig)),
+        )
+    })?;
     let sig: [u8; 64] = sig_bytes.as_slice().try_into().map_err(|_| {
         Rejection::new(
             Reason::BadSignature,
@@ -91,10 +95,7 @@ pub const LOG_PAYLOAD_TYPES: [&str; 2] = [EVENT_PAYLOAD_TYPE, CONTROL_PAYLOAD_TY
 /// The result is in input order. A batch that verifies is accepted as a whole, so the
 /// cofactored batch equation decides; see `docs/event-format.md`.
 pub fn verify_signatures(items: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
-    items
-        .par_chunks(BATCH)
-        .flat_map_iter(verify_chunk)
-        .collect()
+    items.par_chunks(BATCH).flat_map_iter(verify_chunk).collect()
 }
 
 fn verify_chunk(chunk: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
@@ -110,7 +111,10 @@ fn verify_chunk(chunk: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> 
         }
     }
     let messages: Vec<Vec<u8>> = chunk.iter().map(|(_, envelope)| envelope.pae()).collect();
-    let signatures: Vec<Signature> = chunk.iter().map(|(_, envelope)| Signature::from_bytes(&envelope.sig)).collect();
+    let signatures: Vec<Signature> = chunk
+        .iter()
+        .map(|(_, envelope)| Signature::from_bytes(&envelope.sig))
+        .collect();
     if key_errors.iter().all(Option::is_none) {
         let keys: Vec<VerifyingKey> = keys.iter().flatten().copied().collect();
         let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
@@ -123,11 +127,16 @@ fn verify_chunk(chunk: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> 
             if let Some(error) = key_errors[position].take() {
                 return Err(error);
             }
-            let key = keys[position].as_ref().ok_or_else(|| Rejection::new(Reason::BadKeyid, "invalid key"))?;
+            let key = keys[position]
+                .as_ref()
+                .ok_or_else(|| Rejection::new(Reason::BadKeyid, "invalid key"))?;
             key.verify(&messages[position], &signatures[position]).map_err(|_| {
                 Rejection::new(
                     Reason::BadSignature,
-                    format!("signature by `{}` does not verify over the DSSE PAE", truncate(&chunk[position].1.keyid)),
+                    format!(
+                        "signature by `{}` does not verify over the DSSE PAE",
+                        truncate(&chunk[position].1.keyid)
+                    ),
                 )
             })
         })
@@ -169,8 +178,12 @@ mod tests {
         let key = AgentKey::from_seed(&[3u8; 32]);
         let public = key.public_key();
         let mut signer = Signer::new(key, "test");
-        let ts = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc();
-        let envelopes: Vec<Envelope> = (0..count).map(|_| signer.sign(crate::Payload::new(Kind::ToolCall, ts))).collect();
+        let ts = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let envelopes: Vec<Envelope> = (0..count)
+            .map(|_| signer.sign(crate::Payload::new(Kind::ToolCall, ts)))
+            .collect();
         (vec![public; count], envelopes)
     }
 
@@ -182,7 +195,12 @@ mod tests {
         envelopes[599].sig[63] ^= 0x10;
         let items: Vec<_> = keys.iter().zip(envelopes.iter()).collect();
         let results = verify_signatures(&items);
-        let bad: Vec<usize> = results.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
+        let bad: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_err())
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(bad, vec![5, 300, 599]);
         assert!(results[5].as_ref().unwrap_err().reason == Reason::BadSignature);
     }
@@ -195,9 +213,18 @@ mod tests {
         assert!(decode_envelope(good.as_bytes(), 65536, &types).is_ok());
         let reason = |raw: &str| decode_envelope(raw.as_bytes(), 65536, &types).unwrap_err().reason;
         assert_eq!(reason("{"), Reason::Malformed);
-        assert_eq!(reason(&good.replace("\"payload\":\"", "\"payload\":\"!!")), Reason::BadBase64);
-        assert_eq!(reason(&good.replace("custos.event", "custos.other")), Reason::WrongPayloadType);
+        assert_eq!(
+            reason(&good.replace("\"payload\":\"", "\"payload\":\"!!")),
+            Reason::BadBase64
+        );
+        assert_eq!(
+            reason(&good.replace("custos.event", "custos.other")),
+            Reason::WrongPayloadType
+        );
         assert_eq!(reason(&good.replace("did:key:z6Mk", "did:key:z6Mx")), Reason::BadKeyid);
-        assert_eq!(decode_envelope(good.as_bytes(), 10, &types).unwrap_err().reason, Reason::TooLarge);
+        assert_eq!(
+            decode_envelope(good.as_bytes(), 10, &types).unwrap_err().reason,
+            Reason::TooLarge
+        );
     }
 }

@@ -93,7 +93,12 @@ impl Forensics {
         let current = forensics.read_file(&forensics.current_path());
         forensics.current_count = current.len();
         let previous = forensics.read_file(&forensics.previous_path());
-        forensics.next_id = current.iter().chain(&previous).map(|record| record.id + 1).max().unwrap_or(0);
+        forensics.next_id = current
+            .iter()
+            .chain(&previous)
+            .map(|record| record.id + 1)
+            .max()
+            .unwrap_or(0);
         Ok(forensics)
     }
 
@@ -129,7 +134,10 @@ impl Forensics {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let mut file = fs_err::OpenOptions::new().create(true).append(true).open(self.current_path())?;
+        let mut file = fs_err::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.current_path())?;
         file.write_all(&self.pending)?;
         file.sync_data()?;
         self.pending.clear();

@@ -74,10 +74,13 @@ fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
-    let caller = state
-        .tokens
-        .authenticate(secret.trim())
-        .ok_or_else(|| ApiError::new(401, "unauthenticated", "the bearer token is unknown, expired or revoked"))?;
+    let caller = state.tokens.authenticate(secret.trim()).ok_or_else(|| {
+        ApiError::new(
+            401,
+            "unauthenticated",
+            "the bearer token is unknown, expired or revoked",
+        )
+    })?;
     if !allowed.contains(&caller.role) {
         return Err(ApiError::new(
             403,
@@ -88,7 +91,10 @@ fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
     Ok(caller)
 }
 
-async fn ask<T>(state: &AppState, make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command) -> Result<T, ApiError> {
+async fn ask<T>(
+    state: &AppState,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
     state
         .commands
@@ -103,8 +109,12 @@ async fn ask<T>(state: &AppState, make: impl FnOnce(oneshot::Sender<Result<T, Ap
 fn split_body(body: &[u8]) -> Result<Vec<Vec<u8>>, Rejection> {
     let trimmed = body.trim_ascii_start();
     if trimmed.first() == Some(&b'[') {
-        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(trimmed)
-            .map_err(|error| Rejection::new(Reason::Malformed, format!("body starts with `[` but is not a JSON array: {error}")))?;
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(trimmed).map_err(|error| {
+            Rejection::new(
+                Reason::Malformed,
+                format!("body starts with `[` but is not a JSON array: {error}"),
+            )
+        })?;
         return Ok(items.into_iter().map(|item| item.get().as_bytes().to_vec()).collect());
     }
     Ok(body
@@ -202,14 +212,15 @@ struct EnrollRequest {
     labels: BTreeMap<String, String>,
 }
 
-async fn enroll(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &[Role::Admin])?;
-    let request: EnrollRequest = serde_json::from_slice(&body)
-        .map_err(|error| ApiError::new(400, "bad_request", format!("expected {{\"did\",\"realm\",\"labels\"}}: {error}")))?;
+    let request: EnrollRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            400,
+            "bad_request",
+            format!("expected {{\"did\",\"realm\",\"labels\"}}: {error}"),
+        )
+    })?;
     let by = format!("token:{}", caller.token_id);
     let record = ask(&state, |reply| Command::Enroll {
         did: request.did,
@@ -231,11 +242,18 @@ const READERS: [Role; 3] = [Role::Admin, Role::Analyst, Role::Responder];
 async fn list_agents(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
     let agents = ask(&state, |reply| Command::Agents { reply }).await?;
-    let agents: Vec<_> = agents.into_iter().filter(|agent| visible(&caller, &agent.realm)).collect();
+    let agents: Vec<_> = agents
+        .into_iter()
+        .filter(|agent| visible(&caller, &agent.realm))
+        .collect();
     Ok(Json(serde_json::json!({ "agents": agents })).into_response())
 }
 
-async fn get_agent(State(state): State<AppState>, headers: HeaderMap, Path(did): Path<String>) -> Result<Response, ApiError> {
+async fn get_agent(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(did): Path<String>,
+) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
     let agents = ask(&state, |reply| Command::Agents { reply }).await?;
     agents
@@ -291,7 +309,11 @@ async fn rejected(
     if let Some(reason) = &query.reason
         && Reason::from_code(reason).is_none()
     {
-        return Err(ApiError::new(400, "bad_request", format!("unknown reason code `{reason}`")));
+        return Err(ApiError::new(
+            400,
+            "bad_request",
+            format!("unknown reason code `{reason}`"),
+        ));
     }
     let limit = query.limit.unwrap_or(100).min(10_000);
     let records = ask(&state, |reply| Command::Rejected {
@@ -307,7 +329,13 @@ async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result
     authorize(
         &state,
         &headers,
-        &[Role::Admin, Role::Analyst, Role::Responder, Role::Compliance, Role::Auditor],
+        &[
+            Role::Admin,
+            Role::Analyst,
+            Role::Responder,
+            Role::Compliance,
+            Role::Auditor,
+        ],
     )?;
     let view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
     Ok(Json(view).into_response())
@@ -319,8 +347,14 @@ mod tests {
 
     #[test]
     fn splits_arrays_and_ndjson() {
-        assert_eq!(split_body(b" [{\"a\":1}, {\"b\":[2]}]").unwrap(), vec![b"{\"a\":1}".to_vec(), b"{\"b\":[2]}".to_vec()]);
-        assert_eq!(split_body(b"{\"a\":1}\r\n\n{oops\n").unwrap(), vec![b"{\"a\":1}".to_vec(), b"{oops".to_vec()]);
+        assert_eq!(
+            split_body(b" [{\"a\":1}, {\"b\":[2]}]").unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"{\"b\":[2]}".to_vec()]
+        );
+        assert_eq!(
+            split_body(b"{\"a\":1}\r\n\n{oops\n").unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"{oops".to_vec()]
+        );
         assert_eq!(split_body(b"[{\"a\":1},").unwrap_err().reason, Reason::Malformed);
     }
 }

@@ -127,17 +127,15 @@ impl Running {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        self.done
-            .await
-            .map_err(|error| NodeError::Stopped(error.to_string()))?
+        self.done.await.map_err(|error| NodeError::Stopped(error.to_string()))?
     }
 }
 
 /// Opens the store (recovering from the WAL), binds the listener and serves.
 pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
     fs_err::create_dir_all(&config.data)?;
-    let node_key = custos_store::keyfile::load_or_create(&config.data.join("node.key"))
-        .map_err(custos_store::StoreError::from)?;
+    let node_key =
+        custos_store::keyfile::load_or_create(&config.data.join("node.key")).map_err(custos_store::StoreError::from)?;
     let (tokens, admin_token) = Tokens::open(&config.data)?;
     let ready = Arc::new(AtomicBool::new(false));
     let sequencer = {
@@ -158,6 +156,8 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
             source,
         })?;
     let addr = listener.local_addr()?;
+    // The store is recovered and the sequencer is taking commands.
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let state = http::AppState {
         commands: commands.clone(),
         tokens: Arc::new(tokens),
@@ -177,7 +177,9 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
         commands
             .send(sequencer::Command::Shutdown { reply })
             .map_err(|_| NodeError::Stopped("the sequencer is gone".into()))?;
-        let result = answer.await.map_err(|_| NodeError::Stopped("the sequencer is gone".into()))?;
+        let result = answer
+            .await
+            .map_err(|_| NodeError::Stopped("the sequencer is gone".into()))?;
         drop(commands);
         tokio::task::spawn_blocking(move || writer.join())
             .await

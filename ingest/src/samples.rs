@@ -57,33 +57,60 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
     let mut out = Vec::new();
     let mut push = |name, expect, body: Vec<u8>| out.push(Case { name, expect, body });
 
-    push("not JSON", Expect::Rejected(Reason::Malformed), b"{\"payloadType\": oops".to_vec());
+    push(
+        "not JSON",
+        Expect::Rejected(Reason::Malformed),
+        b"{\"payloadType\": oops".to_vec(),
+    );
     push(
         "payload not base64",
         Expect::Rejected(Reason::BadBase64),
-        good_json.replacen("\"payload\":\"", "\"payload\":\"%%%", 1).into_bytes(),
+        good_json
+            .replacen("\"payload\":\"", "\"payload\":\"%%%", 1)
+            .into_bytes(),
     );
-    let other_type = actors.agent.key().sign_envelope("application/json", good.payload.clone());
-    push("wrong payloadType", Expect::Rejected(Reason::WrongPayloadType), json(&other_type));
+    let other_type = actors
+        .agent
+        .key()
+        .sign_envelope("application/json", good.payload.clone());
+    push(
+        "wrong payloadType",
+        Expect::Rejected(Reason::WrongPayloadType),
+        json(&other_type),
+    );
     push(
         "keyid not a did:key",
         Expect::Rejected(Reason::BadKeyid),
-        good_json.replace(&good.keyid, "did:web:agents.example.com").into_bytes(),
+        good_json
+            .replace(&good.keyid, "did:web:agents.example.com")
+            .into_bytes(),
     );
     let mut big = event(Kind::ToolResult, now);
     big.attrs = Some(serde_json::Map::from_iter([(
         "blob".to_owned(),
         serde_json::Value::String("x".repeat(actors.max_event_bytes)),
     )]));
-    push("oversized envelope", Expect::Rejected(Reason::TooLarge), json(&actors.agent.clone().sign(big)));
+    push(
+        "oversized envelope",
+        Expect::Rejected(Reason::TooLarge),
+        json(&actors.agent.clone().sign(big)),
+    );
     let mut forged = good.clone();
     forged.sig[10] ^= 0x01;
-    push("signature flipped", Expect::Rejected(Reason::BadSignature), json(&forged));
+    push(
+        "signature flipped",
+        Expect::Rejected(Reason::BadSignature),
+        json(&forged),
+    );
     let not_an_event = actors
         .agent
         .key()
         .sign_envelope(EVENT_PAYLOAD_TYPE, br#"{"hello":"world"}"#.to_vec());
-    push("signed garbage payload", Expect::Rejected(Reason::BadPayload), json(&not_an_event));
+    push(
+        "signed garbage payload",
+        Expect::Rejected(Reason::BadPayload),
+        json(&not_an_event),
+    );
     let mut impostor = event(Kind::ToolCall, now);
     impostor.agent = actors.stranger.did().to_owned();
     impostor.realm = actors.agent.realm().to_owned();
@@ -95,9 +122,17 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         value["prev"] = serde_json::Value::Null;
         serde_json::to_vec(&value).unwrap_or_default()
     });
-    push("agent field names someone else", Expect::Rejected(Reason::KeyidMismatch), json(&mismatched));
+    push(
+        "agent field names someone else",
+        Expect::Rejected(Reason::KeyidMismatch),
+        json(&mismatched),
+    );
     let stranger = Signer::new(actors.stranger.clone(), actors.agent.realm()).sign(event(Kind::ToolCall, now));
-    push("never enrolled", Expect::Rejected(Reason::UnknownAgent), json(&stranger));
+    push(
+        "never enrolled",
+        Expect::Rejected(Reason::UnknownAgent),
+        json(&stranger),
+    );
     push(
         "revoked agent",
         Expect::Rejected(Reason::RevokedAgent),
@@ -105,11 +140,20 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
     );
     let mut elsewhere = event(Kind::ToolCall, now);
     elsewhere.realm = "some-other-realm".into();
-    push("wrong realm", Expect::Rejected(Reason::RealmMismatch), json(&actors.agent.clone().sign(elsewhere)));
+    push(
+        "wrong realm",
+        Expect::Rejected(Reason::RealmMismatch),
+        json(&actors.agent.clone().sign(elsewhere)),
+    );
     push(
         "timestamp an hour ahead",
         Expect::Rejected(Reason::ClockSkew),
-        json(&actors.agent.clone().sign(event(Kind::ToolCall, now + chrono::Duration::hours(1)))),
+        json(
+            &actors
+                .agent
+                .clone()
+                .sign(event(Kind::ToolCall, now + chrono::Duration::hours(1))),
+        ),
     );
     push("same event resent", Expect::Duplicate, json(actors.last));
     // Same seq as the last accepted event, different content: a second holder of the key.
@@ -123,7 +167,11 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
     );
     let mut forked = event(Kind::CredentialUse, now);
     forked.target = Some("vault://prod/db-root".into());
-    push("same seq, different payload", Expect::Rejected(Reason::ChainFork), json(&fork_signer.sign(forked)));
+    push(
+        "same seq, different payload",
+        Expect::Rejected(Reason::ChainFork),
+        json(&fork_signer.sign(forked)),
+    );
     let mut broken = actors.agent.clone();
     let mut wrong_prev = event(Kind::ToolCall, now);
     wrong_prev.action = Some("rewrite.history".into());
@@ -135,13 +183,25 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         payload.realm = broken.realm().to_owned();
         broken.sign_bytes(serde_json::to_vec(&payload).unwrap_or_default())
     };
-    push("next seq, wrong prev", Expect::Rejected(Reason::ChainBroken), json(&envelope));
-    push("first event replayed", Expect::Rejected(Reason::Replay), json(actors.first));
+    push(
+        "next seq, wrong prev",
+        Expect::Rejected(Reason::ChainBroken),
+        json(&envelope),
+    );
+    push(
+        "first event replayed",
+        Expect::Rejected(Reason::Replay),
+        json(actors.first),
+    );
     // Skip five seqs: accepted, flagged, and the chain continues from here.
     let mut state = actors.agent.chain().clone();
     state.next_seq += 5;
     *actors.agent = Signer::resume(actors.agent.key().clone(), actors.agent.realm(), state);
-    push("five events lost in transit", Expect::Gap, json(&actors.agent.sign(event(Kind::ToolCall, now))));
+    push(
+        "five events lost in transit",
+        Expect::Gap,
+        json(&actors.agent.sign(event(Kind::ToolCall, now))),
+    );
     out
 }
 

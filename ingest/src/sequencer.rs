@@ -136,7 +136,11 @@ pub(crate) struct Sequencer {
 }
 
 impl Sequencer {
-    pub(crate) fn open(config: NodeConfig, node_key: AgentKey, ready: Arc<AtomicBool>) -> Result<Self, crate::NodeError> {
+    pub(crate) fn open(
+        config: NodeConfig,
+        node_key: AgentKey,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Self, crate::NodeError> {
         let info = custos_store::StoreInfo::open(&config.data, true)?;
         let mut registry = Registry::new(config.chain_window);
         let mut node_chain = ChainState::default();
@@ -170,7 +174,6 @@ impl Sequencer {
 
     /// Runs until a `Shutdown` command or until every sender is gone.
     pub(crate) fn run(mut self, commands: mpsc::Receiver<Command>) {
-        self.ready.store(true, Ordering::SeqCst);
         loop {
             let first = match commands.recv_timeout(Duration::from_millis(200)) {
                 Ok(command) => command,
@@ -206,8 +209,16 @@ impl Sequencer {
                     Some(error) => Err(error),
                     None => self.log.seal().map_err(|error| ApiError::store(&error)),
                 };
-                let result = result.and_then(|()| self.log.checkpoint().map(|_| ()).map_err(|error| ApiError::store(&error)));
-                tracing::info!(entries = self.log.next_index(), "log sealed and checkpointed for shutdown");
+                let result = result.and_then(|()| {
+                    self.log
+                        .checkpoint()
+                        .map(|_| ())
+                        .map_err(|error| ApiError::store(&error))
+                });
+                tracing::info!(
+                    entries = self.log.next_index(),
+                    "log sealed and checkpointed for shutdown"
+                );
                 let _ = reply.send(result);
                 return;
             }
@@ -366,8 +377,14 @@ impl Sequencer {
         evidence: Option<serde_json::Value>,
     ) {
         tracing::debug!(reason = rejection.reason.code(), index, "rejected input");
-        self.forensics
-            .record(RejectedRecord::new(rejection, raw, remote, Some(index), keyid, evidence));
+        self.forensics.record(RejectedRecord::new(
+            rejection,
+            raw,
+            remote,
+            Some(index),
+            keyid,
+            evidence,
+        ));
     }
 
     /// Registry, clock and chain checks; on success, queues the entry (and any control
@@ -396,7 +413,10 @@ impl Sequencer {
         if payload.realm != record.realm {
             return fail(
                 Reason::RealmMismatch,
-                format!("`realm` is `{}` but agent `{did}` is enrolled in `{}`", payload.realm, record.realm),
+                format!(
+                    "`realm` is `{}` but agent `{did}` is enrolled in `{}`",
+                    payload.realm, record.realm
+                ),
             );
         }
         let realm = record.realm.clone();
@@ -443,7 +463,11 @@ impl Sequencer {
             Some(head) if seq == head.seq + 1 => {}
             Some(head) if seq > head.seq + 1 => gap = Some((head.seq + 1, seq - 1)),
             Some(head) => {
-                let found = head.recent.iter().find(|(recent_seq, _, _)| *recent_seq == seq).copied();
+                let found = head
+                    .recent
+                    .iter()
+                    .find(|(recent_seq, _, _)| *recent_seq == seq)
+                    .copied();
                 return match found {
                     Some((_, digest, log_index)) if digest == verified.digest => Ok(Admitted::Duplicate { log_index }),
                     Some((_, digest, log_index)) => Err((
@@ -487,7 +511,12 @@ impl Sequencer {
         let ts = payload.ts;
         let digest = verified.digest;
         self.registry.apply_event(&did, seq, digest, log_index, ts);
-        entries.push(LogEntry::from_envelope(verified.envelope, log_index, now.timestamp_micros(), gap));
+        entries.push(LogEntry::from_envelope(
+            verified.envelope,
+            log_index,
+            now.timestamp_micros(),
+            gap,
+        ));
         if let Some(child) = child {
             self.control(
                 ControlAction::Enroll,
@@ -536,7 +565,12 @@ impl Sequencer {
         let envelope = self.node_key.sign_envelope(CONTROL_PAYLOAD_TYPE, bytes);
         let log_index = self.next_index(entries);
         self.registry.apply_control(&payload, log_index);
-        entries.push(LogEntry::from_envelope(envelope, log_index, payload.ts.timestamp_micros(), None));
+        entries.push(LogEntry::from_envelope(
+            envelope,
+            log_index,
+            payload.ts.timestamp_micros(),
+            None,
+        ));
         log_index
     }
 
@@ -567,7 +601,17 @@ impl Sequencer {
                 ),
             ));
         }
-        self.control(ControlAction::Enroll, did.clone(), realm, labels, None, by, None, None, entries);
+        self.control(
+            ControlAction::Enroll,
+            did.clone(),
+            realm,
+            labels,
+            None,
+            by,
+            None,
+            None,
+            entries,
+        );
         self.registry
             .agents
             .get(&did)
@@ -575,12 +619,26 @@ impl Sequencer {
             .ok_or_else(|| ApiError::new(500, "internal", "enrolled agent vanished"))
     }
 
-    fn revoke(&mut self, did: &str, reason: Option<String>, by: String, entries: &mut Vec<LogEntry>) -> Result<Revoked, ApiError> {
+    fn revoke(
+        &mut self,
+        did: &str,
+        reason: Option<String>,
+        by: String,
+        entries: &mut Vec<LogEntry>,
+    ) -> Result<Revoked, ApiError> {
         let Some(record) = self.registry.agents.get(did) else {
-            return Err(ApiError::new(404, "unknown_agent", format!("agent `{did}` is not enrolled")));
+            return Err(ApiError::new(
+                404,
+                "unknown_agent",
+                format!("agent `{did}` is not enrolled"),
+            ));
         };
         if record.status == AgentStatus::Revoked {
-            return Err(ApiError::new(409, "already_revoked", format!("agent `{did}` is already revoked")));
+            return Err(ApiError::new(
+                409,
+                "already_revoked",
+                format!("agent `{did}` is already revoked"),
+            ));
         }
         let subtree = self.registry.active_subtree(did);
         let mut revoked = Revoked {
@@ -589,10 +647,28 @@ impl Sequencer {
         };
         let mut cause = None;
         for agent in subtree {
-            let realm = self.registry.agents.get(&agent).map(|record| record.realm.clone()).unwrap_or_default();
-            let by = if cause.is_none() { by.clone() } else { "cascade".to_owned() };
-            let log_index =
-                self.control(ControlAction::Revoke, agent.clone(), realm, BTreeMap::new(), None, by, cause, reason.clone(), entries);
+            let realm = self
+                .registry
+                .agents
+                .get(&agent)
+                .map(|record| record.realm.clone())
+                .unwrap_or_default();
+            let by = if cause.is_none() {
+                by.clone()
+            } else {
+                "cascade".to_owned()
+            };
+            let log_index = self.control(
+                ControlAction::Revoke,
+                agent.clone(),
+                realm,
+                BTreeMap::new(),
+                None,
+                by,
+                cause,
+                reason.clone(),
+                entries,
+            );
             cause.get_or_insert(log_index);
             revoked.revoked.push(agent);
             revoked.log_indexes.push(log_index);
@@ -610,7 +686,10 @@ enum Admitted {
 fn fold_entry(entry: &LogEntry, node_did: &str, registry: &mut Registry, node_chain: &mut ChainState) {
     if entry.payload_type == CONTROL_PAYLOAD_TYPE {
         if entry.keyid != node_did {
-            tracing::warn!(log_index = entry.log_index, "ignoring a control entry not signed by this node's key");
+            tracing::warn!(
+                log_index = entry.log_index,
+                "ignoring a control entry not signed by this node's key"
+            );
             return;
         }
         match serde_json::from_slice::<ControlPayload>(&entry.payload) {
@@ -623,7 +702,13 @@ fn fold_entry(entry: &LogEntry, node_did: &str, registry: &mut Registry, node_ch
         }
     } else if entry.payload_type == EVENT_PAYLOAD_TYPE {
         match Payload::parse(&entry.payload) {
-            Ok(payload) => registry.apply_event(&payload.agent, payload.seq, entry.payload_blake3, entry.log_index, payload.ts),
+            Ok(payload) => registry.apply_event(
+                &payload.agent,
+                payload.seq,
+                entry.payload_blake3,
+                entry.log_index,
+                payload.ts,
+            ),
             Err(error) => tracing::warn!(log_index = entry.log_index, %error, "unreadable event entry"),
         }
     }

@@ -14,12 +14,20 @@ pub(crate) fn keygen(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn enroll(node: &NodeArgs, did: &str, realm: &str, labels: Vec<(String, String)>) -> anyhow::Result<()> {
+pub(crate) async fn enroll(
+    node: &NodeArgs,
+    did: &str,
+    realm: &str,
+    labels: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let client = Client::from_args(node)?;
     let labels: serde_json::Map<String, serde_json::Value> =
         labels.into_iter().map(|(key, value)| (key, value.into())).collect();
     let record = client
-        .post_json("/v1/agents", &serde_json::json!({ "did": did, "realm": realm, "labels": labels }))
+        .post_json(
+            "/v1/agents",
+            &serde_json::json!({ "did": did, "realm": realm, "labels": labels }),
+        )
         .await?;
     println!(
         "enrolled {did} in realm {realm} (log index {})",
@@ -31,11 +39,17 @@ pub(crate) async fn enroll(node: &NodeArgs, did: &str, realm: &str, labels: Vec<
 pub(crate) async fn revoke(node: &NodeArgs, did: &str, reason: Option<String>) -> anyhow::Result<()> {
     let client = Client::from_args(node)?;
     let path = format!("/v1/agents/{did}/revoke");
-    let answer = client.post_json(&path, &serde_json::json!({ "reason": reason })).await?;
+    let answer = client
+        .post_json(&path, &serde_json::json!({ "reason": reason }))
+        .await?;
     let revoked = answer["revoked"].as_array().cloned().unwrap_or_default();
     for (position, agent) in revoked.iter().enumerate() {
         let how = if position == 0 { "revoked" } else { "revoked (cascade)" };
-        println!("{how} {} at log index {}", agent.as_str().unwrap_or("?"), answer["log_indexes"][position]);
+        println!(
+            "{how} {} at log index {}",
+            agent.as_str().unwrap_or("?"),
+            answer["log_indexes"][position]
+        );
     }
     Ok(())
 }
@@ -47,7 +61,9 @@ pub(crate) async fn list(node: &NodeArgs, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&answer["agents"])?);
         return Ok(());
     }
-    let agents = answer["agents"].as_array().context("the node's answer has no `agents`")?;
+    let agents = answer["agents"]
+        .as_array()
+        .context("the node's answer has no `agents`")?;
     println!("{:<58} {:<12} {:<8} {:>8}  parent", "DID", "REALM", "STATUS", "EVENTS");
     for agent in agents {
         println!(

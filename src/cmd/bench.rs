@@ -77,7 +77,10 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let admin = Client::new(&url, Some(token));
     for agent in &agents {
         admin
-            .post_json("/v1/agents", &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}))
+            .post_json(
+                "/v1/agents",
+                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
+            )
             .await?;
     }
     agents.clear();
@@ -161,17 +164,29 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         "verify_signatures_per_sec": verify_rate.round(),
         "verify_ratio": verify_rate / raw_rate,
     });
-    println!("custos bench ingest: {} events from {} agents, batch {}, {connections} connections", args.events, args.agents, args.batch);
+    println!(
+        "custos bench ingest: {} events from {} agents, batch {}, {connections} connections",
+        args.events, args.agents, args.batch
+    );
     println!("  raw ed25519 batch verify (baseline): {raw_rate:>10.0} sig/s");
-    println!("  end-to-end ingest (HTTP+verify+fsync): {ingest_rate:>8.0} events/s  = {:.2} x baseline (goal >= 0.50)", ingest_rate / raw_rate);
+    println!(
+        "  end-to-end ingest (HTTP+verify+fsync): {ingest_rate:>8.0} events/s  = {:.2} x baseline (goal >= 0.50)",
+        ingest_rate / raw_rate
+    );
     println!(
         "  acknowledge latency per request of {}: p50 {:.1} ms, p99 {:.1} ms",
         args.batch,
         result["ack_latency_p50_ms"].as_f64().unwrap_or(0.0),
         result["ack_latency_p99_ms"].as_f64().unwrap_or(0.0)
     );
-    println!("  bytes on disk per event (Parquet + WAL + manifests): {:.0}", result["bytes_on_disk_per_event"].as_f64().unwrap_or(0.0));
-    println!("  verify --signatures: {verify_rate:>10.0} entries/s = {:.2} x baseline (goal >= 0.80)", verify_rate / raw_rate);
+    println!(
+        "  bytes on disk per event (Parquet + WAL + manifests): {:.0}",
+        result["bytes_on_disk_per_event"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  verify --signatures: {verify_rate:>10.0} entries/s = {:.2} x baseline (goal >= 0.80)",
+        verify_rate / raw_rate
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     }

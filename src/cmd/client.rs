@@ -72,7 +72,13 @@ impl Client {
         if !status.is_success() {
             let detail = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
-                .and_then(|value| Some(format!("{}: {}", value.get("error")?.as_str()?, value.get("message")?.as_str()?)))
+                .and_then(|value| {
+                    Some(format!(
+                        "{}: {}",
+                        value.get("error")?.as_str()?,
+                        value.get("message")?.as_str()?
+                    ))
+                })
                 .unwrap_or(text);
             bail!("{path} answered {status}: {detail}");
         }
@@ -84,7 +90,8 @@ impl Client {
     }
 
     pub(crate) async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        self.finish(path, self.request(reqwest::Method::POST, path).json(body)).await
+        self.finish(path, self.request(reqwest::Method::POST, path).json(body))
+            .await
     }
 
     /// Sends envelopes as NDJSON; returns one result per envelope.

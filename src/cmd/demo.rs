@@ -103,7 +103,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         for _ in 0..batch {
             let position = rng.gen_range(0..agents.len() + 1);
             let ts = chrono::Utc::now() - chrono::Duration::milliseconds(rng.gen_range(0..2_000));
-            let agent = if position == agents.len() { &mut child } else { &mut agents[position] };
+            let agent = if position == agents.len() {
+                &mut child
+            } else {
+                &mut agents[position]
+            };
             body.push_str(&agent.next(&mut rng, ts).to_json());
             body.push('\n');
         }
@@ -127,12 +131,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     section("Bad input: one of each kind (every rejection is kept for forensics)");
     let mut compromised = FleetAgent::new(AgentKey::generate()?, agents[1].role);
     admin
-        .post_json("/v1/agents", &serde_json::json!({"did": compromised.did(), "realm": compromised.role.realm}))
+        .post_json(
+            "/v1/agents",
+            &serde_json::json!({"did": compromised.did(), "realm": compromised.role.realm}),
+        )
         .await?;
     let envelope = compromised.next(&mut rng, chrono::Utc::now());
     agents_client.send_events(envelope.to_json().into_bytes()).await?;
     admin
-        .post_json(&format!("/v1/agents/{}/revoke", compromised.did()), &serde_json::json!({"reason": "demo"}))
+        .post_json(
+            &format!("/v1/agents/{}/revoke", compromised.did()),
+            &serde_json::json!({"reason": "demo"}),
+        )
         .await?;
     let stranger = AgentKey::generate()?;
     let target = &mut agents[1];
@@ -143,7 +153,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         body.push('\n');
     }
     agents_client.send_events(body.into_bytes()).await?;
-    let (first, last) = (target.first.clone().context("no first event")?, target.last.clone().context("no last event")?);
+    let (first, last) = (
+        target.first.clone().context("no first event")?,
+        target.last.clone().context("no last event")?,
+    );
     let crafted = cases(
         Actors {
             agent: &mut target.signer,
@@ -170,21 +183,31 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         let detail = match (&result.message, result.missing) {
             (Some(message), _) => message.chars().take(90).collect::<String>(),
-            (None, Some([from, to])) => format!("accepted at log index {}; seqs {from}..={to} missing", index(result.log_index)),
+            (None, Some([from, to])) => format!(
+                "accepted at log index {}; seqs {from}..={to} missing",
+                index(result.log_index)
+            ),
             (None, None) => format!("the original is at log index {}", index(result.log_index)),
         };
         println!(
             "{:<34} {:<10} {:<20} {detail}{}",
             case.name,
             result.status,
-            result.reason.as_deref().or(result.flags.first().map(String::as_str)).unwrap_or("-"),
+            result
+                .reason
+                .as_deref()
+                .or(result.flags.first().map(String::as_str))
+                .unwrap_or("-"),
             if as_expected { "" } else { "  <-- unexpected" }
         );
     }
 
     section("Revocation cascades to sub-agents and takes effect before the next event");
     let revoked = admin
-        .post_json(&format!("/v1/agents/{}/revoke", agents[0].did()), &serde_json::json!({"reason": "demo"}))
+        .post_json(
+            &format!("/v1/agents/{}/revoke", agents[0].did()),
+            &serde_json::json!({"reason": "demo"}),
+        )
         .await?;
     for did in revoked["revoked"].as_array().cloned().unwrap_or_default() {
         println!("revoked {}", did.as_str().unwrap_or("?"));
@@ -221,13 +244,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     section("Try next");
     let shown = data.display();
-    println!("  custos serve --data {shown}                     # restart this node (admin token in {shown}/admin.token)");
+    println!(
+        "  custos serve --data {shown}                     # restart this node (admin token in {shown}/admin.token)"
+    );
     println!("  custos agent list --data {shown}                # with the node running");
     println!("  custos rejected list --data {shown}             # the bad inputs above, kept with their reasons");
     println!("  custos proof inclusion --data {shown} --index 42");
     println!("  custos verify {shown} --signatures              # then flip a byte in a segment and run it again");
     if surprises > 0 || !report.ok() {
-        println!("\nthe demo saw {surprises} unexpected answers and {} integrity problems", report.problems.len());
+        println!(
+            "\nthe demo saw {surprises} unexpected answers and {} integrity problems",
+            report.problems.len()
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

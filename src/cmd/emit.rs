@@ -51,7 +51,9 @@ pub(crate) async fn run(args: EmitArgs) -> anyhow::Result<ExitCode> {
     let chain_path = sidecar(&args.key, ".chain.json");
     let pending_path = sidecar(&args.key, ".pending.ndjson");
     let chain: ChainState = match fs_err::read_to_string(&chain_path) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| format!("`{}` is not chain state", chain_path.display()))?,
+        Ok(text) => {
+            serde_json::from_str(&text).with_context(|| format!("`{}` is not chain state", chain_path.display()))?
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => ChainState::default(),
         Err(error) => return Err(error.into()),
     };
@@ -66,8 +68,8 @@ pub(crate) async fn run(args: EmitArgs) -> anyhow::Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)
-            .with_context(|| format!("stdin line {} is not a JSON object", number + 1))?;
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&line).with_context(|| format!("stdin line {} is not a JSON object", number + 1))?;
         let envelope = signer
             .sign_object(object, chrono::Utc::now())
             .map_err(|error| anyhow::anyhow!("stdin line {}: {error}", number + 1))?;

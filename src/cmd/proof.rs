@@ -8,12 +8,20 @@ use custos_store::{Log, LogConfig, OpenMode, StoreInfo};
 
 fn open(data: &Path, log_id: &str) -> anyhow::Result<Log> {
     let info = StoreInfo::open(data, false)?;
-    Log::open(data, &info.store_id, log_id, LogConfig::default(), OpenMode::ReadOnly, &mut |_| {})
-        .with_context(|| format!("opening log `{log_id}` of `{}`", data.display()))
+    Log::open(
+        data,
+        &info.store_id,
+        log_id,
+        LogConfig::default(),
+        OpenMode::ReadOnly,
+        &mut |_| {},
+    )
+    .with_context(|| format!("opening log `{log_id}` of `{}`", data.display()))
 }
 
 fn signed_size(log: &Log) -> u64 {
-    log.latest_checkpoint().map_or(log.next_index(), |(checkpoint, _)| checkpoint.size)
+    log.latest_checkpoint()
+        .map_or(log.next_index(), |(checkpoint, _)| checkpoint.size)
 }
 
 pub(crate) fn inclusion(data: &Path, log_id: &str, index: u64, size: Option<u64>) -> anyhow::Result<()> {

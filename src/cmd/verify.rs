@@ -50,7 +50,11 @@ pub(crate) fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_report(&report, elapsed);
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub(crate) fn verify_with_progress(args: &VerifyArgs, options: &VerifyOptions) -> anyhow::Result<Report> {
@@ -59,8 +63,10 @@ pub(crate) fn verify_with_progress(args: &VerifyArgs, options: &VerifyOptions) -
     } else {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("verifying {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "verifying {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
     };
@@ -77,7 +83,14 @@ pub(crate) fn print_report(report: &Report, elapsed: std::time::Duration) {
         let rate = log.entries as f64 / elapsed.as_secs_f64().max(1e-9);
         println!(
             "log {}: {} entries ({} segments, {} in the WAL), {} checkpoints, root {}, {} signatures checked, {:.0} entries/s",
-            log.log_id, log.entries, log.segments, log.wal_entries, log.checkpoints, log.root, log.signatures_checked, rate
+            log.log_id,
+            log.entries,
+            log.segments,
+            log.wal_entries,
+            log.checkpoints,
+            log.root,
+            log.signatures_checked,
+            rate
         );
         println!("  checkpoint key: {}", log.verifier_key);
     }

@@ -146,8 +146,8 @@ fn split_note(note: &str) -> Result<(&str, Vec<&str>), NoteError> {
 /// Signatures by other keys are ignored, as the signed-note format prescribes.
 pub fn verify_checkpoint(note: &str, key: &NoteKey) -> Result<Checkpoint, NoteError> {
     let (body, lines) = split_note(note)?;
-    let verifying =
-        ed25519_dalek::VerifyingKey::from_bytes(&key.public).map_err(|_| NoteError::BadVerifierKey(key.name.clone()))?;
+    let verifying = ed25519_dalek::VerifyingKey::from_bytes(&key.public)
+        .map_err(|_| NoteError::BadVerifierKey(key.name.clone()))?;
     let prefix = format!("\u{2014} {} ", key.name);
     let mut seen = false;
     for line in lines {
@@ -194,11 +194,17 @@ mod tests {
         let parsed = NoteKey::parse_verifier(&note_key.verifier_string()).unwrap();
         assert_eq!(parsed, note_key);
         let edited = note.replace("\n42\n", "\n43\n");
-        assert_eq!(verify_checkpoint(&edited, &note_key), Err(NoteError::BadSignature(checkpoint.origin.clone())));
+        assert_eq!(
+            verify_checkpoint(&edited, &note_key),
+            Err(NoteError::BadSignature(checkpoint.origin.clone()))
+        );
         let other = NoteKey {
             name: checkpoint.origin.clone(),
             public: custos_event::AgentKey::from_seed(&[1u8; 32]).public_key(),
         };
-        assert!(matches!(verify_checkpoint(&note, &other), Err(NoteError::NoSignature(_))));
+        assert!(matches!(
+            verify_checkpoint(&note, &other),
+            Err(NoteError::NoSignature(_))
+        ));
     }
 }

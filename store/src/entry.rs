@@ -54,7 +54,13 @@ impl LogEntry {
     ///                  ‖ sig[64] ‖ payload_blake3[32] ‖ i64be(ingest_ts_us)
     /// ```
     pub fn leaf_bytes(&self) -> Vec<u8> {
-        leaf_bytes(&self.payload_type, &self.keyid, &self.sig, &self.payload_blake3, self.ingest_ts_us)
+        leaf_bytes(
+            &self.payload_type,
+            &self.keyid,
+            &self.sig,
+            &self.payload_blake3,
+            self.ingest_ts_us,
+        )
     }
 
     pub fn leaf_hash(&self) -> crate::merkle::Hash {
@@ -63,7 +69,13 @@ impl LogEntry {
 }
 
 /// See [`LogEntry::leaf_bytes`].
-pub fn leaf_bytes(payload_type: &str, keyid: &str, sig: &[u8; 64], payload_blake3: &[u8; 32], ingest_ts_us: i64) -> Vec<u8> {
+pub fn leaf_bytes(
+    payload_type: &str,
+    keyid: &str,
+    sig: &[u8; 64],
+    payload_blake3: &[u8; 32],
+    ingest_ts_us: i64,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(14 + 4 + payload_type.len() + keyid.len() + 64 + 32 + 8);
     out.extend_from_slice(LEAF_PREFIX);
     // Lengths are bounded far below u16::MAX by ingest; clamp rather than wrap.

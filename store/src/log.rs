@@ -354,7 +354,10 @@ impl Log {
         if self.open.len() >= self.config.segment_max_entries {
             self.seal()?;
         }
-        let signed = self.last_checkpoint.as_ref().map_or(0, |(checkpoint, _)| checkpoint.size);
+        let signed = self
+            .last_checkpoint
+            .as_ref()
+            .map_or(0, |(checkpoint, _)| checkpoint.size);
         let fresh = self.tree.size() - signed;
         if fresh >= self.config.checkpoint_every
             || (fresh > 0 && self.last_checkpoint_time.elapsed() >= self.config.checkpoint_interval)
@@ -396,7 +399,8 @@ impl Log {
             sealed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             sig: String::new(),
         };
-        info.sig = base64::engine::general_purpose::STANDARD.encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
+        info.sig = base64::engine::general_purpose::STANDARD
+            .encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
         append_ndjson(&self.paths.manifest, &info)?;
         self.manifest.push(info);
         self.sealed_end = end;
@@ -479,9 +483,8 @@ pub fn read_ndjson<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(number, line)| {
-            serde_json::from_str(line).map_err(|error| {
-                StoreError::Tamper(format!("`{}` line {}: {error}", path.display(), number + 1))
-            })
+            serde_json::from_str(line)
+                .map_err(|error| StoreError::Tamper(format!("`{}` line {}: {error}", path.display(), number + 1)))
         })
         .collect()
 }

@@ -97,7 +97,10 @@ impl Tree {
 
     fn check_size(&self, size: u64) -> Result<(), ProofError> {
         if size > self.size() {
-            return Err(ProofError::SizeOutOfRange { size, have: self.size() });
+            return Err(ProofError::SizeOutOfRange {
+                size,
+                have: self.size(),
+            });
         }
         Ok(())
     }
@@ -212,7 +215,13 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root
 
 /// RFC 9162 §2.1.4.2: checks that the tree of `size1` with `root1` is a prefix of the tree
 /// of `size2` with `root2`.
-pub fn verify_consistency(size1: u64, size2: u64, proof: &[Hash], root1: &Hash, root2: &Hash) -> Result<(), ProofError> {
+pub fn verify_consistency(
+    size1: u64,
+    size2: u64,
+    proof: &[Hash],
+    root1: &Hash,
+    root2: &Hash,
+) -> Result<(), ProofError> {
     if size1 == 0 || size1 > size2 {
         return Err(ProofError::BadRange { from: size1, to: size2 });
     }
@@ -220,7 +229,11 @@ pub fn verify_consistency(size1: u64, size2: u64, proof: &[Hash], root1: &Hash, 
         if !proof.is_empty() {
             return Err(ProofError::WrongLength);
         }
-        return if root1 == root2 { Ok(()) } else { Err(ProofError::RootMismatch) };
+        return if root1 == root2 {
+            Ok(())
+        } else {
+            Err(ProofError::RootMismatch)
+        };
     }
     let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
     if size1.is_power_of_two() {

@@ -26,8 +26,19 @@ pub const META_END_INDEX: &str = "custos.end_index";
 pub const META_FORMAT: &str = "custos.format";
 
 pub const STRING_FIELDS: [&str; 13] = [
-    "agent", "prev", "realm", "kind", "action", "target", "outcome", "session", "trace_id", "span_id", "parent",
-    "memory_id", "attrs",
+    "agent",
+    "prev",
+    "realm",
+    "kind",
+    "action",
+    "target",
+    "outcome",
+    "session",
+    "trace_id",
+    "span_id",
+    "parent",
+    "memory_id",
+    "attrs",
 ];
 pub const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
 
@@ -81,7 +92,11 @@ pub fn schema() -> SchemaRef {
         Field::new("ts", timestamp, true),
     ];
     fields.extend(STRING_FIELDS.iter().map(|name| Field::new(*name, DataType::Utf8, true)));
-    fields.extend(NUMBER_FIELDS.iter().map(|name| Field::new(*name, DataType::UInt64, true)));
+    fields.extend(
+        NUMBER_FIELDS
+            .iter()
+            .map(|name| Field::new(*name, DataType::UInt64, true)),
+    );
     fields.extend([
         Field::new("gap_from", DataType::UInt64, true),
         Field::new("gap_to", DataType::UInt64, true),
@@ -105,7 +120,10 @@ pub enum SegmentError {
 
 /// Encodes entries as one zstd Parquet file.
 pub fn encode(log_id: &str, entries: &[LogEntry]) -> Result<Vec<u8>, SegmentError> {
-    let decoded: Vec<Decoded> = entries.iter().map(|entry| Decoded::from_payload(&entry.payload)).collect();
+    let decoded: Vec<Decoded> = entries
+        .iter()
+        .map(|entry| Decoded::from_payload(&entry.payload))
+        .collect();
     write(log_id, entries.iter().zip(&decoded))
 }
 
@@ -139,7 +157,9 @@ fn write<'a>(
     Ok(out)
 }
 
-fn record_batch<'a>(rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)>) -> Result<RecordBatch, SegmentError> {
+fn record_batch<'a>(
+    rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)>,
+) -> Result<RecordBatch, SegmentError> {
     let rows = rows_in.len();
     let mut log_index = UInt64Builder::with_capacity(rows);
     let mut ingest_ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
@@ -147,7 +167,10 @@ fn record_batch<'a>(rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a De
     let mut keyid = StringBuilder::new();
     let mut ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
     let mut strings: Vec<StringBuilder> = STRING_FIELDS.iter().map(|_| StringBuilder::new()).collect();
-    let mut numbers: Vec<UInt64Builder> = NUMBER_FIELDS.iter().map(|_| UInt64Builder::with_capacity(rows)).collect();
+    let mut numbers: Vec<UInt64Builder> = NUMBER_FIELDS
+        .iter()
+        .map(|_| UInt64Builder::with_capacity(rows))
+        .collect();
     let mut gap_from = UInt64Builder::with_capacity(rows);
     let mut gap_to = UInt64Builder::with_capacity(rows);
     let mut payload = BinaryBuilder::new();
@@ -281,7 +304,10 @@ fn read_batch(batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), SegmentErr
                 keyid: keyid.value(row).to_owned(),
                 sig: sig.value(row).try_into().map_err(|_| SegmentError::Column("sig"))?,
                 payload: payload.value(row).to_vec(),
-                payload_blake3: digest.value(row).try_into().map_err(|_| SegmentError::Column("payload_blake3"))?,
+                payload_blake3: digest
+                    .value(row)
+                    .try_into()
+                    .map_err(|_| SegmentError::Column("payload_blake3"))?,
                 gap,
             },
             decoded,

@@ -89,14 +89,17 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 pub fn verify_store(data: &Path, options: &VerifyOptions, progress: Progress<'_>) -> Result<Report, StoreError> {
     let info = StoreInfo::open(data, false)?;
     let mut report = Report::default();
-    let total: u64 = info.logs.iter().map(|log_id| log_bytes(&LogPaths::new(data, log_id))).sum();
+    let total: u64 = info
+        .logs
+        .iter()
+        .map(|log_id| log_bytes(&LogPaths::new(data, log_id)))
+        .sum();
     let mut done = 0u64;
     for log_id in &info.logs {
-        let summary = LogVerifier::new(data, &info.store_id, log_id, options, &mut report)
-            .run(&mut |bytes| {
-                done += bytes;
-                progress(done, total);
-            })?;
+        let summary = LogVerifier::new(data, &info.store_id, log_id, options, &mut report).run(&mut |bytes| {
+            done += bytes;
+            progress(done, total);
+        })?;
         report.logs.push(summary);
     }
     Ok(report)
@@ -105,7 +108,13 @@ pub fn verify_store(data: &Path, options: &VerifyOptions, progress: Progress<'_>
 fn log_bytes(paths: &LogPaths) -> u64 {
     let size = |dir: &Path| -> u64 {
         fs_err::read_dir(dir)
-            .map(|entries| entries.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     };
     size(&paths.segment_dir) + size(&paths.wal_dir)
@@ -179,7 +188,8 @@ impl<'a> LogVerifier<'a> {
                 .and_then(|sig| {
                     let key = ed25519_dalek::VerifyingKey::from_bytes(&note_key.public).ok()?;
                     use ed25519_dalek::Verifier as _;
-                    key.verify(signed.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig)).ok()
+                    key.verify(signed.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig))
+                        .ok()
                 })
                 .is_some();
             if !valid {
@@ -298,7 +308,10 @@ impl<'a> LogVerifier<'a> {
                             &file,
                             Some(number as u64),
                             None,
-                            format!("line says size {} but the signed note says {}", line.size, checkpoint.size),
+                            format!(
+                                "line says size {} but the signed note says {}",
+                                line.size, checkpoint.size
+                            ),
                         );
                     }
                     if let Some((_, previous, _)) = out.last()
@@ -331,7 +344,13 @@ impl<'a> LogVerifier<'a> {
         if let Some(roots) = self.expected_roots.get(&0).cloned() {
             for (number, root) in roots {
                 if root != crate::merkle::empty_root() {
-                    self.problem("root_mismatch", &file, Some(number as u64), Some(0), "empty-tree root is wrong".into());
+                    self.problem(
+                        "root_mismatch",
+                        &file,
+                        Some(number as u64),
+                        Some(0),
+                        "empty-tree root is wrong".into(),
+                    );
                 }
             }
         }
@@ -507,11 +526,23 @@ impl<'a> LogVerifier<'a> {
             prev: Option<String>,
         }
         let Ok(link) = serde_json::from_slice::<Link>(&entry.payload) else {
-            self.problem("bad_payload", file, Some(row), Some(entry.log_index), "payload is not JSON".into());
+            self.problem(
+                "bad_payload",
+                file,
+                Some(row),
+                Some(entry.log_index),
+                "payload is not JSON".into(),
+            );
             return;
         };
         let Some(seq) = link.seq else {
-            self.problem("bad_payload", file, Some(row), Some(entry.log_index), "payload has no `seq`".into());
+            self.problem(
+                "bad_payload",
+                file,
+                Some(row),
+                Some(entry.log_index),
+                "payload has no `seq`".into(),
+            );
             return;
         };
         let digest = *blake3::hash(&entry.payload).as_bytes();
@@ -583,7 +614,12 @@ impl<'a> LogVerifier<'a> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, StoreError> {
         let mut files: Vec<PathBuf> = fs_err::read_dir(&self.paths.wal_dir)
-            .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "wal")).collect())
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         let signed_size = checkpoints.iter().map(|(_, size, _)| *size).max().unwrap_or(0);
@@ -604,7 +640,11 @@ impl<'a> LogVerifier<'a> {
                         &name,
                         Some(record as u64),
                         Some(entry.log_index),
-                        format!("WAL record holds log index {} where {} was expected", entry.log_index, self.tree.size()),
+                        format!(
+                            "WAL record holds log index {} where {} was expected",
+                            entry.log_index,
+                            self.tree.size()
+                        ),
                     );
                 }
                 self.entry(entry, &name, record as u64);
@@ -637,7 +677,11 @@ impl<'a> LogVerifier<'a> {
 
 fn base64_sig(text: &str) -> Option<[u8; 64]> {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 fn display(path: &Path) -> String {

@@ -141,7 +141,11 @@ pub fn scan(bytes: &[u8]) -> WalScan {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes);
         if len > MAX_BODY {
-            scan.problem = Some(problem(format!("record length `{len}` is implausible"), index_hint, false));
+            scan.problem = Some(problem(
+                format!("record length `{len}` is implausible"),
+                index_hint,
+                false,
+            ));
             return scan;
         }
         let body_end = body_start + len as usize;

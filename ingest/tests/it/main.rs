@@ -1,1 +1,7 @@
+//! Integration tests of ingest over real HTTP on loopback, with a real store.
 
+mod pipeline;
+mod reasons;
+mod registry;
+mod restart;
+mod support;

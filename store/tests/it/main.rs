@@ -3,5 +3,6 @@
 mod merkle;
 mod support;
 mod tamper;
+mod vectors;
 
 mod wal;

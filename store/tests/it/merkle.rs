@@ -7,7 +7,16 @@ fn hex32(text: &str) -> [u8; 32] {
     hex::decode(text).unwrap().try_into().unwrap()
 }
 
-const LEAVES: [&str; 8] = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"];
+const LEAVES: [&str; 8] = [
+    "",
+    "00",
+    "10",
+    "2021",
+    "3031",
+    "40414243",
+    "5051525354555657",
+    "606162636465666768696a6b6c6d6e6f",
+];
 const ROOTS: [&str; 8] = [
     "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
     "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -29,10 +38,18 @@ fn reference_tree() -> Tree {
 
 #[test]
 fn roots_match_rfc6962_vectors() {
-    assert_eq!(hex::encode(empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    assert_eq!(
+        hex::encode(empty_root()),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
     let tree = reference_tree();
     for (size, root) in ROOTS.iter().enumerate() {
-        assert_eq!(hex::encode(tree.root_at(size as u64 + 1).unwrap()), *root, "size {}", size + 1);
+        assert_eq!(
+            hex::encode(tree.root_at(size as u64 + 1).unwrap()),
+            *root,
+            "size {}",
+            size + 1
+        );
     }
 }
 

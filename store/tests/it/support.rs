@@ -52,7 +52,15 @@ pub(crate) fn config(segment_max_entries: usize) -> LogConfig {
 
 pub(crate) fn open(dir: &Path, segment_max_entries: usize) -> Log {
     let info = StoreInfo::open(dir, true).unwrap();
-    Log::open(dir, &info.store_id, "0", config(segment_max_entries), OpenMode::ReadWrite, &mut |_| {}).unwrap()
+    Log::open(
+        dir,
+        &info.store_id,
+        "0",
+        config(segment_max_entries),
+        OpenMode::ReadWrite,
+        &mut |_| {},
+    )
+    .unwrap()
 }
 
 /// Appends `count` events from three agents, one entry per append, maintaining as a node does.
@@ -63,7 +71,12 @@ pub(crate) fn append_events(log: &mut Log, signers: &mut [Signer], count: usize)
         let mut payload = Payload::new(Kind::ToolCall, chrono::Utc::now());
         payload.action = Some("http.get".into());
         payload.target = Some(format!("https://api.example.com/item/{position}"));
-        let entry = LogEntry::from_envelope(signer.sign(payload), log.next_index(), 1_700_000_000_000_000 + position as i64, None);
+        let entry = LogEntry::from_envelope(
+            signer.sign(payload),
+            log.next_index(),
+            1_700_000_000_000_000 + position as i64,
+            None,
+        );
         out.push(entry.clone());
         log.append(vec![entry]).unwrap();
         log.maintain().unwrap();
@@ -72,7 +85,9 @@ pub(crate) fn append_events(log: &mut Log, signers: &mut [Signer], count: usize)
 }
 
 pub(crate) fn signers() -> Vec<Signer> {
-    (1..=3u8).map(|seed| Signer::new(AgentKey::from_seed(&[seed; 32]), "test")).collect()
+    (1..=3u8)
+        .map(|seed| Signer::new(AgentKey::from_seed(&[seed; 32]), "test"))
+        .collect()
 }
 
 /// A closed store of `count` events in segments of `segment_max_entries`.

@@ -161,7 +161,10 @@ fn swapped_segments_are_both_named() {
     std::fs::rename(&temporary, &b).unwrap();
     let report = verify(built.path());
     let digests: Vec<String> = find(&report, "segment_digest").into_iter().map(file_name).collect();
-    assert!(digests.contains(&file_name_of(&a)) && digests.contains(&file_name_of(&b)), "{digests:?}");
+    assert!(
+        digests.contains(&file_name_of(&a)) && digests.contains(&file_name_of(&b)),
+        "{digests:?}"
+    );
     find(&report, "segment_metadata");
     find(&report, "row_index");
 }
@@ -175,7 +178,10 @@ fn edited_checkpoint_is_located_to_its_line() {
     // Claim a different size in the signed body of line 3.
     let mut line: serde_json::Value = serde_json::from_str(&lines[3]).unwrap();
     let size = line["size"].as_u64().unwrap();
-    let note = line["note"].as_str().unwrap().replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 1), 1);
+    let note = line["note"]
+        .as_str()
+        .unwrap()
+        .replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 1), 1);
     line["note"] = note.into();
     lines[3] = line.to_string();
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
@@ -212,7 +218,11 @@ fn replaced_checkpoint_is_detected() {
         name: checkpoint.origin.clone(),
         public: attacker.public_key(),
     };
-    std::fs::write(built.path().join("logs/0/checkpoint.pub"), forged_key.verifier_string() + "\n").unwrap();
+    std::fs::write(
+        built.path().join("logs/0/checkpoint.pub"),
+        forged_key.verifier_string() + "\n",
+    )
+    .unwrap();
     let pinned = custos_store::verify::verify_store(
         built.path(),
         &custos_store::verify::VerifyOptions {
@@ -242,7 +252,11 @@ fn corrupted_wal_record_is_located() {
     let corrupt = find(&report, "wal_corrupt");
     assert_eq!(corrupt[0].log_index, Some(entry.log_index));
     assert_eq!(corrupt[0].log_index, Some(50));
-    assert!(corrupt[0].detail.contains(&format!("byte {offset}")), "{}", corrupt[0].detail);
+    assert!(
+        corrupt[0].detail.contains(&format!("byte {offset}")),
+        "{}",
+        corrupt[0].detail
+    );
 }
 
 #[test]
@@ -250,7 +264,9 @@ fn edited_decoded_column_is_located() {
     let built = build_sealed(95, 40);
     let segment = &built.segments()[0];
     // Change what SQL sees (`kind`) while leaving the signed payload alone.
-    let mut rows = segment::decode(bytes::Bytes::from(std::fs::read(segment).unwrap())).unwrap().rows;
+    let mut rows = segment::decode(bytes::Bytes::from(std::fs::read(segment).unwrap()))
+        .unwrap()
+        .rows;
     let kind = segment::STRING_FIELDS.iter().position(|name| *name == "kind").unwrap();
     rows[4].decoded.strings[kind] = Some("file_read".into());
     std::fs::write(segment, segment::encode_rows("0", &rows).unwrap()).unwrap();

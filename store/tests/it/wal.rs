@@ -95,5 +95,8 @@ fn a_checkpoint_beyond_the_stored_entries_refuses_to_start() {
         &mut |_| {},
     )
     .unwrap_err();
-    assert!(error.to_string().contains("acknowledged entries are missing"), "{error}");
+    assert!(
+        error.to_string().contains("acknowledged entries are missing"),
+        "{error}"
+    );
 }

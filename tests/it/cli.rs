@@ -1,0 +1,200 @@
+//! The CLI as an operator uses it, against a real `custos serve`.
+
+use std::io::Write as _;
+use std::process::Stdio;
+
+use crate::support::{Server, custos, post, run, stderr, stdout};
+
+fn emit(key: &std::path::Path, url: &str, lines: &str) -> std::process::Output {
+    let mut child = custos()
+        .args(["emit", "--key"])
+        .arg(key)
+        .args(["--url", url, "--realm", "eng"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn an_operator_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let key = dir.path().join("agent.key");
+    let key_arg = key.to_str().unwrap();
+
+    let output = run(&["agent", "keygen", "--out", key_arg]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let did = stdout(&output).trim().to_owned();
+    assert!(did.starts_with("did:key:z6Mk"), "{did}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let again = run(&["agent", "keygen", "--out", key_arg]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("refusing to overwrite"), "{}", stderr(&again));
+
+    let server = Server::start(&data);
+    let url = server.url.clone();
+    let data_arg = data.to_str().unwrap();
+    let no_token = run(&["agent", "list", "--url", &url]);
+    assert!(!no_token.status.success());
+    assert!(stderr(&no_token).contains("--token"), "{}", stderr(&no_token));
+
+    let output = run(&[
+        "agent",
+        "enroll",
+        &did,
+        "--realm",
+        "eng",
+        "--label",
+        "team=payments",
+        "--data",
+        data_arg,
+        "--url",
+        &url,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(&[
+        "agent", "enroll", &did, "--realm", "eng", "--data", data_arg, "--url", &url,
+    ]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("agent_exists"), "{}", stderr(&output));
+
+    let output = emit(
+        &key,
+        &url,
+        "{\"kind\":\"tool_call\",\"action\":\"http.get\"}\n{\"kind\":\"llm_call\",\"tokens_in\":10}\n\n{\"kind\":\"file_read\",\"target\":\"/etc/hosts\"}\n",
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("3 accepted"), "{}", stderr(&output));
+    let chain: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{key_arg}.chain.json")).unwrap()).unwrap();
+    assert_eq!(chain["next_seq"], 3);
+
+    // A bad line is refused before anything is signed or sent.
+    let output = emit(&key, &url, "{\"kind\":\"tool_call\"}\n{\"action\":\"no kind\"}\n");
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("stdin line 2"), "{}", stderr(&output));
+    let output = emit(&key, &url, "{\"kind\":\"tool_call\"}\n");
+    assert!(stderr(&output).contains("1 accepted"), "{}", stderr(&output));
+
+    let output = run(&["agent", "list", "--json", "--data", data_arg, "--url", &url]);
+    let agents: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(agents[0]["events"], 4);
+    assert_eq!(agents[0]["labels"]["team"], "payments");
+
+    let (status, _) = post(&url, "/v1/events", None, b"{\"payloadType\":\"x\"}".to_vec()).unwrap();
+    assert_eq!(status, 200);
+    let output = run(&["rejected", "list", "--data", data_arg, "--url", &url]);
+    assert!(stdout(&output).contains("malformed"), "{}", stdout(&output));
+
+    let output = run(&[
+        "agent", "revoke", &did, "--reason", "test", "--data", data_arg, "--url", &url,
+    ]);
+    assert!(stdout(&output).contains("revoked"), "{}", stderr(&output));
+    let output = emit(&key, &url, "{\"kind\":\"tool_call\"}\n");
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("revoked_agent"), "{}", stderr(&output));
+
+    let log = server.stop();
+    assert!(log.contains("stopped cleanly"), "{log}");
+
+    let output = run(&["proof", "inclusion", "--data", data_arg, "--index", "2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let proof: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let hash =
+        |value: &serde_json::Value| -> [u8; 32] { hex::decode(value.as_str().unwrap()).unwrap().try_into().unwrap() };
+    let path: Vec<[u8; 32]> = proof["inclusion_path"].as_array().unwrap().iter().map(hash).collect();
+    let size = proof["tree_size"].as_u64().unwrap();
+    custos_store::merkle::verify_inclusion(&hash(&proof["leaf_hash"]), 2, size, &path, &hash(&proof["root_hash"]))
+        .unwrap();
+    let output = run(&[
+        "proof",
+        "consistency",
+        "--data",
+        data_arg,
+        "--from",
+        "2",
+        "--to",
+        &size.to_string(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(&["proof", "inclusion", "--data", data_arg, "--index", "999"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("999"), "{}", stderr(&output));
+
+    let output = run(&["verify", data_arg, "--signatures"]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert!(stdout(&output).contains("OK:"));
+
+    let segment = std::fs::read_dir(data.join("logs/0/segments"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "parquet"))
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 3;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&segment, bytes).unwrap();
+    let output = run(&["verify", data_arg]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(stdout(&output).contains(name), "{}", stdout(&output));
+    assert!(stdout(&output).contains("FAILED"));
+
+    let output = run(&["verify", dir.path().join("nowhere").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("not a Custos store"), "{}", stderr(&output));
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["agent", "keygen", "--help"],
+        &["agent", "enroll", "--help"],
+        &["agent", "revoke", "--help"],
+        &["emit", "--help"],
+        &["verify", "--help"],
+        &["proof", "inclusion", "--help"],
+        &["demo", "--help"],
+        &["bench", "ingest", "--help"],
+        &["rejected", "list", "--help"],
+    ] {
+        let output = run(args);
+        assert!(output.status.success(), "{args:?}");
+        assert!(stdout(&output).contains("Example"), "{args:?} has no examples");
+    }
+}
+
+#[test]
+fn the_demo_runs_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(&[
+        "demo",
+        "--events",
+        "2000",
+        "--agents",
+        "12",
+        "--data",
+        dir.path().join("demo").to_str().unwrap(),
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}\n{}", stderr(&output));
+    for reason in custos_event::Reason::ALL {
+        assert!(
+            text.contains(reason.code()),
+            "the demo does not show `{}`",
+            reason.code()
+        );
+    }
+    assert!(text.contains("OK: every leaf"), "{text}");
+    assert!(!text.contains("unexpected"), "{text}");
+}

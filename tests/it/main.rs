@@ -1,0 +1,5 @@
+//! End-to-end tests of the `custos` binary: real processes, real signals, real files.
+
+mod cli;
+mod crash;
+mod support;

@@ -1,0 +1,138 @@
+//! Runs `custos` as a child process.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub(crate) fn custos() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_custos"));
+    command
+        .env_remove("CUSTOS_TOKEN")
+        .env_remove("CUSTOS_URL")
+        .env_remove("CUSTOS_DATA");
+    command
+}
+
+pub(crate) fn run(args: &[&str]) -> Output {
+    custos().args(args).output().unwrap()
+}
+
+pub(crate) fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub(crate) fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A `custos serve` child process.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) data: PathBuf,
+    pub(crate) log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    pub(crate) fn start(data: &Path) -> Self {
+        let mut child = custos()
+            .args(["serve", "--data"])
+            .arg(data)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--segment-max-entries",
+                "500",
+                "--checkpoint-every",
+                "100",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (found, address) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("custos serving on ") {
+                    let _ = found.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let url = address
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("serve did not start: {}", log.lock().unwrap()));
+        Self {
+            child,
+            url,
+            data: data.to_owned(),
+            log,
+        }
+    }
+
+    pub(crate) fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub(crate) fn stop(mut self) -> String {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "serve exited with {status}: {}",
+                    self.log.lock().unwrap()
+                );
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "serve did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no chance to flush, seal or checkpoint.
+    pub(crate) fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+pub(crate) fn post(
+    url: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> reqwest::Result<(u16, serde_json::Value)> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut request = client.post(format!("{url}{path}")).body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send()?;
+    let status = response.status().as_u16();
+    let text = response.text()?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    ))
+}
