@@ -3,13 +3,13 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use custos_event::{AgentKey, Kind, Payload, Signer, verify_signatures};
 
-fn envelopes(count: usize) -> (Vec<[u8; 32]>, Vec<custos_event::Envelope>) {
+fn envelopes(count: usize) -> (Vec<ed25519_dalek::VerifyingKey>, Vec<custos_event::Envelope>) {
     let ts = chrono::Utc::now();
     let mut keys = Vec::new();
     let mut out = Vec::new();
     for agent in 0..16u8 {
         let key = AgentKey::from_seed(&[agent + 1; 32]);
-        let public = key.public_key();
+        let public = custos_event::verifying_key_from_did(key.did()).unwrap();
         let mut signer = Signer::new(key, "bench");
         for _ in 0..count / 16 {
             let mut payload = Payload::new(Kind::ToolCall, ts);

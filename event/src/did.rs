@@ -32,6 +32,14 @@ pub fn did_from_public_key(public: &[u8; 32]) -> String {
 ///
 /// The key must also be a valid curve point, so a DID that parses can verify signatures.
 pub fn public_key_from_did(did: &str) -> Result<[u8; 32], DidError> {
+    let key = key_bytes_from_did(did)?;
+    ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| DidError::BadPoint(truncate(did)))?;
+    Ok(key)
+}
+
+/// The 32 key bytes a `did:key` encodes, without checking they are a curve point.
+/// Cheap; use it for syntax, and [`public_key_from_did`] before verifying with the key.
+pub fn key_bytes_from_did(did: &str) -> Result<[u8; 32], DidError> {
     let shown = || truncate(did);
     let encoded = did
         .strip_prefix(DID_KEY_PREFIX)
@@ -48,7 +56,6 @@ pub fn public_key_from_did(did: &str) -> Result<[u8; 32], DidError> {
     }
     let mut key = [0u8; 32];
     key.copy_from_slice(&bytes[2..]);
-    ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| DidError::BadPoint(shown()))?;
     Ok(key)
 }
 

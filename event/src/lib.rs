@@ -31,10 +31,11 @@ pub mod verify;
 
 pub use did::{did_from_public_key, public_key_from_did};
 pub use dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, pae};
+pub use ed25519_dalek::VerifyingKey;
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};
 pub use sign::{AgentKey, ChainState, Signer};
-pub use verify::{Decoded, Verified, decode_envelope, verify_signatures};
+pub use verify::{Decoded, KeyCache, Verified, decode_envelope, verify_signatures, verifying_key_from_did};
 
 /// blake3 of some bytes, as the lowercase hex used in `prev` and in the docs.
 pub fn blake3_hex(bytes: &[u8]) -> String {

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::did::{public_key_from_did, truncate};
+use crate::did::{key_bytes_from_did, truncate};
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,7 +158,9 @@ impl Payload {
 
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
-        public_key_from_did(&self.agent).map_err(|error| format!("`agent`: {error}"))?;
+        // Syntax only: the signature check already proved the signer's key, and the agent
+        // must equal that key id.
+        key_bytes_from_did(&self.agent).map_err(|error| format!("`agent`: {error}"))?;
         match (&self.prev, self.seq) {
             (None, 0) => {}
             (Some(prev), 0) => return Err(format!("`prev` must be null at seq 0, found `{}`", truncate(prev))),

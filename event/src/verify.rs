@@ -12,11 +12,56 @@ use crate::dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, WireEnvelo
 use crate::payload::Payload;
 use crate::reason::{Reason, Rejection};
 
-/// An envelope that passed structural checks, with its key parsed.
+/// An envelope that passed structural checks, with its key parsed (and decompressed).
 #[derive(Clone, Debug)]
 pub struct Decoded {
     pub envelope: Envelope,
-    pub public_key: [u8; 32],
+    pub key: VerifyingKey,
+}
+
+/// Parsed `did:key`s, so a busy agent's key is decoded and decompressed once, not per event.
+///
+/// Bounded: when it holds `capacity` keys it starts over.
+#[derive(Debug)]
+pub struct KeyCache {
+    keys: std::sync::RwLock<std::collections::HashMap<String, VerifyingKey>>,
+    capacity: usize,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            keys: std::sync::RwLock::new(std::collections::HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The verifying key a `did:key` names.
+    pub fn get(&self, did: &str) -> Result<VerifyingKey, crate::did::DidError> {
+        if let Some(key) = self.keys.read().ok().and_then(|keys| keys.get(did).copied()) {
+            return Ok(key);
+        }
+        let key = verifying_key_from_did(did)?;
+        if let Ok(mut keys) = self.keys.write() {
+            if keys.len() >= self.capacity {
+                keys.clear();
+            }
+            keys.insert(did.to_owned(), key);
+        }
+        Ok(key)
+    }
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self::new(1 << 20)
+    }
+}
+
+/// The verifying key a `did:key` names.
+pub fn verifying_key_from_did(did: &str) -> Result<VerifyingKey, crate::did::DidError> {
+    let bytes = public_key_from_did(did)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| crate::did::DidError::BadPoint(truncate(did)))
 }
 
 /// An envelope whose signature verified and whose payload is a valid event by its signer.
@@ -35,6 +80,16 @@ pub const BATCH: usize = 256;
 ///
 /// `allowed_types` lists the accepted `payloadType`s (ingest accepts only events).
 pub fn decode_envelope(raw: &[u8], max_bytes: usize, allowed_types: &[&str]) -> Result<Decoded, Rejection> {
+    decode_envelope_cached(raw, max_bytes, allowed_types, None)
+}
+
+/// [`decode_envelope`], looking keys up in `cache` when given.
+pub fn decode_envelope_cached(
+    raw: &[u8],
+    max_bytes: usize,
+    allowed_types: &[&str],
+    cache: Option<&KeyCache>,
+) -> Result<Decoded, Rejection> {
     if raw.len() > max_bytes {
         return Err(Rejection::new(
             Reason::TooLarge,
@@ -73,8 +128,11 @@ pub fn decode_envelope(raw: &[u8], max_bytes: usize, allowed_types: &[&str]) -> 
             ),
         ));
     }
-    let public_key = public_key_from_did(&signature.keyid)
-        .map_err(|error| Rejection::new(Reason::BadKeyid, format!("`keyid`: {error}")))?;
+    let key = match cache {
+        Some(cache) => cache.get(&signature.keyid),
+        None => verifying_key_from_did(&signature.keyid),
+    }
+    .map_err(|error| Rejection::new(Reason::BadKeyid, format!("`keyid`: {error}")))?;
     Ok(Decoded {
         envelope: Envelope {
             payload_type: wire.payload_type,
@@ -82,7 +140,7 @@ pub fn decode_envelope(raw: &[u8], max_bytes: usize, allowed_types: &[&str]) -> 
             keyid: signature.keyid.clone(),
             sig,
         },
-        public_key,
+        key,
     })
 }
 
@@ -94,58 +152,41 @@ pub const LOG_PAYLOAD_TYPES: [&str; 2] = [EVENT_PAYLOAD_TYPE, CONTROL_PAYLOAD_TY
 ///
 /// The result is in input order. A batch that verifies is accepted as a whole, so the
 /// cofactored batch equation decides; see `docs/event-format.md`.
-pub fn verify_signatures(items: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
+pub fn verify_signatures(items: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
     items.par_chunks(BATCH).flat_map_iter(verify_chunk).collect()
 }
 
-fn verify_chunk(chunk: &[(&[u8; 32], &Envelope)]) -> Vec<Result<(), Rejection>> {
-    let mut keys = Vec::with_capacity(chunk.len());
-    let mut key_errors = vec![None; chunk.len()];
-    for (position, (public, _)) in chunk.iter().enumerate() {
-        match VerifyingKey::from_bytes(public) {
-            Ok(key) => keys.push(Some(key)),
-            Err(_) => {
-                keys.push(None);
-                key_errors[position] = Some(Rejection::new(Reason::BadKeyid, "`keyid` is not a valid ed25519 point"));
-            }
-        }
-    }
+fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
     let messages: Vec<Vec<u8>> = chunk.iter().map(|(_, envelope)| envelope.pae()).collect();
     let signatures: Vec<Signature> = chunk
         .iter()
         .map(|(_, envelope)| Signature::from_bytes(&envelope.sig))
         .collect();
-    if key_errors.iter().all(Option::is_none) {
-        let keys: Vec<VerifyingKey> = keys.iter().flatten().copied().collect();
-        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        if ed25519_dalek::verify_batch(&refs, &signatures, &keys).is_ok() {
-            return vec![Ok(()); chunk.len()];
-        }
+    let keys: Vec<VerifyingKey> = chunk.iter().map(|(key, _)| **key).collect();
+    let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+    if ed25519_dalek::verify_batch(&refs, &signatures, &keys).is_ok() {
+        return vec![Ok(()); chunk.len()];
     }
     (0..chunk.len())
         .map(|position| {
-            if let Some(error) = key_errors[position].take() {
-                return Err(error);
-            }
-            let key = keys[position]
-                .as_ref()
-                .ok_or_else(|| Rejection::new(Reason::BadKeyid, "invalid key"))?;
-            key.verify(&messages[position], &signatures[position]).map_err(|_| {
-                Rejection::new(
-                    Reason::BadSignature,
-                    format!(
-                        "signature by `{}` does not verify over the DSSE PAE",
-                        truncate(&chunk[position].1.keyid)
-                    ),
-                )
-            })
+            keys[position]
+                .verify(&messages[position], &signatures[position])
+                .map_err(|_| {
+                    Rejection::new(
+                        Reason::BadSignature,
+                        format!(
+                            "signature by `{}` does not verify over the DSSE PAE",
+                            truncate(&chunk[position].1.keyid)
+                        ),
+                    )
+                })
         })
         .collect()
 }
 
 /// Verifies one envelope's signature (no batching).
-pub fn verify_one(public: &[u8; 32], envelope: &Envelope) -> Result<(), Rejection> {
-    verify_chunk(&[(public, envelope)]).pop().unwrap_or(Ok(()))
+pub fn verify_one(key: &VerifyingKey, envelope: &Envelope) -> Result<(), Rejection> {
+    verify_chunk(&[(key, envelope)]).pop().unwrap_or(Ok(()))
 }
 
 /// Parses the signed payload of an event envelope and checks it names its signer.
@@ -174,9 +215,9 @@ mod tests {
     use super::*;
     use crate::{AgentKey, Kind, Signer};
 
-    fn signed(count: usize) -> (Vec<[u8; 32]>, Vec<Envelope>) {
+    fn signed(count: usize) -> (Vec<VerifyingKey>, Vec<Envelope>) {
         let key = AgentKey::from_seed(&[3u8; 32]);
-        let public = key.public_key();
+        let public = verifying_key_from_did(key.did()).unwrap();
         let mut signer = Signer::new(key, "test");
         let ts = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .unwrap()

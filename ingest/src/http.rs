@@ -13,8 +13,8 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use custos_event::verify::check_event;
-use custos_event::{EVENT_PAYLOAD_TYPE, Reason, Rejection, decode_envelope, verify_signatures};
+use custos_event::verify::{check_event, decode_envelope_cached};
+use custos_event::{EVENT_PAYLOAD_TYPE, KeyCache, Reason, Rejection, verify_signatures};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
@@ -29,6 +29,7 @@ pub(crate) struct AppState {
     pub(crate) tokens: Arc<Tokens>,
     pub(crate) config: Arc<NodeConfig>,
     pub(crate) ready: Arc<AtomicBool>,
+    pub(crate) keys: Arc<KeyCache>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -126,15 +127,15 @@ fn split_body(body: &[u8]) -> Result<Vec<Vec<u8>>, Rejection> {
 }
 
 /// Decode, size limit, batch signature check, payload parse: the CPU-bound part.
-fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize) -> Vec<Item> {
+fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize, keys: &KeyCache) -> Vec<Item> {
     let decoded: Vec<_> = raws
         .iter()
-        .map(|raw| decode_envelope(raw, max_event_bytes, &[EVENT_PAYLOAD_TYPE]))
+        .map(|raw| decode_envelope_cached(raw, max_event_bytes, &[EVENT_PAYLOAD_TYPE], Some(keys)))
         .collect();
-    let to_check: Vec<(&[u8; 32], &custos_event::Envelope)> = decoded
+    let to_check: Vec<(&custos_event::VerifyingKey, &custos_event::Envelope)> = decoded
         .iter()
         .filter_map(|result| result.as_ref().ok())
-        .map(|decoded| (&decoded.public_key, &decoded.envelope))
+        .map(|decoded| (&decoded.key, &decoded.envelope))
         .collect();
     let mut signatures = verify_signatures(&to_check).into_iter();
     raws.into_iter()
@@ -176,7 +177,8 @@ async fn post_events(
         ));
     }
     let max_event_bytes = state.config.max_event_bytes;
-    let items = tokio::task::spawn_blocking(move || prestage(raws, max_event_bytes))
+    let keys = state.keys.clone();
+    let items = tokio::task::spawn_blocking(move || prestage(raws, max_event_bytes, &keys))
         .await
         .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
     let results = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;

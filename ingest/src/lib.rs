@@ -163,6 +163,7 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
         tokens: Arc::new(tokens),
         config: Arc::new(config),
         ready,
+        keys: Arc::new(custos_event::KeyCache::default()),
     };
     let router = http::router(state);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

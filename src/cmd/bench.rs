@@ -58,16 +58,7 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     }
 
     eprintln!("measuring the raw ed25519 batch-verify rate on the same envelopes…");
-    let all: Vec<&Envelope> = per_connection.iter().flatten().collect();
-    let keys: Vec<[u8; 32]> = all
-        .iter()
-        .map(|envelope| custos_event::public_key_from_did(&envelope.keyid))
-        .collect::<Result<_, _>>()?;
-    let items: Vec<(&[u8; 32], &Envelope)> = keys.iter().zip(all.iter().copied()).collect();
-    let started = Instant::now();
-    let results = tokio::task::block_in_place(|| custos_event::verify_signatures(&items));
-    let raw_rate = items.len() as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(results.iter().all(Result::is_ok), "pre-signed events failed to verify");
+    let raw_rate = tokio::task::block_in_place(|| raw_batch_verify_rate(&per_connection))?;
 
     let mut config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
     config.max_events_per_request = args.batch.max(1);
@@ -212,4 +203,32 @@ fn directory_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The primitive alone: `ed25519_dalek::verify_batch` over chunks of 256 on every core,
+/// with keys already decompressed and messages already built. Best of three passes.
+fn raw_batch_verify_rate(envelopes: &[Vec<Envelope>]) -> anyhow::Result<f64> {
+    use rayon::prelude::*;
+    let all: Vec<&Envelope> = envelopes.iter().flatten().collect();
+    let keys: Vec<ed25519_dalek::VerifyingKey> = all
+        .iter()
+        .map(|envelope| custos_event::verifying_key_from_did(&envelope.keyid))
+        .collect::<Result<_, _>>()?;
+    let messages: Vec<Vec<u8>> = all.iter().map(|envelope| envelope.pae()).collect();
+    let signatures: Vec<ed25519_dalek::Signature> = all
+        .iter()
+        .map(|envelope| ed25519_dalek::Signature::from_bytes(&envelope.sig))
+        .collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let ok = (0..all.len().div_ceil(256)).into_par_iter().all(|chunk| {
+            let range = chunk * 256..((chunk + 1) * 256).min(all.len());
+            let refs: Vec<&[u8]> = messages[range.clone()].iter().map(Vec::as_slice).collect();
+            ed25519_dalek::verify_batch(&refs, &signatures[range.clone()], &keys[range]).is_ok()
+        });
+        anyhow::ensure!(ok, "pre-signed events failed to verify");
+        best = best.max(all.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }

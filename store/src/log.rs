@@ -102,6 +102,42 @@ pub struct Log {
     manifest: Vec<SegmentInfo>,
     last_checkpoint: Option<(Checkpoint, String)>,
     last_checkpoint_time: Instant,
+    sealing: Option<Sealing>,
+}
+
+/// A segment being written in the background.
+#[derive(Debug)]
+struct Sealing {
+    handle: std::thread::JoinHandle<Result<(String, u64, String), StoreError>>,
+    first: u64,
+    end: u64,
+    /// WAL files holding the sealed entries, deleted once the manifest records them.
+    old_wal: Vec<PathBuf>,
+}
+
+/// Encodes entries as a segment file: temporary name, fsync, rename, fsync the directory.
+/// Returns the file name, its size and its blake3.
+fn write_segment(
+    paths: &LogPaths,
+    entries: &[LogEntry],
+    first: u64,
+    end: u64,
+) -> Result<(String, u64, String), StoreError> {
+    let bytes = crate::segment::encode(&paths.log_id, entries).map_err(|source| StoreError::Segment {
+        file: "(new segment)".into(),
+        source,
+    })?;
+    let file = paths.segment_name(first, end);
+    let path = paths.segment_dir.join(&file);
+    let temporary = paths.segment_dir.join(format!("{file}.tmp"));
+    {
+        let mut out = fs_err::File::create(&temporary)?;
+        out.write_all(&bytes)?;
+        out.sync_all()?;
+    }
+    fs_err::rename(&temporary, &path)?;
+    fsync_dir(&paths.segment_dir)?;
+    Ok((file, bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
 }
 
 impl Log {
@@ -155,6 +191,7 @@ impl Log {
             manifest: Vec::new(),
             last_checkpoint: None,
             last_checkpoint_time: Instant::now(),
+            sealing: None,
         };
         log.recover(mode, visit)?;
         Ok(log)
@@ -351,8 +388,9 @@ impl Log {
 
     /// Seals and checkpoints when the configured thresholds are reached.
     pub fn maintain(&mut self) -> Result<(), StoreError> {
+        self.finish_seal(false)?;
         if self.open.len() >= self.config.segment_max_entries {
-            self.seal()?;
+            self.start_seal()?;
         }
         let signed = self
             .last_checkpoint
@@ -367,35 +405,64 @@ impl Log {
         Ok(())
     }
 
-    /// Writes the open entries as a sealed segment and starts a new WAL file.
+    /// Seals the open entries now and waits until the segment is in the manifest.
     pub fn seal(&mut self) -> Result<(), StoreError> {
-        let (Some(first), Some(last)) = (self.open.first(), self.open.last()) else {
+        self.start_seal()?;
+        self.finish_seal(true)
+    }
+
+    /// Hands the open entries to a background thread that writes the Parquet file, and
+    /// starts a new WAL file. Appends continue meanwhile; the entries stay in the old WAL
+    /// files until the segment is recorded in the manifest.
+    fn start_seal(&mut self) -> Result<(), StoreError> {
+        if self.open.is_empty() {
+            return Ok(());
+        }
+        self.finish_seal(true)?;
+        if self.key.is_none() {
+            return Err(StoreError::ReadOnly);
+        }
+        let entries = std::mem::take(&mut self.open);
+        let (first, end) = (entries[0].log_index, entries[entries.len() - 1].log_index + 1);
+        let next = self.paths.wal_file(end);
+        self.wal = Some(WalWriter::open(&next)?);
+        let old_wal = std::mem::replace(&mut self.wal_files, vec![next]);
+        let paths = self.paths.clone();
+        let handle = std::thread::Builder::new()
+            .name("custos-seal".into())
+            .spawn(move || write_segment(&paths, &entries, first, end))?;
+        self.sealing = Some(Sealing {
+            handle,
+            first,
+            end,
+            old_wal,
+        });
+        Ok(())
+    }
+
+    /// Records a finished (or, with `wait`, any) background seal: signed manifest line,
+    /// WAL files deleted, checkpoint.
+    fn finish_seal(&mut self, wait: bool) -> Result<(), StoreError> {
+        let Some(sealing) = self.sealing.take() else {
             return Ok(());
         };
+        if !wait && !sealing.handle.is_finished() {
+            self.sealing = Some(sealing);
+            return Ok(());
+        }
+        let (file, bytes, blake3) = sealing
+            .handle
+            .join()
+            .map_err(|_| StoreError::Internal("the seal thread panicked".into()))??;
         let Some(key) = self.key.as_ref() else {
             return Err(StoreError::ReadOnly);
         };
-        let (first, end) = (first.log_index, last.log_index + 1);
-        let bytes = crate::segment::encode(&self.paths.log_id, &self.open).map_err(|source| StoreError::Segment {
-            file: "(new segment)".into(),
-            source,
-        })?;
-        let file = self.paths.segment_name(first, end);
-        let path = self.paths.segment_dir.join(&file);
-        let temporary = self.paths.segment_dir.join(format!("{file}.tmp"));
-        {
-            let mut out = fs_err::File::create(&temporary)?;
-            out.write_all(&bytes)?;
-            out.sync_all()?;
-        }
-        fs_err::rename(&temporary, &path)?;
-        fsync_dir(&self.paths.segment_dir)?;
         let mut info = SegmentInfo {
             file,
-            first_index: first,
-            end_index: end,
-            bytes: bytes.len() as u64,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            first_index: sealing.first,
+            end_index: sealing.end,
+            bytes,
+            blake3,
             sealed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             sig: String::new(),
         };
@@ -403,17 +470,10 @@ impl Log {
             .encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
         append_ndjson(&self.paths.manifest, &info)?;
         self.manifest.push(info);
-        self.sealed_end = end;
-        self.open.clear();
-        // New entries go to a fresh WAL file; the sealed ones are no longer needed.
-        let next = self.paths.wal_file(end);
-        self.wal = Some(WalWriter::open(&next)?);
-        for old in std::mem::take(&mut self.wal_files) {
-            if old != next {
-                fs_err::remove_file(&old)?;
-            }
+        self.sealed_end = sealing.end;
+        for old in sealing.old_wal {
+            fs_err::remove_file(&old)?;
         }
-        self.wal_files.push(next);
         fsync_dir(&self.paths.wal_dir)?;
         self.checkpoint()?;
         Ok(())

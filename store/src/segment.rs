@@ -57,8 +57,13 @@ impl Decoded {
     /// Extracts the decoded columns from payload JSON. Fields of the wrong type are left
     /// null rather than failing: the payload bytes are the record, these are an index.
     pub fn from_payload(payload: &[u8]) -> Self {
+        Self::from_json(serde_json::from_slice::<serde_json::Value>(payload).ok().as_ref())
+    }
+
+    /// [`Decoded::from_payload`] for a payload already parsed.
+    pub fn from_json(value: Option<&serde_json::Value>) -> Self {
         let mut decoded = Decoded::default();
-        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        let Some(serde_json::Value::Object(object)) = value else {
             return decoded;
         };
         for (slot, name) in decoded.strings.iter_mut().zip(STRING_FIELDS) {

@@ -127,7 +127,7 @@ struct ChainHead {
 }
 
 struct Pending {
-    public: [u8; 32],
+    key: custos_event::VerifyingKey,
     envelope: Envelope,
     file: String,
     row: u64,
@@ -147,6 +147,41 @@ struct LogVerifier<'a> {
     expected_roots: BTreeMap<u64, Vec<(usize, Hash)>>,
     /// Once entries are missing, later roots cannot be compared.
     broken_at: Option<u64>,
+    keys: custos_event::KeyCache,
+}
+
+/// The per-row work that does not depend on order, done in parallel before the ordered
+/// checks: one JSON parse, the digest, the decoded columns, the leaf, the key.
+struct Prepared {
+    digest: [u8; 32],
+    derived: Decoded,
+    seq: Option<u64>,
+    prev: Option<String>,
+    json: bool,
+    leaf: Hash,
+    key: Option<Result<custos_event::VerifyingKey, String>>,
+}
+
+fn prepare(entry: &LogEntry, keys: &custos_event::KeyCache, signatures: bool) -> Prepared {
+    let value = serde_json::from_slice::<serde_json::Value>(&entry.payload).ok();
+    let seq = value
+        .as_ref()
+        .and_then(|v| v.get("seq"))
+        .and_then(serde_json::Value::as_u64);
+    let prev = value
+        .as_ref()
+        .and_then(|v| v.get("prev"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    Prepared {
+        digest: *blake3::hash(&entry.payload).as_bytes(),
+        derived: Decoded::from_json(value.as_ref()),
+        seq,
+        prev,
+        json: value.is_some(),
+        leaf: entry.leaf_hash(),
+        key: signatures.then(|| keys.get(&entry.keyid).map_err(|error| error.to_string())),
+    }
 }
 
 impl<'a> LogVerifier<'a> {
@@ -162,6 +197,7 @@ impl<'a> LogVerifier<'a> {
             signatures_checked: 0,
             expected_roots: BTreeMap::new(),
             broken_at: None,
+            keys: custos_event::KeyCache::default(),
         }
     }
 
@@ -440,7 +476,16 @@ impl<'a> LogVerifier<'a> {
                 format!("holds {} rows, the manifest says {expected_rows}", segment.rows.len()),
             );
         }
-        for (row, stored) in segment.rows.iter().enumerate() {
+        let prepared: Vec<Prepared> = {
+            use rayon::prelude::*;
+            let (keys, signatures) = (&self.keys, self.options.signatures);
+            segment
+                .rows
+                .par_iter()
+                .map(|row| prepare(&row.entry, keys, signatures))
+                .collect()
+        };
+        for (row, (stored, prepared)) in segment.rows.iter().zip(prepared).enumerate() {
             let expected_index = self.tree.size();
             if stored.entry.log_index != expected_index {
                 self.problem(
@@ -454,8 +499,7 @@ impl<'a> LogVerifier<'a> {
                     ),
                 );
             }
-            let derived = Decoded::from_payload(&stored.entry.payload);
-            if derived != stored.decoded {
+            if prepared.derived != stored.decoded {
                 self.problem(
                     "decoded_column",
                     &file,
@@ -464,14 +508,13 @@ impl<'a> LogVerifier<'a> {
                     "a decoded column differs from the signed payload".into(),
                 );
             }
-            self.entry(&stored.entry, &file, row as u64);
+            self.entry(&stored.entry, prepared, &file, row as u64);
         }
     }
 
-    /// Checks one entry and appends its leaf.
-    fn entry(&mut self, entry: &LogEntry, file: &str, row: u64) {
-        let recomputed = *blake3::hash(&entry.payload).as_bytes();
-        if recomputed != entry.payload_blake3 {
+    /// The ordered checks of one entry; appends its leaf.
+    fn entry(&mut self, entry: &LogEntry, prepared: Prepared, file: &str, row: u64) {
+        if prepared.digest != entry.payload_blake3 {
             self.problem(
                 "payload_digest",
                 file,
@@ -480,23 +523,24 @@ impl<'a> LogVerifier<'a> {
                 "payload bytes do not match payload_blake3".into(),
             );
         }
-        self.chain(entry, file, row);
-        if self.options.signatures {
-            match custos_event::public_key_from_did(&entry.keyid) {
-                Ok(public) => self.pending.push(Pending {
-                    public,
+        self.chain(entry, &prepared, file, row);
+        match prepared.key {
+            Some(Ok(key)) => {
+                self.pending.push(Pending {
+                    key,
                     envelope: entry.envelope(),
                     file: file.to_owned(),
                     row,
                     log_index: entry.log_index,
-                }),
-                Err(error) => self.problem("bad_keyid", file, Some(row), Some(entry.log_index), error.to_string()),
+                });
+                if self.pending.len() >= 16 * 1024 {
+                    self.flush_signatures();
+                }
             }
-            if self.pending.len() >= 16 * 1024 {
-                self.flush_signatures();
-            }
+            Some(Err(error)) => self.problem("bad_keyid", file, Some(row), Some(entry.log_index), error),
+            None => {}
         }
-        self.tree.push(entry.leaf_hash());
+        self.tree.push(prepared.leaf);
         let size = self.tree.size();
         if let Some(roots) = self.expected_roots.get(&size).cloned()
             && self.broken_at.is_none()
@@ -519,13 +563,8 @@ impl<'a> LogVerifier<'a> {
         }
     }
 
-    fn chain(&mut self, entry: &LogEntry, file: &str, row: u64) {
-        #[derive(serde::Deserialize)]
-        struct Link {
-            seq: Option<u64>,
-            prev: Option<String>,
-        }
-        let Ok(link) = serde_json::from_slice::<Link>(&entry.payload) else {
+    fn chain(&mut self, entry: &LogEntry, prepared: &Prepared, file: &str, row: u64) {
+        if !prepared.json {
             self.problem(
                 "bad_payload",
                 file,
@@ -534,8 +573,8 @@ impl<'a> LogVerifier<'a> {
                 "payload is not JSON".into(),
             );
             return;
-        };
-        let Some(seq) = link.seq else {
+        }
+        let Some(seq) = prepared.seq else {
             self.problem(
                 "bad_payload",
                 file,
@@ -545,8 +584,8 @@ impl<'a> LogVerifier<'a> {
             );
             return;
         };
-        let digest = *blake3::hash(&entry.payload).as_bytes();
-        let prev = link.prev.as_deref().and_then(|text| hex::decode(text).ok());
+        let digest = prepared.digest;
+        let prev = prepared.prev.as_deref().and_then(|text| hex::decode(text).ok());
         let problem = match self.chains.get(&entry.keyid) {
             None if seq == 0 || entry.gap == Some((0, seq - 1)) => None,
             None => Some(("chain_gap", format!("first entry of `{}` has seq {seq} without a recorded gap", entry.keyid))),
@@ -591,7 +630,8 @@ impl<'a> LogVerifier<'a> {
             return;
         }
         let pending = std::mem::take(&mut self.pending);
-        let items: Vec<(&[u8; 32], &Envelope)> = pending.iter().map(|p| (&p.public, &p.envelope)).collect();
+        let items: Vec<(&custos_event::VerifyingKey, &Envelope)> =
+            pending.iter().map(|p| (&p.key, &p.envelope)).collect();
         let results = custos_event::verify_signatures(&items);
         self.signatures_checked += pending.len() as u64;
         for (item, result) in pending.iter().zip(results) {
@@ -647,7 +687,8 @@ impl<'a> LogVerifier<'a> {
                         ),
                     );
                 }
-                self.entry(entry, &name, record as u64);
+                let prepared = prepare(entry, &self.keys, self.options.signatures);
+                self.entry(entry, prepared, &name, record as u64);
                 count += 1;
             }
             if let Some(problem) = scan.problem {

@@ -51,7 +51,7 @@ proptest! {
             let wire = envelope.to_json();
             let decoded = decode_envelope(wire.as_bytes(), 1 << 20, &[EVENT_PAYLOAD_TYPE]).unwrap();
             prop_assert_eq!(&decoded.envelope, &envelope);
-            prop_assert!(verify_signatures(&[(&decoded.public_key, &decoded.envelope)])[0].is_ok());
+            prop_assert!(verify_signatures(&[(&decoded.key, &decoded.envelope)])[0].is_ok());
             let verified = check_event(decoded.envelope).unwrap();
             prop_assert_eq!(verified.payload.seq, seq as u64);
             prop_assert_eq!(verified.payload.prev_digest(), previous);
@@ -66,7 +66,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_are_rejected(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         if let Ok(decoded) = decode_envelope(&bytes, 1 << 20, &[EVENT_PAYLOAD_TYPE]) {
-            prop_assert!(verify_signatures(&[(&decoded.public_key, &decoded.envelope)])[0].is_err());
+            prop_assert!(verify_signatures(&[(&decoded.key, &decoded.envelope)])[0].is_err());
         }
         let _ = Payload::parse(&bytes);
     }
@@ -76,7 +76,7 @@ proptest! {
     fn any_flipped_bit_is_caught(seed in any::<[u8; 32]>(), position in any::<prop::sample::Index>(), bit in 0u8..8) {
         let mut signer = Signer::new(AgentKey::from_seed(&seed), "realm-1");
         let envelope = signer.sign(Payload::new(Kind::ToolCall, chrono::Utc::now()));
-        let public = AgentKey::from_seed(&seed).public_key();
+        let public = custos_event::verifying_key_from_did(AgentKey::from_seed(&seed).did()).unwrap();
         let mut tampered = envelope.clone();
         let total = tampered.payload.len() + 64;
         let at = position.index(total);

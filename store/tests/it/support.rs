@@ -103,9 +103,11 @@ pub(crate) fn build_sealed(count: usize, segment_max_entries: usize) -> Built {
 /// A store whose last entries are only in the WAL (the node was not shut down).
 pub(crate) fn build_with_wal_tail(sealed: usize, in_wal: usize) -> Built {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path(), sealed);
+    let mut log = open(dir.path(), usize::MAX);
     let mut signers = signers();
-    let entries = append_events(&mut log, &mut signers, sealed + in_wal);
+    let mut entries = append_events(&mut log, &mut signers, sealed);
+    log.seal().unwrap();
+    entries.extend(append_events(&mut log, &mut signers, in_wal));
     drop(log);
     Built { dir, entries, signers }
 }

@@ -116,7 +116,7 @@ fn published_vectors_match_the_code() {
         .unwrap();
         assert_eq!(hex::encode(decoded.envelope.pae()), event["pae_hex"].as_str().unwrap());
         let envelope: &Envelope = &decoded.envelope;
-        assert!(verify_signatures(&[(&decoded.public_key, envelope)])[0].is_ok());
+        assert!(verify_signatures(&[(&decoded.key, envelope)])[0].is_ok());
     }
     let key = NoteKey::parse_verifier(published["checkpoint"]["verifier_key"].as_str().unwrap()).unwrap();
     let checkpoint = verify_checkpoint(published["checkpoint"]["note"].as_str().unwrap(), &key).unwrap();
