@@ -126,14 +126,6 @@ struct ChainHead {
     log_index: u64,
 }
 
-struct Pending {
-    key: custos_event::VerifyingKey,
-    envelope: Envelope,
-    file: String,
-    row: u64,
-    log_index: u64,
-}
-
 struct LogVerifier<'a> {
     paths: LogPaths,
     store_id: String,
@@ -141,7 +133,6 @@ struct LogVerifier<'a> {
     report: &'a mut Report,
     tree: Tree,
     chains: HashMap<String, ChainHead>,
-    pending: Vec<Pending>,
     signatures_checked: u64,
     /// Checkpoints by size: (line number, root).
     expected_roots: BTreeMap<u64, Vec<(usize, Hash)>>,
@@ -159,10 +150,11 @@ struct Prepared {
     prev: Option<String>,
     json: bool,
     leaf: Hash,
-    key: Option<Result<custos_event::VerifyingKey, String>>,
+    /// With `--signatures`: the signature check's outcome.
+    signature: Option<Result<(), String>>,
 }
 
-fn prepare(entry: &LogEntry, keys: &custos_event::KeyCache, signatures: bool) -> Prepared {
+fn prepare(entry: &LogEntry) -> Prepared {
     let value = serde_json::from_slice::<serde_json::Value>(&entry.payload).ok();
     let seq = value
         .as_ref()
@@ -180,8 +172,47 @@ fn prepare(entry: &LogEntry, keys: &custos_event::KeyCache, signatures: bool) ->
         prev,
         json: value.is_some(),
         leaf: entry.leaf_hash(),
-        key: signatures.then(|| keys.get(&entry.keyid).map_err(|error| error.to_string())),
+        signature: None,
     }
+}
+
+/// Prepares entries on every core, in chunks of [`custos_event::verify::BATCH`], each
+/// chunk's signatures checked with one batch verification.
+fn prepare_all<'e>(
+    entries: impl rayon::iter::IndexedParallelIterator<Item = &'e LogEntry>,
+    keys: &custos_event::KeyCache,
+    signatures: bool,
+) -> Vec<Prepared> {
+    use rayon::prelude::*;
+    let entries: Vec<&LogEntry> = entries.collect();
+    entries
+        .par_chunks(custos_event::verify::BATCH)
+        .flat_map_iter(|chunk| {
+            let mut prepared: Vec<Prepared> = chunk.iter().map(|entry| prepare(entry)).collect();
+            if signatures {
+                let envelopes: Vec<Envelope> = chunk.iter().map(|entry| entry.envelope()).collect();
+                let mut items = Vec::with_capacity(chunk.len());
+                let mut positions = Vec::with_capacity(chunk.len());
+                for (position, entry) in chunk.iter().enumerate() {
+                    match keys.get(&entry.keyid) {
+                        Ok(key) => {
+                            items.push(key);
+                            positions.push(position);
+                        }
+                        Err(error) => prepared[position].signature = Some(Err(format!("bad keyid: {error}"))),
+                    }
+                }
+                let pairs: Vec<(&custos_event::VerifyingKey, &Envelope)> = items
+                    .iter()
+                    .zip(positions.iter().map(|&position| &envelopes[position]))
+                    .collect();
+                for (position, result) in positions.iter().zip(custos_event::verify_signatures(&pairs)) {
+                    prepared[*position].signature = Some(result.map_err(|rejection| rejection.message));
+                }
+            }
+            prepared
+        })
+        .collect()
 }
 
 impl<'a> LogVerifier<'a> {
@@ -193,7 +224,6 @@ impl<'a> LogVerifier<'a> {
             report,
             tree: Tree::new(),
             chains: HashMap::new(),
-            pending: Vec::new(),
             signatures_checked: 0,
             expected_roots: BTreeMap::new(),
             broken_at: None,
@@ -243,7 +273,6 @@ impl<'a> LogVerifier<'a> {
         }
         let sealed_end = manifest.last().map_or(0, |info| info.end_index);
         let wal_entries = self.wal(sealed_end, &checkpoints, progress)?;
-        self.flush_signatures();
 
         // Checkpoints beyond what the files hold, and consistency between neighbours.
         let size = self.tree.size();
@@ -478,12 +507,11 @@ impl<'a> LogVerifier<'a> {
         }
         let prepared: Vec<Prepared> = {
             use rayon::prelude::*;
-            let (keys, signatures) = (&self.keys, self.options.signatures);
-            segment
-                .rows
-                .par_iter()
-                .map(|row| prepare(&row.entry, keys, signatures))
-                .collect()
+            prepare_all(
+                segment.rows.par_iter().map(|row| &row.entry),
+                &self.keys,
+                self.options.signatures,
+            )
         };
         for (row, (stored, prepared)) in segment.rows.iter().zip(prepared).enumerate() {
             let expected_index = self.tree.size();
@@ -524,21 +552,11 @@ impl<'a> LogVerifier<'a> {
             );
         }
         self.chain(entry, &prepared, file, row);
-        match prepared.key {
-            Some(Ok(key)) => {
-                self.pending.push(Pending {
-                    key,
-                    envelope: entry.envelope(),
-                    file: file.to_owned(),
-                    row,
-                    log_index: entry.log_index,
-                });
-                if self.pending.len() >= 16 * 1024 {
-                    self.flush_signatures();
-                }
-            }
-            Some(Err(error)) => self.problem("bad_keyid", file, Some(row), Some(entry.log_index), error),
-            None => {}
+        if let Some(Err(detail)) = &prepared.signature {
+            self.problem("bad_signature", file, Some(row), Some(entry.log_index), detail.clone());
+        }
+        if prepared.signature.is_some() {
+            self.signatures_checked += 1;
         }
         self.tree.push(prepared.leaf);
         let size = self.tree.size();
@@ -625,28 +643,6 @@ impl<'a> LogVerifier<'a> {
         );
     }
 
-    fn flush_signatures(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let items: Vec<(&custos_event::VerifyingKey, &Envelope)> =
-            pending.iter().map(|p| (&p.key, &p.envelope)).collect();
-        let results = custos_event::verify_signatures(&items);
-        self.signatures_checked += pending.len() as u64;
-        for (item, result) in pending.iter().zip(results) {
-            if let Err(rejection) = result {
-                self.problem(
-                    "bad_signature",
-                    &item.file,
-                    Some(item.row),
-                    Some(item.log_index),
-                    rejection.message,
-                );
-            }
-        }
-    }
-
     fn wal(
         &mut self,
         sealed_end: u64,
@@ -670,7 +666,15 @@ impl<'a> LogVerifier<'a> {
             progress(bytes.len() as u64);
             let name = display(path);
             let scan = crate::wal::scan(&bytes);
-            for (record, (_, entry)) in scan.entries.iter().enumerate() {
+            let prepared = {
+                use rayon::prelude::*;
+                prepare_all(
+                    scan.entries.par_iter().map(|(_, entry)| entry),
+                    &self.keys,
+                    self.options.signatures,
+                )
+            };
+            for (record, ((_, entry), prepared)) in scan.entries.iter().zip(prepared).enumerate() {
                 if entry.log_index < sealed_end {
                     continue;
                 }
@@ -687,7 +691,6 @@ impl<'a> LogVerifier<'a> {
                         ),
                     );
                 }
-                let prepared = prepare(entry, &self.keys, self.options.signatures);
                 self.entry(entry, prepared, &name, record as u64);
                 count += 1;
             }
