@@ -150,17 +150,28 @@ impl Payload {
 
     /// Parses and validates payload bytes. The error names the offending field and value.
     pub fn parse(bytes: &[u8]) -> Result<Payload, String> {
+        Self::parse_signed(bytes, None)
+    }
+
+    /// [`Payload::parse`] for a payload whose signature by `signer` (an already checked
+    /// did:key) verified: an `agent` equal to it needs no second look.
+    pub fn parse_signed(bytes: &[u8], signer: Option<&str>) -> Result<Payload, String> {
         let payload: Payload =
             serde_json::from_slice(bytes).map_err(|error| format!("payload is not a valid event: {error}"))?;
-        payload.validate()?;
+        if signer != Some(payload.agent.as_str()) {
+            key_bytes_from_did(&payload.agent).map_err(|error| format!("`agent`: {error}"))?;
+        }
+        payload.validate_fields()?;
         Ok(payload)
     }
 
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
-        // Syntax only: the signature check already proved the signer's key, and the agent
-        // must equal that key id.
         key_bytes_from_did(&self.agent).map_err(|error| format!("`agent`: {error}"))?;
+        self.validate_fields()
+    }
+
+    fn validate_fields(&self) -> Result<(), String> {
         match (&self.prev, self.seq) {
             (None, 0) => {}
             (Some(prev), 0) => return Err(format!("`prev` must be null at seq 0, found `{}`", truncate(prev))),

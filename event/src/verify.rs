@@ -191,7 +191,8 @@ pub fn verify_one(key: &VerifyingKey, envelope: &Envelope) -> Result<(), Rejecti
 
 /// Parses the signed payload of an event envelope and checks it names its signer.
 pub fn check_event(envelope: Envelope) -> Result<Verified, Rejection> {
-    let payload = Payload::parse(&envelope.payload).map_err(|message| Rejection::new(Reason::BadPayload, message))?;
+    let payload = Payload::parse_signed(&envelope.payload, Some(&envelope.keyid))
+        .map_err(|message| Rejection::new(Reason::BadPayload, message))?;
     if payload.agent != envelope.keyid {
         return Err(Rejection::new(
             Reason::KeyidMismatch,

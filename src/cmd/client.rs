@@ -63,13 +63,19 @@ impl Client {
     }
 
     async fn finish(&self, path: &str, builder: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+        let bytes = self.finish_bytes(path, builder).await?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{path} did not answer JSON"))
+    }
+
+    async fn finish_bytes(&self, path: &str, builder: reqwest::RequestBuilder) -> anyhow::Result<Vec<u8>> {
         let response = builder
             .send()
             .await
             .with_context(|| format!("cannot reach the node at `{}`; is `custos serve` running?", self.base))?;
         let status = response.status();
-        let text = response.text().await.context("reading the node's answer")?;
+        let bytes = response.bytes().await.context("reading the node's answer")?;
         if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             let detail = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|value| {
@@ -82,7 +88,7 @@ impl Client {
                 .unwrap_or(text);
             bail!("{path} answered {status}: {detail}");
         }
-        serde_json::from_str(&text).with_context(|| format!("{path} did not answer JSON"))
+        Ok(bytes.to_vec())
     }
 
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
@@ -96,14 +102,14 @@ impl Client {
 
     /// Sends envelopes as NDJSON; returns one result per envelope.
     pub(crate) async fn send_events(&self, body: Vec<u8>) -> anyhow::Result<Vec<custos_ingest::ItemResultView>> {
-        let value = self
-            .finish(
+        let bytes = self
+            .finish_bytes(
                 "/v1/events",
                 self.request(reqwest::Method::POST, "/v1/events")
                     .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
                     .body(body),
             )
             .await?;
-        Ok(serde_json::from_value(value)?)
+        serde_json::from_slice(&bytes).context("/v1/events did not answer a list of results")
     }
 }
