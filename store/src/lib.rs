@@ -148,6 +148,20 @@ impl LogPaths {
         self.wal_dir.join(format!("{}-{first_index:020}.wal", self.log_id))
     }
 
+    /// The WAL files present, oldest first (names sort by first index).
+    pub fn wal_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs_err::read_dir(&self.wal_dir)
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .map(|entry| entry.path())
+                    .filter(|path| path.extension().is_some_and(|ext| ext == "wal"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
     pub fn segment_name(&self, first_index: u64, end_index: u64) -> String {
         format!("{}-{first_index:020}-{end_index:020}.parquet", self.log_id)
     }

@@ -236,15 +236,7 @@ impl Log {
         self.sealed_end = self.tree.size();
 
         // The WAL tail, oldest file first.
-        let mut wal_files: Vec<PathBuf> = fs_err::read_dir(&self.paths.wal_dir)
-            .map(|dir| {
-                dir.filter_map(Result::ok)
-                    .map(|entry| entry.path())
-                    .filter(|path| path.extension().is_some_and(|ext| ext == "wal"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        wal_files.sort();
+        let mut wal_files = self.paths.wal_files();
         let last_file = wal_files.len().saturating_sub(1);
         for (position, path) in wal_files.iter().enumerate() {
             let bytes = fs_err::read(path)?;

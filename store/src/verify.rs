@@ -8,7 +8,7 @@
 //! the log index where it can.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use custos_event::Envelope;
 use serde::Serialize;
@@ -649,15 +649,7 @@ impl<'a> LogVerifier<'a> {
         checkpoints: &[(usize, u64, Hash)],
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, StoreError> {
-        let mut files: Vec<PathBuf> = fs_err::read_dir(&self.paths.wal_dir)
-            .map(|dir| {
-                dir.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
+        let files = self.paths.wal_files();
         let signed_size = checkpoints.iter().map(|(_, size, _)| *size).max().unwrap_or(0);
         let mut count = 0;
         let last = files.len().saturating_sub(1);

@@ -64,16 +64,7 @@ fn damage_before_the_tail_refuses_to_start() {
     let (offset, _) = scan.entries[2];
     bytes[offset as usize + 20] ^= 0x10;
     std::fs::write(&wal, bytes).unwrap();
-    let info = custos_store::StoreInfo::open(built.path(), false).unwrap();
-    let error = custos_store::Log::open(
-        built.path(),
-        &info.store_id,
-        "0",
-        crate::support::config(30),
-        custos_store::OpenMode::ReadWrite,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let error = reopen(built.path()).unwrap_err();
     assert!(error.to_string().contains("corrupt"), "{error}");
     assert!(error.to_string().contains("log index 32"), "{error}");
 }
@@ -85,18 +76,21 @@ fn a_checkpoint_beyond_the_stored_entries_refuses_to_start() {
     for file in built.wal_files() {
         std::fs::remove_file(file).unwrap();
     }
-    let info = custos_store::StoreInfo::open(built.path(), false).unwrap();
-    let error = custos_store::Log::open(
-        built.path(),
+    let error = reopen(built.path()).unwrap_err();
+    assert!(
+        error.to_string().contains("acknowledged entries are missing"),
+        "{error}"
+    );
+}
+
+fn reopen(dir: &std::path::Path) -> Result<custos_store::Log, custos_store::StoreError> {
+    let info = custos_store::StoreInfo::open(dir, false).unwrap();
+    custos_store::Log::open(
+        dir,
         &info.store_id,
         "0",
         crate::support::config(30),
         custos_store::OpenMode::ReadWrite,
         &mut |_| {},
     )
-    .unwrap_err();
-    assert!(
-        error.to_string().contains("acknowledged entries are missing"),
-        "{error}"
-    );
 }
