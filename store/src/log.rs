@@ -137,7 +137,7 @@ fn write_segment(
     }
     fs_err::rename(&temporary, &path)?;
     fsync_dir(&paths.segment_dir)?;
-    Ok((file, bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
+    Ok((file, bytes.len() as u64, crate::segment::file_digest(&bytes)))
 }
 
 impl Log {
@@ -210,7 +210,7 @@ impl Log {
                 )));
             }
             let bytes = read_object(&self.paths.segment_dir, &info.file)?;
-            if blake3::hash(&bytes).to_hex().as_str() != info.blake3 {
+            if crate::segment::file_digest(&bytes) != info.blake3 {
                 return Err(StoreError::Tamper(format!(
                     "segment `{}` does not match its recorded blake3; run `custos verify`",
                     info.file

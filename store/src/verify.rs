@@ -155,22 +155,16 @@ struct Prepared {
 }
 
 fn prepare(entry: &LogEntry) -> Prepared {
-    let value = serde_json::from_slice::<serde_json::Value>(&entry.payload).ok();
-    let seq = value
-        .as_ref()
-        .and_then(|v| v.get("seq"))
-        .and_then(serde_json::Value::as_u64);
-    let prev = value
-        .as_ref()
-        .and_then(|v| v.get("prev"))
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned);
+    let (derived, json) = Decoded::parse(&entry.payload);
+    // `seq` and `prev` are decoded columns too.
+    let seq = derived.numbers[0];
+    let prev = derived.strings[1].clone();
     Prepared {
         digest: *blake3::hash(&entry.payload).as_bytes(),
-        derived: Decoded::from_json(value.as_ref()),
+        derived,
         seq,
         prev,
-        json: value.is_some(),
+        json,
         leaf: entry.leaf_hash(),
         signature: None,
     }
@@ -456,7 +450,7 @@ impl<'a> LogVerifier<'a> {
             }
         };
         progress(bytes.len() as u64);
-        let digest = blake3::hash(&bytes).to_hex().to_string();
+        let digest = crate::segment::file_digest(&bytes);
         if digest != info.blake3 {
             self.problem(
                 "segment_digest",
