@@ -1,7 +1,8 @@
 //! Rejected input, kept for forensics: bounded, append-only NDJSON files.
 //!
-//! Two files rotate: when the current one holds `max_records / 2` records it becomes the
-//! previous one (replacing the older), so at most `max_records` are kept.
+//! Two files rotate: when the current one holds `max_records / 2` records or
+//! `max_bytes / 2` bytes it becomes the previous one (replacing the older), so at most
+//! `max_records` records and about `max_bytes` bytes are kept, whoever sends them.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -75,17 +76,19 @@ impl RejectedRecord {
 pub struct Forensics {
     dir: PathBuf,
     max_records: usize,
+    max_bytes: u64,
     current_count: usize,
     next_id: u64,
     pending: Vec<u8>,
 }
 
 impl Forensics {
-    pub fn open(dir: &Path, max_records: usize) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, max_records: usize, max_bytes: u64) -> std::io::Result<Self> {
         fs_err::create_dir_all(dir)?;
         let mut forensics = Self {
             dir: dir.to_owned(),
             max_records: max_records.max(2),
+            max_bytes: max_bytes.max(2 * MAX_KEPT_BYTES as u64),
             current_count: 0,
             next_id: 0,
             pending: Vec::new(),
@@ -141,7 +144,8 @@ impl Forensics {
         file.write_all(&self.pending)?;
         file.sync_data()?;
         self.pending.clear();
-        if self.current_count >= self.max_records / 2 {
+        let bytes = file.metadata()?.len();
+        if self.current_count >= self.max_records / 2 || bytes >= self.max_bytes / 2 {
             fs_err::rename(self.current_path(), self.previous_path())?;
             self.current_count = 0;
         }

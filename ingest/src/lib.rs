@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub max_age: Duration,
     /// How many rejected inputs are kept for forensics.
     pub rejected_max_records: usize,
+    /// How many bytes of rejected input are kept for forensics (about).
+    pub rejected_max_bytes: u64,
     /// Recent (seq, digest) pairs kept per agent to tell duplicates from forks.
     pub chain_window: usize,
     pub log: custos_store::LogConfig,
@@ -69,6 +71,7 @@ impl NodeConfig {
             max_future_skew: Duration::from_secs(300),
             max_age: Duration::from_secs(7 * 24 * 3600),
             rejected_max_records: 100_000,
+            rejected_max_bytes: 256 * 1024 * 1024,
             chain_window: 32,
             log: custos_store::LogConfig::default(),
         }

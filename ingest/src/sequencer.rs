@@ -154,7 +154,11 @@ impl Sequencer {
             custos_store::OpenMode::ReadWrite,
             &mut fold,
         )?;
-        let forensics = Forensics::open(&config.data.join("rejected"), config.rejected_max_records)?;
+        let forensics = Forensics::open(
+            &config.data.join("rejected"),
+            config.rejected_max_records,
+            config.rejected_max_bytes,
+        )?;
         tracing::info!(
             entries = log.next_index(),
             agents = registry.agents.len(),
@@ -427,7 +431,7 @@ impl Sequencer {
                 Reason::ClockSkew,
                 format!(
                     "`ts` {} is {}s ahead of the node clock; the limit is {}s",
-                    payload.ts.to_rfc3339(),
+                    payload.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     (payload.ts - now).num_seconds(),
                     future.num_seconds()
                 ),
@@ -438,7 +442,7 @@ impl Sequencer {
                 Reason::ClockSkew,
                 format!(
                     "`ts` {} is {}s old; the limit is {}s",
-                    payload.ts.to_rfc3339(),
+                    payload.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     (now - payload.ts).num_seconds(),
                     age.num_seconds()
                 ),

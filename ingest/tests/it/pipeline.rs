@@ -162,3 +162,34 @@ async fn health_is_open_and_everything_else_needs_a_token() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forensics_stay_bounded_in_records_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    config.rejected_max_records = 10;
+    config.rejected_max_bytes = 1 << 20;
+    let node = Node::start_in(dir, config).await;
+    // 30 rejected inputs in 30 requests: only the newest 10 or fewer are kept.
+    for n in 0..30 {
+        node.send(format!("{{\"junk\": {n}}}")).await;
+    }
+    let (_, body) = node.admin(reqwest::Method::GET, "/v1/rejected?limit=1000", None).await;
+    let kept = body["rejected"].as_array().unwrap();
+    assert!(kept.len() <= 10 && kept.len() >= 5, "{}", kept.len());
+    assert!(kept[0]["input"].as_str().unwrap().contains("29"), "newest first");
+    // Large inputs are cut at 64 KiB each, and the byte bound rotates files early.
+    let big = format!("{{\"junk\": \"{}\"}}", "x".repeat(300_000));
+    for _ in 0..20 {
+        node.send(big.clone()).await;
+    }
+    let total: u64 = std::fs::read_dir(node.dir.path().join("rejected"))
+        .unwrap()
+        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(total <= (1 << 20) + 2 * 65_536 * 2, "{total} bytes kept");
+    let (_, body) = node.admin(reqwest::Method::GET, "/v1/rejected?limit=1", None).await;
+    assert_eq!(body["rejected"][0]["truncated"], true);
+    assert_eq!(body["rejected"][0]["reason"], "too_large");
+    node.stop().await;
+}
