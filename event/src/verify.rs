@@ -158,29 +158,42 @@ pub fn verify_signatures(items: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(),
 
 fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
     let messages: Vec<Vec<u8>> = chunk.iter().map(|(_, envelope)| envelope.pae()).collect();
-    let signatures: Vec<Signature> = chunk
+    let items: Vec<(&VerifyingKey, &[u8], &[u8; 64])> = chunk
         .iter()
-        .map(|(_, envelope)| Signature::from_bytes(&envelope.sig))
+        .zip(&messages)
+        .map(|((key, envelope), message)| (*key, message.as_slice(), &envelope.sig))
         .collect();
-    let keys: Vec<VerifyingKey> = chunk.iter().map(|(key, _)| **key).collect();
-    let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-    if ed25519_dalek::verify_batch(&refs, &signatures, &keys).is_ok() {
-        return vec![Ok(()); chunk.len()];
-    }
-    (0..chunk.len())
-        .map(|position| {
-            keys[position]
-                .verify(&messages[position], &signatures[position])
-                .map_err(|_| {
-                    Rejection::new(
-                        Reason::BadSignature,
-                        format!(
-                            "signature by `{}` does not verify over the DSSE PAE",
-                            truncate(&chunk[position].1.keyid)
-                        ),
-                    )
-                })
+    verify_messages(&items)
+        .into_iter()
+        .zip(chunk)
+        .map(|(ok, (_, envelope))| {
+            ok.then_some(()).ok_or_else(|| {
+                Rejection::new(
+                    Reason::BadSignature,
+                    format!(
+                        "signature by `{}` does not verify over the DSSE PAE",
+                        truncate(&envelope.keyid)
+                    ),
+                )
+            })
         })
+        .collect()
+}
+
+/// Verifies signatures over already-built messages (PAE bytes) as one batch, re-checking
+/// one by one only if the batch fails. `true` where the signature verifies.
+///
+/// For callers that hold the parts of many envelopes and can build the PAE without
+/// copying them into [`Envelope`]s (the store verifier).
+pub fn verify_messages(items: &[(&VerifyingKey, &[u8], &[u8; 64])]) -> Vec<bool> {
+    let signatures: Vec<Signature> = items.iter().map(|(_, _, sig)| Signature::from_bytes(sig)).collect();
+    let keys: Vec<VerifyingKey> = items.iter().map(|(key, _, _)| **key).collect();
+    let messages: Vec<&[u8]> = items.iter().map(|(_, message, _)| *message).collect();
+    if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+        return vec![true; items.len()];
+    }
+    (0..items.len())
+        .map(|position| keys[position].verify(messages[position], &signatures[position]).is_ok())
         .collect()
 }
 

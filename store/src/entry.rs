@@ -63,8 +63,20 @@ impl LogEntry {
         )
     }
 
+    /// `SHA-256(0x00 ‖ leaf_bytes)`, hashed from the parts without building the leaf.
     pub fn leaf_hash(&self) -> crate::merkle::Hash {
-        crate::merkle::leaf_hash(&self.leaf_bytes())
+        use sha2::Digest as _;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update([0u8]);
+        hasher.update(LEAF_PREFIX);
+        hasher.update(u16::try_from(self.payload_type.len()).unwrap_or(u16::MAX).to_be_bytes());
+        hasher.update(self.payload_type.as_bytes());
+        hasher.update(u16::try_from(self.keyid.len()).unwrap_or(u16::MAX).to_be_bytes());
+        hasher.update(self.keyid.as_bytes());
+        hasher.update(self.sig);
+        hasher.update(self.payload_blake3);
+        hasher.update(self.ingest_ts_us.to_be_bytes());
+        hasher.finalize().into()
     }
 }
 

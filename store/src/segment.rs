@@ -98,6 +98,43 @@ impl Decoded {
     }
 }
 
+/// What one parse of a payload tells the verifier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadCheck {
+    /// The payload is a JSON object.
+    pub json: bool,
+    /// The stored decoded columns are exactly those derived from the payload.
+    pub columns_match: bool,
+    pub seq: Option<u64>,
+    /// `prev`, when it is 64 hex digits.
+    pub prev: Option<[u8; 32]>,
+}
+
+/// Parses `payload` once: compares it with the `stored` decoded columns (when given)
+/// without building owned copies in the common case, and extracts the chain link.
+pub fn check_payload(payload: &[u8], stored: Option<&Decoded>) -> PayloadCheck {
+    let hex32 = |text: &str| {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).ok().map(|()| out)
+    };
+    if let Ok(fields) = serde_json::from_slice::<Fields<'_>>(payload) {
+        let columns_match = stored.is_none_or(|stored| fields.matches(stored));
+        return PayloadCheck {
+            json: true,
+            columns_match,
+            seq: fields.seq,
+            prev: fields.prev.as_deref().and_then(hex32),
+        };
+    }
+    let (derived, json) = Decoded::parse(payload);
+    PayloadCheck {
+        json,
+        columns_match: stored.is_none_or(|stored| *stored == derived),
+        seq: derived.numbers[0],
+        prev: derived.strings[1].as_deref().and_then(hex32),
+    }
+}
+
 /// The decoded fields, borrowed from the payload where possible.
 #[derive(serde::Deserialize)]
 struct Fields<'a> {
@@ -142,6 +179,40 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// Whether `stored` equals `self.into_decoded()`, without allocating for strings.
+    fn matches(&self, stored: &Decoded) -> bool {
+        let strings = [
+            &self.agent,
+            &self.prev,
+            &self.realm,
+            &self.kind,
+            &self.action,
+            &self.target,
+            &self.outcome,
+            &self.session,
+            &self.trace_id,
+            &self.span_id,
+            &self.parent,
+            &self.memory_id,
+        ];
+        let strings_match = strings
+            .iter()
+            .zip(&stored.strings)
+            .all(|(ours, theirs)| ours.as_deref() == theirs.as_deref());
+        let numbers = [self.seq, self.bytes_in, self.bytes_out, self.tokens_in, self.tokens_out];
+        let ts_us = self
+            .ts
+            .as_deref()
+            .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+            .map(|ts| ts.timestamp_micros());
+        let attrs = self
+            .attrs
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            .filter(serde_json::Value::is_object)
+            .map(|value| value.to_string());
+        strings_match && numbers == stored.numbers && ts_us == stored.ts_us && attrs == stored.strings[12]
+    }
+
     fn into_decoded(self) -> Decoded {
         let own = |value: Option<std::borrow::Cow<'_, str>>| value.map(std::borrow::Cow::into_owned);
         // Same as the general path: `attrs` only when it is an object, as compact JSON.
@@ -457,6 +528,17 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         }
+        for payload in payloads {
+            let derived = Decoded::parse(payload).0;
+            assert!(check_payload(payload, Some(&derived)).columns_match);
+            let mut other = derived.clone();
+            other.numbers[4] = Some(424_242);
+            assert!(!check_payload(payload, Some(&other)).columns_match);
+            let mut other = derived.clone();
+            other.strings[3] = Some("file_read".into());
+            assert!(!check_payload(payload, Some(&other)).columns_match);
+        }
+        assert_eq!(check_payload(payloads[0], None).seq, Some(3));
         assert!(Decoded::parse(payloads[0]).1);
         assert!(!Decoded::parse(payloads[7]).1);
         assert!(!Decoded::parse(payloads[8]).1);

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use custos_event::Envelope;
 use serde::Serialize;
 
 use crate::checkpoint::{NoteKey, verify_checkpoint};
@@ -141,30 +140,41 @@ struct LogVerifier<'a> {
     keys: custos_event::KeyCache,
 }
 
+/// A segment file as read and decoded by the reader thread.
+enum Loaded {
+    Missing(String),
+    Read {
+        len: u64,
+        digest: String,
+        segment: Result<crate::segment::Segment, String>,
+    },
+}
+
+fn load(dir: &Path, info: &SegmentInfo) -> Loaded {
+    match read_object(dir, &info.file) {
+        Err(error) => Loaded::Missing(error.to_string()),
+        Ok(bytes) => Loaded::Read {
+            len: bytes.len() as u64,
+            digest: crate::segment::file_digest(&bytes),
+            segment: crate::segment::decode(bytes).map_err(|error| error.to_string()),
+        },
+    }
+}
+
 /// The per-row work that does not depend on order, done in parallel before the ordered
 /// checks: one JSON parse, the digest, the decoded columns, the leaf, the key.
 struct Prepared {
     digest: [u8; 32],
-    derived: Decoded,
-    seq: Option<u64>,
-    prev: Option<String>,
-    json: bool,
+    check: crate::segment::PayloadCheck,
     leaf: Hash,
     /// With `--signatures`: the signature check's outcome.
     signature: Option<Result<(), String>>,
 }
 
-fn prepare(entry: &LogEntry) -> Prepared {
-    let (derived, json) = Decoded::parse(&entry.payload);
-    // `seq` and `prev` are decoded columns too.
-    let seq = derived.numbers[0];
-    let prev = derived.strings[1].clone();
+fn prepare(entry: &LogEntry, stored: Option<&Decoded>) -> Prepared {
     Prepared {
         digest: *blake3::hash(&entry.payload).as_bytes(),
-        derived,
-        seq,
-        prev,
-        json,
+        check: crate::segment::check_payload(&entry.payload, stored),
         leaf: entry.leaf_hash(),
         signature: None,
     }
@@ -172,41 +182,52 @@ fn prepare(entry: &LogEntry) -> Prepared {
 
 /// Prepares entries on every core, in chunks of [`custos_event::verify::BATCH`], each
 /// chunk's signatures checked with one batch verification.
-fn prepare_all<'e>(
-    entries: impl rayon::iter::IndexedParallelIterator<Item = &'e LogEntry>,
+fn prepare_all(
+    entries: &[(&LogEntry, Option<&Decoded>)],
     keys: &custos_event::KeyCache,
     signatures: bool,
 ) -> Vec<Prepared> {
     use rayon::prelude::*;
-    let entries: Vec<&LogEntry> = entries.collect();
-    entries
-        .par_chunks(custos_event::verify::BATCH)
-        .flat_map_iter(|chunk| {
-            let mut prepared: Vec<Prepared> = chunk.iter().map(|entry| prepare(entry)).collect();
-            if signatures {
-                let envelopes: Vec<Envelope> = chunk.iter().map(|entry| entry.envelope()).collect();
-                let mut items = Vec::with_capacity(chunk.len());
-                let mut positions = Vec::with_capacity(chunk.len());
-                for (position, entry) in chunk.iter().enumerate() {
-                    match keys.get(&entry.keyid) {
-                        Ok(key) => {
-                            items.push(key);
-                            positions.push(position);
-                        }
-                        Err(error) => prepared[position].signature = Some(Err(format!("bad keyid: {error}"))),
-                    }
-                }
-                let pairs: Vec<(&custos_event::VerifyingKey, &Envelope)> = items
-                    .iter()
-                    .zip(positions.iter().map(|&position| &envelopes[position]))
-                    .collect();
-                for (position, result) in positions.iter().zip(custos_event::verify_signatures(&pairs)) {
-                    prepared[*position].signature = Some(result.map_err(|rejection| rejection.message));
-                }
-            }
-            prepared
-        })
-        .collect()
+    let mut prepared: Vec<Prepared> = entries
+        .par_iter()
+        .map(|(entry, stored)| prepare(entry, *stored))
+        .collect();
+    if signatures {
+        // A separate pass, so the curve arithmetic runs without the parsing and hashing
+        // above evicting its tables from the caches.
+        let outcomes: Vec<Result<(), String>> = entries
+            .par_chunks(custos_event::verify::BATCH)
+            .flat_map_iter(|chunk| signature_batch(chunk, keys))
+            .collect();
+        for (prepared, outcome) in prepared.iter_mut().zip(outcomes) {
+            prepared.signature = Some(outcome);
+        }
+    }
+    prepared
+}
+
+fn signature_batch(chunk: &[(&LogEntry, Option<&Decoded>)], keys: &custos_event::KeyCache) -> Vec<Result<(), String>> {
+    let mut outcomes = vec![Ok(()); chunk.len()];
+    let mut keyed = Vec::with_capacity(chunk.len());
+    for (position, (entry, _)) in chunk.iter().enumerate() {
+        match keys.get(&entry.keyid) {
+            Ok(key) => keyed.push((position, key, custos_event::pae(&entry.payload_type, &entry.payload))),
+            Err(error) => outcomes[position] = Err(format!("bad keyid: {error}")),
+        }
+    }
+    let items: Vec<(&custos_event::VerifyingKey, &[u8], &[u8; 64])> = keyed
+        .iter()
+        .map(|(position, key, message)| (key, message.as_slice(), &chunk[*position].0.sig))
+        .collect();
+    for ((position, _, _), ok) in keyed.iter().zip(custos_event::verify::verify_messages(&items)) {
+        if !ok {
+            outcomes[*position] = Err(format!(
+                "signature by `{}` does not verify over the DSSE PAE",
+                chunk[*position].0.keyid
+            ));
+        }
+    }
+    outcomes
 }
 
 impl<'a> LogVerifier<'a> {
@@ -262,9 +283,25 @@ impl<'a> LogVerifier<'a> {
                 );
             }
         }
-        for info in &manifest {
-            self.segment(info, progress);
-        }
+        // A reader thread reads, hashes and decodes the next segment while this one is checked.
+        let segment_dir = self.paths.segment_dir.clone();
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+            let infos = &manifest;
+            scope.spawn(move || {
+                for info in infos {
+                    if sender.send(load(&segment_dir, info)).is_err() {
+                        break;
+                    }
+                }
+            });
+            for info in &manifest {
+                let loaded = receiver
+                    .recv()
+                    .unwrap_or_else(|_| Loaded::Missing("the segment reader stopped".into()));
+                self.segment(info, loaded, progress);
+            }
+        });
         let sealed_end = manifest.last().map_or(0, |info| info.end_index);
         let wal_entries = self.wal(sealed_end, &checkpoints, progress)?;
 
@@ -416,7 +453,7 @@ impl<'a> LogVerifier<'a> {
         Ok(out)
     }
 
-    fn segment(&mut self, info: &SegmentInfo, progress: &mut dyn FnMut(u64)) {
+    fn segment(&mut self, info: &SegmentInfo, loaded: Loaded, progress: &mut dyn FnMut(u64)) {
         let file = info.file.clone();
         if info.first_index != self.tree.size() && self.broken_at.is_none() {
             self.problem(
@@ -432,9 +469,9 @@ impl<'a> LogVerifier<'a> {
             );
             self.broken_at = Some(self.tree.size());
         }
-        let bytes = match read_object(&self.paths.segment_dir, &info.file) {
-            Ok(bytes) => bytes,
-            Err(error) => {
+        let (len, digest, segment) = match loaded {
+            Loaded::Read { len, digest, segment } => (len, digest, segment),
+            Loaded::Missing(error) => {
                 self.problem(
                     "segment_missing",
                     &file,
@@ -449,8 +486,7 @@ impl<'a> LogVerifier<'a> {
                 return;
             }
         };
-        progress(bytes.len() as u64);
-        let digest = crate::segment::file_digest(&bytes);
+        progress(len);
         if digest != info.blake3 {
             self.problem(
                 "segment_digest",
@@ -460,7 +496,7 @@ impl<'a> LogVerifier<'a> {
                 format!("blake3 is {digest}, the signed manifest records {}", info.blake3),
             );
         }
-        let segment = match crate::segment::decode(bytes) {
+        let segment = match segment {
             Ok(segment) => segment,
             Err(error) => {
                 self.problem(
@@ -499,14 +535,12 @@ impl<'a> LogVerifier<'a> {
                 format!("holds {} rows, the manifest says {expected_rows}", segment.rows.len()),
             );
         }
-        let prepared: Vec<Prepared> = {
-            use rayon::prelude::*;
-            prepare_all(
-                segment.rows.par_iter().map(|row| &row.entry),
-                &self.keys,
-                self.options.signatures,
-            )
-        };
+        let rows: Vec<(&LogEntry, Option<&Decoded>)> = segment
+            .rows
+            .iter()
+            .map(|row| (&row.entry, Some(&row.decoded)))
+            .collect();
+        let prepared = prepare_all(&rows, &self.keys, self.options.signatures);
         for (row, (stored, prepared)) in segment.rows.iter().zip(prepared).enumerate() {
             let expected_index = self.tree.size();
             if stored.entry.log_index != expected_index {
@@ -521,7 +555,7 @@ impl<'a> LogVerifier<'a> {
                     ),
                 );
             }
-            if prepared.derived != stored.decoded {
+            if !prepared.check.columns_match {
                 self.problem(
                     "decoded_column",
                     &file,
@@ -576,7 +610,7 @@ impl<'a> LogVerifier<'a> {
     }
 
     fn chain(&mut self, entry: &LogEntry, prepared: &Prepared, file: &str, row: u64) {
-        if !prepared.json {
+        if !prepared.check.json {
             self.problem(
                 "bad_payload",
                 file,
@@ -586,7 +620,7 @@ impl<'a> LogVerifier<'a> {
             );
             return;
         }
-        let Some(seq) = prepared.seq else {
+        let Some(seq) = prepared.check.seq else {
             self.problem(
                 "bad_payload",
                 file,
@@ -597,11 +631,11 @@ impl<'a> LogVerifier<'a> {
             return;
         };
         let digest = prepared.digest;
-        let prev = prepared.prev.as_deref().and_then(|text| hex::decode(text).ok());
+        let prev = prepared.check.prev;
         let problem = match self.chains.get(&entry.keyid) {
             None if seq == 0 || entry.gap == Some((0, seq - 1)) => None,
             None => Some(("chain_gap", format!("first entry of `{}` has seq {seq} without a recorded gap", entry.keyid))),
-            Some(head) if seq == head.seq + 1 => (prev.as_deref() != Some(&head.digest[..])).then(|| {
+            Some(head) if seq == head.seq + 1 => (prev != Some(head.digest)).then(|| {
                 (
                     "chain_broken",
                     format!(
@@ -627,14 +661,17 @@ impl<'a> LogVerifier<'a> {
         if let Some((code, detail)) = problem {
             self.problem(code, file, Some(row), Some(entry.log_index), detail);
         }
-        self.chains.insert(
-            entry.keyid.clone(),
-            ChainHead {
-                seq,
-                digest,
-                log_index: entry.log_index,
-            },
-        );
+        let head = ChainHead {
+            seq,
+            digest,
+            log_index: entry.log_index,
+        };
+        match self.chains.get_mut(&entry.keyid) {
+            Some(existing) => *existing = head,
+            None => {
+                self.chains.insert(entry.keyid.clone(), head);
+            }
+        }
     }
 
     fn wal(
@@ -652,14 +689,9 @@ impl<'a> LogVerifier<'a> {
             progress(bytes.len() as u64);
             let name = display(path);
             let scan = crate::wal::scan(&bytes);
-            let prepared = {
-                use rayon::prelude::*;
-                prepare_all(
-                    scan.entries.par_iter().map(|(_, entry)| entry),
-                    &self.keys,
-                    self.options.signatures,
-                )
-            };
+            let entries: Vec<(&LogEntry, Option<&Decoded>)> =
+                scan.entries.iter().map(|(_, entry)| (entry, None)).collect();
+            let prepared = prepare_all(&entries, &self.keys, self.options.signatures);
             for (record, ((_, entry), prepared)) in scan.entries.iter().zip(prepared).enumerate() {
                 if entry.log_index < sealed_end {
                     continue;
