@@ -94,3 +94,66 @@ fn reopen(dir: &std::path::Path) -> Result<custos_store::Log, custos_store::Stor
         &mut |_| {},
     )
 }
+
+#[test]
+fn entries_that_disagree_with_the_signed_checkpoint_refuse_to_start() {
+    let built = build_with_wal_tail(30, 12);
+    // Rewrite a checkpointed WAL record with a valid checksum: only the tree can tell.
+    let wal = built.wal_files().last().unwrap().clone();
+    let bytes = std::fs::read(&wal).unwrap();
+    let scan = custos_store::wal::scan(&bytes);
+    let mut forged = Vec::from(custos_store::wal::MAGIC.as_slice());
+    for (position, (_, entry)) in scan.entries.iter().enumerate() {
+        let mut entry = entry.clone();
+        if position == 3 {
+            entry.ingest_ts_us += 1;
+        }
+        custos_store::wal::encode_record(&entry, &mut forged);
+    }
+    std::fs::write(&wal, forged).unwrap();
+    let error = reopen(built.path()).unwrap_err();
+    assert!(
+        error.to_string().contains("do not match the signed checkpoint"),
+        "{error}"
+    );
+    let report = verify(built.path());
+    let mismatch = report.problems.iter().find(|problem| problem.code == "root_mismatch");
+    assert!(mismatch.is_some(), "{:#?}", report.problems);
+}
+
+#[test]
+fn checkpoints_follow_the_interval_as_well_as_the_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = custos_store::StoreInfo::open(dir.path(), true).unwrap();
+    let config = custos_store::LogConfig {
+        segment_max_entries: 1_000,
+        checkpoint_every: 1_000,
+        checkpoint_interval: std::time::Duration::from_millis(50),
+    };
+    let mut log = custos_store::Log::open(
+        dir.path(),
+        &info.store_id,
+        "0",
+        config,
+        custos_store::OpenMode::ReadWrite,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        log.latest_checkpoint().unwrap().0.size,
+        0,
+        "a new log signs its empty tree"
+    );
+    let mut signers = crate::support::signers();
+    append_events(&mut log, &mut signers, 2);
+    assert_eq!(
+        log.latest_checkpoint().unwrap().0.size,
+        0,
+        "neither 1000 entries nor 50 ms yet"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    log.maintain().unwrap();
+    let (checkpoint, note) = log.latest_checkpoint().unwrap().clone();
+    assert_eq!(checkpoint.size, 2);
+    custos_store::checkpoint::verify_checkpoint(&note, log.note_key()).unwrap();
+}
