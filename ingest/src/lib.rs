@@ -89,6 +89,8 @@ pub enum NodeError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("the node stopped: {0}")]
     Stopped(String),
+    #[error("`{0}` is in use by another running `custos serve`; one node per data directory")]
+    Locked(String),
 }
 
 /// An error answer: HTTP status, stable code, sentence.
@@ -137,6 +139,16 @@ impl Running {
 /// Opens the store (recovering from the WAL), binds the listener and serves.
 pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
     fs_err::create_dir_all(&config.data)?;
+    // One writer per store: an OS lock, released by the kernel if the process dies.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(config.data.join("LOCK"))?;
+    lock.try_lock().map_err(|error| match error {
+        std::fs::TryLockError::WouldBlock => NodeError::Locked(config.data.display().to_string()),
+        std::fs::TryLockError::Error(error) => NodeError::Io(error),
+    })?;
     let node_key =
         custos_store::keyfile::load_or_create(&config.data.join("node.key")).map_err(custos_store::StoreError::from)?;
     let (tokens, admin_token) = Tokens::open(&config.data)?;
@@ -185,6 +197,7 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
             .await
             .map_err(|_| NodeError::Stopped("the sequencer is gone".into()))?;
         drop(commands);
+        let _lock = lock;
         tokio::task::spawn_blocking(move || writer.join())
             .await
             .map_err(|error| NodeError::Stopped(error.to_string()))?

@@ -43,3 +43,15 @@ async fn registry_and_chains_survive_a_restart() {
     let report = custos_store::verify::verify_store(dir.path(), &Default::default(), &mut |_, _| {}).unwrap();
     assert!(report.ok(), "{:#?}", report.problems);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_store_is_refused() {
+    let node = Node::start().await;
+    let second = custos_ingest::start(crate::support::config(node.dir.path())).await;
+    let error = second.err().expect("a second writer must be refused");
+    assert!(error.to_string().contains("in use by another running"), "{error}");
+    let (dir, config) = node.stop().await;
+    // Once the first has stopped, the store opens again.
+    let node = Node::start_in(dir, config).await;
+    node.stop().await;
+}
