@@ -515,8 +515,9 @@ impl Sequencer {
         let ts = payload.ts;
         let digest = verified.digest;
         self.registry.apply_event(&did, seq, digest, log_index, ts);
-        entries.push(LogEntry::from_envelope(
+        entries.push(LogEntry::from_digested(
             verified.envelope,
+            digest,
             log_index,
             now.timestamp_micros(),
             gap,

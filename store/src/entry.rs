@@ -26,6 +26,18 @@ pub const LEAF_PREFIX: &[u8; 14] = b"custos/leaf/v1";
 impl LogEntry {
     pub fn from_envelope(envelope: Envelope, log_index: u64, ingest_ts_us: i64, gap: Option<(u64, u64)>) -> Self {
         let payload_blake3 = envelope.payload_digest();
+        Self::from_digested(envelope, payload_blake3, log_index, ingest_ts_us, gap)
+    }
+
+    /// [`LogEntry::from_envelope`] for an envelope whose payload blake3 is already known
+    /// (ingest computes it while verifying).
+    pub fn from_digested(
+        envelope: Envelope,
+        payload_blake3: [u8; 32],
+        log_index: u64,
+        ingest_ts_us: i64,
+        gap: Option<(u64, u64)>,
+    ) -> Self {
         Self {
             log_index,
             ingest_ts_us,
