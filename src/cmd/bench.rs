@@ -45,7 +45,7 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
 }
 
 pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    let temporary = tempfile_dir()?;
+    let temporary = super::scratch_dir("custos-bench")?;
     let data = args.data.clone().unwrap_or_else(|| temporary.clone());
     let connections = args.connections.max(1);
     eprintln!("signing {} events for {} agents…", args.events, args.agents);
@@ -185,12 +185,6 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         fs_err::remove_dir_all(&temporary).ok();
     }
     Ok(())
-}
-
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let mut suffix = [0u8; 4];
-    suffix.copy_from_slice(&custos_event::AgentKey::generate()?.seed()[..4]);
-    Ok(std::env::temp_dir().join(format!("custos-bench-{}", hex::encode(suffix))))
 }
 
 fn directory_bytes(dir: &std::path::Path) -> u64 {

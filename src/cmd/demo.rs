@@ -40,11 +40,7 @@ fn section(title: &str) {
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let data = match args.data.clone() {
         Some(data) => data,
-        None => {
-            let mut suffix = [0u8; 4];
-            suffix.copy_from_slice(&AgentKey::generate()?.seed()[..4]);
-            std::env::temp_dir().join(format!("custos-demo-{}", hex::encode(suffix)))
-        }
+        None => super::scratch_dir("custos-demo")?,
     };
     let mut config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
     config.log.segment_max_entries = 5_000;

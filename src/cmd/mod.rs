@@ -9,3 +9,10 @@ pub(crate) mod fleet;
 pub(crate) mod proof;
 pub(crate) mod serve;
 pub(crate) mod verify;
+
+/// A new, uniquely named directory path under the system temp dir (not yet created).
+pub(crate) fn scratch_dir(prefix: &str) -> anyhow::Result<std::path::PathBuf> {
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(|error| anyhow::anyhow!("random source: {error}"))?;
+    Ok(std::env::temp_dir().join(format!("{prefix}-{}", hex::encode(suffix))))
+}

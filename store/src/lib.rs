@@ -92,7 +92,7 @@ impl StoreInfo {
         }
         fs_err::create_dir_all(data)?;
         let mut id = [0u8; 8];
-        getrandom_fill(&mut id)?;
+        getrandom::fill(&mut id).map_err(|error| StoreError::Internal(format!("random source: {error}")))?;
         let info = StoreInfo {
             format: 1,
             store_id: hex::encode(id),
@@ -106,14 +106,6 @@ impl StoreInfo {
         fsync_dir(data)?;
         Ok(info)
     }
-}
-
-fn getrandom_fill(buffer: &mut [u8]) -> Result<(), StoreError> {
-    let key = custos_event::AgentKey::generate().map_err(|error| StoreError::Internal(error.to_string()))?;
-    let seed = key.seed();
-    let length = buffer.len().min(32);
-    buffer[..length].copy_from_slice(&seed[..length]);
-    Ok(())
 }
 
 /// Where one log's files live. The log id is in every path and file name.

@@ -307,7 +307,7 @@ impl<'a> LogVerifier<'a> {
 
         // Checkpoints beyond what the files hold, and consistency between neighbours.
         let size = self.tree.size();
-        for (line, checkpoint_size, root) in &checkpoints {
+        for (line, checkpoint_size, _) in &checkpoints {
             if *checkpoint_size > size {
                 self.problem(
                     "checkpoint_beyond_log",
@@ -319,7 +319,6 @@ impl<'a> LogVerifier<'a> {
                     ),
                 );
             }
-            let _ = root;
         }
         for pair in checkpoints.windows(2) {
             let ((_, from, from_root), (line, to, to_root)) = (&pair[0], &pair[1]);
