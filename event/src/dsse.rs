@@ -16,15 +16,19 @@ pub const CONTROL_PAYLOAD_TYPE: &str = "application/vnd.custos.control+json";
 /// The DSSE pre-authentication encoding of `(payload_type, payload)`.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload_type.len() + payload.len() + 32);
-    out.extend_from_slice(b"DSSEv1 ");
-    out.extend_from_slice(payload_type.len().to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(payload_type.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(payload.len().to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(payload);
+    pae_into(&mut out, payload_type, payload);
     out
+}
+
+/// [`pae`], appended to `out`: lets a batch build all its messages in one buffer.
+pub fn pae_into(out: &mut Vec<u8>, payload_type: &str, payload: &[u8]) {
+    use std::io::Write as _;
+    out.extend_from_slice(b"DSSEv1 ");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{} ", payload_type.len());
+    out.extend_from_slice(payload_type.as_bytes());
+    let _ = write!(out, " {} ", payload.len());
+    out.extend_from_slice(payload);
 }
 
 /// A single-signature DSSE envelope with its payload and signature decoded.

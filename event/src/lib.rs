@@ -30,7 +30,7 @@ pub mod sign;
 pub mod verify;
 
 pub use did::{did_from_public_key, public_key_from_did};
-pub use dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, pae};
+pub use dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, pae, pae_into};
 pub use ed25519_dalek::VerifyingKey;
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};

@@ -132,6 +132,7 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             &custos_store::verify::VerifyOptions {
                 signatures: true,
                 log_key: None,
+                ..Default::default()
             },
             &mut |_, _| {},
         )

@@ -234,6 +234,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         &custos_store::verify::VerifyOptions {
             signatures: true,
             log_key: None,
+            ..Default::default()
         },
     )?;
     super::verify::print_report(&report, started.elapsed());

@@ -35,6 +35,7 @@ pub(crate) fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let options = VerifyOptions {
         signatures: args.signatures,
         log_key: args.log_key.clone(),
+        ..Default::default()
     };
     let started = std::time::Instant::now();
     let report = match verify_with_progress(args, &options) {

@@ -77,6 +77,41 @@ impl LogEntry {
 
     /// `SHA-256(0x00 ‖ leaf_bytes)`, hashed from the parts without building the leaf.
     pub fn leaf_hash(&self) -> crate::merkle::Hash {
+        self.view().leaf_hash()
+    }
+
+    /// A borrowed view of this entry.
+    pub fn view(&self) -> EntryRef<'_> {
+        EntryRef {
+            log_index: self.log_index,
+            ingest_ts_us: self.ingest_ts_us,
+            payload_type: &self.payload_type,
+            keyid: &self.keyid,
+            sig: &self.sig,
+            payload: &self.payload,
+            payload_blake3: &self.payload_blake3,
+            gap: self.gap,
+        }
+    }
+}
+
+/// A [`LogEntry`] borrowed from wherever it lies (an Arrow batch, a WAL buffer), so the
+/// verifier can check rows without copying them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub log_index: u64,
+    pub ingest_ts_us: i64,
+    pub payload_type: &'a str,
+    pub keyid: &'a str,
+    pub sig: &'a [u8; 64],
+    pub payload: &'a [u8],
+    pub payload_blake3: &'a [u8; 32],
+    pub gap: Option<(u64, u64)>,
+}
+
+impl EntryRef<'_> {
+    /// The RFC 9162 leaf hash: SHA-256 of 0x00 then the leaf bytes, streamed (no buffer).
+    pub fn leaf_hash(&self) -> crate::merkle::Hash {
         use sha2::Digest as _;
         let mut hasher = sha2::Sha256::new();
         hasher.update([0u8]);
@@ -89,6 +124,19 @@ impl LogEntry {
         hasher.update(self.payload_blake3);
         hasher.update(self.ingest_ts_us.to_be_bytes());
         hasher.finalize().into()
+    }
+
+    pub fn to_owned_entry(&self) -> LogEntry {
+        LogEntry {
+            log_index: self.log_index,
+            ingest_ts_us: self.ingest_ts_us,
+            payload_type: self.payload_type.to_owned(),
+            keyid: self.keyid.to_owned(),
+            sig: *self.sig,
+            payload: self.payload.to_vec(),
+            payload_blake3: *self.payload_blake3,
+            gap: self.gap,
+        }
     }
 }
 

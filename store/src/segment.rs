@@ -17,7 +17,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::entry::LogEntry;
+use crate::entry::{EntryRef, LogEntry};
 
 /// Key-value metadata keys written into every segment footer.
 pub const META_LOG_ID: &str = "custos.log_id";
@@ -98,6 +98,35 @@ impl Decoded {
     }
 }
 
+impl Decoded {
+    /// A borrowed view, for comparisons that should not allocate.
+    pub fn view(&self) -> DecodedRef<'_> {
+        DecodedRef {
+            strings: std::array::from_fn(|slot| self.strings[slot].as_deref()),
+            numbers: self.numbers,
+            ts_us: self.ts_us,
+        }
+    }
+}
+
+/// [`Decoded`] borrowed from wherever it lies (an Arrow batch, a [`Decoded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodedRef<'a> {
+    pub strings: [Option<&'a str>; 13],
+    pub numbers: [Option<u64>; 5],
+    pub ts_us: Option<i64>,
+}
+
+impl DecodedRef<'_> {
+    pub fn to_owned_decoded(&self) -> Decoded {
+        Decoded {
+            strings: self.strings.map(|slot| slot.map(str::to_owned)),
+            numbers: self.numbers,
+            ts_us: self.ts_us,
+        }
+    }
+}
+
 /// What one parse of a payload tells the verifier.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PayloadCheck {
@@ -112,13 +141,13 @@ pub struct PayloadCheck {
 
 /// Parses `payload` once: compares it with the `stored` decoded columns (when given)
 /// without building owned copies in the common case, and extracts the chain link.
-pub fn check_payload(payload: &[u8], stored: Option<&Decoded>) -> PayloadCheck {
+pub fn check_payload(payload: &[u8], stored: Option<DecodedRef<'_>>) -> PayloadCheck {
     let hex32 = |text: &str| {
         let mut out = [0u8; 32];
         hex::decode_to_slice(text, &mut out).ok().map(|()| out)
     };
     if let Ok(fields) = serde_json::from_slice::<Fields<'_>>(payload) {
-        let columns_match = stored.is_none_or(|stored| fields.matches(stored));
+        let columns_match = stored.is_none_or(|stored| fields.matches(&stored));
         return PayloadCheck {
             json: true,
             columns_match,
@@ -129,7 +158,7 @@ pub fn check_payload(payload: &[u8], stored: Option<&Decoded>) -> PayloadCheck {
     let (derived, json) = Decoded::parse(payload);
     PayloadCheck {
         json,
-        columns_match: stored.is_none_or(|stored| *stored == derived),
+        columns_match: stored.is_none_or(|stored| stored == derived.view()),
         seq: derived.numbers[0],
         prev: derived.strings[1].as_deref().and_then(hex32),
     }
@@ -180,7 +209,7 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     /// Whether `stored` equals `self.into_decoded()`, without allocating for strings.
-    fn matches(&self, stored: &Decoded) -> bool {
+    fn matches(&self, stored: &DecodedRef<'_>) -> bool {
         let strings = [
             &self.agent,
             &self.prev,
@@ -198,7 +227,7 @@ impl Fields<'_> {
         let strings_match = strings
             .iter()
             .zip(&stored.strings)
-            .all(|(ours, theirs)| ours.as_deref() == theirs.as_deref());
+            .all(|(ours, theirs)| ours.as_deref() == *theirs);
         let numbers = [self.seq, self.bytes_in, self.bytes_out, self.tokens_in, self.tokens_out];
         let ts_us = self
             .ts
@@ -210,7 +239,7 @@ impl Fields<'_> {
             .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
             .filter(serde_json::Value::is_object)
             .map(|value| value.to_string());
-        strings_match && numbers == stored.numbers && ts_us == stored.ts_us && attrs == stored.strings[12]
+        strings_match && numbers == stored.numbers && ts_us == stored.ts_us && attrs.as_deref() == stored.strings[12]
     }
 
     fn into_decoded(self) -> Decoded {
@@ -435,6 +464,54 @@ pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
     })
 }
 
+/// A segment opened for streaming: the footer's key/value metadata at once, then its rows
+/// in batches, so a reader can hand rows on before the whole file is decoded.
+pub struct SegmentReader {
+    pub metadata: Vec<(String, String)>,
+    batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+}
+
+/// Opens a segment file for streaming, `batch_rows` rows at a time. A truncated file fails
+/// here (no footer); damage inside a page fails at the batch that holds it.
+pub fn open_stream(bytes: Bytes, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(batch_rows.max(1));
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|pairs| {
+            pairs
+                .iter()
+                .map(|pair| (pair.key.clone(), pair.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(SegmentReader {
+        metadata,
+        batches: builder.build()?,
+    })
+}
+
+impl SegmentReader {
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Iterator for SegmentReader {
+    /// A batch whose columns have been checked: [`BatchView::new`] succeeds on it.
+    type Item = Result<RecordBatch, SegmentError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = self.batches.next()?;
+        Some(
+            batch
+                .map_err(SegmentError::from)
+                .and_then(|batch| BatchView::new(&batch).map(|_| ()).map(|()| batch)),
+        )
+    }
+}
+
 /// blake3 of a whole file, hashed on every core.
 pub fn file_digest(bytes: &[u8]) -> String {
     let mut hasher = blake3::Hasher::new();
@@ -449,53 +526,111 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &'static str) -> Result<
         .ok_or(SegmentError::Column(name))
 }
 
+/// The columns of one decoded record batch, checked for presence and type once, so rows
+/// can be viewed in place.
+pub struct BatchView<'a> {
+    log_index: &'a UInt64Array,
+    ingest_ts: &'a TimestampMicrosecondArray,
+    payload_type: &'a StringArray,
+    keyid: &'a StringArray,
+    ts: &'a TimestampMicrosecondArray,
+    strings: [&'a StringArray; 13],
+    numbers: [&'a UInt64Array; 5],
+    gap_from: &'a UInt64Array,
+    gap_to: &'a UInt64Array,
+    payload: &'a BinaryArray,
+    sig: &'a FixedSizeBinaryArray,
+    digest: &'a FixedSizeBinaryArray,
+    rows: usize,
+}
+
+impl<'a> BatchView<'a> {
+    pub fn new(batch: &'a RecordBatch) -> Result<Self, SegmentError> {
+        let mut strings = Vec::with_capacity(STRING_FIELDS.len());
+        for name in STRING_FIELDS {
+            strings.push(column::<StringArray>(batch, name)?);
+        }
+        let mut numbers = Vec::with_capacity(NUMBER_FIELDS.len());
+        for name in NUMBER_FIELDS {
+            numbers.push(column::<UInt64Array>(batch, name)?);
+        }
+        let sig: &FixedSizeBinaryArray = column(batch, "sig")?;
+        let digest: &FixedSizeBinaryArray = column(batch, "payload_blake3")?;
+        if sig.value_length() != 64 {
+            return Err(SegmentError::Column("sig"));
+        }
+        if digest.value_length() != 32 {
+            return Err(SegmentError::Column("payload_blake3"));
+        }
+        Ok(Self {
+            log_index: column(batch, "log_index")?,
+            ingest_ts: column(batch, "ingest_ts")?,
+            payload_type: column(batch, "payload_type")?,
+            keyid: column(batch, "keyid")?,
+            ts: column(batch, "ts")?,
+            strings: strings.try_into().map_err(|_| SegmentError::Column("agent"))?,
+            numbers: numbers.try_into().map_err(|_| SegmentError::Column("seq"))?,
+            gap_from: column(batch, "gap_from")?,
+            gap_to: column(batch, "gap_to")?,
+            payload: column(batch, "payload")?,
+            sig,
+            digest,
+            rows: batch.num_rows(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Row `row` (below [`BatchView::len`]) as stored.
+    pub fn entry(&self, row: usize) -> Result<EntryRef<'a>, SegmentError> {
+        let option_u64 = |array: &UInt64Array| (!array.is_null(row)).then(|| array.value(row));
+        Ok(EntryRef {
+            log_index: self.log_index.value(row),
+            ingest_ts_us: self.ingest_ts.value(row),
+            payload_type: self.payload_type.value(row),
+            keyid: self.keyid.value(row),
+            sig: self
+                .sig
+                .value(row)
+                .try_into()
+                .map_err(|_| SegmentError::Column("sig"))?,
+            payload: self.payload.value(row),
+            payload_blake3: self
+                .digest
+                .value(row)
+                .try_into()
+                .map_err(|_| SegmentError::Column("payload_blake3"))?,
+            gap: option_u64(self.gap_from).zip(option_u64(self.gap_to)),
+        })
+    }
+
+    /// Row `row`'s decoded columns as stored.
+    pub fn decoded(&self, row: usize) -> DecodedRef<'a> {
+        DecodedRef {
+            strings: self
+                .strings
+                .map(|array| (!array.is_null(row)).then(|| array.value(row))),
+            numbers: self
+                .numbers
+                .map(|array| (!array.is_null(row)).then(|| array.value(row))),
+            ts_us: (!self.ts.is_null(row)).then(|| self.ts.value(row)),
+        }
+    }
+}
+
 fn read_batch(batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), SegmentError> {
-    let log_index: &UInt64Array = column(batch, "log_index")?;
-    let ingest_ts: &TimestampMicrosecondArray = column(batch, "ingest_ts")?;
-    let payload_type: &StringArray = column(batch, "payload_type")?;
-    let keyid: &StringArray = column(batch, "keyid")?;
-    let ts: &TimestampMicrosecondArray = column(batch, "ts")?;
-    let strings = STRING_FIELDS
-        .iter()
-        .map(|name| column::<StringArray>(batch, name))
-        .collect::<Result<Vec<_>, _>>()?;
-    let numbers = NUMBER_FIELDS
-        .iter()
-        .map(|name| column::<UInt64Array>(batch, name))
-        .collect::<Result<Vec<_>, _>>()?;
-    let gap_from: &UInt64Array = column(batch, "gap_from")?;
-    let gap_to: &UInt64Array = column(batch, "gap_to")?;
-    let payload: &BinaryArray = column(batch, "payload")?;
-    let sig: &FixedSizeBinaryArray = column(batch, "sig")?;
-    let digest: &FixedSizeBinaryArray = column(batch, "payload_blake3")?;
-    let option_u64 = |array: &UInt64Array, row: usize| (!array.is_null(row)).then(|| array.value(row));
-    for row in 0..batch.num_rows() {
-        let mut decoded = Decoded {
-            ts_us: (!ts.is_null(row)).then(|| ts.value(row)),
-            ..Decoded::default()
-        };
-        for (slot, array) in decoded.strings.iter_mut().zip(&strings) {
-            *slot = (!array.is_null(row)).then(|| array.value(row).to_owned());
-        }
-        for (slot, array) in decoded.numbers.iter_mut().zip(&numbers) {
-            *slot = option_u64(array, row);
-        }
-        let gap = option_u64(gap_from, row).zip(option_u64(gap_to, row));
+    let view = BatchView::new(batch)?;
+    rows.reserve(view.len());
+    for row in 0..view.len() {
         rows.push(Row {
-            entry: LogEntry {
-                log_index: log_index.value(row),
-                ingest_ts_us: ingest_ts.value(row),
-                payload_type: payload_type.value(row).to_owned(),
-                keyid: keyid.value(row).to_owned(),
-                sig: sig.value(row).try_into().map_err(|_| SegmentError::Column("sig"))?,
-                payload: payload.value(row).to_vec(),
-                payload_blake3: digest
-                    .value(row)
-                    .try_into()
-                    .map_err(|_| SegmentError::Column("payload_blake3"))?,
-                gap,
-            },
-            decoded,
+            entry: view.entry(row)?.to_owned_entry(),
+            decoded: view.decoded(row).to_owned_decoded(),
         });
     }
     Ok(())
@@ -530,13 +665,13 @@ mod tests {
         }
         for payload in payloads {
             let derived = Decoded::parse(payload).0;
-            assert!(check_payload(payload, Some(&derived)).columns_match);
+            assert!(check_payload(payload, Some(derived.view())).columns_match);
             let mut other = derived.clone();
             other.numbers[4] = Some(424_242);
-            assert!(!check_payload(payload, Some(&other)).columns_match);
+            assert!(!check_payload(payload, Some(other.view())).columns_match);
             let mut other = derived.clone();
             other.strings[3] = Some("file_read".into());
-            assert!(!check_payload(payload, Some(&other)).columns_match);
+            assert!(!check_payload(payload, Some(other.view())).columns_match);
         }
         assert_eq!(check_payload(payloads[0], None).seq, Some(3));
         assert!(Decoded::parse(payloads[0]).1);

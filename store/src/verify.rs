@@ -13,10 +13,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::checkpoint::{NoteKey, verify_checkpoint};
-use crate::entry::LogEntry;
+use crate::entry::EntryRef;
 use crate::log::{CheckpointLine, SegmentInfo, read_ndjson};
 use crate::merkle::{Hash, Tree, verify_consistency};
-use crate::segment::Decoded;
+use crate::segment::{BatchView, DecodedRef};
 use crate::{LogPaths, StoreError, StoreInfo, read_object};
 
 /// What to check beyond structure and hashes.
@@ -26,6 +26,10 @@ pub struct VerifyOptions {
     pub signatures: bool,
     /// Expected checkpoint verifier key (`name+id+key`), pinned from a trusted source.
     pub log_key: Option<String>,
+    /// Rows handed from the reader thread to the checks at a time (default
+    /// [`CHUNK_ROWS`]). Only throughput depends on it; tests make it small to cross chunk
+    /// boundaries often.
+    pub chunk_rows: Option<usize>,
 }
 
 /// One thing that does not add up.
@@ -137,97 +141,151 @@ struct LogVerifier<'a> {
     expected_roots: BTreeMap<u64, Vec<(usize, Hash)>>,
     /// Once entries are missing, later roots cannot be compared.
     broken_at: Option<u64>,
-    keys: custos_event::KeyCache,
+    keys: std::sync::Arc<custos_event::KeyCache>,
 }
 
-/// A segment file as read and decoded by the reader thread.
-enum Loaded {
+/// Rows per chunk handed from the reader thread to the checks: small enough that the
+/// pipeline fills at once, large enough that each chunk keeps both cores busy.
+pub const CHUNK_ROWS: usize = 8192;
+
+/// What the reader thread hands on, in order, for each segment of the manifest.
+enum Feed {
+    /// The file could not be read at all; nothing else follows for this segment.
     Missing(String),
-    Read {
+    /// The file was read and hashed; the footer parsed or not. Chunks then `Done` follow.
+    Opened {
         len: u64,
         digest: String,
-        segment: Result<crate::segment::Segment, String>,
+        footer: Result<Vec<(String, String)>, String>,
     },
+    /// Decoded rows with their order-independent checks already done.
+    Rows(arrow::array::RecordBatch, Vec<Prepared>),
+    /// Decoding failed part-way through the file.
+    Damaged(String),
+    Done,
 }
 
-fn load(dir: &Path, info: &SegmentInfo) -> Loaded {
-    match read_object(dir, &info.file) {
-        Err(error) => Loaded::Missing(error.to_string()),
-        Ok(bytes) => Loaded::Read {
-            len: bytes.len() as u64,
-            digest: crate::segment::file_digest(&bytes),
-            segment: crate::segment::decode(bytes).map_err(|error| error.to_string()),
-        },
+/// Reads, hashes, decodes and prepares every segment of `manifest` in order, sending what
+/// it finds down `sender`. Runs on its own thread beside the checks and signature batches.
+fn feed(dir: &Path, manifest: &[SegmentInfo], chunk_rows: usize, sender: &std::sync::mpsc::SyncSender<Feed>) {
+    for info in manifest {
+        let bytes = match read_object(dir, &info.file) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                if sender.send(Feed::Missing(error.to_string())).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let len = bytes.len() as u64;
+        let digest = crate::segment::file_digest(&bytes);
+        let stream = crate::segment::open_stream(bytes, chunk_rows);
+        let footer = match &stream {
+            Ok(reader) => Ok(reader.metadata.clone()),
+            Err(error) => Err(error.to_string()),
+        };
+        if sender.send(Feed::Opened { len, digest, footer }).is_err() {
+            return;
+        }
+        for batch in stream.into_iter().flatten() {
+            let message = match batch {
+                Ok(batch) => match prepare_batch(&batch) {
+                    Ok(prepared) => Feed::Rows(batch, prepared),
+                    Err(error) => Feed::Damaged(error.to_string()),
+                },
+                Err(error) => Feed::Damaged(error.to_string()),
+            };
+            let stop = matches!(message, Feed::Damaged(_));
+            if sender.send(message).is_err() {
+                return;
+            }
+            if stop {
+                break;
+            }
+        }
+        if sender.send(Feed::Done).is_err() {
+            return;
+        }
     }
 }
 
-/// The per-row work that does not depend on order, done in parallel before the ordered
-/// checks: one JSON parse, the digest, the decoded columns, the leaf, the key.
+/// The per-row work that does not depend on order, done before the ordered checks: one
+/// JSON parse, the digest, the decoded columns, the leaf.
 struct Prepared {
     digest: [u8; 32],
     check: crate::segment::PayloadCheck,
     leaf: Hash,
-    /// With `--signatures`: the signature check's outcome.
-    signature: Option<Result<(), String>>,
 }
 
-fn prepare(entry: &LogEntry, stored: Option<&Decoded>) -> Prepared {
+fn prepare(entry: EntryRef<'_>, stored: Option<DecodedRef<'_>>) -> Prepared {
     Prepared {
-        digest: *blake3::hash(&entry.payload).as_bytes(),
-        check: crate::segment::check_payload(&entry.payload, stored),
+        digest: *blake3::hash(entry.payload).as_bytes(),
+        check: crate::segment::check_payload(entry.payload, stored),
         leaf: entry.leaf_hash(),
-        signature: None,
     }
 }
 
-/// Prepares entries on every core, in chunks of [`custos_event::verify::BATCH`], each
-/// chunk's signatures checked with one batch verification.
-fn prepare_all(
-    entries: &[(&LogEntry, Option<&Decoded>)],
-    keys: &custos_event::KeyCache,
-    signatures: bool,
-) -> Vec<Prepared> {
+/// The order-independent checks of every row of a batch, borrowed in place.
+fn prepare_batch(batch: &arrow::array::RecordBatch) -> Result<Vec<Prepared>, crate::segment::SegmentError> {
+    let view = BatchView::new(batch)?;
+    (0..view.len())
+        .map(|row| Ok(prepare(view.entry(row)?, Some(view.decoded(row)))))
+        .collect()
+}
+
+fn entries_of(batch: &arrow::array::RecordBatch) -> Result<Vec<EntryRef<'_>>, crate::segment::SegmentError> {
+    let view = BatchView::new(batch)?;
+    (0..view.len()).map(|row| view.entry(row)).collect()
+}
+
+/// Checks the signatures of `entries` on every core, in batches of
+/// [`custos_event::verify::BATCH`]; returns the position and reason of each failure.
+fn signatures_of(entries: &[EntryRef<'_>], keys: &custos_event::KeyCache) -> Vec<(usize, String)> {
     use rayon::prelude::*;
-    let mut prepared: Vec<Prepared> = entries
-        .par_iter()
-        .map(|(entry, stored)| prepare(entry, *stored))
-        .collect();
-    if signatures {
-        // A separate pass, so the curve arithmetic runs without the parsing and hashing
-        // above evicting its tables from the caches.
-        let outcomes: Vec<Result<(), String>> = entries
-            .par_chunks(custos_event::verify::BATCH)
-            .flat_map_iter(|chunk| signature_batch(chunk, keys))
-            .collect();
-        for (prepared, outcome) in prepared.iter_mut().zip(outcomes) {
-            prepared.signature = Some(outcome);
-        }
-    }
-    prepared
+    entries
+        .par_chunks(custos_event::verify::BATCH)
+        .enumerate()
+        .flat_map_iter(|(number, chunk)| {
+            signature_batch(chunk, keys)
+                .into_iter()
+                .map(move |(position, detail)| (number * custos_event::verify::BATCH + position, detail))
+        })
+        .collect()
 }
 
-fn signature_batch(chunk: &[(&LogEntry, Option<&Decoded>)], keys: &custos_event::KeyCache) -> Vec<Result<(), String>> {
-    let mut outcomes = vec![Ok(()); chunk.len()];
+fn signature_batch(chunk: &[EntryRef<'_>], keys: &custos_event::KeyCache) -> Vec<(usize, String)> {
+    let mut failures = Vec::new();
+    // Every message of the batch goes into one buffer: (position, key, end offset).
+    let mut messages = Vec::with_capacity(chunk.iter().map(|entry| entry.payload.len() + 64).sum());
     let mut keyed = Vec::with_capacity(chunk.len());
-    for (position, (entry, _)) in chunk.iter().enumerate() {
-        match keys.get(&entry.keyid) {
-            Ok(key) => keyed.push((position, key, custos_event::pae(&entry.payload_type, &entry.payload))),
-            Err(error) => outcomes[position] = Err(format!("bad keyid: {error}")),
+    for (position, entry) in chunk.iter().enumerate() {
+        match keys.get(entry.keyid) {
+            Ok(key) => {
+                let start = messages.len();
+                custos_event::pae_into(&mut messages, entry.payload_type, entry.payload);
+                keyed.push((position, key, start..messages.len()));
+            }
+            Err(error) => failures.push((position, format!("bad keyid: {error}"))),
         }
     }
     let items: Vec<(&custos_event::VerifyingKey, &[u8], &[u8; 64])> = keyed
         .iter()
-        .map(|(position, key, message)| (key, message.as_slice(), &chunk[*position].0.sig))
+        .map(|(position, key, range)| (key, &messages[range.clone()], chunk[*position].sig))
         .collect();
     for ((position, _, _), ok) in keyed.iter().zip(custos_event::verify::verify_messages(&items)) {
         if !ok {
-            outcomes[*position] = Err(format!(
-                "signature by `{}` does not verify over the DSSE PAE",
-                chunk[*position].0.keyid
+            failures.push((
+                *position,
+                format!(
+                    "signature by `{}` does not verify over the DSSE PAE",
+                    chunk[*position].keyid
+                ),
             ));
         }
     }
-    outcomes
+    failures.sort_by_key(|(position, _)| *position);
+    failures
 }
 
 impl<'a> LogVerifier<'a> {
@@ -242,7 +300,7 @@ impl<'a> LogVerifier<'a> {
             signatures_checked: 0,
             expected_roots: BTreeMap::new(),
             broken_at: None,
-            keys: custos_event::KeyCache::default(),
+            keys: std::sync::Arc::default(),
         }
     }
 
@@ -283,23 +341,16 @@ impl<'a> LogVerifier<'a> {
                 );
             }
         }
-        // A reader thread reads, hashes and decodes the next segment while this one is checked.
+        // A reader thread reads, hashes, decodes and prepares rows ahead of the ordered
+        // checks; signature batches run on every core beside both.
         let segment_dir = self.paths.segment_dir.clone();
         std::thread::scope(|scope| {
-            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+            let (sender, receiver) = std::sync::mpsc::sync_channel(4);
             let infos = &manifest;
-            scope.spawn(move || {
-                for info in infos {
-                    if sender.send(load(&segment_dir, info)).is_err() {
-                        break;
-                    }
-                }
-            });
+            let chunk_rows = self.options.chunk_rows.unwrap_or(CHUNK_ROWS);
+            scope.spawn(move || feed(&segment_dir, infos, chunk_rows, &sender));
             for info in &manifest {
-                let loaded = receiver
-                    .recv()
-                    .unwrap_or_else(|_| Loaded::Missing("the segment reader stopped".into()));
-                self.segment(info, loaded, progress);
+                self.segment(info, &receiver, progress);
             }
         });
         let sealed_end = manifest.last().map_or(0, |info| info.end_index);
@@ -452,7 +503,7 @@ impl<'a> LogVerifier<'a> {
         Ok(out)
     }
 
-    fn segment(&mut self, info: &SegmentInfo, loaded: Loaded, progress: &mut dyn FnMut(u64)) {
+    fn segment(&mut self, info: &SegmentInfo, feed: &std::sync::mpsc::Receiver<Feed>, progress: &mut dyn FnMut(u64)) {
         let file = info.file.clone();
         if info.first_index != self.tree.size() && self.broken_at.is_none() {
             self.problem(
@@ -468,9 +519,17 @@ impl<'a> LogVerifier<'a> {
             );
             self.broken_at = Some(self.tree.size());
         }
-        let (len, digest, segment) = match loaded {
-            Loaded::Read { len, digest, segment } => (len, digest, segment),
-            Loaded::Missing(error) => {
+        let next = || {
+            feed.recv()
+                .unwrap_or_else(|_| Feed::Missing("the segment reader stopped".into()))
+        };
+        let (len, digest, footer) = match next() {
+            Feed::Opened { len, digest, footer } => (len, digest, footer),
+            other => {
+                let error = match other {
+                    Feed::Missing(error) => error,
+                    _ => "the segment reader is out of step".into(),
+                };
                 self.problem(
                     "segment_missing",
                     &file,
@@ -495,8 +554,24 @@ impl<'a> LogVerifier<'a> {
                 format!("blake3 is {digest}, the signed manifest records {}", info.blake3),
             );
         }
-        let segment = match segment {
-            Ok(segment) => segment,
+        let mut whole = match footer {
+            Ok(metadata) => {
+                let meta = |key: &str| metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+                let mut wrong = Vec::new();
+                for (key, expected) in [
+                    (crate::segment::META_LOG_ID, self.paths.log_id.clone()),
+                    (crate::segment::META_FIRST_INDEX, info.first_index.to_string()),
+                    (crate::segment::META_END_INDEX, info.end_index.to_string()),
+                ] {
+                    if meta(key) != Some(expected.as_str()) {
+                        wrong.push(format!("footer `{key}` is {:?}, expected `{expected}`", meta(key)));
+                    }
+                }
+                for detail in wrong {
+                    self.problem("segment_metadata", &file, None, Some(info.first_index), detail);
+                }
+                true
+            }
             Err(error) => {
                 self.problem(
                     "segment_unreadable",
@@ -506,70 +581,141 @@ impl<'a> LogVerifier<'a> {
                     format!("not a readable segment (truncated or corrupted): {error}"),
                 );
                 self.broken_at.get_or_insert(info.first_index);
-                return;
+                false
             }
         };
-        for (key, expected) in [
-            (crate::segment::META_LOG_ID, self.paths.log_id.clone()),
-            (crate::segment::META_FIRST_INDEX, info.first_index.to_string()),
-            (crate::segment::META_END_INDEX, info.end_index.to_string()),
-        ] {
-            if segment.meta(key) != Some(expected.as_str()) {
-                self.problem(
-                    "segment_metadata",
-                    &file,
-                    None,
-                    Some(info.first_index),
-                    format!("footer `{key}` is {:?}, expected `{expected}`", segment.meta(key)),
-                );
+        let mut row = 0u64;
+        loop {
+            match next() {
+                Feed::Rows(rows, prepared) => {
+                    self.rows(&file, row, &rows, prepared);
+                    row += rows.num_rows() as u64;
+                }
+                Feed::Done => break,
+                Feed::Damaged(error) | Feed::Missing(error) => {
+                    self.problem(
+                        "segment_unreadable",
+                        &file,
+                        Some(row),
+                        Some(self.tree.size()),
+                        format!("decoding stops at row {row} (truncated or corrupted): {error}"),
+                    );
+                    self.broken_at.get_or_insert(self.tree.size());
+                    whole = false;
+                    if matches!(next(), Feed::Done) {
+                        break;
+                    }
+                    return;
+                }
+                Feed::Opened { .. } => {
+                    self.problem(
+                        "segment_unreadable",
+                        &file,
+                        Some(row),
+                        None,
+                        "the segment reader is out of step".into(),
+                    );
+                    return;
+                }
             }
         }
         let expected_rows = info.end_index - info.first_index;
-        if segment.rows.len() as u64 != expected_rows {
+        if whole && row != expected_rows {
             self.problem(
                 "segment_rows",
                 &file,
                 None,
                 Some(info.first_index),
-                format!("holds {} rows, the manifest says {expected_rows}", segment.rows.len()),
+                format!("holds {row} rows, the manifest says {expected_rows}"),
             );
         }
-        let rows: Vec<(&LogEntry, Option<&Decoded>)> = segment
-            .rows
-            .iter()
-            .map(|row| (&row.entry, Some(&row.decoded)))
-            .collect();
-        let prepared = prepare_all(&rows, &self.keys, self.options.signatures);
-        for (row, (stored, prepared)) in segment.rows.iter().zip(prepared).enumerate() {
-            let expected_index = self.tree.size();
-            if stored.entry.log_index != expected_index {
+    }
+
+    /// One chunk of segment rows: their position and decoded columns, then the entry checks.
+    fn rows(&mut self, file: &str, first_row: u64, batch: &arrow::array::RecordBatch, prepared: Vec<Prepared>) {
+        // The reader thread checked the batch's columns; a failure here is reported, not assumed away.
+        let entries = match entries_of(batch) {
+            Ok(entries) => entries,
+            Err(error) => {
                 self.problem(
-                    "row_index",
-                    &file,
-                    Some(row as u64),
-                    Some(stored.entry.log_index),
-                    format!(
-                        "row holds log index {} where {expected_index} was expected: rows were deleted, added or reordered",
-                        stored.entry.log_index
-                    ),
+                    "segment_unreadable",
+                    file,
+                    Some(first_row),
+                    Some(self.tree.size()),
+                    format!("rows from {first_row} cannot be read: {error}"),
                 );
+                self.broken_at.get_or_insert(self.tree.size());
+                return;
             }
-            if !prepared.check.columns_match {
-                self.problem(
-                    "decoded_column",
-                    &file,
-                    Some(row as u64),
-                    Some(stored.entry.log_index),
-                    "a decoded column differs from the signed payload".into(),
-                );
-            }
-            self.entry(&stored.entry, prepared, &file, row as u64);
+        };
+        self.checked(
+            &entries,
+            file,
+            |position| first_row + position as u64,
+            |this| {
+                for (offset, (entry, prepared)) in entries.iter().zip(prepared).enumerate() {
+                    let row = first_row + offset as u64;
+                    let expected_index = this.tree.size();
+                    if entry.log_index != expected_index {
+                        this.problem(
+                            "row_index",
+                            file,
+                            Some(row),
+                            Some(entry.log_index),
+                            format!(
+                                "row holds log index {} where {expected_index} was expected: rows were deleted, added or reordered",
+                                entry.log_index
+                            ),
+                        );
+                    }
+                    if !prepared.check.columns_match {
+                        this.problem(
+                            "decoded_column",
+                            file,
+                            Some(row),
+                            Some(entry.log_index),
+                            "a decoded column differs from the signed payload".into(),
+                        );
+                    }
+                    this.entry(*entry, prepared, file, row);
+                }
+            },
+        );
+    }
+
+    /// Runs the ordered checks on this thread while the signatures of `entries` (with
+    /// `--signatures`) are batch-verified on every core, then reports each failure at its row.
+    fn checked(
+        &mut self,
+        entries: &[EntryRef<'_>],
+        file: &str,
+        row_of: impl Fn(usize) -> u64,
+        ordered: impl FnOnce(&mut Self) + Send,
+    ) {
+        let keys = std::sync::Arc::clone(&self.keys);
+        let signatures = self.options.signatures;
+        let (failures, ()) = rayon::join(
+            || {
+                if signatures {
+                    signatures_of(entries, &keys)
+                } else {
+                    Vec::new()
+                }
+            },
+            || ordered(self),
+        );
+        if signatures {
+            self.signatures_checked += entries.len() as u64;
+        }
+        for (position, detail) in failures {
+            let log_index = entries[position].log_index;
+            self.problem("bad_signature", file, Some(row_of(position)), Some(log_index), detail);
         }
     }
 
     /// The ordered checks of one entry; appends its leaf.
-    fn entry(&mut self, entry: &LogEntry, prepared: Prepared, file: &str, row: u64) {
-        if prepared.digest != entry.payload_blake3 {
+    fn entry(&mut self, entry: EntryRef<'_>, prepared: Prepared, file: &str, row: u64) {
+        if prepared.digest != *entry.payload_blake3 {
             self.problem(
                 "payload_digest",
                 file,
@@ -578,37 +724,34 @@ impl<'a> LogVerifier<'a> {
                 "payload bytes do not match payload_blake3".into(),
             );
         }
-        self.chain(entry, &prepared, file, row);
-        if let Some(Err(detail)) = &prepared.signature {
-            self.problem("bad_signature", file, Some(row), Some(entry.log_index), detail.clone());
-        }
-        if prepared.signature.is_some() {
-            self.signatures_checked += 1;
-        }
+        self.chain(&entry, &prepared, file, row);
         self.tree.push(prepared.leaf);
         let size = self.tree.size();
-        if let Some(roots) = self.expected_roots.get(&size).cloned()
+        if let Some(roots) = self.expected_roots.get(&size)
             && self.broken_at.is_none()
         {
             let root = self.tree.root();
-            for (line, expected) in roots {
-                if expected != root {
-                    let checkpoints = display(&self.paths.checkpoints);
-                    self.problem(
-                        "root_mismatch",
-                        &checkpoints,
-                        Some(line as u64),
-                        Some(size - 1),
-                        format!(
-                            "the recomputed root at size {size} differs from the signed checkpoint: entries below log index {size} were altered"
-                        ),
-                    );
-                }
+            let mismatched: Vec<usize> = roots
+                .iter()
+                .filter(|(_, expected)| *expected != root)
+                .map(|(line, _)| *line)
+                .collect();
+            for line in mismatched {
+                let checkpoints = display(&self.paths.checkpoints);
+                self.problem(
+                    "root_mismatch",
+                    &checkpoints,
+                    Some(line as u64),
+                    Some(size - 1),
+                    format!(
+                        "the recomputed root at size {size} differs from the signed checkpoint: entries below log index {size} were altered"
+                    ),
+                );
             }
         }
     }
 
-    fn chain(&mut self, entry: &LogEntry, prepared: &Prepared, file: &str, row: u64) {
+    fn chain(&mut self, entry: &EntryRef<'_>, prepared: &Prepared, file: &str, row: u64) {
         if !prepared.check.json {
             self.problem(
                 "bad_payload",
@@ -631,7 +774,7 @@ impl<'a> LogVerifier<'a> {
         };
         let digest = prepared.digest;
         let prev = prepared.check.prev;
-        let problem = match self.chains.get(&entry.keyid) {
+        let problem = match self.chains.get(entry.keyid) {
             None if seq == 0 || entry.gap == Some((0, seq - 1)) => None,
             None => Some(("chain_gap", format!("first entry of `{}` has seq {seq} without a recorded gap", entry.keyid))),
             Some(head) if seq == head.seq + 1 => (prev != Some(head.digest)).then(|| {
@@ -665,10 +808,10 @@ impl<'a> LogVerifier<'a> {
             digest,
             log_index: entry.log_index,
         };
-        match self.chains.get_mut(&entry.keyid) {
+        match self.chains.get_mut(entry.keyid) {
             Some(existing) => *existing = head,
             None => {
-                self.chains.insert(entry.keyid.clone(), head);
+                self.chains.insert(entry.keyid.to_owned(), head);
             }
         }
     }
@@ -688,29 +831,43 @@ impl<'a> LogVerifier<'a> {
             progress(bytes.len() as u64);
             let name = display(path);
             let scan = crate::wal::scan(&bytes);
-            let entries: Vec<(&LogEntry, Option<&Decoded>)> =
-                scan.entries.iter().map(|(_, entry)| (entry, None)).collect();
-            let prepared = prepare_all(&entries, &self.keys, self.options.signatures);
-            for (record, ((_, entry), prepared)) in scan.entries.iter().zip(prepared).enumerate() {
-                if entry.log_index < sealed_end {
-                    continue;
-                }
-                if entry.log_index != self.tree.size() {
-                    self.problem(
-                        "wal_index",
-                        &name,
-                        Some(record as u64),
-                        Some(entry.log_index),
-                        format!(
-                            "WAL record holds log index {} where {} was expected",
-                            entry.log_index,
-                            self.tree.size()
-                        ),
-                    );
-                }
-                self.entry(entry, prepared, &name, record as u64);
-                count += 1;
-            }
+            // Records the sealed segments already hold are skipped.
+            let pending: Vec<(u64, EntryRef<'_>)> = scan
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, entry))| entry.log_index >= sealed_end)
+                .map(|(record, (_, entry))| (record as u64, entry.view()))
+                .collect();
+            let entries: Vec<EntryRef<'_>> = pending.iter().map(|(_, entry)| *entry).collect();
+            let prepared: Vec<Prepared> = {
+                use rayon::prelude::*;
+                entries.par_iter().map(|entry| prepare(*entry, None)).collect()
+            };
+            self.checked(
+                &entries,
+                &name,
+                |position| pending[position].0,
+                |this| {
+                    for ((record, entry), prepared) in pending.iter().zip(prepared) {
+                        if entry.log_index != this.tree.size() {
+                            this.problem(
+                                "wal_index",
+                                &name,
+                                Some(*record),
+                                Some(entry.log_index),
+                                format!(
+                                    "WAL record holds log index {} where {} was expected",
+                                    entry.log_index,
+                                    this.tree.size()
+                                ),
+                            );
+                        }
+                        this.entry(*entry, prepared, &name, *record);
+                    }
+                },
+            );
+            count += pending.len() as u64;
             if let Some(problem) = scan.problem {
                 // A tear at the very end, with every checkpointed entry already read, is a
                 // crash mid-write of something never acknowledged.

@@ -133,6 +133,7 @@ async fn concurrent_requests_get_unique_contiguous_indexes() {
         &custos_store::verify::VerifyOptions {
             signatures: true,
             log_key: None,
+            ..Default::default()
         },
         &mut |_, _| {},
     )

@@ -118,6 +118,8 @@ pub(crate) fn verify(dir: &Path) -> Report {
         &VerifyOptions {
             signatures: true,
             log_key: None,
+            // Small chunks, so problems are located across the verifier's chunk boundaries.
+            chunk_rows: Some(7),
         },
         &mut |_, _| {},
     )

@@ -228,6 +228,7 @@ fn replaced_checkpoint_is_detected() {
         &custos_store::verify::VerifyOptions {
             signatures: false,
             log_key: Some(real_key),
+            ..Default::default()
         },
         &mut |_, _| {},
     )
