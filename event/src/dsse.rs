@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub const EVENT_PAYLOAD_TYPE: &str = "application/vnd.custos.event+json";
 /// `payloadType` of a control entry written by a Custos node (enrollment, revocation).
 pub const CONTROL_PAYLOAD_TYPE: &str = "application/vnd.custos.control+json";
+/// A detector finding, signed by the detector key.
+pub const FINDING_PAYLOAD_TYPE: &str = "application/vnd.custos.finding+json";
+/// A response action record (OCSF Remediation Activity), signed by the responder key.
+pub const ACTION_PAYLOAD_TYPE: &str = "application/vnd.custos.action+json";
 
 /// The DSSE pre-authentication encoding of `(payload_type, payload)`.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {

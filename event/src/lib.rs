@@ -24,14 +24,18 @@
 
 pub mod did;
 pub mod dsse;
+pub mod observe;
 pub mod payload;
 pub mod reason;
 pub mod sign;
 pub mod verify;
 
 pub use did::{did_from_public_key, public_key_from_did};
-pub use dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, pae, pae_into};
+pub use dsse::{
+    ACTION_PAYLOAD_TYPE, CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, pae, pae_into,
+};
 pub use ed25519_dalek::VerifyingKey;
+pub use observe::{Feed, Observation, Signal};
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};
 pub use sign::{AgentKey, ChainState, Signer};
