@@ -1,0 +1,942 @@
+//! Custos respond: playbooks that turn findings into actions, with brakes.
+//!
+//! ```text
+//!  finding (as signed into the log by the detector)
+//!        │
+//!        ▼
+//!  playbooks: match type / severity / score / tags / realm
+//!        │
+//!        ▼
+//!  brakes: idempotency key ─▶ rate + blast-radius caps (else pause + escalate)
+//!        │                    ─▶ dry-run (record only)
+//!        ▼
+//!  ordered actions ─▶ require_approval parks the rest until approved, denied or expired
+//!        │
+//!        ▼
+//!  ActionRecord (OCSF Remediation 7001) ─▶ the node enforces it (registry, control feed)
+//!                                       ─▶ signed into the audit log by the responder key
+//! ```
+//!
+//! [`Responder`] only decides: it returns [`ActionRecord`]s, and the node carries out the
+//! executed ones (revocations and quarantines go through ingest's single writer, so they
+//! are ordered before the next event). Nothing here reads a clock: callers pass `now`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub mod webhook;
+
+/// A finding as the responder reads it: the detector's signed payload, decoded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Finding {
+    pub id: String,
+    pub agent: String,
+    pub realm: String,
+    #[serde(rename = "type")]
+    pub finding_type: String,
+    pub score: u8,
+    pub severity: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub memories: Vec<String>,
+    #[serde(default)]
+    pub title: String,
+    pub ts: DateTime<Utc>,
+}
+
+fn severity_rank(severity: &str) -> u8 {
+    match severity {
+        "critical" => 4,
+        "high" => 3,
+        "medium" => 2,
+        "low" => 1,
+        _ => 0,
+    }
+}
+
+/// Which findings a playbook acts on. Every given criterion must hold.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    #[serde(default)]
+    pub types: Vec<String>,
+    #[serde(default)]
+    pub min_severity: Option<String>,
+    #[serde(default)]
+    pub min_score: Option<u8>,
+    /// Any of these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub realms: Vec<String>,
+}
+
+impl Match {
+    pub fn matches(&self, finding: &Finding) -> bool {
+        (self.types.is_empty() || self.types.contains(&finding.finding_type))
+            && self
+                .min_severity
+                .as_deref()
+                .is_none_or(|min| severity_rank(&finding.severity) >= severity_rank(min))
+            && self.min_score.is_none_or(|min| finding.score >= min)
+            && (self.tags.is_empty() || self.tags.iter().any(|tag| finding.tags.contains(tag)))
+            && (self.realms.is_empty() || self.realms.contains(&finding.realm))
+    }
+}
+
+/// Rate and blast-radius caps, per playbook and realm, over a sliding hour.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Caps {
+    #[serde(default = "default_rate")]
+    pub max_actions_per_hour: usize,
+    #[serde(default = "default_blast")]
+    pub max_agents_per_hour: usize,
+}
+
+fn default_rate() -> usize {
+    60
+}
+
+fn default_blast() -> usize {
+    5
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Self {
+            max_actions_per_hour: default_rate(),
+            max_agents_per_hour: default_blast(),
+        }
+    }
+}
+
+/// One step of a playbook.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ActionSpec {
+    /// Revoke the agent; ingest cascades to its sub-agents.
+    RevokeAgent {},
+    /// Mark the agent quarantined: its events are still stored, the control feed says so.
+    QuarantineAgent {},
+    /// Quarantine `memory_id`, or every memory the agent wrote in the finding's window.
+    QuarantineMemory {
+        #[serde(default)]
+        memory_id: Option<String>,
+    },
+    RevokeCredential {
+        credential: String,
+    },
+    /// POST the finding as JSON, signed with HMAC-SHA256 of the body
+    /// (`X-Custos-Signature: sha256=<hex>`), retried with backoff.
+    Webhook {
+        url: String,
+        /// Name of the environment variable holding the HMAC secret (never the secret).
+        secret_env: String,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        #[serde(default = "default_retries")]
+        retries: u32,
+    },
+    /// Park the remaining actions until a responder approves or denies them.
+    RequireApproval {
+        #[serde(default = "default_expiry")]
+        expires_in_secs: i64,
+    },
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+fn default_expiry() -> i64 {
+    3600
+}
+
+impl ActionSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionSpec::RevokeAgent {} => "revoke_agent",
+            ActionSpec::QuarantineAgent {} => "quarantine_agent",
+            ActionSpec::QuarantineMemory { .. } => "quarantine_memory",
+            ActionSpec::RevokeCredential { .. } => "revoke_credential",
+            ActionSpec::Webhook { .. } => "webhook",
+            ActionSpec::RequireApproval { .. } => "require_approval",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Playbook {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Record what would be done, do nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    #[serde(default)]
+    pub caps: Caps,
+    pub actions: Vec<ActionSpec>,
+}
+
+/// The playbooks shipped in `respond/playbooks/`.
+pub const SHIPPED: [(&str, &str); 2] = [
+    ("contain.yml", include_str!("../playbooks/contain.yml")),
+    ("review.yml", include_str!("../playbooks/review.yml")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RespondError {
+    #[error("playbook `{file}`: {message}")]
+    Playbook { file: String, message: String },
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("no pending approval `{0}`")]
+    NoApproval(String),
+    #[error("no action `{0}`")]
+    NoAction(String),
+    #[error("action `{id}` ({action}) cannot be undone")]
+    NotUndoable { id: String, action: String },
+}
+
+pub fn parse_playbook(file: &str, text: &str) -> Result<Playbook, RespondError> {
+    let fail = |message: String| RespondError::Playbook {
+        file: file.to_owned(),
+        message,
+    };
+    // Through JSON: actions are written `- revoke_agent: {}`, a single-key map, which is
+    // serde's externally tagged form.
+    let value: Value = yaml_serde::from_str(text).map_err(|error| fail(error.to_string()))?;
+    let playbook: Playbook = serde_json::from_value(value).map_err(|error| fail(error.to_string()))?;
+    if playbook.actions.is_empty() {
+        return Err(RespondError::Playbook {
+            file: file.into(),
+            message: "`actions` is empty".into(),
+        });
+    }
+    Ok(playbook)
+}
+
+/// The shipped playbooks (unless `shipped` is false) plus every YAML file in `dir`.
+pub fn load_playbooks(shipped: bool, dir: Option<&Path>) -> Result<Vec<Playbook>, RespondError> {
+    let mut out = Vec::new();
+    if shipped {
+        for (file, text) in SHIPPED {
+            out.push(parse_playbook(file, text)?);
+        }
+    }
+    if let Some(dir) = dir {
+        let io = |source| RespondError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "yml" || ext == "yaml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|source| RespondError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            out.push(parse_playbook(&path.display().to_string(), &text)?);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionStatus {
+    /// Carried out (or to be carried out now by the node).
+    Executed,
+    DryRun,
+    /// Waiting for approval.
+    Pending,
+    Denied,
+    Expired,
+    /// A cap was hit: the playbook is paused for the realm and a person must look.
+    Escalated,
+    Failed,
+}
+
+/// What the node must do for an executed action.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Enforcement {
+    RevokeAgent {
+        agent: String,
+    },
+    QuarantineAgent {
+        agent: String,
+    },
+    ReinstateAgent {
+        agent: String,
+    },
+    QuarantineMemory {
+        memory_id: String,
+        agent: String,
+    },
+    RestoreMemory {
+        memory_id: String,
+        agent: String,
+    },
+    RevokeCredential {
+        credential: String,
+        agent: String,
+    },
+    Webhook {
+        url: String,
+        secret_env: String,
+        timeout_ms: u64,
+        retries: u32,
+    },
+    None,
+}
+
+/// One action, in every state it passes through. Signed into the log by the responder.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ActionRecord {
+    pub id: String,
+    pub idempotency_key: String,
+    pub playbook: String,
+    pub finding_id: String,
+    pub agent: String,
+    pub realm: String,
+    /// `revoke_agent`, `quarantine_memory`, ..., `reinstate_agent`, `restore_memory`.
+    pub action: String,
+    /// What the action is about: the agent, memory id, credential or URL.
+    pub target: String,
+    pub status: ActionStatus,
+    pub reason: String,
+    /// `playbook:<name>`, or `token:<id>` for a person's decision.
+    pub by: String,
+    pub ts: DateTime<Utc>,
+    pub approval_id: Option<String>,
+    /// The action an undo reverses.
+    pub undoes: Option<String>,
+    pub enforcement: Enforcement,
+}
+
+impl ActionRecord {
+    /// OCSF Remediation Activity (class 7001).
+    pub fn ocsf(&self) -> Value {
+        let (status_id, status) = match self.status {
+            ActionStatus::Executed => (1, "Success"),
+            ActionStatus::Failed => (2, "Failure"),
+            _ => (99, "Other"),
+        };
+        json!({
+            "class_uid": 7001,
+            "class_name": "Remediation Activity",
+            "category_uid": 7,
+            "category_name": "Remediation",
+            "activity_id": if self.undoes.is_some() { 2 } else { 1 },
+            "activity_name": if self.undoes.is_some() { "Restore" } else { "Isolate" },
+            "type_uid": 700_100 + if self.undoes.is_some() { 2 } else { 1 },
+            "time": self.ts.timestamp_millis(),
+            "status_id": status_id,
+            "status": status,
+            "status_detail": format!("{:?}", self.status).to_ascii_lowercase(),
+            "message": self.reason,
+            "command_uid": self.id,
+            "remediation": { "desc": self.action, "kb_articles": [] },
+            "actor": { "user": { "uid": self.by } },
+            "resources": [{ "uid": self.target, "type": self.action, "owner": { "uid": self.agent } }],
+            "unmapped": { "custos": {
+                "playbook": self.playbook, "finding_id": self.finding_id, "realm": self.realm,
+                "idempotency_key": self.idempotency_key, "approval_id": self.approval_id, "undoes": self.undoes,
+            } },
+            "metadata": { "product": { "name": "Custos", "vendor_name": "Custos" }, "version": "1.3.0" },
+        })
+    }
+}
+
+/// An approval waiting for a decision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Approval {
+    pub id: String,
+    pub playbook: String,
+    pub finding: Finding,
+    /// The actions that run once approved (for an undo: the undo itself).
+    pub remaining: Vec<ActionSpec>,
+    pub undo_of: Option<String>,
+    pub requested_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Default)]
+struct CapState {
+    actions: VecDeque<i64>,
+    agents: VecDeque<(i64, String)>,
+    paused: bool,
+}
+
+/// The responder's state: playbooks, approvals, caps, idempotency, recent history.
+pub struct Responder {
+    playbooks: Vec<Playbook>,
+    pending: BTreeMap<String, Approval>,
+    caps: HashMap<(String, String), CapState>,
+    done: HashSet<String>,
+    history: VecDeque<ActionRecord>,
+    counter: u64,
+}
+
+const HISTORY: usize = 10_000;
+
+impl Responder {
+    pub fn new(playbooks: Vec<Playbook>) -> Self {
+        Self {
+            playbooks,
+            pending: BTreeMap::new(),
+            caps: HashMap::new(),
+            done: HashSet::new(),
+            history: VecDeque::new(),
+            counter: 0,
+        }
+    }
+
+    pub fn playbooks(&self) -> &[Playbook] {
+        &self.playbooks
+    }
+
+    pub fn pending(&self) -> Vec<Approval> {
+        self.pending.values().cloned().collect()
+    }
+
+    /// Recent action records, newest last.
+    pub fn history(&self) -> impl Iterator<Item = &ActionRecord> {
+        self.history.iter()
+    }
+
+    fn next_id(&mut self, prefix: &str, seed: &str) -> String {
+        self.counter += 1;
+        let hash = blake3::hash(format!("{seed}|{}", self.counter).as_bytes());
+        format!("{prefix}-{}", &hash.to_hex()[..12])
+    }
+
+    /// Rebuilds idempotency, approvals and history from a record read back from the log.
+    pub fn remember(&mut self, record: &ActionRecord) {
+        self.done.insert(record.idempotency_key.clone());
+        if let Some(approval) = &record.approval_id
+            && matches!(
+                record.status,
+                ActionStatus::Denied | ActionStatus::Expired | ActionStatus::Executed
+            )
+        {
+            self.pending.remove(approval);
+        }
+        self.push(record.clone());
+    }
+
+    fn push(&mut self, record: ActionRecord) {
+        if self.history.len() >= HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(record);
+    }
+
+    /// Runs every matching playbook on `finding`.
+    pub fn on_finding(&mut self, finding: &Finding, now: DateTime<Utc>) -> Vec<ActionRecord> {
+        let playbooks: Vec<Playbook> = self
+            .playbooks
+            .iter()
+            .filter(|playbook| playbook.matcher.matches(finding))
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for playbook in playbooks {
+            out.extend(self.run(&playbook, finding, &playbook.actions, None, now, "playbook"));
+        }
+        out
+    }
+
+    /// Runs `actions` of `playbook` for `finding`, stopping at an approval gate.
+    fn run(
+        &mut self,
+        playbook: &Playbook,
+        finding: &Finding,
+        actions: &[ActionSpec],
+        approval_id: Option<&str>,
+        now: DateTime<Utc>,
+        by: &str,
+    ) -> Vec<ActionRecord> {
+        let by = if by == "playbook" {
+            format!("playbook:{}", playbook.name)
+        } else {
+            by.to_owned()
+        };
+        let mut out = Vec::new();
+        for (position, spec) in actions.iter().enumerate() {
+            if let ActionSpec::RequireApproval { expires_in_secs } = spec {
+                let id = self.next_id("appr", &finding.id);
+                let key = format!("{}|{}|approval|{}", playbook.name, finding.id, actions.len() - position);
+                if !self.done.insert(key.clone()) {
+                    return out;
+                }
+                let approval = Approval {
+                    id: id.clone(),
+                    playbook: playbook.name.clone(),
+                    finding: finding.clone(),
+                    remaining: actions[position + 1..].to_vec(),
+                    undo_of: None,
+                    requested_at: now,
+                    expires_at: now + chrono::Duration::seconds(*expires_in_secs),
+                };
+                let record = self.record(
+                    playbook,
+                    finding,
+                    "require_approval",
+                    finding.agent.clone(),
+                    ActionStatus::Pending,
+                    format!(
+                        "waiting for a responder to approve {} until {}",
+                        approval
+                            .remaining
+                            .iter()
+                            .map(ActionSpec::name)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        approval.expires_at.to_rfc3339()
+                    ),
+                    &by,
+                    now,
+                    key,
+                    Some(id.clone()),
+                    Enforcement::None,
+                );
+                if playbook.dry_run {
+                    let mut record = record;
+                    record.status = ActionStatus::DryRun;
+                    out.push(record);
+                    continue;
+                }
+                self.pending.insert(id, approval);
+                out.push(record);
+                return out;
+            }
+            for (target, enforcement) in targets(spec, finding) {
+                let key = format!("{}|{}|{}|{}", playbook.name, finding.id, spec.name(), target);
+                if !self.done.insert(key.clone()) {
+                    tracing::debug!(key, "action already taken; idempotency key matched");
+                    continue;
+                }
+                let (status, reason) = if playbook.dry_run {
+                    (
+                        ActionStatus::DryRun,
+                        format!("dry run: would {} `{target}`", spec.name()),
+                    )
+                } else if let Some(reason) = self.over_cap(playbook, finding, now) {
+                    (ActionStatus::Escalated, reason)
+                } else {
+                    (
+                        ActionStatus::Executed,
+                        format!("{} on finding {} ({})", spec.name(), finding.id, finding.title),
+                    )
+                };
+                let enforcement = if status == ActionStatus::Executed {
+                    enforcement
+                } else {
+                    Enforcement::None
+                };
+                out.push(self.record(
+                    playbook,
+                    finding,
+                    spec.name(),
+                    target,
+                    status,
+                    reason,
+                    &by,
+                    now,
+                    key,
+                    approval_id.map(str::to_owned),
+                    enforcement,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Counts an action against the caps; the reason when it must not run.
+    fn over_cap(&mut self, playbook: &Playbook, finding: &Finding, now: DateTime<Utc>) -> Option<String> {
+        let state = self
+            .caps
+            .entry((playbook.name.clone(), finding.realm.clone()))
+            .or_default();
+        let hour_ago = now.timestamp() - 3600;
+        while state.actions.front().is_some_and(|ts| *ts < hour_ago) {
+            state.actions.pop_front();
+        }
+        while state.agents.front().is_some_and(|(ts, _)| *ts < hour_ago) {
+            state.agents.pop_front();
+        }
+        if state.paused {
+            return Some(format!(
+                "playbook `{}` is paused in realm `{}` after hitting a cap; resume it once reviewed",
+                playbook.name, finding.realm
+            ));
+        }
+        let new_agent = !state.agents.iter().any(|(_, agent)| *agent == finding.agent);
+        let agents = state
+            .agents
+            .iter()
+            .map(|(_, agent)| agent.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+            + usize::from(new_agent);
+        if state.actions.len() >= playbook.caps.max_actions_per_hour {
+            state.paused = true;
+            return Some(format!(
+                "rate cap: {} actions in the last hour in realm `{}` (max {}); playbook paused and escalated",
+                state.actions.len(),
+                finding.realm,
+                playbook.caps.max_actions_per_hour
+            ));
+        }
+        if agents > playbook.caps.max_agents_per_hour {
+            state.paused = true;
+            return Some(format!(
+                "blast-radius cap: acting on agent {agents} in realm `{}` within an hour (max {}); playbook paused and escalated",
+                finding.realm, playbook.caps.max_agents_per_hour
+            ));
+        }
+        state.actions.push_back(now.timestamp());
+        state.agents.push_back((now.timestamp(), finding.agent.clone()));
+        None
+    }
+
+    /// Lifts a pause set by a cap.
+    pub fn resume(&mut self, playbook: &str, realm: &str) -> bool {
+        self.caps
+            .get_mut(&(playbook.to_owned(), realm.to_owned()))
+            .is_some_and(|state| std::mem::replace(&mut state.paused, false))
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one argument per record field")]
+    fn record(
+        &mut self,
+        playbook: &Playbook,
+        finding: &Finding,
+        action: &str,
+        target: String,
+        status: ActionStatus,
+        reason: String,
+        by: &str,
+        now: DateTime<Utc>,
+        idempotency_key: String,
+        approval_id: Option<String>,
+        enforcement: Enforcement,
+    ) -> ActionRecord {
+        let record = ActionRecord {
+            id: self.next_id("act", &idempotency_key),
+            idempotency_key,
+            playbook: playbook.name.clone(),
+            finding_id: finding.id.clone(),
+            agent: finding.agent.clone(),
+            realm: finding.realm.clone(),
+            action: action.to_owned(),
+            target,
+            status,
+            reason,
+            by: by.to_owned(),
+            ts: now,
+            approval_id,
+            undoes: None,
+            enforcement,
+        };
+        self.push(record.clone());
+        record
+    }
+
+    /// Approves a pending approval: its remaining actions run now.
+    pub fn approve(&mut self, id: &str, by: &str, now: DateTime<Utc>) -> Result<Vec<ActionRecord>, RespondError> {
+        let approval = self.take_live(id, now)?;
+        let playbook = self
+            .playbooks
+            .iter()
+            .find(|playbook| playbook.name == approval.playbook)
+            .cloned()
+            .unwrap_or_else(|| Playbook {
+                name: approval.playbook.clone(),
+                description: String::new(),
+                dry_run: false,
+                matcher: Match::default(),
+                caps: Caps::default(),
+                actions: Vec::new(),
+            });
+        if let Some(action_id) = &approval.undo_of {
+            return Ok(vec![self.undo_now(&playbook, &approval, action_id, by, now)?]);
+        }
+        Ok(self.run(&playbook, &approval.finding, &approval.remaining, Some(id), now, by))
+    }
+
+    /// Denies a pending approval; nothing runs, and the denial is recorded.
+    pub fn deny(&mut self, id: &str, by: &str, now: DateTime<Utc>) -> Result<ActionRecord, RespondError> {
+        let approval = self.take_live(id, now)?;
+        Ok(self.closed(&approval, ActionStatus::Denied, format!("denied by {by}"), by, now))
+    }
+
+    /// Expires approvals past their deadline.
+    pub fn expire(&mut self, now: DateTime<Utc>) -> Vec<ActionRecord> {
+        let expired: Vec<Approval> = self
+            .pending
+            .values()
+            .filter(|approval| approval.expires_at <= now)
+            .cloned()
+            .collect();
+        expired
+            .into_iter()
+            .map(|approval| {
+                self.pending.remove(&approval.id);
+                self.closed(
+                    &approval,
+                    ActionStatus::Expired,
+                    format!("no decision by {}", approval.expires_at.to_rfc3339()),
+                    "custos",
+                    now,
+                )
+            })
+            .collect()
+    }
+
+    fn take_live(&mut self, id: &str, now: DateTime<Utc>) -> Result<Approval, RespondError> {
+        let approval = self
+            .pending
+            .remove(id)
+            .ok_or_else(|| RespondError::NoApproval(id.to_owned()))?;
+        if approval.expires_at <= now {
+            let record = self.closed(
+                &approval,
+                ActionStatus::Expired,
+                "expired before the decision".into(),
+                "custos",
+                now,
+            );
+            tracing::info!(approval = id, record = record.id, "approval expired");
+            return Err(RespondError::NoApproval(format!("{id} (expired)")));
+        }
+        Ok(approval)
+    }
+
+    fn closed(
+        &mut self,
+        approval: &Approval,
+        status: ActionStatus,
+        reason: String,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> ActionRecord {
+        let playbook = Playbook {
+            name: approval.playbook.clone(),
+            description: String::new(),
+            dry_run: false,
+            matcher: Match::default(),
+            caps: Caps::default(),
+            actions: Vec::new(),
+        };
+        let action = approval
+            .undo_of
+            .as_ref()
+            .map_or("require_approval".to_owned(), |_| "undo".to_owned());
+        let key = format!("{}|{:?}", approval.id, status);
+        self.record(
+            &playbook,
+            &approval.finding,
+            &action,
+            approval.finding.agent.clone(),
+            status,
+            reason,
+            by,
+            now,
+            key,
+            Some(approval.id.clone()),
+            Enforcement::None,
+        )
+    }
+
+    /// Asks to undo an executed action (reinstate an agent, restore a memory). Undo always
+    /// needs approval: this only creates the pending approval.
+    pub fn request_undo(
+        &mut self,
+        action_id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ActionRecord, RespondError> {
+        let record = self
+            .history
+            .iter()
+            .find(|record| record.id == action_id && record.status == ActionStatus::Executed)
+            .cloned()
+            .ok_or_else(|| RespondError::NoAction(action_id.to_owned()))?;
+        if !matches!(
+            record.action.as_str(),
+            "revoke_agent" | "quarantine_agent" | "quarantine_memory"
+        ) {
+            return Err(RespondError::NotUndoable {
+                id: record.id,
+                action: record.action,
+            });
+        }
+        let id = self.next_id("appr", action_id);
+        let finding = Finding {
+            id: record.finding_id.clone(),
+            agent: record.agent.clone(),
+            realm: record.realm.clone(),
+            finding_type: "undo".into(),
+            score: 0,
+            severity: "low".into(),
+            tags: Vec::new(),
+            memories: Vec::new(),
+            title: format!("undo {} of `{}`", record.action, record.target),
+            ts: now,
+        };
+        let approval = Approval {
+            id: id.clone(),
+            playbook: record.playbook.clone(),
+            finding: finding.clone(),
+            remaining: Vec::new(),
+            undo_of: Some(action_id.to_owned()),
+            requested_at: now,
+            expires_at: now + chrono::Duration::hours(24),
+        };
+        self.pending.insert(id.clone(), approval.clone());
+        let playbook = Playbook {
+            name: record.playbook.clone(),
+            description: String::new(),
+            dry_run: false,
+            matcher: Match::default(),
+            caps: Caps::default(),
+            actions: Vec::new(),
+        };
+        let mut pending = self.record(
+            &playbook,
+            &finding,
+            "undo",
+            record.target.clone(),
+            ActionStatus::Pending,
+            format!(
+                "{by} asks to undo {} of `{}`; needs approval",
+                record.action, record.target
+            ),
+            by,
+            now,
+            format!("undo-request|{action_id}|{id}"),
+            Some(id),
+            Enforcement::None,
+        );
+        pending.undoes = Some(action_id.to_owned());
+        Ok(pending)
+    }
+
+    fn undo_now(
+        &mut self,
+        playbook: &Playbook,
+        approval: &Approval,
+        action_id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ActionRecord, RespondError> {
+        let original = self
+            .history
+            .iter()
+            .find(|record| record.id == action_id)
+            .cloned()
+            .ok_or_else(|| RespondError::NoAction(action_id.to_owned()))?;
+        let (action, enforcement) = match original.action.as_str() {
+            "quarantine_memory" => (
+                "restore_memory",
+                Enforcement::RestoreMemory {
+                    memory_id: original.target.clone(),
+                    agent: original.agent.clone(),
+                },
+            ),
+            _ => (
+                "reinstate_agent",
+                Enforcement::ReinstateAgent {
+                    agent: original.agent.clone(),
+                },
+            ),
+        };
+        let mut record = self.record(
+            playbook,
+            &approval.finding,
+            action,
+            original.target.clone(),
+            ActionStatus::Executed,
+            format!("undo of {} approved by {by}", original.action),
+            by,
+            now,
+            format!("undo|{action_id}"),
+            Some(approval.id.clone()),
+            enforcement,
+        );
+        record.undoes = Some(action_id.to_owned());
+        if let Some(last) = self.history.back_mut() {
+            last.undoes = Some(action_id.to_owned());
+        }
+        Ok(record)
+    }
+}
+
+/// The targets one action spec applies to for a finding, with what enforcing means.
+fn targets(spec: &ActionSpec, finding: &Finding) -> Vec<(String, Enforcement)> {
+    let agent = finding.agent.clone();
+    match spec {
+        ActionSpec::RevokeAgent {} => vec![(agent.clone(), Enforcement::RevokeAgent { agent })],
+        ActionSpec::QuarantineAgent {} => vec![(agent.clone(), Enforcement::QuarantineAgent { agent })],
+        ActionSpec::QuarantineMemory { memory_id } => {
+            let memories = match memory_id {
+                Some(memory) => vec![memory.clone()],
+                None => finding.memories.clone(),
+            };
+            memories
+                .into_iter()
+                .map(|memory_id| {
+                    (
+                        memory_id.clone(),
+                        Enforcement::QuarantineMemory {
+                            memory_id,
+                            agent: agent.clone(),
+                        },
+                    )
+                })
+                .collect()
+        }
+        ActionSpec::RevokeCredential { credential } => vec![(
+            credential.clone(),
+            Enforcement::RevokeCredential {
+                credential: credential.clone(),
+                agent,
+            },
+        )],
+        ActionSpec::Webhook {
+            url,
+            secret_env,
+            timeout_ms,
+            retries,
+        } => vec![(
+            url.clone(),
+            Enforcement::Webhook {
+                url: url.clone(),
+                secret_env: secret_env.clone(),
+                timeout_ms: *timeout_ms,
+                retries: *retries,
+            },
+        )],
+        ActionSpec::RequireApproval { .. } => Vec::new(),
+    }
+}
