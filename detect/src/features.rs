@@ -46,13 +46,12 @@ impl SeenSet {
         let hash = blake3::hash(item.as_bytes());
         let bytes = hash.as_bytes();
         let mut new = false;
+        // A snapshot could hold a short vector; keep the width fixed.
+        self.0.resize(32, 0);
         // Two probes: a Bloom filter with k = 2.
         for pair in [[bytes[0], bytes[1]], [bytes[2], bytes[3]]] {
             let bit = (u16::from_le_bytes(pair) & 2047) as usize;
             let (word, mask) = (bit / 64, 1u64 << (bit % 64));
-            if self.0.len() != 32 {
-                self.0.resize(32, 0);
-            }
             if self.0[word] & mask == 0 {
                 new = true;
                 self.0[word] |= mask;

@@ -254,7 +254,7 @@ impl Detector {
                     .try_into()
                     .unwrap_or([0; 8]),
             );
-            if realm_set.len() < max_realm && realm_set.insert(hash) && !realm_set.is_empty() && known {
+            if realm_set.len() < max_realm && realm_set.insert(hash) && known {
                 window.new_realm_targets += 1;
             }
         }
@@ -447,7 +447,6 @@ impl Detector {
         let drifted = state.baseline.learn(&vector, how, &config);
         state.baseline.count_hour(how, window.events);
         peer.learn(&vector, how, &config);
-        let drift_ok = !learning;
         let span = Span {
             start: at(window.start),
             end: at(window.start + width),
@@ -499,7 +498,7 @@ impl Detector {
                 });
             }
         }
-        if drift_ok {
+        if !learning {
             for drift in drifted {
                 findings.push(Finding {
                     id: String::new(),

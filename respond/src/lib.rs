@@ -191,6 +191,21 @@ pub struct Playbook {
     pub actions: Vec<ActionSpec>,
 }
 
+impl Playbook {
+    /// A playbook known only by name: records of approvals and undos whose playbook has
+    /// since been removed still say where they came from.
+    fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: String::new(),
+            dry_run: false,
+            matcher: Match::default(),
+            caps: Caps::default(),
+            actions: Vec::new(),
+        }
+    }
+}
+
 /// The playbooks shipped in `respond/playbooks/`.
 pub const SHIPPED: [(&str, &str); 2] = [
     ("contain.yml", include_str!("../playbooks/contain.yml")),
@@ -670,14 +685,7 @@ impl Responder {
             .iter()
             .find(|playbook| playbook.name == approval.playbook)
             .cloned()
-            .unwrap_or_else(|| Playbook {
-                name: approval.playbook.clone(),
-                description: String::new(),
-                dry_run: false,
-                matcher: Match::default(),
-                caps: Caps::default(),
-                actions: Vec::new(),
-            });
+            .unwrap_or_else(|| Playbook::named(&approval.playbook));
         if let Some(action_id) = &approval.undo_of {
             return Ok(vec![self.undo_now(&playbook, &approval, action_id, by, now)?]);
         }
@@ -740,14 +748,7 @@ impl Responder {
         by: &str,
         now: DateTime<Utc>,
     ) -> ActionRecord {
-        let playbook = Playbook {
-            name: approval.playbook.clone(),
-            description: String::new(),
-            dry_run: false,
-            matcher: Match::default(),
-            caps: Caps::default(),
-            actions: Vec::new(),
-        };
+        let playbook = Playbook::named(&approval.playbook);
         let action = approval
             .undo_of
             .as_ref()
@@ -814,14 +815,7 @@ impl Responder {
             expires_at: now + chrono::Duration::hours(24),
         };
         self.pending.insert(id.clone(), approval.clone());
-        let playbook = Playbook {
-            name: record.playbook.clone(),
-            description: String::new(),
-            dry_run: false,
-            matcher: Match::default(),
-            caps: Caps::default(),
-            actions: Vec::new(),
-        };
+        let playbook = Playbook::named(&record.playbook);
         let mut pending = self.record(
             &playbook,
             &finding,

@@ -424,17 +424,18 @@ pub struct Segment {
 
 impl Segment {
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        meta(&self.metadata, key)
     }
 }
 
-/// Decodes a whole segment file.
-pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
-    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-    use rayon::prelude::*;
-    let reader_metadata = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())?;
-    let metadata = reader_metadata
-        .metadata()
+/// The value of footer key `key`.
+pub fn meta<'a>(metadata: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// A file's key/value footer metadata.
+fn footer(metadata: &parquet::file::metadata::ParquetMetaData) -> Vec<(String, String)> {
+    metadata
         .file_metadata()
         .key_value_metadata()
         .map(|pairs| {
@@ -443,7 +444,15 @@ pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
                 .map(|pair| (pair.key.clone(), pair.value.clone().unwrap_or_default()))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Decodes a whole segment file.
+pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+    use rayon::prelude::*;
+    let reader_metadata = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())?;
+    let metadata = footer(reader_metadata.metadata());
     // Row groups decode independently, on every core.
     let groups = reader_metadata.metadata().num_row_groups();
     let parts = (0..groups)
@@ -475,27 +484,11 @@ pub struct SegmentReader {
 /// here (no footer); damage inside a page fails at the batch that holds it.
 pub fn open_stream(bytes: Bytes, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(batch_rows.max(1));
-    let metadata = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|pairs| {
-            pairs
-                .iter()
-                .map(|pair| (pair.key.clone(), pair.value.clone().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let metadata = footer(builder.metadata());
     Ok(SegmentReader {
         metadata,
         batches: builder.build()?,
     })
-}
-
-impl SegmentReader {
-    pub fn meta(&self, key: &str) -> Option<&str> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-    }
 }
 
 impl Iterator for SegmentReader {

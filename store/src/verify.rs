@@ -556,7 +556,7 @@ impl<'a> LogVerifier<'a> {
         }
         let mut whole = match footer {
             Ok(metadata) => {
-                let meta = |key: &str| metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+                let meta = |key: &str| crate::segment::meta(&metadata, key);
                 let mut wrong = Vec::new();
                 for (key, expected) in [
                     (crate::segment::META_LOG_ID, self.paths.log_id.clone()),
