@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod cmd;
+mod pipeline;
 
 // Ingest and verify allocate many small buffers per event on every core; glibc malloc
 // spends a measurable share of CPU and page faults on them.
@@ -49,6 +50,12 @@ enum Command {
     /// List rejected inputs kept for forensics.
     #[command(subcommand)]
     Rejected(RejectedCommand),
+    /// Findings from the detector (signed into the log).
+    #[command(subcommand)]
+    Finding(FindingCommand),
+    /// Response actions: list them, approve or deny pending ones, undo executed ones.
+    #[command(subcommand)]
+    Action(ActionCommand),
     /// Sign unsigned payload lines (JSON objects) from stdin and send them.
     Emit(cmd::emit::EmitArgs),
     /// Print RFC 9162 inclusion and consistency proofs from a store.
@@ -97,6 +104,21 @@ struct ServeArgs {
     /// How old an event's `ts` may be, in seconds (default 7 days).
     #[arg(long, default_value_t = 604_800)]
     max_age_secs: u64,
+    /// Run without the detector and the responder (ingest and store only).
+    #[arg(long)]
+    no_detect: bool,
+    /// Extra Sigma rule directory, added to the shipped pack (repeatable).
+    #[arg(long = "rules", value_name = "DIR")]
+    rules: Vec<PathBuf>,
+    /// Extra playbook directory (YAML), added to the shipped playbooks.
+    #[arg(long, value_name = "DIR")]
+    playbooks: Option<PathBuf>,
+    /// Do not load the shipped playbooks (only `--playbooks`).
+    #[arg(long)]
+    no_shipped_playbooks: bool,
+    /// Detector window width, in seconds.
+    #[arg(long, default_value_t = 60)]
+    window_secs: i64,
 }
 
 impl ServeArgs {
@@ -109,6 +131,18 @@ impl ServeArgs {
         config.log.checkpoint_every = self.checkpoint_every;
         config.log.checkpoint_interval = std::time::Duration::from_millis(self.checkpoint_interval_ms);
         config
+    }
+
+    fn pipeline(&self) -> Option<pipeline::PipelineConfig> {
+        if self.no_detect {
+            return None;
+        }
+        let mut config = pipeline::PipelineConfig::new(self.data.clone());
+        config.rules = self.rules.clone();
+        config.playbooks = self.playbooks.clone();
+        config.shipped_playbooks = !self.no_shipped_playbooks;
+        config.detector.window_secs = self.window_secs.max(1);
+        Some(config)
     }
 }
 
@@ -166,6 +200,62 @@ enum RejectedCommand {
         limit: usize,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum FindingCommand {
+    /// Newest first, with the top contributing features.
+    #[command(after_help = "\
+Examples:
+  custos finding list --data ./store
+  custos finding list --json --limit 500 --url http://10.0.0.5:7600 --token $TOKEN")]
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ActionCommand {
+    /// Pending approvals, then action records, newest first.
+    #[command(after_help = "Example:\n  custos action list --data ./store")]
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Approve a pending approval: the playbook's remaining actions run now.
+    #[command(after_help = "Example:\n  custos action approve appr-1a2b3c4d5e6f --data ./store")]
+    Approve {
+        /// The approval id (`custos action list`).
+        id: String,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Deny a pending approval: nothing runs, and the denial is recorded.
+    #[command(after_help = "Example:\n  custos action deny appr-1a2b3c4d5e6f --data ./store")]
+    Deny {
+        id: String,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Ask to undo an executed action (reinstate an agent, restore a memory); the undo
+    /// waits for approval.
+    #[command(after_help = "Example:\n  custos action undo act-0f1e2d3c4b5a --data ./store")]
+    Undo {
+        /// The action id (`custos action list`).
+        id: String,
         #[command(flatten)]
         node: cmd::client::NodeArgs,
     },
@@ -248,7 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing("info");
-            cmd::serve::run(args.config()).await?;
+            cmd::serve::run(args.config(), args.pipeline()).await?;
         }
         Command::Agent(command) => {
             init_tracing("warn");
@@ -272,6 +362,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             init_tracing("warn");
             cmd::agent::rejected(&node, reason, limit, json).await?;
+        }
+        Command::Finding(FindingCommand::List { limit, json, node }) => {
+            init_tracing("warn");
+            cmd::respond::findings(&node, limit, json).await?;
+        }
+        Command::Action(command) => {
+            init_tracing("warn");
+            match command {
+                ActionCommand::List { limit, json, node } => cmd::respond::actions(&node, limit, json).await?,
+                ActionCommand::Approve { id, node } => cmd::respond::decide(&node, &id, true).await?,
+                ActionCommand::Deny { id, node } => cmd::respond::decide(&node, &id, false).await?,
+                ActionCommand::Undo { id, node } => cmd::respond::undo(&node, &id).await?,
+            }
         }
         Command::Emit(args) => {
             init_tracing("warn");

@@ -16,6 +16,8 @@ pub const CONTROL_PAYLOAD_TYPE: &str = "application/vnd.custos.control+json";
 pub const FINDING_PAYLOAD_TYPE: &str = "application/vnd.custos.finding+json";
 /// A response action record (OCSF Remediation Activity), signed by the responder key.
 pub const ACTION_PAYLOAD_TYPE: &str = "application/vnd.custos.action+json";
+/// The signed revocation list served at `/v1/control/revocations` (not a log entry).
+pub const REVOCATIONS_PAYLOAD_TYPE: &str = "application/vnd.custos.revocations+json";
 
 /// The DSSE pre-authentication encoding of `(payload_type, payload)`.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {

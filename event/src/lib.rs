@@ -32,7 +32,8 @@ pub mod verify;
 
 pub use did::{did_from_public_key, public_key_from_did};
 pub use dsse::{
-    ACTION_PAYLOAD_TYPE, CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, pae, pae_into,
+    ACTION_PAYLOAD_TYPE, CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE,
+    REVOCATIONS_PAYLOAD_TYPE, pae, pae_into,
 };
 pub use ed25519_dalek::VerifyingKey;
 pub use observe::{Feed, Observation, Signal};

@@ -53,6 +53,12 @@ pub enum Feed {
         log_index: u64,
         payload: Vec<u8>,
     },
+    /// A responder action record read back from the log (at start-up replay), so a
+    /// restarted responder keeps its idempotency keys, approvals and chain.
+    Action {
+        log_index: u64,
+        payload: Vec<u8>,
+    },
     /// Start-up replay of the log has reached `next_index`; live entries follow.
     Replayed {
         next_index: u64,

@@ -30,6 +30,9 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<NodeConfig>,
     pub(crate) ready: Arc<AtomicBool>,
     pub(crate) keys: Arc<KeyCache>,
+    pub(crate) changes: tokio::sync::broadcast::Sender<crate::StatusChange>,
+    pub(crate) operations: Option<Arc<dyn crate::Operations>>,
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -43,6 +46,15 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/agents/{did}/revoke", post(revoke))
         .route("/v1/rejected", get(rejected))
         .route("/v1/checkpoints/latest", get(checkpoint))
+        .route("/v1/control/revocations", get(revocations))
+        .route("/v1/control/stream", get(control_stream))
+        .route("/v1/memories/{id}/status", get(memory_status))
+        .route("/v1/findings", get(findings))
+        .route("/v1/actions", get(actions))
+        .route("/v1/actions/{id}/undo", post(undo))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -341,6 +353,192 @@ async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result
     )?;
     let view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
     Ok(Json(view).into_response())
+}
+
+/// Every role may read the control feed: agent platforms and memory stores hold tokens
+/// of their own, scoped to their realms.
+const EVERYONE: [Role; 5] = [
+    Role::Admin,
+    Role::Analyst,
+    Role::Responder,
+    Role::Compliance,
+    Role::Auditor,
+];
+
+async fn revocations(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let envelope = ask(&state, |reply| Command::Revocations { reply }).await?;
+    if caller.realms.is_empty() {
+        return Ok(envelope_response(&envelope));
+    }
+    // A realm-scoped caller gets a list of its realms only, signed afresh.
+    let mut list: crate::RevocationList =
+        serde_json::from_slice(&envelope.payload).map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    list.revoked_agents.retain(|agent| visible(&caller, &agent.realm));
+    list.quarantined_agents.retain(|agent| visible(&caller, &agent.realm));
+    list.quarantined_memories
+        .retain(|memory| visible(&caller, &memory.realm));
+    list.revoked_credentials
+        .retain(|credential| visible(&caller, &credential.realm));
+    let bytes = serde_json::to_vec(&list).map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    let resigned = ask(&state, |reply| Command::Sign { bytes, reply }).await?;
+    Ok(envelope_response(&resigned))
+}
+
+/// A DSSE envelope in its wire JSON form.
+fn envelope_response(envelope: &custos_event::Envelope) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], envelope.to_json()).into_response()
+}
+
+async fn control_stream(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let receiver = state.changes.subscribe();
+    let stopping = state.stopping.clone();
+    let stream = futures::stream::unfold(
+        (receiver, caller, stopping),
+        |(mut receiver, caller, mut stopping)| async move {
+            loop {
+                let next = tokio::select! {
+                    next = receiver.recv() => next,
+                    _ = stopping.wait_for(|stop| *stop) => return None,
+                };
+                match next {
+                    Ok(change) if visible(&caller, &change.realm) => {
+                        let event = Event::default()
+                            .event(change.event.clone())
+                            .id(change.log_index.to_string())
+                            .json_data(&change)
+                            .unwrap_or_else(|_| Event::default().comment("unserialisable change"));
+                        return Some((Ok::<_, std::convert::Infallible>(event), (receiver, caller, stopping)));
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        // Say so rather than skip silently: the client should re-read the list.
+                        let event = Event::default().event("lagged").data(format!(
+                            "{{\"missed\":{missed},\"resync\":\"/v1/control/revocations\"}}"
+                        ));
+                        return Some((Ok(event), (receiver, caller, stopping)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn memory_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let record = ask(&state, |reply| Command::Memory { id: id.clone(), reply }).await?;
+    let body = match record {
+        Some(record) if visible(&caller, &record.realm) => serde_json::json!({
+            "memory_id": id,
+            "status": record.status,
+            "serve": record.status != "quarantined",
+            "agent": record.agent,
+            "realm": record.realm,
+            "since": record.since,
+            "log_index": record.log_index,
+            "reason": record.reason,
+        }),
+        // Unknown, or outside the caller's realms: nothing is known against it.
+        _ => serde_json::json!({ "memory_id": id, "status": "unknown", "serve": true }),
+    };
+    Ok(Json(body).into_response())
+}
+
+fn operations(state: &AppState) -> Result<Arc<dyn crate::Operations>, ApiError> {
+    state
+        .operations
+        .clone()
+        .ok_or_else(|| ApiError::new(404, "no_detector", "this node runs without the detector and responder"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn findings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(
+        &state,
+        &headers,
+        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
+    )?;
+    let operations = operations(&state)?;
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    Ok(Json(serde_json::json!({ "findings": operations.findings(&caller.realms, limit) })).into_response())
+}
+
+async fn actions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(
+        &state,
+        &headers,
+        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
+    )?;
+    let operations = operations(&state)?;
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    Ok(Json(serde_json::json!({
+        "actions": operations.actions(&caller.realms, limit),
+        "pending": operations.pending(&caller.realms),
+    }))
+    .into_response())
+}
+
+async fn approvals(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = authorize(
+        &state,
+        &headers,
+        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
+    )?;
+    let operations = operations(&state)?;
+    Ok(Json(serde_json::json!({ "pending": operations.pending(&caller.realms) })).into_response())
+}
+
+async fn decide(state: AppState, headers: HeaderMap, id: String, approve: bool) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin, Role::Responder])?;
+    let operations = operations(&state)?;
+    let by = format!("token:{}", caller.token_id);
+    let record = tokio::task::spawn_blocking(move || operations.decide(&id, approve, &by, &caller.realms))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))??;
+    Ok(Json(record).into_response())
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    decide(state, headers, id, true).await
+}
+
+async fn deny(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    decide(state, headers, id, false).await
+}
+
+async fn undo(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin, Role::Responder])?;
+    let operations = operations(&state)?;
+    let by = format!("token:{}", caller.token_id);
+    let record = tokio::task::spawn_blocking(move || operations.undo(&id, &by, &caller.realms))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))??;
+    Ok((StatusCode::ACCEPTED, Json(record)).into_response())
 }
 
 #[cfg(test)]

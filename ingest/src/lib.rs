@@ -33,8 +33,90 @@ pub mod samples;
 pub mod sequencer;
 
 pub use auth::{Caller, Role, Secret, Tokens};
-pub use registry::{AgentRecord, AgentStatus};
-pub use sequencer::{ItemResult, ItemResultView, Status};
+pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
+pub use sequencer::{Enforce, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange};
+
+/// Receives the detector feed, on the sequencer thread, in log order. Must not block
+/// for long: hand the item to a channel.
+pub type FeedSink = Box<dyn Fn(custos_event::Feed) + Send + Sync>;
+
+/// What the node serves about findings and response actions. Implemented by the binary,
+/// which owns the detector and the responder (ingest does not depend on them).
+pub trait Operations: Send + Sync {
+    /// Newest first, at most `limit`, only in `realms` (all when empty).
+    fn findings(&self, realms: &[String], limit: usize) -> Vec<serde_json::Value>;
+    /// Action records, newest first, at most `limit`, only in `realms` (all when empty).
+    fn actions(&self, realms: &[String], limit: usize) -> Vec<serde_json::Value>;
+    /// Approvals waiting for a decision, in `realms` (all when empty).
+    fn pending(&self, realms: &[String]) -> Vec<serde_json::Value>;
+    /// Approves or denies a pending approval; blocks until the responder has acted.
+    /// `realms` limits which approvals the caller may decide (all when empty).
+    fn decide(&self, approval: &str, approve: bool, by: &str, realms: &[String])
+    -> Result<serde_json::Value, ApiError>;
+    /// Asks to undo an executed action; the undo itself waits for approval.
+    fn undo(&self, action: &str, by: &str, realms: &[String]) -> Result<serde_json::Value, ApiError>;
+}
+
+/// Everything `start_with` wires in besides the store. The default is a plain node.
+#[derive(Default)]
+pub struct Hooks {
+    /// Receives every durable event (and refused signed ones), after the fsync.
+    pub feed: Option<FeedSink>,
+    /// At start, events from this log index on are replayed to `feed` (findings and
+    /// action records always are). Use the detector snapshot's next index.
+    pub replay_from: u64,
+    /// System keys (`did:key` → the one payload type each may append), such as the
+    /// detector's (findings) and the responder's (action records).
+    pub system_signers: std::collections::BTreeMap<String, String>,
+    pub operations: Option<Arc<dyn Operations>>,
+    /// Runs after HTTP has stopped and before the log is sealed: drain the detector and
+    /// the responder so their last findings and actions are written.
+    pub drain: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// A handle for in-process stages (detector, responder) to write through the sequencer.
+/// Its blocking methods must not be called from an async task.
+#[derive(Clone)]
+pub struct Control {
+    commands: std::sync::mpsc::Sender<sequencer::Command>,
+}
+
+impl Control {
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> sequencer::Command,
+    ) -> Result<T, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
+        answer
+            .blocking_recv()
+            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
+    }
+
+    /// Appends an entry signed by a system key; returns its log index once durable.
+    pub fn append_signed(&self, envelope: custos_event::Envelope) -> Result<u64, ApiError> {
+        self.ask(|reply| sequencer::Command::AppendSigned { envelope, reply })
+    }
+
+    /// Carries out `op`; returns the control entries' log indexes once durable.
+    pub fn enforce(
+        &self,
+        op: Enforce,
+        by: &str,
+        cause: Option<u64>,
+        reason: Option<String>,
+    ) -> Result<Vec<u64>, ApiError> {
+        self.ask(|reply| sequencer::Command::Enforce {
+            op,
+            by: by.to_owned(),
+            cause,
+            reason,
+            reply,
+        })
+    }
+}
 
 /// Everything `custos serve` can be told.
 #[derive(Clone, Debug)]
@@ -121,6 +203,10 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The first admin token, when this start created the store.
     pub admin_token: Option<Secret>,
+    /// The node key (`did:key`): it signs control entries and the revocation list.
+    pub node_did: String,
+    /// Writes through the sequencer, for in-process stages.
+    pub control: Control,
     shutdown: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<Result<(), NodeError>>,
 }
@@ -138,6 +224,27 @@ impl Running {
 
 /// Opens the store (recovering from the WAL), binds the listener and serves.
 pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
+    start_with(config, Hooks::default()).await
+}
+
+/// [`start`] with the detector feed, system signers and operations wired in.
+pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, NodeError> {
+    let Hooks {
+        feed,
+        replay_from,
+        system_signers,
+        operations,
+        drain,
+    } = hooks;
+    let (changes, _) = tokio::sync::broadcast::channel(4096);
+    // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let sequencer_hooks = sequencer::SequencerHooks {
+        feed,
+        replay_from,
+        signers: system_signers,
+        changes: Some(changes.clone()),
+    };
     fs_err::create_dir_all(&config.data)?;
     // One writer per store: an OS lock, released by the kernel if the process dies.
     let lock = std::fs::OpenOptions::new()
@@ -153,10 +260,11 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
         custos_store::keyfile::load_or_create(&config.data.join("node.key")).map_err(custos_store::StoreError::from)?;
     let (tokens, admin_token) = Tokens::open(&config.data)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let node_did = node_key.did().to_owned();
     let sequencer = {
         let config = config.clone();
         let ready = ready.clone();
-        tokio::task::spawn_blocking(move || sequencer::Sequencer::open(config, node_key, ready))
+        tokio::task::spawn_blocking(move || sequencer::Sequencer::open(config, node_key, ready, sequencer_hooks))
             .await
             .map_err(|error| NodeError::Stopped(error.to_string()))??
     };
@@ -179,6 +287,12 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
         config: Arc::new(config),
         ready,
         keys: Arc::new(custos_event::KeyCache::default()),
+        changes,
+        operations,
+        stopping: stopping_rx,
+    };
+    let control = Control {
+        commands: commands.clone(),
     };
     let router = http::router(state);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -186,8 +300,14 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
         axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = shutdown_rx.await;
+                let _ = stopping_tx.send(true);
             })
             .await?;
+        if let Some(drain) = drain {
+            tokio::task::spawn_blocking(drain)
+                .await
+                .map_err(|error| NodeError::Stopped(error.to_string()))?;
+        }
         // Every request has been answered; now seal and checkpoint.
         let (reply, answer) = oneshot::channel();
         commands
@@ -208,6 +328,8 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
     Ok(Running {
         addr,
         admin_token,
+        node_did,
+        control,
         shutdown: Some(shutdown_tx),
         done,
     })

@@ -34,6 +34,9 @@ pub struct ControlPayload {
     pub cause: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What a memory or credential action is about: the memory id or the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,13 +44,51 @@ pub struct ControlPayload {
 pub enum ControlAction {
     Enroll,
     Revoke,
+    /// The agent's events are still accepted and stored, flagged `quarantined`.
+    Quarantine,
+    /// Back to active, from quarantined or revoked (an approved undo).
+    Reinstate,
+    QuarantineMemory,
+    RestoreMemory,
+    RevokeCredential,
+}
+
+impl ControlAction {
+    /// The status-change name on the control stream (`agent_revoked`, ...); `None` for
+    /// enrollment.
+    pub fn change_name(self) -> Option<&'static str> {
+        Some(match self {
+            ControlAction::Enroll => return None,
+            ControlAction::Revoke => "agent_revoked",
+            ControlAction::Quarantine => "agent_quarantined",
+            ControlAction::Reinstate => "agent_reinstated",
+            ControlAction::QuarantineMemory => "memory_quarantined",
+            ControlAction::RestoreMemory => "memory_restored",
+            ControlAction::RevokeCredential => "credential_revoked",
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     Active,
+    Quarantined,
     Revoked,
+}
+
+/// A memory or credential that a control entry acted on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubjectRecord {
+    pub id: String,
+    /// The agent that wrote the memory or owns the credential.
+    pub agent: String,
+    pub realm: String,
+    /// `quarantined` or `active` (restored) for memories; `revoked` for credentials.
+    pub status: String,
+    pub since: DateTime<Utc>,
+    pub log_index: u64,
+    pub reason: Option<String>,
 }
 
 /// What the registry knows of one agent.
@@ -65,6 +106,9 @@ pub struct AgentRecord {
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoke_log_index: Option<u64>,
     pub revoke_reason: Option<String>,
+    /// The control entry that last quarantined or reinstated the agent.
+    #[serde(default)]
+    pub status_log_index: Option<u64>,
     /// Accepted events so far.
     pub events: u64,
     pub last_seq: Option<u64>,
@@ -85,6 +129,10 @@ pub struct ChainHead {
 #[derive(Debug, Default)]
 pub struct Registry {
     pub agents: BTreeMap<String, AgentRecord>,
+    /// Memories that were ever quarantined, by id.
+    pub memories: BTreeMap<String, SubjectRecord>,
+    /// Revoked credentials, by id.
+    pub credentials: BTreeMap<String, SubjectRecord>,
     pub heads: HashMap<String, ChainHead>,
     /// How many recent (seq, digest, log index) triples each chain head keeps.
     pub window: usize,
@@ -122,6 +170,7 @@ impl Registry {
                         revoked_at: None,
                         revoke_log_index: None,
                         revoke_reason: None,
+                        status_log_index: None,
                         events: 0,
                         last_seq: None,
                         last_log_index: None,
@@ -135,6 +184,38 @@ impl Registry {
                     agent.revoked_at = Some(control.ts);
                     agent.revoke_log_index = Some(log_index);
                     agent.revoke_reason = control.reason.clone();
+                }
+            }
+            ControlAction::Quarantine | ControlAction::Reinstate => {
+                if let Some(agent) = self.agents.get_mut(&control.agent) {
+                    agent.status = if control.action == ControlAction::Quarantine {
+                        AgentStatus::Quarantined
+                    } else {
+                        AgentStatus::Active
+                    };
+                    agent.status_log_index = Some(log_index);
+                }
+            }
+            ControlAction::QuarantineMemory | ControlAction::RestoreMemory | ControlAction::RevokeCredential => {
+                let id = control.subject.clone().unwrap_or_default();
+                let status = match control.action {
+                    ControlAction::QuarantineMemory => "quarantined",
+                    ControlAction::RestoreMemory => "active",
+                    _ => "revoked",
+                };
+                let record = SubjectRecord {
+                    id: id.clone(),
+                    agent: control.agent.clone(),
+                    realm: control.realm.clone(),
+                    status: status.into(),
+                    since: control.ts,
+                    log_index,
+                    reason: control.reason.clone(),
+                };
+                if control.action == ControlAction::RevokeCredential {
+                    self.credentials.insert(id, record);
+                } else {
+                    self.memories.insert(id, record);
                 }
             }
         }
@@ -164,7 +245,7 @@ impl Registry {
         }
     }
 
-    /// `did` and every descendant that is still active, parents first.
+    /// `did` and every descendant not yet revoked, parents first.
     pub fn active_subtree(&self, did: &str) -> Vec<String> {
         let mut out = Vec::new();
         let mut stack = vec![did.to_owned()];
@@ -173,7 +254,7 @@ impl Registry {
             if out.contains(&next) {
                 continue;
             }
-            if record.status == AgentStatus::Active {
+            if record.status != AgentStatus::Revoked {
                 out.push(next.clone());
             }
             stack.extend(record.children.iter().rev().cloned());

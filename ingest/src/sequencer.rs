@@ -13,15 +13,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use custos_event::{
-    AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, Kind, Payload, Reason, Rejection, Verified,
+    ACTION_PAYLOAD_TYPE, AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, Envelope,
+    FINDING_PAYLOAD_TYPE, Feed, Kind, Observation, Payload, REVOCATIONS_PAYLOAD_TYPE, Reason, Rejection, Signal,
+    Verified,
 };
 use custos_store::{Log, LogEntry};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::forensics::{Forensics, RejectedRecord};
-use crate::registry::{AgentRecord, AgentStatus, ControlAction, ControlPayload, Registry};
-use crate::{ApiError, NodeConfig};
+use crate::registry::{AgentRecord, AgentStatus, ControlAction, ControlPayload, Registry, SubjectRecord};
+use crate::{ApiError, FeedSink, NodeConfig};
 
 /// An input after decoding and signature verification.
 #[derive(Debug)]
@@ -96,9 +98,136 @@ pub enum Command {
     Checkpoint {
         reply: Answer<CheckpointView>,
     },
+    /// Appends an entry signed by one of the node's system keys (detector findings,
+    /// responder action records). Answers its log index once durable.
+    AppendSigned {
+        envelope: Envelope,
+        reply: Answer<u64>,
+    },
+    /// Carries out an enforcement as control entries. Answers their log indexes (empty
+    /// when the subject already was in that state).
+    Enforce {
+        op: Enforce,
+        by: String,
+        cause: Option<u64>,
+        reason: Option<String>,
+        reply: Answer<Vec<u64>>,
+    },
+    /// The current revocation list, signed by the node key.
+    Revocations {
+        reply: Answer<Envelope>,
+    },
+    /// Signs `bytes` as a revocation list with the node key (for realm-scoped lists).
+    Sign {
+        bytes: Vec<u8>,
+        reply: Answer<Envelope>,
+    },
+    /// What the registry knows of a memory id.
+    Memory {
+        id: String,
+        reply: Answer<Option<SubjectRecord>>,
+    },
     Shutdown {
         reply: Answer<()>,
     },
+}
+
+impl Command {
+    /// Answers the command with `error` without doing it.
+    fn refuse(self, error: ApiError) -> Deferred {
+        match self {
+            Command::Ingest { reply, .. } => defer(reply, Err(error)),
+            Command::Enroll { reply, .. } => defer(reply, Err(error)),
+            Command::Revoke { reply, .. } => defer(reply, Err(error)),
+            Command::Agents { reply } => defer(reply, Err(error)),
+            Command::Rejected { reply, .. } => defer(reply, Err(error)),
+            Command::Checkpoint { reply } => defer(reply, Err(error)),
+            Command::AppendSigned { reply, .. } => defer(reply, Err(error)),
+            Command::Enforce { reply, .. } => defer(reply, Err(error)),
+            Command::Revocations { reply } => defer(reply, Err(error)),
+            Command::Memory { reply, .. } => defer(reply, Err(error)),
+            Command::Sign { reply, .. } => defer(reply, Err(error)),
+            Command::Shutdown { reply } => defer(reply, Err(error)),
+        }
+    }
+}
+
+/// An enforcement the responder asks the node for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enforce {
+    /// Revokes the agent and every sub-agent.
+    Revoke {
+        agent: String,
+    },
+    Quarantine {
+        agent: String,
+    },
+    Reinstate {
+        agent: String,
+    },
+    QuarantineMemory {
+        memory: String,
+        agent: String,
+    },
+    RestoreMemory {
+        memory: String,
+        agent: String,
+    },
+    RevokeCredential {
+        credential: String,
+        agent: String,
+    },
+}
+
+/// One status change on the control stream (`GET /v1/control/stream`).
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct StatusChange {
+    /// `agent_revoked`, `agent_quarantined`, `agent_reinstated`, `memory_quarantined`,
+    /// `memory_restored` or `credential_revoked`.
+    pub event: String,
+    pub agent: String,
+    pub realm: String,
+    /// The memory id or credential, for those events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The control entry that made the change.
+    pub log_index: u64,
+    pub ts: DateTime<Utc>,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The signed revocation list's payload.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct RevocationList {
+    pub issuer: String,
+    pub issued_at: DateTime<Utc>,
+    /// The log size when the list was made: every control entry below it is reflected.
+    pub log_size: u64,
+    pub revoked_agents: Vec<ListedAgent>,
+    pub quarantined_agents: Vec<ListedAgent>,
+    pub quarantined_memories: Vec<SubjectRecord>,
+    pub revoked_credentials: Vec<SubjectRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct ListedAgent {
+    pub did: String,
+    pub realm: String,
+    pub log_index: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// What the sequencer does besides writing: feed the detector, accept system signers.
+#[derive(Default)]
+pub(crate) struct SequencerHooks {
+    pub(crate) feed: Option<FeedSink>,
+    /// Events below this index are not replayed to the feed at start.
+    pub(crate) replay_from: u64,
+    /// `did:key` → the one payload type it may append through `AppendSigned`.
+    pub(crate) signers: BTreeMap<String, String>,
+    pub(crate) changes: Option<tokio::sync::broadcast::Sender<StatusChange>>,
 }
 
 /// The latest signed checkpoint.
@@ -110,6 +239,9 @@ pub struct CheckpointView {
     pub root: String,
     pub note: String,
     pub verifier_key: String,
+    /// The node key as a `did:key`: it signs control entries and the revocation list.
+    /// (`verifier_key` is the log key, which signs checkpoints.)
+    pub node_did: String,
 }
 
 /// A deferred answer, sent once the group is durable (or failed).
@@ -133,6 +265,11 @@ pub(crate) struct Sequencer {
     config: NodeConfig,
     failed: Option<ApiError>,
     ready: Arc<AtomicBool>,
+    hooks: SequencerHooks,
+    /// This group's observations for the feed, sent once the group is durable.
+    observed: Vec<Feed>,
+    /// This group's status changes for the control stream, sent once durable.
+    changes: Vec<StatusChange>,
 }
 
 impl Sequencer {
@@ -140,12 +277,37 @@ impl Sequencer {
         config: NodeConfig,
         node_key: AgentKey,
         ready: Arc<AtomicBool>,
+        hooks: SequencerHooks,
     ) -> Result<Self, crate::NodeError> {
         let info = custos_store::StoreInfo::open(&config.data, true)?;
         let mut registry = Registry::new(config.chain_window);
         let mut node_chain = ChainState::default();
         let node_did = node_key.did().to_owned();
-        let mut fold = |entry: &LogEntry| fold_entry(entry, &node_did, &mut registry, &mut node_chain);
+        let feed = hooks.feed.as_ref();
+        let replay_from = hooks.replay_from;
+        let mut fold = |entry: &LogEntry| {
+            let payload = fold_entry(entry, &node_did, &mut registry, &mut node_chain);
+            let Some(feed) = feed else { return };
+            match (payload, entry.payload_type.as_str()) {
+                (Some(payload), _) if entry.log_index >= replay_from => feed(Feed::Event(Box::new(Observation {
+                    log_index: Some(entry.log_index),
+                    ingest_ts: chrono::TimeZone::timestamp_micros(&Utc, entry.ingest_ts_us)
+                        .single()
+                        .unwrap_or_default(),
+                    payload,
+                    signal: Signal::Accepted { gap: entry.gap },
+                }))),
+                (None, FINDING_PAYLOAD_TYPE) => feed(Feed::Finding {
+                    log_index: entry.log_index,
+                    payload: entry.payload.clone(),
+                }),
+                (None, ACTION_PAYLOAD_TYPE) => feed(Feed::Action {
+                    log_index: entry.log_index,
+                    payload: entry.payload.clone(),
+                }),
+                _ => {}
+            }
+        };
         let log = Log::open(
             &config.data,
             &info.store_id,
@@ -154,6 +316,11 @@ impl Sequencer {
             custos_store::OpenMode::ReadWrite,
             &mut fold,
         )?;
+        if let Some(feed) = &hooks.feed {
+            feed(Feed::Replayed {
+                next_index: log.next_index(),
+            });
+        }
         let forensics = Forensics::open(
             &config.data.join("rejected"),
             config.rejected_max_records,
@@ -173,6 +340,9 @@ impl Sequencer {
             config,
             failed: None,
             ready,
+            hooks,
+            observed: Vec::new(),
+            changes: Vec::new(),
         })
     }
 
@@ -207,6 +377,7 @@ impl Sequencer {
             for answer in answers {
                 answer(failure.as_ref());
             }
+            self.publish(failure.is_none());
             if let Some(reply) = shutdown {
                 self.ready.store(false, Ordering::SeqCst);
                 let result = match self.failed.clone() {
@@ -227,6 +398,26 @@ impl Sequencer {
                 return;
             }
             self.maintain();
+        }
+    }
+
+    /// After a group: hands the detector what became durable (and the refused signed
+    /// events), and the control stream its status changes.
+    fn publish(&mut self, durable: bool) {
+        let changes = std::mem::take(&mut self.changes);
+        if durable && let Some(sender) = &self.hooks.changes {
+            for change in changes {
+                // No subscribers is fine: the change is in the log either way.
+                let _ = sender.send(change);
+            }
+        }
+        if let Some(feed) = &self.hooks.feed {
+            for item in self.observed.drain(..) {
+                let accepted = matches!(&item, Feed::Event(observation) if observation.log_index.is_some());
+                if durable || !accepted {
+                    feed(item);
+                }
+            }
         }
     }
 
@@ -267,15 +458,7 @@ impl Sequencer {
 
     fn handle(&mut self, command: Command, entries: &mut Vec<LogEntry>) -> Deferred {
         if let Some(error) = self.failed.clone() {
-            return match command {
-                Command::Ingest { reply, .. } => defer(reply, Err(error)),
-                Command::Enroll { reply, .. } => defer(reply, Err(error)),
-                Command::Revoke { reply, .. } => defer(reply, Err(error)),
-                Command::Agents { reply } => defer(reply, Err(error)),
-                Command::Rejected { reply, .. } => defer(reply, Err(error)),
-                Command::Checkpoint { reply } => defer(reply, Err(error)),
-                Command::Shutdown { reply } => defer(reply, Err(error)),
-            };
+            return command.refuse(error);
         }
         match command {
             Command::Ingest { items, remote, reply } => {
@@ -308,14 +491,194 @@ impl Sequencer {
                     root: hex::encode(checkpoint.root),
                     note: note.clone(),
                     verifier_key: self.log.note_key().verifier_string(),
+                    node_did: self.node_key.did().to_owned(),
                 });
                 defer(
                     reply,
                     view.ok_or_else(|| ApiError::new(404, "no_checkpoint", "no checkpoint has been signed yet")),
                 )
             }
+            Command::AppendSigned { envelope, reply } => {
+                let result = self.append_signed(envelope, entries);
+                defer(reply, result)
+            }
+            Command::Enforce {
+                op,
+                by,
+                cause,
+                reason,
+                reply,
+            } => {
+                let result = self.enforce(op, by, cause, reason, entries);
+                defer(reply, result)
+            }
+            Command::Revocations { reply } => {
+                let list = self.revocations(entries);
+                defer(reply, Ok(list))
+            }
+            Command::Memory { id, reply } => defer(reply, Ok(self.registry.memories.get(&id).cloned())),
+            Command::Sign { bytes, reply } => {
+                defer(reply, Ok(self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes)))
+            }
             Command::Shutdown { reply } => defer(reply, Ok(())),
         }
+    }
+
+    fn append_signed(&mut self, envelope: Envelope, entries: &mut Vec<LogEntry>) -> Result<u64, ApiError> {
+        let allowed = self.hooks.signers.get(&envelope.keyid).ok_or_else(|| {
+            ApiError::new(
+                403,
+                "not_a_system_key",
+                format!("`{}` is not one of this node's system keys", envelope.keyid),
+            )
+        })?;
+        if *allowed != envelope.payload_type {
+            return Err(ApiError::new(
+                403,
+                "wrong_payload_type",
+                format!(
+                    "`{}` may append `{allowed}` entries, not `{}`",
+                    envelope.keyid, envelope.payload_type
+                ),
+            ));
+        }
+        let key = custos_event::verifying_key_from_did(&envelope.keyid)
+            .map_err(|error| ApiError::new(400, "bad_did", error.to_string()))?;
+        custos_event::verify::verify_one(&key, &envelope)
+            .map_err(|rejection| ApiError::new(400, rejection.reason.code(), rejection.message))?;
+        let log_index = self.next_index(entries);
+        entries.push(LogEntry::from_envelope(
+            envelope,
+            log_index,
+            Utc::now().timestamp_micros(),
+            None,
+        ));
+        Ok(log_index)
+    }
+
+    fn enforce(
+        &mut self,
+        op: Enforce,
+        by: String,
+        cause: Option<u64>,
+        reason: Option<String>,
+        entries: &mut Vec<LogEntry>,
+    ) -> Result<Vec<u64>, ApiError> {
+        let agent_of = |op: &Enforce| match op {
+            Enforce::Revoke { agent }
+            | Enforce::Quarantine { agent }
+            | Enforce::Reinstate { agent }
+            | Enforce::QuarantineMemory { agent, .. }
+            | Enforce::RestoreMemory { agent, .. }
+            | Enforce::RevokeCredential { agent, .. } => agent.clone(),
+        };
+        let agent = agent_of(&op);
+        let Some(record) = self.registry.agents.get(&agent) else {
+            return Err(ApiError::new(
+                404,
+                "unknown_agent",
+                format!("agent `{agent}` is not enrolled"),
+            ));
+        };
+        let realm = record.realm.clone();
+        let status = record.status;
+        let (action, subject) = match op {
+            Enforce::Revoke { .. } => {
+                if status == AgentStatus::Revoked {
+                    return Ok(Vec::new());
+                }
+                return self
+                    .revoke_with_cause(&agent, reason, by, cause, entries)
+                    .map(|revoked| revoked.log_indexes);
+            }
+            Enforce::Quarantine { .. } if status != AgentStatus::Active => return Ok(Vec::new()),
+            Enforce::Quarantine { .. } => (ControlAction::Quarantine, None),
+            Enforce::Reinstate { .. } if status == AgentStatus::Active => return Ok(Vec::new()),
+            Enforce::Reinstate { .. } => (ControlAction::Reinstate, None),
+            Enforce::QuarantineMemory { memory, .. } => {
+                if self
+                    .registry
+                    .memories
+                    .get(&memory)
+                    .is_some_and(|m| m.status == "quarantined")
+                {
+                    return Ok(Vec::new());
+                }
+                (ControlAction::QuarantineMemory, Some(memory))
+            }
+            Enforce::RestoreMemory { memory, .. } => {
+                if self
+                    .registry
+                    .memories
+                    .get(&memory)
+                    .is_none_or(|m| m.status != "quarantined")
+                {
+                    return Ok(Vec::new());
+                }
+                (ControlAction::RestoreMemory, Some(memory))
+            }
+            Enforce::RevokeCredential { credential, .. } => {
+                if self.registry.credentials.contains_key(&credential) {
+                    return Ok(Vec::new());
+                }
+                (ControlAction::RevokeCredential, Some(credential))
+            }
+        };
+        let log_index = self.control(
+            action,
+            agent,
+            realm,
+            BTreeMap::new(),
+            None,
+            by,
+            cause,
+            reason,
+            subject,
+            entries,
+        );
+        Ok(vec![log_index])
+    }
+
+    /// The revocation list as of the entries queued so far, signed by the node key.
+    fn revocations(&self, entries: &[LogEntry]) -> Envelope {
+        let listed = |status: AgentStatus| {
+            self.registry
+                .agents
+                .values()
+                .filter(|record| record.status == status)
+                .map(|record| ListedAgent {
+                    did: record.did.clone(),
+                    realm: record.realm.clone(),
+                    log_index: if status == AgentStatus::Revoked {
+                        record.revoke_log_index
+                    } else {
+                        record.status_log_index
+                    },
+                    reason: if status == AgentStatus::Revoked {
+                        record.revoke_reason.clone()
+                    } else {
+                        None
+                    },
+                })
+                .collect::<Vec<_>>()
+        };
+        let list = RevocationList {
+            issuer: self.node_key.did().to_owned(),
+            issued_at: Utc::now(),
+            log_size: self.next_index(entries),
+            revoked_agents: listed(AgentStatus::Revoked),
+            quarantined_agents: listed(AgentStatus::Quarantined),
+            quarantined_memories: self
+                .registry
+                .memories
+                .values()
+                .filter(|memory| memory.status == "quarantined")
+                .cloned()
+                .collect(),
+            revoked_credentials: self.registry.credentials.values().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec(&list).unwrap_or_default();
+        self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes)
     }
 
     fn next_index(&self, entries: &[LogEntry]) -> u64 {
@@ -344,15 +707,28 @@ impl Sequencer {
                 }
             };
             match self.admit(verified, now, entries) {
-                Ok(Admitted::Accepted { log_index, gap }) => results.push(ItemResult {
-                    index,
-                    status: Status::Accepted,
-                    reason: None,
-                    message: None,
-                    log_index: Some(log_index),
-                    flags: if gap.is_some() { vec!["chain_gap"] } else { Vec::new() },
-                    missing: gap.map(|(from, to)| [from, to]),
-                }),
+                Ok(Admitted::Accepted {
+                    log_index,
+                    gap,
+                    quarantined,
+                }) => {
+                    let mut flags = Vec::new();
+                    if gap.is_some() {
+                        flags.push("chain_gap");
+                    }
+                    if quarantined {
+                        flags.push("quarantined");
+                    }
+                    results.push(ItemResult {
+                        index,
+                        status: Status::Accepted,
+                        reason: None,
+                        message: None,
+                        log_index: Some(log_index),
+                        flags,
+                        missing: gap.map(|(from, to)| [from, to]),
+                    })
+                }
                 Ok(Admitted::Duplicate { log_index }) => results.push(ItemResult {
                     index,
                     status: Status::Duplicate,
@@ -362,9 +738,29 @@ impl Sequencer {
                     flags: Vec::new(),
                     missing: None,
                 }),
-                Err((rejection, evidence, keyid)) => {
-                    results.push(rejected(&rejection));
-                    self.reject(&rejection, &item.raw, remote, index, Some(keyid), evidence);
+                Err(refused) => {
+                    results.push(rejected(&refused.rejection));
+                    let keyid = refused.payload.agent.clone();
+                    // The signature verified: the detector sees refused events of agents it
+                    // knows (revoked, forks, replays), never unknown keys.
+                    if self.hooks.feed.is_some() && refused.rejection.reason != Reason::UnknownAgent {
+                        self.observed.push(Feed::Event(Box::new(Observation {
+                            log_index: None,
+                            ingest_ts: now,
+                            payload: *refused.payload,
+                            signal: Signal::Rejected {
+                                reason: refused.rejection.reason.code().to_owned(),
+                            },
+                        })));
+                    }
+                    self.reject(
+                        &refused.rejection,
+                        &item.raw,
+                        remote,
+                        index,
+                        Some(keyid),
+                        refused.evidence,
+                    );
                 }
             }
         }
@@ -392,19 +788,87 @@ impl Sequencer {
     }
 
     /// Registry, clock and chain checks; on success, queues the entry (and any control
-    /// entry a delegation implies).
+    /// entry a delegation implies). A refused event's payload comes back for the detector.
     fn admit(
         &mut self,
         verified: Verified,
         now: DateTime<Utc>,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<Admitted, (Rejection, Option<serde_json::Value>, String)> {
+    ) -> Result<Admitted, Refused> {
+        let (gap, child, realm, quarantined) = match self.check(&verified, now) {
+            Ok(Checked::Fresh {
+                gap,
+                child,
+                realm,
+                quarantined,
+            }) => (gap, child, realm, quarantined),
+            Ok(Checked::Duplicate { log_index }) => return Ok(Admitted::Duplicate { log_index }),
+            Err((rejection, evidence)) => {
+                return Err(Refused {
+                    rejection,
+                    evidence,
+                    payload: Box::new(verified.payload),
+                });
+            }
+        };
+        let Verified {
+            envelope,
+            payload,
+            digest,
+        } = verified;
+        let did = payload.agent.clone();
+        let log_index = self.next_index(entries);
+        self.registry
+            .apply_event(&did, payload.seq, digest, log_index, payload.ts);
+        entries.push(LogEntry::from_digested(
+            envelope,
+            digest,
+            log_index,
+            now.timestamp_micros(),
+            gap,
+        ));
+        if self.hooks.feed.is_some() {
+            self.observed.push(Feed::Event(Box::new(Observation {
+                log_index: Some(log_index),
+                ingest_ts: now,
+                payload,
+                signal: Signal::Accepted { gap },
+            })));
+        }
+        if let Some(child) = child {
+            self.control(
+                ControlAction::Enroll,
+                child,
+                realm,
+                BTreeMap::new(),
+                Some(did),
+                "delegation".into(),
+                Some(log_index),
+                None,
+                None,
+                entries,
+            );
+        }
+        Ok(Admitted::Accepted {
+            log_index,
+            gap,
+            quarantined,
+        })
+    }
+
+    /// The checks of [`Self::admit`], without side effects.
+    fn check(
+        &self,
+        verified: &Verified,
+        now: DateTime<Utc>,
+    ) -> Result<Checked, (Rejection, Option<serde_json::Value>)> {
         let payload = &verified.payload;
         let did = payload.agent.clone();
-        let fail = |reason: Reason, message: String| Err((Rejection::new(reason, message), None, did.clone()));
+        let fail = |reason: Reason, message: String| Err((Rejection::new(reason, message), None));
         let Some(record) = self.registry.agents.get(&did) else {
             return fail(Reason::UnknownAgent, format!("agent `{did}` is not enrolled"));
         };
+        let record_status = record.status;
         if record.status == AgentStatus::Revoked {
             return fail(
                 Reason::RevokedAgent,
@@ -473,7 +937,7 @@ impl Sequencer {
                     .find(|(recent_seq, _, _)| *recent_seq == seq)
                     .copied();
                 return match found {
-                    Some((_, digest, log_index)) if digest == verified.digest => Ok(Admitted::Duplicate { log_index }),
+                    Some((_, digest, log_index)) if digest == verified.digest => Ok(Checked::Duplicate { log_index }),
                     Some((_, digest, log_index)) => Err((
                         Rejection::new(
                             Reason::ChainFork,
@@ -487,7 +951,6 @@ impl Sequencer {
                             "accepted_blake3": hex::encode(digest),
                             "rejected_blake3": hex::encode(verified.digest),
                         })),
-                        did.clone(),
                     )),
                     None => fail(
                         Reason::Replay,
@@ -511,31 +974,12 @@ impl Sequencer {
         } else {
             None
         };
-        let log_index = self.next_index(entries);
-        let ts = payload.ts;
-        let digest = verified.digest;
-        self.registry.apply_event(&did, seq, digest, log_index, ts);
-        entries.push(LogEntry::from_digested(
-            verified.envelope,
-            digest,
-            log_index,
-            now.timestamp_micros(),
+        Ok(Checked::Fresh {
             gap,
-        ));
-        if let Some(child) = child {
-            self.control(
-                ControlAction::Enroll,
-                child,
-                realm,
-                BTreeMap::new(),
-                Some(did),
-                "delegation".into(),
-                Some(log_index),
-                None,
-                entries,
-            );
-        }
-        Ok(Admitted::Accepted { log_index, gap })
+            child,
+            realm,
+            quarantined: record_status == AgentStatus::Quarantined,
+        })
     }
 
     #[expect(clippy::too_many_arguments, reason = "one field per control payload field")]
@@ -549,6 +993,7 @@ impl Sequencer {
         by: String,
         cause: Option<u64>,
         reason: Option<String>,
+        subject: Option<String>,
         entries: &mut Vec<LogEntry>,
     ) -> u64 {
         let payload = ControlPayload {
@@ -564,12 +1009,25 @@ impl Sequencer {
             by,
             cause,
             reason,
+            subject,
         };
         let bytes = serde_json::to_vec(&payload).unwrap_or_default();
         self.node_chain.advance(&bytes);
         let envelope = self.node_key.sign_envelope(CONTROL_PAYLOAD_TYPE, bytes);
         let log_index = self.next_index(entries);
         self.registry.apply_control(&payload, log_index);
+        if let Some(event) = payload.action.change_name() {
+            self.changes.push(StatusChange {
+                event: event.to_owned(),
+                agent: payload.agent.clone(),
+                realm: payload.realm.clone(),
+                subject: payload.subject.clone(),
+                log_index,
+                ts: payload.ts,
+                by: payload.by.clone(),
+                reason: payload.reason.clone(),
+            });
+        }
         entries.push(LogEntry::from_envelope(
             envelope,
             log_index,
@@ -615,6 +1073,7 @@ impl Sequencer {
             by,
             None,
             None,
+            None,
             entries,
         );
         self.registry
@@ -629,6 +1088,19 @@ impl Sequencer {
         did: &str,
         reason: Option<String>,
         by: String,
+        entries: &mut Vec<LogEntry>,
+    ) -> Result<Revoked, ApiError> {
+        self.revoke_with_cause(did, reason, by, None, entries)
+    }
+
+    /// Revokes `did` and its not-yet-revoked sub-agents, parents first. The root's entry
+    /// names `root_cause` (a finding, say); each cascaded entry names the root's entry.
+    fn revoke_with_cause(
+        &mut self,
+        did: &str,
+        reason: Option<String>,
+        by: String,
+        root_cause: Option<u64>,
         entries: &mut Vec<LogEntry>,
     ) -> Result<Revoked, ApiError> {
         let Some(record) = self.registry.agents.get(did) else {
@@ -651,17 +1123,17 @@ impl Sequencer {
             log_indexes: Vec::new(),
         };
         let mut cause = None;
-        for agent in subtree {
+        for (position, agent) in subtree.into_iter().enumerate() {
             let realm = self
                 .registry
                 .agents
                 .get(&agent)
                 .map(|record| record.realm.clone())
                 .unwrap_or_default();
-            let by = if cause.is_none() {
-                by.clone()
+            let (by, entry_cause) = if position == 0 {
+                (by.clone(), root_cause)
             } else {
-                "cascade".to_owned()
+                ("cascade".to_owned(), cause)
             };
             let log_index = self.control(
                 ControlAction::Revoke,
@@ -670,8 +1142,9 @@ impl Sequencer {
                 BTreeMap::new(),
                 None,
                 by,
-                cause,
+                entry_cause,
                 reason.clone(),
+                None,
                 entries,
             );
             cause.get_or_insert(log_index);
@@ -683,19 +1156,49 @@ impl Sequencer {
 }
 
 enum Admitted {
-    Accepted { log_index: u64, gap: Option<(u64, u64)> },
-    Duplicate { log_index: u64 },
+    Accepted {
+        log_index: u64,
+        gap: Option<(u64, u64)>,
+        quarantined: bool,
+    },
+    Duplicate {
+        log_index: u64,
+    },
 }
 
-/// Rebuilds state from one stored entry.
-fn fold_entry(entry: &LogEntry, node_did: &str, registry: &mut Registry, node_chain: &mut ChainState) {
+enum Checked {
+    Fresh {
+        gap: Option<(u64, u64)>,
+        child: Option<String>,
+        realm: String,
+        quarantined: bool,
+    },
+    Duplicate {
+        log_index: u64,
+    },
+}
+
+/// A signed event the registry or chain checks refused.
+struct Refused {
+    rejection: Rejection,
+    evidence: Option<serde_json::Value>,
+    payload: Box<Payload>,
+}
+
+/// Rebuilds state from one stored entry; returns an event's parsed payload.
+fn fold_entry(
+    entry: &LogEntry,
+    node_did: &str,
+    registry: &mut Registry,
+    node_chain: &mut ChainState,
+) -> Option<Payload> {
     if entry.payload_type == CONTROL_PAYLOAD_TYPE {
         if entry.keyid != node_did {
             tracing::warn!(
                 log_index = entry.log_index,
                 "ignoring a control entry not signed by this node's key"
             );
-            return;
+            return None;
         }
         match serde_json::from_slice::<ControlPayload>(&entry.payload) {
             Ok(control) => {
@@ -707,16 +1210,20 @@ fn fold_entry(entry: &LogEntry, node_did: &str, registry: &mut Registry, node_ch
         }
     } else if entry.payload_type == EVENT_PAYLOAD_TYPE {
         match Payload::parse(&entry.payload) {
-            Ok(payload) => registry.apply_event(
-                &payload.agent,
-                payload.seq,
-                entry.payload_blake3,
-                entry.log_index,
-                payload.ts,
-            ),
+            Ok(payload) => {
+                registry.apply_event(
+                    &payload.agent,
+                    payload.seq,
+                    entry.payload_blake3,
+                    entry.log_index,
+                    payload.ts,
+                );
+                return Some(payload);
+            }
             Err(error) => tracing::warn!(log_index = entry.log_index, %error, "unreadable event entry"),
         }
     }
+    None
 }
 
 /// [`ItemResult`] as a client reads it back.

@@ -345,6 +345,9 @@ pub struct ActionRecord {
     /// The action an undo reverses.
     pub undoes: Option<String>,
     pub enforcement: Enforcement,
+    /// On a `pending` record: the approval itself, so a restarted responder still has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
 }
 
 impl ActionRecord {
@@ -446,7 +449,13 @@ impl Responder {
 
     /// Rebuilds idempotency, approvals and history from a record read back from the log.
     pub fn remember(&mut self, record: &ActionRecord) {
+        self.counter += 1;
         self.done.insert(record.idempotency_key.clone());
+        if record.status == ActionStatus::Pending
+            && let Some(approval) = &record.approval
+        {
+            self.pending.insert(approval.id.clone(), approval.clone());
+        }
         if let Some(approval) = &record.approval_id
             && matches!(
                 record.status,
@@ -539,6 +548,11 @@ impl Responder {
                     record.status = ActionStatus::DryRun;
                     out.push(record);
                     continue;
+                }
+                let mut record = record;
+                record.approval = Some(approval.clone());
+                if let Some(last) = self.history.back_mut() {
+                    last.approval = Some(approval.clone());
                 }
                 self.pending.insert(id, approval);
                 out.push(record);
@@ -672,6 +686,7 @@ impl Responder {
             approval_id,
             undoes: None,
             enforcement,
+            approval: None,
         };
         self.push(record.clone());
         record
@@ -816,6 +831,7 @@ impl Responder {
         };
         self.pending.insert(id.clone(), approval.clone());
         let playbook = Playbook::named(&record.playbook);
+        let undo_approval = approval;
         let mut pending = self.record(
             &playbook,
             &finding,
@@ -833,6 +849,11 @@ impl Responder {
             Enforcement::None,
         );
         pending.undoes = Some(action_id.to_owned());
+        pending.approval = Some(undo_approval);
+        if let Some(last) = self.history.back_mut() {
+            last.undoes = Some(action_id.to_owned());
+            last.approval = pending.approval.clone();
+        }
         Ok(pending)
     }
 

@@ -7,6 +7,7 @@ pub(crate) mod demo;
 pub(crate) mod emit;
 pub(crate) mod fleet;
 pub(crate) mod proof;
+pub(crate) mod respond;
 pub(crate) mod serve;
 pub(crate) mod verify;
 

@@ -1,8 +1,50 @@
 //! `custos serve`.
 
-pub(crate) async fn run(config: custos_ingest::NodeConfig) -> anyhow::Result<()> {
+use std::sync::Arc;
+
+use crate::pipeline::{Marks, Pipeline, PipelineConfig};
+
+/// A node with its detector and responder wired in (or without, for `--no-detect`).
+pub(crate) struct Node {
+    pub(crate) running: custos_ingest::Running,
+    pub(crate) pipeline: Option<Pipeline>,
+}
+
+impl Node {
+    pub(crate) async fn start(
+        config: custos_ingest::NodeConfig,
+        pipeline: Option<PipelineConfig>,
+        marks: Arc<Marks>,
+    ) -> anyhow::Result<Self> {
+        let Some(pipeline_config) = pipeline else {
+            return Ok(Self {
+                running: custos_ingest::start(config).await?,
+                pipeline: None,
+            });
+        };
+        let (pipeline, hooks) = Pipeline::start(pipeline_config, marks)?;
+        let running = custos_ingest::start_with(config, hooks).await?;
+        pipeline.connect(&running.control);
+        Ok(Self {
+            running,
+            pipeline: Some(pipeline),
+        })
+    }
+
+    /// Stops HTTP, drains the detector and responder, seals and checkpoints.
+    pub(crate) async fn shutdown(self) -> anyhow::Result<()> {
+        self.running.shutdown().await?;
+        if let Some(pipeline) = self.pipeline {
+            tokio::task::spawn_blocking(move || pipeline.join()).await?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) async fn run(config: custos_ingest::NodeConfig, pipeline: Option<PipelineConfig>) -> anyhow::Result<()> {
     let data = config.data.clone();
-    let running = custos_ingest::start(config).await?;
+    let node = Node::start(config, pipeline, Arc::new(Marks::default())).await?;
+    let running = &node.running;
     if let Some(token) = &running.admin_token {
         // Printed once, on the terminal only; it is stored hashed.
         eprintln!(
@@ -11,10 +53,20 @@ pub(crate) async fn run(config: custos_ingest::NodeConfig) -> anyhow::Result<()>
             token.0
         );
     }
+    eprintln!(
+        "node key {} (signs control entries and the revocation list)",
+        running.node_did
+    );
+    if let Some(pipeline) = &node.pipeline {
+        eprintln!(
+            "detector key {} (signs findings); responder key {} (signs actions)",
+            pipeline.detector_did, pipeline.responder_did
+        );
+    }
     eprintln!("custos serving on http://{} (data {})", running.addr, data.display());
     wait_for_signal().await;
     eprintln!("stopping: draining requests, sealing the open segment, signing a final checkpoint");
-    running.shutdown().await?;
+    node.shutdown().await?;
     eprintln!("stopped cleanly");
     Ok(())
 }

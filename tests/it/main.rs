@@ -3,4 +3,5 @@
 mod cli;
 mod contract;
 mod crash;
+mod respond;
 mod support;

@@ -1,0 +1,295 @@
+//! The detection and response loop inside a real `custos serve`: a finding is signed into
+//! the log, a playbook revokes the agent (and its sub-agent) and quarantines the memory it
+//! poisoned, the control feed says so, and the store still verifies.
+
+use std::io::BufRead as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use custos_event::{AgentKey, Envelope, REVOCATIONS_PAYLOAD_TYPE, Signer};
+use serde_json::{Value, json};
+
+use crate::support::{Server, post, run, stderr, stdout};
+
+pub(crate) fn get(url: &str, path: &str, token: &str) -> (u16, Value) {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{url}{path}"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+pub(crate) fn enroll(url: &str, token: &str, did: &str, realm: &str) {
+    let body = json!({ "did": did, "realm": realm }).to_string().into_bytes();
+    let (status, answer) = post(url, "/v1/agents", Some(token), body).unwrap();
+    assert_eq!(status, 201, "{answer}");
+}
+
+/// Signs and sends payload objects (ts = now); returns one result per object.
+pub(crate) fn send(url: &str, signer: &mut Signer, objects: &[Value]) -> Vec<Value> {
+    let body = objects
+        .iter()
+        .map(|object| {
+            signer
+                .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
+                .unwrap()
+                .to_json()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes();
+    let (status, results) = post(url, "/v1/events", None, body).unwrap();
+    assert_eq!(status, 200, "{results}");
+    results.as_array().unwrap().clone()
+}
+
+pub(crate) fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `/v1/control/stream` on a thread, collecting event names.
+fn subscribe(url: &str, token: &str) -> Arc<Mutex<Vec<String>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let (ready, opened) = std::sync::mpsc::channel();
+    let url = format!("{url}/v1/control/stream");
+    let token = token.to_owned();
+    std::thread::spawn(move || {
+        let response = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let _ = ready.send(());
+        for line in std::io::BufReader::new(response).lines() {
+            let Ok(line) = line else { break };
+            if let Some(event) = line.strip_prefix("event: ") {
+                sink.lock().unwrap().push(event.to_owned());
+            }
+        }
+    });
+    opened.recv_timeout(Duration::from_secs(30)).unwrap();
+    seen
+}
+
+fn findings(url: &str, token: &str) -> Vec<Value> {
+    let (status, answer) = get(url, "/v1/findings?limit=1000", token);
+    assert_eq!(status, 200, "{answer}");
+    answer["findings"].as_array().unwrap().clone()
+}
+
+fn status_of(url: &str, token: &str, did: &str) -> String {
+    let (_, agent) = get(url, &format!("/v1/agents/{did}"), token);
+    agent["status"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn memory_poisoning_is_contained_and_the_revocation_list_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.token();
+    let url = server.url.clone();
+    let parent_key = AgentKey::from_seed(&[21; 32]);
+    let child_key = AgentKey::from_seed(&[22; 32]);
+    let bystander_key = AgentKey::from_seed(&[23; 32]);
+    let (parent, child, bystander) = (
+        parent_key.did().to_owned(),
+        child_key.did().to_owned(),
+        bystander_key.did().to_owned(),
+    );
+    enroll(&url, &token, &parent, "eng");
+    enroll(&url, &token, &bystander, "eng");
+    let stream = subscribe(&url, &token);
+    let mut parent_signer = Signer::new(parent_key, "eng");
+    let mut child_signer = Signer::new(child_key, "eng");
+    let mut bystander_signer = Signer::new(bystander_key, "eng");
+
+    // The bystander writes a memory from untrusted content too, but never uses a credential.
+    let results = send(
+        &url,
+        &mut bystander_signer,
+        &[json!({"kind": "memory_write", "memory_id": "mem-bystander", "attrs": {"source_trust": "untrusted"}})],
+    );
+    assert_eq!(results[0]["status"], "accepted");
+    let results = send(
+        &url,
+        &mut parent_signer,
+        &[
+            json!({"kind": "memory_write", "memory_id": "mem-poisoned", "attrs": {"source_trust": "untrusted"}}),
+            json!({"kind": "delegation", "target": child, "attrs": {"granted_scopes": ["read"], "holder_scopes": ["read", "write"]}}),
+        ],
+    );
+    assert!(
+        results.iter().all(|result| result["status"] == "accepted"),
+        "{results:?}"
+    );
+    let results = send(
+        &url,
+        &mut child_signer,
+        &[json!({"kind": "tool_call", "action": "search"})],
+    );
+    assert_eq!(results[0]["status"], "accepted", "the delegation enrolled the child");
+    let trigger = send(
+        &url,
+        &mut parent_signer,
+        &[json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": parent}})],
+    );
+    let trigger_index = trigger[0]["log_index"].as_u64().unwrap();
+
+    wait_for("the playbook to revoke the parent", || {
+        status_of(&url, &token, &parent) == "revoked"
+    });
+    assert_eq!(status_of(&url, &token, &child), "revoked", "revocation cascades");
+    assert_eq!(status_of(&url, &token, &bystander), "active");
+
+    let found = findings(&url, &token);
+    let poisoning = found
+        .iter()
+        .find(|finding| finding["type"] == "memory_poisoning")
+        .unwrap_or_else(|| panic!("no memory_poisoning finding in {found:?}"));
+    assert_eq!(poisoning["agent"], parent.as_str());
+    assert_eq!(poisoning["rule_id"], "custos-poisoned-memory-credential");
+    assert!(
+        poisoning["evidence"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(trigger_index))
+    );
+    assert!(poisoning["log_index"].as_u64().unwrap() > trigger_index);
+    assert!(
+        poisoning["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("owasp.agentic.t1"))
+    );
+
+    // The parent's next event is refused.
+    let refused = send(
+        &url,
+        &mut parent_signer,
+        &[json!({"kind": "tool_call", "action": "search"})],
+    );
+    assert_eq!(refused[0]["reason"], "revoked_agent", "{refused:?}");
+
+    // The poisoned memory is quarantined; the bystander's is not.
+    wait_for("the memory quarantine", || {
+        get(&url, "/v1/memories/mem-poisoned/status", &token).1["status"] == "quarantined"
+    });
+    let (_, memory) = get(&url, "/v1/memories/mem-poisoned/status", &token);
+    assert_eq!(memory["serve"], false, "{memory}");
+    assert_eq!(memory["agent"], parent.as_str());
+    let (_, other) = get(&url, "/v1/memories/mem-bystander/status", &token);
+    assert_eq!(other["serve"], true, "{other}");
+
+    // Actions are recorded, with their log indexes.
+    let (_, actions) = get(&url, "/v1/actions", &token);
+    let executed: Vec<&str> = actions["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|action| action["status"] == "executed" && action["log_index"].is_u64())
+        .map(|action| action["action"].as_str().unwrap())
+        .collect();
+    assert!(executed.contains(&"revoke_agent"), "{actions}");
+    assert!(executed.contains(&"quarantine_memory"), "{actions}");
+
+    // The signed revocation list verifies with the node's published key.
+    wait_for("a checkpoint", || get(&url, "/v1/checkpoints/latest", &token).0 == 200);
+    let (_, checkpoint) = get(&url, "/v1/checkpoints/latest", &token);
+    let node_did = checkpoint["node_did"].as_str().unwrap().to_owned();
+    let published = custos_event::verifying_key_from_did(&node_did).unwrap();
+    assert!(
+        server.log.lock().unwrap().contains(&node_did),
+        "serve prints the node key it publishes"
+    );
+    let raw = reqwest::blocking::Client::new()
+        .get(format!("{url}/v1/control/revocations"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    let decoded = custos_event::decode_envelope(&raw, 1 << 20, &[REVOCATIONS_PAYLOAD_TYPE]).unwrap();
+    assert_eq!(decoded.envelope.keyid, node_did);
+    custos_event::verify::verify_one(&published, &decoded.envelope).unwrap();
+    let list: Value = serde_json::from_slice(&decoded.envelope.payload).unwrap();
+    let revoked: Vec<&str> = list["revoked_agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|agent| agent["did"].as_str().unwrap())
+        .collect();
+    assert!(
+        revoked.contains(&parent.as_str()) && revoked.contains(&child.as_str()),
+        "{list}"
+    );
+    assert_eq!(list["quarantined_memories"][0]["id"], "mem-poisoned");
+    let mut forged: Envelope = decoded.envelope.clone();
+    forged.payload = forged
+        .payload
+        .iter()
+        .map(|byte| if *byte == b'1' { b'2' } else { *byte })
+        .collect();
+    assert!(custos_event::verify::verify_one(&published, &forged).is_err());
+
+    // The control stream announced both revocations and the quarantine.
+    wait_for("the control stream", || {
+        let seen = stream.lock().unwrap();
+        seen.iter().filter(|event| *event == "agent_revoked").count() == 2
+            && seen.iter().any(|event| event == "memory_quarantined")
+    });
+
+    // The CLI shows the finding and the actions.
+    let data = dir.path().to_str().unwrap();
+    let output = run(&["finding", "list", "--url", &url, "--data", data]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("memory_poisoning"), "{}", stdout(&output));
+    let output = run(&["action", "list", "--json", "--url", &url, "--data", data]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let listed: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert!(!listed["actions"].as_array().unwrap().is_empty());
+
+    let count = findings(&url, &token).len();
+    server.stop();
+
+    // Findings and action records are signed entries on their own chains.
+    let output = run(&["verify", data, "--signatures"]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+
+    // A restart without the detector snapshot replays every event, and reports nothing twice.
+    std::fs::remove_file(dir.path().join("detector.snapshot")).unwrap();
+    let server = Server::start(dir.path());
+    wait_for("the replayed findings", || {
+        findings(&url_of(&server), &token).len() >= count
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        findings(&url_of(&server), &token).len(),
+        count,
+        "no finding is reported twice"
+    );
+    assert_eq!(status_of(&url_of(&server), &token, &parent), "revoked");
+    server.stop();
+    let output = run(&["verify", data, "--signatures"]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+}
+
+fn url_of(server: &Server) -> String {
+    server.url.clone()
+}
