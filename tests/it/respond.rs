@@ -293,3 +293,94 @@ fn memory_poisoning_is_contained_and_the_revocation_list_verifies() {
 fn url_of(server: &Server) -> String {
     server.url.clone()
 }
+
+fn pending_approval(url: &str, token: &str, agent: &str) -> Option<String> {
+    let (_, answer) = get(url, "/v1/approvals", token);
+    answer["pending"]
+        .as_array()?
+        .iter()
+        .find(|approval| approval["finding"]["agent"] == agent)
+        .and_then(|approval| approval["id"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn approvals_and_undo_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(
+        playbooks.join("gate.yml"),
+        "name: gated-revoke\nmatch:\n  types: [credential_misuse]\nactions:\n  - require_approval:\n      expires_in_secs: 600\n  - revoke_agent: {}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start_with(
+        &data,
+        &["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()],
+    );
+    let (url, token) = (server.url.clone(), server.token());
+    let node = ["--url", url.as_str(), "--data", data.to_str().unwrap()];
+    let keys = [AgentKey::from_seed(&[31; 32]), AgentKey::from_seed(&[32; 32])];
+    let mut signers = Vec::new();
+    for key in &keys {
+        enroll(&url, &token, key.did(), "ops");
+        signers.push(Signer::new(key.clone(), "ops"));
+    }
+    // Both agents use a credential someone else owns.
+    for signer in &mut signers {
+        let results = send(
+            &url,
+            signer,
+            &[json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}})],
+        );
+        assert_eq!(results[0]["status"], "accepted");
+    }
+    let (approve_did, deny_did) = (keys[0].did().to_owned(), keys[1].did().to_owned());
+    wait_for("two pending approvals", || {
+        pending_approval(&url, &token, &approve_did).is_some() && pending_approval(&url, &token, &deny_did).is_some()
+    });
+    assert_eq!(status_of(&url, &token, &approve_did), "active", "nothing runs before approval");
+    let output = run(&[&["action", "list"][..], &node[..]].concat());
+    assert!(stdout(&output).contains("Waiting for approval"), "{}", stdout(&output));
+
+    let approval = pending_approval(&url, &token, &approve_did).unwrap();
+    let output = run(&[&["action", "approve", approval.as_str()][..], &node[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("executed revoke_agent"), "{}", stdout(&output));
+    assert_eq!(status_of(&url, &token, &approve_did), "revoked");
+
+    let denied = pending_approval(&url, &token, &deny_did).unwrap();
+    let output = run(&[&["action", "deny", denied.as_str()][..], &node[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("denied"), "{}", stdout(&output));
+    assert_eq!(status_of(&url, &token, &deny_did), "active", "a denial runs nothing");
+    let again = run(&[&["action", "deny", denied.as_str()][..], &node[..]].concat());
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("unknown_approval"), "{}", stderr(&again));
+
+    // Undo the revocation: it waits for approval, then reinstates the agent.
+    let (_, actions) = get(&url, "/v1/actions", &token);
+    let revoke = actions["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|action| action["action"] == "revoke_agent" && action["status"] == "executed")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let output = run(&[&["action", "undo", revoke.as_str()][..], &node[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(status_of(&url, &token, &approve_did), "revoked", "undo needs approval");
+    let undo_approval = pending_approval(&url, &token, &approve_did).unwrap();
+    let output = run(&[&["action", "approve", undo_approval.as_str()][..], &node[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("reinstate_agent"), "{}", stdout(&output));
+    assert_eq!(status_of(&url, &token, &approve_did), "active");
+    let results = send(&url, &mut signers[0], &[json!({"kind": "tool_call", "action": "search"})]);
+    assert_eq!(results[0]["status"], "accepted", "a reinstated agent is accepted again");
+
+    server.stop();
+    let output = run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+}

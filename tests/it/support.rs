@@ -36,6 +36,11 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(data: &Path) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// [`Server::start`] with extra `serve` arguments.
+    pub(crate) fn start_with(data: &Path, extra: &[&str]) -> Self {
         let mut child = custos()
             .args(["serve", "--data"])
             .arg(data)
@@ -47,6 +52,7 @@ impl Server {
                 "--checkpoint-every",
                 "100",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
