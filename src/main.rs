@@ -63,6 +63,10 @@ enum Command {
     Proof(ProofCommand),
     /// Recompute every leaf, digest, root, checkpoint signature and agent chain.
     Verify(cmd::verify::VerifyArgs),
+    /// Generate a signed fleet with rhythms and injected attacks, plus an answer key.
+    Simulate(cmd::sim::SimulateArgs),
+    /// Replay a trace through the detector in event time and score it against an answer key.
+    Eval(cmd::sim::EvalArgs),
     /// Run a node on a temporary store with a simulated fleet, bad inputs and a verify.
     Demo(cmd::demo::DemoArgs),
     /// Benchmarks that report ratios against baselines measured in the same run.
@@ -390,6 +394,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => {
             init_tracing("warn");
             return cmd::verify::run(&args);
+        }
+        Command::Simulate(args) => {
+            init_tracing("warn");
+            cmd::sim::simulate(args).await?;
+        }
+        Command::Eval(args) => {
+            init_tracing("warn");
+            return cmd::sim::eval(&args);
         }
         Command::Demo(args) => {
             init_tracing("warn");

@@ -34,6 +34,9 @@ impl Default for BaselineConfig {
     }
 }
 
+/// Windows a baseline learns before its drift test runs.
+pub const DRIFT_WARMUP: u32 = 240;
+
 /// One feature's statistics.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stat {
@@ -102,6 +105,26 @@ impl Baseline {
         total >= 500 && self.profile.len() == 168 && (f32::from(self.profile[how]) / (total as f32 / 168.0)) < 0.05
     }
 
+    /// Events in the profile at this hour of the day, summed over the days of the week.
+    pub fn hour_of_day_total(&self, hour: usize) -> u32 {
+        if self.profile.len() != 168 {
+            return 0;
+        }
+        (0..7).map(|day| u32::from(self.profile[day * 24 + hour % 24])).sum()
+    }
+
+    /// Whether the agent is usually about as busy at hour-of-day `now` as at `last`, the
+    /// hour it last reported in: silence is only news when the agent's rhythm says it
+    /// should be talking (a coding agent stopping at 18:00 is not).
+    /// The hour before `last` counts too, so a stray event just after the working day
+    /// ends does not make the evening look busy.
+    pub fn usually_active(&self, now_hour: usize, last_hour: usize) -> bool {
+        let last = self
+            .hour_of_day_total(last_hour)
+            .max(self.hour_of_day_total(last_hour + 23));
+        last > 0 && 2 * self.hour_of_day_total(now_hour) >= last
+    }
+
     pub fn count_hour(&mut self, how: usize, events: u32) {
         if self.profile.len() != 168 {
             self.profile = vec![0; 168];
@@ -166,10 +189,14 @@ impl Baseline {
             let x = vector[f].clamp(expected - config.clip * spread, expected + config.clip * spread);
             stat.dev += config.alpha * ((x - stat.mean).abs() - stat.dev);
             stat.mean += config.alpha * (x - stat.mean);
-            // Page-Hinkley on the standardised excess over the slow mean (upward drift).
+            // Page-Hinkley on the standardised excess over the slow mean (upward drift),
+            // once the slow mean has settled: until then it is a plain running average.
+            let warm = self.windows >= DRIFT_WARMUP;
             let excess = (vector[f] - stat.slow) / spread;
-            stat.drift = (stat.drift + excess - config.drift_delta).max(0.0);
-            if stat.drift > config.drift_lambda {
+            if warm {
+                stat.drift = (stat.drift + excess - config.drift_delta).max(0.0);
+            }
+            if warm && stat.drift > config.drift_lambda {
                 drifted.push(Contribution {
                     feature: crate::features::FEATURES[f].to_owned(),
                     observed: f64::from(stat.mean),
@@ -179,7 +206,8 @@ impl Baseline {
                 stat.drift = 0.0;
                 stat.slow = stat.mean;
             }
-            stat.slow += config.drift_alpha * (vector[f] - stat.slow);
+            let rate = config.drift_alpha.max(1.0 / (self.windows as f32 + 1.0));
+            stat.slow += rate * (vector[f] - stat.slow);
         }
         self.windows = self.windows.saturating_add(1);
         drifted
@@ -217,6 +245,7 @@ mod tests {
         for _ in 0..300 {
             assert!(baseline.learn(&steady(10.0), 0, &config).is_empty());
         }
+        const { assert!(300 > DRIFT_WARMUP) };
         // Creep up by 2% a window: never a spike, but a sustained shift.
         let mut fired = false;
         for step in 0..400 {

@@ -49,6 +49,10 @@ pub struct DetectorConfig {
     pub threshold: u8,
     /// A finding with the same dedup key is not reported again within this many seconds.
     pub dedup_secs: i64,
+    /// The same for rule findings (per rule and agent): a day, the longest correlation
+    /// window in the shipped pack, so one rug pull is one finding, not one an hour.
+    #[serde(default = "default_rule_dedup")]
+    pub rule_dedup_secs: i64,
     /// An agent active in most recent windows that sends nothing for this many windows
     /// is reported silent.
     pub silence_windows: i64,
@@ -64,11 +68,16 @@ impl Default for DetectorConfig {
             min_windows: 30,
             threshold: 50,
             dedup_secs: 3600,
+            rule_dedup_secs: 86_400,
             silence_windows: 15,
             baseline: BaselineConfig::default(),
             max_realm_targets: 200_000,
         }
     }
+}
+
+fn default_rule_dedup() -> i64 {
+    86_400
 }
 
 /// One agent's detector state (a few KiB: see `custos bench detect`).
@@ -311,7 +320,15 @@ impl Detector {
         let silent: Vec<(String, String, i64)> = self
             .agents
             .iter()
-            .filter(|(_, state)| !state.silent && state.activity.count_ones() >= 48 && now - state.last_seen > silence)
+            .filter(|(_, state)| {
+                !state.silent
+                    && state.activity.count_ones() >= 48
+                    && now - state.last_seen > silence
+                    && state.baseline.usually_active(
+                        baseline::hour_of_week(now) % 24,
+                        baseline::hour_of_week(state.last_seen) % 24,
+                    )
+            })
             .map(|(did, state)| (did.clone(), state.realm.clone(), state.last_seen))
             .collect();
         for (did, realm, last_seen) in silent {
@@ -533,8 +550,13 @@ impl Detector {
     /// Applies dedup; fills in the id.
     fn report(&mut self, mut finding: Finding) -> Option<Finding> {
         let ts = finding.ts.timestamp();
+        let period = if finding.dedup_key.starts_with("rule|") {
+            self.config.rule_dedup_secs
+        } else {
+            self.config.dedup_secs
+        };
         if let Some(last) = self.reported.get(&finding.dedup_key)
-            && ts - last < self.config.dedup_secs
+            && ts - last < period
         {
             return None;
         }
@@ -546,7 +568,7 @@ impl Detector {
     /// Writes the state to `path` atomically (temporary file, fsync, rename).
     pub fn snapshot(&mut self, path: &Path) -> std::io::Result<()> {
         // Old dedup entries can go: they no longer suppress anything.
-        let horizon = self.watermark - self.config.dedup_secs.max(86_400);
+        let horizon = self.watermark - self.config.dedup_secs.max(self.config.rule_dedup_secs).max(86_400);
         self.reported.retain(|_, ts| *ts >= horizon);
         let snapshot = Snapshot {
             version: SNAPSHOT_VERSION,

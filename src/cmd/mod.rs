@@ -9,6 +9,7 @@ pub(crate) mod fleet;
 pub(crate) mod proof;
 pub(crate) mod respond;
 pub(crate) mod serve;
+pub(crate) mod sim;
 pub(crate) mod verify;
 
 /// A new, uniquely named directory path under the system temp dir (not yet created).

@@ -331,7 +331,9 @@ fn approvals_and_undo_through_the_cli() {
         let results = send(
             &url,
             signer,
-            &[json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}})],
+            &[
+                json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}}),
+            ],
         );
         assert_eq!(results[0]["status"], "accepted");
     }
@@ -339,7 +341,11 @@ fn approvals_and_undo_through_the_cli() {
     wait_for("two pending approvals", || {
         pending_approval(&url, &token, &approve_did).is_some() && pending_approval(&url, &token, &deny_did).is_some()
     });
-    assert_eq!(status_of(&url, &token, &approve_did), "active", "nothing runs before approval");
+    assert_eq!(
+        status_of(&url, &token, &approve_did),
+        "active",
+        "nothing runs before approval"
+    );
     let output = run(&[&["action", "list"][..], &node[..]].concat());
     assert!(stdout(&output).contains("Waiting for approval"), "{}", stdout(&output));
 
@@ -377,7 +383,11 @@ fn approvals_and_undo_through_the_cli() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("reinstate_agent"), "{}", stdout(&output));
     assert_eq!(status_of(&url, &token, &approve_did), "active");
-    let results = send(&url, &mut signers[0], &[json!({"kind": "tool_call", "action": "search"})]);
+    let results = send(
+        &url,
+        &mut signers[0],
+        &[json!({"kind": "tool_call", "action": "search"})],
+    );
     assert_eq!(results[0]["status"], "accepted", "a reinstated agent is accepted again");
 
     server.stop();
