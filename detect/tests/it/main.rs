@@ -264,6 +264,9 @@ fn steady_minutes(feed: &mut Feed, agent: &str, from: DateTime<Utc>, minutes: i6
 #[test]
 fn an_agent_that_stops_reporting_is_flagged_once() {
     let mut feed = Feed::new();
+    // Yesterday it was busy through these hours, so silence now is news.
+    let yesterday = steady_minutes(&mut feed, AGENT, t0() - Duration::days(1), 240);
+    assert!(yesterday.iter().all(|finding| finding.finding_type != "silence"));
     let found = steady_minutes(&mut feed, AGENT, t0(), 70);
     assert!(found.is_empty(), "steady traffic raised {found:?}");
     let last = t0() + Duration::minutes(70);
@@ -278,6 +281,19 @@ fn an_agent_that_stops_reporting_is_flagged_once() {
         feed.detector.tick(last.timestamp() + 40 * 60).is_empty(),
         "reported once"
     );
+}
+
+#[test]
+fn stopping_when_the_rhythm_says_so_is_not_silence() {
+    let mut feed = Feed::new();
+    // Busy for the first 70 minutes of its day, with no history after that hour: the
+    // stop looks like the end of a working day, not an audit coverage drop.
+    assert!(steady_minutes(&mut feed, AGENT, t0(), 70).is_empty());
+    let last = t0() + Duration::minutes(70);
+    for minutes in [30, 60, 120] {
+        let found = feed.detector.tick(last.timestamp() + minutes * 60);
+        assert!(found.iter().all(|finding| finding.finding_type != "silence"), "{found:?}");
+    }
 }
 
 #[test]
