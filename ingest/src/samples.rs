@@ -167,11 +167,9 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
     );
     let mut forked = event(Kind::CredentialUse, now);
     forked.target = Some("vault://prod/db-root".into());
-    push(
-        "same seq, different payload",
-        Expect::Rejected(Reason::ChainFork),
-        json(&fork_signer.sign(forked)),
-    );
+    // Sent last: a fork is what a cloned key looks like, and a node with the shipped
+    // playbooks revokes the agent at once, which would change the answers after it.
+    let fork = json(&fork_signer.sign(forked));
     let mut broken = actors.agent.clone();
     let mut wrong_prev = event(Kind::ToolCall, now);
     wrong_prev.action = Some("rewrite.history".into());
@@ -202,6 +200,7 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         Expect::Gap,
         json(&actors.agent.sign(event(Kind::ToolCall, now))),
     );
+    push("same seq, different payload", Expect::Rejected(Reason::ChainFork), fork);
     out
 }
 

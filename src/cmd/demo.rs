@@ -44,7 +44,14 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let mut config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
     config.log.segment_max_entries = 5_000;
-    let running = custos_ingest::start(config.clone()).await?;
+    let marks = std::sync::Arc::new(crate::pipeline::Marks::default());
+    let node = super::serve::Node::start(
+        config.clone(),
+        Some(crate::pipeline::PipelineConfig::new(data.clone())),
+        marks.clone(),
+    )
+    .await?;
+    let running = &node.running;
     let token = running
         .admin_token
         .clone()
@@ -55,6 +62,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let admin = Client::new(&url, Some(token.trim().to_owned()));
     let agents_client = Client::new(&url, None);
     println!("Custos demo: node on {url}, store in {}", data.display());
+    println!("the detector and the responder run inside the node, with the shipped rules and playbooks");
 
     section("Enroll a fleet (zero trust: only enrolled agents are accepted)");
     let (mut agents, mut rng) = fleet(args.agents.max(6), args.seed);
@@ -123,6 +131,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "{accepted} accepted, {other} not, in {seconds:.1}s ({:.0} events/s over loopback HTTP, each acknowledged only after fsync)",
         sent as f64 / seconds
     );
+
+    attack(&admin, &agents_client, &mut agents[3], &mut rng, &marks).await?;
 
     section("Bad input: one of each kind (every rejection is kept for forensics)");
     let mut compromised = FleetAgent::new(AgentKey::generate()?, agents[1].role);
@@ -216,8 +226,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         result[0].reason.as_deref().unwrap_or("-")
     );
 
+    println!("(the cloned-key case above was a critical finding too: the playbook revoked that agent)");
+
     section("Shut down: drain, seal the open segment, sign a final checkpoint");
-    running.shutdown().await?;
+    node.shutdown().await?;
     println!("sealed");
 
     section("Verify the store from its files alone, signatures included");
@@ -246,6 +258,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  custos agent list --data {shown}                # with the node running");
     println!("  custos rejected list --data {shown}             # the bad inputs above, kept with their reasons");
+    println!("  custos finding list --data {shown}              # the findings, with explanations");
+    println!("  custos action list --data {shown}               # what the playbooks did");
+    println!("  custos eval --agents 50 --hours 48              # detection quality on a simulated fleet");
     println!("  custos proof inclusion --data {shown} --index 42");
     println!("  custos verify {shown} --signatures              # then flip a byte in a segment and run it again");
     if surprises > 0 || !report.ok() {
@@ -256,6 +271,143 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An ops agent's memory is poisoned from untrusted content and it then uses a
+/// credential: the detector's rule fires, the shipped playbook revokes the agent and
+/// quarantines the memory. Times the loop from sending the first malicious event to the
+/// revocation being durable in the log.
+async fn attack(
+    admin: &Client,
+    agents_client: &Client,
+    victim: &mut FleetAgent,
+    rng: &mut rand::rngs::StdRng,
+    marks: &crate::pipeline::Marks,
+) -> anyhow::Result<()> {
+    section(&format!(
+        "An attack: {} ({}) stores untrusted content in memory, then uses a credential",
+        short(victim.did()),
+        victim.role.name
+    ));
+    let now = chrono::Utc::now();
+    let mut poison = Payload::new(Kind::MemoryWrite, now);
+    poison.action = Some("memory.store".into());
+    poison.memory_id = Some("mem-runbook-poisoned".into());
+    poison.attrs = Some(serde_json::Map::from_iter([(
+        "source_trust".to_owned(),
+        serde_json::json!("untrusted"),
+    )]));
+    let mut misuse = Payload::new(Kind::CredentialUse, now + chrono::Duration::milliseconds(400));
+    misuse.action = Some("vault.read".into());
+    misuse.target = Some("vault://ops/prod-db-admin".into());
+    let did = victim.did().to_owned();
+    misuse.attrs = Some(serde_json::Map::from_iter([(
+        "credential_owner".to_owned(),
+        serde_json::json!(did),
+    )]));
+    let body = format!(
+        "{}\n{}\n",
+        victim.signer.sign(poison).to_json(),
+        victim.signer.sign(misuse).to_json()
+    );
+    let sent = Instant::now();
+    let results = agents_client.send_events(body.into_bytes()).await?;
+    println!(
+        "both events accepted (log indexes {} and {}); the agent is still active",
+        index(results[0].log_index),
+        index(results.get(1).and_then(|result| result.log_index))
+    );
+    let enforced = loop {
+        let found = marks
+            .enforced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(_, agent, action)| *agent == did && action == "revoke_agent")
+            .map(|(at, _, _)| *at);
+        if let Some(at) = found {
+            break at;
+        }
+        anyhow::ensure!(
+            sent.elapsed() < std::time::Duration::from_secs(20),
+            "no revocation within 20 s of the attack"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    };
+    let findings = admin.get("/v1/findings?limit=50").await?;
+    if let Some(finding) = findings["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|finding| finding["agent"] == did.as_str() && finding["type"] == "memory_poisoning")
+    {
+        println!(
+            "finding {} at log index {}: {} (score {}, {}, rule {})",
+            finding["id"].as_str().unwrap_or("?"),
+            finding["log_index"],
+            finding["title"].as_str().unwrap_or("?"),
+            finding["score"],
+            finding["severity"].as_str().unwrap_or("?"),
+            finding["rule_id"].as_str().unwrap_or("-"),
+        );
+        println!(
+            "  evidence: log indexes {}; tags {}",
+            finding["evidence"], finding["tags"]
+        );
+    }
+    // The actions are signed into the log just after they are enforced.
+    let mut actions = admin.get("/v1/actions?limit=20").await?;
+    for _ in 0..500 {
+        let logged = actions["actions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|action| action["agent"] == did.as_str() && action["log_index"].is_u64())
+            .count();
+        if logged >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        actions = admin.get("/v1/actions?limit=20").await?;
+    }
+    for action in actions["actions"].as_array().into_iter().flatten().rev() {
+        if action["agent"] == did.as_str() {
+            println!(
+                "playbook {}: {} `{}` -> {} (log index {})",
+                action["playbook"].as_str().unwrap_or("?"),
+                action["action"].as_str().unwrap_or("?"),
+                short(action["target"].as_str().unwrap_or("?")),
+                action["status"].as_str().unwrap_or("?"),
+                action["log_index"],
+            );
+        }
+    }
+    println!(
+        "\n  first malicious event -> enforced revocation: {:.1} ms (measured on this run)\n",
+        enforced.duration_since(sent).as_secs_f64() * 1000.0
+    );
+    let next = victim.next(rng, chrono::Utc::now());
+    let result = agents_client.send_events(next.to_json().into_bytes()).await?;
+    println!(
+        "the agent's next event: {} ({})",
+        result[0].status,
+        result[0].reason.as_deref().unwrap_or("-")
+    );
+    let memory = admin.get("/v1/memories/mem-runbook-poisoned/status").await?;
+    println!(
+        "memory mem-runbook-poisoned: {} (serve: {})",
+        memory["status"].as_str().unwrap_or("?"),
+        memory["serve"]
+    );
+    Ok(())
+}
+
+fn short(text: &str) -> String {
+    if text.len() > 24 {
+        format!("{}…{}", &text[..14], &text[text.len() - 6..])
+    } else {
+        text.to_owned()
+    }
 }
 
 fn index(log_index: Option<u64>) -> String {

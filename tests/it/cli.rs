@@ -197,4 +197,15 @@ fn the_demo_runs_clean() {
     }
     assert!(text.contains("OK: every leaf"), "{text}");
     assert!(!text.contains("unexpected"), "{text}");
+    // The detection and response loop.
+    for shown in [
+        "rule custos-poisoned-memory-credential",
+        "revoke_agent",
+        "-> executed",
+        "first malicious event -> enforced revocation:",
+        "the agent's next event: rejected (revoked_agent)",
+        "memory mem-runbook-poisoned: quarantined (serve: false)",
+    ] {
+        assert!(text.contains(shown), "the demo does not show `{shown}`:\n{text}");
+    }
 }

@@ -196,7 +196,17 @@ fn memory_poisoning_is_contained_and_the_revocation_list_verifies() {
     let (_, other) = get(&url, "/v1/memories/mem-bystander/status", &token);
     assert_eq!(other["serve"], true, "{other}");
 
-    // Actions are recorded, with their log indexes.
+    // Actions are recorded, with their log indexes (signed just after being enforced).
+    wait_for("the action records", || {
+        let (_, actions) = get(&url, "/v1/actions", &token);
+        actions["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|action| action["log_index"].is_u64())
+            .count()
+            >= 3
+    });
     let (_, actions) = get(&url, "/v1/actions", &token);
     let executed: Vec<&str> = actions["actions"]
         .as_array()

@@ -292,7 +292,10 @@ fn stopping_when_the_rhythm_says_so_is_not_silence() {
     let last = t0() + Duration::minutes(70);
     for minutes in [30, 60, 120] {
         let found = feed.detector.tick(last.timestamp() + minutes * 60);
-        assert!(found.iter().all(|finding| finding.finding_type != "silence"), "{found:?}");
+        assert!(
+            found.iter().all(|finding| finding.finding_type != "silence"),
+            "{found:?}"
+        );
     }
 }
 
