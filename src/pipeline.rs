@@ -223,7 +223,7 @@ impl Pipeline {
             system_signers: signers,
             operations: Some(Arc::new(Ops {
                 views,
-                responder: Mutex::new(responder_tx.clone()),
+                responder: responder_tx.clone(),
             })),
             drain: Some(Box::new(move || {
                 // Detector first (its last findings reach the responder), then the responder.
@@ -267,15 +267,13 @@ impl Pipeline {
 
 struct Ops {
     views: Arc<Views>,
-    responder: Mutex<Sender<ResponderMsg>>,
+    responder: Sender<ResponderMsg>,
 }
 
 impl Ops {
     fn ask(&self, make: impl FnOnce(mpsc::Sender<Result<Value, ApiError>>) -> ResponderMsg) -> Result<Value, ApiError> {
         let (reply, answer) = mpsc::channel();
         self.responder
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .send(make(reply))
             .map_err(|_| ApiError::new(503, "stopping", "the responder has stopped"))?;
         answer

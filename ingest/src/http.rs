@@ -452,6 +452,9 @@ async fn memory_status(
     Ok(Json(body).into_response())
 }
 
+/// Who may read findings, actions and approvals.
+const FINDING_READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Auditor];
+
 fn operations(state: &AppState) -> Result<Arc<dyn crate::Operations>, ApiError> {
     state
         .operations
@@ -470,11 +473,7 @@ async fn findings(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(
-        &state,
-        &headers,
-        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
-    )?;
+    let caller = authorize(&state, &headers, &FINDING_READERS)?;
     let operations = operations(&state)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     Ok(Json(serde_json::json!({ "findings": operations.findings(&caller.realms, limit) })).into_response())
@@ -485,11 +484,7 @@ async fn actions(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(
-        &state,
-        &headers,
-        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
-    )?;
+    let caller = authorize(&state, &headers, &FINDING_READERS)?;
     let operations = operations(&state)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     Ok(Json(serde_json::json!({
@@ -500,11 +495,7 @@ async fn actions(
 }
 
 async fn approvals(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = authorize(
-        &state,
-        &headers,
-        &[Role::Admin, Role::Analyst, Role::Responder, Role::Auditor],
-    )?;
+    let caller = authorize(&state, &headers, &FINDING_READERS)?;
     let operations = operations(&state)?;
     Ok(Json(serde_json::json!({ "pending": operations.pending(&caller.realms) })).into_response())
 }

@@ -94,6 +94,11 @@ pub const ROLES: [Role; 5] = [
 ];
 
 impl Role {
+    /// The role's `n`th typical step (kind, action, target template), cycling.
+    pub fn step(&self, n: usize) -> (Kind, &'static str, &'static str) {
+        self.steps[n % self.steps.len()]
+    }
+
     /// Events per minute at `ts`: the role's daily and weekly rhythm.
     pub fn rate(&self, ts: DateTime<Utc>) -> f64 {
         let hour = ts.hour();
@@ -294,7 +299,7 @@ fn event(kind: Kind, action: &str, target: &str) -> Map<String, Value> {
 }
 
 fn normal(role: &Role, step: usize, rng: &mut StdRng, did: &str) -> Map<String, Value> {
-    let (kind, action, target) = role.steps[step % role.steps.len()];
+    let (kind, action, target) = role.step(step);
     let mut object = event(kind, action, &target.replace("{n}", &rng.gen_range(1..40).to_string()));
     object.insert("session".into(), json!(format!("s-{}", step / 25)));
     let roll: f64 = rng.r#gen();
@@ -675,6 +680,7 @@ pub struct Score {
     pub scenarios: Vec<ScenarioScore>,
     pub findings: usize,
     pub false_positives: usize,
+    pub false_positives_by_type: std::collections::BTreeMap<String, usize>,
     pub agent_days: f64,
     pub false_positives_per_100_agent_days: f64,
 }
@@ -752,10 +758,15 @@ pub fn score(answers: &AnswerKey, findings: &[Detected], window_secs: i64) -> Sc
         .collect();
     let days = (answers.end - answers.start).num_seconds().max(1) as f64 / 86_400.0;
     let agent_days = answers.agents.len().max(1) as f64 * days;
+    let mut false_positives_by_type = std::collections::BTreeMap::new();
+    for finding in &unmatched {
+        *false_positives_by_type.entry(finding.finding_type.clone()).or_default() += 1;
+    }
     Score {
         scenarios,
         findings: findings.len(),
         false_positives: unmatched.len(),
+        false_positives_by_type,
         agent_days,
         false_positives_per_100_agent_days: unmatched.len() as f64 * 100.0 / agent_days,
     }
@@ -827,6 +838,7 @@ mod tests {
         };
         let report = score(&answers, &[hit.clone(), stray], 60);
         assert_eq!(report.false_positives, 1);
+        assert_eq!(report.false_positives_by_type["rug_pull"], 1);
         assert_eq!(report.scenarios[0].recall, 1.0);
         assert_eq!(report.scenarios[0].precision, 0.5);
         assert_eq!(report.scenarios[0].time_to_detect_p50_secs, Some(5.0));

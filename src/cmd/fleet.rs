@@ -1,4 +1,5 @@
-//! A small simulated fleet with role-typical behaviour, for the demo and benchmarks.
+//! A small fleet sending role-typical events in real time, for the demo and the ingest
+//! benchmark (the roles are the simulator's; `custos simulate` adds rhythms and attacks).
 
 use chrono::{DateTime, Utc};
 use custos_event::{AgentKey, Envelope, Kind, Outcome, Payload, Signer};
@@ -6,69 +7,7 @@ use rand::Rng as _;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 
-/// One thing a role typically does: kind, action, target template (`{n}` is a number).
-type Step = (Kind, &'static str, &'static str);
-
-pub(crate) struct Role {
-    pub(crate) name: &'static str,
-    pub(crate) realm: &'static str,
-    steps: &'static [Step],
-}
-
-pub(crate) const ROLES: [Role; 5] = [
-    Role {
-        name: "coding-agent",
-        realm: "eng",
-        steps: &[
-            (Kind::FileRead, "fs.read", "repo://payments/src/module_{n}.rs"),
-            (Kind::LlmCall, "chat", "anthropic:claude"),
-            (Kind::FileWrite, "fs.write", "repo://payments/src/module_{n}.rs"),
-            (Kind::ToolCall, "shell.exec", "cargo test -p module_{n}"),
-            (Kind::ToolCall, "git.commit", "repo://payments"),
-        ],
-    },
-    Role {
-        name: "support-bot",
-        realm: "support",
-        steps: &[
-            (Kind::MessageReceived, "chat.inbound", "ticket://{n}"),
-            (Kind::ToolCall, "crm.lookup", "crm://customers/{n}"),
-            (Kind::MemoryRead, "memory.recall", "mem://support/faq"),
-            (Kind::LlmCall, "chat", "anthropic:claude"),
-            (Kind::MessageSent, "chat.reply", "ticket://{n}"),
-        ],
-    },
-    Role {
-        name: "data-analyst",
-        realm: "data",
-        steps: &[
-            (Kind::ToolCall, "sql.query", "warehouse://sales/orders_{n}"),
-            (Kind::FileRead, "s3.get", "s3://analytics/exports/day_{n}.parquet"),
-            (Kind::LlmCall, "chat", "anthropic:claude"),
-            (Kind::FileWrite, "chart.render", "s3://analytics/charts/{n}.png"),
-        ],
-    },
-    Role {
-        name: "ops-runner",
-        realm: "ops",
-        steps: &[
-            (Kind::CredentialUse, "vault.read", "vault://ops/k8s-deployer"),
-            (Kind::ToolCall, "k8s.apply", "k8s://prod/deployments/svc-{n}"),
-            (Kind::ToolCall, "pagerduty.ack", "pagerduty://incidents/{n}"),
-            (Kind::Auth, "oidc.login", "https://sso.example.com"),
-        ],
-    },
-    Role {
-        name: "researcher",
-        realm: "research",
-        steps: &[
-            (Kind::ToolCall, "web.fetch", "https://docs.example.org/page/{n}"),
-            (Kind::LlmCall, "chat", "anthropic:claude"),
-            (Kind::MemoryWrite, "memory.store", "mem://research/notes/{n}"),
-            (Kind::ToolResult, "web.fetch", "https://docs.example.org/page/{n}"),
-        ],
-    },
-];
+use custos_sim::{ROLES, Role};
 
 /// An agent of the fleet, with the envelopes it needs to remember.
 pub(crate) struct FleetAgent {
@@ -96,7 +35,7 @@ impl FleetAgent {
 
     /// Signs the agent's next typical event.
     pub(crate) fn next(&mut self, rng: &mut StdRng, ts: DateTime<Utc>) -> Envelope {
-        let (kind, action, target) = self.role.steps[self.step % self.role.steps.len()];
+        let (kind, action, target) = self.role.step(self.step);
         self.step += 1;
         let mut payload = Payload::new(kind, ts);
         payload.action = Some(action.to_owned());

@@ -20,15 +20,8 @@ Examples:
 The trace is NDJSON, one DSSE envelope per line, in time order (docs/evaluation.md).
 Attacks start in the second half of the trace, one per scenario unless --attacks says more.")]
 pub(crate) struct SimulateArgs {
-    #[arg(long, default_value_t = 50)]
-    agents: usize,
-    #[arg(long, default_value_t = 48)]
-    hours: u64,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Injections per scenario (into distinct agents).
-    #[arg(long, default_value_t = 1)]
-    attacks: usize,
+    #[command(flatten)]
+    fleet: FleetArgs,
     /// Only these scenarios (comma-separated names; default all).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
@@ -45,15 +38,23 @@ pub(crate) struct SimulateArgs {
     node: NodeArgs,
 }
 
-pub(crate) fn config_from(
+/// The simulated fleet's size and seed, shared by `simulate` and `eval`.
+#[derive(Args)]
+pub(crate) struct FleetArgs {
+    #[arg(long, default_value_t = 50)]
     agents: usize,
+    #[arg(long, default_value_t = 48)]
     hours: u64,
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Injections per scenario (into distinct agents).
+    #[arg(long, default_value_t = 1)]
     attacks: usize,
-    names: &[String],
-) -> anyhow::Result<SimConfig> {
-    let mut config = SimConfig::new(agents, hours, seed);
-    config.attacks_per_scenario = attacks;
+}
+
+pub(crate) fn config_from(fleet: &FleetArgs, names: &[String]) -> anyhow::Result<SimConfig> {
+    let mut config = SimConfig::new(fleet.agents, fleet.hours, fleet.seed);
+    config.attacks_per_scenario = fleet.attacks;
     if !names.is_empty() {
         config.scenarios = names
             .iter()
@@ -74,13 +75,13 @@ pub(crate) async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if args.out.is_none() && !args.send {
         bail!("say where the trace goes: --out FILE, or --send to a running node");
     }
-    let mut config = config_from(args.agents, args.hours, args.seed, args.attacks, &args.scenarios)?;
+    let mut config = config_from(&args.fleet, &args.scenarios)?;
     if args.send {
         // A node accepts events up to 7 days old and 5 minutes ahead: end the trace now.
-        if args.hours > 24 * 7 {
+        if config.hours > 24 * 7 {
             bail!("--send needs --hours of at most 168 (the node refuses older events)");
         }
-        config.start = chrono::Utc::now() - chrono::Duration::hours(args.hours as i64);
+        config.start = chrono::Utc::now() - chrono::Duration::hours(config.hours as i64);
     }
     eprintln!(
         "simulating {} agents for {} hours (seed {})...",
@@ -124,12 +125,13 @@ pub(crate) async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             }
         }
         let progress = indicatif::ProgressBar::new(simulation.events.len() as u64);
-        let (mut accepted, mut rejected) = (0usize, 0usize);
+        let mut accepted = 0usize;
+        let mut rejected: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
         for chunk in simulation.events.chunks(1000) {
             let body = chunk.iter().map(Envelope::to_json).collect::<Vec<_>>().join("\n");
             for result in client.send_events(body.into_bytes()).await? {
                 if result.status == "rejected" {
-                    rejected += 1;
+                    *rejected.entry(result.reason.unwrap_or_default()).or_default() += 1;
                 } else {
                     accepted += 1;
                 }
@@ -161,14 +163,8 @@ pub(crate) struct EvalArgs {
     /// The answer key for --events.
     #[arg(long)]
     answers: Option<PathBuf>,
-    #[arg(long, default_value_t = 50)]
-    agents: usize,
-    #[arg(long, default_value_t = 48)]
-    hours: u64,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    #[arg(long, default_value_t = 1)]
-    attacks: usize,
+    #[command(flatten)]
+    fleet: FleetArgs,
     /// Extra Sigma rule directory (repeatable).
     #[arg(long = "rules", value_name = "DIR")]
     rules: Vec<PathBuf>,
@@ -309,12 +305,12 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
             (key, replay(read_trace(events)?, config, &args.rules)?)
         }
         _ => {
-            let sim = custos_sim::simulate(&config_from(args.agents, args.hours, args.seed, args.attacks, &[])?);
+            let sim = custos_sim::simulate(&config_from(&args.fleet, &[])?);
             eprintln!(
                 "simulated {} agents for {} hours (seed {}): {} events",
-                args.agents,
-                args.hours,
-                args.seed,
+                args.fleet.agents,
+                args.fleet.hours,
+                args.fleet.seed,
                 sim.events.len()
             );
             let answers = sim.answers;
@@ -367,19 +363,8 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
         "\nfalse positives: {} over {:.0} agent-days = {:.2} per 100 agent-days (goal <= 1)",
         report.false_positives, report.agent_days, report.false_positives_per_100_agent_days
     );
-    let mut unmatched: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-    for finding in &detected {
-        let matched = answers.attacks.iter().any(|attack| {
-            attack.agent == finding.agent
-                && finding.ts >= attack.start - chrono::Duration::seconds(window)
-                && finding.ts <= attack.end + chrono::Duration::seconds(custos_sim::GRACE_SECS)
-        });
-        if !matched {
-            *unmatched.entry(finding.finding_type.as_str()).or_default() += 1;
-        }
-    }
-    if !unmatched.is_empty() {
-        println!("false positives by type: {unmatched:?}");
+    if !report.false_positives_by_type.is_empty() {
+        println!("false positives by type: {:?}", report.false_positives_by_type);
     }
     let recall_ok = report.scenarios.iter().all(|scenario| scenario.recall >= 0.95);
     let fp_ok = report.false_positives_per_100_agent_days <= 1.0;
