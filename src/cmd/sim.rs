@@ -139,9 +139,8 @@ pub(crate) async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             progress.inc(chunk.len() as u64);
         }
         progress.finish_and_clear();
-        eprintln!(
-            "sent: {accepted} accepted or duplicate, {rejected} rejected (a cloned key's fork is rejected by design)"
-        );
+        eprintln!("sent: {accepted} accepted or duplicate; rejected by reason: {rejected:?}");
+        eprintln!("(a cloned key's fork is `chain_fork`; agents the playbooks revoked get `revoked_agent`)");
     }
     Ok(())
 }
