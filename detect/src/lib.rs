@@ -7,8 +7,8 @@
 //!          ▼                               ▼                              ▼
 //!   Sigma rules (rsigma-eval,       per-agent tumbling window      silence check (tick)
 //!   correlations, filters)          ─▶ features ─▶ baselines
-//!          │                           (own, or realm peers while learning;
-//!          │                            EWMA/MAD + hour-of-week; Page-Hinkley drift)
+//!          │                           (own; while learning, its k-means peer
+//!          │                            group; EWMA/MAD + hour-of-week; Page-Hinkley)
 //!          └──────────────┬────────────────┘
 //!                         ▼
 //!          dedup (key, period) ─▶ Finding ─▶ signed by the detector key into the log
@@ -29,10 +29,12 @@ use serde::{Deserialize, Serialize};
 pub mod baseline;
 pub mod features;
 pub mod finding;
+pub mod peers;
 pub mod rules;
 
 pub use baseline::{Baseline, BaselineConfig, Contribution};
 pub use finding::{Finding, Severity, Span};
+pub use peers::PeerGroups;
 pub use rules::{RuleError, RuleHit, Rules};
 
 use features::{SeenSet, Window, host_of};
@@ -43,7 +45,8 @@ pub struct DetectorConfig {
     /// Tumbling window width in seconds.
     pub window_secs: i64,
     /// Windows an agent needs before its own baseline is trusted; until then it is
-    /// `learning` and judged against its realm's peers.
+    /// `learning` and judged against its peer group (or, before the first peer-group
+    /// fit, its realm's peers).
     pub min_windows: u32,
     /// Baseline findings below this score are not reported.
     pub threshold: u8,
@@ -59,6 +62,10 @@ pub struct DetectorConfig {
     pub baseline: BaselineConfig,
     /// Realm-wide "seen targets" sets stop growing at this many entries.
     pub max_realm_targets: usize,
+    /// Peer groups are refitted (k-means over mature agents' profiles) this often, in
+    /// event-time seconds; every tenth of that while no fit has succeeded yet.
+    #[serde(default = "default_peer_refit")]
+    pub peer_refit_secs: i64,
 }
 
 impl Default for DetectorConfig {
@@ -72,12 +79,17 @@ impl Default for DetectorConfig {
             silence_windows: 15,
             baseline: BaselineConfig::default(),
             max_realm_targets: 200_000,
+            peer_refit_secs: 3600,
         }
     }
 }
 
 fn default_rule_dedup() -> i64 {
     86_400
+}
+
+fn default_peer_refit() -> i64 {
+    3600
 }
 
 /// One agent's detector state (a few KiB: see `custos bench detect`).
@@ -103,6 +115,8 @@ struct Snapshot {
     config: DetectorConfig,
     agents: HashMap<String, AgentState>,
     peers: HashMap<String, Baseline>,
+    #[serde(default)]
+    groups: PeerGroups,
     realm_targets: HashMap<String, HashSet<u64>>,
     reported: HashMap<String, i64>,
     watermark: i64,
@@ -116,8 +130,11 @@ pub struct Detector {
     pub config: DetectorConfig,
     rules: Rules,
     agents: HashMap<String, AgentState>,
-    /// Per-realm peer baselines, learned from every agent's windows.
+    /// Per-realm peer baselines, learned from every agent's windows: the fallback
+    /// until the fleet has enough mature agents for peer groups.
     peers: HashMap<String, Baseline>,
+    /// Peer groups clustered over agent profiles (see [`peers`]).
+    groups: PeerGroups,
     realm_targets: HashMap<String, HashSet<u64>>,
     /// Dedup key → event time it was last reported.
     reported: HashMap<String, i64>,
@@ -165,6 +182,7 @@ impl Detector {
             rules,
             agents: HashMap::new(),
             peers: HashMap::new(),
+            groups: PeerGroups::default(),
             realm_targets: HashMap::new(),
             reported: HashMap::new(),
             watermark: 0,
@@ -182,6 +200,43 @@ impl Detector {
 
     pub fn rule_count(&self) -> usize {
         self.rules.count
+    }
+
+    /// The current peer groups (empty before the first fit).
+    pub fn peer_groups(&self) -> &PeerGroups {
+        &self.groups
+    }
+
+    /// Refits the peer groups when they are due: hourly (event time) by default, and
+    /// sooner while no fit has succeeded. Agents are taken in DID order so the fit is
+    /// the same on every run.
+    fn refit_peers(&mut self) {
+        let period = self.config.peer_refit_secs.max(60);
+        let due = if self.groups.is_empty() { period / 10 } else { period };
+        if self.watermark < self.groups.fitted_at + due {
+            return;
+        }
+        let min_windows = self.config.min_windows;
+        let mut mature: Vec<(&String, &Baseline)> = self
+            .agents
+            .iter()
+            .filter(|(_, state)| state.baseline.windows >= min_windows)
+            .map(|(did, state)| (did, &state.baseline))
+            .collect();
+        mature.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let members: Vec<&Baseline> = mature.into_iter().map(|(_, baseline)| baseline).collect();
+        match PeerGroups::fit(&members, self.watermark) {
+            Some(groups) => {
+                tracing::debug!(
+                    groups = groups.len(),
+                    agents = members.len(),
+                    silhouette = groups.silhouette,
+                    "peer groups refitted"
+                );
+                self.groups = groups;
+            }
+            None => self.groups.fitted_at = self.watermark,
+        }
     }
 
     /// Notes a finding already in the log, so it is not reported again.
@@ -202,6 +257,7 @@ impl Detector {
         let payload = &observation.payload;
         let ts = payload.ts.timestamp();
         self.watermark = self.watermark.max(ts);
+        self.refit_peers();
         if observation.log_index.is_some() {
             self.last_log_index = observation.log_index.max(self.last_log_index);
         }
@@ -454,12 +510,27 @@ impl Detector {
         let realm = state.realm.clone();
         let learning = state.baseline.windows < min_windows;
         let peer = self.peers.entry(realm.clone()).or_default();
-        let (contributions, confidence) = if !learning {
-            (state.baseline.score(&vector, how), 0.85)
-        } else if peer.windows >= min_windows {
-            (peer.score(&vector, how), 0.5)
+        let group = if learning {
+            self.groups.nearest(&peers::profile(&state.baseline, &vector))
         } else {
-            (Vec::new(), 0.0)
+            None
+        };
+        let (contributions, confidence, judged) = if !learning {
+            (state.baseline.score(&vector, how), 0.85, String::new())
+        } else if let Some((index, size)) = group {
+            (
+                self.groups.baselines[index].score(&vector, how),
+                0.5,
+                format!(", judged against peer group {index} ({size} agents) while learning"),
+            )
+        } else if peer.windows >= min_windows {
+            (
+                peer.score(&vector, how),
+                0.5,
+                ", judged against realm peers while learning".to_owned(),
+            )
+        } else {
+            (Vec::new(), 0.0, String::new())
         };
         let drifted = state.baseline.learn(&vector, how, &config);
         state.baseline.count_hour(how, window.events);
@@ -495,15 +566,7 @@ impl Detector {
                     window: span.clone(),
                     title: format!(
                         "Unusual behaviour: {} is {:.0} where {:.0} is expected ({:.1} deviations){}",
-                        top.feature,
-                        top.observed,
-                        top.expected,
-                        top.deviation,
-                        if learning {
-                            ", judged against realm peers while learning"
-                        } else {
-                            ""
-                        }
+                        top.feature, top.observed, top.expected, top.deviation, judged
                     ),
                     tags: feature_tags(&top.feature),
                     dedup_key: format!("anomaly|{did}|{}", top.feature),
@@ -575,6 +638,7 @@ impl Detector {
             config: self.config.clone(),
             agents: self.agents.clone(),
             peers: self.peers.clone(),
+            groups: self.groups.clone(),
             realm_targets: self.realm_targets.clone(),
             reported: self.reported.clone(),
             watermark: self.watermark,
@@ -611,6 +675,7 @@ impl Detector {
         }
         self.agents = snapshot.agents;
         self.peers = snapshot.peers;
+        self.groups = snapshot.groups;
         self.realm_targets = snapshot.realm_targets;
         self.reported = snapshot.reported;
         self.watermark = snapshot.watermark;

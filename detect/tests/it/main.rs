@@ -344,6 +344,69 @@ fn a_new_agent_is_judged_against_its_peers_while_learning() {
     assert!(anomaly.confidence < 0.85);
 }
 
+/// A busy agent of another kind: 100 calls a minute, each to its own target, 50 kB out.
+fn busy_minutes(feed: &mut Feed, agent: &str, from: DateTime<Utc>, minutes: i64) {
+    for minute in 0..minutes {
+        for i in 0..100 {
+            let at = from + Duration::minutes(minute) + Duration::milliseconds(i * 590);
+            feed.event(agent, Kind::ToolCall, at, |p| {
+                p.action = Some(format!("query{}", i % 7));
+                p.target = Some(format!("db/table{}", i % 20));
+                p.outcome = Some(Outcome::Ok);
+                p.bytes_out = Some(50_000);
+            });
+        }
+    }
+}
+
+#[test]
+fn peer_groups_are_clustered_so_a_newcomer_is_judged_against_its_own_kind() {
+    let mut feed = Feed::new();
+    // One realm, two kinds of agent: realm-wide peers would blur them together.
+    let quiet: Vec<String> = (0..6).map(|i| format!("did:key:z6Mkquiet{i}")).collect();
+    let busy: Vec<String> = (0..6).map(|i| format!("did:key:z6Mkbusy{i}")).collect();
+    for minute in 0..45 {
+        let from = t0() + Duration::minutes(minute);
+        for agent in &quiet {
+            steady_minutes(&mut feed, agent, from, 1);
+        }
+        for agent in &busy {
+            busy_minutes(&mut feed, agent, from, 1);
+        }
+    }
+    let groups = feed.detector.peer_groups();
+    assert_eq!(groups.len(), 2, "k-means separates the two kinds: {:?}", groups.sizes);
+    assert_eq!(groups.sizes, vec![6, 6]);
+
+    // A newcomer doing what busy agents do is not news...
+    let at = t0() + Duration::minutes(45);
+    busy_minutes(&mut feed, "did:key:z6MknewbusyDDDD", at, 1);
+    // ...but one that looks like a quiet agent at four times the pace is, though it
+    // would pass against the realm's blended average.
+    let newcomer = "did:key:z6MknewquietEEEE";
+    for i in 0..40 {
+        feed.event(newcomer, Kind::ToolCall, at + Duration::milliseconds(i * 1400), |p| {
+            p.action = Some(format!("tool{}", i % 3));
+            p.target = Some(format!("repo/{}", i % 4));
+            p.outcome = Some(Outcome::Ok);
+            p.bytes_out = Some(1000);
+        });
+    }
+    let found = feed.detector.tick((at + Duration::minutes(1)).timestamp());
+    assert!(
+        found.iter().all(|finding| finding.agent != "did:key:z6MknewbusyDDDD"),
+        "{found:?}"
+    );
+    let anomaly = found
+        .iter()
+        .find(|finding| finding.agent == newcomer && finding.finding_type == "anomaly")
+        .unwrap_or_else(|| panic!("the quiet-kind newcomer is flagged: {found:?}"));
+    assert!(anomaly.learning);
+    assert!(anomaly.title.contains("peer group"), "{}", anomaly.title);
+    assert_eq!(anomaly.explanation[0].feature, "events");
+    assert!(anomaly.explanation[0].expected < 20.0, "{:?}", anomaly.explanation);
+}
+
 #[test]
 fn restart_from_a_snapshot_does_not_re_alert() {
     let dir = tempfile::tempdir().unwrap();
