@@ -298,6 +298,8 @@ enum ProofCommand {
 enum BenchCommand {
     /// Drive an in-process node over loopback HTTP with pre-signed events.
     Ingest(cmd::bench::IngestArgs),
+    /// Detector throughput, event-to-revocation latency on a live node, memory per agent.
+    Detect(cmd::bench_detect::DetectArgs),
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -410,6 +412,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => {
             init_tracing("warn");
             cmd::bench::ingest(args).await?;
+        }
+        Command::Bench(BenchCommand::Detect(args)) => {
+            init_tracing("warn");
+            cmd::bench_detect::detect(args).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

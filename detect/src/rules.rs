@@ -12,6 +12,12 @@ use std::path::Path;
 use custos_event::Observation;
 use rsigma_eval::event::JsonEvent;
 use rsigma_eval::{CorrelationConfig, CorrelationEngine};
+
+/// Correlation windows (one per rule and group key: agent, session, tool) kept at once,
+/// across all correlation rules. Past it the engine evicts the stalest tenth, so a
+/// half-finished correlation can be forgotten: the evaluator's default (100 000) was hit
+/// at 100 000 agents by `custos bench detect`; this allows a few per agent at 200 000.
+pub const MAX_CORRELATION_STATE: usize = 1_000_000;
 use rsigma_parser::SigmaCollection;
 use serde_json::{Value, json};
 
@@ -102,6 +108,7 @@ impl Rules {
     fn compile(collection: &SigmaCollection) -> Result<Self, RuleError> {
         let mut engine = CorrelationEngine::new(CorrelationConfig {
             timestamp_fields: vec!["ts".into()],
+            max_state_entries: MAX_CORRELATION_STATE,
             ..CorrelationConfig::default()
         });
         engine.add_collection(collection).map_err(|error| RuleError::Parse {

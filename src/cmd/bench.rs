@@ -36,7 +36,7 @@ pub(crate) struct IngestArgs {
     json: bool,
 }
 
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -202,7 +202,7 @@ fn directory_bytes(dir: &std::path::Path) -> u64 {
 
 /// The primitive alone: `ed25519_dalek::verify_batch` over chunks of 256 on every core,
 /// with keys already decompressed and messages already built. Best of three passes.
-fn raw_batch_verify_rate(envelopes: &[Vec<Envelope>]) -> anyhow::Result<f64> {
+pub(crate) fn raw_batch_verify_rate(envelopes: &[Vec<Envelope>]) -> anyhow::Result<f64> {
     use rayon::prelude::*;
     let all: Vec<&Envelope> = envelopes.iter().flatten().collect();
     let keys: Vec<ed25519_dalek::VerifyingKey> = all

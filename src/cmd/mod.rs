@@ -2,6 +2,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod bench;
+pub(crate) mod bench_detect;
 pub(crate) mod client;
 pub(crate) mod demo;
 pub(crate) mod emit;

@@ -179,18 +179,38 @@ pub(crate) fn replay(
     rules: &[PathBuf],
 ) -> anyhow::Result<(Vec<custos_detect::Finding>, Detector, usize)> {
     let dirs: Vec<&Path> = rules.iter().map(PathBuf::as_path).collect();
-    let mut detector = Detector::new(config, Rules::load(&dirs)?);
-    let width = detector.config.window_secs.max(1);
-    let mut chains = ChainEmulator::default();
-    let mut findings = Vec::new();
-    let mut minute = i64::MIN;
-    let mut last = 0i64;
-    let mut count = 0usize;
-    let keys = custos_event::KeyCache::default();
+    let mut replayer = Replayer::new(Detector::new(config, Rules::load(&dirs)?));
+    let mut admission = Admission::default();
     for envelope in events {
-        let envelope = envelope?;
-        count += 1;
-        let key = keys
+        replayer.step(admission.admit(envelope?)?);
+    }
+    let (findings, detector) = replayer.finish();
+    Ok((findings, detector, admission.count))
+}
+
+/// One event after signature and chain checks: its time, and what ingest would feed the
+/// detector (`None` for a duplicate, which ingest drops).
+pub(crate) struct Admitted {
+    pub(crate) ts: i64,
+    pub(crate) observation: Option<Observation>,
+}
+
+/// What ingest does before the detector sees an event, without a store: signature check,
+/// payload checks, chain rules.
+#[derive(Default)]
+pub(crate) struct Admission {
+    keys: custos_event::KeyCache,
+    chains: ChainEmulator,
+    /// Events admitted so far (1-based position of the next error).
+    pub(crate) count: usize,
+}
+
+impl Admission {
+    pub(crate) fn admit(&mut self, envelope: Envelope) -> anyhow::Result<Admitted> {
+        self.count += 1;
+        let count = self.count;
+        let key = self
+            .keys
             .get(&envelope.keyid)
             .map_err(|error| anyhow::anyhow!("event {count}: {error}"))?;
         custos_event::verify::verify_one(&key, &envelope)
@@ -199,25 +219,57 @@ pub(crate) fn replay(
         let verified = custos_event::verify::check_event(envelope)
             .map_err(|rejection| anyhow::anyhow!("event {count}: {}", rejection.message))?;
         let ts = verified.payload.ts.timestamp();
-        if ts.div_euclid(width) != minute {
-            minute = ts.div_euclid(width);
-            findings.extend(detector.tick(ts));
-        }
-        last = last.max(ts);
-        let Some((log_index, signal)) = chains.admit(&verified.payload, digest) else {
-            continue;
-        };
-        let observation = Observation {
-            log_index,
-            ingest_ts: verified.payload.ts,
-            payload: verified.payload,
-            signal,
-        };
-        findings.extend(detector.observe(&observation));
+        let observation = self
+            .chains
+            .admit(&verified.payload, digest)
+            .map(|(log_index, signal)| Observation {
+                log_index,
+                ingest_ts: verified.payload.ts,
+                payload: verified.payload,
+                signal,
+            });
+        Ok(Admitted { ts, observation })
     }
-    // Close the last windows. Not further: past the trace's end every agent is silent.
-    findings.extend(detector.tick(last + width));
-    Ok((findings, detector, count))
+}
+
+/// Drives a detector in event time: a tick at each new window, then the event.
+pub(crate) struct Replayer {
+    detector: Detector,
+    width: i64,
+    window: i64,
+    last: i64,
+    pub(crate) findings: Vec<custos_detect::Finding>,
+}
+
+impl Replayer {
+    pub(crate) fn new(detector: Detector) -> Self {
+        let width = detector.config.window_secs.max(1);
+        Self {
+            detector,
+            width,
+            window: i64::MIN,
+            last: 0,
+            findings: Vec::new(),
+        }
+    }
+
+    pub(crate) fn step(&mut self, admitted: Admitted) {
+        let ts = admitted.ts;
+        if ts.div_euclid(self.width) != self.window {
+            self.window = ts.div_euclid(self.width);
+            self.findings.extend(self.detector.tick(ts));
+        }
+        self.last = self.last.max(ts);
+        if let Some(observation) = admitted.observation {
+            self.findings.extend(self.detector.observe(&observation));
+        }
+    }
+
+    /// Closes the last windows. Not further: past the trace's end every agent is silent.
+    pub(crate) fn finish(mut self) -> (Vec<custos_detect::Finding>, Detector) {
+        self.findings.extend(self.detector.tick(self.last + self.width));
+        (self.findings, self.detector)
+    }
 }
 
 /// What ingest's chain checks would decide, without a store: per agent, the head and a

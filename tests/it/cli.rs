@@ -166,12 +166,57 @@ fn every_command_has_help_with_examples() {
         &["proof", "inclusion", "--help"],
         &["demo", "--help"],
         &["bench", "ingest", "--help"],
+        &["bench", "detect", "--help"],
+        &["simulate", "--help"],
+        &["eval", "--help"],
         &["rejected", "list", "--help"],
     ] {
         let output = run(args);
         assert!(output.status.success(), "{args:?}");
         assert!(stdout(&output).contains("Example"), "{args:?} has no examples");
     }
+}
+
+/// The detection bench runs end to end at a toy size and reports every figure the issue
+/// asks for. The figures themselves are not checked: timing is never a test condition.
+#[test]
+fn bench_detect_reports_every_figure() {
+    let output = run(&[
+        "bench",
+        "detect",
+        "--agents",
+        "10",
+        "--hours",
+        "1",
+        "--attacks",
+        "3",
+        "--background-rate",
+        "200",
+        "--memory-agents",
+        "300,600",
+        "--json",
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}\n{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert!(json["throughput"]["detector_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(json["throughput"]["raw_batch_verify_per_sec"].as_f64().unwrap() > 0.0);
+    for key in [
+        "event_to_finding_p50_ms",
+        "event_to_finding_p99_ms",
+        "finding_to_enforced_p50_ms",
+        "finding_to_enforced_p99_ms",
+        "event_to_enforced_p99_ms",
+        "ack_p50_ms",
+    ] {
+        assert!(json["latency"][key].is_number(), "{key}: {}", json["latency"]);
+    }
+    assert_eq!(json["latency"]["attacks"], 3);
+    let memory = json["memory"].as_array().unwrap();
+    assert_eq!(memory.len(), 2);
+    assert_eq!(memory[1]["agents"], 600);
+    assert!(memory[1]["snapshot_bytes_per_agent"].as_f64().unwrap() > 100.0);
+    assert!(text.contains("event -> revocation enforced"), "{text}");
 }
 
 #[test]
