@@ -47,6 +47,9 @@ enum Command {
     /// Make agent keys; enroll, revoke and list agents on a running node.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Bearer tokens: create (shown once), list, revoke. Admin only.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// List rejected inputs kept for forensics.
     #[command(subcommand)]
     Rejected(RejectedCommand),
@@ -295,6 +298,47 @@ enum ProofCommand {
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints the secret once (only its hash is stored).
+    #[command(after_help = "\
+Examples:
+  custos token create --role analyst --realm eng --ttl 30d --data ./store
+  custos token create --role auditor --ttl 7d
+  CUSTOS_TOKEN=$(custos token create --role responder --realm eng --realm ops)
+
+Roles: admin (agents, tokens, everything), analyst (reads events, findings, actions),
+responder (an analyst who may approve, deny and undo), compliance (reads and exports
+evidence), auditor (checkpoints and proofs only). Realms limit every read; none means all.")]
+    Create {
+        #[arg(long)]
+        role: String,
+        /// Limit the token to this realm; repeat for more.
+        #[arg(long = "realm")]
+        realms: Vec<String>,
+        /// Lifetime: 30d, 12h, 90m, 3600s; none means no expiry.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// List tokens (ids, roles, realms, expiry; never secrets or hashes).
+    #[command(after_help = "Example:\n  custos token list --data ./store [--json]")]
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Revoke a token by id; it stops working at once.
+    #[command(after_help = "Example:\n  custos token revoke 3f2a9c01d4e5 --data ./store")]
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Drive an in-process node over loopback HTTP with pre-signed events.
     Ingest(cmd::bench::IngestArgs),
@@ -358,6 +402,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => cmd::agent::enroll(&node, &did, &realm, labels).await?,
                 AgentCommand::Revoke { did, reason, node } => cmd::agent::revoke(&node, &did, reason).await?,
                 AgentCommand::List { json, node } => cmd::agent::list(&node, json).await?,
+            }
+        }
+        Command::Token(command) => {
+            init_tracing("warn");
+            match command {
+                TokenCommand::Create {
+                    role,
+                    realms,
+                    ttl,
+                    node,
+                } => cmd::token::create(&node, &role, realms, ttl).await?,
+                TokenCommand::List { json, node } => cmd::token::list(&node, json).await?,
+                TokenCommand::Revoke { id, node } => cmd::token::revoke(&node, &id).await?,
             }
         }
         Command::Rejected(RejectedCommand::List {

@@ -236,6 +236,7 @@ impl Pipeline {
                     let _ = wait.recv();
                 }
             })),
+            routes: None,
         };
         Ok((
             Self {

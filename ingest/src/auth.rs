@@ -35,6 +35,65 @@ pub struct TokenRecord {
     pub revoked: bool,
 }
 
+/// What `custos token list` shows: everything but the hash.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub role: Role,
+    pub realms: Vec<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked: bool,
+}
+
+/// Parses a lifetime such as `30d`, `12h`, `90m` or `3600s` into seconds.
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| {
+        format!("`{text}` is not a lifetime: write a number and a unit, such as 30d, 12h, 90m or 3600s")
+    })?;
+    let scale = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        other => return Err(format!("`{other}` in `{text}` is not a unit: use s, m, h, d or w")),
+    };
+    match number.checked_mul(scale) {
+        Some(0) => Err(format!("`{text}` is no time at all")),
+        Some(seconds) => Ok(seconds),
+        None => Err(format!("`{text}` is too long")),
+    }
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Analyst => "analyst",
+            Role::Responder => "responder",
+            Role::Compliance => "compliance",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "analyst" => Ok(Role::Analyst),
+            "responder" => Ok(Role::Responder),
+            "compliance" => Ok(Role::Compliance),
+            "auditor" => Ok(Role::Auditor),
+            other => Err(format!(
+                "`{other}` is not a role: use admin, analyst, responder, compliance or auditor"
+            )),
+        }
+    }
+}
+
 /// A caller that presented a valid token. `Debug` shows the id, never the secret.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -115,6 +174,31 @@ impl Tokens {
         Ok(Secret(secret))
     }
 
+    /// Every token, without its hash.
+    pub fn list(&self) -> Vec<TokenView> {
+        self.records
+            .iter()
+            .map(|record| TokenView {
+                id: record.id.clone(),
+                role: record.role,
+                realms: record.realms.clone(),
+                created_at: record.created_at.clone(),
+                expires_at: record.expires_at.clone(),
+                revoked: record.revoked,
+            })
+            .collect()
+    }
+
+    /// Revokes token `id`; `Ok(false)` when there is no such token.
+    pub fn revoke(&mut self, id: &str) -> std::io::Result<bool> {
+        let Some(record) = self.records.iter_mut().find(|record| record.id == id) else {
+            return Ok(false);
+        };
+        record.revoked = true;
+        self.save()?;
+        Ok(true)
+    }
+
     fn save(&self) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(&self.records).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("json.tmp");
@@ -150,4 +234,20 @@ impl Tokens {
 fn subtle_eq(left: &[u8], right: &[u8]) -> bool {
     use subtle::ConstantTimeEq as _;
     left.ct_eq(right).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_parse_and_bad_ones_name_the_value() {
+        assert_eq!(parse_ttl("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_ttl("12h"), Ok(43_200));
+        assert_eq!(parse_ttl("90m"), Ok(5_400));
+        assert_eq!(parse_ttl("3600"), Ok(3_600));
+        assert!(parse_ttl("0d").unwrap_err().contains("`0d`"));
+        assert!(parse_ttl("3y").unwrap_err().contains("`y`"));
+        assert!(parse_ttl("soon").unwrap_err().contains("`soon`"));
+    }
 }

@@ -26,7 +26,7 @@ use crate::{ApiError, NodeConfig};
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) tokens: Arc<Tokens>,
+    pub(crate) tokens: Arc<std::sync::RwLock<Tokens>>,
     pub(crate) config: Arc<NodeConfig>,
     pub(crate) ready: Arc<AtomicBool>,
     pub(crate) keys: Arc<KeyCache>,
@@ -46,6 +46,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/agents/{did}/revoke", post(revoke))
         .route("/v1/rejected", get(rejected))
         .route("/v1/checkpoints/latest", get(checkpoint))
+        .route("/v1/proofs/inclusion", get(inclusion))
+        .route("/v1/proofs/consistency", get(consistency))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/control/revocations", get(revocations))
         .route("/v1/control/stream", get(control_stream))
         .route("/v1/memories/{id}/status", get(memory_status))
@@ -82,18 +86,30 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Authenticates the bearer token and checks its role.
 fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
+    authorize_with(&state.tokens, headers, allowed)
+}
+
+pub(crate) fn authorize_with(
+    tokens: &std::sync::RwLock<Tokens>,
+    headers: &HeaderMap,
+    allowed: &[Role],
+) -> Result<Caller, ApiError> {
     let secret = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
-    let caller = state.tokens.authenticate(secret.trim()).ok_or_else(|| {
-        ApiError::new(
-            401,
-            "unauthenticated",
-            "the bearer token is unknown, expired or revoked",
-        )
-    })?;
+    let caller = tokens
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .authenticate(secret.trim())
+        .ok_or_else(|| {
+            ApiError::new(
+                401,
+                "unauthenticated",
+                "the bearer token is unknown, expired or revoked",
+            )
+        })?;
     if !allowed.contains(&caller.role) {
         return Err(ApiError::new(
             403,
@@ -251,7 +267,19 @@ fn visible(caller: &Caller, realm: &str) -> bool {
     caller.realms.is_empty() || caller.realms.iter().any(|allowed| allowed == realm)
 }
 
-const READERS: [Role; 3] = [Role::Admin, Role::Analyst, Role::Responder];
+/// Roles that read events, findings, actions, agents and the control feed (auditors see
+/// checkpoints and proofs only). Agent platforms and memory stores reading the control
+/// feed hold realm-scoped analyst tokens.
+pub(crate) const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
+
+/// Checkpoints and proofs reveal hashes, never contents: every role may read them.
+const EVERYONE: [Role; 5] = [
+    Role::Admin,
+    Role::Analyst,
+    Role::Responder,
+    Role::Compliance,
+    Role::Auditor,
+];
 
 async fn list_agents(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
@@ -340,33 +368,13 @@ async fn rejected(
 }
 
 async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(
-        &state,
-        &headers,
-        &[
-            Role::Admin,
-            Role::Analyst,
-            Role::Responder,
-            Role::Compliance,
-            Role::Auditor,
-        ],
-    )?;
+    authorize(&state, &headers, &EVERYONE)?;
     let view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
     Ok(Json(view).into_response())
 }
 
-/// Every role may read the control feed: agent platforms and memory stores hold tokens
-/// of their own, scoped to their realms.
-const EVERYONE: [Role; 5] = [
-    Role::Admin,
-    Role::Analyst,
-    Role::Responder,
-    Role::Compliance,
-    Role::Auditor,
-];
-
 async fn revocations(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let envelope = ask(&state, |reply| Command::Revocations { reply }).await?;
     if caller.realms.is_empty() {
         return Ok(envelope_response(&envelope));
@@ -392,7 +400,7 @@ fn envelope_response(envelope: &custos_event::Envelope) -> Response {
 
 async fn control_stream(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let receiver = state.changes.subscribe();
     let stopping = state.stopping.clone();
     let stream = futures::stream::unfold(
@@ -433,7 +441,7 @@ async fn memory_status(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &EVERYONE)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let record = ask(&state, |reply| Command::Memory { id: id.clone(), reply }).await?;
     let body = match record {
         Some(record) if visible(&caller, &record.realm) => serde_json::json!({
@@ -451,9 +459,6 @@ async fn memory_status(
     };
     Ok(Json(body).into_response())
 }
-
-/// Who may read findings, actions and approvals.
-const FINDING_READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Auditor];
 
 fn operations(state: &AppState) -> Result<Arc<dyn crate::Operations>, ApiError> {
     state
@@ -473,7 +478,7 @@ async fn findings(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &FINDING_READERS)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let operations = operations(&state)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     Ok(Json(serde_json::json!({ "findings": operations.findings(&caller.realms, limit) })).into_response())
@@ -484,7 +489,7 @@ async fn actions(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &FINDING_READERS)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let operations = operations(&state)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     Ok(Json(serde_json::json!({
@@ -495,7 +500,7 @@ async fn actions(
 }
 
 async fn approvals(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &FINDING_READERS)?;
+    let caller = authorize(&state, &headers, &READERS)?;
     let operations = operations(&state)?;
     Ok(Json(serde_json::json!({ "pending": operations.pending(&caller.realms) })).into_response())
 }
@@ -548,4 +553,140 @@ mod tests {
         );
         assert_eq!(split_body(b"[{\"a\":1},").unwrap_err().reason, Reason::Malformed);
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InclusionQuery {
+    log_index: u64,
+    size: Option<u64>,
+}
+
+async fn inclusion(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<InclusionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &EVERYONE)?;
+    let Query(query) =
+        query.map_err(|error| ApiError::new(400, "bad_request", format!("expected ?log_index=N[&size=M]: {error}")))?;
+    let proof = ask(&state, |reply| Command::Inclusion {
+        index: query.log_index,
+        size: query.size,
+        reply,
+    })
+    .await?;
+    Ok(Json(proof).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    from: u64,
+    to: u64,
+}
+
+async fn consistency(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ConsistencyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &EVERYONE)?;
+    let Query(query) =
+        query.map_err(|error| ApiError::new(400, "bad_request", format!("expected ?from=N&to=M: {error}")))?;
+    let proof = ask(&state, |reply| Command::Consistency {
+        from: query.from,
+        to: query.to,
+        reply,
+    })
+    .await?;
+    Ok(Json(proof).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    role: String,
+    #[serde(default)]
+    realms: Vec<String>,
+    /// A lifetime such as `30d`; none means no expiry.
+    ttl: Option<String>,
+}
+
+async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin])?;
+    let request: TokenRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            400,
+            "bad_request",
+            format!("expected {{\"role\",\"realms\",\"ttl\"}}: {error}"),
+        )
+    })?;
+    let role = Role::parse(&request.role).map_err(|message| ApiError::new(400, "bad_role", message))?;
+    if let Some(realm) = request
+        .realms
+        .iter()
+        .find(|realm| realm.is_empty() || realm.len() > 128)
+    {
+        return Err(ApiError::new(
+            400,
+            "bad_realm",
+            format!("realm `{realm}` must be 1 to 128 characters"),
+        ));
+    }
+    let expires_at = match &request.ttl {
+        Some(ttl) => {
+            let seconds = crate::auth::parse_ttl(ttl).map_err(|message| ApiError::new(400, "bad_ttl", message))?;
+            let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
+            let at = chrono::Utc::now()
+                .checked_add_signed(chrono::Duration::seconds(seconds))
+                .ok_or_else(|| ApiError::new(400, "bad_ttl", format!("`{ttl}` is too long")))?;
+            Some(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        }
+        None => None,
+    };
+    let mut tokens = state.tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let secret = tokens
+        .create(role, request.realms.clone(), expires_at.clone())
+        .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
+    let id = crate::auth::hash_token(&secret.0)[..12].to_owned();
+    tracing::info!(token = id, role = role.name(), by = caller.token_id, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "id": id,
+            "token": secret.0,
+            "role": role.name(),
+            "realms": request.realms,
+            "expires_at": expires_at,
+        })),
+    )
+        .into_response())
+}
+
+async fn list_tokens(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &[Role::Admin])?;
+    let tokens = state
+        .tokens
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .list();
+    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin])?;
+    let mut tokens = state.tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let found = tokens
+        .revoke(&id)
+        .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
+    if !found {
+        return Err(ApiError::new(404, "no_such_token", format!("there is no token `{id}`")));
+    }
+    tracing::info!(token = id, by = caller.token_id, "token revoked");
+    Ok(Json(serde_json::json!({ "id": id, "revoked": true })).into_response())
 }

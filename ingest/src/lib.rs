@@ -34,7 +34,9 @@ pub mod sequencer;
 
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
-pub use sequencer::{Enforce, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange};
+pub use sequencer::{
+    Enforce, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
+};
 
 /// Receives the detector feed, on the sequencer thread, in log order. Must not block
 /// for long: hand the item to a channel.
@@ -72,6 +74,60 @@ pub struct Hooks {
     /// Runs after HTTP has stopped and before the log is sealed: drain the detector and
     /// the responder so their last findings and actions are written.
     pub drain: Option<Box<dyn FnOnce() + Send>>,
+    /// More routes (the query API, the console), built once the node is open and served
+    /// beside ingest's own.
+    pub routes: Option<Box<dyn FnOnce(Api) -> axum::Router + Send>>,
+}
+
+/// What other stages' HTTP routes need from the node: authentication and reads through
+/// the sequencer. Cheap to clone.
+#[derive(Clone)]
+pub struct Api {
+    commands: std::sync::mpsc::Sender<sequencer::Command>,
+    tokens: Arc<std::sync::RwLock<Tokens>>,
+    pub data: PathBuf,
+    /// Status changes, as the control stream sends them.
+    pub changes: tokio::sync::broadcast::Sender<StatusChange>,
+}
+
+impl Api {
+    /// Authenticates the bearer token in `headers` and checks its role is in `allowed`.
+    pub fn authorize(&self, headers: &axum::http::HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
+        http::authorize_with(&self.tokens, headers, allowed)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> sequencer::Command,
+    ) -> Result<T, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
+    }
+
+    /// The sealed segments and the unsealed tail, at one instant.
+    pub async fn view(&self) -> Result<StoreView, ApiError> {
+        self.ask(|reply| sequencer::Command::View { reply }).await
+    }
+
+    /// Every enrolled agent.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, ApiError> {
+        self.ask(|reply| sequencer::Command::Agents { reply }).await
+    }
+
+    /// Kept rejected inputs, newest last.
+    pub async fn rejected(&self, limit: usize) -> Result<Vec<forensics::RejectedRecord>, ApiError> {
+        self.ask(|reply| sequencer::Command::Rejected {
+            reason: None,
+            limit,
+            reply,
+        })
+        .await
+    }
 }
 
 /// A handle for in-process stages (detector, responder) to write through the sequencer.
@@ -235,6 +291,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         system_signers,
         operations,
         drain,
+        routes,
     } = hooks;
     let (changes, _) = tokio::sync::broadcast::channel(4096);
     // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
@@ -281,9 +338,16 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     let addr = listener.local_addr()?;
     // The store is recovered and the sequencer is taking commands.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let tokens = Arc::new(std::sync::RwLock::new(tokens));
+    let api = Api {
+        commands: commands.clone(),
+        tokens: tokens.clone(),
+        data: config.data.clone(),
+        changes: changes.clone(),
+    };
     let state = http::AppState {
         commands: commands.clone(),
-        tokens: Arc::new(tokens),
+        tokens,
         config: Arc::new(config),
         ready,
         keys: Arc::new(custos_event::KeyCache::default()),
@@ -294,7 +358,10 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     let control = Control {
         commands: commands.clone(),
     };
-    let router = http::router(state);
+    let mut router = http::router(state);
+    if let Some(routes) = routes {
+        router = router.merge(routes(api));
+    }
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let done = tokio::spawn(async move {
         axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())

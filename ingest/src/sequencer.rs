@@ -127,6 +127,22 @@ pub enum Command {
         id: String,
         reply: Answer<Option<SubjectRecord>>,
     },
+    /// A consistent read view of the store for queries.
+    View {
+        reply: Answer<StoreView>,
+    },
+    /// An RFC 9162 inclusion proof (size: the latest checkpoint's when absent).
+    Inclusion {
+        index: u64,
+        size: Option<u64>,
+        reply: Answer<serde_json::Value>,
+    },
+    /// An RFC 9162 consistency proof between two tree sizes.
+    Consistency {
+        from: u64,
+        to: u64,
+        reply: Answer<serde_json::Value>,
+    },
     Shutdown {
         reply: Answer<()>,
     },
@@ -147,6 +163,9 @@ impl Command {
             Command::Revocations { reply } => defer(reply, Err(error)),
             Command::Memory { reply, .. } => defer(reply, Err(error)),
             Command::Sign { reply, .. } => defer(reply, Err(error)),
+            Command::View { reply } => defer(reply, Err(error)),
+            Command::Inclusion { reply, .. } => defer(reply, Err(error)),
+            Command::Consistency { reply, .. } => defer(reply, Err(error)),
             Command::Shutdown { reply } => defer(reply, Err(error)),
         }
     }
@@ -242,6 +261,18 @@ pub struct CheckpointView {
     /// The node key as a `did:key`: it signs control entries and the revocation list.
     /// (`verifier_key` is the log key, which signs checkpoints.)
     pub node_did: String,
+}
+
+/// What a query sees: the sealed segments in the manifest and every entry not yet in
+/// it, taken at one instant on the sequencer thread (so nothing is missed or doubled).
+#[derive(Clone, Debug)]
+pub struct StoreView {
+    pub segment_dir: std::path::PathBuf,
+    pub segments: Vec<custos_store::log::SegmentInfo>,
+    pub tail: Vec<Arc<[LogEntry]>>,
+    /// Entries in the log (the next log index).
+    pub size: u64,
+    pub checkpoints: std::path::PathBuf,
 }
 
 /// A deferred answer, sent once the group is durable (or failed).
@@ -520,6 +551,18 @@ impl Sequencer {
             Command::Sign { bytes, reply } => {
                 defer(reply, Ok(self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes)))
             }
+            Command::View { reply } => defer(
+                reply,
+                Ok(StoreView {
+                    segment_dir: self.log.paths().segment_dir.clone(),
+                    segments: self.log.segments().to_vec(),
+                    tail: self.log.tail(),
+                    size: self.log.next_index(),
+                    checkpoints: self.log.paths().checkpoints.clone(),
+                }),
+            ),
+            Command::Inclusion { index, size, reply } => defer(reply, self.inclusion(index, size)),
+            Command::Consistency { from, to, reply } => defer(reply, self.consistency(from, to)),
             Command::Shutdown { reply } => defer(reply, Ok(())),
         }
     }
@@ -1095,6 +1138,59 @@ impl Sequencer {
 
     /// Revokes `did` and its not-yet-revoked sub-agents, parents first. The root's entry
     /// names `root_cause` (a finding, say); each cascaded entry names the root's entry.
+    fn signed_size(&self) -> u64 {
+        self.log
+            .latest_checkpoint()
+            .map_or(self.log.next_index(), |(checkpoint, _)| checkpoint.size)
+    }
+
+    fn inclusion(&self, index: u64, size: Option<u64>) -> Result<serde_json::Value, ApiError> {
+        let size = size.unwrap_or_else(|| self.signed_size());
+        let proof_error = |error: custos_store::merkle::ProofError| {
+            ApiError::new(
+                400,
+                "bad_proof_request",
+                format!("log index {index} in a tree of size {size}: {error}"),
+            )
+        };
+        let proof = self.log.inclusion_proof(index, size).map_err(proof_error)?;
+        let tree = self.log.tree();
+        let leaf = tree
+            .leaf(index)
+            .ok_or_else(|| ApiError::new(404, "no_such_entry", format!("there is no log index {index}")))?;
+        let root = tree.root_at(size).map_err(proof_error)?;
+        Ok(serde_json::json!({
+            "log_id": self.log.log_id(),
+            "origin": self.log.origin(),
+            "leaf_index": index,
+            "tree_size": size,
+            "leaf_hash": hex::encode(leaf),
+            "root_hash": hex::encode(root),
+            "inclusion_path": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+        }))
+    }
+
+    fn consistency(&self, from: u64, to: u64) -> Result<serde_json::Value, ApiError> {
+        let proof_error = |error: custos_store::merkle::ProofError| {
+            ApiError::new(400, "bad_proof_request", format!("sizes {from} to {to}: {error}"))
+        };
+        let proof = self.log.consistency_proof(from, to).map_err(proof_error)?;
+        let tree = self.log.tree();
+        let (first, second) = (
+            tree.root_at(from).map_err(proof_error)?,
+            tree.root_at(to).map_err(proof_error)?,
+        );
+        Ok(serde_json::json!({
+            "log_id": self.log.log_id(),
+            "origin": self.log.origin(),
+            "first_size": from,
+            "second_size": to,
+            "first_root": hex::encode(first),
+            "second_root": hex::encode(second),
+            "consistency_path": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+        }))
+    }
+
     fn revoke_with_cause(
         &mut self,
         did: &str,

@@ -11,6 +11,7 @@ pub(crate) mod proof;
 pub(crate) mod respond;
 pub(crate) mod serve;
 pub(crate) mod sim;
+pub(crate) mod token;
 pub(crate) mod verify;
 
 /// A new, uniquely named directory path under the system temp dir (not yet created).

@@ -11,6 +11,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -96,7 +97,10 @@ pub struct Log {
     config: LogConfig,
     tree: Tree,
     sealed_end: u64,
-    open: Vec<LogEntry>,
+    /// Entries not yet handed to a seal, in append-sized shared chunks so a reader can
+    /// take a snapshot of the tail without copying it.
+    open: Vec<Arc<[LogEntry]>>,
+    open_len: usize,
     wal: Option<WalWriter>,
     wal_files: Vec<PathBuf>,
     manifest: Vec<SegmentInfo>,
@@ -109,6 +113,8 @@ pub struct Log {
 #[derive(Debug)]
 struct Sealing {
     handle: std::thread::JoinHandle<Result<(String, u64, String), StoreError>>,
+    /// The entries being written, still served to readers until the manifest has them.
+    entries: Vec<Arc<[LogEntry]>>,
     first: u64,
     end: u64,
     /// WAL files holding the sealed entries, deleted once the manifest records them.
@@ -119,14 +125,17 @@ struct Sealing {
 /// Returns the file name, its size and its blake3.
 fn write_segment(
     paths: &LogPaths,
-    entries: &[LogEntry],
+    entries: &[Arc<[LogEntry]>],
     first: u64,
     end: u64,
 ) -> Result<(String, u64, String), StoreError> {
-    let bytes = crate::segment::encode(&paths.log_id, entries).map_err(|source| StoreError::Segment {
-        file: "(new segment)".into(),
-        source,
-    })?;
+    let bytes =
+        crate::segment::encode(&paths.log_id, entries.iter().flat_map(|chunk| chunk.iter())).map_err(|source| {
+            StoreError::Segment {
+                file: "(new segment)".into(),
+                source,
+            }
+        })?;
     let file = paths.segment_name(first, end);
     let path = paths.segment_dir.join(&file);
     let temporary = paths.segment_dir.join(format!("{file}.tmp"));
@@ -186,6 +195,7 @@ impl Log {
             tree: Tree::new(),
             sealed_end: 0,
             open: Vec::new(),
+            open_len: 0,
             wal: None,
             wal_files: Vec::new(),
             manifest: Vec::new(),
@@ -241,6 +251,7 @@ impl Log {
         for (position, path) in wal_files.iter().enumerate() {
             let bytes = fs_err::read(path)?;
             let found = scan(&bytes);
+            let mut recovered = Vec::new();
             for (_, entry) in found.entries {
                 if entry.log_index < self.sealed_end {
                     continue;
@@ -255,7 +266,11 @@ impl Log {
                 }
                 visit(&entry);
                 self.tree.push(entry.leaf_hash());
-                self.open.push(entry);
+                recovered.push(entry);
+            }
+            if !recovered.is_empty() {
+                self.open_len += recovered.len();
+                self.open.push(Arc::from(recovered));
             }
             if let Some(problem) = found.problem {
                 if !(problem.at_tail && position == last_file) {
@@ -347,9 +362,16 @@ impl Log {
         &self.manifest
     }
 
-    /// Entries not yet sealed into a segment.
-    pub fn open_entries(&self) -> &[LogEntry] {
-        &self.open
+    /// How many entries are not yet handed to a seal.
+    pub fn open_len(&self) -> usize {
+        self.open_len
+    }
+
+    /// Every entry not yet recorded in the manifest (a segment being sealed, then the
+    /// open entries), in log order, as shared chunks: cheap to take on every query.
+    pub fn tail(&self) -> Vec<Arc<[LogEntry]>> {
+        let sealing = self.sealing.iter().flat_map(|sealing| sealing.entries.iter());
+        sealing.chain(self.open.iter()).cloned().collect()
     }
 
     pub fn latest_checkpoint(&self) -> Option<&(Checkpoint, String)> {
@@ -371,17 +393,18 @@ impl Log {
             }
         }
         wal.append(&entries)?;
-        for entry in entries {
+        for entry in &entries {
             self.tree.push(entry.leaf_hash());
-            self.open.push(entry);
         }
+        self.open_len += entries.len();
+        self.open.push(Arc::from(entries));
         Ok(())
     }
 
     /// Seals and checkpoints when the configured thresholds are reached.
     pub fn maintain(&mut self) -> Result<(), StoreError> {
         self.finish_seal(false)?;
-        if self.open.len() >= self.config.segment_max_entries {
+        if self.open_len >= self.config.segment_max_entries {
             self.start_seal()?;
         }
         let signed = self
@@ -415,16 +438,25 @@ impl Log {
             return Err(StoreError::ReadOnly);
         }
         let entries = std::mem::take(&mut self.open);
-        let (first, end) = (entries[0].log_index, entries[entries.len() - 1].log_index + 1);
+        self.open_len = 0;
+        let (Some(first), Some(last)) = (
+            entries.iter().find_map(|chunk| chunk.first()),
+            entries.iter().rev().find_map(|chunk| chunk.last()),
+        ) else {
+            return Ok(());
+        };
+        let (first, end) = (first.log_index, last.log_index + 1);
         let next = self.paths.wal_file(end);
         self.wal = Some(WalWriter::open(&next)?);
         let old_wal = std::mem::replace(&mut self.wal_files, vec![next]);
         let paths = self.paths.clone();
+        let shared = entries.clone();
         let handle = std::thread::Builder::new()
             .name("custos-seal".into())
-            .spawn(move || write_segment(&paths, &entries, first, end))?;
+            .spawn(move || write_segment(&paths, &shared, first, end))?;
         self.sealing = Some(Sealing {
             handle,
+            entries,
             first,
             end,
             old_wal,

@@ -314,12 +314,24 @@ pub enum SegmentError {
 }
 
 /// Encodes entries as one zstd Parquet file.
-pub fn encode(log_id: &str, entries: &[LogEntry]) -> Result<Vec<u8>, SegmentError> {
+pub fn encode<'a>(log_id: &str, entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Vec<u8>, SegmentError> {
+    let entries: Vec<&LogEntry> = entries.into_iter().collect();
     let decoded: Vec<Decoded> = entries
         .iter()
         .map(|entry| Decoded::from_payload(&entry.payload))
         .collect();
-    write(log_id, entries.iter().zip(&decoded))
+    write(log_id, entries.iter().copied().zip(&decoded))
+}
+
+/// The rows a segment would hold for `entries`, as one Arrow batch of [`schema`]: how
+/// readers see entries not yet sealed (the query engine's view of the tail).
+pub fn batch<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<RecordBatch, SegmentError> {
+    let entries: Vec<&LogEntry> = entries.into_iter().collect();
+    let decoded: Vec<Decoded> = entries
+        .iter()
+        .map(|entry| Decoded::from_payload(&entry.payload))
+        .collect();
+    record_batch(entries.iter().copied().zip(&decoded))
 }
 
 /// Encodes rows with the decoded columns they carry (tests use it to forge columns).

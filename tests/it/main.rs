@@ -1,5 +1,6 @@
 //! End-to-end tests of the `custos` binary: real processes, real signals, real files.
 
+mod access;
 mod cli;
 mod contract;
 mod crash;

@@ -18,7 +18,7 @@ fn reopening_replays_the_wal_without_loss_or_duplicates() {
         )
         .unwrap();
         assert_eq!(seen, (0..47).collect::<Vec<u64>>());
-        assert_eq!(log.open_entries().len(), 17);
+        assert_eq!(log.open_len(), 17);
         log.tree().root()
     };
     let mut tree = custos_store::merkle::Tree::new();

@@ -1,0 +1,181 @@
+//! Access control through a real `custos serve`: tokens made with the CLI, every role
+//! against the routes it may and may not use, realm scope, and RFC 9162 proofs over HTTP.
+
+use custos_event::{AgentKey, Signer};
+use serde_json::{Value, json};
+
+use crate::respond::{enroll, get, send};
+use crate::support::{Server, post, run, stderr, stdout};
+
+fn create_token(server: &Server, args: &[&str]) -> String {
+    let mut all = vec!["token", "create", "--url", &server.url, "--data"];
+    let data = server.data.to_str().unwrap();
+    all.push(data);
+    all.extend_from_slice(args);
+    let output = run(&all);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("shown once"), "{}", stderr(&output));
+    stdout(&output).trim().to_owned()
+}
+
+#[test]
+fn roles_realm_scope_token_lifecycle_and_proofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-detect"]);
+    let admin = server.token();
+    let url = server.url.clone();
+
+    let analyst = create_token(&server, &["--role", "analyst", "--realm", "eng", "--ttl", "30d"]);
+    let responder = create_token(&server, &["--role", "responder"]);
+    let compliance = create_token(&server, &["--role", "compliance", "--realm", "ops"]);
+    let auditor = create_token(&server, &["--role", "auditor", "--ttl", "12h"]);
+
+    // Bad values are named before anything is sent.
+    for (args, named) in [
+        (&["--role", "king"][..], "`king`"),
+        (&["--role", "analyst", "--ttl", "3y"][..], "`y`"),
+        (&["--role", "analyst", "--ttl", "soon"][..], "`soon`"),
+    ] {
+        let mut all = vec!["token", "create", "--url", &url, "--token", &admin];
+        all.extend_from_slice(args);
+        let output = run(&all);
+        assert!(!output.status.success());
+        assert!(stderr(&output).contains(named), "{}", stderr(&output));
+    }
+
+    let eng = AgentKey::generate().unwrap();
+    let ops = AgentKey::generate().unwrap();
+    enroll(&url, &admin, eng.did(), "eng");
+    enroll(&url, &admin, ops.did(), "ops");
+    let mut signer = Signer::new(eng, "eng");
+    let results = send(&url, &mut signer, &[json!({"kind": "tool_call", "action": "search"})]);
+    assert_eq!(results[0]["status"], "accepted", "{results:?}");
+
+    // The role matrix: (method, path, body) against the roles allowed to use it.
+    let routes: Vec<(&str, &str, &[&str])> = vec![
+        ("GET", "/v1/agents", &["admin", "analyst", "responder", "compliance"]),
+        (
+            "GET",
+            "/v1/control/revocations",
+            &["admin", "analyst", "responder", "compliance"],
+        ),
+        (
+            "GET",
+            "/v1/checkpoints/latest",
+            &["admin", "analyst", "responder", "compliance", "auditor"],
+        ),
+        (
+            "GET",
+            "/v1/proofs/inclusion?log_index=0&size=1",
+            &["admin", "analyst", "responder", "compliance", "auditor"],
+        ),
+        (
+            "GET",
+            "/v1/proofs/consistency?from=1&to=2",
+            &["admin", "analyst", "responder", "compliance", "auditor"],
+        ),
+        ("GET", "/v1/rejected", &["admin"]),
+        ("GET", "/v1/tokens", &["admin"]),
+        ("POST", "/v1/tokens", &["admin"]),
+        ("POST", "/v1/agents", &["admin"]),
+    ];
+    let tokens = [
+        ("admin", admin.as_str()),
+        ("analyst", analyst.as_str()),
+        ("responder", responder.as_str()),
+        ("compliance", compliance.as_str()),
+        ("auditor", auditor.as_str()),
+    ];
+    let call = |method: &str, path: &str, token: Option<&str>| -> u16 {
+        if method == "GET" {
+            match token {
+                Some(token) => get(&url, path, token).0,
+                None => reqwest::blocking::get(format!("{url}{path}"))
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            }
+        } else {
+            let body = if path == "/v1/tokens" {
+                json!({"role": "auditor", "ttl": "1h"})
+            } else {
+                json!({"did": AgentKey::generate().unwrap().did(), "realm": "eng"})
+            };
+            post(&url, path, token, body.to_string().into_bytes()).unwrap().0
+        }
+    };
+    for (method, path, allowed) in &routes {
+        assert_eq!(call(method, path, None), 401, "{method} {path} without a token");
+        assert_eq!(call(method, path, Some("cus_not-a-real-token")), 401, "{method} {path}");
+        for (role, token) in tokens {
+            let status = call(method, path, Some(token));
+            if allowed.contains(&role) {
+                assert!((200..300).contains(&status), "{role} may {method} {path}: got {status}");
+            } else {
+                assert_eq!(status, 403, "{role} may not {method} {path}");
+            }
+        }
+    }
+    assert_eq!(reqwest::blocking::get(format!("{url}/healthz")).unwrap().status(), 200);
+
+    // Realm scope: the eng analyst sees the eng agent only; compliance (ops) the ops one.
+    let (_, agents) = get(&url, "/v1/agents", &analyst);
+    let realms: Vec<&str> = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|agent| agent["realm"].as_str().unwrap())
+        .collect();
+    assert!(
+        !realms.is_empty() && realms.iter().all(|realm| *realm == "eng"),
+        "{agents}"
+    );
+    let (_, agents) = get(&url, "/v1/agents", &compliance);
+    assert!(
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|agent| agent["realm"] == "ops")
+    );
+
+    // Proofs over HTTP verify against the checkpoint's root.
+    let (status, proof) = get(&url, "/v1/proofs/inclusion?log_index=1&size=3", &auditor);
+    assert_eq!(status, 200, "{proof}");
+    let hash = |value: &Value| -> [u8; 32] { hex::decode(value.as_str().unwrap()).unwrap().try_into().unwrap() };
+    let path: Vec<[u8; 32]> = proof["inclusion_path"].as_array().unwrap().iter().map(hash).collect();
+    custos_store::merkle::verify_inclusion(&hash(&proof["leaf_hash"]), 1, 3, &path, &hash(&proof["root_hash"]))
+        .unwrap();
+    let (status, proof) = get(&url, "/v1/proofs/consistency?from=1&to=3", &auditor);
+    assert_eq!(status, 200, "{proof}");
+    let path: Vec<[u8; 32]> = proof["consistency_path"].as_array().unwrap().iter().map(hash).collect();
+    custos_store::merkle::verify_consistency(1, 3, &path, &hash(&proof["first_root"]), &hash(&proof["second_root"]))
+        .unwrap();
+    let (status, error) = get(&url, "/v1/proofs/inclusion?log_index=999999", &auditor);
+    assert_eq!(status, 400, "{error}");
+    assert!(error["message"].as_str().unwrap().contains("999999"), "{error}");
+
+    // The token table shows no secret and no hash; a revoked token stops at once.
+    let output = run(&["token", "list", "--url", &url, "--token", &admin, "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let listed: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let text = listed.to_string();
+    assert!(!text.contains("sha256") && !text.contains(&analyst), "{text}");
+    let analyst_id = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|token| token["role"] == "analyst" && token["realms"] == json!(["eng"]))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(get(&url, "/v1/agents", &analyst).0, 200);
+    let output = run(&["token", "revoke", &analyst_id, "--url", &url, "--token", &admin]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(get(&url, "/v1/agents", &analyst).0, 401);
+    let output = run(&["token", "revoke", "nosuchtoken", "--url", &url, "--token", &admin]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("nosuchtoken"), "{}", stderr(&output));
+    server.stop();
+}
