@@ -126,6 +126,15 @@ struct ServeArgs {
     /// Detector window width, in seconds.
     #[arg(long, default_value_t = 60)]
     window_secs: i64,
+    /// A SQL query (or REST read) running longer than this many seconds is stopped.
+    #[arg(long, default_value_t = 30)]
+    query_timeout_secs: u64,
+    /// Memory a query's operators may hold (sorts, joins, aggregates), in MiB.
+    #[arg(long, default_value_t = 512)]
+    query_memory_mib: usize,
+    /// Most rows a query answer may have.
+    #[arg(long, default_value_t = 100_000)]
+    query_max_rows: usize,
 }
 
 impl ServeArgs {
@@ -138,6 +147,14 @@ impl ServeArgs {
         config.log.checkpoint_every = self.checkpoint_every;
         config.log.checkpoint_interval = std::time::Duration::from_millis(self.checkpoint_interval_ms);
         config
+    }
+
+    fn limits(&self) -> custos_query::Limits {
+        custos_query::Limits {
+            timeout: std::time::Duration::from_secs(self.query_timeout_secs.max(1)),
+            memory_bytes: self.query_memory_mib.max(1) * 1024 * 1024,
+            max_rows: self.query_max_rows.max(1),
+        }
     }
 
     fn pipeline(&self) -> Option<pipeline::PipelineConfig> {
@@ -388,7 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing("info");
-            cmd::serve::run(args.config(), args.pipeline()).await?;
+            cmd::serve::run(args.config(), args.pipeline(), args.limits()).await?;
         }
         Command::Agent(command) => {
             init_tracing("warn");

@@ -76,8 +76,11 @@ pub struct Hooks {
     pub drain: Option<Box<dyn FnOnce() + Send>>,
     /// More routes (the query API, the console), built once the node is open and served
     /// beside ingest's own.
-    pub routes: Option<Box<dyn FnOnce(Api) -> axum::Router + Send>>,
+    pub routes: Option<RouteBuilder>,
 }
+
+/// Builds extra routes once the node is open (see [`Hooks::routes`]).
+pub type RouteBuilder = Box<dyn FnOnce(Api) -> axum::Router + Send>;
 
 /// What other stages' HTTP routes need from the node: authentication and reads through
 /// the sequencer. Cheap to clone.

@@ -200,7 +200,8 @@ async fn latency(args: &DetectArgs) -> anyhow::Result<serde_json::Value> {
     pipeline.playbooks = Some(playbooks);
     let marks = Arc::new(crate::pipeline::Marks::default());
     let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
-    let node = super::serve::Node::start(config, Some(pipeline), marks.clone()).await?;
+    let node =
+        super::serve::Node::start(config, Some(pipeline), marks.clone(), custos_query::Limits::default()).await?;
     let token = node
         .running
         .admin_token

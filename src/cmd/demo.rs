@@ -49,6 +49,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         config.clone(),
         Some(crate::pipeline::PipelineConfig::new(data.clone())),
         marks.clone(),
+        custos_query::Limits::default(),
     )
     .await?;
     let running = &node.running;

@@ -15,14 +15,21 @@ impl Node {
         config: custos_ingest::NodeConfig,
         pipeline: Option<PipelineConfig>,
         marks: Arc<Marks>,
+        limits: custos_query::Limits,
     ) -> anyhow::Result<Self> {
+        let routes = custos_query::http::routes(limits);
         let Some(pipeline_config) = pipeline else {
+            let hooks = custos_ingest::Hooks {
+                routes: Some(routes),
+                ..Default::default()
+            };
             return Ok(Self {
-                running: custos_ingest::start(config).await?,
+                running: custos_ingest::start_with(config, hooks).await?,
                 pipeline: None,
             });
         };
-        let (pipeline, hooks) = Pipeline::start(pipeline_config, marks)?;
+        let (pipeline, mut hooks) = Pipeline::start(pipeline_config, marks)?;
+        hooks.routes = Some(routes);
         let running = custos_ingest::start_with(config, hooks).await?;
         pipeline.connect(&running.control);
         Ok(Self {
@@ -41,9 +48,13 @@ impl Node {
     }
 }
 
-pub(crate) async fn run(config: custos_ingest::NodeConfig, pipeline: Option<PipelineConfig>) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    config: custos_ingest::NodeConfig,
+    pipeline: Option<PipelineConfig>,
+    limits: custos_query::Limits,
+) -> anyhow::Result<()> {
     let data = config.data.clone();
-    let node = Node::start(config, pipeline, Arc::new(Marks::default())).await?;
+    let node = Node::start(config, pipeline, Arc::new(Marks::default()), limits).await?;
     let running = &node.running;
     if let Some(token) = &running.admin_token {
         // Printed once, on the terminal only; it is stored hashed.

@@ -5,5 +5,6 @@ mod cli;
 mod contract;
 mod crash;
 mod eval;
+mod query;
 mod respond;
 mod support;

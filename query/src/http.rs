@@ -1,0 +1,304 @@
+//! Routes: `POST /v1/sql` and `GET /v1/events`, authenticated through the node, scoped
+//! to the caller's realms, and recorded in the access log.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use custos_ingest::{Api, Caller, Role};
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{col, lit};
+use serde::Deserialize;
+
+use crate::QueryError;
+use crate::access::{AccessLog, AccessRecord};
+use crate::sql::{Format, Limits, collect, encode};
+use crate::tables::{Scope, Sources};
+
+#[derive(Clone)]
+struct QueryState {
+    api: Api,
+    limits: Limits,
+    access: Arc<AccessLog>,
+}
+
+/// The query routes as a [`custos_ingest::Hooks::routes`] builder.
+pub fn routes(limits: Limits) -> custos_ingest::RouteBuilder {
+    Box::new(move |api| router(api, limits))
+}
+
+/// The query routes, to merge into the node's router.
+pub fn router(api: Api, limits: Limits) -> Router {
+    let access = Arc::new(AccessLog::new(&api.data));
+    Router::new()
+        .route("/v1/sql", post(sql))
+        .route("/v1/events", get(events))
+        .with_state(QueryState { api, limits, access })
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(&self)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+const SQL_ROLES: [Role; 5] = [
+    Role::Admin,
+    Role::Analyst,
+    Role::Responder,
+    Role::Compliance,
+    Role::Auditor,
+];
+const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
+
+fn scope(caller: &Caller) -> Scope {
+    Scope {
+        role: caller.role,
+        realms: caller.realms.clone(),
+    }
+}
+
+async fn sources(api: &Api) -> Result<Sources, QueryError> {
+    let view = api.view().await?;
+    let agents = api.agents().await?;
+    let rejected = api.rejected(10_000).await?;
+    let path = view.checkpoints.clone();
+    let checkpoints = tokio::task::spawn_blocking(move || {
+        if path.exists() {
+            custos_store::log::read_ndjson::<custos_store::log::CheckpointLine>(&path)
+        } else {
+            Ok(Vec::new())
+        }
+    })
+    .await
+    .map_err(|error| QueryError::internal(error.to_string()))?
+    .map_err(|error| QueryError::internal(format!("reading checkpoints: {error}")))?;
+    Ok(Sources {
+        view,
+        agents,
+        rejected,
+        checkpoints,
+    })
+}
+
+fn record(state: &QueryState, caller: &Caller, route: &str, query: &str, result: &Result<usize, QueryError>) {
+    let (rows, outcome) = match result {
+        Ok(rows) => (*rows, "ok"),
+        Err(error) => (0, error.error),
+    };
+    state.access.record(AccessRecord {
+        ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        token: &caller.token_id,
+        role: caller.role.name(),
+        realms: &caller.realms,
+        route,
+        query,
+        rows,
+        outcome,
+    });
+    tracing::info!(token = caller.token_id, route, rows, outcome, "query");
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+}
+
+/// `POST /v1/sql` with `{"sql": "..."}` (or the SQL as `text/plain`).
+async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
+    let caller = state.api.authorize(&headers, &SQL_ROLES)?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    let text = if json {
+        serde_json::from_slice::<SqlRequest>(&body)
+            .map_err(|error| QueryError::new(400, "bad_request", format!("expected {{\"sql\": \"...\"}}: {error}")))?
+            .sql
+    } else {
+        String::from_utf8(body.to_vec()).map_err(|_| QueryError::new(400, "bad_request", "the SQL is not UTF-8"))?
+    };
+    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()));
+    let answer = async {
+        let sources = sources(&state.api).await?;
+        crate::sql::run(&text, &sources, &scope(&caller), &state.limits).await
+    }
+    .await;
+    record(
+        &state,
+        &caller,
+        "/v1/sql",
+        &text,
+        &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
+    );
+    let answer = answer?;
+    let body = encode(&answer, format)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (
+                header::HeaderName::from_static("x-custos-rows"),
+                &answer.rows.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    agent: Option<String>,
+    realm: Option<String>,
+    kind: Option<String>,
+    action: Option<String>,
+    outcome: Option<String>,
+    /// RFC 3339; events at or after.
+    from: Option<String>,
+    /// RFC 3339; events before.
+    to: Option<String>,
+    /// Cursor: log indexes after this one.
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn timestamp(name: &str, text: &str) -> Result<ScalarValue, QueryError> {
+    let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|error| {
+        QueryError::new(
+            400,
+            "bad_request",
+            format!("`{name}={text}` is not an RFC 3339 time such as 2026-11-22T10:00:00Z: {error}"),
+        )
+    })?;
+    Ok(ScalarValue::TimestampMicrosecond(
+        Some(at.timestamp_micros()),
+        Some("UTC".into()),
+    ))
+}
+
+/// `GET /v1/events`: filters, ascending `log_index`, cursor pagination (`after`, `next`).
+async fn events(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, QueryError> {
+    let caller = state.api.authorize(&headers, &READERS)?;
+    let Query(query) = query.map_err(|error| {
+        QueryError::new(
+            400,
+            "bad_request",
+            format!("{error}; filters are agent, realm, kind, action, outcome, from, to, after, limit"),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let text = headers_free_query(&query);
+    let answer = async {
+        let sources = sources(&state.api).await?;
+        let ctx = crate::sql::session(&sources, &scope(&caller), &state.limits).await?;
+        let mut frame = ctx.table("events").await?;
+        for (name, value) in [
+            ("agent", &query.agent),
+            ("realm", &query.realm),
+            ("kind", &query.kind),
+            ("action", &query.action),
+            ("outcome", &query.outcome),
+        ] {
+            if let Some(value) = value {
+                frame = frame.filter(col(name).eq(lit(value.clone())))?;
+            }
+        }
+        if let Some(from) = &query.from {
+            frame = frame.filter(col("ts").gt_eq(lit(timestamp("from", from)?)))?;
+        }
+        if let Some(to) = &query.to {
+            frame = frame.filter(col("ts").lt(lit(timestamp("to", to)?)))?;
+        }
+        if let Some(after) = query.after {
+            frame = frame.filter(col("log_index").gt(lit(after)))?;
+        }
+        let frame = frame
+            .sort(vec![col("log_index").sort(true, false)])?
+            .limit(0, Some(limit))?
+            .select_columns(&[
+                "log_index",
+                "ts",
+                "ingest_ts",
+                "agent",
+                "realm",
+                "kind",
+                "action",
+                "target",
+                "outcome",
+                "session",
+                "memory_id",
+                "seq",
+                "bytes_in",
+                "bytes_out",
+                "tokens_in",
+                "tokens_out",
+                "attrs",
+                "gap_from",
+                "gap_to",
+            ])?;
+        collect(frame, limit).await
+    }
+    .await;
+    record(
+        &state,
+        &caller,
+        "/v1/events",
+        &text,
+        &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
+    );
+    let answer = answer?;
+    let body = encode(&answer, Format::Json)?;
+    let rows: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|error| QueryError::internal(error.to_string()))?;
+    let next = if answer.rows == limit {
+        rows.as_array()
+            .and_then(|rows| rows.last())
+            .and_then(|row| row["log_index"].as_u64())
+    } else {
+        None
+    };
+    Ok(Json(serde_json::json!({ "events": rows, "next": next })).into_response())
+}
+
+/// The REST filters as a query string, for the access log.
+fn headers_free_query(query: &EventsQuery) -> String {
+    let mut parts = Vec::new();
+    for (name, value) in [
+        ("agent", &query.agent),
+        ("realm", &query.realm),
+        ("kind", &query.kind),
+        ("action", &query.action),
+        ("outcome", &query.outcome),
+        ("from", &query.from),
+        ("to", &query.to),
+    ] {
+        if let Some(value) = value {
+            parts.push(format!("{name}={value}"));
+        }
+    }
+    if let Some(after) = query.after {
+        parts.push(format!("after={after}"));
+    }
+    if let Some(limit) = query.limit {
+        parts.push(format!("limit={limit}"));
+    }
+    parts.join("&")
+}

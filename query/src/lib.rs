@@ -1,0 +1,84 @@
+//! Custos query: realm-scoped SQL and REST over everything the node has logged.
+//!
+//! ```text
+//!  request (bearer token) ─▶ role + realms
+//!        │
+//!        ▼  one snapshot from the sequencer: manifest + unsealed tail, agents, rejected
+//!  DataFusion session per request (memory pool, timeout, row cap; DDL/DML/SET refused)
+//!        │  tables = views over the log, each filtered on the caller's realms in its plan:
+//!        │    events | findings | actions   ◀── Parquet segments ∪ tail (Arrow, in memory)
+//!        │    agents | checkpoints | rejected ◀── built from already-scoped rows
+//!        ▼
+//!  JSON | NDJSON | CSV | Arrow IPC | Parquet (Accept header) ─▶ access log (who, what, rows)
+//! ```
+//!
+//! Nothing here writes to the store. Scope is enforced where the data enters the plan, not
+//! by editing SQL text: the unfiltered log is never registered under any name.
+
+pub mod access;
+pub mod http;
+mod json;
+pub mod sql;
+pub mod tables;
+
+pub use sql::{Answer, Format, Limits};
+pub use tables::{Scope, Sources};
+
+/// A query that could not be answered: HTTP status, stable code, a sentence.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QueryError {
+    #[serde(skip)]
+    pub status: u16,
+    pub error: &'static str,
+    pub message: String,
+}
+
+impl QueryError {
+    pub fn new(status: u16, error: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "query_failed", message)
+    }
+}
+
+impl std::fmt::Display for QueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error, self.message)
+    }
+}
+
+impl std::error::Error for QueryError {}
+
+impl From<datafusion::error::DataFusionError> for QueryError {
+    fn from(error: datafusion::error::DataFusionError) -> Self {
+        use datafusion::error::DataFusionError as E;
+        let text = error.to_string();
+        match error.find_root() {
+            E::ResourcesExhausted(_) => QueryError::new(
+                413,
+                "query_memory",
+                format!("the query needed more memory than its limit allows; add filters or aggregate sooner ({text})"),
+            ),
+            E::SQL(..) => QueryError::new(400, "bad_sql", text),
+            E::Plan(message) if message.contains("not supported") => QueryError::new(
+                403,
+                "read_only",
+                format!("only queries are allowed (no DDL, DML, COPY or SET): {message}"),
+            ),
+            E::Plan(_) | E::SchemaError(..) | E::NotImplemented(_) => QueryError::new(400, "bad_sql", text),
+            _ => QueryError::new(500, "query_failed", text),
+        }
+    }
+}
+
+impl From<custos_ingest::ApiError> for QueryError {
+    fn from(error: custos_ingest::ApiError) -> Self {
+        QueryError::new(error.status, error.error, error.message)
+    }
+}

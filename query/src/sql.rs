@@ -1,0 +1,197 @@
+//! Read-only SQL with limits, and the answer formats.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt as _;
+
+use crate::QueryError;
+use crate::tables::{Scope, Sources, register};
+
+/// What one query may use.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub timeout: Duration,
+    /// Bytes the query's operators may hold (sorts, joins, aggregates).
+    pub memory_bytes: usize,
+    /// Rows an answer may have.
+    pub max_rows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            memory_bytes: 512 * 1024 * 1024,
+            max_rows: 100_000,
+        }
+    }
+}
+
+/// An answer: its schema and batches.
+pub struct Answer {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub rows: usize,
+}
+
+/// A session holding only the caller's tables, with a memory pool of its own.
+pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Result<SessionContext, QueryError> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(2)
+        .with_default_catalog_and_schema("custos", "public");
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(GreedyMemoryPool::new(limits.memory_bytes)))
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    register(&ctx, sources, scope).await?;
+    Ok(ctx)
+}
+
+/// Plans and runs `sql` as the caller: statements that define, change or copy data,
+/// and `SET`, are refused before planning finishes.
+pub async fn run(sql: &str, sources: &Sources, scope: &Scope, limits: &Limits) -> Result<Answer, QueryError> {
+    if sql.trim().is_empty() {
+        return Err(QueryError::new(400, "bad_sql", "the query is empty"));
+    }
+    let ctx = session(sources, scope, limits).await?;
+    let options = datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let work = async {
+        let frame = ctx.sql_with_options(sql, options).await?;
+        collect(frame, limits.max_rows).await
+    };
+    match tokio::time::timeout(limits.timeout, work).await {
+        Ok(answer) => answer,
+        Err(_) => Err(QueryError::new(
+            408,
+            "query_timeout",
+            format!(
+                "the query ran longer than the {} s limit; narrow the time range or add filters",
+                limits.timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+/// Streams a frame's batches, stopping with `row_cap` past `max_rows`.
+pub async fn collect(frame: datafusion::dataframe::DataFrame, max_rows: usize) -> Result<Answer, QueryError> {
+    let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let mut stream = frame.execute_stream().await?;
+    let mut batches = Vec::new();
+    let mut rows = 0usize;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        rows += batch.num_rows();
+        if rows > max_rows {
+            return Err(QueryError::new(
+                413,
+                "row_cap",
+                format!("the answer has more than {max_rows} rows; add a LIMIT or narrow the query"),
+            ));
+        }
+        batches.push(batch);
+    }
+    Ok(Answer { schema, batches, rows })
+}
+
+/// Answer formats, chosen by the `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Ndjson,
+    Csv,
+    Arrow,
+    Parquet,
+}
+
+impl Format {
+    /// The first format `accept` names; JSON for `*/*`, an absent header or none known.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else { return Format::Json };
+        for part in accept.split(',') {
+            let media = part.split(';').next().unwrap_or_default().trim();
+            match media {
+                "application/json" => return Format::Json,
+                "application/x-ndjson" | "application/ndjson" => return Format::Ndjson,
+                "text/csv" => return Format::Csv,
+                "application/vnd.apache.arrow.stream" => return Format::Arrow,
+                "application/vnd.apache.parquet" | "application/parquet" => return Format::Parquet,
+                _ => {}
+            }
+        }
+        Format::Json
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Ndjson => "application/x-ndjson",
+            Format::Csv => "text/csv",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+            Format::Parquet => "application/vnd.apache.parquet",
+        }
+    }
+}
+
+/// Encodes an answer. JSON is an array of objects (binary columns as hex).
+pub fn encode(answer: &Answer, format: Format) -> Result<Vec<u8>, QueryError> {
+    let error = |error: &dyn std::fmt::Display| QueryError::internal(format!("encoding the answer: {error}"));
+    let mut out = Vec::new();
+    match format {
+        Format::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(&mut out);
+            for batch in &answer.batches {
+                writer.write(batch).map_err(|e| error(&e))?;
+            }
+            writer.finish().map_err(|e| error(&e))?;
+            drop(writer);
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+        }
+        Format::Ndjson => {
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            for batch in &answer.batches {
+                writer.write(batch).map_err(|e| error(&e))?;
+            }
+            writer.finish().map_err(|e| error(&e))?;
+        }
+        Format::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            if answer.batches.is_empty() {
+                writer
+                    .write(&RecordBatch::new_empty(answer.schema.clone()))
+                    .map_err(|e| error(&e))?;
+            }
+            for batch in &answer.batches {
+                writer.write(batch).map_err(|e| error(&e))?;
+            }
+        }
+        Format::Arrow => {
+            let mut writer =
+                arrow::ipc::writer::StreamWriter::try_new(&mut out, &answer.schema).map_err(|e| error(&e))?;
+            for batch in &answer.batches {
+                writer.write(batch).map_err(|e| error(&e))?;
+            }
+            writer.finish().map_err(|e| error(&e))?;
+        }
+        Format::Parquet => {
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(&mut out, answer.schema.clone(), None).map_err(|e| error(&e))?;
+            for batch in &answer.batches {
+                writer.write(batch).map_err(|e| error(&e))?;
+            }
+            writer.close().map_err(|e| error(&e))?;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,400 @@
+//! The tables a caller may query, built per request and scoped to the caller's realms.
+//!
+//! Scope is part of each table's plan: `events`, `findings` and `actions` are views whose
+//! logical plan filters the raw log on `realm` before anything the caller writes, and the
+//! raw log itself is never registered, so no SQL (joins, subqueries, CTEs,
+//! `information_schema`) can reach an unfiltered row. `agents` and `rejected` are built
+//! from already-filtered rows.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use custos_event::{ACTION_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE};
+use custos_ingest::Role;
+use datafusion::catalog::MemTable;
+use datafusion::catalog::view::ViewTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::provider_as_source;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, cast, col, lit};
+use datafusion::prelude::SessionContext;
+use serde::Serialize;
+
+use crate::QueryError;
+use crate::json::JsonGet;
+
+/// Who is asking: the role decides which tables exist, the realms which rows.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    pub role: Role,
+    /// Empty means every realm.
+    pub realms: Vec<String>,
+}
+
+impl Scope {
+    pub fn sees(&self, realm: &str) -> bool {
+        self.realms.is_empty() || self.realms.iter().any(|allowed| allowed == realm)
+    }
+
+    /// The tables this role may query.
+    pub fn tables(&self) -> &'static [&'static str] {
+        match self.role {
+            Role::Admin => &["events", "findings", "actions", "agents", "checkpoints", "rejected"],
+            Role::Analyst | Role::Responder | Role::Compliance => {
+                &["events", "findings", "actions", "agents", "checkpoints"]
+            }
+            Role::Auditor => &["checkpoints"],
+        }
+    }
+}
+
+/// Everything a query can read, taken from the node at one instant.
+pub struct Sources {
+    pub view: custos_ingest::StoreView,
+    pub agents: Vec<custos_ingest::AgentRecord>,
+    pub rejected: Vec<custos_ingest::forensics::RejectedRecord>,
+    pub checkpoints: Vec<custos_store::log::CheckpointLine>,
+}
+
+/// Registers the caller's tables in `ctx`.
+pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) -> Result<(), QueryError> {
+    let tables = scope.tables();
+    let json_get = ScalarUDF::from(JsonGet::new());
+    if tables.contains(&"events") {
+        let log = log_plan(ctx, &sources.view).await?;
+        let realm = realm_filter(scope);
+        let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
+        ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
+        let findings = view(&log, FINDING_PAYLOAD_TYPE, realm.clone(), finding_columns(&json_get))?;
+        ctx.register_table("findings", Arc::new(ViewTable::new(findings, None)))?;
+        let actions = view(&log, ACTION_PAYLOAD_TYPE, realm, action_columns(&json_get))?;
+        ctx.register_table("actions", Arc::new(ViewTable::new(actions, None)))?;
+    }
+    if tables.contains(&"agents") {
+        let rows: Vec<AgentRow> = sources
+            .agents
+            .iter()
+            .filter(|agent| scope.sees(&agent.realm))
+            .map(AgentRow::from)
+            .collect();
+        ctx.register_table("agents", memory_table(agent_schema(), &rows)?)?;
+    }
+    if tables.contains(&"checkpoints") {
+        let rows: Vec<CheckpointRow> = sources.checkpoints.iter().map(CheckpointRow::from).collect();
+        ctx.register_table("checkpoints", memory_table(checkpoint_schema(), &rows)?)?;
+    }
+    if tables.contains(&"rejected") {
+        // Rejected inputs are not verified, so their realm is unknown: only an unscoped
+        // admin sees them.
+        let rows: Vec<RejectedRow> = if scope.realms.is_empty() {
+            sources.rejected.iter().map(RejectedRow::from).collect()
+        } else {
+            Vec::new()
+        };
+        ctx.register_table("rejected", memory_table(rejected_schema(), &rows)?)?;
+    }
+    Ok(())
+}
+
+/// The whole log: sealed Parquet segments, then the unsealed tail from memory.
+async fn log_plan(ctx: &SessionContext, view: &custos_ingest::StoreView) -> Result<LogicalPlan, QueryError> {
+    let schema = custos_store::segment::schema();
+    let mut plans = Vec::new();
+    if !view.segments.is_empty() {
+        let urls = view
+            .segments
+            .iter()
+            .map(|segment| {
+                let path = view.segment_dir.join(&segment.file);
+                ListingTableUrl::parse(path.to_string_lossy().as_ref())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema.clone());
+        let table = ListingTable::try_new(config)?;
+        plans.push(LogicalPlanBuilder::scan("segments", provider_as_source(Arc::new(table)), None)?.build()?);
+    }
+    let tail: Vec<&custos_store::LogEntry> = view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
+    if !tail.is_empty() || plans.is_empty() {
+        let batch = custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))?;
+        let table = MemTable::try_new(schema, vec![vec![batch]])?;
+        plans.push(LogicalPlanBuilder::scan("tail", provider_as_source(Arc::new(table)), None)?.build()?);
+    }
+    let _ = ctx;
+    let mut plans = plans.into_iter();
+    let first = plans.next().ok_or_else(|| QueryError::internal("no log plan"))?;
+    let mut builder = LogicalPlanBuilder::from(first);
+    for plan in plans {
+        builder = builder.union(plan)?;
+    }
+    Ok(builder.build()?)
+}
+
+fn realm_filter(scope: &Scope) -> Option<Expr> {
+    if scope.realms.is_empty() {
+        return None;
+    }
+    Some(col("realm").in_list(scope.realms.iter().map(|realm| lit(realm.clone())).collect(), false))
+}
+
+fn view(
+    log: &LogicalPlan,
+    payload_type: &str,
+    realm: Option<Expr>,
+    columns: Vec<Expr>,
+) -> Result<LogicalPlan, QueryError> {
+    let mut predicate = col("payload_type").eq(lit(payload_type));
+    if let Some(realm) = realm {
+        predicate = predicate.and(realm);
+    }
+    Ok(LogicalPlanBuilder::from(log.clone())
+        .filter(predicate)?
+        .project(columns)?
+        .build()?)
+}
+
+fn event_columns() -> Vec<Expr> {
+    [
+        "log_index",
+        "ingest_ts",
+        "ts",
+        "agent",
+        "realm",
+        "kind",
+        "action",
+        "target",
+        "outcome",
+        "session",
+        "trace_id",
+        "span_id",
+        "parent",
+        "memory_id",
+        "attrs",
+        "seq",
+        "prev",
+        "bytes_in",
+        "bytes_out",
+        "tokens_in",
+        "tokens_out",
+        "gap_from",
+        "gap_to",
+        "keyid",
+        "payload",
+        "sig",
+        "payload_blake3",
+    ]
+    .into_iter()
+    .map(col)
+    .collect()
+}
+
+fn field(json_get: &ScalarUDF, key: &str) -> Expr {
+    json_get.call(vec![col("payload"), lit(key)])
+}
+
+fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
+    vec![
+        col("log_index"),
+        col("ts"),
+        field(json_get, "id").alias("id"),
+        col("agent"),
+        col("realm"),
+        col("action").alias("type"),
+        cast(field(json_get, "score"), DataType::Int32).alias("score"),
+        field(json_get, "severity").alias("severity"),
+        cast(field(json_get, "confidence"), DataType::Float64).alias("confidence"),
+        field(json_get, "learning").alias("learning"),
+        field(json_get, "title").alias("title"),
+        field(json_get, "rule_id").alias("rule_id"),
+        field(json_get, "tags").alias("tags"),
+        field(json_get, "evidence").alias("evidence"),
+        field(json_get, "explanation").alias("explanation"),
+        field(json_get, "window").alias("window"),
+        col("keyid"),
+        col("payload"),
+    ]
+}
+
+fn action_columns(json_get: &ScalarUDF) -> Vec<Expr> {
+    vec![
+        col("log_index"),
+        col("ts"),
+        field(json_get, "id").alias("id"),
+        field(json_get, "playbook").alias("playbook"),
+        field(json_get, "finding_id").alias("finding_id"),
+        col("agent"),
+        col("realm"),
+        col("action"),
+        col("target"),
+        field(json_get, "status").alias("status"),
+        field(json_get, "reason").alias("reason"),
+        field(json_get, "by").alias("by"),
+        field(json_get, "approval_id").alias("approval_id"),
+        field(json_get, "undoes").alias("undoes"),
+        col("keyid"),
+        col("payload"),
+    ]
+}
+
+fn memory_table<T: Serialize>(schema: SchemaRef, rows: &[T]) -> Result<Arc<MemTable>, QueryError> {
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .build_decoder()
+        .map_err(|error| QueryError::internal(error.to_string()))?;
+    decoder
+        .serialize(rows)
+        .map_err(|error| QueryError::internal(error.to_string()))?;
+    let batch = decoder
+        .flush()
+        .map_err(|error| QueryError::internal(error.to_string()))?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
+    Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+}
+
+fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn agent_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("did", DataType::Utf8, false),
+        Field::new("realm", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("parent", DataType::Utf8, true),
+        Field::new("children", DataType::UInt64, false),
+        Field::new("labels", DataType::Utf8, false),
+        Field::new("enrolled_at", timestamp(), false),
+        Field::new("enrolled_by", DataType::Utf8, false),
+        Field::new("enroll_log_index", DataType::UInt64, false),
+        Field::new("revoked_at", timestamp(), true),
+        Field::new("revoke_reason", DataType::Utf8, true),
+        Field::new("events", DataType::UInt64, false),
+        Field::new("last_seq", DataType::UInt64, true),
+        Field::new("last_log_index", DataType::UInt64, true),
+        Field::new("last_ts", timestamp(), true),
+    ]))
+}
+
+#[derive(Serialize)]
+struct AgentRow {
+    did: String,
+    realm: String,
+    status: String,
+    parent: Option<String>,
+    children: u64,
+    labels: String,
+    enrolled_at: String,
+    enrolled_by: String,
+    enroll_log_index: u64,
+    revoked_at: Option<String>,
+    revoke_reason: Option<String>,
+    events: u64,
+    last_seq: Option<u64>,
+    last_log_index: Option<u64>,
+    last_ts: Option<String>,
+}
+
+fn rfc3339(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl From<&custos_ingest::AgentRecord> for AgentRow {
+    fn from(agent: &custos_ingest::AgentRecord) -> Self {
+        Self {
+            did: agent.did.clone(),
+            realm: agent.realm.clone(),
+            status: serde_json::to_value(agent.status)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            parent: agent.parent.clone(),
+            children: agent.children.len() as u64,
+            labels: serde_json::to_string(&agent.labels).unwrap_or_default(),
+            enrolled_at: rfc3339(&agent.enrolled_at),
+            enrolled_by: agent.enrolled_by.clone(),
+            enroll_log_index: agent.enroll_log_index,
+            revoked_at: agent.revoked_at.as_ref().map(rfc3339),
+            revoke_reason: agent.revoke_reason.clone(),
+            events: agent.events,
+            last_seq: agent.last_seq,
+            last_log_index: agent.last_log_index,
+            last_ts: agent.last_ts.as_ref().map(rfc3339),
+        }
+    }
+}
+
+fn checkpoint_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("size", DataType::UInt64, false),
+        Field::new("note", DataType::Utf8, false),
+    ]))
+}
+
+#[derive(Serialize)]
+struct CheckpointRow {
+    size: u64,
+    note: String,
+}
+
+impl From<&custos_store::log::CheckpointLine> for CheckpointRow {
+    fn from(line: &custos_store::log::CheckpointLine) -> Self {
+        Self {
+            size: line.size,
+            note: line.note.clone(),
+        }
+    }
+}
+
+fn rejected_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::UInt64, false),
+        Field::new("received_at", timestamp(), false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("remote", DataType::Utf8, false),
+        Field::new("keyid", DataType::Utf8, true),
+        Field::new("size", DataType::UInt64, false),
+        Field::new("blake3", DataType::Utf8, false),
+        Field::new("input", DataType::Utf8, false),
+        Field::new("input_encoding", DataType::Utf8, false),
+        Field::new("truncated", DataType::Boolean, false),
+        Field::new("evidence", DataType::Utf8, true),
+    ]))
+}
+
+#[derive(Serialize)]
+struct RejectedRow {
+    id: u64,
+    received_at: String,
+    reason: String,
+    message: String,
+    remote: String,
+    keyid: Option<String>,
+    size: u64,
+    blake3: String,
+    input: String,
+    input_encoding: String,
+    truncated: bool,
+    evidence: Option<String>,
+}
+
+impl From<&custos_ingest::forensics::RejectedRecord> for RejectedRow {
+    fn from(record: &custos_ingest::forensics::RejectedRecord) -> Self {
+        Self {
+            id: record.id,
+            received_at: record.received_at.clone(),
+            reason: record.reason.clone(),
+            message: record.message.clone(),
+            remote: record.remote.clone(),
+            keyid: record.keyid.clone(),
+            size: record.size as u64,
+            blake3: record.blake3.clone(),
+            input: record.input.clone(),
+            input_encoding: record.input_encoding.clone(),
+            truncated: record.truncated,
+            evidence: record.evidence.as_ref().map(|value| value.to_string()),
+        }
+    }
+}

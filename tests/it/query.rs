@@ -1,0 +1,332 @@
+//! The query API through a real `custos serve`: SQL over Parquet segments and the
+//! unsealed tail, every answer format, the limits, refusals, and realm-escape attempts.
+
+use std::time::Duration;
+
+use custos_event::{AgentKey, Signer};
+use serde_json::{Value, json};
+
+use crate::respond::{enroll, get, send};
+use crate::support::{Server, post};
+
+/// Runs SQL; returns (status, body bytes, content type).
+fn sql(url: &str, token: &str, query: &str, accept: &str) -> (u16, Vec<u8>, String) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/sql"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("accept", accept)
+        .body(json!({ "sql": query }).to_string())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, response.bytes().unwrap().to_vec(), kind)
+}
+
+fn rows(url: &str, token: &str, query: &str) -> Vec<Value> {
+    let (status, body, _) = sql(url, token, query, "application/json");
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{query}: {text}");
+    serde_json::from_slice::<Value>(&body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn error(url: &str, token: &str, query: &str) -> (u16, Value) {
+    let (status, body, _) = sql(url, token, query, "application/json");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn token(url: &str, admin: &str, role: &str, realms: &[&str]) -> String {
+    let (status, answer) = post(
+        url,
+        "/v1/tokens",
+        Some(admin),
+        json!({"role": role, "realms": realms}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    answer["token"].as_str().unwrap().to_owned()
+}
+
+struct Fleet {
+    server: Server,
+    admin: String,
+    eng: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A node with 300 eng events and 300 ops events: segments of 500 entries, so part of
+/// the log is sealed Parquet and part is the unsealed tail.
+fn fleet(extra: &[&str]) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--no-detect"];
+    args.extend_from_slice(extra);
+    let server = Server::start_with(&dir.path().join("store"), &args);
+    let admin = server.token();
+    let url = server.url.clone();
+    for realm in ["eng", "ops"] {
+        let key = AgentKey::generate().unwrap();
+        enroll(&url, &admin, key.did(), realm);
+        let mut signer = Signer::new(key, realm);
+        for batch in 0..3 {
+            let objects: Vec<Value> = (0..100)
+                .map(|i| {
+                    json!({"kind": "tool_call", "action": format!("tool{}", i % 4),
+                           "target": format!("{realm}/secret/{batch}/{i}"), "bytes_out": i})
+                })
+                .collect();
+            let results = send(&url, &mut signer, &objects);
+            assert!(results.iter().all(|result| result["status"] == "accepted"));
+        }
+    }
+    let eng = token(&url, &admin, "analyst", &["eng"]);
+    Fleet {
+        server,
+        admin,
+        eng,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn sql_sees_segments_and_tail_in_every_format() {
+    let fleet = fleet(&[]);
+    let url = &fleet.server.url;
+    // 2 enrollments + 600 events: at least one sealed segment plus a tail.
+    let segments = std::fs::read_dir(fleet.server.data.join("logs/0/segments"))
+        .unwrap()
+        .count();
+    assert!(segments >= 1, "no sealed segment");
+    let all = rows(
+        url,
+        &fleet.admin,
+        "SELECT realm, count(*) AS n FROM events GROUP BY realm ORDER BY realm",
+    );
+    assert_eq!(
+        all,
+        vec![json!({"realm": "eng", "n": 300}), json!({"realm": "ops", "n": 300})]
+    );
+    // Freshness: the newest event (in the tail) is visible at once.
+    let newest = rows(url, &fleet.admin, "SELECT max(log_index) AS last FROM events");
+    let (_, checkpoint) = get(url, "/v1/checkpoints/latest", &fleet.admin);
+    assert!(newest[0]["last"].as_u64().unwrap() >= 600, "{newest:?} {checkpoint}");
+
+    for (accept, kind) in [
+        ("application/x-ndjson", "application/x-ndjson"),
+        ("text/csv", "text/csv"),
+        (
+            "application/vnd.apache.arrow.stream",
+            "application/vnd.apache.arrow.stream",
+        ),
+        ("application/vnd.apache.parquet", "application/vnd.apache.parquet"),
+    ] {
+        let (status, body, got) = sql(
+            url,
+            &fleet.admin,
+            "SELECT log_index, agent FROM events ORDER BY log_index LIMIT 5",
+            accept,
+        );
+        assert_eq!(status, 200, "{accept}");
+        assert_eq!(got, kind);
+        match accept {
+            "application/x-ndjson" => assert_eq!(String::from_utf8(body).unwrap().lines().count(), 5),
+            "text/csv" => assert_eq!(String::from_utf8(body).unwrap().lines().count(), 6),
+            "application/vnd.apache.arrow.stream" => {
+                let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+                let count: usize = reader.map(|batch| batch.unwrap().num_rows()).sum();
+                assert_eq!(count, 5);
+            }
+            _ => {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body))
+                        .unwrap()
+                        .build()
+                        .unwrap();
+                let count: usize = reader.map(|batch| batch.unwrap().num_rows()).sum();
+                assert_eq!(count, 5);
+            }
+        }
+    }
+
+    // REST: filters and cursor pagination on log_index.
+    let (status, page) = get(url, "/v1/events?realm=eng&action=tool1&limit=50", &fleet.admin);
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 50);
+    let next = page["next"].as_u64().unwrap();
+    let (_, rest) = get(
+        url,
+        &format!("/v1/events?realm=eng&action=tool1&after={next}&limit=50"),
+        &fleet.admin,
+    );
+    assert_eq!(rest["events"].as_array().unwrap().len(), 25);
+    assert!(rest["next"].is_null());
+    assert!(rest["events"][0]["log_index"].as_u64().unwrap() > next);
+    let (status, bad) = get(url, "/v1/events?from=yesterday", &fleet.admin);
+    assert_eq!(status, 400);
+    assert!(bad["message"].as_str().unwrap().contains("yesterday"), "{bad}");
+
+    // Every read is in the access log: who, what, how many rows.
+    let log = std::fs::read_to_string(fleet.server.data.join("access.ndjson")).unwrap();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("GROUP BY realm") && line.contains("\"rows\":2")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("/v1/events") && line.contains("\"rows\":50")),
+        "{log}"
+    );
+    fleet.server.stop();
+}
+
+#[test]
+fn writes_files_and_settings_are_refused() {
+    let fleet = fleet(&[]);
+    let url = &fleet.server.url;
+    for query in [
+        "CREATE TABLE x AS SELECT 1",
+        "CREATE EXTERNAL TABLE leak STORED AS CSV LOCATION '/etc/passwd'",
+        "INSERT INTO events SELECT * FROM events",
+        "COPY (SELECT * FROM events) TO '/tmp/custos-leak.parquet'",
+        "DROP TABLE events",
+        "SET datafusion.execution.batch_size = 1",
+        "CREATE VIEW v AS SELECT 1",
+    ] {
+        let (status, answer) = error(url, &fleet.admin, query);
+        assert!(status == 403 || status == 400, "{query}: {status} {answer}");
+        assert!(
+            answer["error"] == "read_only" || answer["error"] == "bad_sql",
+            "{query}: {answer}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/custos-leak.parquet").exists());
+    for query in [
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_parquet('/etc/passwd')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM tail",
+        "SELECT * FROM segments",
+    ] {
+        let (status, answer) = error(url, &fleet.admin, query);
+        assert_eq!(status, 400, "{query}: {answer}");
+    }
+    let (status, answer) = error(url, &fleet.admin, "SELEC nonsense");
+    assert_eq!((status, answer["error"].as_str()), (400, Some("bad_sql")), "{answer}");
+    fleet.server.stop();
+}
+
+#[test]
+fn a_realm_scoped_token_cannot_escape_its_realm() {
+    let fleet = fleet(&[]);
+    let url = &fleet.server.url;
+    let eng = &fleet.eng;
+    let only_eng = |query: &str| {
+        for row in rows(url, eng, query) {
+            assert!(
+                row.to_string().contains("eng") || !row.to_string().contains("ops"),
+                "{query}: {row}"
+            );
+        }
+    };
+    assert_eq!(rows(url, eng, "SELECT count(*) AS n FROM events")[0]["n"], 300);
+    assert_eq!(
+        rows(url, eng, "SELECT count(*) AS n FROM events WHERE realm = 'ops'")[0]["n"],
+        0
+    );
+    assert_eq!(
+        rows(
+            url,
+            eng,
+            "SELECT count(*) AS n FROM events WHERE realm <> 'eng' OR realm IS NULL"
+        )[0]["n"],
+        0
+    );
+    only_eng("SELECT DISTINCT realm FROM events");
+    // Subqueries, CTEs, unions, joins, self-joins.
+    for query in [
+        "SELECT count(*) AS n FROM (SELECT * FROM events) e WHERE e.realm = 'ops'",
+        "WITH x AS (SELECT * FROM events) SELECT count(*) AS n FROM x WHERE realm = 'ops'",
+        "SELECT count(*) AS n FROM (SELECT realm FROM events UNION ALL SELECT realm FROM findings UNION ALL SELECT realm FROM actions) u WHERE realm = 'ops'",
+        "SELECT count(*) AS n FROM events a JOIN events b ON a.log_index = b.log_index WHERE b.realm = 'ops'",
+        "SELECT count(*) AS n FROM agents WHERE realm = 'ops'",
+        "SELECT count(*) AS n FROM events WHERE target LIKE 'ops/%'",
+        "SELECT count(*) AS n FROM events WHERE log_index IN (SELECT log_index FROM events WHERE realm = 'ops')",
+    ] {
+        assert_eq!(rows(url, eng, query)[0]["n"], 0, "{query}");
+    }
+    // information_schema lists the caller's tables only; the raw log is not there.
+    let tables: Vec<String> = rows(
+        url,
+        eng,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .iter()
+    .map(|row| row["table_name"].as_str().unwrap().to_owned())
+    .collect();
+    let mut sorted = tables.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["actions", "agents", "checkpoints", "events", "findings"],
+        "{tables:?}"
+    );
+    // No rejected inputs (their realm is unverified) for a scoped token.
+    let (status, _) = error(url, eng, "SELECT * FROM rejected");
+    assert_eq!(status, 400);
+    // REST is scoped the same way, whatever filter is asked for.
+    let (_, page) = get(url, "/v1/events?realm=ops", eng);
+    assert_eq!(page["events"].as_array().unwrap().len(), 0, "{page}");
+    // An auditor sees checkpoints only.
+    let auditor = token(url, &fleet.admin, "auditor", &[]);
+    let (status, answer) = error(url, &auditor, "SELECT count(*) FROM events");
+    assert_eq!(status, 400, "{answer}");
+    assert!(!rows(url, &auditor, "SELECT size FROM checkpoints").is_empty());
+    assert_eq!(get(url, "/v1/events", &auditor).0, 403);
+    fleet.server.stop();
+}
+
+#[test]
+fn limits_answer_with_clear_errors() {
+    let fleet = fleet(&[
+        "--query-max-rows",
+        "100",
+        "--query-memory-mib",
+        "1",
+        "--query-timeout-secs",
+        "1",
+    ]);
+    let url = &fleet.server.url;
+    let (status, answer) = error(url, &fleet.admin, "SELECT * FROM events");
+    assert_eq!((status, answer["error"].as_str()), (413, Some("row_cap")), "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("100"), "{answer}");
+    assert_eq!(rows(url, &fleet.admin, "SELECT * FROM events LIMIT 100").len(), 100);
+    let (status, answer) = error(
+        url,
+        &fleet.admin,
+        "SELECT a.target, b.target, count(*) FROM events a CROSS JOIN events b GROUP BY a.target, b.target ORDER BY 3 DESC LIMIT 1",
+    );
+    assert!(
+        (status == 413 && answer["error"] == "query_memory") || (status == 408 && answer["error"] == "query_timeout"),
+        "{status} {answer}"
+    );
+    let (status, answer) = error(
+        url,
+        &fleet.admin,
+        "SELECT count(*) FROM generate_series(1, 5000000000) a",
+    );
+    assert!(
+        (status == 408 && answer["error"] == "query_timeout") || (status == 413 && answer["error"] == "query_memory"),
+        "{status} {answer}"
+    );
+    fleet.server.stop();
+}
