@@ -47,6 +47,9 @@ enum Command {
     /// Make agent keys; enroll, revoke and list agents on a running node.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Evidence bundles: export from a node; verify offline, anywhere.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
     /// Bearer tokens: create (shown once), list, revoke. Admin only.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -315,6 +318,50 @@ enum ProofCommand {
 }
 
 #[derive(Subcommand)]
+enum EvidenceCommand {
+    /// Export a realm's (or one agent's) events, findings and actions in a time range,
+    /// with proofs, checkpoints and keys, as a tar bundle signed by the node key.
+    #[command(after_help = "\
+Examples:
+  custos evidence export --realm eng --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z --out eng-nov.tar
+  custos evidence export --realm eng --agent did:key:z6Mk… --from … --to … --out agent.tar --token $CUSTOS_TOKEN
+
+Needs a compliance or admin token (--token, CUSTOS_TOKEN, or --data on the node's host).
+The bundle format is docs/evidence-format.md.")]
+    Export {
+        #[arg(long)]
+        realm: String,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Start, RFC 3339, inclusive.
+        #[arg(long)]
+        from: String,
+        /// End, RFC 3339, exclusive.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "bundle.tar")]
+        out: PathBuf,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
+    /// Check a bundle offline (no server, no store): signatures, digests, leaf hashes,
+    /// inclusion and consistency proofs, checkpoint and manifest signatures. Exits 1 on
+    /// any problem, naming each.
+    #[command(after_help = "\
+Examples:
+  custos evidence verify eng-nov.tar --node-key did:key:z6Mk…
+  custos evidence verify eng-nov.tar --json")]
+    Verify {
+        bundle: PathBuf,
+        /// The node key (did:key) the manifest must be signed by, obtained out of band.
+        #[arg(long)]
+        node_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token; prints the secret once (only its hash is stored).
     #[command(after_help = "\
@@ -420,6 +467,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 AgentCommand::Revoke { did, reason, node } => cmd::agent::revoke(&node, &did, reason).await?,
                 AgentCommand::List { json, node } => cmd::agent::list(&node, json).await?,
             }
+        }
+        Command::Evidence(EvidenceCommand::Export {
+            realm,
+            agent,
+            from,
+            to,
+            out,
+            node,
+        }) => {
+            init_tracing("warn");
+            cmd::evidence::export(&node, &realm, agent, &from, &to, &out).await?;
+        }
+        Command::Evidence(EvidenceCommand::Verify { bundle, node_key, json }) => {
+            init_tracing("warn");
+            return cmd::evidence::verify(&bundle, node_key.as_deref(), json);
         }
         Command::Token(command) => {
             init_tracing("warn");

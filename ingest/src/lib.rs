@@ -35,7 +35,7 @@ pub mod sequencer;
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
 pub use sequencer::{
-    Enforce, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
+    Enforce, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
 };
 
 /// Receives the detector feed, on the sequencer thread, in log order. Must not block
@@ -120,6 +120,28 @@ impl Api {
     /// Every enrolled agent.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>, ApiError> {
         self.ask(|reply| sequencer::Command::Agents { reply }).await
+    }
+
+    /// Signs a checkpoint if needed and proves `indexes` against it.
+    pub async fn evidence_proofs(&self, indexes: Vec<u64>) -> Result<EvidenceProofs, ApiError> {
+        self.ask(|reply| sequencer::Command::Evidence { indexes, reply }).await
+    }
+
+    /// A consistency proof between two tree sizes (JSON as `GET /v1/proofs/consistency`).
+    pub async fn consistency(&self, from: u64, to: u64) -> Result<serde_json::Value, ApiError> {
+        self.ask(|reply| sequencer::Command::Consistency { from, to, reply })
+            .await
+    }
+
+    /// Signs `bytes` as `payload_type` with the node key.
+    pub async fn sign(&self, payload_type: &str, bytes: Vec<u8>) -> Result<custos_event::Envelope, ApiError> {
+        let payload_type = payload_type.to_owned();
+        self.ask(|reply| sequencer::Command::SignAs {
+            payload_type,
+            bytes,
+            reply,
+        })
+        .await
     }
 
     /// Kept rejected inputs, newest last.

@@ -127,6 +127,18 @@ pub enum Command {
         id: String,
         reply: Answer<Option<SubjectRecord>>,
     },
+    /// Signs a checkpoint of everything logged so far (if the last one does not cover
+    /// it), then answers inclusion proofs of `indexes` against it: for evidence bundles.
+    Evidence {
+        indexes: Vec<u64>,
+        reply: Answer<EvidenceProofs>,
+    },
+    /// Signs `bytes` as `payload_type` with the node key (evidence manifests).
+    SignAs {
+        payload_type: String,
+        bytes: Vec<u8>,
+        reply: Answer<Envelope>,
+    },
     /// A consistent read view of the store for queries.
     View {
         reply: Answer<StoreView>,
@@ -164,6 +176,8 @@ impl Command {
             Command::Memory { reply, .. } => defer(reply, Err(error)),
             Command::Sign { reply, .. } => defer(reply, Err(error)),
             Command::View { reply } => defer(reply, Err(error)),
+            Command::Evidence { reply, .. } => defer(reply, Err(error)),
+            Command::SignAs { reply, .. } => defer(reply, Err(error)),
             Command::Inclusion { reply, .. } => defer(reply, Err(error)),
             Command::Consistency { reply, .. } => defer(reply, Err(error)),
             Command::Shutdown { reply } => defer(reply, Err(error)),
@@ -273,6 +287,22 @@ pub struct StoreView {
     /// Entries in the log (the next log index).
     pub size: u64,
     pub checkpoints: std::path::PathBuf,
+}
+
+/// Inclusion proofs for an evidence bundle, against one freshly signed checkpoint.
+#[derive(Clone, Debug)]
+pub struct EvidenceProofs {
+    pub log_id: String,
+    pub origin: String,
+    /// The checkpoint every proof is against: its size and signed note.
+    pub size: u64,
+    pub note: String,
+    /// The log key's verifier string (it signs checkpoints).
+    pub verifier_key: String,
+    /// The node key (it signs control entries, revocation lists and bundle manifests).
+    pub node_did: String,
+    /// Per requested index, in order: the leaf hash and the inclusion path.
+    pub proofs: Vec<(u64, [u8; 32], Vec<[u8; 32]>)>,
 }
 
 /// A deferred answer, sent once the group is durable (or failed).
@@ -551,6 +581,12 @@ impl Sequencer {
             Command::Sign { bytes, reply } => {
                 defer(reply, Ok(self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes)))
             }
+            Command::Evidence { indexes, reply } => defer(reply, self.evidence(&indexes)),
+            Command::SignAs {
+                payload_type,
+                bytes,
+                reply,
+            } => defer(reply, Ok(self.node_key.sign_envelope(&payload_type, bytes))),
             Command::View { reply } => defer(
                 reply,
                 Ok(StoreView {
@@ -1138,6 +1174,39 @@ impl Sequencer {
 
     /// Revokes `did` and its not-yet-revoked sub-agents, parents first. The root's entry
     /// names `root_cause` (a finding, say); each cascaded entry names the root's entry.
+    fn evidence(&mut self, indexes: &[u64]) -> Result<EvidenceProofs, ApiError> {
+        self.log.checkpoint().map_err(|error| ApiError::store(&error))?;
+        let (checkpoint, note) = self
+            .log
+            .latest_checkpoint()
+            .cloned()
+            .ok_or_else(|| ApiError::new(404, "no_checkpoint", "the log is empty: nothing to prove"))?;
+        let tree = self.log.tree();
+        let mut proofs = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            let leaf = tree
+                .leaf(index)
+                .ok_or_else(|| ApiError::new(404, "no_such_entry", format!("there is no log index {index}")))?;
+            let path = self.log.inclusion_proof(index, checkpoint.size).map_err(|error| {
+                ApiError::new(
+                    400,
+                    "bad_proof_request",
+                    format!("log index {index} in a tree of size {}: {error}", checkpoint.size),
+                )
+            })?;
+            proofs.push((index, leaf, path));
+        }
+        Ok(EvidenceProofs {
+            log_id: self.log.log_id().to_owned(),
+            origin: self.log.origin().to_owned(),
+            size: checkpoint.size,
+            note,
+            verifier_key: self.log.note_key().verifier_string(),
+            node_did: self.node_key.did().to_owned(),
+            proofs,
+        })
+    }
+
     fn signed_size(&self) -> u64 {
         self.log
             .latest_checkpoint()

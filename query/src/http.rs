@@ -38,6 +38,7 @@ pub fn router(api: Api, limits: Limits) -> Router {
     Router::new()
         .route("/v1/sql", post(sql))
         .route("/v1/events", get(events))
+        .route("/v1/evidence", post(evidence))
         .with_state(QueryState { api, limits, access })
 }
 
@@ -301,4 +302,41 @@ fn headers_free_query(query: &EventsQuery) -> String {
         parts.push(format!("limit={limit}"));
     }
     parts.join("&")
+}
+
+/// `POST /v1/evidence` (compliance, admin): `{"realm","agent","from","to"}` → a bundle
+/// (`application/x-tar`).
+async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
+    let caller = state.api.authorize(&headers, &[Role::Admin, Role::Compliance])?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let bundle = async {
+        let request: crate::evidence::ExportRequest = serde_json::from_slice(&body).map_err(|error| {
+            QueryError::new(
+                400,
+                "bad_request",
+                format!("expected {{\"realm\",\"agent\",\"from\",\"to\"}} with RFC 3339 times: {error}"),
+            )
+        })?;
+        let sources = sources(&state.api).await?;
+        let by = format!("token:{} ({})", caller.token_id, caller.role.name());
+        crate::evidence::export(&state.api, &sources, &scope(&caller), &by, request).await
+    }
+    .await;
+    let rows = bundle
+        .as_ref()
+        .map(|bundle| bundle.manifest.counts.values().sum::<u64>() as usize)
+        .map_err(Clone::clone);
+    record(&state, &caller, "/v1/evidence", &text, &rows);
+    let bundle = bundle?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+            (
+                header::HeaderName::from_static("x-custos-rows"),
+                rows.unwrap_or(0).to_string(),
+            ),
+        ],
+        bundle.tar,
+    )
+        .into_response())
 }

@@ -16,8 +16,10 @@
 //! by editing SQL text: the unfiltered log is never registered under any name.
 
 pub mod access;
+pub mod evidence;
 pub mod http;
 mod json;
+pub mod ocsf;
 pub mod sql;
 pub mod tables;
 

@@ -62,7 +62,7 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
     let tables = scope.tables();
     let json_get = ScalarUDF::from(JsonGet::new());
     if tables.contains(&"events") {
-        let log = log_plan(ctx, &sources.view).await?;
+        let log = log_plan(&sources.view).await?;
         let realm = realm_filter(scope);
         let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
         ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
@@ -98,7 +98,7 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
 }
 
 /// The whole log: sealed Parquet segments, then the unsealed tail from memory.
-async fn log_plan(ctx: &SessionContext, view: &custos_ingest::StoreView) -> Result<LogicalPlan, QueryError> {
+pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalPlan, QueryError> {
     let schema = custos_store::segment::schema();
     let mut plans = Vec::new();
     if !view.segments.is_empty() {
@@ -123,7 +123,6 @@ async fn log_plan(ctx: &SessionContext, view: &custos_ingest::StoreView) -> Resu
         let table = MemTable::try_new(schema, vec![vec![batch]])?;
         plans.push(LogicalPlanBuilder::scan("tail", provider_as_source(Arc::new(table)), None)?.build()?);
     }
-    let _ = ctx;
     let mut plans = plans.into_iter();
     let first = plans.next().ok_or_else(|| QueryError::internal("no log plan"))?;
     let mut builder = LogicalPlanBuilder::from(first);

@@ -6,6 +6,7 @@ pub(crate) mod bench_detect;
 pub(crate) mod client;
 pub(crate) mod demo;
 pub(crate) mod emit;
+pub(crate) mod evidence;
 pub(crate) mod fleet;
 pub(crate) mod proof;
 pub(crate) mod respond;

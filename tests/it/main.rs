@@ -5,6 +5,7 @@ mod cli;
 mod contract;
 mod crash;
 mod eval;
+mod evidence;
 mod query;
 mod respond;
 mod support;

@@ -1,0 +1,78 @@
+//! OCSF renderings for SIEMs: agent events as API Activity (6003), findings as Detection
+//! Finding (2004), action records as Remediation Activity (7001).
+
+use custos_event::{ACTION_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE};
+use custos_store::LogEntry;
+use serde_json::{Value, json};
+
+/// One OCSF object per entry, in log order. Entries of other types are skipped.
+pub fn render(entries: &[LogEntry]) -> Vec<Value> {
+    entries.iter().filter_map(render_one).collect()
+}
+
+fn render_one(entry: &LogEntry) -> Option<Value> {
+    let mut value = match entry.payload_type.as_str() {
+        EVENT_PAYLOAD_TYPE => event(&serde_json::from_slice(&entry.payload).ok()?),
+        FINDING_PAYLOAD_TYPE => custos_detect::Finding::from_payload(&entry.payload)?.0.ocsf(),
+        ACTION_PAYLOAD_TYPE => serde_json::from_slice::<custos_respond::ActionRecord>(&entry.payload)
+            .ok()?
+            .ocsf(),
+        _ => return None,
+    };
+    if let Value::Object(object) = &mut value {
+        let metadata = object.entry("metadata").or_insert_with(|| json!({}));
+        metadata["log_index"] = json!(entry.log_index);
+        metadata["signer"] = json!(entry.keyid);
+    }
+    Some(value)
+}
+
+/// An agent event as OCSF API Activity (class 6003).
+pub fn event(payload: &Value) -> Value {
+    let kind = payload["kind"].as_str().unwrap_or_default();
+    let (activity_id, activity_name) = match kind {
+        "file_read" | "memory_read" | "tool_result" | "message_received" => (2, "Read"),
+        "file_write" | "memory_write" | "policy_change" => (3, "Update"),
+        "memory_delete" => (4, "Delete"),
+        "delegation" => (1, "Create"),
+        _ => (99, "Other"),
+    };
+    let (status_id, status) = match payload["outcome"].as_str() {
+        Some("ok") => (1, "Success"),
+        Some("denied" | "error") => (2, "Failure"),
+        _ => (0, "Unknown"),
+    };
+    let time = payload["ts"]
+        .as_str()
+        .and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok())
+        .map_or(0, |ts| ts.timestamp_millis());
+    json!({
+        "class_uid": 6003,
+        "class_name": "API Activity",
+        "category_uid": 6,
+        "category_name": "Application Activity",
+        "activity_id": activity_id,
+        "activity_name": activity_name,
+        "type_uid": 600_300 + activity_id,
+        "time": time,
+        "severity_id": 1,
+        "status_id": status_id,
+        "status": status,
+        "actor": {"user": {"uid": payload["agent"], "type": "AI agent"}, "session": {"uid": payload["session"]}},
+        "api": {"operation": payload["action"], "service": {"name": kind}},
+        "resources": [{"uid": payload["target"]}],
+        "metadata": {"product": {"name": "Custos", "vendor_name": "Custos"}, "version": "1.1.0"},
+        "unmapped": {
+            "realm": payload["realm"],
+            "kind": kind,
+            "seq": payload["seq"],
+            "memory_id": payload["memory_id"],
+            "bytes_in": payload["bytes_in"],
+            "bytes_out": payload["bytes_out"],
+            "tokens_in": payload["tokens_in"],
+            "tokens_out": payload["tokens_out"],
+            "trace_id": payload["trace_id"],
+            "span_id": payload["span_id"],
+        },
+    })
+}
