@@ -120,7 +120,7 @@ GET /v1/checkpoints/latest as node_did). Without it the bundle is checked agains
 it names itself, which proves integrity but not origin.
 
 What is checked, and in what order:
-1. manifest.dsse.json is a DSSE envelope signed by the node key; its payload lists the
+1. manifest.json is a DSSE envelope signed by the node key; its payload lists the
    blake3 of every other file. A file missing, added or changed is named.
 2. checkpoints.json: every note is signed by the log key in keys.json; consecutive
    checkpoints are consistent (proofs/consistency.json).
@@ -304,7 +304,7 @@ pub async fn export(
     };
     let payload = serde_json::to_vec_pretty(&manifest).map_err(|error| QueryError::internal(error.to_string()))?;
     let envelope = api.sign(MANIFEST_PAYLOAD_TYPE, payload).await?;
-    files.insert("manifest.dsse.json".into(), envelope.to_json().into_bytes());
+    files.insert("manifest.json".into(), envelope.to_json().into_bytes());
 
     let mut builder = tar::Builder::new(Vec::new());
     for (name, bytes) in &files {
@@ -391,24 +391,24 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
     }
 
     // 1. The manifest and its signature.
-    let Some(raw) = files.get("manifest.dsse.json") else {
-        problems.push("manifest.dsse.json: missing".into());
+    let Some(raw) = files.get("manifest.json") else {
+        problems.push("manifest.json: missing".into());
         return report;
     };
     let decoded = match custos_event::verify::decode_envelope(raw, 16 * 1024 * 1024, &[MANIFEST_PAYLOAD_TYPE]) {
         Ok(decoded) => decoded,
         Err(rejection) => {
-            problems.push(format!("manifest.dsse.json: {}", rejection.message));
+            problems.push(format!("manifest.json: {}", rejection.message));
             return report;
         }
     };
     if let Err(rejection) = custos_event::verify::verify_one(&decoded.key, &decoded.envelope) {
-        problems.push(format!("manifest.dsse.json: {}", rejection.message));
+        problems.push(format!("manifest.json: {}", rejection.message));
     }
     let manifest: Manifest = match serde_json::from_slice(&decoded.envelope.payload) {
         Ok(manifest) => manifest,
         Err(error) => {
-            problems.push(format!("manifest.dsse.json: the payload is not a manifest: {error}"));
+            problems.push(format!("manifest.json: the payload is not a manifest: {error}"));
             return report;
         }
     };
@@ -441,7 +441,7 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
         }
     }
     for name in files.keys() {
-        if name != "manifest.dsse.json" && !manifest.files.contains_key(name) {
+        if name != "manifest.json" && !manifest.files.contains_key(name) {
             problems.push(format!("{name}: not listed in the manifest (added)"));
         }
     }

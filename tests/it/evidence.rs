@@ -144,7 +144,7 @@ fn bundles_verify_offline_and_every_tamper_is_named() {
     assert!(text.contains("events.parquet: 300 rows checked"), "{text}");
     let files = read_tar(&bundle);
     for name in [
-        "manifest.dsse.json",
+        "manifest.json",
         "events.parquet",
         "findings.parquet",
         "actions.parquet",
@@ -193,8 +193,8 @@ fn bundles_verify_offline_and_every_tamper_is_named() {
     added.insert("extra.csv".into(), b"a,b\n".to_vec());
     check(&added, &["extra.csv: not listed in the manifest (added)"]);
     let mut unsigned = files.clone();
-    unsigned.remove("manifest.dsse.json");
-    check(&unsigned, &["manifest.dsse.json: missing"]);
+    unsigned.remove("manifest.json");
+    check(&unsigned, &["manifest.json: missing"]);
 
     // Rows: removed, added, changed. The file digest changes (named), and each row-level
     // check names what it found even with the manifest's digest set aside.
