@@ -117,6 +117,11 @@ impl Api {
         self.ask(|reply| sequencer::Command::View { reply }).await
     }
 
+    /// The latest signed checkpoint.
+    pub async fn checkpoint(&self) -> Result<sequencer::CheckpointView, ApiError> {
+        self.ask(|reply| sequencer::Command::Checkpoint { reply }).await
+    }
+
     /// Every enrolled agent.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>, ApiError> {
         self.ask(|reply| sequencer::Command::Agents { reply }).await

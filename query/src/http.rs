@@ -25,6 +25,8 @@ struct QueryState {
     api: Api,
     limits: Limits,
     access: Arc<AccessLog>,
+    /// Held while a store verification runs: one at a time.
+    verifying: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The query routes as a [`custos_ingest::Hooks::routes`] builder.
@@ -39,7 +41,15 @@ pub fn router(api: Api, limits: Limits) -> Router {
         .route("/v1/sql", post(sql))
         .route("/v1/events", get(events))
         .route("/v1/evidence", post(evidence))
-        .with_state(QueryState { api, limits, access })
+        .route("/v1/integrity", get(integrity))
+        .route("/v1/integrity/verify", post(verify_now))
+        .with_state(QueryState {
+            api,
+            limits,
+            access,
+            verifying: Arc::new(tokio::sync::Mutex::new(())),
+        })
+        .merge(crate::console::router())
 }
 
 impl IntoResponse for QueryError {
@@ -339,4 +349,107 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         bundle.tar,
     )
         .into_response())
+}
+
+/// The outcome of the last store verification run through the API, kept in
+/// `DATA/verify-last.json`.
+#[derive(Clone, Debug, serde::Serialize, Deserialize)]
+pub struct LastVerify {
+    pub at: String,
+    pub ok: bool,
+    pub entries: u64,
+    pub signatures_checked: u64,
+    pub problems: usize,
+    pub first_problem: Option<String>,
+    pub by: String,
+    pub millis: u64,
+}
+
+fn last_verify_path(api: &Api) -> std::path::PathBuf {
+    api.data.join("verify-last.json")
+}
+
+/// `GET /v1/integrity` (every role): the latest checkpoint and the last verification.
+async fn integrity(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, QueryError> {
+    state.api.authorize(&headers, &SQL_ROLES)?;
+    let checkpoint = state.api.checkpoint().await?;
+    let path = last_verify_path(&state.api);
+    let last: Option<LastVerify> = tokio::task::spawn_blocking(move || {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    })
+    .await
+    .map_err(|error| QueryError::internal(error.to_string()))?;
+    Ok(Json(serde_json::json!({ "checkpoint": checkpoint, "last_verify": last })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VerifyQuery {
+    /// Also check every ed25519 signature (slower).
+    #[serde(default)]
+    signatures: bool,
+}
+
+/// `POST /v1/integrity/verify[?signatures=true]` (admin): recomputes every leaf, root and
+/// checkpoint of the store on disk, as `custos verify` does, and records the outcome.
+async fn verify_now(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    query: Result<Query<VerifyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, QueryError> {
+    let caller = state.api.authorize(&headers, &[Role::Admin])?;
+    let Query(query) = query
+        .map_err(|error| QueryError::new(400, "bad_request", format!("{error}; the only option is signatures")))?;
+    let Ok(_running) = state.verifying.clone().try_lock_owned() else {
+        return Err(QueryError::new(
+            409,
+            "verify_running",
+            "a verification is already running; read GET /v1/integrity when it ends",
+        ));
+    };
+    let data = state.api.data.clone();
+    let path = last_verify_path(&state.api);
+    let by = format!("token:{} ({})", caller.token_id, caller.role.name());
+    let outcome = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let options = custos_store::verify::VerifyOptions {
+            signatures: query.signatures,
+            ..Default::default()
+        };
+        let report = custos_store::verify::verify_store(&data, &options, &mut |_, _| {})
+            .map_err(|error| QueryError::new(500, "verify_failed", format!("the store cannot be read: {error}")))?;
+        let last = LastVerify {
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ok: report.ok(),
+            entries: report.logs.iter().map(|log| log.entries).sum(),
+            signatures_checked: report.logs.iter().map(|log| log.signatures_checked).sum(),
+            problems: report.problems.len(),
+            first_problem: report.problems.first().map(|problem| {
+                format!(
+                    "{} in {} (log index {}): {}",
+                    problem.code,
+                    problem.file,
+                    problem.log_index.map_or("?".into(), |index| index.to_string()),
+                    problem.detail
+                )
+            }),
+            by,
+            millis: started.elapsed().as_millis() as u64,
+        };
+        let bytes = serde_json::to_vec_pretty(&last).map_err(|error| QueryError::internal(error.to_string()))?;
+        std::fs::write(&path, bytes)
+            .map_err(|error| QueryError::internal(format!("writing {}: {error}", path.display())))?;
+        Ok::<_, QueryError>(last)
+    })
+    .await
+    .map_err(|error| QueryError::internal(error.to_string()))??;
+    tracing::info!(
+        ok = outcome.ok,
+        entries = outcome.entries,
+        problems = outcome.problems,
+        "store verified through the API"
+    );
+    Ok(Json(outcome).into_response())
 }

@@ -16,6 +16,7 @@
 //! by editing SQL text: the unfiltered log is never registered under any name.
 
 pub mod access;
+pub mod console;
 pub mod evidence;
 pub mod http;
 mod json;

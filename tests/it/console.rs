@@ -1,0 +1,373 @@
+//! The web console in a real headless Chromium, driven over WebDriver (chromedriver):
+//! sign in, open a finding and its evidence, approve a pending action, and watch the
+//! agent's status change. `scripts/test` installs Debian's `chromium` and
+//! `chromium-driver`; without them this test fails and says so.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use custos_event::{AgentKey, Signer};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::respond::{enroll, send, wait_for};
+use crate::support::{Server, post};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// chromedriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Self {
+        for binary in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                std::path::Path::new(binary).exists(),
+                "{binary} is missing: run scripts/test, which installs Debian's chromium and chromium-driver"
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("chromedriver to listen", || {
+            TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok()
+        });
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session in headless Chromium")
+}
+
+/// Polls `check` until it yields a value, failing after a minute with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn text_of(client: &Client, css: &str) -> Option<String> {
+    let element = client.find(Locator::Css(css)).await.ok()?;
+    element.text().await.ok()
+}
+
+#[test]
+fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(
+        playbooks.join("gate.yml"),
+        "name: gated-revoke\nmatch:\n  types: [credential_misuse]\nactions:\n  - require_approval:\n      expires_in_secs: 600\n  - revoke_agent: {}\n",
+    )
+    .unwrap();
+    let server = Server::start_with(
+        &dir.path().join("store"),
+        &["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()],
+    );
+    let (url, admin) = (server.url.clone(), server.token());
+    let (status, answer) = post(
+        &url,
+        "/v1/tokens",
+        Some(&admin),
+        json!({"role": "responder"}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let responder = answer["token"].as_str().unwrap().to_owned();
+
+    // A small fleet with ordinary traffic, and one agent that uses a credential it does
+    // not own. The target holds markup: the console must show it as text.
+    let mut bystanders = Vec::new();
+    for seed in 40..43u8 {
+        let key = AgentKey::from_seed(&[seed; 32]);
+        enroll(&url, &admin, key.did(), "eng");
+        let mut signer = Signer::new(key, "eng");
+        let objects: Vec<Value> = (0..20)
+            .map(|i| json!({"kind": "tool_call", "action": "search", "target": format!("doc{i}")}))
+            .collect();
+        send(&url, &mut signer, &objects);
+        bystanders.push(signer);
+    }
+    let culprit = AgentKey::from_seed(&[49; 32]);
+    let did = culprit.did().to_owned();
+    enroll(&url, &admin, &did, "eng");
+    let mut signer = Signer::new(culprit, "eng");
+    let results = send(
+        &url,
+        &mut signer,
+        &[
+            json!({"kind": "credential_use", "target": "<img src=x onerror=alert(1)>cred-prod",
+                 "attrs": {"credential_owner": "did:key:z6MkOwner"}}),
+        ],
+    );
+    assert_eq!(results[0]["status"], "accepted", "{results:?}");
+    wait_for("a pending approval", || {
+        let (_, answer) = crate::respond::get(&url, "/v1/approvals", &admin);
+        answer["pending"].as_array().is_some_and(|pending| !pending.is_empty())
+    });
+
+    let driver = Driver::start();
+    let profile = dir.path().join("chromium");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = browser(&driver, &profile).await;
+        client.goto(&url).await.unwrap();
+
+        // A wrong token is refused with a message; the right one signs in.
+        client
+            .find(Locator::Id("token"))
+            .await
+            .unwrap()
+            .send_keys("cus_wrong")
+            .await
+            .unwrap();
+        client
+            .find(Locator::Id("signin-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the refusal", || async {
+            text_of(&client, "#signin-error")
+                .await
+                .filter(|text| text.contains("401"))
+        })
+        .await;
+        let field = client.find(Locator::Id("token")).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(&responder).await.unwrap();
+        client
+            .find(Locator::Id("signin-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+
+        // Fleet overview: every agent, the culprit at the top by risk.
+        let first_row = eventually("the fleet table", || async {
+            let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
+            (rows.len() == 4).then_some(())?;
+            rows[0].attr("data-did").await.ok().flatten()
+        })
+        .await;
+        assert_eq!(first_row, did, "the riskiest agent comes first");
+        let status_cell = format!("#fleet-table tr[data-did='{did}'] td.status");
+        assert_eq!(text_of(&client, &status_cell).await.as_deref(), Some("active"));
+
+        // Findings timeline: open the finding, see its explanation and evidence events.
+        client
+            .find(Locator::Css("a[href='#findings']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let open = eventually("a finding in the timeline", || async {
+            client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
+        })
+        .await;
+        open.click().await.unwrap();
+        let evidence = eventually("the finding's evidence events", || async {
+            text_of(&client, "#finding-evidence tbody tr.evidence-row").await
+        })
+        .await;
+        assert!(evidence.contains("credential_use"), "{evidence}");
+        assert!(
+            evidence.contains("<img src=x onerror=alert(1)>cred-prod"),
+            "markup in a payload must show as text: {evidence}"
+        );
+        let images = client.find_all(Locator::Css("#finding-evidence img")).await.unwrap();
+        assert!(images.is_empty(), "payload markup became an element");
+        let title = text_of(&client, "#finding-title").await.unwrap();
+        assert!(!title.is_empty());
+
+        // Pending actions: approve the revocation.
+        client
+            .find(Locator::Css("a[href='#actions']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let approve = eventually("the approve button", || async {
+            client
+                .find(Locator::Css("#pending-list li.approval button.approve"))
+                .await
+                .ok()
+        })
+        .await;
+        approve.click().await.unwrap();
+        eventually("the approval list to empty", || async {
+            text_of(&client, "#pending-list")
+                .await
+                .filter(|text| text.contains("nothing is waiting"))
+        })
+        .await;
+
+        // The agent's status changes in the fleet view, and the live feed saw it.
+        client
+            .find(Locator::Css("a[href='#fleet']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the agent to show as revoked", || async {
+            text_of(&client, &status_cell).await.filter(|text| text == "revoked")
+        })
+        .await;
+        eventually("the live feed to report the revocation", || async {
+            text_of(&client, "#live-list")
+                .await
+                .filter(|text| text.contains("revoked"))
+        })
+        .await;
+
+        // Store integrity: the checkpoint, and a verification run from the page is refused
+        // to a responder (admin only) with the reason shown.
+        client
+            .find(Locator::Css("a[href='#integrity']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the tree size", || async {
+            text_of(&client, "#integrity-tree-size")
+                .await
+                .filter(|text| text.parse::<u64>().is_ok_and(|size| size > 60))
+        })
+        .await;
+        client
+            .find(Locator::Id("verify-now"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the refusal", || async {
+            text_of(&client, "#integrity-error")
+                .await
+                .filter(|text| text.contains("403"))
+        })
+        .await;
+
+        // SQL box: results as a table.
+        client
+            .find(Locator::Css("a[href='#sql']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .find(Locator::Id("sql-run"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let table = eventually("SQL results", || async {
+            text_of(&client, "#sql-result table")
+                .await
+                .filter(|text| text.contains("tool_call"))
+        })
+        .await;
+        assert!(table.contains("60"), "{table}");
+
+        client.close().await.unwrap();
+    });
+    let (_, agent) = crate::respond::get(&url, &format!("/v1/agents/{did}"), &admin);
+    assert_eq!(agent["status"], "revoked");
+}
+
+#[test]
+fn the_console_is_static_and_locked_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-detect"]);
+    let response = reqwest::blocking::get(format!("{}/", server.url)).unwrap();
+    assert_eq!(response.status(), 200);
+    let csp = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    let page = response.text().unwrap();
+    assert!(
+        page.contains("Sign in") && !page.contains("<script>"),
+        "no inline script"
+    );
+    // The page holds no data: what it shows comes from the API, which wants a token.
+    let response = reqwest::blocking::get(format!("{}/v1/integrity", server.url)).unwrap();
+    assert_eq!(response.status(), 401);
+    let (status, answer) = post(&server.url, "/v1/integrity/verify", Some(&server.token()), Vec::new()).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["ok"], true, "{answer}");
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/integrity", server.url))
+        .bearer_auth(server.token())
+        .send()
+        .unwrap();
+    let integrity: Value = response.json().unwrap();
+    assert_eq!(integrity["last_verify"]["ok"], true, "{integrity}");
+}
