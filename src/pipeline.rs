@@ -30,6 +30,7 @@ use anyhow::Context as _;
 use chrono::Utc;
 use custos_detect::{Detector, DetectorConfig, Finding, Rules};
 use custos_event::{ACTION_PAYLOAD_TYPE, AgentKey, ChainState, FINDING_PAYLOAD_TYPE, Feed};
+use custos_ingest::metrics;
 use custos_ingest::{ApiError, Control, Enforce, Hooks, Operations};
 use custos_respond::{ActionRecord, ActionStatus, Approval, Enforcement, Responder};
 use serde_json::{Value, json};
@@ -326,6 +327,14 @@ impl Operations for Ops {
 }
 
 /// Advances a signer's chain past a payload read back from the log.
+/// A serde enum's name (`critical`, `executed`, …) as a metric label.
+fn label(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "other".into())
+}
+
 fn follow_chain(chain: &mut ChainState, payload: &[u8]) {
     let seq = serde_json::from_slice::<Value>(payload)
         .ok()
@@ -397,6 +406,10 @@ impl DetectorThread {
     fn feed(&mut self, feed: Feed) {
         match feed {
             Feed::Event(observation) => {
+                if self.replayed {
+                    let lag = (Utc::now() - observation.ingest_ts).num_microseconds().unwrap_or(0);
+                    metrics::DETECTOR_LAG.set(lag.max(0) as f64 / 1e6);
+                }
                 for finding in self.detector.observe(&observation) {
                     if self.replayed && self.control.is_some() {
                         self.publish(finding);
@@ -454,6 +467,9 @@ impl DetectorThread {
         let payload = envelope.payload.clone();
         match control.append_signed(envelope) {
             Ok(log_index) => {
+                metrics::FINDINGS
+                    .with_label_values(&[label(&finding.severity).as_str()])
+                    .inc();
                 self.marks
                     .findings
                     .lock()
@@ -615,11 +631,13 @@ impl ResponderThread {
     }
 
     fn sync_pending(&self) {
+        let pending = self.responder.pending();
+        metrics::PENDING_APPROVALS.set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
         *self
             .views
             .pending
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = self.responder.pending();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
     }
 
     /// Enforces executed records, then signs every record into the log. Returns the
@@ -634,6 +652,9 @@ impl ResponderThread {
                 record.reason = format!("{}; enforcement failed: {message}", record.reason);
             }
             let log_index = self.log(&record);
+            metrics::ACTIONS
+                .with_label_values(&[record.action.as_str(), label(&record.status).as_str()])
+                .inc();
             self.view(&record, log_index);
             let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
             value["log_index"] = json!(log_index);

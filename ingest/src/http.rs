@@ -40,6 +40,7 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/events", post(post_events))
         .route("/v1/agents", post(enroll).get(list_agents))
         .route("/v1/agents/{did}", get(get_agent))
@@ -206,9 +207,12 @@ async fn post_events(
     }
     let max_event_bytes = state.config.max_event_bytes;
     let keys = state.keys.clone();
-    let items = tokio::task::spawn_blocking(move || prestage(raws, max_event_bytes, &keys))
-        .await
-        .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    let items = tokio::task::spawn_blocking(move || {
+        let _timer = crate::metrics::VERIFY_SECONDS.start_timer();
+        prestage(raws, max_event_bytes, &keys)
+    })
+    .await
+    .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
     let results = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
     Ok(Json(results).into_response())
 }
@@ -365,6 +369,20 @@ async fn rejected(
     })
     .await?;
     Ok(Json(serde_json::json!({ "rejected": records })).into_response())
+}
+
+/// `GET /metrics`: Prometheus text exposition, for any valid token (a scraper holds an
+/// `auditor` token: metrics carry counts and latencies, never contents).
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &EVERYONE)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response())
 }
 
 async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {

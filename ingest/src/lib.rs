@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 pub mod auth;
 pub mod forensics;
 mod http;
+pub mod metrics;
 pub mod registry;
 pub mod samples;
 pub mod sequencer;
@@ -315,6 +316,7 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
 
 /// [`start`] with the detector feed, system signers and operations wired in.
 pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, NodeError> {
+    metrics::init();
     let Hooks {
         feed,
         replay_from,

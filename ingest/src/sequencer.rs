@@ -5,6 +5,7 @@
 //! queued before an event is always seen by it), appends all resulting entries to the WAL
 //! with one fsync, and only then answers every request in the group.
 
+use crate::metrics;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -331,6 +332,9 @@ pub(crate) struct Sequencer {
     observed: Vec<Feed>,
     /// This group's status changes for the control stream, sent once durable.
     changes: Vec<StatusChange>,
+    /// The latest checkpoint's size and when this process first saw it, for the
+    /// checkpoint-age metric.
+    checkpoint_seen: (u64, std::time::Instant),
 }
 
 impl Sequencer {
@@ -404,6 +408,7 @@ impl Sequencer {
             hooks,
             observed: Vec::new(),
             changes: Vec::new(),
+            checkpoint_seen: (0, std::time::Instant::now()),
         })
     }
 
@@ -489,6 +494,20 @@ impl Sequencer {
         if let Err(error) = self.log.maintain() {
             self.fail(&error);
         }
+        self.gauges();
+    }
+
+    fn gauges(&mut self) {
+        metrics::TREE_SIZE.set(i64::try_from(self.log.next_index()).unwrap_or(i64::MAX));
+        let size = self
+            .log
+            .latest_checkpoint()
+            .map_or(0, |(checkpoint, _)| checkpoint.size);
+        if size != self.checkpoint_seen.0 {
+            self.checkpoint_seen = (size, std::time::Instant::now());
+        }
+        metrics::CHECKPOINT_SIZE.set(i64::try_from(size).unwrap_or(i64::MAX));
+        metrics::CHECKPOINT_AGE.set(self.checkpoint_seen.1.elapsed().as_secs_f64());
     }
 
     fn fail(&mut self, error: &custos_store::StoreError) {
@@ -508,7 +527,10 @@ impl Sequencer {
         if entries.is_empty() {
             return None;
         }
-        match self.log.append(entries) {
+        let started = std::time::Instant::now();
+        let appended = self.log.append(entries);
+        metrics::WAL_FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
+        match appended {
             Ok(()) => None,
             Err(error) => {
                 self.fail(&error);
@@ -841,6 +863,17 @@ impl Sequencer {
                         refused.evidence,
                     );
                 }
+            }
+        }
+        for result in &results {
+            let status = match result.status {
+                Status::Accepted => "accepted",
+                Status::Duplicate => "duplicate",
+                Status::Rejected => "rejected",
+            };
+            metrics::EVENTS.with_label_values(&[status]).inc();
+            if let Some(reason) = result.reason {
+                metrics::REJECTS.with_label_values(&[reason]).inc();
             }
         }
         results

@@ -49,7 +49,22 @@ pub fn router(api: Api, limits: Limits) -> Router {
             access,
             verifying: Arc::new(tokio::sync::Mutex::new(())),
         })
+        .layer(axum::middleware::from_fn(timed))
         .merge(crate::console::router())
+}
+
+/// Records each query route's latency by route pattern and HTTP status (both closed sets).
+async fn timed(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |path| path.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    custos_ingest::metrics::QUERY_SECONDS
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 impl IntoResponse for QueryError {

@@ -1,0 +1,173 @@
+//! The node's Prometheus metrics, in the process-wide default registry and served at
+//! `GET /metrics`. Every label takes values from a closed set (statuses, reason codes,
+//! severities, action names and statuses, route names), so series stay bounded whatever
+//! agents send. Names are listed in `docs/metrics.md`; `dashboards/` panels query them.
+
+use std::sync::LazyLock;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, core::Collector};
+
+fn register<T: Collector + Clone + 'static>(metric: T) -> T {
+    // A name registered twice is a programming error caught by the metrics test.
+    prometheus::default_registry()
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+/// Latency buckets from 50 µs to 10 s.
+fn buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.000_05, 2.5, 14).expect("valid buckets")
+}
+
+/// Envelopes ingested, by `status`: accepted, duplicate, rejected.
+pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_ingest_events_total", "Envelopes ingested, by outcome"),
+            &["status"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Rejected inputs, by stable reason code (docs/reason-codes.md).
+pub static REJECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_ingest_rejects_total", "Rejected inputs, by reason code"),
+            &["reason"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Time to decode and verify the signatures of one request's envelopes.
+pub static VERIFY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "custos_ingest_verify_seconds",
+                "Decode and ed25519 batch verification of one request's envelopes",
+            )
+            .buckets(buckets()),
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Time to write one group of entries to the WAL and fsync it.
+pub static WAL_FSYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "custos_wal_fsync_seconds",
+                "WAL group commit: write and fsync of one group of entries",
+            )
+            .buckets(buckets()),
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Entries in the Merkle log.
+pub static TREE_SIZE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new("custos_log_tree_size", "Entries in the Merkle log").expect("valid metric"))
+});
+
+/// Size of the latest signed checkpoint.
+pub static CHECKPOINT_SIZE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(
+        IntGauge::new("custos_checkpoint_size", "Tree size of the latest signed checkpoint").expect("valid metric"),
+    )
+});
+
+/// Seconds since the latest checkpoint was signed (or confirmed current).
+pub static CHECKPOINT_AGE: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    register(
+        prometheus::Gauge::new(
+            "custos_checkpoint_age_seconds",
+            "Seconds since the latest checkpoint was signed",
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Seconds between the node receiving an event and the detector scoring it.
+pub static DETECTOR_LAG: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    register(
+        prometheus::Gauge::new(
+            "custos_detector_lag_seconds",
+            "Seconds between ingest of the last event the detector scored and its scoring",
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Findings signed into the log, by severity.
+pub static FINDINGS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_findings_total", "Findings signed into the log, by severity"),
+            &["severity"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Response action records, by action and status.
+pub static ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_actions_total", "Response action records, by action and status"),
+            &["action", "status"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Approvals waiting for a human.
+pub static PENDING_APPROVALS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new("custos_approvals_pending", "Approvals waiting for a decision").expect("valid metric"))
+});
+
+/// Query API latency, by route pattern and HTTP status.
+pub static QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register(
+        HistogramVec::new(
+            HistogramOpts::new("custos_query_seconds", "Query API latency, by route and HTTP status")
+                .buckets(buckets()),
+            &["route", "status"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Forces every metric into the registry, so each is exported (at zero) from the start.
+pub fn init() {
+    LazyLock::force(&EVENTS);
+    LazyLock::force(&REJECTS);
+    LazyLock::force(&VERIFY_SECONDS);
+    LazyLock::force(&WAL_FSYNC_SECONDS);
+    LazyLock::force(&TREE_SIZE);
+    LazyLock::force(&CHECKPOINT_SIZE);
+    LazyLock::force(&CHECKPOINT_AGE);
+    LazyLock::force(&DETECTOR_LAG);
+    LazyLock::force(&FINDINGS);
+    LazyLock::force(&ACTIONS);
+    LazyLock::force(&PENDING_APPROVALS);
+    LazyLock::force(&QUERY_SECONDS);
+    for status in ["accepted", "duplicate", "rejected"] {
+        EVENTS.with_label_values(&[status]);
+    }
+    for severity in ["low", "medium", "high", "critical"] {
+        FINDINGS.with_label_values(&[severity]);
+    }
+}
+
+/// The text exposition of every registered metric.
+pub fn render() -> String {
+    prometheus::TextEncoder::new()
+        .encode_to_string(&prometheus::gather())
+        .unwrap_or_else(|error| format!("# encoding metrics failed: {error}\n"))
+}
