@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use custos_event::verify::{check_event, decode_envelope_cached};
 use custos_event::{EVENT_PAYLOAD_TYPE, KeyCache, Reason, Rejection, verify_signatures};
 use serde::Deserialize;
@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::{Caller, Role, Tokens};
 use crate::forensics::RejectedRecord;
+use crate::openapi::Endpoint;
 use crate::sequencer::{Command, Item};
 use crate::{ApiError, NodeConfig};
 
@@ -35,31 +36,161 @@ pub(crate) struct AppState {
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Every route of the node's own API, declared once: served by [`router`] and described
+/// by `GET /openapi.json`.
+pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
+    const ADMIN: &[Role] = &[Role::Admin];
+    const DECIDERS: &[Role] = &[Role::Admin, Role::Responder];
+    const LIST: &[(&str, &str)] = &[("limit", "most items to return (default 100, at most 10000)")];
+    let agent_example = r#"{"did":"did:key:z6Mk…","realm":"eng","labels":{"team":"payments"},"parent":null}"#;
+    vec![
+        (
+            Endpoint::new("GET", "/healthz", "health", "Liveness: 200 while the process runs").answer(200, "text/plain"),
+            get(|| async { "ok\n" }),
+        ),
+        (
+            Endpoint::new("GET", "/readyz", "health", "Readiness: 200 once the store is recovered and writable, else 503")
+                .answer(200, "text/plain"),
+            get(readyz),
+        ),
+        (
+            Endpoint::new("GET", "/metrics", "operations", "Prometheus metrics (docs/metrics.md)")
+                .roles(&EVERYONE)
+                .answer(200, "text/plain"),
+            get(metrics),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/events",
+                "ingest",
+                "Ingest DSSE envelopes (JSON array or NDJSON); authenticated by each envelope's signature",
+            )
+            .body("application/json", r#"[{"payloadType":"application/vnd.custos.event+json","payload":"<base64>","signatures":[{"keyid":"did:key:z6Mk…","sig":"<base64>"}]}]"#),
+            post(post_events),
+        ),
+        (
+            Endpoint::new("POST", "/v1/agents", "agents", "Enroll an agent key in a realm")
+                .roles(ADMIN)
+                .body("application/json", agent_example)
+                .answer(201, "application/json"),
+            post(enroll),
+        ),
+        (
+            Endpoint::new("GET", "/v1/agents", "agents", "Every enrolled agent the token's realms include").roles(&READERS),
+            get(list_agents),
+        ),
+        (
+            Endpoint::new("GET", "/v1/agents/{did}", "agents", "One agent: status, parent, children, activity").roles(&READERS),
+            get(get_agent),
+        ),
+        (
+            Endpoint::new("POST", "/v1/agents/{did}/revoke", "agents", "Revoke an agent and its sub-agents")
+                .roles(ADMIN)
+                .body("application/json", r#"{"reason":"key leaked"}"#),
+            post(revoke),
+        ),
+        (
+            Endpoint::new("GET", "/v1/rejected", "ingest", "Rejected inputs kept for forensics")
+                .roles(ADMIN)
+                .query(LIST),
+            get(rejected),
+        ),
+        (
+            Endpoint::new("GET", "/v1/checkpoints/latest", "proofs", "The latest signed C2SP checkpoint").roles(&EVERYONE),
+            get(checkpoint),
+        ),
+        (
+            Endpoint::new("GET", "/v1/proofs/inclusion", "proofs", "RFC 9162 inclusion proof of a log entry")
+                .roles(&EVERYONE)
+                .query(&[("log_index", "the entry"), ("size", "tree size (default: the latest checkpoint)")]),
+            get(inclusion),
+        ),
+        (
+            Endpoint::new("GET", "/v1/proofs/consistency", "proofs", "RFC 9162 consistency proof between two tree sizes")
+                .roles(&EVERYONE)
+                .query(&[("from", "the smaller tree size"), ("to", "the larger tree size")]),
+            get(consistency),
+        ),
+        (
+            Endpoint::new("POST", "/v1/tokens", "tokens", "Create an API token; the secret is shown once")
+                .roles(ADMIN)
+                .body("application/json", r#"{"role":"analyst","realms":["eng"],"ttl":"30d"}"#)
+                .answer(201, "application/json"),
+            post(create_token),
+        ),
+        (
+            Endpoint::new("GET", "/v1/tokens", "tokens", "Every token (ids, roles, realms; never secrets)").roles(ADMIN),
+            get(list_tokens),
+        ),
+        (
+            Endpoint::new("POST", "/v1/tokens/{id}/revoke", "tokens", "Revoke a token").roles(ADMIN),
+            post(revoke_token),
+        ),
+        (
+            Endpoint::new(
+                "GET",
+                "/v1/control/revocations",
+                "control",
+                "The signed revocation and quarantine list (DSSE), for agent platforms",
+            )
+            .roles(&READERS),
+            get(revocations),
+        ),
+        (
+            Endpoint::new("GET", "/v1/control/stream", "control", "Server-sent status changes (revoked, quarantined, …)")
+                .roles(&READERS)
+                .answer(200, "text/event-stream"),
+            get(control_stream),
+        ),
+        (
+            Endpoint::new("GET", "/v1/memories/{id}/status", "control", "Whether a memory is quarantined").roles(&READERS),
+            get(memory_status),
+        ),
+        (
+            Endpoint::new("GET", "/v1/findings", "response", "Recent findings").roles(&READERS).query(LIST),
+            get(findings),
+        ),
+        (
+            Endpoint::new("GET", "/v1/actions", "response", "Recent response actions and pending approvals")
+                .roles(&READERS)
+                .query(LIST),
+            get(actions),
+        ),
+        (
+            Endpoint::new("POST", "/v1/actions/{id}/undo", "response", "Undo an action (through approval when the playbook says so)")
+                .roles(DECIDERS)
+                .answer(202, "application/json"),
+            post(undo),
+        ),
+        (
+            Endpoint::new("GET", "/v1/approvals", "response", "Approvals waiting for a decision").roles(&READERS),
+            get(approvals),
+        ),
+        (
+            Endpoint::new("POST", "/v1/approvals/{id}/approve", "response", "Approve: the playbook's remaining actions run")
+                .roles(DECIDERS),
+            post(approve),
+        ),
+        (
+            Endpoint::new("POST", "/v1/approvals/{id}/deny", "response", "Deny: nothing more runs").roles(DECIDERS),
+            post(deny),
+        ),
+    ]
+}
+
+/// The node's own endpoints, for the OpenAPI document.
+pub fn catalogue() -> Vec<Endpoint> {
+    endpoints().into_iter().map(|(endpoint, _)| endpoint).collect()
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.config.max_request_bytes;
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/events", post(post_events))
-        .route("/v1/agents", post(enroll).get(list_agents))
-        .route("/v1/agents/{did}", get(get_agent))
-        .route("/v1/agents/{did}/revoke", post(revoke))
-        .route("/v1/rejected", get(rejected))
-        .route("/v1/checkpoints/latest", get(checkpoint))
-        .route("/v1/proofs/inclusion", get(inclusion))
-        .route("/v1/proofs/consistency", get(consistency))
-        .route("/v1/tokens", post(create_token).get(list_tokens))
-        .route("/v1/tokens/{id}/revoke", post(revoke_token))
-        .route("/v1/control/revocations", get(revocations))
-        .route("/v1/control/stream", get(control_stream))
-        .route("/v1/memories/{id}/status", get(memory_status))
-        .route("/v1/findings", get(findings))
-        .route("/v1/actions", get(actions))
-        .route("/v1/actions/{id}/undo", post(undo))
-        .route("/v1/approvals", get(approvals))
-        .route("/v1/approvals/{id}/approve", post(approve))
-        .route("/v1/approvals/{id}/deny", post(deny))
+    endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (endpoint, method)| {
+            router.route(endpoint.path, method)
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -277,7 +408,7 @@ fn visible(caller: &Caller, realm: &str) -> bool {
 pub(crate) const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
 
 /// Checkpoints and proofs reveal hashes, never contents: every role may read them.
-const EVERYONE: [Role; 5] = [
+pub(crate) const EVERYONE: [Role; 5] = [
     Role::Admin,
     Role::Analyst,
     Role::Responder,

@@ -28,6 +28,22 @@ fn asset(kind: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
+/// The console's files, for the OpenAPI document.
+pub fn endpoints() -> Vec<custos_ingest::openapi::Endpoint> {
+    use custos_ingest::openapi::Endpoint;
+    vec![
+        Endpoint::new(
+            "GET",
+            "/",
+            "console",
+            "The web console (static; data only through the API)",
+        )
+        .answer(200, "text/html"),
+        Endpoint::new("GET", "/console/console.js", "console", "The console's script").answer(200, "text/javascript"),
+        Endpoint::new("GET", "/console/console.css", "console", "The console's style sheet").answer(200, "text/css"),
+    ]
+}
+
 /// `/`, `/console/console.js`, `/console/console.css`.
 pub fn router() -> Router {
     Router::new()

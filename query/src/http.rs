@@ -9,7 +9,8 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
+use custos_ingest::openapi::Endpoint;
 use custos_ingest::{Api, Caller, Role};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{col, lit};
@@ -34,15 +35,83 @@ pub fn routes(limits: Limits) -> custos_ingest::RouteBuilder {
     Box::new(move |api| router(api, limits))
 }
 
+/// The query API's routes, declared once: served by [`router`], described by
+/// `GET /openapi.json`.
+fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
+    vec![
+        (
+            Endpoint::new("POST", "/v1/sql", "query", "Read-only SQL over events, findings, actions, agents, checkpoints, rejected (docs/query.md); the Accept header picks JSON, NDJSON, CSV, Arrow IPC or Parquet")
+                .roles(&SQL_ROLES)
+                .body("application/json", r#"{"sql":"SELECT kind, count(*) FROM events GROUP BY kind"}"#),
+            post(sql),
+        ),
+        (
+            Endpoint::new("GET", "/v1/events", "query", "Events with filters, ascending log_index, cursor paging (`after`, `next`)")
+                .roles(&READERS)
+                .query(&[
+                    ("agent", "the signer's did:key"),
+                    ("realm", "realm name"),
+                    ("kind", "event kind"),
+                    ("action", "action"),
+                    ("outcome", "ok, denied or error"),
+                    ("from", "RFC 3339, inclusive"),
+                    ("to", "RFC 3339, exclusive"),
+                    ("after", "cursor: log indexes after this one"),
+                    ("limit", "at most 10000 (default 100)"),
+                ]),
+            get(events),
+        ),
+        (
+            Endpoint::new("POST", "/v1/evidence", "evidence", "Export an evidence bundle (docs/evidence-format.md)")
+                .roles(&[Role::Admin, Role::Compliance])
+                .body("application/json", r#"{"realm":"eng","agent":null,"from":"2026-11-01T00:00:00Z","to":"2026-11-22T00:00:00Z"}"#)
+                .answer(200, "application/x-tar"),
+            post(evidence),
+        ),
+        (
+            Endpoint::new("GET", "/v1/integrity", "proofs", "The latest checkpoint and the last store verification").roles(&SQL_ROLES),
+            get(integrity),
+        ),
+        (
+            Endpoint::new("POST", "/v1/integrity/verify", "proofs", "Verify the store on disk now (as `custos verify`) and record the outcome")
+                .roles(&[Role::Admin])
+                .query(&[("signatures", "true to check every ed25519 signature too")]),
+            post(verify_now),
+        ),
+    ]
+}
+
+/// Every endpoint the node serves: ingest's, the query API's, the console's and the
+/// OpenAPI document's own.
+pub fn catalogue() -> Vec<Endpoint> {
+    let mut all = custos_ingest::catalogue();
+    all.extend(endpoints().into_iter().map(|(endpoint, _)| endpoint));
+    all.extend(crate::console::endpoints());
+    all.push(openapi_endpoint());
+    all
+}
+
+fn openapi_endpoint() -> Endpoint {
+    Endpoint::new(
+        "GET",
+        "/openapi.json",
+        "meta",
+        "This document, generated from the route declarations",
+    )
+}
+
 /// The query routes, to merge into the node's router.
 pub fn router(api: Api, limits: Limits) -> Router {
     let access = Arc::new(AccessLog::new(&api.data));
-    Router::new()
-        .route("/v1/sql", post(sql))
-        .route("/v1/events", get(events))
-        .route("/v1/evidence", post(evidence))
-        .route("/v1/integrity", get(integrity))
-        .route("/v1/integrity/verify", post(verify_now))
+    let document = Arc::new(custos_ingest::openapi::document(
+        &catalogue(),
+        env!("CARGO_PKG_VERSION"),
+    ));
+    endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (endpoint, method)| {
+            router.route(endpoint.path, method)
+        })
         .with_state(QueryState {
             api,
             limits,
@@ -51,6 +120,13 @@ pub fn router(api: Api, limits: Limits) -> Router {
         })
         .layer(axum::middleware::from_fn(timed))
         .merge(crate::console::router())
+        .route(
+            openapi_endpoint().path,
+            get(move || {
+                let document = document.clone();
+                async move { Json(document.as_ref().clone()) }
+            }),
+        )
 }
 
 /// Records each query route's latency by route pattern and HTTP status (both closed sets).
