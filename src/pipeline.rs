@@ -96,6 +96,8 @@ fn newest(list: &Mutex<VecDeque<Value>>, realms: &[String], limit: usize) -> Vec
 
 enum DetectorMsg {
     Feed(Feed),
+    /// A summary of one agent's baseline, for its page.
+    Baseline(String, mpsc::Sender<Option<Value>>),
     Control(Control),
     Stop(mpsc::Sender<()>),
 }
@@ -225,6 +227,7 @@ impl Pipeline {
             operations: Some(Arc::new(Ops {
                 views,
                 responder: responder_tx.clone(),
+                detector: Mutex::new(detector_tx.clone()),
             })),
             drain: Some(Box::new(move || {
                 // Detector first (its last findings reach the responder), then the responder.
@@ -270,6 +273,9 @@ impl Pipeline {
 struct Ops {
     views: Arc<Views>,
     responder: Sender<ResponderMsg>,
+    /// Behind a mutex only because `Operations` must be `Sync` (std's `Sender` was not
+    /// always); sends are rare (an agent page).
+    detector: Mutex<Sender<DetectorMsg>>,
 }
 
 impl Ops {
@@ -285,6 +291,17 @@ impl Ops {
 }
 
 impl Operations for Ops {
+    fn baseline(&self, agent: &str) -> Option<Value> {
+        let (reply, answer) = mpsc::channel();
+        self.detector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(DetectorMsg::Baseline(agent.to_owned(), reply))
+            .ok()?;
+        // Behind queued events; an agent page does without rather than wait long.
+        answer.recv_timeout(Duration::from_secs(5)).ok().flatten()
+    }
+
     fn findings(&self, realms: &[String], limit: usize) -> Vec<Value> {
         newest(&self.views.findings, realms, limit)
     }
@@ -372,6 +389,9 @@ impl DetectorThread {
         loop {
             match inbox.recv_timeout(Duration::from_millis(250)) {
                 Ok(DetectorMsg::Feed(feed)) => self.feed(feed),
+                Ok(DetectorMsg::Baseline(agent, reply)) => {
+                    let _ = reply.send(self.baseline(&agent));
+                }
                 Ok(DetectorMsg::Control(control)) => {
                     self.control = Some(control);
                     self.flush_held();
@@ -435,6 +455,26 @@ impl DetectorThread {
                 self.flush_held();
             }
         }
+    }
+
+    fn baseline(&self, agent: &str) -> Option<Value> {
+        let state = self.detector.agent(agent)?;
+        let baseline = &state.baseline;
+        let min_windows = self.detector.config.min_windows;
+        let features: serde_json::Map<String, Value> = custos_detect::features::FEATURES
+            .iter()
+            .zip(&baseline.stats)
+            .map(|(name, stat)| ((*name).to_owned(), json!({"expected": stat.mean, "spread": stat.dev})))
+            .collect();
+        let active_hours = baseline.profile.iter().filter(|count| **count > 0).count();
+        Some(json!({
+            "windows_learned": baseline.windows,
+            "learning": baseline.windows < min_windows,
+            "min_windows": min_windows,
+            "last_seen": chrono::DateTime::from_timestamp(state.last_seen, 0).map(|at| at.to_rfc3339()),
+            "active_hours_of_week": active_hours,
+            "features": features,
+        }))
     }
 
     fn flush_held(&mut self) {

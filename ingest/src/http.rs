@@ -416,16 +416,66 @@ pub(crate) const EVERYONE: [Role; 5] = [
     Role::Auditor,
 ];
 
-async fn list_agents(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &READERS)?;
-    let agents = ask(&state, |reply| Command::Agents { reply }).await?;
-    let agents: Vec<_> = agents
-        .into_iter()
-        .filter(|agent| visible(&caller, &agent.realm))
-        .collect();
-    Ok(Json(serde_json::json!({ "agents": agents })).into_response())
+/// Filters and cursor of `GET /v1/agents`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AgentsQuery {
+    realm: Option<String>,
+    /// active, quarantined, revoked.
+    status: Option<String>,
+    /// Sub-agents of this `did:key`.
+    parent: Option<String>,
+    /// Cursor: agents enrolled at a larger log index.
+    after: Option<u64>,
+    limit: Option<usize>,
 }
 
+async fn list_agents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &READERS)?;
+    let Query(query) = query.map_err(|error| {
+        ApiError::new(
+            400,
+            "bad_request",
+            format!("{error}; filters are realm, status, parent, after, limit"),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(1_000).clamp(1, 100_000);
+    let mut agents: Vec<_> = ask(&state, |reply| Command::Agents { reply })
+        .await?
+        .into_iter()
+        .filter(|agent| visible(&caller, &agent.realm))
+        .filter(|agent| query.realm.as_ref().is_none_or(|realm| &agent.realm == realm))
+        .filter(|agent| {
+            query
+                .parent
+                .as_ref()
+                .is_none_or(|parent| agent.parent.as_ref() == Some(parent))
+        })
+        .filter(|agent| query.after.is_none_or(|after| agent.enroll_log_index > after))
+        .map(|agent| serde_json::to_value(agent).unwrap_or_default())
+        .filter(|agent| {
+            query
+                .status
+                .as_ref()
+                .is_none_or(|status| agent["status"] == status.as_str())
+        })
+        .collect();
+    agents.sort_by_key(|agent| agent["enroll_log_index"].as_u64());
+    let full = agents.len() > limit;
+    agents.truncate(limit);
+    let next = if full {
+        agents.last().and_then(|agent| agent["enroll_log_index"].as_u64())
+    } else {
+        None
+    };
+    Ok(Json(serde_json::json!({ "agents": agents, "next": next })).into_response())
+}
+
+/// One agent, with its recent findings and actions when the node runs the detector.
 async fn get_agent(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -433,11 +483,24 @@ async fn get_agent(
 ) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
     let agents = ask(&state, |reply| Command::Agents { reply }).await?;
-    agents
+    let agent = agents
         .into_iter()
         .find(|agent| agent.did == did && visible(&caller, &agent.realm))
-        .map(|agent| Json(agent).into_response())
-        .ok_or_else(|| ApiError::new(404, "unknown_agent", format!("agent `{did}` is not enrolled")))
+        .ok_or_else(|| ApiError::new(404, "unknown_agent", format!("agent `{did}` is not enrolled")))?;
+    let mut page = serde_json::to_value(&agent).map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    if let Some(operations) = state.operations.as_ref() {
+        let mine = |items: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+            items
+                .into_iter()
+                .filter(|item| item["agent"] == did.as_str())
+                .take(20)
+                .collect()
+        };
+        page["recent_findings"] = serde_json::json!(mine(operations.findings(&caller.realms, ALL)));
+        page["recent_actions"] = serde_json::json!(mine(operations.actions(&caller.realms, ALL)));
+        page["baseline"] = operations.baseline(&did).unwrap_or(serde_json::Value::Null);
+    }
+    Ok(Json(page).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -616,33 +679,148 @@ fn operations(state: &AppState) -> Result<Arc<dyn crate::Operations>, ApiError> 
         .ok_or_else(|| ApiError::new(404, "no_detector", "this node runs without the detector and responder"))
 }
 
-#[derive(Deserialize)]
+/// Filters and cursors of `GET /v1/findings` and `/v1/actions`.
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     limit: Option<usize>,
+    agent: Option<String>,
+    realm: Option<String>,
+    /// Findings: low, medium, high, critical (that severity or above).
+    severity: Option<String>,
+    /// Findings: the finding type.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Actions: the action name.
+    action: Option<String>,
+    /// Actions: executed, pending, denied, …
+    status: Option<String>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+    /// Cursor, newest first: items with a smaller log index.
+    before: Option<u64>,
+    /// Cursor, oldest first: items with a larger log index.
+    after: Option<u64>,
 }
+
+const LIST_FILTERS: &str = "filters are agent, realm, severity, type, action, status, from, to, before, after, limit";
+
+fn list_query(
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<ListQuery, ApiError> {
+    let Query(query) = query.map_err(|error| ApiError::new(400, "bad_request", format!("{error}; {LIST_FILTERS}")))?;
+    if query.before.is_some() && query.after.is_some() {
+        return Err(ApiError::new(400, "bad_request", "give `before` or `after`, not both"));
+    }
+    Ok(query)
+}
+
+fn severity_rank(name: &str) -> Option<u8> {
+    ["low", "medium", "high", "critical"]
+        .iter()
+        .position(|known| *known == name)
+        .map(|rank| rank as u8)
+}
+
+/// Applies `query` to items (newest first, as the views give them). Returns the page and
+/// the cursor for the next one.
+fn page(items: Vec<serde_json::Value>, query: &ListQuery) -> Result<(Vec<serde_json::Value>, Option<u64>), ApiError> {
+    let time = |name: &str, text: &Option<String>| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+        text.as_deref()
+            .map(|text| {
+                chrono::DateTime::parse_from_rfc3339(text)
+                    .map(|at| at.with_timezone(&chrono::Utc))
+                    .map_err(|error| {
+                        ApiError::new(
+                            400,
+                            "bad_request",
+                            format!("`{name}={text}` is not an RFC 3339 time such as 2026-11-22T10:00:00Z: {error}"),
+                        )
+                    })
+            })
+            .transpose()
+    };
+    let (from, to) = (time("from", &query.from)?, time("to", &query.to)?);
+    let minimum = match &query.severity {
+        Some(name) => Some(severity_rank(name).ok_or_else(|| {
+            ApiError::new(
+                400,
+                "bad_request",
+                format!("`severity={name}` is not one of low, medium, high, critical"),
+            )
+        })?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let text = |item: &serde_json::Value, field: &str| item[field].as_str().map(str::to_owned);
+    let keep = |item: &serde_json::Value| -> bool {
+        let equals = |field: &str, wanted: &Option<String>| {
+            wanted
+                .as_ref()
+                .is_none_or(|wanted| text(item, field).as_ref() == Some(wanted))
+        };
+        let index = item["log_index"].as_u64();
+        let ts = text(item, "ts").and_then(|ts| chrono::DateTime::parse_from_rfc3339(&ts).ok());
+        equals("agent", &query.agent)
+            && equals("realm", &query.realm)
+            && equals("type", &query.kind)
+            && equals("action", &query.action)
+            && equals("status", &query.status)
+            && minimum.is_none_or(|minimum| {
+                text(item, "severity")
+                    .and_then(|name| severity_rank(&name))
+                    .is_some_and(|rank| rank >= minimum)
+            })
+            && from.is_none_or(|from| ts.is_some_and(|ts| ts >= from))
+            && to.is_none_or(|to| ts.is_some_and(|ts| ts < to))
+            && query
+                .before
+                .is_none_or(|before| index.is_some_and(|index| index < before))
+            && query.after.is_none_or(|after| index.is_some_and(|index| index > after))
+    };
+    let mut selected: Vec<serde_json::Value> = items.into_iter().filter(keep).collect();
+    if query.after.is_some() {
+        selected.reverse();
+    }
+    let full = selected.len() > limit;
+    selected.truncate(limit);
+    let next = if full {
+        selected.last().and_then(|item| item["log_index"].as_u64())
+    } else {
+        None
+    };
+    Ok((selected, next))
+}
+
+/// Everything the views hold, so filters see all of it.
+const ALL: usize = usize::MAX;
 
 async fn findings(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
+    let query = list_query(query)?;
     let operations = operations(&state)?;
-    let limit = query.limit.unwrap_or(100).min(10_000);
-    Ok(Json(serde_json::json!({ "findings": operations.findings(&caller.realms, limit) })).into_response())
+    let (findings, next) = page(operations.findings(&caller.realms, ALL), &query)?;
+    Ok(Json(serde_json::json!({ "findings": findings, "next": next })).into_response())
 }
 
 async fn actions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &READERS)?;
+    let query = list_query(query)?;
     let operations = operations(&state)?;
-    let limit = query.limit.unwrap_or(100).min(10_000);
+    let (actions, next) = page(operations.actions(&caller.realms, ALL), &query)?;
     Ok(Json(serde_json::json!({
-        "actions": operations.actions(&caller.realms, limit),
+        "actions": actions,
+        "next": next,
         "pending": operations.pending(&caller.realms),
     }))
     .into_response())

@@ -60,6 +60,12 @@ pub trait Operations: Send + Sync {
     -> Result<serde_json::Value, ApiError>;
     /// Asks to undo an executed action; the undo itself waits for approval.
     fn undo(&self, action: &str, by: &str, realms: &[String]) -> Result<serde_json::Value, ApiError>;
+    /// A summary of the agent's learned baseline (windows learned, whether it is still
+    /// learning, expected values per feature), when the detector knows the agent.
+    fn baseline(&self, agent: &str) -> Option<serde_json::Value> {
+        let _ = agent;
+        None
+    }
 }
 
 /// Everything `start_with` wires in besides the store. The default is a plain node.

@@ -71,7 +71,7 @@ function table(rows) {
 
 const views = {
   async fleet() {
-    const [agents, findings] = await Promise.all([api("/v1/agents"), api("/v1/findings?limit=1000")]);
+    const [agents, findings] = await Promise.all([api("/v1/agents?limit=100000"), api("/v1/findings?limit=10000")]);
     const risk = {};
     for (const finding of findings.findings) risk[finding.agent] = Math.max(risk[finding.agent] || 0, finding.score);
     const body = $("#fleet-table tbody");
@@ -91,11 +91,7 @@ const views = {
   },
 
   async agent(did) {
-    const [agent, findings, actions] = await Promise.all([
-      api("/v1/agents/" + encodeURIComponent(did)),
-      api("/v1/findings?limit=1000"),
-      api("/v1/actions?limit=1000"),
-    ]);
+    const agent = await api("/v1/agents/" + encodeURIComponent(did));
     $("#agent-did").textContent = agent.did;
     const facts = $("#agent-facts");
     facts.replaceChildren();
@@ -109,14 +105,23 @@ const views = {
     fact("events", agent.events);
     fact("last activity", agent.last_ts);
     if (agent.revoke_reason) fact("revoked because", agent.revoke_reason);
+    const baseline = agent.baseline;
+    if (baseline) {
+      fact("baseline", `${baseline.windows_learned} windows learned${baseline.learning ? ` (learning: judged against peers until ${baseline.min_windows})` : ""}, active in ${baseline.active_hours_of_week} hours of the week`);
+      const expected = Object.entries(baseline.features || {}).filter(([, stat]) => stat.expected > 0)
+        .map(([name, stat]) => `${name} ≈ ${Number(stat.expected).toFixed(1)}`).join(", ");
+      fact("expected per window", expected || "nothing yet");
+    } else {
+      fact("baseline", "not known to the detector yet");
+    }
     const list = (selector, items, render) => {
       const node = $(selector);
       node.replaceChildren();
       if (items.length === 0) node.append(el("li", "none"));
       items.slice(0, 20).forEach((item) => node.append(el("li", render(item))));
     };
-    list("#agent-findings", findings.findings.filter((f) => f.agent === did), (f) => `${f.ts} ${f.severity} ${f.score} ${f.title}`);
-    list("#agent-actions", actions.actions.filter((a) => a.agent === did), (a) => `${a.ts} ${a.action} ${a.status} (${a.playbook})`);
+    list("#agent-findings", agent.recent_findings || [], (f) => `${f.ts} ${f.severity} ${f.score} ${f.title}`);
+    list("#agent-actions", agent.recent_actions || [], (a) => `${a.ts} ${a.action} ${a.status} (${a.playbook})`);
   },
 
   async findings() {

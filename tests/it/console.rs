@@ -211,6 +211,19 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         let status_cell = format!("#fleet-table tr[data-did='{did}'] td.status");
         assert_eq!(text_of(&client, &status_cell).await.as_deref(), Some("active"));
 
+        // The agent's page: its baseline and its recent findings.
+        let link = format!("#fleet-table tr[data-did='{did}'] a");
+        client.find(Locator::Css(&link)).await.unwrap().click().await.unwrap();
+        let facts = eventually("the agent's page", || async {
+            text_of(&client, "#agent-facts")
+                .await
+                .filter(|text| text.contains("windows learned"))
+        })
+        .await;
+        assert!(facts.contains("learning"), "{facts}");
+        let recent = text_of(&client, "#agent-findings").await.unwrap();
+        assert!(recent.contains("critical") || recent.contains("high"), "{recent}");
+
         // Findings timeline: open the finding, see its explanation and evidence events.
         client
             .find(Locator::Css("a[href='#findings']"))

@@ -404,3 +404,185 @@ fn approvals_and_undo_through_the_cli() {
     let output = run(&["verify", data.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
 }
+
+/// `GET /v1/findings`, `/v1/actions` and `/v1/agents`: filters, cursors, and an agent's
+/// page with its recent findings, actions and baseline.
+#[test]
+fn rest_lists_filter_and_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(
+        playbooks.join("revoke.yml"),
+        "name: revoke-misuse\nmatch:\n  types: [credential_misuse]\nactions:\n  - revoke_agent: {}\n",
+    )
+    .unwrap();
+    let server = Server::start_with(
+        &dir.path().join("store"),
+        &["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()],
+    );
+    let (url, token) = (server.url.clone(), server.token());
+    let mut culprits = Vec::new();
+    for (seed, realm) in [(71u8, "eng"), (72, "eng"), (73, "ops")] {
+        let key = AgentKey::from_seed(&[seed; 32]);
+        enroll(&url, &token, key.did(), realm);
+        let mut signer = Signer::new(key.clone(), realm);
+        send(&url, &mut signer, &[json!({"kind": "tool_call", "action": "search"})]);
+        send(
+            &url,
+            &mut signer,
+            &[
+                json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}}),
+            ],
+        );
+        culprits.push(key.did().to_owned());
+    }
+    let bystander = AgentKey::from_seed(&[74; 32]);
+    enroll(&url, &token, bystander.did(), "eng");
+    wait_for("three revocations", || {
+        let (_, answer) = get(&url, "/v1/agents?status=revoked", &token);
+        answer["agents"].as_array().is_some_and(|agents| agents.len() == 3)
+    });
+
+    // Findings: by agent, by realm, by severity; a page of one and its cursor.
+    let (_, answer) = get(&url, &format!("/v1/findings?agent={}", culprits[0]), &token);
+    let findings = answer["findings"].as_array().unwrap();
+    assert!(!findings.is_empty() && findings.iter().all(|f| f["agent"] == culprits[0].as_str()));
+    let (_, answer) = get(&url, "/v1/findings?realm=ops", &token);
+    assert!(
+        answer["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["realm"] == "ops")
+    );
+    let (_, all) = get(&url, "/v1/findings?type=credential_misuse", &token);
+    let all: Vec<u64> = all["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["log_index"].as_u64().unwrap())
+        .collect();
+    assert!(all.len() >= 3, "{all:?}");
+    assert!(all.windows(2).all(|pair| pair[0] > pair[1]), "newest first: {all:?}");
+    let mut paged = Vec::new();
+    let mut cursor: Option<u64> = None;
+    loop {
+        let path = match cursor {
+            Some(before) => format!("/v1/findings?type=credential_misuse&limit=1&before={before}"),
+            None => "/v1/findings?type=credential_misuse&limit=1".to_owned(),
+        };
+        let (status, answer) = get(&url, &path, &token);
+        assert_eq!(status, 200, "{answer}");
+        paged.extend(
+            answer["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["log_index"].as_u64().unwrap()),
+        );
+        match answer["next"].as_u64() {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all, "paging one at a time yields the same list");
+    let (_, answer) = get(
+        &url,
+        &format!("/v1/findings?type=credential_misuse&after={}", all[all.len() - 1]),
+        &token,
+    );
+    let ascending: Vec<u64> = answer["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["log_index"].as_u64().unwrap())
+        .collect();
+    assert!(
+        ascending.windows(2).all(|pair| pair[0] < pair[1]),
+        "after= is oldest first: {ascending:?}"
+    );
+    assert_eq!(ascending.len(), all.len() - 1);
+    let (_, answer) = get(&url, "/v1/findings?severity=low", &token);
+    assert!(
+        answer["findings"].as_array().unwrap().len() >= all.len(),
+        "low and above includes everything"
+    );
+    for (path, named) in [
+        ("/v1/findings?severity=urgent", "`severity=urgent`"),
+        ("/v1/findings?from=yesterday", "`from=yesterday`"),
+        ("/v1/findings?colour=red", "colour"),
+        ("/v1/findings?before=9&after=1", "not both"),
+        ("/v1/agents?limit=many", "limit"),
+    ] {
+        let (status, answer) = get(&url, path, &token);
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains(named), "{path}: {answer}");
+    }
+    let (_, answer) = get(&url, "/v1/findings?from=2099-01-01T00:00:00Z", &token);
+    assert!(answer["findings"].as_array().unwrap().is_empty());
+
+    // Actions: by status and action, by agent.
+    let (_, answer) = get(&url, "/v1/actions?status=executed&action=revoke_agent", &token);
+    let actions = answer["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 3, "{answer}");
+    let (_, answer) = get(&url, &format!("/v1/actions?agent={}", culprits[2]), &token);
+    assert!(
+        answer["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["agent"] == culprits[2].as_str())
+    );
+
+    // Agents: by realm and status, paged by enrollment.
+    let (_, answer) = get(&url, "/v1/agents?realm=eng&status=active", &token);
+    let active: Vec<&str> = answer["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["did"].as_str().unwrap())
+        .collect();
+    assert_eq!(active, [bystander.did()]);
+    let (_, first) = get(&url, "/v1/agents?limit=2", &token);
+    assert_eq!(first["agents"].as_array().unwrap().len(), 2);
+    let next = first["next"].as_u64().expect("a cursor when the page is full");
+    let (_, second) = get(&url, &format!("/v1/agents?limit=2&after={next}"), &token);
+    let mut seen: Vec<String> = first["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["agents"].as_array().unwrap())
+        .map(|a| a["did"].as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "two pages cover the four agents once each");
+
+    // An agent's page.
+    let (_, page) = get(&url, &format!("/v1/agents/{}", culprits[0]), &token);
+    assert_eq!(page["status"], "revoked");
+    assert!(
+        page["recent_findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["type"] == "credential_misuse"),
+        "{page}"
+    );
+    assert!(
+        page["recent_actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "revoke_agent"),
+        "{page}"
+    );
+    assert_eq!(page["baseline"]["learning"], true, "{page}");
+    assert!(
+        page["baseline"]["features"]
+            .as_object()
+            .is_some_and(|features| !features.is_empty()),
+        "{page}"
+    );
+}
