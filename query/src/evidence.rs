@@ -134,16 +134,33 @@ What is checked, and in what order:
 The byte-level format is docs/evidence-format.md in the Custos repository.
 ";
 
-/// Selects the entries of `request` (whose realm the caller was checked to see), oldest
-/// first.
-async fn select(sources: &Sources, request: &ExportRequest) -> Result<Vec<LogEntry>, QueryError> {
+/// Which log entries to read: payload types, realms, agent, time range, cursor.
+pub struct Selection {
+    pub kinds: Vec<&'static str>,
+    /// The realms allowed; every realm when `None`.
+    pub realms: Option<Vec<String>>,
+    pub agent: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Only entries after this log index.
+    pub after: Option<u64>,
+    /// Most entries; more is an error (`row_cap`) when `strict`, else a cut.
+    pub limit: usize,
+    pub strict: bool,
+}
+
+/// Reads the entries `selection` names from segments and the tail, oldest first.
+pub async fn select(sources: &Sources, selection: &Selection) -> Result<Vec<LogEntry>, QueryError> {
     let ctx = datafusion::prelude::SessionContext::new();
     let plan = crate::tables::log_plan(&sources.view).await?;
     let mut frame = datafusion::dataframe::DataFrame::new(ctx.state(), plan);
-    let types = FILES.iter().map(|(_, kind)| lit(*kind)).collect();
+    let types = selection.kinds.iter().map(|kind| lit(*kind)).collect();
     frame = frame.filter(col("payload_type").in_list(types, false))?;
-    frame = frame.filter(col("realm").eq(lit(request.realm.clone())))?;
-    if let Some(agent) = &request.agent {
+    if let Some(realms) = &selection.realms {
+        let realms = realms.iter().map(|realm| lit(realm.clone())).collect();
+        frame = frame.filter(col("realm").in_list(realms, false))?;
+    }
+    if let Some(agent) = &selection.agent {
         frame = frame.filter(col("agent").eq(lit(agent.clone())))?;
     }
     let micros = |at: &DateTime<Utc>| {
@@ -152,11 +169,20 @@ async fn select(sources: &Sources, request: &ExportRequest) -> Result<Vec<LogEnt
             Some("UTC".into()),
         ))
     };
-    frame = frame
-        .filter(col("ts").gt_eq(micros(&request.from)))?
-        .filter(col("ts").lt(micros(&request.to)))?
-        .sort(vec![col("log_index").sort(true, false)])?;
-    let answer = crate::sql::collect(frame, MAX_ENTRIES).await?;
+    if let Some(from) = &selection.from {
+        frame = frame.filter(col("ts").gt_eq(micros(from)))?;
+    }
+    if let Some(to) = &selection.to {
+        frame = frame.filter(col("ts").lt(micros(to)))?;
+    }
+    if let Some(after) = selection.after {
+        frame = frame.filter(col("log_index").gt(lit(after)))?;
+    }
+    frame = frame.sort(vec![col("log_index").sort(true, false)])?;
+    if !selection.strict {
+        frame = frame.limit(0, Some(selection.limit))?;
+    }
+    let answer = crate::sql::collect(frame, selection.limit).await?;
     let mut entries = Vec::with_capacity(answer.rows);
     for batch in &answer.batches {
         let batch = normalise(batch)?;
@@ -214,7 +240,17 @@ pub async fn export(
             format!("`to` ({}) must be after `from` ({})", request.to, request.from),
         ));
     }
-    let entries = select(sources, &request).await?;
+    let selection = Selection {
+        kinds: FILES.iter().map(|(_, kind)| *kind).collect(),
+        realms: Some(vec![request.realm.clone()]),
+        agent: request.agent.clone(),
+        from: Some(request.from),
+        to: Some(request.to),
+        after: None,
+        limit: MAX_ENTRIES,
+        strict: true,
+    };
+    let entries = select(sources, &selection).await?;
     let indexes: Vec<u64> = entries.iter().map(|entry| entry.log_index).collect();
     let proofs = api.evidence_proofs(indexes).await?;
     let log_id = proofs.log_id.clone();

@@ -62,6 +62,20 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
             get(events),
         ),
         (
+            Endpoint::new("GET", "/v1/ocsf/{class}", "query", "Events, findings or actions (`class` = events, findings, actions) as OCSF 1.x JSON for a SIEM: API Activity 6003, Detection Finding 2004, Remediation Activity 7001; oldest first with an `after` cursor")
+                .roles(&READERS)
+                .query(&[
+                    ("realm", "realm name"),
+                    ("agent", "the agent's did:key"),
+                    ("from", "RFC 3339, inclusive"),
+                    ("to", "RFC 3339, exclusive"),
+                    ("after", "cursor: log indexes after this one"),
+                    ("limit", "at most 10000 (default 1000)"),
+                    ("format", "json (an array, the default) or ndjson"),
+                ]),
+            get(ocsf),
+        ),
+        (
             Endpoint::new("POST", "/v1/evidence", "evidence", "Export an evidence bundle (docs/evidence-format.md)")
                 .roles(&[Role::Admin, Role::Compliance])
                 .body("application/json", r#"{"realm":"eng","agent":null,"from":"2026-11-01T00:00:00Z","to":"2026-11-22T00:00:00Z"}"#)
@@ -378,6 +392,139 @@ async fn events(
         None
     };
     Ok(Json(serde_json::json!({ "events": rows, "next": next })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OcsfQuery {
+    realm: Option<String>,
+    agent: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+    format: Option<String>,
+}
+
+/// `GET /v1/ocsf/{class}`: the log's events, findings or actions as OCSF objects, scoped
+/// to the caller's realms. The cursor for the next page is in `X-Custos-Next`.
+async fn ocsf(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    axum::extract::Path(class): axum::extract::Path<String>,
+    query: Result<Query<OcsfQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, QueryError> {
+    let caller = state.api.authorize(&headers, &READERS)?;
+    let Query(query) = query.map_err(|error| {
+        QueryError::new(
+            400,
+            "bad_request",
+            format!("{error}; filters are realm, agent, from, to, after, limit, format"),
+        )
+    })?;
+    let kind = match class.as_str() {
+        "events" => custos_event::EVENT_PAYLOAD_TYPE,
+        "findings" => custos_event::FINDING_PAYLOAD_TYPE,
+        "actions" => custos_event::ACTION_PAYLOAD_TYPE,
+        other => {
+            return Err(QueryError::new(
+                404,
+                "unknown_class",
+                format!("`{other}` is not one of events, findings, actions"),
+            ));
+        }
+    };
+    let ndjson = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("ndjson") => true,
+        Some(other) => {
+            return Err(QueryError::new(
+                400,
+                "bad_request",
+                format!("`format={other}` is not json or ndjson"),
+            ));
+        }
+    };
+    let time = |name: &str, text: &Option<String>| -> Result<Option<chrono::DateTime<chrono::Utc>>, QueryError> {
+        text.as_deref()
+            .map(|text| {
+                chrono::DateTime::parse_from_rfc3339(text)
+                    .map(|at| at.with_timezone(&chrono::Utc))
+                    .map_err(|error| {
+                        QueryError::new(
+                            400,
+                            "bad_request",
+                            format!("`{name}={text}` is not an RFC 3339 time such as 2026-11-22T10:00:00Z: {error}"),
+                        )
+                    })
+            })
+            .transpose()
+    };
+    // The caller's realms, narrowed to the one asked for (which must be among them).
+    let realms = match (&query.realm, caller.realms.is_empty()) {
+        (Some(realm), _) if !caller.realms.is_empty() && !caller.realms.contains(realm) => {
+            return Err(QueryError::new(
+                403,
+                "forbidden",
+                format!("this token may not read realm `{realm}`"),
+            ));
+        }
+        (Some(realm), _) => Some(vec![realm.clone()]),
+        (None, true) => None,
+        (None, false) => Some(caller.realms.clone()),
+    };
+    let limit = query.limit.unwrap_or(1_000).clamp(1, 10_000);
+    let selection = crate::evidence::Selection {
+        kinds: vec![kind],
+        realms,
+        agent: query.agent.clone(),
+        from: time("from", &query.from)?,
+        to: time("to", &query.to)?,
+        after: query.after,
+        limit,
+        strict: false,
+    };
+    let text = format!(
+        "class={class} realm={:?} agent={:?} after={:?}",
+        query.realm, query.agent, query.after
+    );
+    let entries = async {
+        let sources = sources(&state.api).await?;
+        crate::evidence::select(&sources, &selection).await
+    }
+    .await;
+    record(
+        &state,
+        &caller,
+        "/v1/ocsf",
+        &text,
+        &entries.as_ref().map(Vec::len).map_err(Clone::clone),
+    );
+    let entries = entries?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|entry| entry.log_index))
+        .flatten();
+    let objects = crate::ocsf::render(&entries);
+    let (kind, body) = if ndjson {
+        let mut body = Vec::new();
+        for object in &objects {
+            body.extend(serde_json::to_vec(object).map_err(|error| QueryError::internal(error.to_string()))?);
+            body.push(b'\n');
+        }
+        ("application/x-ndjson", body)
+    } else {
+        (
+            "application/json",
+            serde_json::to_vec(&objects).map_err(|error| QueryError::internal(error.to_string()))?,
+        )
+    };
+    let mut response = ([(header::CONTENT_TYPE, kind)], body).into_response();
+    if let Some(next) = next
+        && let Ok(value) = header::HeaderValue::from_str(&next.to_string())
+    {
+        response.headers_mut().insert("x-custos-next", value);
+    }
+    Ok(response)
 }
 
 /// The REST filters as a query string, for the access log.
