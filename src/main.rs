@@ -408,6 +408,9 @@ enum BenchCommand {
     Ingest(cmd::bench::IngestArgs),
     /// Detector throughput, event-to-revocation latency on a live node, memory per agent.
     Detect(cmd::bench_detect::DetectArgs),
+    /// SOC queries over a generated store against DuckDB on the same Parquet files, and
+    /// inclusion-proof latency.
+    Query(cmd::bench_query::QueryArgs),
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -548,6 +551,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => {
             init_tracing("warn");
             cmd::bench::ingest(args).await?;
+        }
+        Command::Bench(BenchCommand::Query(args)) => {
+            init_tracing("warn");
+            cmd::bench_query::query(args).await?;
         }
         Command::Bench(BenchCommand::Detect(args)) => {
             init_tracing("warn");

@@ -1,0 +1,467 @@
+//! `custos bench query`: typical SOC queries over a generated store, each beside DuckDB on
+//! the same Parquet files in the same run, and inclusion-proof latency at that size.
+//!
+//! ```text
+//!  1. generate  agents sign events (every core) ─▶ Log::append in time order ─▶ sealed
+//!               Parquet segments + Merkle tree + checkpoints (plus detector findings)
+//!  2. queries   custos: realm-scoped DataFusion views (the /v1/sql path), median of N
+//!               baseline: DuckDB (scripts/bench-duckdb.py) over the same segment files
+//!  3. proofs    inclusion proofs at the full tree size, p50/p99
+//!               baseline: verifying those proofs (the client's side)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{TimeZone as _, Utc};
+use clap::Args;
+use custos_event::{AgentKey, FINDING_PAYLOAD_TYPE, Kind, Outcome, Payload, Signer};
+use custos_store::LogEntry;
+use custos_store::log::{Log, LogConfig, OpenMode};
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use super::bench::percentile;
+
+#[derive(Args)]
+#[command(after_help = "\
+Needs DuckDB for the baseline: `pip install duckdb` (the script is scripts/bench-duckdb.py).
+
+Examples:
+  cargo run --release -- bench query                      # 10M events, 5 runs per query
+  cargo run --release -- bench query --events 1000000 --runs 3
+  cargo run --release -- bench query --data /tmp/q10m --keep   # keep the store to poke at
+
+Nothing here is a pass/fail test; figures go to docs/BENCHMARKS.md with the command.")]
+pub(crate) struct QueryArgs {
+    /// Events in the generated store.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    /// Agents signing them.
+    #[arg(long, default_value_t = 2_000)]
+    agents: usize,
+    /// Realms the agents are spread over.
+    #[arg(long, default_value_t = 8)]
+    realms: usize,
+    /// Days of simulated time the events span.
+    #[arg(long, default_value_t = 7)]
+    days: i64,
+    /// Timed runs per query (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to build the store (a temporary directory by default).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Keep the generated store.
+    #[arg(long)]
+    keep: bool,
+    /// Python with the `duckdb` package.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+const TOOLS: [&str; 12] = [
+    "search",
+    "read_doc",
+    "write_doc",
+    "http_get",
+    "sql",
+    "send_mail",
+    "calendar",
+    "shell",
+    "summarise",
+    "translate",
+    "code_exec",
+    "vector_lookup",
+];
+
+/// The queries, in our dialect and in DuckDB's (the DuckDB ones run in the script).
+fn queries(agent: &str, from: &str, to: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "agent_time_range",
+            format!(
+                "SELECT log_index, ts, kind, action, target FROM events WHERE agent = '{agent}' \
+                 AND ts >= TIMESTAMP '{from}' AND ts < TIMESTAMP '{to}' ORDER BY log_index"
+            ),
+        ),
+        (
+            "top_talkers",
+            "SELECT agent, sum(bytes_out) AS bytes FROM events GROUP BY agent ORDER BY bytes DESC LIMIT 10".into(),
+        ),
+        (
+            "rare_tools_per_realm",
+            "SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action \
+             HAVING count(*) < 2000 ORDER BY realm, n, action"
+                .into(),
+        ),
+        (
+            "findings_join_events",
+            "SELECT f.id, f.severity, count(e.log_index) AS events FROM findings f JOIN events e \
+             ON e.agent = f.agent AND e.ts >= f.ts - INTERVAL '1' HOUR AND e.ts <= f.ts \
+             GROUP BY f.id, f.severity ORDER BY events DESC, f.id LIMIT 20"
+                .into(),
+        ),
+        (
+            "kinds_per_hour",
+            "SELECT date_trunc('hour', ts) AS hour, kind, count(*) AS n FROM events GROUP BY 1, 2 ORDER BY 1, 2".into(),
+        ),
+    ]
+}
+
+pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.events >= 10_000,
+        "--events {} is too few to measure anything; use at least 10000",
+        args.events
+    );
+    anyhow::ensure!(
+        args.agents >= 1 && args.realms >= 1,
+        "--agents and --realms must be at least 1"
+    );
+    let temporary;
+    let data = match &args.data {
+        Some(data) => data.clone(),
+        None => {
+            temporary = tempfile::tempdir()?;
+            temporary.path().to_owned()
+        }
+    };
+    if args.keep && args.data.is_none() {
+        anyhow::bail!("--keep needs --data DIR (a temporary store is removed at the end)");
+    }
+    let started = Instant::now();
+    let generated = tokio::task::block_in_place(|| generate(&args, &data))?;
+    let generate_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated {} entries ({} findings) in {generate_secs:.0} s: {} segments, {:.1} MiB of Parquet",
+        generated.size,
+        generated.findings,
+        generated.view.segments.len(),
+        directory_bytes(&generated.view.segment_dir) as f64 / (1024.0 * 1024.0)
+    );
+
+    let (from, to) = (
+        generated
+            .start
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            .replace('T', " ")
+            .replace('Z', ""),
+        (generated.start + chrono::Duration::days(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            .replace('T', " ")
+            .replace('Z', ""),
+    );
+    let queries = queries(&generated.sample_agent, &from, &to);
+    let sources = custos_query::tables::Sources {
+        view: generated.view.clone(),
+        agents: Vec::new(),
+        rejected: Vec::new(),
+        checkpoints: Vec::new(),
+    };
+    let scope = custos_query::tables::Scope {
+        role: custos_ingest::Role::Admin,
+        realms: Vec::new(),
+    };
+    let limits = custos_query::Limits {
+        timeout: Duration::from_secs(600),
+        memory_bytes: 4 << 30,
+        max_rows: 10_000_000,
+    };
+    let mut ours = Vec::new();
+    for (name, sql) in &queries {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for run in 0..=args.runs {
+            let started = Instant::now();
+            let answer = custos_query::sql::run(sql, &sources, &scope, &limits)
+                .await
+                .map_err(|error| anyhow::anyhow!("{name}: {}", error.message))?;
+            if run > 0 {
+                times.push(started.elapsed());
+            }
+            rows = answer.rows;
+        }
+        times.sort();
+        let median = percentile(&times, 0.5);
+        eprintln!(
+            "custos  {name:<22} {:>9.1} ms  ({rows} rows)",
+            median.as_secs_f64() * 1e3
+        );
+        ours.push((*name, median, rows));
+    }
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench-duckdb.py");
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .arg("--segments")
+        .arg(&generated.view.segment_dir)
+        .args([
+            "--runs",
+            &args.runs.to_string(),
+            "--agent",
+            &generated.sample_agent,
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ])
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the DuckDB baseline failed (pip install duckdb?): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let duck: Value = serde_json::from_slice(&output.stdout).context("reading the DuckDB script's JSON")?;
+
+    let proofs = tokio::task::block_in_place(|| proof_latency(&generated.log, generated.size));
+
+    println!(
+        "custos bench query: {} events, {} agents, {} realms, {} days; median of {} runs (DuckDB {})",
+        args.events,
+        args.agents,
+        args.realms,
+        args.days,
+        args.runs,
+        duck["version"].as_str().unwrap_or("?")
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>8} {:>10}",
+        "query", "custos ms", "duckdb ms", "ratio", "rows"
+    );
+    let mut results = Vec::new();
+    for (name, median, rows) in &ours {
+        let theirs = duck["queries"][name]["median_ms"].as_f64().unwrap_or(f64::NAN);
+        let their_rows = duck["queries"][name]["rows"].as_u64().unwrap_or(u64::MAX);
+        let ms = median.as_secs_f64() * 1e3;
+        let agree = their_rows == *rows as u64;
+        println!(
+            "{name:<22} {ms:>12.1} {theirs:>12.1} {:>7.2}x {:>10}{}",
+            ms / theirs,
+            rows,
+            if agree {
+                String::new()
+            } else {
+                format!("  (DuckDB: {their_rows} rows — MISMATCH)")
+            }
+        );
+        results.push(json!({"query": name, "custos_ms": ms, "duckdb_ms": theirs, "ratio": ms / theirs, "rows": rows, "rows_agree": agree}));
+    }
+    println!(
+        "inclusion proof at size {}: p50 {:.1} µs, p99 {:.1} µs (verifying one: p50 {:.1} µs; ratio {:.1}x)",
+        generated.size,
+        proofs.prove_p50.as_secs_f64() * 1e6,
+        proofs.prove_p99.as_secs_f64() * 1e6,
+        proofs.verify_p50.as_secs_f64() * 1e6,
+        proofs.prove_p50.as_secs_f64() / proofs.verify_p50.as_secs_f64()
+    );
+    println!(
+        "generation: {generate_secs:.0} s ({:.0} entries/s, signing included)",
+        generated.size as f64 / generate_secs
+    );
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "events": args.events, "agents": args.agents, "realms": args.realms, "runs": args.runs,
+                "queries": results,
+                "inclusion_proof_us": {"p50": proofs.prove_p50.as_secs_f64() * 1e6, "p99": proofs.prove_p99.as_secs_f64() * 1e6,
+                                        "verify_p50": proofs.verify_p50.as_secs_f64() * 1e6},
+                "duckdb_version": duck["version"],
+            })
+        );
+    }
+    if args.keep {
+        eprintln!("store kept at {}", data.display());
+    }
+    Ok(())
+}
+
+struct Generated {
+    log: Log,
+    view: custos_ingest::StoreView,
+    size: u64,
+    findings: u64,
+    start: chrono::DateTime<Utc>,
+    sample_agent: String,
+}
+
+/// Signs `args.events` events from `args.agents` agents over `args.days`, in time slices
+/// (every core signs; one thread appends), plus a finding every 10 000 events.
+fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
+    let config = LogConfig {
+        segment_max_entries: 1_000_000,
+        checkpoint_every: 100_000,
+        checkpoint_interval: Duration::from_secs(3600),
+    };
+    let mut log = Log::open(data, "bench", "0", config, OpenMode::ReadWrite, &mut |_| {})?;
+    anyhow::ensure!(
+        log.next_index() == 0,
+        "{} already holds a store; give an empty --data",
+        data.display()
+    );
+    let start = Utc
+        .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
+        .single()
+        .context("start time")?;
+    let span_us = args.days * 86_400 * 1_000_000;
+    let mut signers: Vec<Signer> = (0..args.agents)
+        .map(|agent| {
+            let seed = blake3::hash(format!("bench-query-agent-{agent}").as_bytes());
+            let realm = format!("realm{}", agent % args.realms);
+            Signer::new(AgentKey::from_seed(seed.as_bytes()), &realm)
+        })
+        .collect();
+    let sample_agent = signers[0].did().to_owned();
+    let detector = AgentKey::from_seed(blake3::hash(b"bench-query-detector").as_bytes());
+    let slices = (args.events / 100_000).max(1);
+    let per_slice = args.events / slices;
+    let bar = indicatif::ProgressBar::new(args.events).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("signing and appending");
+    let mut findings = 0u64;
+    for slice in 0..slices {
+        let slice_start = span_us / slices as i64 * slice as i64;
+        let slice_len = span_us / slices as i64;
+        let agents = signers.len() as u64;
+        // Each agent signs its share of this slice, in its own chain order.
+        let mut signed: Vec<(i64, custos_event::Envelope)> = signers
+            .par_iter_mut()
+            .enumerate()
+            .flat_map_iter(|(agent, signer)| {
+                let share = per_slice / agents + u64::from((agent as u64) < per_slice % agents);
+                let mut out = Vec::with_capacity(share as usize);
+                for n in 0..share {
+                    let mix = blake3::hash(format!("{slice}/{agent}/{n}").as_bytes());
+                    let bytes = mix.as_bytes();
+                    let offset = (slice_len / share.max(1) as i64) * n as i64 + i64::from(bytes[0]) * 1000;
+                    let at_us = start.timestamp_micros() + slice_start + offset.min(slice_len - 1);
+                    let ts = Utc.timestamp_micros(at_us).single().unwrap_or(start);
+                    let kind = match bytes[1] % 10 {
+                        0..=4 => Kind::ToolCall,
+                        5 | 6 => Kind::LlmCall,
+                        7 => Kind::FileRead,
+                        8 => Kind::MessageSent,
+                        _ => Kind::MemoryRead,
+                    };
+                    let mut payload = Payload::new(kind, ts);
+                    // Tools skewed: a few common ones, a long tail of rare ones per realm.
+                    let tool = TOOLS[(usize::from(bytes[2]) * usize::from(bytes[2]) / 5462).min(TOOLS.len() - 1)];
+                    payload.action = Some(tool.to_owned());
+                    payload.target = Some(format!("doc-{}", u16::from_le_bytes([bytes[3], bytes[4]]) % 5000));
+                    payload.outcome = Some(if bytes[5] < 250 { Outcome::Ok } else { Outcome::Denied });
+                    payload.bytes_in = Some(u64::from(u16::from_le_bytes([bytes[6], bytes[7]])));
+                    payload.bytes_out =
+                        Some(u64::from(u16::from_le_bytes([bytes[8], bytes[9]])) * (1 + agent as u64 % 7));
+                    payload.tokens_in = Some(u64::from(bytes[10]) * 10);
+                    payload.session = Some(format!("s{}", n / 50));
+                    out.push((at_us, signer.sign(payload)));
+                }
+                out
+            })
+            .collect();
+        signed.par_sort_by_key(|(at, _)| *at);
+        let first = log.next_index();
+        let mut entries: Vec<LogEntry> = Vec::with_capacity(signed.len() + 16);
+        for (at, envelope) in signed {
+            let index = first + entries.len() as u64;
+            entries.push(LogEntry::from_envelope(envelope, index, at + 50_000, None));
+            if index.is_multiple_of(10_000) && index > 0 {
+                let victim = &entries[entries.len() - 1];
+                let finding = json!({
+                    "id": format!("f-{index}"),
+                    "agent": victim.keyid,
+                    "realm": format!("realm{}", index as usize % args.realms),
+                    "ts": Utc.timestamp_micros(at).single().unwrap_or(start).to_rfc3339(),
+                    "action": "anomaly",
+                    "score": 50 + index % 50,
+                    "severity": if index.is_multiple_of(3) { "high" } else { "medium" },
+                    "title": "bench finding",
+                    "evidence": [index],
+                });
+                let envelope = detector.sign_envelope(FINDING_PAYLOAD_TYPE, serde_json::to_vec(&finding)?);
+                let index = first + entries.len() as u64;
+                entries.push(LogEntry::from_envelope(envelope, index, at + 60_000, None));
+                findings += 1;
+            }
+        }
+        let appended = entries.len() as u64;
+        log.append(entries)?;
+        log.maintain()?;
+        bar.inc(appended.min(per_slice));
+    }
+    bar.finish_and_clear();
+    log.seal()?;
+    log.checkpoint()?;
+    let paths = log.paths().clone();
+    let view = custos_ingest::StoreView {
+        segment_dir: paths.segment_dir.clone(),
+        segments: log.segments().to_vec(),
+        tail: log.tail(),
+        size: log.next_index(),
+        checkpoints: paths.checkpoints.clone(),
+    };
+    Ok(Generated {
+        size: log.next_index(),
+        log,
+        view,
+        findings,
+        start,
+        sample_agent,
+    })
+}
+
+struct Proofs {
+    prove_p50: Duration,
+    prove_p99: Duration,
+    verify_p50: Duration,
+}
+
+fn proof_latency(log: &Log, size: u64) -> Proofs {
+    let root = log.tree().root();
+    let mut prove = Vec::new();
+    let mut verify = Vec::new();
+    for sample in 0..10_000u64 {
+        let index = u64::from_le_bytes(
+            blake3::hash(&sample.to_le_bytes()).as_bytes()[..8]
+                .try_into()
+                .unwrap_or_default(),
+        ) % size;
+        let started = Instant::now();
+        let proof = log.inclusion_proof(index, size);
+        prove.push(started.elapsed());
+        if let (Ok(proof), Some(leaf)) = (proof, log.tree().leaf(index)) {
+            let started = Instant::now();
+            let ok = custos_store::merkle::verify_inclusion(&leaf, index, size, &proof, &root).is_ok();
+            verify.push(started.elapsed());
+            debug_assert!(ok);
+        }
+    }
+    prove.sort();
+    verify.sort();
+    Proofs {
+        prove_p50: percentile(&prove, 0.5),
+        prove_p99: percentile(&prove, 0.99),
+        verify_p50: percentile(&verify, 0.5),
+    }
+}
+
+fn directory_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|metadata| metadata.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
