@@ -411,6 +411,8 @@ enum BenchCommand {
     /// SOC queries over a generated store against DuckDB on the same Parquet files, and
     /// inclusion-proof latency.
     Query(cmd::bench_query::QueryArgs),
+    /// Evidence export from a live node and offline verification rates.
+    Evidence(cmd::bench_evidence::EvidenceArgs),
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -551,6 +553,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => {
             init_tracing("warn");
             cmd::bench::ingest(args).await?;
+        }
+        Command::Bench(BenchCommand::Evidence(args)) => {
+            init_tracing("warn");
+            cmd::bench_evidence::evidence(args).await?;
         }
         Command::Bench(BenchCommand::Query(args)) => {
             init_tracing("warn");
