@@ -602,6 +602,28 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
                 manifest.counts.get(name).copied().unwrap_or(0)
             ));
         }
+        // Signatures first, batched across every core; each failure is then named by row.
+        let mut keys: BTreeMap<&str, Result<custos_event::VerifyingKey, String>> = BTreeMap::new();
+        for stored in &segment.rows {
+            keys.entry(stored.entry.keyid.as_str()).or_insert_with(|| {
+                custos_event::verifying_key_from_did(&stored.entry.keyid).map_err(|error| error.to_string())
+            });
+        }
+        let envelopes: Vec<Envelope> = segment.rows.iter().map(|stored| stored.entry.envelope()).collect();
+        let mut checkable = Vec::new();
+        let mut positions = Vec::new();
+        for (row, envelope) in envelopes.iter().enumerate() {
+            if let Some(Ok(key)) = keys.get(envelope.keyid.as_str()) {
+                checkable.push((key, envelope));
+                positions.push(row);
+            }
+        }
+        let mut signature_problems: BTreeMap<usize, String> = BTreeMap::new();
+        for (result, row) in custos_event::verify_signatures(&checkable).into_iter().zip(positions) {
+            if let Err(rejection) = result {
+                signature_problems.insert(row, rejection.message);
+            }
+        }
         for (row, stored) in segment.rows.iter().enumerate() {
             let entry = &stored.entry;
             let at = format!("{name} row {row} (log index {})", entry.log_index);
@@ -614,14 +636,11 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
             if *blake3::hash(&entry.payload).as_bytes() != entry.payload_blake3 {
                 problems.push(format!("{at}: the payload does not match its blake3"));
             }
-            match custos_event::verifying_key_from_did(&entry.keyid) {
-                Ok(key) => {
-                    let envelope: Envelope = entry.envelope();
-                    if let Err(rejection) = custos_event::verify::verify_one(&key, &envelope) {
-                        problems.push(format!("{at}: {}", rejection.message));
-                    }
-                }
-                Err(error) => problems.push(format!("{at}: keyid: {error}")),
+            if let Some(Err(error)) = keys.get(entry.keyid.as_str()) {
+                problems.push(format!("{at}: keyid: {error}"));
+            }
+            if let Some(message) = signature_problems.remove(&row) {
+                problems.push(format!("{at}: {message}"));
             }
             // From the signed payload, not the stored columns.
             let decoded = custos_store::segment::Decoded::from_payload(&entry.payload);
