@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--from", dest="start", required=True)
     parser.add_argument("--to", dest="end", required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--only", action="append", default=[], help="run only this query (repeatable)")
     args = parser.parse_args()
 
     files = os.path.join(args.segments, "*.parquet")
@@ -53,7 +54,7 @@ def main():
         "ORDER BY log_index",
         "top_talkers": "SELECT agent, sum(bytes_out) AS bytes FROM events GROUP BY agent ORDER BY bytes DESC LIMIT 10",
         "rare_tools_per_realm": "SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' "
-        "GROUP BY realm, action HAVING count(*) < 2000 ORDER BY realm, n, action",
+        "GROUP BY realm, action HAVING count(*) < 100 ORDER BY realm, n, action",
         "findings_join_events": "SELECT f.id, f.severity, count(e.log_index) AS events FROM findings f JOIN events e "
         "ON e.agent = f.agent AND e.ts >= f.ts - INTERVAL 1 HOUR AND e.ts <= f.ts "
         "GROUP BY f.id, f.severity ORDER BY events DESC, f.id LIMIT 20",
@@ -62,6 +63,8 @@ def main():
     }
     results = {}
     for name, sql in queries.items():
+        if args.only and name not in args.only:
+            continue
         times = []
         rows = 0
         for run in range(args.runs + 1):

@@ -23,6 +23,7 @@ mod json;
 pub mod ocsf;
 pub mod sql;
 pub mod tables;
+mod trunc;
 
 pub use sql::{Answer, Format, Limits};
 pub use tables::{Scope, Sources};

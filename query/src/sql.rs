@@ -42,14 +42,25 @@ pub struct Answer {
 
 /// A session holding only the caller's tables, with a memory pool of its own.
 pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Result<SessionContext, QueryError> {
-    let config = SessionConfig::new()
+    let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(2)
         .with_default_catalog_and_schema("custos", "public");
+    // Filters are evaluated while decoding: only rows that pass have their other columns
+    // decoded. Every table is a view filtered on `payload_type` (and on `realm` for a
+    // scoped caller), so without this each query would decode, for instance, every
+    // payload to keep the few findings.
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.pushdown_filters = true;
+    parquet.reorder_filters = true;
+
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(limits.memory_bytes)))
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
+        crate::trunc::DateTruncUtc::new(),
+    ));
     register(&ctx, sources, scope).await?;
     Ok(ctx)
 }

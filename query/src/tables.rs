@@ -99,7 +99,7 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
 
 /// The whole log: sealed Parquet segments, then the unsealed tail from memory.
 pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalPlan, QueryError> {
-    let schema = custos_store::segment::schema();
+    let schema = scan_schema();
     let mut plans = Vec::new();
     if !view.segments.is_empty() {
         let urls = view
@@ -120,6 +120,7 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
     let tail: Vec<&custos_store::LogEntry> = view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
     if !tail.is_empty() || plans.is_empty() {
         let batch = custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))?;
+        let batch = as_scan_schema(&batch, &schema)?;
         let table = MemTable::try_new(schema, vec![vec![batch]])?;
         plans.push(LogicalPlanBuilder::scan("tail", provider_as_source(Arc::new(table)), None)?.build()?);
     }
@@ -130,6 +131,35 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
         builder = builder.union(plan)?;
     }
     Ok(builder.build()?)
+}
+
+/// The segment schema with text columns read as string views: Parquet dictionary pages
+/// then decode without copying each row's string, which is most of a scan's work.
+fn scan_schema() -> SchemaRef {
+    let fields: Vec<Field> = custos_store::segment::schema()
+        .fields()
+        .iter()
+        .map(|field| match field.data_type() {
+            DataType::Utf8 => field.as_ref().clone().with_data_type(DataType::Utf8View),
+            _ => field.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(
+        fields,
+        custos_store::segment::schema().metadata().clone(),
+    ))
+}
+
+/// `batch` (in the segment schema) cast to `schema`, the scan schema.
+fn as_scan_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, QueryError> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| arrow::compute::cast(column, field.data_type()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| QueryError::internal(format!("reading the tail: {error}")))?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|error| QueryError::internal(error.to_string()))
 }
 
 fn realm_filter(scope: &Scope) -> Option<Expr> {

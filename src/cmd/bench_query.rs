@@ -32,7 +32,12 @@ Needs DuckDB for the baseline: `pip install duckdb` (the script is scripts/bench
 Examples:
   cargo run --release -- bench query                      # 10M events, 5 runs per query
   cargo run --release -- bench query --events 1000000 --runs 3
-  cargo run --release -- bench query --data /tmp/q10m --keep   # keep the store to poke at
+  cargo run --release -- bench query --data /tmp/q10m          # build a store and keep it
+  cargo run --release -- bench query --data /tmp/q10m          # again: reuses it
+  cargo run --release -- bench query --data /tmp/q10m --explain  # plans with their metrics
+
+A --data directory that already holds a store from an earlier run is reused as it is (the
+store's own size is measured, whatever --events, --agents or --days say).
 
 Nothing here is a pass/fail test; figures go to docs/BENCHMARKS.md with the command.")]
 pub(crate) struct QueryArgs {
@@ -51,20 +56,30 @@ pub(crate) struct QueryArgs {
     /// Timed runs per query (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Where to build the store (a temporary directory by default).
+    /// Where to build the store, which is kept (and reused by later runs). By default a
+    /// temporary directory, removed at the end.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Keep the generated store.
-    #[arg(long)]
-    keep: bool,
     /// Python with the `duckdb` package.
     #[arg(long, default_value = "python3")]
     python: String,
     /// Print the results as JSON too.
     #[arg(long)]
     json: bool,
+    /// Run only this query (repeatable): agent_time_range, top_talkers,
+    /// rare_tools_per_realm, findings_join_events, kinds_per_hour.
+    #[arg(long = "only", value_name = "QUERY")]
+    only: Vec<String>,
+    /// Skip the DuckDB baseline (to profile Custos alone).
+    #[arg(long)]
+    no_duckdb: bool,
+    /// Print each query's `EXPLAIN ANALYZE` (the plan with its operators' metrics) once.
+    #[arg(long)]
+    explain: bool,
 }
 
+/// The common tools; besides them, about one tool call in 2 000 uses one of
+/// [`RARE_TOOLS`] tools only a few agents of each realm ever call.
 const TOOLS: [&str; 12] = [
     "search",
     "read_doc",
@@ -79,6 +94,9 @@ const TOOLS: [&str; 12] = [
     "code_exec",
     "vector_lookup",
 ];
+
+/// How many rarely used tools the fleet has, beside [`TOOLS`].
+const RARE_TOOLS: u16 = 64;
 
 /// The queries, in our dialect and in DuckDB's (the DuckDB ones run in the script).
 fn queries(agent: &str, from: &str, to: &str) -> Vec<(&'static str, String)> {
@@ -97,7 +115,7 @@ fn queries(agent: &str, from: &str, to: &str) -> Vec<(&'static str, String)> {
         (
             "rare_tools_per_realm",
             "SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action \
-             HAVING count(*) < 2000 ORDER BY realm, n, action"
+             HAVING count(*) < 100 ORDER BY realm, n, action"
                 .into(),
         ),
         (
@@ -132,14 +150,12 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
             temporary.path().to_owned()
         }
     };
-    if args.keep && args.data.is_none() {
-        anyhow::bail!("--keep needs --data DIR (a temporary store is removed at the end)");
-    }
     let started = Instant::now();
     let generated = tokio::task::block_in_place(|| generate(&args, &data))?;
     let generate_secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "generated {} entries ({} findings) in {generate_secs:.0} s: {} segments, {:.1} MiB of Parquet",
+        "{} {} entries ({} findings) in {generate_secs:.0} s: {} segments, {:.1} MiB of Parquet",
+        if generated.reused { "opened" } else { "generated" },
         generated.size,
         generated.findings,
         generated.view.segments.len(),
@@ -157,7 +173,17 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
             .replace('T', " ")
             .replace('Z', ""),
     );
-    let queries = queries(&generated.sample_agent, &from, &to);
+    let mut queries = queries(&generated.sample_agent, &from, &to);
+    for name in &args.only {
+        anyhow::ensure!(
+            queries.iter().any(|(known, _)| known == name),
+            "--only {name}: no such query; the queries are {}",
+            queries.iter().map(|(known, _)| *known).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !args.only.is_empty() {
+        queries.retain(|(name, _)| args.only.iter().any(|only| only == name));
+    }
     let sources = custos_query::tables::Sources {
         view: generated.view.clone(),
         agents: Vec::new(),
@@ -173,6 +199,22 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         memory_bytes: 4 << 30,
         max_rows: 10_000_000,
     };
+    if args.explain {
+        for (name, sql) in &queries {
+            let answer = custos_query::sql::run(&format!("EXPLAIN ANALYZE {sql}"), &sources, &scope, &limits)
+                .await
+                .map_err(|error| anyhow::anyhow!("{name}: {}", error.message))?;
+            eprintln!("== {name}");
+            for batch in &answer.batches {
+                let plans =
+                    arrow::compute::cast(batch.column(batch.num_columns() - 1), &arrow::datatypes::DataType::Utf8)?;
+                let plans = arrow::array::AsArray::as_string::<i32>(&plans);
+                for plan in plans.iter().flatten() {
+                    eprintln!("{plan}");
+                }
+            }
+        }
+    }
     let mut ours = Vec::new();
     for (name, sql) in &queries {
         let mut times = Vec::new();
@@ -196,38 +238,23 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         ours.push((*name, median, rows));
     }
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench-duckdb.py");
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .arg("--segments")
-        .arg(&generated.view.segment_dir)
-        .args([
-            "--runs",
-            &args.runs.to_string(),
-            "--agent",
-            &generated.sample_agent,
-            "--from",
-            &from,
-            "--to",
-            &to,
-        ])
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "the DuckDB baseline failed (pip install duckdb?): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let duck: Value = serde_json::from_slice(&output.stdout).context("reading the DuckDB script's JSON")?;
+    let duck = if args.no_duckdb {
+        json!({"version": "not run", "queries": {}})
+    } else {
+        duckdb_baseline(&args, &generated, &from, &to)?
+    };
 
     let proofs = tokio::task::block_in_place(|| proof_latency(&generated.log, generated.size));
 
     println!(
-        "custos bench query: {} events, {} agents, {} realms, {} days; median of {} runs (DuckDB {})",
-        args.events,
-        args.agents,
-        args.realms,
-        args.days,
+        "custos bench query: {} entries ({} findings){}; median of {} runs (DuckDB {})",
+        generated.size,
+        generated.findings,
+        if generated.reused {
+            " in a reused store".to_owned()
+        } else {
+            format!(", {} agents, {} realms, {} days", args.agents, args.realms, args.days)
+        },
         args.runs,
         duck["version"].as_str().unwrap_or("?")
     );
@@ -261,15 +288,18 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         proofs.verify_p50.as_secs_f64() * 1e6,
         proofs.prove_p50.as_secs_f64() / proofs.verify_p50.as_secs_f64()
     );
-    println!(
-        "generation: {generate_secs:.0} s ({:.0} entries/s, signing included)",
-        generated.size as f64 / generate_secs
-    );
+    if !generated.reused {
+        println!(
+            "generation: {generate_secs:.0} s ({:.0} entries/s, signing included)",
+            generated.size as f64 / generate_secs
+        );
+    }
     if args.json {
         println!(
             "{}",
             json!({
-                "events": args.events, "agents": args.agents, "realms": args.realms, "runs": args.runs,
+                "entries": generated.size, "findings": generated.findings, "reused": generated.reused,
+                "agents": args.agents, "realms": args.realms, "runs": args.runs,
                 "queries": results,
                 "inclusion_proof_us": {"p50": proofs.prove_p50.as_secs_f64() * 1e6, "p99": proofs.prove_p99.as_secs_f64() * 1e6,
                                         "verify_p50": proofs.verify_p50.as_secs_f64() * 1e6},
@@ -277,10 +307,35 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
             })
         );
     }
-    if args.keep {
+    if args.data.is_some() {
         eprintln!("store kept at {}", data.display());
     }
     Ok(())
+}
+
+/// Runs scripts/bench-duckdb.py over the same segment files: its JSON answer.
+fn duckdb_baseline(args: &QueryArgs, generated: &Generated, from: &str, to: &str) -> anyhow::Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench-duckdb.py");
+    let mut command = Command::new(&args.python);
+    command
+        .arg(&script)
+        .arg("--segments")
+        .arg(&generated.view.segment_dir)
+        .args(["--runs", &args.runs.to_string()])
+        .args(["--agent", &generated.sample_agent, "--from", from, "--to", to]);
+    for name in &args.only {
+        command.args(["--only", name]);
+    }
+    eprintln!("running the DuckDB baseline ({} {})…", args.python, script.display());
+    let output = command
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the DuckDB baseline failed (pip install duckdb?): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).context("reading the DuckDB script's JSON")
 }
 
 struct Generated {
@@ -290,6 +345,8 @@ struct Generated {
     findings: u64,
     start: chrono::DateTime<Utc>,
     sample_agent: String,
+    /// An existing store was opened instead of generating one.
+    reused: bool,
 }
 
 /// Signs `args.events` events from `args.agents` agents over `args.days`, in time slices
@@ -300,17 +357,10 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
         checkpoint_every: 100_000,
         checkpoint_interval: Duration::from_secs(3600),
     };
-    let mut log = Log::open(data, "bench", "0", config, OpenMode::ReadWrite, &mut |_| {})?;
-    anyhow::ensure!(
-        log.next_index() == 0,
-        "{} already holds a store; give an empty --data",
-        data.display()
-    );
     let start = Utc
         .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
         .single()
         .context("start time")?;
-    let span_us = args.days * 86_400 * 1_000_000;
     let mut signers: Vec<Signer> = (0..args.agents)
         .map(|agent| {
             let seed = blake3::hash(format!("bench-query-agent-{agent}").as_bytes());
@@ -319,6 +369,34 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
         })
         .collect();
     let sample_agent = signers[0].did().to_owned();
+    let mut findings = 0u64;
+    let reusing = data.join("logs").is_dir();
+    if reusing {
+        eprintln!(
+            "{} holds a store: reusing it (opening it rebuilds the tree)",
+            data.display()
+        );
+    }
+    let mut log = Log::open(data, "bench", "0", config, OpenMode::ReadWrite, &mut |entry| {
+        findings += u64::from(entry.payload_type == FINDING_PAYLOAD_TYPE);
+    })?;
+    if reusing {
+        anyhow::ensure!(
+            log.next_index() > 0,
+            "{} holds an empty store; remove it or give an empty --data",
+            data.display()
+        );
+        return Ok(Generated {
+            size: log.next_index(),
+            view: view_of(&log),
+            log,
+            findings,
+            start,
+            sample_agent,
+            reused: true,
+        });
+    }
+    let span_us = args.days * 86_400 * 1_000_000;
     let detector = AgentKey::from_seed(blake3::hash(b"bench-query-detector").as_bytes());
     let slices = (args.events / 100_000).max(1);
     let per_slice = args.events / slices;
@@ -327,7 +405,6 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("signing and appending");
-    let mut findings = 0u64;
     for slice in 0..slices {
         let slice_start = span_us / slices as i64 * slice as i64;
         let slice_len = span_us / slices as i64;
@@ -354,8 +431,12 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
                     };
                     let mut payload = Payload::new(kind, ts);
                     // Tools skewed: a few common ones, a long tail of rare ones per realm.
-                    let tool = TOOLS[(usize::from(bytes[2]) * usize::from(bytes[2]) / 5462).min(TOOLS.len() - 1)];
-                    payload.action = Some(tool.to_owned());
+                    let tool = if u16::from_le_bytes([bytes[11], bytes[12]]) < 32 {
+                        format!("rare-{}", u16::from_le_bytes([bytes[13], bytes[14]]) % RARE_TOOLS)
+                    } else {
+                        TOOLS[(usize::from(bytes[2]) * usize::from(bytes[2]) / 5462).min(TOOLS.len() - 1)].to_owned()
+                    };
+                    payload.action = Some(tool);
                     payload.target = Some(format!("doc-{}", u16::from_le_bytes([bytes[3], bytes[4]]) % 5000));
                     payload.outcome = Some(if bytes[5] < 250 { Outcome::Ok } else { Outcome::Denied });
                     payload.bytes_in = Some(u64::from(u16::from_le_bytes([bytes[6], bytes[7]])));
@@ -401,22 +482,27 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
     bar.finish_and_clear();
     log.seal()?;
     log.checkpoint()?;
-    let paths = log.paths().clone();
-    let view = custos_ingest::StoreView {
+    Ok(Generated {
+        size: log.next_index(),
+        view: view_of(&log),
+        log,
+        findings,
+        start,
+        sample_agent,
+        reused: false,
+    })
+}
+
+/// What a query of `log` reads: its sealed segments and its tail.
+fn view_of(log: &Log) -> custos_ingest::StoreView {
+    let paths = log.paths();
+    custos_ingest::StoreView {
         segment_dir: paths.segment_dir.clone(),
         segments: log.segments().to_vec(),
         tail: log.tail(),
         size: log.next_index(),
         checkpoints: paths.checkpoints.clone(),
-    };
-    Ok(Generated {
-        size: log.next_index(),
-        log,
-        view,
-        findings,
-        start,
-        sample_agent,
-    })
+    }
 }
 
 struct Proofs {
