@@ -121,6 +121,16 @@ impl Server {
     }
 }
 
+/// A node a test did not stop (it returned early, or failed) is killed, not left running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub(crate) fn post(
     url: &str,
     path: &str,
