@@ -386,15 +386,7 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
             "{} holds an empty store; remove it or give an empty --data",
             data.display()
         );
-        return Ok(Generated {
-            size: log.next_index(),
-            view: view_of(&log),
-            log,
-            findings,
-            start,
-            sample_agent,
-            reused: true,
-        });
+        return Ok(Generated::new(log, findings, start, sample_agent, true));
     }
     let span_us = args.days * 86_400 * 1_000_000;
     let detector = AgentKey::from_seed(blake3::hash(b"bench-query-detector").as_bytes());
@@ -482,26 +474,29 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
     bar.finish_and_clear();
     log.seal()?;
     log.checkpoint()?;
-    Ok(Generated {
-        size: log.next_index(),
-        view: view_of(&log),
-        log,
-        findings,
-        start,
-        sample_agent,
-        reused: false,
-    })
+    Ok(Generated::new(log, findings, start, sample_agent, false))
 }
 
-/// What a query of `log` reads: its sealed segments and its tail.
-fn view_of(log: &Log) -> custos_ingest::StoreView {
-    let paths = log.paths();
-    custos_ingest::StoreView {
-        segment_dir: paths.segment_dir.clone(),
-        segments: log.segments().to_vec(),
-        tail: log.tail(),
-        size: log.next_index(),
-        checkpoints: paths.checkpoints.clone(),
+impl Generated {
+    /// The store in `log`, with what a query of it reads: its sealed segments and its tail.
+    fn new(log: Log, findings: u64, start: chrono::DateTime<Utc>, sample_agent: String, reused: bool) -> Self {
+        let paths = log.paths();
+        let view = custos_ingest::StoreView {
+            segment_dir: paths.segment_dir.clone(),
+            segments: log.segments().to_vec(),
+            tail: log.tail(),
+            size: log.next_index(),
+            checkpoints: paths.checkpoints.clone(),
+        };
+        Self {
+            size: log.next_index(),
+            view,
+            log,
+            findings,
+            start,
+            sample_agent,
+            reused,
+        }
     }
 }
 
