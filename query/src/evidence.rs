@@ -185,7 +185,8 @@ pub async fn select(sources: &Sources, selection: &Selection) -> Result<Vec<LogE
     let answer = crate::sql::collect(frame, selection.limit).await?;
     let mut entries = Vec::with_capacity(answer.rows);
     for batch in &answer.batches {
-        let batch = normalise(batch)?;
+        // The engine hands strings back as views; the row reader wants the segment schema.
+        let batch = crate::tables::cast_to(batch, &custos_store::segment::schema())?;
         let view = custos_store::segment::BatchView::new(&batch)
             .map_err(|error| QueryError::internal(format!("reading log rows: {error}")))?;
         for row in 0..view.len() {
@@ -196,22 +197,6 @@ pub async fn select(sources: &Sources, selection: &Selection) -> Result<Vec<LogE
         }
     }
     Ok(entries)
-}
-
-/// Casts a batch to the segment schema (the engine may hand strings back as views).
-fn normalise(batch: &arrow::array::RecordBatch) -> Result<arrow::array::RecordBatch, QueryError> {
-    let schema = custos_store::segment::schema();
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let column = batch
-                .column_by_name(field.name())
-                .ok_or_else(|| QueryError::internal(format!("column {} missing", field.name())))?;
-            arrow::compute::cast(column, field.data_type()).map_err(|error| QueryError::internal(error.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    arrow::array::RecordBatch::try_new(schema, columns).map_err(|error| QueryError::internal(error.to_string()))
 }
 
 fn hex32(hash: &Hash) -> String {

@@ -120,7 +120,7 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
     let tail: Vec<&custos_store::LogEntry> = view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
     if !tail.is_empty() || plans.is_empty() {
         let batch = custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))?;
-        let batch = as_scan_schema(&batch, &schema)?;
+        let batch = cast_to(&batch, &schema)?;
         let table = MemTable::try_new(schema, vec![vec![batch]])?;
         plans.push(LogicalPlanBuilder::scan("tail", provider_as_source(Arc::new(table)), None)?.build()?);
     }
@@ -136,7 +136,8 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
 /// The segment schema with text columns read as string views: Parquet dictionary pages
 /// then decode without copying each row's string, which is most of a scan's work.
 fn scan_schema() -> SchemaRef {
-    let fields: Vec<Field> = custos_store::segment::schema()
+    let segment = custos_store::segment::schema();
+    let fields: Vec<Field> = segment
         .fields()
         .iter()
         .map(|field| match field.data_type() {
@@ -144,21 +145,22 @@ fn scan_schema() -> SchemaRef {
             _ => field.as_ref().clone(),
         })
         .collect();
-    Arc::new(Schema::new_with_metadata(
-        fields,
-        custos_store::segment::schema().metadata().clone(),
-    ))
+    Arc::new(Schema::new_with_metadata(fields, segment.metadata().clone()))
 }
 
-/// `batch` (in the segment schema) cast to `schema`, the scan schema.
-fn as_scan_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, QueryError> {
-    let columns = batch
-        .columns()
+/// `batch` with each of `schema`'s columns, taken by name and cast to its type: between
+/// the segment schema and the scan schema, either way.
+pub(crate) fn cast_to(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, QueryError> {
+    let columns = schema
+        .fields()
         .iter()
-        .zip(schema.fields())
-        .map(|(column, field)| arrow::compute::cast(column, field.data_type()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| QueryError::internal(format!("reading the tail: {error}")))?;
+        .map(|field| {
+            let column = batch
+                .column_by_name(field.name())
+                .ok_or_else(|| QueryError::internal(format!("column {} missing", field.name())))?;
+            arrow::compute::cast(column, field.data_type()).map_err(|error| QueryError::internal(error.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema.clone(), columns).map_err(|error| QueryError::internal(error.to_string()))
 }
 
