@@ -18,6 +18,8 @@ pub enum DidError {
     NotEd25519(String),
     #[error("`{0}` is not a valid ed25519 point")]
     BadPoint(String),
+    #[error("`{0}` is a small-order ed25519 point, under which any signature would verify")]
+    WeakKey(String),
 }
 
 /// Renders a 32-byte ed25519 public key as a `did:key`.
@@ -30,10 +32,19 @@ pub fn did_from_public_key(public: &[u8; 32]) -> String {
 
 /// Parses a `did:key` back into the 32-byte ed25519 public key it names.
 ///
-/// The key must also be a valid curve point, so a DID that parses can verify signatures.
+/// The key must also be a valid curve point of large order, so a DID that parses can
+/// verify signatures and nobody can sign for it without the private key.
 pub fn public_key_from_did(did: &str) -> Result<[u8; 32], DidError> {
-    let key = key_bytes_from_did(did)?;
-    ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| DidError::BadPoint(truncate(did)))?;
+    verifying_key(did).map(|key| key.to_bytes())
+}
+
+/// The decompressed key a `did:key` names, refusing small-order points.
+pub(crate) fn verifying_key(did: &str) -> Result<ed25519_dalek::VerifyingKey, DidError> {
+    let bytes = key_bytes_from_did(did)?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| DidError::BadPoint(truncate(did)))?;
+    if key.is_weak() {
+        return Err(DidError::WeakKey(truncate(did)));
+    }
     Ok(key)
 }
 
@@ -97,5 +108,24 @@ mod tests {
         other.extend_from_slice(&[2u8; 33]);
         let did = format!("did:key:z{}", bs58::encode(other).into_string());
         assert!(matches!(public_key_from_did(&did), Err(DidError::NotEd25519(_))));
+    }
+
+    #[test]
+    fn refuses_small_order_keys() {
+        // The identity (y = 1) and the point of order 2 (y = −1): any signature "verifies"
+        // under them, so they cannot name a signer.
+        let identity = {
+            let mut y = [0u8; 32];
+            y[0] = 1;
+            y
+        };
+        let mut minus_one = [0xffu8; 32];
+        minus_one[0] = 0xec;
+        minus_one[31] = 0x7f;
+        for public in [identity, minus_one] {
+            let did = did_from_public_key(&public);
+            assert!(matches!(public_key_from_did(&did), Err(DidError::WeakKey(_))), "{did}");
+            assert!(crate::verifying_key_from_did(&did).is_err());
+        }
     }
 }

@@ -16,12 +16,14 @@
 //! - [`dsse`]: the DSSE envelope and its pre-authentication encoding (PAE).
 //! - [`payload`]: the event payload model and its validation rules.
 //! - [`sign`]: keys and the chain-keeping [`sign::Signer`].
-//! - [`verify`]: decoding and batch signature verification.
+//! - [`verify`]: decoding, and signature verification in batches grouped by key.
+//! - [`batch`]: the cofactored batch equation with one term per distinct key.
 //! - [`reason`]: stable reason codes for every rejection.
 //!
 //! The formats are specified in `docs/event-format.md`; the test vectors there are checked
 //! by this crate's tests.
 
+pub mod batch;
 pub mod did;
 pub mod dsse;
 pub mod observe;

@@ -4,10 +4,10 @@
 //! base64, payload type, key id, then the signature (batched), and only then is the signed
 //! payload parsed. Nothing from an unverified payload is trusted or interpreted.
 
-use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use rayon::prelude::*;
 
-use crate::did::{public_key_from_did, truncate};
+use crate::did::truncate;
 use crate::dsse::{CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, Envelope, WireEnvelope, decode_base64};
 use crate::payload::Payload;
 use crate::reason::{Reason, Rejection};
@@ -60,8 +60,7 @@ impl Default for KeyCache {
 
 /// The verifying key a `did:key` names.
 pub fn verifying_key_from_did(did: &str) -> Result<VerifyingKey, crate::did::DidError> {
-    let bytes = public_key_from_did(did)?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| crate::did::DidError::BadPoint(truncate(did)))
+    crate::did::verifying_key(did)
 }
 
 /// An envelope whose signature verified and whose payload is a valid event by its signer.
@@ -150,10 +149,30 @@ pub const LOG_PAYLOAD_TYPES: [&str; 2] = [EVENT_PAYLOAD_TYPE, CONTROL_PAYLOAD_TY
 /// Verifies many signatures: batches of [`BATCH`] across all cores, and any batch that
 /// fails is re-checked one by one so only the culprits are rejected.
 ///
-/// The result is in input order. A batch that verifies is accepted as a whole, so the
-/// cofactored batch equation decides; see `docs/event-format.md`.
+/// Signatures of one key are batched together ([`by_key`]), so each batch's key terms
+/// are merged (see [`crate::batch`]). The result is in input order. A batch and its
+/// signatures one by one accept the same set; see `docs/event-format.md`.
 pub fn verify_signatures(items: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
-    items.par_chunks(BATCH).flat_map_iter(verify_chunk).collect()
+    let order = by_key(items, |(key, _)| key.as_bytes());
+    let sorted: Vec<(&VerifyingKey, &Envelope)> = order.iter().map(|&index| items[index]).collect();
+    let checked: Vec<Result<(), Rejection>> = sorted.par_chunks(BATCH).flat_map_iter(verify_chunk).collect();
+    unsort(&order, checked)
+}
+
+/// The positions of `items` ordered by `key` (stable), so one key's items are adjacent.
+pub fn by_key<T, K: Ord + ?Sized>(items: &[T], key: impl Fn(&T) -> &K) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])));
+    order
+}
+
+/// Puts results computed in `order` (from [`by_key`]) back in input order.
+pub fn unsort<R>(order: &[usize], results: Vec<R>) -> Vec<R> {
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(order.len()).collect();
+    for (&position, result) in order.iter().zip(results) {
+        slots[position] = Some(result);
+    }
+    slots.into_iter().flatten().collect()
 }
 
 fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
@@ -184,17 +203,13 @@ fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejectio
 /// one by one only if the batch fails. `true` where the signature verifies.
 ///
 /// For callers that hold the parts of many envelopes and can build the PAE without
-/// copying them into [`Envelope`]s (the store verifier).
-pub fn verify_messages(items: &[(&VerifyingKey, &[u8], &[u8; 64])]) -> Vec<bool> {
-    let signatures: Vec<Signature> = items.iter().map(|(_, _, sig)| Signature::from_bytes(sig)).collect();
-    let keys: Vec<VerifyingKey> = items.iter().map(|(key, _, _)| **key).collect();
-    let messages: Vec<&[u8]> = items.iter().map(|(_, message, _)| *message).collect();
-    if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+/// copying them into [`Envelope`]s (the store verifier). Items of one key should be
+/// adjacent (see [`by_key`]): that is what makes the batch cheap.
+pub fn verify_messages(items: &[crate::batch::Item<'_>]) -> Vec<bool> {
+    if crate::batch::verify(items) {
         return vec![true; items.len()];
     }
-    (0..items.len())
-        .map(|position| keys[position].verify(messages[position], &signatures[position]).is_ok())
-        .collect()
+    items.iter().map(crate::batch::verify_one).collect()
 }
 
 /// Verifies one envelope's signature (no batching).

@@ -240,18 +240,24 @@ fn entries_of(batch: &arrow::array::RecordBatch) -> Result<Vec<EntryRef<'_>>, cr
 }
 
 /// Checks the signatures of `entries` on every core, in batches of
-/// [`custos_event::verify::BATCH`]; returns the position and reason of each failure.
+/// [`custos_event::verify::BATCH`] with one agent's entries together (so each batch merges
+/// the terms of a repeated key); returns the position and reason of each failure.
 fn signatures_of(entries: &[EntryRef<'_>], keys: &custos_event::KeyCache) -> Vec<(usize, String)> {
     use rayon::prelude::*;
-    entries
+    let order = custos_event::verify::by_key(entries, |entry| entry.keyid);
+    let sorted: Vec<EntryRef<'_>> = order.iter().map(|&index| entries[index]).collect();
+    let mut failures: Vec<(usize, String)> = sorted
         .par_chunks(custos_event::verify::BATCH)
         .enumerate()
         .flat_map_iter(|(number, chunk)| {
+            let order = &order;
             signature_batch(chunk, keys)
                 .into_iter()
-                .map(move |(position, detail)| (number * custos_event::verify::BATCH + position, detail))
+                .map(move |(position, detail)| (order[number * custos_event::verify::BATCH + position], detail))
         })
-        .collect()
+        .collect();
+    failures.sort_by_key(|(position, _)| *position);
+    failures
 }
 
 fn signature_batch(chunk: &[EntryRef<'_>], keys: &custos_event::KeyCache) -> Vec<(usize, String)> {
