@@ -133,19 +133,44 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
     Ok(builder.build()?)
 }
 
-/// The segment schema with text columns read as string views: Parquet dictionary pages
-/// then decode without copying each row's string, which is most of a scan's work.
+/// Text columns with few distinct values in a segment, read as Arrow dictionaries (the
+/// segment files declare them so, see [`custos_store::segment::DICTIONARY_FIELDS`], so
+/// their dictionary pages are read as they are, keys only). Each view's own filters
+/// (`payload_type`, and `realm` for a scoped caller) then compare the few dictionary values
+/// once per batch instead of every row's string. The views hand them on as string views
+/// ([`out`]), like every other text column.
+const DICTIONARY_COLUMNS: [&str; 5] = custos_store::segment::DICTIONARY_FIELDS;
+
+/// The segment schema as scanned: the [`DICTIONARY_COLUMNS`] as dictionaries, the other
+/// text columns as string views (Parquet dictionary pages then decode without copying each
+/// row's string).
 fn scan_schema() -> SchemaRef {
     let segment = custos_store::segment::schema();
     let fields: Vec<Field> = segment
         .fields()
         .iter()
         .map(|field| match field.data_type() {
+            DataType::Utf8 if DICTIONARY_COLUMNS.contains(&field.name().as_str()) => {
+                field.as_ref().clone().with_data_type(DataType::Dictionary(
+                    Box::new(DataType::Int32),
+                    Box::new(DataType::Utf8),
+                ))
+            }
             DataType::Utf8 => field.as_ref().clone().with_data_type(DataType::Utf8View),
             _ => field.as_ref().clone(),
         })
         .collect();
     Arc::new(Schema::new_with_metadata(fields, segment.metadata().clone()))
+}
+
+/// A scanned column as a view shows it: dictionaries become string views (each distinct
+/// value's view is built once per batch, then gathered).
+fn out(name: &str) -> Expr {
+    if DICTIONARY_COLUMNS.contains(&name) {
+        cast(col(name), DataType::Utf8View).alias(name)
+    } else {
+        col(name)
+    }
 }
 
 /// `batch` with each of `schema`'s columns, taken by name and cast to its type: between
@@ -218,7 +243,7 @@ fn event_columns() -> Vec<Expr> {
         "payload_blake3",
     ]
     .into_iter()
-    .map(col)
+    .map(out)
     .collect()
 }
 
@@ -231,9 +256,9 @@ fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         col("log_index"),
         col("ts"),
         field(json_get, "id").alias("id"),
-        col("agent"),
-        col("realm"),
-        col("action").alias("type"),
+        out("agent"),
+        out("realm"),
+        cast(col("action"), DataType::Utf8View).alias("type"),
         cast(field(json_get, "score"), DataType::Int32).alias("score"),
         field(json_get, "severity").alias("severity"),
         cast(field(json_get, "confidence"), DataType::Float64).alias("confidence"),
@@ -244,7 +269,7 @@ fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         field(json_get, "evidence").alias("evidence"),
         field(json_get, "explanation").alias("explanation"),
         field(json_get, "window").alias("window"),
-        col("keyid"),
+        out("keyid"),
         col("payload"),
     ]
 }
@@ -256,16 +281,16 @@ fn action_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         field(json_get, "id").alias("id"),
         field(json_get, "playbook").alias("playbook"),
         field(json_get, "finding_id").alias("finding_id"),
-        col("agent"),
-        col("realm"),
-        col("action"),
+        out("agent"),
+        out("realm"),
+        out("action"),
         col("target"),
         field(json_get, "status").alias("status"),
         field(json_get, "reason").alias("reason"),
         field(json_get, "by").alias("by"),
         field(json_get, "approval_id").alias("approval_id"),
         field(json_get, "undoes").alias("undoes"),
-        col("keyid"),
+        out("keyid"),
         col("payload"),
     ]
 }

@@ -42,6 +42,13 @@ pub const STRING_FIELDS: [&str; 13] = [
 ];
 pub const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
 
+/// Text columns with few distinct values per segment. In the file they are ordinary
+/// dictionary-encoded Parquet strings like every other text column; only the Arrow schema
+/// embedded in the footer (`ARROW:schema`) declares them `Dictionary(Int32, Utf8)`, so an
+/// Arrow reader that follows it (the query engine) gets the dictionary pages as they are,
+/// keys only, instead of one string per row. Custos's own readers ask for [`schema`].
+pub const DICTIONARY_FIELDS: [&str; 5] = ["payload_type", "realm", "kind", "action", "outcome"];
+
 /// The decoded columns of one row, derived from its payload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decoded {
@@ -275,7 +282,35 @@ impl Fields<'_> {
     }
 }
 
-/// The Arrow schema of a segment.
+/// The Arrow schema embedded in a segment file: [`schema`] with the [`DICTIONARY_FIELDS`]
+/// as dictionaries.
+pub fn file_schema() -> SchemaRef {
+    let logical = schema();
+    let fields: Vec<Field> = logical
+        .fields()
+        .iter()
+        .map(|field| {
+            if DICTIONARY_FIELDS.contains(&field.name().as_str()) {
+                field.as_ref().clone().with_data_type(dictionary())
+            } else {
+                field.as_ref().clone()
+            }
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, logical.metadata().clone()))
+}
+
+fn dictionary() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Reader options that decode a segment as [`schema`], whatever Arrow schema the file
+/// embeds (older segments embed `schema` itself).
+fn read_options() -> parquet::arrow::arrow_reader::ArrowReaderOptions {
+    parquet::arrow::arrow_reader::ArrowReaderOptions::new().with_schema(schema())
+}
+
+/// The Arrow schema of a segment, as Custos reads and writes rows.
 pub fn schema() -> SchemaRef {
     let utc: Arc<str> = Arc::from("UTC");
     let timestamp = DataType::Timestamp(TimeUnit::Microsecond, Some(utc));
@@ -357,6 +392,14 @@ fn write<'a>(
             parquet::file::metadata::KeyValue::new(META_FORMAT.into(), "1".to_owned()),
         ]))
         .build();
+    let file_schema = file_schema();
+    let columns = file_schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, column)| arrow::compute::cast(column, field.data_type()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let batch = RecordBatch::try_new(file_schema, columns)?;
     let mut out = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(properties))?;
     writer.write(&batch)?;
@@ -461,9 +504,9 @@ fn footer(metadata: &parquet::file::metadata::ParquetMetaData) -> Vec<(String, S
 
 /// Decodes a whole segment file.
 pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
-    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+    use parquet::arrow::arrow_reader::ArrowReaderMetadata;
     use rayon::prelude::*;
-    let reader_metadata = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())?;
+    let reader_metadata = ArrowReaderMetadata::load(&bytes, read_options())?;
     let metadata = footer(reader_metadata.metadata());
     // Row groups decode independently, on every core.
     let groups = reader_metadata.metadata().num_row_groups();
@@ -495,7 +538,8 @@ pub struct SegmentReader {
 /// Opens a segment file for streaming, `batch_rows` rows at a time. A truncated file fails
 /// here (no footer); damage inside a page fails at the batch that holds it.
 pub fn open_stream(bytes: Bytes, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(batch_rows.max(1));
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, read_options())?
+        .with_batch_size(batch_rows.max(1));
     let metadata = footer(builder.metadata());
     Ok(SegmentReader {
         metadata,

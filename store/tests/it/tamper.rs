@@ -275,3 +275,46 @@ fn edited_decoded_column_is_located() {
     let problem = find(&report, "decoded_column");
     assert_eq!((problem[0].row, problem[0].log_index), (Some(4), Some(4)));
 }
+
+/// Segment files declare the low-cardinality text columns as Arrow dictionaries (so the query
+/// engine reads their dictionary pages as they are), while Custos's readers still decode every
+/// file, including one written before that, to the same rows.
+#[test]
+fn segments_declare_dictionaries_and_files_without_them_still_decode() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let built = build_sealed(95, 40);
+    let path = &built.segments()[0];
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    let embedded = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+        .unwrap()
+        .schema()
+        .clone();
+    for field in embedded.fields() {
+        let dictionary = matches!(field.data_type(), arrow::datatypes::DataType::Dictionary(_, _));
+        assert_eq!(
+            dictionary,
+            segment::DICTIONARY_FIELDS.contains(&field.name().as_str()),
+            "{field:?}"
+        );
+    }
+    let decoded = segment::decode(bytes).unwrap();
+    assert_eq!(decoded.rows.len(), 40);
+
+    // The same rows written with the plain schema, as older segments are.
+    let entries: Vec<_> = decoded.rows.iter().map(|row| row.entry.clone()).collect();
+    let batch = segment::batch(&entries).unwrap();
+    assert_eq!(batch.schema(), segment::schema());
+    let mut plain = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut plain, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    let again = segment::decode(bytes::Bytes::from(plain)).unwrap();
+    let rows = |segment: &segment::Segment| -> Vec<_> {
+        segment
+            .rows
+            .iter()
+            .map(|row| (row.entry.clone(), row.decoded.clone()))
+            .collect()
+    };
+    assert_eq!(rows(&again), rows(&decoded));
+}
