@@ -167,7 +167,7 @@ pub fn by_key<T, K: Ord + ?Sized>(items: &[T], key: impl Fn(&T) -> &K) -> Vec<us
 }
 
 /// Puts results computed in `order` (from [`by_key`]) back in input order.
-pub fn unsort<R>(order: &[usize], results: Vec<R>) -> Vec<R> {
+fn unsort<R>(order: &[usize], results: Vec<R>) -> Vec<R> {
     let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(order.len()).collect();
     for (&position, result) in order.iter().zip(results) {
         slots[position] = Some(result);

@@ -141,21 +141,15 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
 /// ([`out`]), like every other text column.
 const DICTIONARY_COLUMNS: [&str; 5] = custos_store::segment::DICTIONARY_FIELDS;
 
-/// The segment schema as scanned: the [`DICTIONARY_COLUMNS`] as dictionaries, the other
-/// text columns as string views (Parquet dictionary pages then decode without copying each
-/// row's string).
+/// The segment schema as scanned: the file schema (the [`DICTIONARY_COLUMNS`] as
+/// dictionaries), with the other text columns as string views (Parquet dictionary pages
+/// then decode without copying each row's string).
 fn scan_schema() -> SchemaRef {
-    let segment = custos_store::segment::schema();
+    let segment = custos_store::segment::file_schema();
     let fields: Vec<Field> = segment
         .fields()
         .iter()
         .map(|field| match field.data_type() {
-            DataType::Utf8 if DICTIONARY_COLUMNS.contains(&field.name().as_str()) => {
-                field.as_ref().clone().with_data_type(DataType::Dictionary(
-                    Box::new(DataType::Int32),
-                    Box::new(DataType::Utf8),
-                ))
-            }
             DataType::Utf8 => field.as_ref().clone().with_data_type(DataType::Utf8View),
             _ => field.as_ref().clone(),
         })
