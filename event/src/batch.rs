@@ -78,16 +78,45 @@ pub fn verify(items: &[Item<'_>]) -> bool {
     if items.is_empty() {
         return true;
     }
-    let mut randomness = vec![0u8; 16 * items.len()];
-    if getrandom::fill(&mut randomness).is_err() {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => verify_with(items, &mut scratch),
+        // Only a re-entrant call (none today) finds the buffers taken.
+        Err(_) => verify_with(items, &mut Scratch::default()),
+    })
+}
+
+/// The buffers of one batch, kept per thread: a verify thread checks batch after batch of
+/// the same size, and reusing them spares the allocator and the kernel fresh pages.
+#[derive(Default)]
+struct Scratch {
+    randomness: Vec<u8>,
+    scalars: Vec<Scalar>,
+    points: Vec<EdwardsPoint>,
+    /// The distinct keys of the batch, each with the sum of its zᵢhᵢ.
+    keys: Vec<([u8; 32], Scalar, EdwardsPoint)>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+fn verify_with(items: &[Item<'_>], scratch: &mut Scratch) -> bool {
+    let Scratch {
+        randomness,
+        scalars,
+        points,
+        keys,
+    } = scratch;
+    randomness.clear();
+    randomness.resize(16 * items.len(), 0);
+    scalars.clear();
+    points.clear();
+    keys.clear();
+    if getrandom::fill(randomness).is_err() {
         // Without unpredictable weights a batch proves nothing: check one by one.
         return items.iter().all(verify_one);
     }
     let mut b_coefficient = Scalar::ZERO;
-    let mut scalars = Vec::with_capacity(items.len() + 16);
-    let mut points = Vec::with_capacity(items.len() + 16);
-    // The distinct keys of the batch, each with the sum of its zᵢhᵢ.
-    let mut keys: Vec<(&[u8; 32], Scalar, EdwardsPoint)> = Vec::new();
     let mut last_key: Option<usize> = None;
     for (item, weight) in items.iter().zip(randomness.chunks_exact(16)) {
         let Some(Parts { r, s, h }) = parts(item) else {
@@ -100,11 +129,11 @@ pub fn verify(items: &[Item<'_>]) -> bool {
         let key = item.0.as_bytes();
         // Sorted input makes the previous key the usual hit; otherwise search the few seen.
         let slot = match last_key {
-            Some(slot) if keys[slot].0 == key => slot,
-            _ => match keys.iter().position(|(seen, _, _)| *seen == key) {
+            Some(slot) if &keys[slot].0 == key => slot,
+            _ => match keys.iter().position(|(seen, _, _)| seen == key) {
                 Some(slot) => slot,
                 None => {
-                    keys.push((key, Scalar::ZERO, item.0.to_edwards()));
+                    keys.push((*key, Scalar::ZERO, item.0.to_edwards()));
                     keys.len() - 1
                 }
             },
@@ -112,13 +141,13 @@ pub fn verify(items: &[Item<'_>]) -> bool {
         keys[slot].1 += z * h;
         last_key = Some(slot);
     }
-    for (_, coefficient, point) in keys {
-        scalars.push(coefficient);
-        points.push(point);
+    for (_, coefficient, point) in keys.iter() {
+        scalars.push(*coefficient);
+        points.push(*point);
     }
     scalars.push(-b_coefficient);
     points.push(ED25519_BASEPOINT_POINT);
-    EdwardsPoint::vartime_multiscalar_mul(scalars, points)
+    EdwardsPoint::vartime_multiscalar_mul(scalars.iter(), points.iter())
         .mul_by_cofactor()
         .is_identity()
 }

@@ -176,11 +176,18 @@ fn unsort<R>(order: &[usize], results: Vec<R>) -> Vec<R> {
 }
 
 fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
-    let messages: Vec<Vec<u8>> = chunk.iter().map(|(_, envelope)| envelope.pae()).collect();
+    // Every message of the batch goes into one buffer, ended at the recorded offsets.
+    let mut messages = Vec::with_capacity(chunk.iter().map(|(_, envelope)| envelope.payload.len() + 64).sum());
+    let mut ends = Vec::with_capacity(chunk.len());
+    for (_, envelope) in chunk {
+        crate::dsse::pae_into(&mut messages, &envelope.payload_type, &envelope.payload);
+        ends.push(messages.len());
+    }
+    let starts = std::iter::once(0).chain(ends.iter().copied());
     let items: Vec<(&VerifyingKey, &[u8], &[u8; 64])> = chunk
         .iter()
-        .zip(&messages)
-        .map(|((key, envelope), message)| (*key, message.as_slice(), &envelope.sig))
+        .zip(starts.zip(&ends))
+        .map(|((key, envelope), (start, &end))| (*key, &messages[start..end], &envelope.sig))
         .collect();
     verify_messages(&items)
         .into_iter()

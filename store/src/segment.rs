@@ -408,22 +408,37 @@ fn write<'a>(
 }
 
 fn record_batch<'a>(
-    rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)>,
+    rows_in: impl ExactSizeIterator<Item = (&'a LogEntry, &'a Decoded)> + Clone,
 ) -> Result<RecordBatch, SegmentError> {
     let rows = rows_in.len();
+    // Byte totals first, so each builder allocates once instead of doubling (and copying)
+    // its way up to a segment's tens of megabytes.
+    let mut text_bytes = [0usize; 3];
+    let mut string_bytes = [0usize; STRING_FIELDS.len()];
+    for (entry, decoded) in rows_in.clone() {
+        text_bytes[0] += entry.payload_type.len();
+        text_bytes[1] += entry.keyid.len();
+        text_bytes[2] += entry.payload.len();
+        for (total, value) in string_bytes.iter_mut().zip(&decoded.strings) {
+            *total += value.as_ref().map_or(0, String::len);
+        }
+    }
     let mut log_index = UInt64Builder::with_capacity(rows);
     let mut ingest_ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
-    let mut payload_type = StringBuilder::new();
-    let mut keyid = StringBuilder::new();
+    let mut payload_type = StringBuilder::with_capacity(rows, text_bytes[0]);
+    let mut keyid = StringBuilder::with_capacity(rows, text_bytes[1]);
     let mut ts = TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC");
-    let mut strings: Vec<StringBuilder> = STRING_FIELDS.iter().map(|_| StringBuilder::new()).collect();
+    let mut strings: Vec<StringBuilder> = string_bytes
+        .iter()
+        .map(|&bytes| StringBuilder::with_capacity(rows, bytes))
+        .collect();
     let mut numbers: Vec<UInt64Builder> = NUMBER_FIELDS
         .iter()
         .map(|_| UInt64Builder::with_capacity(rows))
         .collect();
     let mut gap_from = UInt64Builder::with_capacity(rows);
     let mut gap_to = UInt64Builder::with_capacity(rows);
-    let mut payload = BinaryBuilder::new();
+    let mut payload = BinaryBuilder::with_capacity(rows, text_bytes[2]);
     let mut sig = FixedSizeBinaryBuilder::with_capacity(rows, 64);
     let mut digest = FixedSizeBinaryBuilder::with_capacity(rows, 32);
     for (entry, decoded) in rows_in {
