@@ -434,7 +434,21 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
+/// mimalloc asks for transparent huge pages on its arenas. Under ingest that makes the
+/// kernel zero whole 2 MiB pages that are then only partly used and purged again: in
+/// `bench ingest` it cost about a third of the system time and 5-10% of throughput
+/// (docs/BENCHMARKS.md). Operators who want them back set `MIMALLOC_ALLOW_THP=1`.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none()
+        && let Err(error) = rustix::thread::disable_transparent_huge_pages(true)
+    {
+        eprintln!("warning: cannot turn transparent huge pages off: {error}");
+    }
+}
+
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
