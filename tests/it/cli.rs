@@ -254,3 +254,22 @@ fn the_demo_runs_clean() {
         assert!(text.contains(shown), "the demo does not show `{shown}`:\n{text}");
     }
 }
+
+/// `serve` turns transparent huge pages off for itself (the allocator would otherwise ask
+/// for them, and zeroing them costs ingest; docs/BENCHMARKS.md).
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_runs_without_transparent_huge_pages() {
+    let directory = tempfile::tempdir().unwrap();
+    let server = Server::start(directory.path());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("THP_enabled:"))
+        .map(str::to_owned);
+    server.stop();
+    // Kernels before 5.0 do not report the flag; there is nothing to check there.
+    if let Some(line) = line {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+}
