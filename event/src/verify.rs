@@ -177,7 +177,12 @@ fn unsort<R>(order: &[usize], results: Vec<R>) -> Vec<R> {
 
 fn verify_chunk(chunk: &[(&VerifyingKey, &Envelope)]) -> Vec<Result<(), Rejection>> {
     // Every message of the batch goes into one buffer, ended at the recorded offsets.
-    let mut messages = Vec::with_capacity(chunk.iter().map(|(_, envelope)| envelope.payload.len() + 64).sum());
+    let mut messages = Vec::with_capacity(
+        chunk
+            .iter()
+            .map(|(_, envelope)| envelope.payload_type.len() + envelope.payload.len() + 32)
+            .sum(),
+    );
     let mut ends = Vec::with_capacity(chunk.len());
     for (_, envelope) in chunk {
         crate::dsse::pae_into(&mut messages, &envelope.payload_type, &envelope.payload);

@@ -341,7 +341,7 @@ async fn post_events(
     // On the rayon pool rather than tokio's blocking pool: a fixed thread per core does
     // all the decoding and verifying, so its allocator keeps reusing warm memory instead
     // of each of a changing set of blocking threads faulting in fresh pages.
-    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let (sender, receiver) = oneshot::channel();
     rayon::spawn(move || {
         let _timer = crate::metrics::VERIFY_SECONDS.start_timer();
         // A panic on a rayon thread would abort the process; caught, it drops `sender` and
