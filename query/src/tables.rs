@@ -133,17 +133,18 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
     Ok(builder.build()?)
 }
 
-/// Text columns with few distinct values in a segment, read as Arrow dictionaries (the
-/// segment files declare them so, see [`custos_store::segment::DICTIONARY_FIELDS`], so
-/// their dictionary pages are read as they are, keys only). Each view's own filters
-/// (`payload_type`, and `realm` for a scoped caller) then compare the few dictionary values
-/// once per batch instead of every row's string. The views hand them on as string views
-/// ([`out`]), like every other text column.
-const DICTIONARY_COLUMNS: [&str; 5] = custos_store::segment::DICTIONARY_FIELDS;
-
-/// The segment schema as scanned: the file schema (the [`DICTIONARY_COLUMNS`] as
-/// dictionaries), with the other text columns as string views (Parquet dictionary pages
-/// then decode without copying each row's string).
+/// The segment schema as scanned: the file schema, with the text columns that are not
+/// dictionaries as string views (Parquet dictionary pages then decode without copying
+/// each row's string).
+///
+/// Text columns with few distinct values in a segment
+/// ([`custos_store::segment::DICTIONARY_FIELDS`]) are read as Arrow dictionaries: the
+/// segment files declare them so, so their dictionary pages are read as they are, keys
+/// only. The views hand them on as dictionaries too ([`out`]): a caller's
+/// `kind = 'tool_call'` then compares the few dictionary values once per batch (the
+/// optimiser unwraps the comparison's cast onto the dictionary), filtering keeps keys
+/// only, and grouping hashes each distinct value once. Answers carry them as
+/// `Dictionary(Int32, Utf8)`; every answer format writes them as plain text.
 fn scan_schema() -> SchemaRef {
     let segment = custos_store::segment::file_schema();
     let fields: Vec<Field> = segment
@@ -157,14 +158,10 @@ fn scan_schema() -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, segment.metadata().clone()))
 }
 
-/// A scanned column as a view shows it: dictionaries become string views (each distinct
-/// value's view is built once per batch, then gathered).
+/// A scanned column as a view shows it: as scanned (see [`scan_schema`] for why the
+/// dictionaries are not cast to strings here).
 fn out(name: &str) -> Expr {
-    if DICTIONARY_COLUMNS.contains(&name) {
-        cast(col(name), DataType::Utf8View).alias(name)
-    } else {
-        col(name)
-    }
+    col(name)
 }
 
 /// `batch` with each of `schema`'s columns, taken by name and cast to its type: between
@@ -252,7 +249,7 @@ fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         field(json_get, "id").alias("id"),
         out("agent"),
         out("realm"),
-        cast(col("action"), DataType::Utf8View).alias("type"),
+        out("action").alias("type"),
         cast(field(json_get, "score"), DataType::Int32).alias("score"),
         field(json_get, "severity").alias("severity"),
         cast(field(json_get, "confidence"), DataType::Float64).alias("confidence"),

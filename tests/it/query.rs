@@ -163,6 +163,52 @@ fn sql_sees_segments_and_tail_in_every_format() {
         }
     }
 
+    // The few-valued text columns stay dictionaries: a filter on one compares the
+    // dictionary (no per-row cast to string in the plan), Arrow answers keep the type,
+    // and text answers show plain strings.
+    let plan = rows(
+        url,
+        &fleet.admin,
+        "EXPLAIN SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action",
+    );
+    let physical = plan
+        .iter()
+        .find(|row| row["plan_type"] == "physical_plan")
+        .and_then(|row| row["plan"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        physical.contains("kind@") && physical.contains("= tool_call"),
+        "{physical}"
+    );
+    assert!(!physical.contains("CAST(kind"), "kind is cast per row: {physical}");
+    let (status, body, _) = sql(
+        url,
+        &fleet.admin,
+        "SELECT realm, kind, action FROM events WHERE kind = 'tool_call' ORDER BY log_index LIMIT 2",
+        "application/vnd.apache.arrow.stream",
+    );
+    assert_eq!(status, 200);
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    let kind = reader.schema().field_with_name("kind").unwrap().data_type().clone();
+    assert_eq!(
+        kind,
+        arrow::datatypes::DataType::Dictionary(
+            Box::new(arrow::datatypes::DataType::Int32),
+            Box::new(arrow::datatypes::DataType::Utf8)
+        )
+    );
+    let (_, csv, _) = sql(
+        url,
+        &fleet.admin,
+        "SELECT realm, kind, action FROM events WHERE kind = 'tool_call' ORDER BY log_index LIMIT 2",
+        "text/csv",
+    );
+    assert_eq!(
+        String::from_utf8(csv).unwrap(),
+        "realm,kind,action\neng,tool_call,tool0\neng,tool_call,tool1\n"
+    );
+
     // REST: filters and cursor pagination on log_index.
     let (status, page) = get(url, "/v1/events?realm=eng&action=tool1&limit=50", &fleet.admin);
     assert_eq!(status, 200, "{page}");
