@@ -144,7 +144,8 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
 /// `kind = 'tool_call'` then compares the few dictionary values once per batch (the
 /// optimiser unwraps the comparison's cast onto the dictionary), filtering keeps keys
 /// only, and grouping hashes each distinct value once. Answers carry them as
-/// `Dictionary(Int32, Utf8)`; every answer format writes them as plain text.
+/// `Dictionary(Int32, Utf8)`: JSON, NDJSON and CSV show plain text, Arrow IPC and Parquet
+/// keep the dictionary type.
 fn scan_schema() -> SchemaRef {
     let segment = custos_store::segment::file_schema();
     let fields: Vec<Field> = segment
