@@ -140,10 +140,10 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
 /// Text columns with few distinct values in a segment
 /// ([`custos_store::segment::DICTIONARY_FIELDS`]) are read as Arrow dictionaries: the
 /// segment files declare them so, so their dictionary pages are read as they are, keys
-/// only. The views hand them on as dictionaries too ([`out`]): a caller's
-/// `kind = 'tool_call'` then compares the few dictionary values once per batch (the
-/// optimiser unwraps the comparison's cast onto the dictionary), filtering keeps keys
-/// only, and grouping hashes each distinct value once. Answers carry them as
+/// only. The views hand them on as dictionaries too (no cast in their projections): a
+/// caller's `kind = 'tool_call'` then compares the few dictionary values once per batch
+/// (the optimiser unwraps the comparison's cast onto the dictionary), filtering keeps
+/// keys only, and grouping hashes each distinct value once. Answers carry them as
 /// `Dictionary(Int32, Utf8)`: JSON, NDJSON and CSV show plain text, Arrow IPC and Parquet
 /// keep the dictionary type.
 fn scan_schema() -> SchemaRef {
@@ -157,12 +157,6 @@ fn scan_schema() -> SchemaRef {
         })
         .collect();
     Arc::new(Schema::new_with_metadata(fields, segment.metadata().clone()))
-}
-
-/// A scanned column as a view shows it: as scanned (see [`scan_schema`] for why the
-/// dictionaries are not cast to strings here).
-fn out(name: &str) -> Expr {
-    col(name)
 }
 
 /// `batch` with each of `schema`'s columns, taken by name and cast to its type: between
@@ -235,7 +229,7 @@ fn event_columns() -> Vec<Expr> {
         "payload_blake3",
     ]
     .into_iter()
-    .map(out)
+    .map(col)
     .collect()
 }
 
@@ -248,9 +242,9 @@ fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         col("log_index"),
         col("ts"),
         field(json_get, "id").alias("id"),
-        out("agent"),
-        out("realm"),
-        out("action").alias("type"),
+        col("agent"),
+        col("realm"),
+        col("action").alias("type"),
         cast(field(json_get, "score"), DataType::Int32).alias("score"),
         field(json_get, "severity").alias("severity"),
         cast(field(json_get, "confidence"), DataType::Float64).alias("confidence"),
@@ -261,7 +255,7 @@ fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         field(json_get, "evidence").alias("evidence"),
         field(json_get, "explanation").alias("explanation"),
         field(json_get, "window").alias("window"),
-        out("keyid"),
+        col("keyid"),
         col("payload"),
     ]
 }
@@ -273,16 +267,16 @@ fn action_columns(json_get: &ScalarUDF) -> Vec<Expr> {
         field(json_get, "id").alias("id"),
         field(json_get, "playbook").alias("playbook"),
         field(json_get, "finding_id").alias("finding_id"),
-        out("agent"),
-        out("realm"),
-        out("action"),
+        col("agent"),
+        col("realm"),
+        col("action"),
         col("target"),
         field(json_get, "status").alias("status"),
         field(json_get, "reason").alias("reason"),
         field(json_get, "by").alias("by"),
         field(json_get, "approval_id").alias("approval_id"),
         field(json_get, "undoes").alias("undoes"),
-        out("keyid"),
+        col("keyid"),
         col("payload"),
     ]
 }

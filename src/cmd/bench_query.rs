@@ -240,14 +240,15 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         // DuckDB right after, query by query: both engines see the machine within
         // seconds of each other, so a load change moves both figures, not one ratio.
         if !args.no_duckdb {
-            let theirs = duckdb_baseline(&args, &generated, &from, &to, name)?;
-            duck["version"] = theirs["version"].clone();
-            duck["queries"][*name] = theirs["queries"][*name].clone();
+            let mut theirs = duckdb_baseline(&args, &generated, &from, &to, name)?;
+            let answer = theirs["queries"][*name].take();
             eprintln!(
                 "duckdb  {name:<22} {:>9.1} ms  ({} rows)",
-                theirs["queries"][*name]["median_ms"].as_f64().unwrap_or(f64::NAN),
-                theirs["queries"][*name]["rows"]
+                answer["median_ms"].as_f64().unwrap_or(f64::NAN),
+                answer["rows"]
             );
+            duck["version"] = theirs["version"].take();
+            duck["queries"][*name] = answer;
         }
     }
 
