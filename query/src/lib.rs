@@ -17,9 +17,12 @@
 
 pub mod access;
 pub mod console;
+mod decoding;
+pub mod dictagg;
 pub mod evidence;
 pub mod http;
 mod json;
+mod morsels;
 pub mod ocsf;
 pub mod sql;
 pub mod tables;

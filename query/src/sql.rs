@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt as _;
 
@@ -42,28 +45,49 @@ pub struct Answer {
 
 /// A session holding only the caller's tables, with a memory pool of its own.
 pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Result<SessionContext, QueryError> {
-    let mut config = SessionConfig::new()
+    let config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(2)
         .with_default_catalog_and_schema("custos", "public");
-    // Filters are evaluated while decoding: only rows that pass have their other columns
-    // decoded. Every table is a view filtered on `payload_type` (and on `realm` for a
-    // scoped caller), so without this each query would decode, for instance, every
-    // payload to keep the few findings.
-    let parquet = &mut config.options_mut().execution.parquet;
-    parquet.pushdown_filters = true;
-    parquet.reorder_filters = true;
+    // Whether filters are evaluated while decoding (late materialisation) is decided per
+    // table and per filter (`tables::Decoding`), not here: the session-wide switch would
+    // turn it on for every table and every filter.
 
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(limits.memory_bytes)))
         .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rules(physical_rules());
+    let ctx = SessionContext::new_with_state(state.build());
     ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
         crate::trunc::DateTruncUtc::new(),
     ));
     register(&ctx, sources, scope).await?;
     Ok(ctx)
 }
+
+/// DataFusion's physical optimiser rules with Custos's own:
+///
+/// - right before the first `FilterPushdown` pass (which moves the filters above each
+///   scan into it), the split between filters evaluated while decoding and after it
+///   ([`crate::decoding`]);
+/// - at the end, grouping by dictionary keys ([`crate::dictagg`]) and scans cut into
+///   row-group-sized ranges ([`crate::morsels`]).
+fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+    let mut rules = PhysicalOptimizer::default().rules;
+    let pushdown = rules.iter().position(|rule| rule.name() == FIRST_PUSHDOWN).unwrap_or(0);
+    rules.insert(pushdown, Arc::new(crate::decoding::SplitScanFilters));
+    rules.push(Arc::new(crate::dictagg::DictionaryGroupBy));
+    rules.push(Arc::new(crate::morsels::SplitFileRanges));
+    rules
+}
+
+/// The name of DataFusion's first filter pushdown pass (the later one is
+/// `FilterPushdown(Post)`).
+const FIRST_PUSHDOWN: &str = "FilterPushdown";
 
 /// Plans and runs `sql` as the caller: statements that define, change or copy data,
 /// and `SET`, are refused before planning finishes.
@@ -205,4 +229,25 @@ pub fn encode(answer: &Answer, format: Format) -> Result<Vec<u8>, QueryError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The filter split must run before DataFusion's first pushdown pass, or that pass has
+    /// already moved every filter into the scans (a renamed pass would silently undo the
+    /// split: this fails instead).
+    #[test]
+    fn the_filter_split_runs_right_before_the_first_pushdown() {
+        let names: Vec<String> = physical_rules().iter().map(|rule| rule.name().to_owned()).collect();
+        let split = names.iter().position(|name| name == "split_scan_filters").unwrap();
+        assert_eq!(
+            names.get(split + 1).map(String::as_str),
+            Some(FIRST_PUSHDOWN),
+            "{names:?}"
+        );
+        assert!(names.iter().any(|name| name == "FilterPushdown(Post)"), "{names:?}");
+        assert_eq!(names.len(), PhysicalOptimizer::default().rules.len() + 3);
+    }
 }

@@ -14,6 +14,7 @@ use custos_event::{ACTION_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE
 use custos_ingest::Role;
 use datafusion::catalog::MemTable;
 use datafusion::catalog::view::ViewTable;
+use datafusion::config::TableParquetOptions;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::provider_as_source;
@@ -62,7 +63,7 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
     let tables = scope.tables();
     let json_get = ScalarUDF::from(JsonGet::new());
     if tables.contains(&"events") {
-        let log = log_plan(&sources.view).await?;
+        let log = log_plan(&sources.view, true).await?;
         let realm = realm_filter(scope);
         let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
         ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
@@ -98,7 +99,12 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
 }
 
 /// The whole log: sealed Parquet segments, then the unsealed tail from memory.
-pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalPlan, QueryError> {
+///
+/// With `late`, the segment scans may evaluate filters while decoding (late
+/// materialisation: only rows that pass have their other columns decoded); which filters
+/// they take is decided in the SQL session's plan ([`crate::decoding`]). Without it,
+/// filters prune row groups and pages by their statistics, then run on decoded batches.
+pub(crate) async fn log_plan(view: &custos_ingest::StoreView, late: bool) -> Result<LogicalPlan, QueryError> {
     let schema = scan_schema();
     let mut plans = Vec::new();
     if !view.segments.is_empty() {
@@ -110,7 +116,11 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
                 ListingTableUrl::parse(path.to_string_lossy().as_ref())
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let mut parquet = TableParquetOptions::default();
+        parquet.global.pushdown_filters = late;
+        parquet.global.reorder_filters = late;
+        let format = ParquetFormat::default().with_options(parquet);
+        let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)
             .with_schema(schema.clone());
@@ -137,13 +147,13 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView) -> Result<LogicalP
 /// dictionaries as string views (Parquet dictionary pages then decode without copying
 /// each row's string).
 ///
-/// Text columns with few distinct values in a segment
+/// Text columns with far fewer distinct values than rows in a segment
 /// ([`custos_store::segment::DICTIONARY_FIELDS`]) are read as Arrow dictionaries: the
 /// segment files declare them so, so their dictionary pages are read as they are, keys
 /// only. The views hand them on as dictionaries too (no cast in their projections): a
 /// caller's `kind = 'tool_call'` then compares the few dictionary values once per batch
 /// (the optimiser unwraps the comparison's cast onto the dictionary), filtering keeps
-/// keys only, and grouping hashes each distinct value once. Answers carry them as
+/// keys only, and grouping numbers groups by key ([`crate::dictagg`]). Answers carry them as
 /// `Dictionary(Int32, Utf8)`: JSON, NDJSON and CSV show plain text, Arrow IPC and Parquet
 /// keep the dictionary type.
 fn scan_schema() -> SchemaRef {

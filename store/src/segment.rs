@@ -42,12 +42,14 @@ pub const STRING_FIELDS: [&str; 13] = [
 ];
 pub const NUMBER_FIELDS: [&str; 5] = ["seq", "bytes_in", "bytes_out", "tokens_in", "tokens_out"];
 
-/// Text columns with few distinct values per segment. In the file they are ordinary
+/// Text columns with far fewer distinct values than rows per segment (a few kinds and
+/// outcomes, tens of realms and actions, thousands of agents in a million rows). In the
+/// file they are ordinary
 /// dictionary-encoded Parquet strings like every other text column; only the Arrow schema
 /// embedded in the footer (`ARROW:schema`) declares them `Dictionary(Int32, Utf8)`, so an
 /// Arrow reader that follows it (the query engine) gets the dictionary pages as they are,
 /// keys only, instead of one string per row. Custos's own readers ask for [`schema`].
-pub const DICTIONARY_FIELDS: [&str; 5] = ["payload_type", "realm", "kind", "action", "outcome"];
+pub const DICTIONARY_FIELDS: [&str; 6] = ["payload_type", "agent", "realm", "kind", "action", "outcome"];
 
 /// The decoded columns of one row, derived from its payload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

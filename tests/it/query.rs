@@ -182,6 +182,54 @@ fn sql_sees_segments_and_tail_in_every_format() {
         "{physical}"
     );
     assert!(!physical.contains("CAST(kind"), "kind is cast per row: {physical}");
+    // Grouping by dictionaries numbers groups by key (custos_query::dictagg), and counts
+    // what the stock aggregate counts over the same rows as plain strings.
+    assert!(physical.contains("DictionaryGroupExec"), "{physical}");
+    let by_key = rows(
+        url,
+        &fleet.admin,
+        "SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action \
+         ORDER BY realm, action",
+    );
+    let by_text = rows(
+        url,
+        &fleet.admin,
+        "SELECT realm, action, count(*) AS n FROM (SELECT CAST(realm AS VARCHAR) AS realm, \
+         CAST(action AS VARCHAR) AS action FROM events WHERE kind = 'tool_call') GROUP BY realm, action \
+         ORDER BY realm, action",
+    );
+    assert!(by_key.len() > 1, "{by_key:?}");
+    assert_eq!(by_key, by_text);
+    // The filter on a few-valued column runs after decoding, above AfterDecoding
+    // (custos_query's decoding rule); one on an identifier runs in the Parquet scan.
+    assert!(physical.contains("AfterDecoding"), "{physical}");
+    let agent = rows(
+        url,
+        &fleet.admin,
+        "SELECT agent FROM events WHERE realm = 'eng' LIMIT 1",
+    )[0]["agent"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let split = format!("SELECT count(*) AS n FROM events WHERE agent = '{agent}' AND action = 'tool1'");
+    let plan = rows(url, &fleet.admin, &format!("EXPLAIN {split}"));
+    let physical = plan
+        .iter()
+        .find(|row| row["plan_type"] == "physical_plan")
+        .and_then(|row| row["plan"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let scan = physical
+        .lines()
+        .find(|line| line.contains("file_type=parquet"))
+        .unwrap_or_else(|| panic!("no Parquet scan: {physical}"));
+    assert!(scan.contains("agent@") && scan.contains(&agent), "{physical}");
+    assert!(
+        !scan.contains("tool1"),
+        "the action filter went into the scan: {physical}"
+    );
+    // 300 eng events, actions tool0..tool3 in turn: 75 of each, across segment and tail.
+    assert_eq!(rows(url, &fleet.admin, &split), vec![json!({"n": 75})]);
     let (status, body, _) = sql(
         url,
         &fleet.admin,

@@ -318,3 +318,65 @@ fn segments_declare_dictionaries_and_files_without_them_still_decode() {
     };
     assert_eq!(rows(&again), rows(&decoded));
 }
+
+/// A segment with more distinct agents than fit the writer's dictionary page (1 MiB) falls
+/// back to plain pages for `agent`; an Arrow reader that follows the embedded schema still
+/// gets a dictionary column, row for row the same agents, and Custos's decoder the same rows.
+#[test]
+fn an_agent_column_past_the_dictionary_limit_still_reads_as_a_dictionary() {
+    use arrow::array::AsArray as _;
+    use arrow::datatypes::Int32Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::basic::Encoding;
+
+    let agent = |n: usize| format!("did:key:z6Mk{n:0>44}");
+    let entries: Vec<custos_store::LogEntry> = (0..30_000)
+        .map(|n| {
+            let payload = format!(
+                r#"{{"agent":"{}","seq":0,"ts":"2026-12-03T00:00:00Z","realm":"eng","kind":"tool_call"}}"#,
+                agent(n)
+            )
+            .into_bytes();
+            custos_store::LogEntry {
+                log_index: n as u64,
+                ingest_ts_us: 1_700_000_000_000_000 + n as i64,
+                payload_type: custos_event::EVENT_PAYLOAD_TYPE.to_owned(),
+                keyid: agent(n),
+                sig: [0; 64],
+                payload_blake3: *blake3::hash(&payload).as_bytes(),
+                payload,
+                gap: None,
+            }
+        })
+        .collect();
+    let bytes = bytes::Bytes::from(segment::encode("0", &entries).unwrap());
+
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
+    let column = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|column| column.name() == "agent")
+        .unwrap();
+    let chunk = builder.metadata().row_group(0).column(column);
+    let encodings: Vec<Encoding> = chunk.encodings().collect();
+    assert!(
+        encodings.contains(&Encoding::PLAIN),
+        "the writer kept a dictionary for every page: {encodings:?}; raise the agent count"
+    );
+    let mut seen = 0;
+    for batch in builder.build().unwrap() {
+        let batch = batch.unwrap();
+        let agents = batch.column_by_name("agent").unwrap().as_dictionary::<Int32Type>();
+        let values = agents.values().as_string::<i32>();
+        for row in 0..agents.len() {
+            let key = agents.keys().value(row) as usize;
+            assert_eq!(values.value(key), agent(seen), "row {seen}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, entries.len());
+    let decoded = segment::decode(bytes).unwrap();
+    assert_eq!(decoded.rows.len(), entries.len());
+    assert_eq!(decoded.rows[29_999].entry.keyid, agent(29_999));
+}
