@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The DuckDB baseline of `custos bench query`: the same five SOC queries over the same
 Parquet segment files, timed the same way (one warm-up, then the median of --runs).
-Prints JSON: {"version", "queries": {name: {"median_ms", "rows"}}}.
+Prints JSON: {"version", "queries": {name: {"median_ms", "rows", "answer"}}}, where
+"answer" is the result as sorted rows of plain values (timestamps as microseconds since
+the epoch), which `custos bench query` compares with its own.
 
 Needs `pip install duckdb`. Called by `custos bench query`; runnable alone:
     python3 scripts/bench-duckdb.py --segments STORE/logs/0/segments --agent did:key:... \
         --from '2026-11-01 00:00:00' --to '2026-11-02 00:00:00'
 """
 import argparse
+import datetime
+import decimal
 import json
 import os
 import statistics
@@ -21,6 +25,21 @@ except ImportError:
 
 EVENT = "application/vnd.custos.event+json"
 FINDING = "application/vnd.custos.finding+json"
+
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def plain(value):
+    """A value as `custos bench query` writes its own: integers, text, timestamps as
+    microseconds since the epoch."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return (value - EPOCH) // datetime.timedelta(microseconds=1)
+    if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def main():
@@ -75,7 +94,11 @@ def main():
             rows = con.execute("SELECT count(*) FROM answer").fetchone()[0]
             if run > 0:
                 times.append(time.perf_counter() - started)
-        results[name] = {"median_ms": statistics.median(times) * 1e3, "rows": rows}
+        answer = sorted(
+            json.dumps([plain(value) for value in row], separators=(",", ":"), ensure_ascii=False)
+            for row in con.execute("SELECT * FROM answer").fetchall()
+        )
+        results[name] = {"median_ms": statistics.median(times) * 1e3, "rows": rows, "answer": answer}
         print(f"duckdb  {name:<22} {results[name]['median_ms']:9.1f} ms  ({rows} rows)", file=sys.stderr)
     print(json.dumps({"version": duckdb.__version__, "queries": results}))
 

@@ -63,6 +63,10 @@ pub(crate) struct QueryArgs {
     /// Python with the `duckdb` package.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// The DuckDB baseline script (by default the one in the source tree this binary was
+    /// built from).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-duckdb.py"))]
+    script: PathBuf,
     /// Print the results as JSON too.
     #[arg(long)]
     json: bool,
@@ -220,6 +224,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
     for (name, sql) in &queries {
         let mut times = Vec::new();
         let mut rows = 0;
+        let mut plain = Vec::new();
         for run in 0..=args.runs {
             let started = Instant::now();
             let answer = custos_query::sql::run(sql, &sources, &scope, &limits)
@@ -229,6 +234,9 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
                 times.push(started.elapsed());
             }
             rows = answer.rows;
+            if run == 0 {
+                plain = plain_rows(&answer.batches).with_context(|| format!("{name}: reading the answer"))?;
+            }
         }
         times.sort();
         let median = percentile(&times, 0.5);
@@ -236,7 +244,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
             "custos  {name:<22} {:>9.1} ms  ({rows} rows)",
             median.as_secs_f64() * 1e3
         );
-        ours.push((*name, median, rows));
+        ours.push((*name, median, rows, plain));
         // DuckDB right after, query by query: both engines see the machine within
         // seconds of each other, so a load change moves both figures, not one ratio.
         if !args.no_duckdb {
@@ -271,11 +279,21 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         "query", "custos ms", "duckdb ms", "ratio", "rows"
     );
     let mut results = Vec::new();
-    for (name, median, rows) in &ours {
-        let theirs = duck["queries"][name]["median_ms"].as_f64().unwrap_or(f64::NAN);
-        let their_rows = duck["queries"][name]["rows"].as_u64().unwrap_or(u64::MAX);
+    let mut disagreements = 0;
+    for (name, median, rows, plain) in &ours {
         let ms = median.as_secs_f64() * 1e3;
-        let agree = their_rows == *rows as u64;
+        let answer = &duck["queries"][name];
+        let Some(theirs) = answer["median_ms"].as_f64() else {
+            // DuckDB was not run (--no-duckdb): Custos's figure alone.
+            println!("{name:<22} {ms:>12.1} {:>12} {:>8} {rows:>10}", "-", "-");
+            results.push(json!({"query": name, "custos_ms": ms, "rows": rows}));
+            continue;
+        };
+        let their_plain: Vec<String> = answer["answer"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|row| row.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        let agree = their_plain == *plain;
         println!(
             "{name:<22} {ms:>12.1} {theirs:>12.1} {:>7.2}x {:>10}{}",
             ms / theirs,
@@ -283,10 +301,11 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
             if agree {
                 String::new()
             } else {
-                format!("  (DuckDB: {their_rows} rows — MISMATCH)")
+                disagreements += 1;
+                format!("  ANSWERS DIFFER: {}", first_difference(plain, &their_plain))
             }
         );
-        results.push(json!({"query": name, "custos_ms": ms, "duckdb_ms": theirs, "ratio": ms / theirs, "rows": rows, "rows_agree": agree}));
+        results.push(json!({"query": name, "custos_ms": ms, "duckdb_ms": theirs, "ratio": ms / theirs, "rows": rows, "answers_agree": agree}));
     }
     println!(
         "inclusion proof at size {}: p50 {:.1} µs, p99 {:.1} µs (verifying one: p50 {:.1} µs; ratio {:.1}x)",
@@ -318,7 +337,75 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
     if args.data.is_some() {
         eprintln!("store kept at {}", data.display());
     }
+    anyhow::ensure!(
+        disagreements == 0,
+        "{disagreements} queries answered differently from DuckDB (above); the timings are not comparable"
+    );
     Ok(())
+}
+
+/// An answer as sorted rows of plain JSON values, the form scripts/bench-duckdb.py gives
+/// DuckDB's: numbers, text (dictionaries and views included), timestamps as microseconds
+/// since the epoch, null.
+fn plain_rows(batches: &[arrow::array::RecordBatch]) -> anyhow::Result<Vec<String>> {
+    use arrow::array::AsArray as _;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit};
+    let mut rows = Vec::new();
+    for batch in batches {
+        let mut columns: Vec<Vec<Value>> = Vec::new();
+        for column in batch.columns() {
+            let values = match column.data_type() {
+                DataType::Timestamp(_, _) => {
+                    let micros = arrow::compute::cast(column, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+                    let micros = arrow::compute::cast(&micros, &DataType::Int64)?;
+                    let micros = micros.as_primitive::<Int64Type>();
+                    each(micros, |row| json!(micros.value(row)))
+                }
+                kind if kind.is_integer() => {
+                    let numbers = arrow::compute::cast(column, &DataType::Int64)?;
+                    let numbers = numbers.as_primitive::<Int64Type>();
+                    each(numbers, |row| json!(numbers.value(row)))
+                }
+                kind if kind.is_floating() => {
+                    let numbers = arrow::compute::cast(column, &DataType::Float64)?;
+                    let numbers = numbers.as_primitive::<Float64Type>();
+                    each(numbers, |row| json!(numbers.value(row)))
+                }
+                _ => {
+                    let texts = arrow::compute::cast(column, &DataType::Utf8)?;
+                    let texts = texts.as_string::<i32>();
+                    each(texts, |row| json!(texts.value(row)))
+                }
+            };
+            columns.push(values);
+        }
+        for row in 0..batch.num_rows() {
+            let values: Vec<&Value> = columns.iter().map(|column| &column[row]).collect();
+            rows.push(serde_json::to_string(&values)?);
+        }
+    }
+    rows.sort();
+    Ok(rows)
+}
+
+/// `value` of each row of `array`, null where the row is.
+fn each(array: &dyn arrow::array::Array, value: impl Fn(usize) -> Value) -> Vec<Value> {
+    (0..array.len())
+        .map(|row| if array.is_valid(row) { value(row) } else { Value::Null })
+        .collect()
+}
+
+/// The first row one answer has and the other lacks, for the mismatch message.
+fn first_difference(ours: &[String], theirs: &[String]) -> String {
+    let only_ours = ours.iter().find(|row| theirs.binary_search(row).is_err());
+    let only_theirs = theirs.iter().find(|row| ours.binary_search(row).is_err());
+    format!(
+        "{} rows against DuckDB's {}; first only in Custos: {}; first only in DuckDB: {}",
+        ours.len(),
+        theirs.len(),
+        only_ours.map_or("none", String::as_str),
+        only_theirs.map_or("none", String::as_str)
+    )
 }
 
 /// Runs scripts/bench-duckdb.py over the same segment files for one query: its JSON answer.
@@ -329,10 +416,16 @@ fn duckdb_baseline(
     to: &str,
     query: &str,
 ) -> anyhow::Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench-duckdb.py");
+    let script = &args.script;
+    anyhow::ensure!(
+        script.is_file(),
+        "the DuckDB baseline script {} does not exist; pass --script PATH (scripts/bench-duckdb.py \
+         in the source tree) or --no-duckdb",
+        script.display()
+    );
     let mut command = Command::new(&args.python);
     command
-        .arg(&script)
+        .arg(script)
         .arg("--segments")
         .arg(&generated.view.segment_dir)
         .args(["--runs", &args.runs.to_string()])
