@@ -39,7 +39,9 @@ Examples:
 A --data directory that already holds a store from an earlier run is reused as it is (the
 store's own size is measured, whatever --events, --agents or --days say).
 
-Nothing here is a pass/fail test; figures go to docs/BENCHMARKS.md with the command.")]
+Each answer is compared with DuckDB's row by row; a difference is printed and fails the
+command (the timings would not be comparable). Timings are not pass/fail; figures go to
+docs/BENCHMARKS.md with the command.")]
 pub(crate) struct QueryArgs {
     /// Events in the generated store.
     #[arg(long, default_value_t = 10_000_000)]
@@ -145,6 +147,12 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.agents >= 1 && args.realms >= 1,
         "--agents and --realms must be at least 1"
+    );
+    anyhow::ensure!(
+        args.no_duckdb || args.script.is_file(),
+        "the DuckDB baseline script {} does not exist; pass --script PATH (scripts/bench-duckdb.py \
+         in the source tree) or --no-duckdb",
+        args.script.display()
     );
     let temporary;
     let data = match &args.data {
@@ -417,12 +425,6 @@ fn duckdb_baseline(
     query: &str,
 ) -> anyhow::Result<Value> {
     let script = &args.script;
-    anyhow::ensure!(
-        script.is_file(),
-        "the DuckDB baseline script {} does not exist; pass --script PATH (scripts/bench-duckdb.py \
-         in the source tree) or --no-duckdb",
-        script.display()
-    );
     let mut command = Command::new(&args.python);
     command
         .arg(script)
