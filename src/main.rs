@@ -286,6 +286,21 @@ enum ActionCommand {
         #[command(flatten)]
         node: cmd::client::NodeArgs,
     },
+    /// Resume a playbook that a rate or blast-radius cap paused in a realm. The resume is
+    /// recorded in the log; the hour's count of actions still applies.
+    #[command(
+        after_help = "Example:\n  custos action resume contain-compromised-agent --realm eng --data ./store\n\n\
+`custos action list` shows which playbooks are paused, and where."
+    )]
+    Resume {
+        /// The playbook's name.
+        playbook: String,
+        /// The realm where it is paused.
+        #[arg(long)]
+        realm: String,
+        #[command(flatten)]
+        node: cmd::client::NodeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -535,6 +550,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ActionCommand::Approve { id, node } => cmd::respond::decide(&node, &id, true).await?,
                 ActionCommand::Deny { id, node } => cmd::respond::decide(&node, &id, false).await?,
                 ActionCommand::Undo { id, node } => cmd::respond::undo(&node, &id).await?,
+                ActionCommand::Resume { playbook, realm, node } => {
+                    cmd::respond::resume(&node, &playbook, &realm).await?
+                }
             }
         }
         Command::Emit(args) => {

@@ -32,7 +32,7 @@ use custos_detect::{Detector, DetectorConfig, Finding, Rules};
 use custos_event::{ACTION_PAYLOAD_TYPE, AgentKey, ChainState, FINDING_PAYLOAD_TYPE, Feed};
 use custos_ingest::metrics;
 use custos_ingest::{ApiError, Control, Enforce, Hooks, Operations};
-use custos_respond::{ActionRecord, ActionStatus, Approval, Enforcement, Responder};
+use custos_respond::{ActionRecord, ActionStatus, Approval, Enforcement, RespondError, Responder};
 use serde_json::{Value, json};
 
 /// How the detector and the responder run inside `custos serve`.
@@ -70,6 +70,8 @@ struct Views {
     findings: Mutex<VecDeque<Value>>,
     actions: Mutex<VecDeque<Value>>,
     pending: Mutex<Vec<Approval>>,
+    /// Each playbook (name, caps, dry run) with the realms where a cap paused it.
+    playbooks: Mutex<Vec<(Value, Vec<String>)>>,
 }
 
 fn push_capped(list: &Mutex<VecDeque<Value>>, value: Value) {
@@ -119,6 +121,13 @@ enum ResponderMsg {
     },
     Undo {
         id: String,
+        by: String,
+        realms: Vec<String>,
+        reply: mpsc::Sender<Result<Value, ApiError>>,
+    },
+    Resume {
+        playbook: String,
+        realm: String,
         by: String,
         realms: Vec<String>,
         reply: mpsc::Sender<Result<Value, ApiError>>,
@@ -336,6 +345,33 @@ impl Operations for Ops {
     fn undo(&self, action: &str, by: &str, realms: &[String]) -> Result<Value, ApiError> {
         self.ask(|reply| ResponderMsg::Undo {
             id: action.to_owned(),
+            by: by.to_owned(),
+            realms: realms.to_vec(),
+            reply,
+        })
+    }
+
+    fn playbooks(&self, realms: &[String]) -> Vec<Value> {
+        let playbooks = self
+            .views
+            .playbooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        playbooks
+            .iter()
+            .map(|(playbook, paused)| {
+                let mut playbook = playbook.clone();
+                let paused: Vec<&String> = paused.iter().filter(|realm| visible(realms, realm)).collect();
+                playbook["paused_realms"] = json!(paused);
+                playbook
+            })
+            .collect()
+    }
+
+    fn resume(&self, playbook: &str, realm: &str, by: &str, realms: &[String]) -> Result<Value, ApiError> {
+        self.ask(|reply| ResponderMsg::Resume {
+            playbook: playbook.to_owned(),
+            realm: realm.to_owned(),
             by: by.to_owned(),
             realms: realms.to_vec(),
             reply,
@@ -562,6 +598,7 @@ struct ResponderThread {
 
 impl ResponderThread {
     fn run(mut self, inbox: Receiver<ResponderMsg>) {
+        self.sync_views();
         let mut last_expire = Instant::now();
         loop {
             match inbox.recv_timeout(Duration::from_millis(500)) {
@@ -599,7 +636,7 @@ impl ResponderThread {
                     }
                     Err(error) => tracing::warn!(%error, "unreadable action record in the log"),
                 }
-                self.sync_pending();
+                self.sync_views();
             }
             ResponderMsg::Record(record) => {
                 self.carry_out(vec![*record], None);
@@ -617,6 +654,15 @@ impl ResponderThread {
             ResponderMsg::Undo { id, by, realms, reply } => {
                 let answer = self.undo(&id, &by, &realms);
                 let _ = reply.send(answer);
+            }
+            ResponderMsg::Resume {
+                playbook,
+                realm,
+                by,
+                realms,
+                reply,
+            } => {
+                let _ = reply.send(self.resume(&playbook, &realm, &by, &realms));
             }
             ResponderMsg::Stop(_) => {}
         }
@@ -664,13 +710,32 @@ impl ResponderThread {
         Ok(json!({ "actions": records }))
     }
 
+    fn resume(&mut self, playbook: &str, realm: &str, by: &str, realms: &[String]) -> Result<Value, ApiError> {
+        if !visible(realms, realm) {
+            return Err(ApiError::new(
+                403,
+                "realm_not_allowed",
+                format!("this token is scoped to realms {realms:?}; it cannot resume playbooks in realm `{realm}`"),
+            ));
+        }
+        let record = self
+            .responder
+            .resume_paused(playbook, realm, by, Utc::now())
+            .map_err(|error| match error {
+                RespondError::NoPlaybook(_) => ApiError::new(404, "unknown_playbook", error.to_string()),
+                _ => ApiError::new(409, "not_paused", error.to_string()),
+            })?;
+        let records = self.carry_out(vec![record], None);
+        Ok(json!({ "actions": records }))
+    }
+
     fn view(&self, record: &ActionRecord, log_index: Option<u64>) {
         let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
         value["log_index"] = json!(log_index);
         push_capped(&self.views.actions, value);
     }
 
-    fn sync_pending(&self) {
+    fn sync_views(&self) {
         let pending = self.responder.pending();
         metrics::PENDING_APPROVALS.set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
         *self
@@ -678,6 +743,31 @@ impl ResponderThread {
             .pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
+        let paused = self.responder.paused();
+        let playbooks = self
+            .responder
+            .playbooks()
+            .iter()
+            .map(|playbook| {
+                let summary = json!({
+                    "name": playbook.name,
+                    "description": playbook.description,
+                    "dry_run": playbook.dry_run,
+                    "caps": playbook.caps,
+                });
+                let realms = paused
+                    .iter()
+                    .filter(|(name, _)| *name == playbook.name)
+                    .map(|(_, realm)| realm.clone())
+                    .collect();
+                (summary, realms)
+            })
+            .collect();
+        *self
+            .views
+            .playbooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = playbooks;
     }
 
     /// Enforces executed records, then signs every record into the log. Returns the
@@ -700,7 +790,7 @@ impl ResponderThread {
             value["log_index"] = json!(log_index);
             written.push(value);
         }
-        self.sync_pending();
+        self.sync_views();
         written
     }
 

@@ -176,6 +176,22 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
             Endpoint::new("POST", "/v1/approvals/{id}/deny", "response", "Deny: nothing more runs").roles(DECIDERS),
             post(deny),
         ),
+        (
+            Endpoint::new("GET", "/v1/playbooks", "response", "Playbooks, their caps, and the realms where a cap paused them")
+                .roles(&READERS),
+            get(playbooks),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/playbooks/{name}/resume",
+                "response",
+                "Resume a playbook a cap paused in a realm; the resume is recorded in the log",
+            )
+            .roles(DECIDERS)
+            .body("application/json", r#"{"realm":"eng"}"#),
+            post(resume_playbook),
+        ),
     ]
 }
 
@@ -872,6 +888,40 @@ async fn undo(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<
         .await
         .map_err(|error| ApiError::new(500, "internal", error.to_string()))??;
     Ok((StatusCode::ACCEPTED, Json(record)).into_response())
+}
+
+async fn playbooks(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &READERS)?;
+    let operations = operations(&state)?;
+    Ok(Json(serde_json::json!({ "playbooks": operations.playbooks(&caller.realms) })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    realm: String,
+}
+
+async fn resume_playbook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, &headers, &[Role::Admin, Role::Responder])?;
+    let request: ResumeRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            400,
+            "bad_request",
+            format!("expected {{\"realm\": \"…\"}}, the realm where the playbook is paused: {error}"),
+        )
+    })?;
+    let operations = operations(&state)?;
+    let by = format!("token:{}", caller.token_id);
+    let record = tokio::task::spawn_blocking(move || operations.resume(&name, &request.realm, &by, &caller.realms))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))??;
+    Ok(Json(record).into_response())
 }
 
 #[cfg(test)]

@@ -60,6 +60,12 @@ pub trait Operations: Send + Sync {
     -> Result<serde_json::Value, ApiError>;
     /// Asks to undo an executed action; the undo itself waits for approval.
     fn undo(&self, action: &str, by: &str, realms: &[String]) -> Result<serde_json::Value, ApiError>;
+    /// The playbooks, their caps, and the realms (of `realms`, all when empty) where a cap
+    /// paused them.
+    fn playbooks(&self, realms: &[String]) -> Vec<serde_json::Value>;
+    /// Resumes `playbook` in `realm` after a cap paused it; blocks until the responder has
+    /// recorded the resume in the log. `realms` limits where the caller may (all when empty).
+    fn resume(&self, playbook: &str, realm: &str, by: &str, realms: &[String]) -> Result<serde_json::Value, ApiError>;
     /// A summary of the agent's learned baseline (windows learned, whether it is still
     /// learning, expected values per feature), when the detector knows the agent.
     fn baseline(&self, agent: &str) -> Option<serde_json::Value> {

@@ -224,7 +224,14 @@ pub enum RespondError {
     NoAction(String),
     #[error("action `{id}` ({action}) cannot be undone")]
     NotUndoable { id: String, action: String },
+    #[error("no playbook `{0}`")]
+    NoPlaybook(String),
+    #[error("playbook `{playbook}` is not paused in realm `{realm}`")]
+    NotPaused { playbook: String, realm: String },
 }
+
+/// The `action` of the record that a person's resume of a paused playbook writes.
+pub const RESUME_ACTION: &str = "resume_playbook";
 
 pub fn parse_playbook(file: &str, text: &str) -> Result<Playbook, RespondError> {
     let fail = |message: String| RespondError::Playbook {
@@ -447,8 +454,10 @@ impl Responder {
         format!("{prefix}-{}", &hash.to_hex()[..12])
     }
 
-    /// Rebuilds idempotency, approvals and history from a record read back from the log.
+    /// Rebuilds idempotency, approvals, the brakes and history from a record read back
+    /// from the log.
     pub fn remember(&mut self, record: &ActionRecord) {
+        self.remember_caps(record);
         self.counter += 1;
         self.done.insert(record.idempotency_key.clone());
         if record.status == ActionStatus::Pending
@@ -465,6 +474,108 @@ impl Responder {
             self.pending.remove(approval);
         }
         self.push(record.clone());
+    }
+
+    /// What `record` did to its playbook's caps in its realm, replayed: an action that
+    /// counted against them (executed, or executed and then failed to enforce), a pause
+    /// (escalated), or a person's resume. So a restart neither forgets a pause nor
+    /// refills the hour's budget.
+    fn remember_caps(&mut self, record: &ActionRecord) {
+        let key = (record.playbook.clone(), record.realm.clone());
+        if record.action == RESUME_ACTION {
+            if record.status == ActionStatus::Executed
+                && let Some(state) = self.caps.get_mut(&key)
+            {
+                state.paused = false;
+            }
+            return;
+        }
+        // An undo runs outside the caps; a webhook's failure is a second record of an
+        // action already counted.
+        let counted = record.undoes.is_none()
+            && match record.status {
+                ActionStatus::Executed => true,
+                ActionStatus::Failed => !record.idempotency_key.ends_with("|failed"),
+                _ => false,
+            };
+        if record.status == ActionStatus::Escalated {
+            self.caps.entry(key).or_default().paused = true;
+        } else if counted {
+            let state = self.caps.entry(key).or_default();
+            let at = record.ts.timestamp();
+            state.actions.push_back(at);
+            state.agents.push_back((at, record.agent.clone()));
+            // Records come back in log order: keep the last hour only.
+            let hour_ago = at - 3600;
+            while state.actions.front().is_some_and(|ts| *ts < hour_ago) {
+                state.actions.pop_front();
+            }
+            while state.agents.front().is_some_and(|(ts, _)| *ts < hour_ago) {
+                state.agents.pop_front();
+            }
+        }
+    }
+
+    /// The (playbook, realm) pairs paused by a cap, waiting for a person.
+    pub fn paused(&self) -> Vec<(String, String)> {
+        let mut paused: Vec<(String, String)> = self
+            .caps
+            .iter()
+            .filter(|(_, state)| state.paused)
+            .map(|(key, _)| key.clone())
+            .collect();
+        paused.sort();
+        paused
+    }
+
+    /// A person resumes `playbook` in `realm` after a cap paused it: the record to write
+    /// to the log (which is what a restarted responder reads the resume from). The
+    /// hour's counts stay: a resume lifts the pause, not the caps.
+    pub fn resume_paused(
+        &mut self,
+        playbook: &str,
+        realm: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ActionRecord, RespondError> {
+        let known = self
+            .playbooks
+            .iter()
+            .find(|known| known.name == playbook)
+            .cloned()
+            .ok_or_else(|| RespondError::NoPlaybook(playbook.to_owned()))?;
+        if !self.resume(playbook, realm) {
+            return Err(RespondError::NotPaused {
+                playbook: playbook.to_owned(),
+                realm: realm.to_owned(),
+            });
+        }
+        let id = self.next_id("resume", &format!("{playbook}|{realm}"));
+        let occasion = Finding {
+            id: id.clone(),
+            agent: String::new(),
+            realm: realm.to_owned(),
+            finding_type: "resume".into(),
+            score: 0,
+            severity: "low".into(),
+            tags: Vec::new(),
+            memories: Vec::new(),
+            title: format!("resume playbook `{playbook}` in realm `{realm}`"),
+            ts: now,
+        };
+        Ok(self.record(
+            &known,
+            &occasion,
+            RESUME_ACTION,
+            playbook.to_owned(),
+            ActionStatus::Executed,
+            format!("{by} resumed playbook `{playbook}` in realm `{realm}` after a cap paused it"),
+            by,
+            now,
+            format!("resume|{id}"),
+            None,
+            Enforcement::None,
+        ))
     }
 
     fn push(&mut self, record: ActionRecord) {
@@ -648,8 +759,9 @@ impl Responder {
         None
     }
 
-    /// Lifts a pause set by a cap.
-    pub fn resume(&mut self, playbook: &str, realm: &str) -> bool {
+    /// Lifts a pause set by a cap (the node goes through [`Responder::resume_paused`],
+    /// which records it).
+    fn resume(&mut self, playbook: &str, realm: &str) -> bool {
         self.caps
             .get_mut(&(playbook.to_owned(), realm.to_owned()))
             .is_some_and(|state| std::mem::replace(&mut state.paused, false))

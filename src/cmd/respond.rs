@@ -77,6 +77,27 @@ pub(crate) async fn actions(node: &NodeArgs, limit: usize, json: bool) -> anyhow
         }
         println!("  (custos action approve ID / custos action deny ID)\n");
     }
+    let playbooks = client.get("/v1/playbooks").await?;
+    let paused: Vec<String> = playbooks["playbooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|playbook| {
+            let name = playbook["name"].as_str().unwrap_or("?").to_owned();
+            playbook["paused_realms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |realm| format!("  {name} in realm {}", realm.as_str().unwrap_or("?")))
+        })
+        .collect();
+    if !paused.is_empty() {
+        println!("Paused by a cap (their matches are escalated, not acted on):");
+        for line in &paused {
+            println!("{line}");
+        }
+        println!("  (custos action resume PLAYBOOK --realm REALM)\n");
+    }
     let actions = answer["actions"].as_array().cloned().unwrap_or_default();
     println!(
         "{:<16} {:<18} {:<10} {:>7}  target / reason",
@@ -114,6 +135,19 @@ pub(crate) async fn undo(node: &NodeArgs, id: &str) -> anyhow::Result<()> {
         .post_json(&format!("/v1/actions/{id}/undo"), &serde_json::json!({}))
         .await?;
     println!("undo of {id} requested; it runs once approved:");
+    print_records(&answer["actions"]);
+    Ok(())
+}
+
+pub(crate) async fn resume(node: &NodeArgs, playbook: &str, realm: &str) -> anyhow::Result<()> {
+    let client = Client::from_args(node)?;
+    let answer = client
+        .post_json(
+            &format!("/v1/playbooks/{playbook}/resume"),
+            &serde_json::json!({ "realm": realm }),
+        )
+        .await?;
+    println!("playbook {playbook} resumed in realm {realm}:");
     print_records(&answer["actions"]);
     Ok(())
 }

@@ -230,7 +230,8 @@ fn every_documented_route_enforces_its_roles() {
             operations += 1;
             let mut concrete = path
                 .replace("{did}", "did:key:z6MkNotEnrolled")
-                .replace("{id}", "no-such-id");
+                .replace("{id}", "no-such-id")
+                .replace("{name}", "no-such-playbook");
             concrete = match path.as_str() {
                 "/v1/proofs/inclusion" => format!("{concrete}?log_index=0&size=1"),
                 "/v1/proofs/consistency" => format!("{concrete}?from=1&to=2"),

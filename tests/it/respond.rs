@@ -405,6 +405,126 @@ fn approvals_and_undo_through_the_cli() {
     assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
 }
 
+/// The brakes hold across a restart: a playbook a cap paused stays paused, its hour's
+/// count still applies, and only a person's resume (through the CLI, recorded in the log)
+/// lifts the pause.
+#[test]
+fn a_cap_pause_survives_a_restart_until_a_person_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(
+        playbooks.join("capped.yml"),
+        "name: capped-quarantine\nmatch:\n  types: [credential_misuse]\ncaps:\n  max_actions_per_hour: 1\n\
+         actions:\n  - quarantine_agent: {}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("store");
+    let args = ["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()];
+    let keys: Vec<AgentKey> = (41..45).map(|seed| AgentKey::from_seed(&[seed; 32])).collect();
+    let misuse = |url: &str, key: &AgentKey| {
+        let mut signer = Signer::new(key.clone(), "ops");
+        let results = send(
+            url,
+            &mut signer,
+            &[
+                json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}}),
+            ],
+        );
+        assert_eq!(results[0]["status"], "accepted");
+    };
+    let action_for = |url: &str, token: &str, did: &str| -> Option<Value> {
+        let (_, answer) = get(url, "/v1/actions", token);
+        answer["actions"]
+            .as_array()?
+            .iter()
+            .find(|action| action["agent"] == did && action["action"] == "quarantine_agent")
+            .cloned()
+    };
+    let paused = |url: &str, token: &str| -> Value {
+        let (status, answer) = get(url, "/v1/playbooks", token);
+        assert_eq!(status, 200, "{answer}");
+        answer["playbooks"][0]["paused_realms"].clone()
+    };
+
+    let server = Server::start_with(&data, &args);
+    let (url, token) = (server.url.clone(), server.token());
+    for key in &keys {
+        enroll(&url, &token, key.did(), "ops");
+    }
+    assert_eq!(paused(&url, &token), json!([]));
+    // The first agent is quarantined; the second hits the rate cap, which pauses the
+    // playbook in the realm.
+    misuse(&url, &keys[0]);
+    wait_for("the first quarantine", || {
+        action_for(&url, &token, keys[0].did()).is_some()
+    });
+    misuse(&url, &keys[1]);
+    wait_for("the escalation", || action_for(&url, &token, keys[1].did()).is_some());
+    assert_eq!(action_for(&url, &token, keys[1].did()).unwrap()["status"], "escalated");
+    assert_eq!(status_of(&url, &token, keys[1].did()), "active");
+    assert_eq!(paused(&url, &token), json!(["ops"]));
+    server.stop();
+
+    // After a restart the pause holds: the third agent's finding is escalated too.
+    let server = Server::start_with(&data, &args);
+    let (url, token) = (server.url.clone(), server.token());
+    assert_eq!(paused(&url, &token), json!(["ops"]));
+    misuse(&url, &keys[2]);
+    wait_for("the third escalation", || {
+        action_for(&url, &token, keys[2].did()).is_some()
+    });
+    let third = action_for(&url, &token, keys[2].did()).unwrap();
+    assert_eq!(third["status"], "escalated", "{third}");
+    assert!(third["reason"].as_str().unwrap().contains("paused"), "{third}");
+    assert_eq!(status_of(&url, &token, keys[2].did()), "active");
+
+    // A person resumes it through the CLI, in the realm where it is paused.
+    let node = ["--url", url.as_str(), "--data", data.to_str().unwrap()];
+    let listed = run(&[&["action", "list"][..], &node[..]].concat());
+    assert!(
+        stdout(&listed).contains("capped-quarantine in realm ops"),
+        "{}",
+        stdout(&listed)
+    );
+    let wrong = run(&[
+        &["action", "resume", "capped-quarantine", "--realm", "eng"][..],
+        &node[..],
+    ]
+    .concat());
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("not_paused"), "{}", stderr(&wrong));
+    let resumed = run(&[
+        &["action", "resume", "capped-quarantine", "--realm", "ops"][..],
+        &node[..],
+    ]
+    .concat());
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(
+        stdout(&resumed).contains("executed resume_playbook"),
+        "{}",
+        stdout(&resumed)
+    );
+    assert_eq!(paused(&url, &token), json!([]));
+    server.stop();
+
+    // The resume is in the log: after another restart the playbook is not paused, but
+    // the hour's one action still counts, so the next match pauses it again.
+    let server = Server::start_with(&data, &args);
+    let (url, token) = (server.url.clone(), server.token());
+    assert_eq!(paused(&url, &token), json!([]));
+    misuse(&url, &keys[3]);
+    wait_for("the fourth escalation", || {
+        action_for(&url, &token, keys[3].did()).is_some()
+    });
+    let fourth = action_for(&url, &token, keys[3].did()).unwrap();
+    assert_eq!(fourth["status"], "escalated", "{fourth}");
+    assert!(fourth["reason"].as_str().unwrap().contains("rate cap"), "{fourth}");
+    server.stop();
+    let output = run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+}
+
 /// `GET /v1/findings`, `/v1/actions` and `/v1/agents`: filters, cursors, and an agent's
 /// page with its recent findings, actions and baseline.
 #[test]

@@ -2,7 +2,9 @@
 //! the rate and blast-radius caps, idempotency, undo, and a real webhook over loopback.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use custos_respond::{ActionStatus, Enforcement, Finding, Responder, load_playbooks, parse_playbook};
+use custos_respond::{
+    ActionStatus, Enforcement, Finding, RESUME_ACTION, RespondError, Responder, load_playbooks, parse_playbook,
+};
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 0).unwrap()
@@ -206,11 +208,78 @@ actions: [ { quarantine_agent: {} } ]
     let mut other = finding("g1", "did:x", "anomaly", "high", 80);
     other.realm = "ops".into();
     assert_eq!(responder.on_finding(&other, now())[0].status, ActionStatus::Executed);
-    // Resuming lifts the pause; the hour has passed, so the budget is back.
-    assert!(responder.resume("capped", "eng"));
+    // Resuming lifts the pause, and says so in a record; the hour has passed, so the
+    // budget is back.
+    assert_eq!(responder.paused(), vec![("capped".to_owned(), "eng".to_owned())]);
+    let resumed = responder.resume_paused("capped", "eng", "token:t1", now()).unwrap();
+    assert_eq!(
+        (resumed.action.as_str(), resumed.status, resumed.target.as_str()),
+        (RESUME_ACTION, ActionStatus::Executed, "capped")
+    );
+    assert!(responder.paused().is_empty());
+    assert!(matches!(
+        responder.resume_paused("capped", "eng", "token:t1", now()),
+        Err(RespondError::NotPaused { .. })
+    ));
+    assert!(matches!(
+        responder.resume_paused("nope", "eng", "token:t1", now()),
+        Err(RespondError::NoPlaybook(_))
+    ));
     let later = now() + Duration::hours(2);
     let records = responder.on_finding(&finding("f9", "did:9", "anomaly", "high", 80), later);
     assert_eq!(records[0].status, ActionStatus::Executed);
+}
+
+/// A restarted responder rebuilds its brakes from the records it reads back: the pause,
+/// the hour's count of actions, and a person's resume. (Before, a restart lifted every
+/// pause and refilled every budget.)
+#[test]
+fn caps_and_pauses_survive_a_restart() {
+    let yaml = r#"
+name: rate
+match: { types: [anomaly] }
+caps: { max_actions_per_hour: 2, max_agents_per_hour: 100 }
+actions: [ { quarantine_agent: {} } ]
+"#;
+    let mut live = playbook(yaml);
+    let mut written = Vec::new();
+    for i in 0..3 {
+        written.extend(live.on_finding(&finding(&format!("f{i}"), "did:a", "anomaly", "high", 80), now()));
+    }
+    let statuses: Vec<ActionStatus> = written.iter().map(|record| record.status).collect();
+    assert_eq!(
+        statuses,
+        [ActionStatus::Executed, ActionStatus::Executed, ActionStatus::Escalated]
+    );
+
+    // Restart: a fresh responder reads the records back from the log.
+    let mut restarted = playbook(yaml);
+    for record in &written {
+        restarted.remember(record);
+    }
+    assert_eq!(restarted.paused(), vec![("rate".to_owned(), "eng".to_owned())]);
+    let next = restarted.on_finding(&finding("f3", "did:b", "anomaly", "high", 80), now());
+    assert_eq!(next[0].status, ActionStatus::Escalated, "the pause survived");
+    written.extend(next);
+
+    // A person resumes; that record, read back after another restart, lifts the pause,
+    // but the hour's two actions still count, so the next one pauses it again.
+    written.push(restarted.resume_paused("rate", "eng", "token:t1", now()).unwrap());
+    let mut again = playbook(yaml);
+    for record in &written {
+        again.remember(record);
+    }
+    assert!(again.paused().is_empty(), "{:?}", again.paused());
+    let next = again.on_finding(&finding("f4", "did:c", "anomaly", "high", 80), now());
+    assert_eq!(next[0].status, ActionStatus::Escalated, "the hour's count survived");
+    assert!(next[0].reason.contains("rate cap: 2 actions"), "{}", next[0].reason);
+    // An hour later the budget is back.
+    assert!(again.resume_paused("rate", "eng", "token:t1", now()).is_ok());
+    let later = again.on_finding(
+        &finding("f5", "did:d", "anomaly", "high", 80),
+        now() + Duration::minutes(61),
+    );
+    assert_eq!(later[0].status, ActionStatus::Executed);
 }
 
 #[test]
