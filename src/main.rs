@@ -129,6 +129,10 @@ struct ServeArgs {
     /// Detector window width, in seconds.
     #[arg(long, default_value_t = 60)]
     window_secs: i64,
+    /// Messages (mostly acknowledged events) that may wait for the detector. When the
+    /// detector falls this far behind, ingest waits for it rather than hold more in memory.
+    #[arg(long, default_value_t = pipeline::DETECTOR_QUEUE as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    detector_queue: u64,
     /// A SQL query (or REST read) running longer than this many seconds is stopped.
     #[arg(long, default_value_t = 30)]
     query_timeout_secs: u64,
@@ -169,6 +173,7 @@ impl ServeArgs {
         config.playbooks = self.playbooks.clone();
         config.shipped_playbooks = !self.no_shipped_playbooks;
         config.detector.window_secs = self.window_secs.max(1);
+        config.detector_queue = usize::try_from(self.detector_queue).unwrap_or(usize::MAX);
         Some(config)
     }
 }

@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,13 @@ pub(crate) struct PipelineConfig {
     /// Load the shipped playbooks (`respond/playbooks`).
     pub(crate) shipped_playbooks: bool,
     pub(crate) snapshot_every: Duration,
+    /// Messages (mostly events) that may wait for the detector; past it, the sequencer
+    /// waits for the detector instead of holding more in memory.
+    pub(crate) detector_queue: usize,
 }
+
+/// The default of [`PipelineConfig::detector_queue`].
+pub(crate) const DETECTOR_QUEUE: usize = 16_384;
 
 impl PipelineConfig {
     pub(crate) fn new(data: PathBuf) -> Self {
@@ -58,6 +64,7 @@ impl PipelineConfig {
             playbooks: None,
             shipped_playbooks: true,
             snapshot_every: Duration::from_secs(60),
+            detector_queue: DETECTOR_QUEUE,
         }
     }
 }
@@ -137,7 +144,7 @@ enum ResponderMsg {
 
 /// The detector and responder of one node, ready to wire into `start_with`.
 pub(crate) struct Pipeline {
-    detector_tx: Sender<DetectorMsg>,
+    detector_tx: SyncSender<DetectorMsg>,
     responder_tx: Sender<ResponderMsg>,
     threads: Vec<std::thread::JoinHandle<()>>,
     pub(crate) detector_did: String,
@@ -184,7 +191,10 @@ impl Pipeline {
             .context("loading playbooks")?;
         let responder = Responder::new(playbooks);
         let views = Arc::new(Views::default());
-        let (detector_tx, detector_rx) = mpsc::channel();
+        // Bounded: a detector that falls behind slows the sequencer down (which waits to
+        // hand it the next event) instead of growing this queue without limit, at start
+        // (replaying the log) and under load alike.
+        let (detector_tx, detector_rx) = mpsc::sync_channel(config.detector_queue.max(1));
         let (responder_tx, responder_rx) = mpsc::channel();
         let detector_did = detector_key.did().to_owned();
         let responder_did = responder_key.did().to_owned();
@@ -196,6 +206,8 @@ impl Pipeline {
             control: None,
             replayed: false,
             held: Vec::new(),
+            inbox: detector_rx,
+            backlog: VecDeque::new(),
             logged_during_replay: std::collections::HashSet::new(),
             clean: true,
             snapshot,
@@ -216,7 +228,7 @@ impl Pipeline {
         let threads = vec![
             std::thread::Builder::new()
                 .name("custos-detector".into())
-                .spawn(move || detector_thread.run(detector_rx))?,
+                .spawn(move || detector_thread.run())?,
             std::thread::Builder::new()
                 .name("custos-responder".into())
                 .spawn(move || responder_thread.run(responder_rx))?,
@@ -284,7 +296,7 @@ struct Ops {
     responder: Sender<ResponderMsg>,
     /// Behind a mutex only because `Operations` must be `Sync` (std's `Sender` was not
     /// always); sends are rare (an agent page).
-    detector: Mutex<Sender<DetectorMsg>>,
+    detector: Mutex<SyncSender<DetectorMsg>>,
 }
 
 impl Ops {
@@ -305,7 +317,8 @@ impl Operations for Ops {
         self.detector
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(DetectorMsg::Baseline(agent.to_owned(), reply))
+            // Never wait for room in a full queue from here: the page does without.
+            .try_send(DetectorMsg::Baseline(agent.to_owned(), reply))
             .ok()?;
         // Behind queued events; an agent page does without rather than wait long.
         answer.recv_timeout(Duration::from_secs(5)).ok().flatten()
@@ -408,6 +421,10 @@ struct DetectorThread {
     replayed: bool,
     /// Findings made while replaying, written once the replay ends unless already logged.
     held: Vec<Finding>,
+    /// Fed by the sequencer (bounded, see [`PipelineConfig::detector_queue`]).
+    inbox: Receiver<DetectorMsg>,
+    /// Messages taken from the inbox while a finding's append was pending, handled next.
+    backlog: VecDeque<DetectorMsg>,
     logged_during_replay: std::collections::HashSet<String>,
     /// No finding is missing from the log: the state may be snapshotted.
     clean: bool,
@@ -419,11 +436,15 @@ struct DetectorThread {
 }
 
 impl DetectorThread {
-    fn run(mut self, inbox: Receiver<DetectorMsg>) {
+    fn run(mut self) {
         let mut last_tick = Instant::now();
         let mut last_snapshot = Instant::now();
         loop {
-            match inbox.recv_timeout(Duration::from_millis(250)) {
+            let next = match self.backlog.pop_front() {
+                Some(message) => Ok(message),
+                None => self.inbox.recv_timeout(Duration::from_millis(250)),
+            };
+            match next {
                 Ok(DetectorMsg::Feed(feed)) => self.feed(feed),
                 Ok(DetectorMsg::Baseline(agent, reply)) => {
                     let _ = reply.send(self.baseline(&agent));
@@ -433,7 +454,7 @@ impl DetectorThread {
                     self.flush_held();
                 }
                 Ok(DetectorMsg::Stop(done)) => {
-                    while let Ok(message) = inbox.try_recv() {
+                    while let Some(message) = self.backlog.pop_front().or_else(|| self.inbox.try_recv().ok()) {
                         if let DetectorMsg::Feed(feed) = message {
                             self.feed(feed);
                         }
@@ -541,7 +562,22 @@ impl DetectorThread {
         let before = self.chain.clone();
         let envelope = finding.sign(&self.key, &mut self.chain);
         let payload = envelope.payload.clone();
-        match control.append_signed(envelope) {
+        let appended = control.append_signed_begin(envelope).and_then(|mut pending| {
+            // The sequencer answers appends in order with everything else it does, and it
+            // may be waiting for room in this thread's inbox to hand over an event: take
+            // the inbox into the backlog meanwhile, or both would wait for ever.
+            loop {
+                if let Some(answer) = pending.try_take() {
+                    return answer;
+                }
+                match self.inbox.recv_timeout(Duration::from_millis(1)) {
+                    Ok(message) => self.backlog.push_back(message),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        match appended {
             Ok(log_index) => {
                 metrics::FINDINGS
                     .with_label_values(&[label(&finding.severity).as_str()])

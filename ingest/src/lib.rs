@@ -175,6 +175,22 @@ impl Api {
     }
 }
 
+/// An append handed to the sequencer ([`Control::append_signed_begin`]).
+pub struct PendingAppend(oneshot::Receiver<Result<u64, ApiError>>);
+
+impl PendingAppend {
+    /// The log index once the entry is durable; `None` while it is not yet.
+    pub fn try_take(&mut self) -> Option<Result<u64, ApiError>> {
+        match self.0.try_recv() {
+            Ok(answer) => Some(answer),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Err(ApiError::new(503, "stopping", "the node is shutting down")))
+            }
+        }
+    }
+}
+
 /// A handle for in-process stages (detector, responder) to write through the sequencer.
 /// Its blocking methods must not be called from an async task.
 #[derive(Clone)]
@@ -199,6 +215,17 @@ impl Control {
     /// Appends an entry signed by a system key; returns its log index once durable.
     pub fn append_signed(&self, envelope: custos_event::Envelope) -> Result<u64, ApiError> {
         self.ask(|reply| sequencer::Command::AppendSigned { envelope, reply })
+    }
+
+    /// [`Control::append_signed`] without waiting for the answer. For a stage that the
+    /// sequencer may itself be waiting on (the detector, whose bounded inbox the sequencer
+    /// feeds): it must keep taking its inbox while the append is pending.
+    pub fn append_signed_begin(&self, envelope: custos_event::Envelope) -> Result<PendingAppend, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(sequencer::Command::AppendSigned { envelope, reply })
+            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
+        Ok(PendingAppend(answer))
     }
 
     /// Carries out `op`; returns the control entries' log indexes once durable.

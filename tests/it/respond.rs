@@ -525,6 +525,83 @@ fn a_cap_pause_survives_a_restart_until_a_person_resumes() {
     assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
 }
 
+/// With the detector's queue at one message, the sequencer waits for the detector at
+/// nearly every event, while the detector waits for the sequencer to log each finding:
+/// both must still make progress (no deadlock), and nothing is lost.
+#[test]
+fn a_full_detector_queue_slows_ingest_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(
+        playbooks.join("quarantine.yml"),
+        "name: quarantine-misuse\nmatch:\n  types: [credential_misuse]\nactions:\n  - quarantine_agent: {}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start_with(
+        &data,
+        &[
+            "--detector-queue",
+            "1",
+            "--no-shipped-playbooks",
+            "--playbooks",
+            playbooks.to_str().unwrap(),
+        ],
+    );
+    let (url, token) = (server.url.clone(), server.token());
+    let benign: Vec<AgentKey> = (51..55).map(|seed| AgentKey::from_seed(&[seed; 32])).collect();
+    let misusers: Vec<AgentKey> = (61..64).map(|seed| AgentKey::from_seed(&[seed; 32])).collect();
+    for key in benign.iter().chain(&misusers) {
+        enroll(&url, &token, key.did(), "ops");
+    }
+    // Benign traffic on four connections while the misuse findings are logged.
+    let senders: Vec<_> = benign
+        .iter()
+        .map(|key| {
+            let (url, key) = (url.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut signer = Signer::new(key, "ops");
+                let mut accepted = 0;
+                for batch in 0..15 {
+                    let objects: Vec<Value> = (0..100)
+                        .map(|i| json!({"kind": "tool_call", "action": "search", "target": format!("doc-{batch}-{i}")}))
+                        .collect();
+                    accepted += send(&url, &mut signer, &objects)
+                        .iter()
+                        .filter(|result| result["status"] == "accepted")
+                        .count();
+                }
+                accepted
+            })
+        })
+        .collect();
+    for key in &misusers {
+        let mut signer = Signer::new(key.clone(), "ops");
+        let results = send(
+            &url,
+            &mut signer,
+            &[
+                json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}}),
+            ],
+        );
+        assert_eq!(results[0]["status"], "accepted");
+    }
+    for sender in senders {
+        assert_eq!(sender.join().unwrap(), 1_500, "every benign event is accepted");
+    }
+    for key in &misusers {
+        wait_for("each misuser quarantined", || {
+            status_of(&url, &token, key.did()) == "quarantined"
+        });
+    }
+    let (_, answer) = get(&url, "/v1/findings?type=credential_misuse", &token);
+    assert_eq!(answer["findings"].as_array().unwrap().len(), misusers.len(), "{answer}");
+    server.stop();
+    let output = run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+}
+
 /// `GET /v1/findings`, `/v1/actions` and `/v1/agents`: filters, cursors, and an agent's
 /// page with its recent findings, actions and baseline.
 #[test]
