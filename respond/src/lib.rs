@@ -248,7 +248,32 @@ pub fn parse_playbook(file: &str, text: &str) -> Result<Playbook, RespondError> 
             message: "`actions` is empty".into(),
         });
     }
+    check_name(&playbook.name).map_err(fail)?;
     Ok(playbook)
+}
+
+/// The longest playbook name accepted.
+pub const MAX_PLAYBOOK_NAME: usize = 64;
+
+/// A playbook's name keys its caps and pauses and appears in URLs
+/// (`/v1/playbooks/{name}/resume`), so it is kept to letters, digits, `.`, `_` and `-`.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_PLAYBOOK_NAME {
+        return Err(format!(
+            "name `{name}` must be 1 to {MAX_PLAYBOOK_NAME} characters long (it is {})",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "name `{name}` has `{}`; use only ASCII letters, digits, `.`, `_` and `-`",
+            bad.escape_default()
+        ));
+    }
+    Ok(())
 }
 
 /// The shipped playbooks (unless `shipped` is false) plus every YAML file in `dir`.
@@ -275,7 +300,20 @@ pub fn load_playbooks(shipped: bool, dir: Option<&Path>) -> Result<Vec<Playbook>
                 path: path.display().to_string(),
                 source,
             })?;
-            out.push(parse_playbook(&path.display().to_string(), &text)?);
+            let file = path.display().to_string();
+            let playbook = parse_playbook(&file, &text)?;
+            // Caps, pauses and the action log know a playbook by its name: two with one
+            // name would share a cap and resume together.
+            if out.iter().any(|other: &Playbook| other.name == playbook.name) {
+                return Err(RespondError::Playbook {
+                    file,
+                    message: format!(
+                        "name `{}` is already taken by another playbook (a shipped one, or a file sorted earlier)",
+                        playbook.name
+                    ),
+                });
+            }
+            out.push(playbook);
         }
     }
     Ok(out)

@@ -348,6 +348,41 @@ fn bad_playbooks_are_refused_with_the_file_named() {
     assert!(error.to_string().contains("empty"), "{error}");
 }
 
+/// A name goes into `/v1/playbooks/{name}/resume` and keys caps and pauses.
+#[test]
+fn playbook_names_are_url_safe_and_unique() {
+    let yaml = |name: &str| format!("name: '{name}'\nmatch: {{}}\nactions: [ {{ revoke_agent: {{}} }} ]");
+    for bad in ["", "a/b", "stop here", "x?y", "caf\u{e9}", &"n".repeat(65)] {
+        let error = parse_playbook("bad.yml", &yaml(bad)).unwrap_err();
+        assert!(
+            error.to_string().contains("bad.yml") && error.to_string().contains("name `"),
+            "{bad:?}: {error}"
+        );
+    }
+    for good in ["contain-2", "review_v1.2", &"n".repeat(64)] {
+        parse_playbook("good.yml", &yaml(good)).unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yml"), yaml("mine")).unwrap();
+    assert_eq!(load_playbooks(true, Some(dir.path())).unwrap().len(), 3);
+    std::fs::write(dir.path().join("b.yml"), yaml("mine")).unwrap();
+    let error = load_playbooks(true, Some(dir.path())).unwrap_err();
+    assert!(
+        error.to_string().contains("b.yml") && error.to_string().contains("`mine` is already taken"),
+        "{error}"
+    );
+    // A local file may not take a shipped playbook's name either.
+    std::fs::write(dir.path().join("b.yml"), yaml("review-anomaly")).unwrap();
+    let error = load_playbooks(true, Some(dir.path())).unwrap_err();
+    assert!(
+        error.to_string().contains("`review-anomaly` is already taken"),
+        "{error}"
+    );
+    // Without the shipped ones, that name is free.
+    assert_eq!(load_playbooks(false, Some(dir.path())).unwrap().len(), 2);
+}
+
 /// A real HTTP server on loopback: fails the first request with 503, then checks the
 /// HMAC of the second and answers 200.
 #[test]
