@@ -117,8 +117,28 @@ pub async fn run(sql: &str, sources: &Sources, scope: &Scope, limits: &Limits) -
     }
 }
 
-/// Streams a frame's batches, stopping with `row_cap` past `max_rows`.
+/// Streams a frame's batches, stopping with `row_cap` past `max_rows`. A panic inside
+/// the engine (the `parquet` decoder panics on some damaged pages, and a segment can be
+/// damaged on disk after the node started) ends this query with `query_failed`, not the
+/// caller's connection.
 pub async fn collect(frame: datafusion::dataframe::DataFrame, max_rows: usize) -> Result<Answer, QueryError> {
+    use futures::FutureExt as _;
+    std::panic::AssertUnwindSafe(collect_unguarded(frame, max_rows))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic with no message".to_owned());
+            Err(QueryError::internal(format!(
+                "the query engine failed while reading stored data ({message}); a damaged segment is one cause: run `custos verify`"
+            )))
+        })
+}
+
+async fn collect_unguarded(frame: datafusion::dataframe::DataFrame, max_rows: usize) -> Result<Answer, QueryError> {
     let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
     let mut stream = frame.execute_stream().await?;
     let mut batches = Vec::new();
@@ -249,5 +269,30 @@ mod tests {
         );
         assert!(names.iter().any(|name| name == "FilterPushdown(Post)"), "{names:?}");
         assert_eq!(names.len(), PhysicalOptimizer::default().rules.len() + 3);
+    }
+
+    /// A panic while the answer streams (as the Parquet decoder's on a damaged page)
+    /// becomes this query's `query_failed`; the next query on the same engine still runs.
+    #[tokio::test]
+    async fn a_panic_in_the_engine_fails_the_query_not_the_caller() {
+        use datafusion::arrow::datatypes::DataType;
+        use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+        let ctx = datafusion::prelude::SessionContext::new();
+        ctx.register_udf(create_udf(
+            "boom",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Volatile,
+            Arc::new(|_: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
+                panic!("Num of bytes exceed MAX_VLQ_BYTE_LEN (10)")
+            }),
+        ));
+        let frame = ctx.sql("SELECT boom(CAST(1 AS BIGINT)) AS x").await.unwrap();
+        let error = collect(frame, 10).await.err().expect("a panicking query answered");
+        assert_eq!((error.status, error.error), (500, "query_failed"));
+        assert!(error.message.contains("MAX_VLQ_BYTE_LEN"), "{error}");
+        assert!(error.message.contains("custos verify"), "{error}");
+        let frame = ctx.sql("SELECT 1 AS x").await.unwrap();
+        assert_eq!(collect(frame, 10).await.unwrap().rows, 1);
     }
 }

@@ -348,6 +348,54 @@ pub enum SegmentError {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("column `{0}` is missing or has the wrong type")]
     Column(&'static str),
+    /// The Parquet decoder panicked on the bytes instead of returning an error (it does on
+    /// some damaged pages); contained at this boundary and reported as damage.
+    #[error("parquet: the decoder failed on damaged data ({0})")]
+    Damaged(String),
+}
+
+thread_local! {
+    /// Set while this thread runs a contained decoding step.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `step` with this thread marked as contained: a panic in it is expected damage
+/// and is not printed by the panic hook (the error that [`contain`] returns says it).
+/// The hook is wrapped once per process; panics anywhere else still reach the hook that
+/// was installed before, unchanged.
+fn quietly<T>(step: impl FnOnce() -> T) -> T {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CONTAINED.with(|flag| flag.set(self.0));
+        }
+    }
+    let _reset = Reset(CONTAINED.with(|flag| flag.replace(true)));
+    step()
+}
+
+/// Runs a Parquet decoding step, turning a panic inside the decoder into
+/// [`SegmentError::Damaged`]. The `parquet` crate still panics on some malformed pages (found
+/// by fuzzing the `segment` target); segment bytes come from disk or an evidence bundle and
+/// are untrusted, so damage must be reported and located, not abort the reader.
+fn contain<T>(step: impl FnOnce() -> Result<T, SegmentError>) -> Result<T, SegmentError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| quietly(step))).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with no message".to_owned());
+        Err(SegmentError::Damaged(message))
+    })
 }
 
 /// Encodes entries as one zstd Parquet file.
@@ -521,6 +569,10 @@ fn footer(metadata: &parquet::file::metadata::ParquetMetaData) -> Vec<(String, S
 
 /// Decodes a whole segment file.
 pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
+    contain(|| decode_unguarded(bytes))
+}
+
+fn decode_unguarded(bytes: Bytes) -> Result<Segment, SegmentError> {
     use parquet::arrow::arrow_reader::ArrowReaderMetadata;
     use rayon::prelude::*;
     let reader_metadata = ArrowReaderMetadata::load(&bytes, read_options())?;
@@ -530,13 +582,17 @@ pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
     let parts = (0..groups)
         .into_par_iter()
         .map(|group| {
-            let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes.clone(), reader_metadata.clone())
-                .with_row_groups(vec![group]);
-            let mut rows = Vec::new();
-            for batch in builder.build()? {
-                read_batch(&batch?, &mut rows)?;
-            }
-            Ok(rows)
+            // On a rayon worker: mark it too, so a contained panic there stays quiet.
+            quietly(|| {
+                let builder =
+                    ParquetRecordBatchReaderBuilder::new_with_metadata(bytes.clone(), reader_metadata.clone())
+                        .with_row_groups(vec![group]);
+                let mut rows = Vec::new();
+                for batch in builder.build()? {
+                    read_batch(&batch?, &mut rows)?;
+                }
+                Ok(rows)
+            })
         })
         .collect::<Result<Vec<Vec<Row>>, SegmentError>>()?;
     Ok(Segment {
@@ -550,17 +606,22 @@ pub fn decode(bytes: Bytes) -> Result<Segment, SegmentError> {
 pub struct SegmentReader {
     pub metadata: Vec<(String, String)>,
     batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    /// The decoder panicked: its state is not to be trusted, so the stream ends.
+    failed: bool,
 }
 
 /// Opens a segment file for streaming, `batch_rows` rows at a time. A truncated file fails
 /// here (no footer); damage inside a page fails at the batch that holds it.
 pub fn open_stream(bytes: Bytes, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, read_options())?
-        .with_batch_size(batch_rows.max(1));
-    let metadata = footer(builder.metadata());
-    Ok(SegmentReader {
-        metadata,
-        batches: builder.build()?,
+    contain(|| {
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, read_options())?
+            .with_batch_size(batch_rows.max(1));
+        let metadata = footer(builder.metadata());
+        Ok(SegmentReader {
+            metadata,
+            batches: builder.build()?,
+            failed: false,
+        })
     })
 }
 
@@ -569,12 +630,19 @@ impl Iterator for SegmentReader {
     type Item = Result<RecordBatch, SegmentError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let batch = self.batches.next()?;
-        Some(
-            batch
-                .map_err(SegmentError::from)
-                .and_then(|batch| BatchView::new(&batch).map(|_| ()).map(|()| batch)),
-        )
+        if self.failed {
+            return None;
+        }
+        let batches = &mut self.batches;
+        let next = contain(|| Ok(batches.next())).transpose()?;
+        if matches!(next, Err(SegmentError::Damaged(_))) {
+            self.failed = true;
+        }
+        Some(next.and_then(|batch| {
+            let batch = batch?;
+            BatchView::new(&batch)?;
+            Ok(batch)
+        }))
     }
 }
 
