@@ -9,7 +9,7 @@ use custos_event::{AgentKey, Signer};
 use serde_json::{Value, json};
 
 use crate::respond::{enroll, get, send};
-use crate::support::{Server, post, run, stderr, stdout};
+use crate::support::{Server, manifest_dir, post, run, stderr, stdout};
 
 fn read_tar(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let bytes = std::fs::read(path).unwrap();
@@ -195,6 +195,20 @@ fn bundles_verify_offline_and_every_tamper_is_named() {
     let mut unsigned = files.clone();
     unsigned.remove("manifest.json");
     check(&unsigned, &["manifest.json: missing"]);
+    // A crafted events.parquet on which the Parquet decoder panics (docs/fuzzing.md): a
+    // verdict naming the file, not a crash.
+    let mut crafted = files.clone();
+    crafted.insert(
+        "events.parquet".into(),
+        std::fs::read(manifest_dir().join("store/tests/data/segment-decoder-panic.parquet")).unwrap(),
+    );
+    check(
+        &crafted,
+        &[
+            "events.parquet: altered",
+            "events.parquet: not a readable Parquet file: parquet: the decoder failed on damaged data",
+        ],
+    );
 
     // Rows: removed, added, changed. The file digest changes (named), and each row-level
     // check names what it found even with the manifest's digest set aside.

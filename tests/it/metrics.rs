@@ -7,7 +7,7 @@ use custos_event::{AgentKey, Signer};
 use serde_json::{Value, json};
 
 use crate::respond::{enroll, send, wait_for};
-use crate::support::{Server, post};
+use crate::support::{Server, manifest_dir, post};
 
 fn scrape(url: &str, token: Option<&str>) -> (u16, String) {
     let mut request = reqwest::blocking::Client::new().get(format!("{url}/metrics"));
@@ -25,12 +25,6 @@ fn names(exposition: &str) -> BTreeSet<String> {
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| line.split(['{', ' ']).next().unwrap().to_owned())
         .collect()
-}
-
-/// The package's directory as cargo gives it to the running test, so a test binary that
-/// cargo reuses from another checkout of the same tree reads this checkout's files.
-fn manifest_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
 
 /// Every `custos_*` identifier in the dashboards' queries, with where it is used.

@@ -152,3 +152,9 @@ pub(crate) fn post(
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
     ))
 }
+
+/// The package's directory as cargo gives it to the running test, so a test binary that
+/// cargo reuses from another checkout of the same tree reads this checkout's files.
+pub(crate) fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
