@@ -288,7 +288,9 @@ mod tests {
             }),
         ));
         let frame = ctx.sql("SELECT boom(CAST(1 AS BIGINT)) AS x").await.unwrap();
-        let error = collect(frame, 10).await.err().expect("a panicking query answered");
+        let Err(error) = collect(frame, 10).await else {
+            panic!("a panicking query answered")
+        };
         assert_eq!((error.status, error.error), (500, "query_failed"));
         assert!(error.message.contains("MAX_VLQ_BYTE_LEN"), "{error}");
         assert!(error.message.contains("custos verify"), "{error}");

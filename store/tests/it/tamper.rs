@@ -390,9 +390,9 @@ fn a_segment_the_parquet_decoder_panics_on_is_reported_not_fatal() {
         .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), std::path::PathBuf::from);
     let damaged = std::fs::read(dir.join("tests/data/segment-decoder-panic.parquet")).unwrap();
 
-    let error = segment::decode(bytes::Bytes::from(damaged.clone()))
-        .err()
-        .expect("decoded a damaged file");
+    let Err(error) = segment::decode(bytes::Bytes::from(damaged.clone())) else {
+        panic!("decoded a damaged file")
+    };
     assert!(matches!(error, segment::SegmentError::Damaged(_)), "{error}");
     assert!(error.to_string().contains("damaged data"), "{error}");
 
