@@ -377,6 +377,9 @@ fn decode_hash(text: &str) -> Option<Hash> {
     hex::decode(text).ok()?.try_into().ok()
 }
 
+/// Rows proven but missing that a report names one by one; the rest are counted.
+const MISSING_NAMED: usize = 20;
+
 /// Checks a bundle offline. `node_key`, when given, pins the key the manifest must be
 /// signed by.
 pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
@@ -570,12 +573,14 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
 
     // 5. Every row.
     let mut proven = BTreeSet::new();
+    let mut unreadable = false;
     for (name, kind) in FILES {
         let Some(bytes) = files.get(name) else { continue };
         let segment = match custos_store::segment::decode(bytes::Bytes::from(bytes.clone())) {
             Ok(segment) => segment,
             Err(error) => {
                 problems.push(format!("{name}: not a readable Parquet file: {error}"));
+                unreadable = true;
                 continue;
             }
         };
@@ -684,12 +689,29 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
             }
         }
     }
-    for index in inclusion.keys() {
-        if !proven.contains(index) {
-            problems.push(format!(
-                "proofs/inclusion.ndjson: log index {index} is proven but has no row (a row was removed)"
-            ));
-        }
+    // Each missing row is named; past a screenful, the rest are counted (an unreadable
+    // or emptied file would otherwise bury the verdict under one line per row).
+    let missing: Vec<u64> = inclusion
+        .keys()
+        .filter(|index| !proven.contains(*index))
+        .copied()
+        .collect();
+    let why = if unreadable {
+        "a row was removed, or its file is unreadable"
+    } else {
+        "a row was removed"
+    };
+    for index in missing.iter().take(MISSING_NAMED) {
+        problems.push(format!(
+            "proofs/inclusion.ndjson: log index {index} is proven but has no row ({why})"
+        ));
+    }
+    if missing.len() > MISSING_NAMED {
+        problems.push(format!(
+            "proofs/inclusion.ndjson: {} more log indexes are proven but have no row, up to log index {} ({why})",
+            missing.len() - MISSING_NAMED,
+            missing[missing.len() - 1]
+        ));
     }
     report.manifest = Some(manifest);
     report
