@@ -127,11 +127,7 @@ pub async fn collect(frame: datafusion::dataframe::DataFrame, max_rows: usize) -
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|text| (*text).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic with no message".to_owned());
+            let message = custos_store::segment::panic_message(panic.as_ref());
             Err(QueryError::internal(format!(
                 "the query engine failed while reading stored data ({message}); a damaged segment is one cause: run `custos verify`"
             )))

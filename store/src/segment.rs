@@ -388,14 +388,17 @@ fn quietly<T>(step: impl FnOnce() -> T) -> T {
 /// by fuzzing the `segment` target); segment bytes come from disk or an evidence bundle and
 /// are untrusted, so damage must be reported and located, not abort the reader.
 fn contain<T>(step: impl FnOnce() -> Result<T, SegmentError>) -> Result<T, SegmentError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| quietly(step))).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|text| (*text).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic with no message".to_owned());
-        Err(SegmentError::Damaged(message))
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| quietly(step)))
+        .unwrap_or_else(|panic| Err(SegmentError::Damaged(panic_message(panic.as_ref()))))
+}
+
+/// The message a caught panic carries (`panic!` with a literal or a formatted string).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_owned())
 }
 
 /// Encodes entries as one zstd Parquet file.

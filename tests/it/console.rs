@@ -12,7 +12,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use crate::respond::{enroll, send, wait_for};
-use crate::support::{Server, post};
+use crate::support::{Server, playbook_dir, post};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -105,13 +105,11 @@ async fn text_of(client: &Client, css: &str) -> Option<String> {
 #[test]
 fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("gate.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "gate.yml",
         "name: gated-revoke\nmatch:\n  types: [credential_misuse]\nactions:\n  - require_approval:\n      expires_in_secs: 600\n  - revoke_agent: {}\n",
-    )
-    .unwrap();
+    );
     let server = Server::start_with(
         &dir.path().join("store"),
         &["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()],

@@ -12,20 +12,10 @@ use crate::respond::{enroll, get, send};
 use crate::support::{Server, manifest_dir, post, run, stderr, stdout};
 
 fn read_tar(path: &Path) -> BTreeMap<String, Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let mut archive = tar::Archive::new(bytes.as_slice());
-    let mut files = BTreeMap::new();
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let name = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut content = Vec::new();
-        entry.read_to_end(&mut content).unwrap();
-        files.insert(name, content);
-    }
-    files
+    files_of(&std::fs::read(path).unwrap()).expect("the exported archive reads cleanly")
 }
 
-fn write_tar(path: &Path, files: &BTreeMap<String, Vec<u8>>) {
+fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, bytes) in files {
         let mut header = tar::Header::new_ustar();
@@ -34,7 +24,11 @@ fn write_tar(path: &Path, files: &BTreeMap<String, Vec<u8>>) {
         header.set_cksum();
         builder.append_data(&mut header, name, bytes.as_slice()).unwrap();
     }
-    std::fs::write(path, builder.into_inner().unwrap()).unwrap();
+    builder.into_inner().unwrap()
+}
+
+fn write_tar(path: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    std::fs::write(path, tar_of(files)).unwrap();
 }
 
 /// Runs `custos evidence verify`; returns (success, stdout).
@@ -339,15 +333,7 @@ fn random_damage_never_passes(original: &[u8], files: &BTreeMap<String, Vec<u8>>
                     content[at] = content[at].wrapping_add(rng.gen_range(1..=255));
                     format!("{name}: byte {at} changed")
                 };
-                let mut builder = tar::Builder::new(Vec::new());
-                for (name, content) in &copy {
-                    let mut header = tar::Header::new_ustar();
-                    header.set_size(content.len() as u64);
-                    header.set_mode(0o644);
-                    header.set_cksum();
-                    builder.append_data(&mut header, name, content.as_slice()).unwrap();
-                }
-                bytes = builder.into_inner().unwrap();
+                bytes = tar_of(&copy);
                 what
             }
         };

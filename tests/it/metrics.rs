@@ -7,7 +7,7 @@ use custos_event::{AgentKey, Signer};
 use serde_json::{Value, json};
 
 use crate::respond::{enroll, send, wait_for};
-use crate::support::{Server, manifest_dir, post};
+use crate::support::{Server, manifest_dir, playbook_dir, post};
 
 fn scrape(url: &str, token: Option<&str>) -> (u16, String) {
     let mut request = reqwest::blocking::Client::new().get(format!("{url}/metrics"));
@@ -73,13 +73,11 @@ fn queried() -> Vec<(String, String)> {
 #[test]
 fn every_metric_a_dashboard_queries_is_exported() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("revoke.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "revoke.yml",
         "name: revoke-misuse\nmatch:\n  types: [credential_misuse]\nactions:\n  - revoke_agent: {}\n",
-    )
-    .unwrap();
+    );
     let playbooks_arg = playbooks.to_str().unwrap();
     let server = Server::start_with(
         &dir.path().join("store"),

@@ -40,6 +40,16 @@ fn rows(url: &str, token: &str, query: &str) -> Vec<Value> {
         .clone()
 }
 
+/// The physical plan `EXPLAIN` gives for `query` (empty if it gives none).
+fn physical_plan(url: &str, token: &str, query: &str) -> String {
+    rows(url, token, &format!("EXPLAIN {query}"))
+        .iter()
+        .find(|row| row["plan_type"] == "physical_plan")
+        .and_then(|row| row["plan"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn error(url: &str, token: &str, query: &str) -> (u16, Value) {
     let (status, body, _) = sql(url, token, query, "application/json");
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
@@ -166,17 +176,11 @@ fn sql_sees_segments_and_tail_in_every_format() {
     // The few-valued text columns stay dictionaries: a filter on one compares the
     // dictionary (no per-row cast to string in the plan), Arrow answers keep the type,
     // and text answers show plain strings.
-    let plan = rows(
+    let physical = physical_plan(
         url,
         &fleet.admin,
-        "EXPLAIN SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action",
+        "SELECT realm, action, count(*) AS n FROM events WHERE kind = 'tool_call' GROUP BY realm, action",
     );
-    let physical = plan
-        .iter()
-        .find(|row| row["plan_type"] == "physical_plan")
-        .and_then(|row| row["plan"].as_str())
-        .unwrap_or_default()
-        .to_owned();
     assert!(
         physical.contains("kind@") && physical.contains("= tool_call"),
         "{physical}"
@@ -212,13 +216,7 @@ fn sql_sees_segments_and_tail_in_every_format() {
         .unwrap()
         .to_owned();
     let split = format!("SELECT count(*) AS n FROM events WHERE agent = '{agent}' AND action = 'tool1'");
-    let plan = rows(url, &fleet.admin, &format!("EXPLAIN {split}"));
-    let physical = plan
-        .iter()
-        .find(|row| row["plan_type"] == "physical_plan")
-        .and_then(|row| row["plan"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let physical = physical_plan(url, &fleet.admin, &split);
     let scan = physical
         .lines()
         .find(|line| line.contains("file_type=parquet"))

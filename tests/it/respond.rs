@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use custos_event::{AgentKey, Envelope, REVOCATIONS_PAYLOAD_TYPE, Signer};
 use serde_json::{Value, json};
 
-use crate::support::{Server, post, run, stderr, stdout};
+use crate::support::{Server, playbook_dir, post, run, stderr, stdout};
 
 pub(crate) fn get(url: &str, path: &str, token: &str) -> (u16, Value) {
     let response = reqwest::blocking::Client::new()
@@ -316,13 +316,11 @@ fn pending_approval(url: &str, token: &str, agent: &str) -> Option<String> {
 #[test]
 fn approvals_and_undo_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("gate.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "gate.yml",
         "name: gated-revoke\nmatch:\n  types: [credential_misuse]\nactions:\n  - require_approval:\n      expires_in_secs: 600\n  - revoke_agent: {}\n",
-    )
-    .unwrap();
+    );
     let data = dir.path().join("store");
     let server = Server::start_with(
         &data,
@@ -411,14 +409,12 @@ fn approvals_and_undo_through_the_cli() {
 #[test]
 fn a_cap_pause_survives_a_restart_until_a_person_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("capped.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "capped.yml",
         "name: capped-quarantine\nmatch:\n  types: [credential_misuse]\ncaps:\n  max_actions_per_hour: 1\n\
          actions:\n  - quarantine_agent: {}\n",
-    )
-    .unwrap();
+    );
     let data = dir.path().join("store");
     let args = ["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()];
     let keys: Vec<AgentKey> = (41..45).map(|seed| AgentKey::from_seed(&[seed; 32])).collect();
@@ -531,13 +527,11 @@ fn a_cap_pause_survives_a_restart_until_a_person_resumes() {
 #[test]
 fn a_full_detector_queue_slows_ingest_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("quarantine.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "quarantine.yml",
         "name: quarantine-misuse\nmatch:\n  types: [credential_misuse]\nactions:\n  - quarantine_agent: {}\n",
-    )
-    .unwrap();
+    );
     let data = dir.path().join("store");
     let server = Server::start_with(
         &data,
@@ -607,13 +601,11 @@ fn a_full_detector_queue_slows_ingest_and_loses_nothing() {
 #[test]
 fn rest_lists_filter_and_page() {
     let dir = tempfile::tempdir().unwrap();
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks).unwrap();
-    std::fs::write(
-        playbooks.join("revoke.yml"),
+    let playbooks = playbook_dir(
+        dir.path(),
+        "revoke.yml",
         "name: revoke-misuse\nmatch:\n  types: [credential_misuse]\nactions:\n  - revoke_agent: {}\n",
-    )
-    .unwrap();
+    );
     let server = Server::start_with(
         &dir.path().join("store"),
         &["--no-shipped-playbooks", "--playbooks", playbooks.to_str().unwrap()],

@@ -158,3 +158,11 @@ pub(crate) fn post(
 pub(crate) fn manifest_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
+
+/// `dir/playbooks/` holding one playbook, `file`, for `serve --playbooks`.
+pub(crate) fn playbook_dir(dir: &Path, file: &str, yaml: &str) -> PathBuf {
+    let playbooks = dir.join("playbooks");
+    std::fs::create_dir_all(&playbooks).unwrap();
+    std::fs::write(playbooks.join(file), yaml).unwrap();
+    playbooks
+}
