@@ -17,6 +17,7 @@
 //! - [`payload`]: the event payload model and its validation rules.
 //! - [`sign`]: keys and the chain-keeping [`sign::Signer`].
 //! - [`verify`]: decoding, and signature verification in batches grouped by key.
+//! - [`chain`]: the per-agent hash chain rule (seq, prev), shared by ingest and verify.
 //! - [`batch`]: the cofactored batch equation with one term per distinct key.
 //! - [`reason`]: stable reason codes for every rejection.
 //!
@@ -24,6 +25,7 @@
 //! by this crate's tests.
 
 pub mod batch;
+pub mod chain;
 pub mod did;
 pub mod dsse;
 pub mod observe;

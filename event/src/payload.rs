@@ -113,7 +113,9 @@ pub struct Payload {
     pub parent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Free-form attributes. A key may appear once per object, at any depth: with two,
+    /// two JSON readers could see two different events behind one signature.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "unique_keys")]
     pub attrs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -172,6 +174,13 @@ impl Payload {
     }
 
     fn validate_fields(&self) -> Result<(), String> {
+        if self.seq > crate::chain::MAX_SEQ {
+            return Err(format!(
+                "`seq` {} has no successor; the largest accepted seq is {}",
+                self.seq,
+                crate::chain::MAX_SEQ
+            ));
+        }
         match (&self.prev, self.seq) {
             (None, 0) => {}
             (Some(prev), 0) => return Err(format!("`prev` must be null at seq 0, found `{}`", truncate(prev))),
@@ -258,4 +267,108 @@ fn utc_rfc3339<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Date
         )));
     }
     Ok(parsed.with_timezone(&Utc))
+}
+
+/// `attrs`, refusing an object that names one key twice at any depth (serde_json's own
+/// map keeps the last value silently).
+fn unique_keys<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, D::Error> {
+    match UniqueKeys::deserialize(deserializer)?.0 {
+        serde_json::Value::Object(map) => Ok(Some(map)),
+        serde_json::Value::Null => Ok(None),
+        other => Err(serde::de::Error::custom(format!(
+            "`attrs` must be an object, found {}",
+            json_type(&other)
+        ))),
+    }
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON value whose objects each name a key at most once.
+struct UniqueKeys(serde_json::Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(value).map_or(serde_json::Value::Null, serde_json::Value::Number))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(UniqueKeys(item)) = items.next_element()? {
+            out.push(item);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            let UniqueKeys(value) = entries.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "`attrs` names the key `{}` twice in one object; each key may appear once",
+                    truncate(&key)
+                )));
+            }
+            out.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
 }

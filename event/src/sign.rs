@@ -85,7 +85,8 @@ pub struct ChainState {
 impl ChainState {
     /// Advances past a signed payload.
     pub fn advance(&mut self, payload: &[u8]) {
-        self.next_seq += 1;
+        // Past `chain::MAX_SEQ` nothing is accepted anyway; never wrap back to 0.
+        self.next_seq = self.next_seq.saturating_add(1);
         self.prev = Some(crate::blake3_hex(payload));
     }
 }

@@ -370,7 +370,36 @@ async fn post_events(
     let items = receiver
         .await
         .map_err(|_| ApiError::new(500, "internal", "the verify task ended without an answer"))?;
-    let results = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
+    let remote_for_refusals = remote.clone();
+    let ingested = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
+    let mut results = ingested.results;
+    if !ingested.lookups.is_empty() {
+        let resolved = tokio::task::spawn_blocking(move || {
+            ingested
+                .lookups
+                .into_iter()
+                .map(crate::lookup::resolve)
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await
+        .map_err(|error| ApiError::new(500, "internal", format!("the lookup task failed: {error}")))??;
+        let mut refusals = Vec::new();
+        for (result, refusal) in resolved {
+            crate::sequencer::count(&result);
+            if let Some(slot) = results.get_mut(result.index) {
+                *slot = result;
+            }
+            refusals.extend(refusal);
+        }
+        if !refusals.is_empty() {
+            ask(&state, |reply| Command::Refusals {
+                refusals,
+                remote: remote_for_refusals,
+                reply,
+            })
+            .await?;
+        }
+    }
     Ok(Json(results).into_response())
 }
 

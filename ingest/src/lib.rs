@@ -28,17 +28,20 @@ use tokio::sync::oneshot;
 pub mod auth;
 pub mod forensics;
 mod http;
+mod lookup;
 pub use http::catalogue;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
 pub mod samples;
 pub mod sequencer;
+mod state;
 
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
 pub use sequencer::{
-    Enforce, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
+    Closed, Enforce, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange,
+    StoreView, Unsealed,
 };
 
 /// Receives the detector feed, on the sequencer thread, in log order. Must not block
@@ -336,13 +339,13 @@ pub struct Running {
     /// Writes through the sequencer, for in-process stages.
     pub control: Control,
     shutdown: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<Result<(), NodeError>>,
+    done: tokio::task::JoinHandle<Result<Closed, NodeError>>,
 }
 
 impl Running {
     /// Stops accepting, drains in-flight requests, seals the open segment and signs a
     /// final checkpoint.
-    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+    pub async fn shutdown(mut self) -> Result<Closed, NodeError> {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

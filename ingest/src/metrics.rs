@@ -143,6 +143,18 @@ pub static QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
+/// Store writes that failed, by `step`: `append` (a WAL group; writes are refused until
+/// the store takes one again) or `maintenance` (a seal or checkpoint, retried).
+pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_store_errors_total", "Store writes that failed, by step"),
+            &["step"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Forces every metric into the registry, so each is exported (at zero) from the start.
 pub fn init() {
     LazyLock::force(&EVENTS);
@@ -157,6 +169,10 @@ pub fn init() {
     LazyLock::force(&ACTIONS);
     LazyLock::force(&PENDING_APPROVALS);
     LazyLock::force(&QUERY_SECONDS);
+    LazyLock::force(&STORE_ERRORS);
+    for step in ["append", "maintenance"] {
+        STORE_ERRORS.with_label_values(&[step]);
+    }
     for status in ["accepted", "duplicate", "rejected"] {
         EVENTS.with_label_values(&[status]);
     }

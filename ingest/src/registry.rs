@@ -116,8 +116,13 @@ pub struct AgentRecord {
     pub last_ts: Option<DateTime<Utc>>,
 }
 
-/// The head of one agent's hash chain, with a short window of recent digests so that a
-/// resent event is recognised as a duplicate and a different one at the same seq as a fork.
+/// The head of one agent's hash chain, with its recent (seq, digest, log index) triples
+/// so that a resent event is recognised as a duplicate and a different one at the same
+/// seq as a fork.
+///
+/// `recent` is a suffix of the agent's accepted events in seq order (accepted seqs only
+/// grow): every event not yet in a sealed segment, and at least the last `window` ones.
+/// Anything older is found through the segments' (agent, seq) indexes.
 #[derive(Clone, Debug)]
 pub struct ChainHead {
     pub seq: u64,
@@ -134,8 +139,11 @@ pub struct Registry {
     /// Revoked credentials, by id.
     pub credentials: BTreeMap<String, SubjectRecord>,
     pub heads: HashMap<String, ChainHead>,
-    /// How many recent (seq, digest, log index) triples each chain head keeps.
+    /// How many recent (seq, digest, log index) triples each chain head keeps at least.
     pub window: usize,
+    /// Log indexes below this are in sealed segments: triples there may be dropped
+    /// (beyond the window).
+    pub sealed_end: u64,
 }
 
 impl Registry {
@@ -240,8 +248,15 @@ impl Registry {
             head.digest = digest;
         }
         head.recent.push_back((seq, digest, log_index));
-        while head.recent.len() > window {
-            head.recent.pop_front();
+        trim(&mut head.recent, window, self.sealed_end);
+    }
+
+    /// Entries below `sealed_end` are now in sealed segments: drop the triples there that
+    /// are beyond each head's window.
+    pub fn prune(&mut self, sealed_end: u64) {
+        self.sealed_end = sealed_end;
+        for head in self.heads.values_mut() {
+            trim(&mut head.recent, self.window, sealed_end);
         }
     }
 
@@ -260,5 +275,11 @@ impl Registry {
             stack.extend(record.children.iter().rev().cloned());
         }
         out
+    }
+}
+
+fn trim(recent: &mut VecDeque<(u64, [u8; 32], u64)>, window: usize, sealed_end: u64) {
+    while recent.len() > window && recent.front().is_some_and(|(_, _, log_index)| *log_index < sealed_end) {
+        recent.pop_front();
     }
 }

@@ -186,19 +186,25 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         Expect::Rejected(Reason::ChainBroken),
         json(&envelope),
     );
-    push(
-        "first event replayed",
-        Expect::Rejected(Reason::Replay),
-        json(actors.first),
-    );
+    // However old, a resend of a stored event is a duplicate.
+    push("first event resent", Expect::Duplicate, json(actors.first));
     // Skip five seqs: accepted, flagged, and the chain continues from here.
-    let mut state = actors.agent.chain().clone();
+    let before_gap = actors.agent.chain().clone();
+    let mut state = before_gap.clone();
     state.next_seq += 5;
     *actors.agent = Signer::resume(actors.agent.key().clone(), actors.agent.realm(), state);
     push(
         "five events lost in transit",
         Expect::Gap,
         json(&actors.agent.sign(event(Kind::ToolCall, now))),
+    );
+    // One of the lost ones turning up late: below the head, never stored.
+    let late =
+        Signer::resume(actors.agent.key().clone(), actors.agent.realm(), before_gap).sign(event(Kind::ToolCall, now));
+    push(
+        "a lost event arriving late",
+        Expect::Rejected(Reason::Replay),
+        json(&late),
     );
     push("same seq, different payload", Expect::Rejected(Reason::ChainFork), fork);
     out

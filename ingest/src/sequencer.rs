@@ -13,17 +13,17 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use custos_event::chain::{self, Step};
 use custos_event::{
-    ACTION_PAYLOAD_TYPE, AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, Envelope,
-    FINDING_PAYLOAD_TYPE, Feed, Kind, Observation, Payload, REVOCATIONS_PAYLOAD_TYPE, Reason, Rejection, Signal,
-    Verified,
+    AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, Envelope, Feed, Kind, Observation, Payload, REVOCATIONS_PAYLOAD_TYPE,
+    Reason, Rejection, Signal, Verified,
 };
 use custos_store::{Log, LogEntry};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::forensics::{Forensics, RejectedRecord};
-use crate::registry::{AgentRecord, AgentStatus, ControlAction, ControlPayload, Registry, SubjectRecord};
+use crate::registry::{AgentRecord, AgentStatus, ChainHead, ControlAction, ControlPayload, Registry, SubjectRecord};
 use crate::{ApiError, FeedSink, NodeConfig};
 
 /// An input after decoding and signature verification.
@@ -59,6 +59,43 @@ pub struct ItemResult {
     pub missing: Option<[u64; 2]>,
 }
 
+/// What an ingest command answers: a result per item, except items whose seq is older
+/// than the chain state held in memory; those need a lookup in the sealed segments
+/// ([`crate::lookup`]) and their result slot waits for it.
+#[derive(Debug)]
+pub struct Ingested {
+    pub results: Vec<ItemResult>,
+    pub lookups: Vec<Lookup>,
+}
+
+/// An item at an old seq: is the stored event at that seq this one (duplicate), another
+/// one (fork), or none (the seq was never stored)?
+#[derive(Debug)]
+pub struct Lookup {
+    /// Position in the request (and in `results`).
+    pub index: usize,
+    pub raw: Vec<u8>,
+    pub payload: Payload,
+    pub digest: [u8; 32],
+    pub head_seq: u64,
+    /// The agent's enrollment: no segment ending at or before it can hold its events.
+    pub not_before: u64,
+    pub segment_dir: std::path::PathBuf,
+    /// The sealed segments at the time of the check (every stored event of the agent at
+    /// `seq` is in one of them, since the registry holds every unsealed one).
+    pub segments: Arc<Vec<custos_store::log::SegmentInfo>>,
+}
+
+/// A refusal decided by a lookup.
+#[derive(Debug)]
+pub struct Refusal {
+    pub index: usize,
+    pub raw: Vec<u8>,
+    pub rejection: Rejection,
+    pub evidence: Option<serde_json::Value>,
+    pub payload: Payload,
+}
+
 /// Result of a revocation: every agent revoked, parents first.
 #[derive(Clone, Debug, Serialize)]
 pub struct Revoked {
@@ -73,7 +110,14 @@ pub enum Command {
     Ingest {
         items: Vec<Item>,
         remote: String,
-        reply: Answer<Vec<ItemResult>>,
+        reply: Answer<Ingested>,
+    },
+    /// Records refusals decided outside the sequencer (old-seq lookups): kept for
+    /// forensics and shown to the detector, as if refused in the group.
+    Refusals {
+        refusals: Vec<Refusal>,
+        remote: String,
+        reply: Answer<()>,
     },
     Enroll {
         did: String,
@@ -157,15 +201,69 @@ pub enum Command {
         reply: Answer<serde_json::Value>,
     },
     Shutdown {
-        reply: Answer<()>,
+        reply: Answer<Closed>,
     },
 }
 
+/// How the log was left at shutdown.
+#[derive(Clone, Debug)]
+pub struct Closed {
+    /// Entries in the log.
+    pub entries: u64,
+    /// What could not be sealed (a full disk, say), when something could not.
+    pub unsealed: Option<Unsealed>,
+}
+
+/// Entries left in the WAL at shutdown: durable, and sealed at the next start.
+#[derive(Clone, Debug)]
+pub struct Unsealed {
+    /// Log indexes `from..to`.
+    pub from: u64,
+    pub to: u64,
+    pub wal_files: Vec<std::path::PathBuf>,
+    pub error: String,
+}
+
+/// The store refused a write; writes are refused until it takes one again.
+struct Failure {
+    error: ApiError,
+    since: std::time::Instant,
+    next_try: std::time::Instant,
+    attempts: u32,
+}
+
+/// Writes, fsyncs and removes a small file in `dir`: can the store take a write now?
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(".probe");
+    let result = (|| {
+        let mut file = fs_err::File::create(&path)?;
+        file.write_all(&[0u8; 64 * 1024])?;
+        file.sync_all()
+    })();
+    let _ = fs_err::remove_file(&path);
+    result
+}
+
 impl Command {
+    /// Whether the command appends to the log (or signs a checkpoint).
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Ingest { .. }
+                | Command::Enroll { .. }
+                | Command::Revoke { .. }
+                | Command::AppendSigned { .. }
+                | Command::Enforce { .. }
+                | Command::Evidence { .. }
+        )
+    }
+
     /// Answers the command with `error` without doing it.
     fn refuse(self, error: ApiError) -> Deferred {
         match self {
             Command::Ingest { reply, .. } => defer(reply, Err(error)),
+            Command::Refusals { reply, .. } => defer(reply, Err(error)),
             Command::Enroll { reply, .. } => defer(reply, Err(error)),
             Command::Revoke { reply, .. } => defer(reply, Err(error)),
             Command::Agents { reply } => defer(reply, Err(error)),
@@ -325,7 +423,9 @@ pub(crate) struct Sequencer {
     node_key: AgentKey,
     node_chain: ChainState,
     config: NodeConfig,
-    failed: Option<ApiError>,
+    failed: Option<Failure>,
+    /// When a maintenance error was last logged (they repeat every tick while they last).
+    maintenance_error: Option<std::time::Instant>,
     ready: Arc<AtomicBool>,
     hooks: SequencerHooks,
     /// This group's observations for the feed, sent once the group is durable.
@@ -335,6 +435,8 @@ pub(crate) struct Sequencer {
     /// The latest checkpoint's size and when this process first saw it, for the
     /// checkpoint-age metric.
     checkpoint_seen: (u64, std::time::Instant),
+    /// The manifest as of the last maintenance, shared with old-seq lookups.
+    segments: Arc<Vec<custos_store::log::SegmentInfo>>,
 }
 
 impl Sequencer {
@@ -344,59 +446,19 @@ impl Sequencer {
         ready: Arc<AtomicBool>,
         hooks: SequencerHooks,
     ) -> Result<Self, crate::NodeError> {
-        let info = custos_store::StoreInfo::open(&config.data, true)?;
-        let mut registry = Registry::new(config.chain_window);
-        let mut node_chain = ChainState::default();
-        let node_did = node_key.did().to_owned();
-        let feed = hooks.feed.as_ref();
-        let replay_from = hooks.replay_from;
-        let mut fold = |entry: &LogEntry| {
-            let payload = fold_entry(entry, &node_did, &mut registry, &mut node_chain);
-            let Some(feed) = feed else { return };
-            match (payload, entry.payload_type.as_str()) {
-                (Some(payload), _) if entry.log_index >= replay_from => feed(Feed::Event(Box::new(Observation {
-                    log_index: Some(entry.log_index),
-                    ingest_ts: chrono::TimeZone::timestamp_micros(&Utc, entry.ingest_ts_us)
-                        .single()
-                        .unwrap_or_default(),
-                    payload,
-                    signal: Signal::Accepted { gap: entry.gap },
-                }))),
-                (None, FINDING_PAYLOAD_TYPE) => feed(Feed::Finding {
-                    log_index: entry.log_index,
-                    payload: entry.payload.clone(),
-                }),
-                (None, ACTION_PAYLOAD_TYPE) => feed(Feed::Action {
-                    log_index: entry.log_index,
-                    payload: entry.payload.clone(),
-                }),
-                _ => {}
-            }
-        };
-        let log = Log::open(
-            &config.data,
-            &info.store_id,
-            custos_store::DEFAULT_LOG_ID,
-            config.log.clone(),
-            custos_store::OpenMode::ReadWrite,
-            &mut fold,
-        )?;
-        if let Some(feed) = &hooks.feed {
-            feed(Feed::Replayed {
-                next_index: log.next_index(),
-            });
-        }
+        let crate::state::Loaded {
+            log,
+            registry,
+            node_chain,
+        } = crate::state::load(&config, &node_key, hooks.feed.as_ref(), hooks.replay_from)?;
         let forensics = Forensics::open(
             &config.data.join("rejected"),
             config.rejected_max_records,
             config.rejected_max_bytes,
         )?;
-        tracing::info!(
-            entries = log.next_index(),
-            agents = registry.agents.len(),
-            "store recovered"
-        );
+        let segments = Arc::new(log.segments().to_vec());
         Ok(Self {
+            segments,
             log,
             registry,
             forensics,
@@ -404,6 +466,7 @@ impl Sequencer {
             node_chain,
             config,
             failed: None,
+            maintenance_error: None,
             ready,
             hooks,
             observed: Vec::new(),
@@ -446,21 +509,7 @@ impl Sequencer {
             self.publish(failure.is_none());
             if let Some(reply) = shutdown {
                 self.ready.store(false, Ordering::SeqCst);
-                let result = match self.failed.clone() {
-                    Some(error) => Err(error),
-                    None => self.log.seal().map_err(|error| ApiError::store(&error)),
-                };
-                let result = result.and_then(|()| {
-                    self.log
-                        .checkpoint()
-                        .map(|_| ())
-                        .map_err(|error| ApiError::store(&error))
-                });
-                tracing::info!(
-                    entries = self.log.next_index(),
-                    "log sealed and checkpointed for shutdown"
-                );
-                let _ = reply.send(result);
+                let _ = reply.send(Ok(self.close()));
                 return;
             }
             self.maintain();
@@ -487,12 +536,67 @@ impl Sequencer {
         }
     }
 
+    /// Seals what it can and signs a final checkpoint. What could not be sealed is still
+    /// durable in the WAL (every acknowledged entry is); the report says which entries and
+    /// files, and the next start seals them.
+    fn close(&mut self) -> Closed {
+        if self.failed.is_some() {
+            self.recover();
+        }
+        let sealed = self.log.seal();
+        let checkpointed = sealed.and_then(|()| self.log.checkpoint().map(|_| ()));
+        let entries = self.log.next_index();
+        match checkpointed {
+            Ok(()) => {
+                tracing::info!(entries, "log sealed and checkpointed for shutdown");
+                Closed {
+                    entries,
+                    unsealed: None,
+                }
+            }
+            Err(error) => {
+                let unsealed = Unsealed {
+                    from: self.log.sealed_end(),
+                    to: entries,
+                    wal_files: self.log.paths().wal_files(),
+                    error: error.to_string(),
+                };
+                tracing::error!(
+                    from = unsealed.from,
+                    to = unsealed.to,
+                    %error,
+                    "could not seal or checkpoint at shutdown; the entries stay in the WAL"
+                );
+                Closed {
+                    entries,
+                    unsealed: Some(unsealed),
+                }
+            }
+        }
+    }
+
     fn maintain(&mut self) {
         if self.failed.is_some() {
+            self.recover();
+            self.gauges();
             return;
         }
         if let Err(error) = self.log.maintain() {
-            self.fail(&error);
+            // The log is as it was before the step that failed (a seal or a checkpoint):
+            // nothing is lost and the step runs again at the next maintenance.
+            let now = std::time::Instant::now();
+            if self
+                .maintenance_error
+                .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(10))
+            {
+                tracing::error!(%error, "store maintenance failed (seal or checkpoint); retrying");
+                self.maintenance_error = Some(now);
+            }
+            metrics::STORE_ERRORS.with_label_values(&["maintenance"]).inc();
+        }
+        if self.log.segments().len() != self.segments.len() {
+            self.segments = Arc::new(self.log.segments().to_vec());
+            self.registry.prune(self.log.sealed_end());
         }
         self.gauges();
     }
@@ -511,9 +615,53 @@ impl Sequencer {
     }
 
     fn fail(&mut self, error: &custos_store::StoreError) {
-        tracing::error!(%error, "store write failed; refusing further writes until restart");
-        self.failed = Some(ApiError::store(error));
+        tracing::error!(%error, "store write failed; refusing writes until the store can be written again");
+        metrics::STORE_ERRORS.with_label_values(&["append"]).inc();
+        self.failed = Some(Failure {
+            error: ApiError::store(error),
+            since: std::time::Instant::now(),
+            next_try: std::time::Instant::now() + Duration::from_millis(500),
+            attempts: 0,
+        });
         self.ready.store(false, Ordering::SeqCst);
+    }
+
+    /// After a failed append: once the disk takes a write again, reloads the writer's
+    /// state from the store (the registry had taken in a group that was cut off the WAL)
+    /// and accepts writes again. Retries with a growing pause, up to 10 s.
+    fn recover(&mut self) {
+        let Some(failure) = self.failed.as_mut() else { return };
+        let now = std::time::Instant::now();
+        if now < failure.next_try {
+            return;
+        }
+        failure.attempts += 1;
+        let pause = Duration::from_millis(500 * u64::from(failure.attempts.min(20))).min(Duration::from_secs(10));
+        failure.next_try = now + pause;
+        let since = failure.since;
+        if let Err(error) = probe_writable(&self.log.paths().wal_dir) {
+            tracing::debug!(%error, "store still not writable");
+            return;
+        }
+        // A seal in flight finishes (or goes back to the open entries) before the log is
+        // read again from disk.
+        let _ = self.log.settle();
+        match crate::state::load(&self.config, &self.node_key, None, 0) {
+            Ok(loaded) => {
+                self.log = loaded.log;
+                self.registry = loaded.registry;
+                self.node_chain = loaded.node_chain;
+                self.segments = Arc::new(self.log.segments().to_vec());
+                self.failed = None;
+                self.ready.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    entries = self.log.next_index(),
+                    after_secs = since.elapsed().as_secs_f64(),
+                    "store writable again; accepting writes"
+                );
+            }
+            Err(error) => tracing::error!(%error, "store not recovered yet; retrying"),
+        }
     }
 
     /// Makes the group durable. Returns the error every request in it must get, if any.
@@ -521,8 +669,8 @@ impl Sequencer {
         if let Err(error) = self.forensics.flush() {
             tracing::error!(%error, "could not persist rejected input for forensics");
         }
-        if let Some(error) = &self.failed {
-            return Some(error.clone());
+        if let Some(failure) = &self.failed {
+            return (!entries.is_empty()).then(|| failure.error.clone());
         }
         if entries.is_empty() {
             return None;
@@ -534,19 +682,32 @@ impl Sequencer {
             Ok(()) => None,
             Err(error) => {
                 self.fail(&error);
-                self.failed.clone()
+                Some(ApiError::store(&error))
             }
         }
     }
 
     fn handle(&mut self, command: Command, entries: &mut Vec<LogEntry>) -> Deferred {
-        if let Some(error) = self.failed.clone() {
-            return command.refuse(error);
+        // While the store cannot be written, reads are still answered.
+        if let Some(failure) = &self.failed
+            && command.writes()
+        {
+            return command.refuse(failure.error.clone());
         }
         match command {
             Command::Ingest { items, remote, reply } => {
-                let results = self.ingest(items, &remote, entries);
-                defer(reply, Ok(results))
+                let ingested = self.ingest(items, &remote, entries);
+                defer(reply, Ok(ingested))
+            }
+            Command::Refusals {
+                refusals,
+                remote,
+                reply,
+            } => {
+                for refusal in refusals {
+                    self.refuse(refusal, &remote, Utc::now());
+                }
+                defer(reply, Ok(()))
             }
             Command::Enroll {
                 did,
@@ -621,7 +782,10 @@ impl Sequencer {
             ),
             Command::Inclusion { index, size, reply } => defer(reply, self.inclusion(index, size)),
             Command::Consistency { from, to, reply } => defer(reply, self.consistency(from, to)),
-            Command::Shutdown { reply } => defer(reply, Ok(())),
+            Command::Shutdown { reply } => defer(
+                reply,
+                Err(ApiError::new(500, "internal", "shutdown is handled by the loop")),
+            ),
         }
     }
 
@@ -786,23 +950,15 @@ impl Sequencer {
         self.log.next_index() + entries.len() as u64
     }
 
-    fn ingest(&mut self, items: Vec<Item>, remote: &str, entries: &mut Vec<LogEntry>) -> Vec<ItemResult> {
+    fn ingest(&mut self, items: Vec<Item>, remote: &str, entries: &mut Vec<LogEntry>) -> Ingested {
         let now = Utc::now();
         let mut results = Vec::with_capacity(items.len());
+        let mut lookups = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
-            let rejected = |rejection: &Rejection| ItemResult {
-                index,
-                status: Status::Rejected,
-                reason: Some(rejection.reason.code()),
-                message: Some(rejection.message.clone()),
-                log_index: None,
-                flags: Vec::new(),
-                missing: None,
-            };
             let verified = match item.outcome {
                 Ok(verified) => verified,
                 Err(rejection) => {
-                    results.push(rejected(&rejection));
+                    results.push(ItemResult::rejected(index, &rejection));
                     self.reject(&rejection, &item.raw, remote, index, item.keyid, None);
                     continue;
                 }
@@ -830,53 +986,62 @@ impl Sequencer {
                         missing: gap.map(|(from, to)| [from, to]),
                     })
                 }
-                Ok(Admitted::Duplicate { log_index }) => results.push(ItemResult {
-                    index,
-                    status: Status::Duplicate,
-                    reason: None,
-                    message: None,
-                    log_index: Some(log_index),
-                    flags: Vec::new(),
-                    missing: None,
-                }),
+                Ok(Admitted::Duplicate { log_index }) => results.push(ItemResult::duplicate(index, log_index)),
+                Ok(Admitted::Lookup(mut lookup)) => {
+                    lookup.index = index;
+                    lookup.raw = item.raw;
+                    // A placeholder the lookup replaces; never sent as it is.
+                    results.push(ItemResult::duplicate(index, 0));
+                    lookups.push(*lookup);
+                }
                 Err(refused) => {
-                    results.push(rejected(&refused.rejection));
-                    let keyid = refused.payload.agent.clone();
-                    // The signature verified: the detector sees refused events of agents it
-                    // knows (revoked, forks, replays), never unknown keys.
-                    if self.hooks.feed.is_some() && refused.rejection.reason != Reason::UnknownAgent {
-                        self.observed.push(Feed::Event(Box::new(Observation {
-                            log_index: None,
-                            ingest_ts: now,
+                    results.push(ItemResult::rejected(index, &refused.rejection));
+                    self.refuse(
+                        Refusal {
+                            index,
+                            raw: item.raw,
+                            rejection: refused.rejection,
+                            evidence: refused.evidence,
                             payload: *refused.payload,
-                            signal: Signal::Rejected {
-                                reason: refused.rejection.reason.code().to_owned(),
-                            },
-                        })));
-                    }
-                    self.reject(
-                        &refused.rejection,
-                        &item.raw,
+                        },
                         remote,
-                        index,
-                        Some(keyid),
-                        refused.evidence,
+                        now,
                     );
                 }
             }
         }
+        let waiting: Vec<usize> = lookups.iter().map(|lookup| lookup.index).collect();
         for result in &results {
-            let status = match result.status {
-                Status::Accepted => "accepted",
-                Status::Duplicate => "duplicate",
-                Status::Rejected => "rejected",
-            };
-            metrics::EVENTS.with_label_values(&[status]).inc();
-            if let Some(reason) = result.reason {
-                metrics::REJECTS.with_label_values(&[reason]).inc();
+            if !waiting.contains(&result.index) {
+                count(result);
             }
         }
-        results
+        Ingested { results, lookups }
+    }
+
+    /// Keeps a signed event the registry or chain refused for forensics, and shows it to
+    /// the detector (it sees refused events of agents it knows: revoked, forks, replays;
+    /// never unknown keys).
+    fn refuse(&mut self, refusal: Refusal, remote: &str, now: DateTime<Utc>) {
+        let keyid = refusal.payload.agent.clone();
+        if self.hooks.feed.is_some() && refusal.rejection.reason != Reason::UnknownAgent {
+            self.observed.push(Feed::Event(Box::new(Observation {
+                log_index: None,
+                ingest_ts: now,
+                payload: refusal.payload,
+                signal: Signal::Rejected {
+                    reason: refusal.rejection.reason.code().to_owned(),
+                },
+            })));
+        }
+        self.reject(
+            &refusal.rejection,
+            &refusal.raw,
+            remote,
+            refusal.index,
+            Some(keyid),
+            refusal.evidence,
+        );
     }
 
     fn reject(
@@ -915,6 +1080,18 @@ impl Sequencer {
                 quarantined,
             }) => (gap, child, realm, quarantined),
             Ok(Checked::Duplicate { log_index }) => return Ok(Admitted::Duplicate { log_index }),
+            Ok(Checked::Lookup { head_seq, not_before }) => {
+                return Ok(Admitted::Lookup(Box::new(Lookup {
+                    index: 0,
+                    raw: Vec::new(),
+                    digest: verified.digest,
+                    payload: verified.payload,
+                    head_seq,
+                    not_before,
+                    segment_dir: self.log.paths().segment_dir.clone(),
+                    segments: self.segments.clone(),
+                })));
+            }
             Err((rejection, evidence)) => {
                 return Err(Refused {
                     rejection,
@@ -1000,9 +1177,9 @@ impl Sequencer {
             );
         }
         let realm = record.realm.clone();
-        let future = chrono::Duration::from_std(self.config.max_future_skew).unwrap_or_default();
-        let age = chrono::Duration::from_std(self.config.max_age).unwrap_or_default();
-        if payload.ts > now + future {
+        let future = chrono::Duration::from_std(self.config.max_future_skew).unwrap_or(chrono::Duration::MAX);
+        let age = chrono::Duration::from_std(self.config.max_age).unwrap_or(chrono::Duration::MAX);
+        if now.checked_add_signed(future).is_some_and(|limit| payload.ts > limit) {
             return fail(
                 Reason::ClockSkew,
                 format!(
@@ -1013,7 +1190,7 @@ impl Sequencer {
                 ),
             );
         }
-        if payload.ts < now - age {
+        if now.checked_sub_signed(age).is_some_and(|limit| payload.ts < limit) {
             return fail(
                 Reason::ClockSkew,
                 format!(
@@ -1025,11 +1202,18 @@ impl Sequencer {
             );
         }
         let seq = payload.seq;
-        let mut gap = None;
-        match self.registry.heads.get(&did) {
-            None if seq > 0 => gap = Some((0, seq - 1)),
-            None => {}
-            Some(head) if seq == head.seq + 1 && payload.prev_digest() != Some(head.digest) => {
+        let head = self.registry.heads.get(&did);
+        let step = chain::step(
+            head.map(|head| chain::Head {
+                seq: head.seq,
+                digest: head.digest,
+            })
+            .as_ref(),
+            seq,
+            payload.prev_digest(),
+        );
+        let gap = match (step, head) {
+            (Step::Broken, Some(head)) => {
                 return fail(
                     Reason::ChainBroken,
                     format!(
@@ -1040,40 +1224,9 @@ impl Sequencer {
                     ),
                 );
             }
-            Some(head) if seq == head.seq + 1 => {}
-            Some(head) if seq > head.seq + 1 => gap = Some((head.seq + 1, seq - 1)),
-            Some(head) => {
-                let found = head
-                    .recent
-                    .iter()
-                    .find(|(recent_seq, _, _)| *recent_seq == seq)
-                    .copied();
-                return match found {
-                    Some((_, digest, log_index)) if digest == verified.digest => Ok(Checked::Duplicate { log_index }),
-                    Some((_, digest, log_index)) => Err((
-                        Rejection::new(
-                            Reason::ChainFork,
-                            format!(
-                                "seq {seq} of `{did}` was already accepted at log index {log_index} with a different payload: the key may be cloned"
-                            ),
-                        ),
-                        Some(serde_json::json!({
-                            "seq": seq,
-                            "accepted_log_index": log_index,
-                            "accepted_blake3": hex::encode(digest),
-                            "rejected_blake3": hex::encode(verified.digest),
-                        })),
-                    )),
-                    None => fail(
-                        Reason::Replay,
-                        format!(
-                            "seq {seq} is at or below the head seq {} of `{did}` and too old to compare",
-                            head.seq
-                        ),
-                    ),
-                };
-            }
-        }
+            (Step::Behind, Some(head)) => return self.behind(head, record.enroll_log_index, &did, seq, verified),
+            (step, _) => step.gap(),
+        };
         let child = if payload.kind == Kind::Delegation {
             let target = payload.target.clone().unwrap_or_default();
             if custos_event::public_key_from_did(&target).is_err() {
@@ -1092,6 +1245,42 @@ impl Sequencer {
             realm,
             quarantined: record_status == AgentStatus::Quarantined,
         })
+    }
+
+    /// An event at or below its agent's head: a resend, a fork, a seq that was never
+    /// stored, or (older than the events held in memory) a question for the segments.
+    fn behind(
+        &self,
+        head: &ChainHead,
+        enrolled_at: u64,
+        did: &str,
+        seq: u64,
+        verified: &Verified,
+    ) -> Result<Checked, (Rejection, Option<serde_json::Value>)> {
+        // `recent` is a suffix of the agent's accepted events, in seq order.
+        let Some(oldest) = head.recent.front() else {
+            return Ok(Checked::Lookup {
+                head_seq: head.seq,
+                not_before: enrolled_at,
+            });
+        };
+        if seq < oldest.0 {
+            return Ok(Checked::Lookup {
+                head_seq: head.seq,
+                not_before: enrolled_at,
+            });
+        }
+        match head.recent.binary_search_by_key(&seq, |(recent_seq, _, _)| *recent_seq) {
+            Ok(position) => {
+                let (_, digest, log_index) = head.recent[position];
+                if digest == verified.digest {
+                    Ok(Checked::Duplicate { log_index })
+                } else {
+                    Err(fork(did, seq, log_index, digest, verified.digest))
+                }
+            }
+            Err(_) => Err((never_stored(did, seq, head.seq), None)),
+        }
     }
 
     #[expect(clippy::too_many_arguments, reason = "one field per control payload field")]
@@ -1362,6 +1551,7 @@ enum Admitted {
     Duplicate {
         log_index: u64,
     },
+    Lookup(Box<Lookup>),
 }
 
 enum Checked {
@@ -1374,6 +1564,84 @@ enum Checked {
     Duplicate {
         log_index: u64,
     },
+    /// Older than the agent's events held in memory.
+    Lookup {
+        head_seq: u64,
+        not_before: u64,
+    },
+}
+
+/// The `chain_fork` rejection: `seq` was accepted at `log_index` with digest `accepted`.
+pub(crate) fn fork(
+    did: &str,
+    seq: u64,
+    log_index: u64,
+    accepted: [u8; 32],
+    rejected: [u8; 32],
+) -> (Rejection, Option<serde_json::Value>) {
+    (
+        Rejection::new(
+            Reason::ChainFork,
+            format!(
+                "seq {seq} of `{did}` was already accepted at log index {log_index} with a different payload: the key may be cloned"
+            ),
+        ),
+        Some(serde_json::json!({
+            "seq": seq,
+            "accepted_log_index": log_index,
+            "accepted_blake3": hex::encode(accepted),
+            "rejected_blake3": hex::encode(rejected),
+        })),
+    )
+}
+
+/// The `replay` rejection of a seq below the head that no stored event has.
+pub(crate) fn never_stored(did: &str, seq: u64, head: u64) -> Rejection {
+    Rejection::new(
+        Reason::Replay,
+        format!(
+            "seq {seq} of `{did}` is below its head seq {head} and no event was ever stored at it (it was reported missing in a chain gap); an event cannot be inserted into the past"
+        ),
+    )
+}
+
+/// Counts one answered item in the ingest metrics.
+pub(crate) fn count(result: &ItemResult) {
+    let status = match result.status {
+        Status::Accepted => "accepted",
+        Status::Duplicate => "duplicate",
+        Status::Rejected => "rejected",
+    };
+    metrics::EVENTS.with_label_values(&[status]).inc();
+    if let Some(reason) = result.reason {
+        metrics::REJECTS.with_label_values(&[reason]).inc();
+    }
+}
+
+impl ItemResult {
+    pub(crate) fn rejected(index: usize, rejection: &Rejection) -> Self {
+        Self {
+            index,
+            status: Status::Rejected,
+            reason: Some(rejection.reason.code()),
+            message: Some(rejection.message.clone()),
+            log_index: None,
+            flags: Vec::new(),
+            missing: None,
+        }
+    }
+
+    pub(crate) fn duplicate(index: usize, log_index: u64) -> Self {
+        Self {
+            index,
+            status: Status::Duplicate,
+            reason: None,
+            message: None,
+            log_index: Some(log_index),
+            flags: Vec::new(),
+            missing: None,
+        }
+    }
 }
 
 /// A signed event the registry or chain checks refused.
@@ -1381,47 +1649,6 @@ struct Refused {
     rejection: Rejection,
     evidence: Option<serde_json::Value>,
     payload: Box<Payload>,
-}
-
-/// Rebuilds state from one stored entry; returns an event's parsed payload.
-fn fold_entry(
-    entry: &LogEntry,
-    node_did: &str,
-    registry: &mut Registry,
-    node_chain: &mut ChainState,
-) -> Option<Payload> {
-    if entry.payload_type == CONTROL_PAYLOAD_TYPE {
-        if entry.keyid != node_did {
-            tracing::warn!(
-                log_index = entry.log_index,
-                "ignoring a control entry not signed by this node's key"
-            );
-            return None;
-        }
-        match serde_json::from_slice::<ControlPayload>(&entry.payload) {
-            Ok(control) => {
-                registry.apply_control(&control, entry.log_index);
-                node_chain.next_seq = control.seq + 1;
-                node_chain.prev = Some(custos_event::blake3_hex(&entry.payload));
-            }
-            Err(error) => tracing::warn!(log_index = entry.log_index, %error, "unreadable control entry"),
-        }
-    } else if entry.payload_type == EVENT_PAYLOAD_TYPE {
-        match Payload::parse(&entry.payload) {
-            Ok(payload) => {
-                registry.apply_event(
-                    &payload.agent,
-                    payload.seq,
-                    entry.payload_blake3,
-                    entry.log_index,
-                    payload.ts,
-                );
-                return Some(payload);
-            }
-            Err(error) => tracing::warn!(log_index = entry.log_index, %error, "unreadable event entry"),
-        }
-    }
-    None
 }
 
 /// [`ItemResult`] as a client reads it back.

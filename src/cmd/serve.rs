@@ -39,12 +39,12 @@ impl Node {
     }
 
     /// Stops HTTP, drains the detector and responder, seals and checkpoints.
-    pub(crate) async fn shutdown(self) -> anyhow::Result<()> {
-        self.running.shutdown().await?;
+    pub(crate) async fn shutdown(self) -> anyhow::Result<custos_ingest::Closed> {
+        let closed = self.running.shutdown().await?;
         if let Some(pipeline) = self.pipeline {
             tokio::task::spawn_blocking(move || pipeline.join()).await?;
         }
-        Ok(())
+        Ok(closed)
     }
 }
 
@@ -77,8 +77,25 @@ pub(crate) async fn run(
     eprintln!("custos serving on http://{} (data {})", running.addr, data.display());
     wait_for_signal().await;
     eprintln!("stopping: draining requests, sealing the open segment, signing a final checkpoint");
-    node.shutdown().await?;
-    eprintln!("stopped cleanly");
+    let closed = node.shutdown().await?;
+    match closed.unsealed {
+        None => eprintln!("stopped cleanly ({} entries, all sealed)", closed.entries),
+        Some(unsealed) => {
+            // Nothing acknowledged is lost: the entries are in the WAL, fsynced, and the
+            // next start seals them. So this still exits 0, saying exactly what is left.
+            eprintln!(
+                "stopped; could not seal log indexes {}..{} ({} entries): {}",
+                unsealed.from,
+                unsealed.to,
+                unsealed.to - unsealed.from,
+                unsealed.error
+            );
+            eprintln!("they are durable in these WAL files, and the next start seals them:");
+            for file in &unsealed.wal_files {
+                eprintln!("  {}", file.display());
+            }
+        }
+    }
     Ok(())
 }
 

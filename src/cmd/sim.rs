@@ -272,14 +272,12 @@ impl Replayer {
     }
 }
 
-/// What ingest's chain checks would decide, without a store: per agent, the head and a
-/// window of recent (seq, digest) pairs.
-/// An agent's head seq and its recent (seq, payload digest) pairs.
-type Head = (u64, std::collections::VecDeque<(u64, [u8; 32])>);
-
+/// What ingest's chain checks would decide, without a store: the chain rule
+/// ([`custos_event::chain::step`]) per agent, with every accepted (seq, digest) kept so
+/// that a resend at any depth is a duplicate, as on a node.
 #[derive(Default)]
 pub(crate) struct ChainEmulator {
-    heads: std::collections::HashMap<String, Head>,
+    heads: std::collections::HashMap<String, (custos_event::chain::Head, std::collections::HashMap<u64, [u8; 32]>)>,
     next_index: u64,
 }
 
@@ -287,36 +285,35 @@ impl ChainEmulator {
     /// `None` for a duplicate (dropped); otherwise the log index (`None` when refused)
     /// and the signal.
     pub(crate) fn admit(&mut self, payload: &custos_event::Payload, digest: [u8; 32]) -> Option<(Option<u64>, Signal)> {
+        use custos_event::chain::{Head, Step, step};
         let seq = payload.seq;
-        let entry = self.heads.entry(payload.agent.clone()).or_default();
-        let (head, recent) = entry;
-        if !recent.is_empty() && seq <= *head {
-            return match recent.iter().find(|(recent_seq, _)| *recent_seq == seq) {
-                Some((_, known)) if *known == digest => None,
-                Some(_) => Some((
-                    None,
-                    Signal::Rejected {
-                        reason: "chain_fork".into(),
-                    },
-                )),
-                None => Some((
-                    None,
-                    Signal::Rejected {
-                        reason: "replay".into(),
-                    },
-                )),
-            };
-        }
-        let gap = if recent.is_empty() {
-            (seq > 0).then(|| (0, seq - 1))
-        } else {
-            (seq > *head + 1).then(|| (*head + 1, seq - 1))
+        let known = self.heads.get(&payload.agent);
+        let refused = |reason: &str| {
+            Some((
+                None,
+                Signal::Rejected {
+                    reason: reason.to_owned(),
+                },
+            ))
         };
-        *head = seq;
-        recent.push_back((seq, digest));
-        if recent.len() > 32 {
-            recent.pop_front();
-        }
+        let gap = match step(known.map(|(head, _)| head), seq, payload.prev_digest()) {
+            Step::Behind => {
+                let stored = known.and_then(|(_, all)| all.get(&seq));
+                return match stored {
+                    Some(stored) if *stored == digest => None,
+                    Some(_) => refused("chain_fork"),
+                    None => refused("replay"),
+                };
+            }
+            Step::Broken => return refused("chain_broken"),
+            step => step.gap(),
+        };
+        let (head, all) = self
+            .heads
+            .entry(payload.agent.clone())
+            .or_insert_with(|| (Head { seq, digest }, std::collections::HashMap::new()));
+        *head = Head { seq, digest };
+        all.insert(seq, digest);
         let index = self.next_index;
         self.next_index += 1;
         Some((Some(index), Signal::Accepted { gap }))

@@ -13,6 +13,7 @@
 //! - [`entry`]: a log entry and its exact leaf bytes.
 //! - [`wal`]: the write-ahead log format.
 //! - [`segment`]: the Parquet segment schema.
+//! - [`seqindex`]: per-segment (agent, seq) index, for duplicates and forks at any depth.
 //! - [`checkpoint`]: checkpoints as C2SP signed notes.
 //! - [`log`]: one log, tying the above together with recovery.
 //! - [`verify`]: the offline verifier behind `custos verify`.
@@ -30,6 +31,7 @@ pub mod keyfile;
 pub mod log;
 pub mod merkle;
 pub mod segment;
+pub mod seqindex;
 pub mod verify;
 pub mod wal;
 

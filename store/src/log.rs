@@ -129,12 +129,11 @@ fn write_segment(
     first: u64,
     end: u64,
 ) -> Result<(String, u64, String), StoreError> {
-    let bytes =
-        crate::segment::encode(&paths.log_id, entries.iter().flat_map(|chunk| chunk.iter())).map_err(|source| {
-            StoreError::Segment {
-                file: "(new segment)".into(),
-                source,
-            }
+    let rows = || entries.iter().flat_map(|chunk| chunk.iter());
+    let (bytes, seqs) =
+        crate::segment::encode_with_seqs(&paths.log_id, rows()).map_err(|source| StoreError::Segment {
+            file: "(new segment)".into(),
+            source,
         })?;
     let file = paths.segment_name(first, end);
     let path = paths.segment_dir.join(&file);
@@ -145,6 +144,10 @@ fn write_segment(
         out.sync_all()?;
     }
     fs_err::rename(&temporary, &path)?;
+    // The (agent, seq) index is in place before the manifest names the segment, so a
+    // lookup never meets a recorded segment without one.
+    let records = crate::seqindex::records(rows().zip(seqs));
+    crate::seqindex::write(&crate::seqindex::path_for(&paths.segment_dir, &file), &records)?;
     fsync_dir(&paths.segment_dir)?;
     Ok((file, bytes.len() as u64, crate::segment::file_digest(&bytes)))
 }
@@ -362,6 +365,11 @@ impl Log {
         &self.manifest
     }
 
+    /// Entries below this index are in segments recorded in the manifest.
+    pub fn sealed_end(&self) -> u64 {
+        self.sealed_end
+    }
+
     /// How many entries are not yet handed to a seal.
     pub fn open_len(&self) -> usize {
         self.open_len
@@ -420,6 +428,12 @@ impl Log {
         Ok(())
     }
 
+    /// Waits for a seal in flight and records it (or, when it failed, hands its entries
+    /// back to the open segment).
+    pub fn settle(&mut self) -> Result<(), StoreError> {
+        self.finish_seal(true)
+    }
+
     /// Seals the open entries now and waits until the segment is in the manifest.
     pub fn seal(&mut self) -> Result<(), StoreError> {
         self.start_seal()?;
@@ -437,23 +451,35 @@ impl Log {
         if self.key.is_none() {
             return Err(StoreError::ReadOnly);
         }
-        let entries = std::mem::take(&mut self.open);
-        self.open_len = 0;
         let (Some(first), Some(last)) = (
-            entries.iter().find_map(|chunk| chunk.first()),
-            entries.iter().rev().find_map(|chunk| chunk.last()),
+            self.open.iter().find_map(|chunk| chunk.first()),
+            self.open.iter().rev().find_map(|chunk| chunk.last()),
         ) else {
             return Ok(());
         };
         let (first, end) = (first.log_index, last.log_index + 1);
+        // Everything that can fail (a descriptor or disk space for the next WAL file, a
+        // thread) comes before the open entries are handed over: on failure the log is
+        // as it was and the seal is tried again at the next maintenance.
         let next = self.paths.wal_file(end);
-        self.wal = Some(WalWriter::open(&next)?);
-        let old_wal = std::mem::replace(&mut self.wal_files, vec![next]);
+        let writer = WalWriter::open(&next)?;
         let paths = self.paths.clone();
-        let shared = entries.clone();
+        let shared = self.open.clone();
         let handle = std::thread::Builder::new()
             .name("custos-seal".into())
-            .spawn(move || write_segment(&paths, &shared, first, end))?;
+            .spawn(move || write_segment(&paths, &shared, first, end));
+        let handle = match handle {
+            Ok(handle) => handle,
+            Err(error) => {
+                drop(writer);
+                let _ = fs_err::remove_file(&next);
+                return Err(error.into());
+            }
+        };
+        self.wal = Some(writer);
+        let entries = std::mem::take(&mut self.open);
+        self.open_len = 0;
+        let old_wal = std::mem::replace(&mut self.wal_files, vec![next]);
         self.sealing = Some(Sealing {
             handle,
             entries,
@@ -474,31 +500,67 @@ impl Log {
             self.sealing = Some(sealing);
             return Ok(());
         }
-        let (file, bytes, blake3) = sealing
-            .handle
+        let Sealing {
+            handle,
+            entries,
+            first,
+            end,
+            old_wal,
+        } = sealing;
+        let written = handle
             .join()
-            .map_err(|_| StoreError::Internal("the seal thread panicked".into()))??;
-        let Some(key) = self.key.as_ref() else {
-            return Err(StoreError::ReadOnly);
+            .map_err(|_| StoreError::Internal("the seal thread panicked".into()))
+            .and_then(|written| written);
+        let recorded = written.and_then(|(file, bytes, blake3)| {
+            let Some(key) = self.key.as_ref() else {
+                return Err(StoreError::ReadOnly);
+            };
+            let mut info = SegmentInfo {
+                file,
+                first_index: first,
+                end_index: end,
+                bytes,
+                blake3,
+                sealed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                sig: String::new(),
+            };
+            info.sig = base64::engine::general_purpose::STANDARD
+                .encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
+            append_ndjson(&self.paths.manifest, &info)?;
+            Ok(info)
+        });
+        let info = match recorded {
+            Ok(info) => info,
+            Err(error) => {
+                // Not in the manifest: the entries go back to the open segment (they are
+                // still in their WAL files), to be sealed again at the next maintenance.
+                let mut open = entries;
+                open.append(&mut self.open);
+                self.open_len = open.iter().map(|chunk| chunk.len()).sum();
+                self.open = open;
+                let mut wal_files = old_wal;
+                wal_files.append(&mut self.wal_files);
+                self.wal_files = wal_files;
+                let _ = fs_err::remove_file(
+                    self.paths
+                        .segment_dir
+                        .join(format!("{}.tmp", self.paths.segment_name(first, end))),
+                );
+                return Err(error);
+            }
         };
-        let mut info = SegmentInfo {
-            file,
-            first_index: sealing.first,
-            end_index: sealing.end,
-            bytes,
-            blake3,
-            sealed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            sig: String::new(),
-        };
-        info.sig = base64::engine::general_purpose::STANDARD
-            .encode(key.sign_raw(info.signed_text(&self.paths.log_id).as_bytes()));
-        append_ndjson(&self.paths.manifest, &info)?;
         self.manifest.push(info);
-        self.sealed_end = sealing.end;
-        for old in sealing.old_wal {
-            fs_err::remove_file(&old)?;
+        self.sealed_end = end;
+        // The segment is recorded: failing to delete a WAL file below it loses nothing
+        // (recovery skips entries the manifest already holds), so it is only reported.
+        for old in old_wal {
+            if let Err(error) = fs_err::remove_file(&old) {
+                tracing::warn!(%error, "could not delete a sealed WAL file; recovery will skip it");
+            }
         }
-        fsync_dir(&self.paths.wal_dir)?;
+        if let Err(error) = fsync_dir(&self.paths.wal_dir) {
+            tracing::warn!(%error, "could not fsync the WAL directory after deleting sealed files");
+        }
         self.checkpoint()?;
         Ok(())
     }
@@ -573,12 +635,18 @@ pub fn read_ndjson<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>
         .collect()
 }
 
-/// Appends one JSON line and fsyncs.
+/// Appends one JSON line and fsyncs. A line that could not be written whole (a full
+/// disk) is cut off again, so the file never ends in a torn line.
 pub fn append_ndjson<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     let mut line = serde_json::to_vec(value).map_err(|error| StoreError::Internal(error.to_string()))?;
     line.push(b'\n');
     let mut file = fs_err::OpenOptions::new().create(true).append(true).open(path)?;
-    file.write_all(&line)?;
-    file.sync_data()?;
+    let before = file.metadata()?.len();
+    if let Err(error) = file.write_all(&line).and_then(|()| file.sync_data()) {
+        if let Err(truncate) = file.set_len(before).and_then(|()| file.sync_all()) {
+            tracing::error!(file = %path.display(), %truncate, "could not cut a torn line off");
+        }
+        return Err(error.into());
+    }
     Ok(())
 }

@@ -308,7 +308,7 @@ fn dictionary() -> DataType {
 
 /// Reader options that decode a segment as [`schema`], whatever Arrow schema the file
 /// embeds (older segments embed `schema` itself).
-fn read_options() -> parquet::arrow::arrow_reader::ArrowReaderOptions {
+pub(crate) fn read_options() -> parquet::arrow::arrow_reader::ArrowReaderOptions {
     parquet::arrow::arrow_reader::ArrowReaderOptions::new().with_schema(schema())
 }
 
@@ -387,7 +387,7 @@ fn quietly<T>(step: impl FnOnce() -> T) -> T {
 /// [`SegmentError::Damaged`]. The `parquet` crate still panics on some malformed pages (found
 /// by fuzzing the `segment` target); segment bytes come from disk or an evidence bundle and
 /// are untrusted, so damage must be reported and located, not abort the reader.
-fn contain<T>(step: impl FnOnce() -> Result<T, SegmentError>) -> Result<T, SegmentError> {
+pub(crate) fn contain<T>(step: impl FnOnce() -> Result<T, SegmentError>) -> Result<T, SegmentError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| quietly(step)))
         .unwrap_or_else(|panic| Err(SegmentError::Damaged(panic_message(panic.as_ref()))))
 }
@@ -403,12 +403,22 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Encodes entries as one zstd Parquet file.
 pub fn encode<'a>(log_id: &str, entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Vec<u8>, SegmentError> {
+    encode_with_seqs(log_id, entries).map(|(bytes, _)| bytes)
+}
+
+/// [`encode`], also returning each row's decoded `seq` (for the segment's
+/// [`crate::seqindex`]).
+pub fn encode_with_seqs<'a>(
+    log_id: &str,
+    entries: impl IntoIterator<Item = &'a LogEntry>,
+) -> Result<(Vec<u8>, Vec<Option<u64>>), SegmentError> {
     let entries: Vec<&LogEntry> = entries.into_iter().collect();
     let decoded: Vec<Decoded> = entries
         .iter()
         .map(|entry| Decoded::from_payload(&entry.payload))
         .collect();
-    write(log_id, entries.iter().copied().zip(&decoded))
+    let bytes = write(log_id, entries.iter().copied().zip(&decoded))?;
+    Ok((bytes, decoded.iter().map(|decoded| decoded.numbers[0]).collect()))
 }
 
 /// The rows a segment would hold for `entries`, as one Arrow batch of [`schema`]: how

@@ -18,6 +18,7 @@ use crate::log::{CheckpointLine, SegmentInfo, read_ndjson};
 use crate::merkle::{Hash, Tree, verify_consistency};
 use crate::segment::{BatchView, DecodedRef};
 use crate::{LogPaths, StoreError, StoreInfo, read_object};
+use custos_event::chain::Step;
 
 /// What to check beyond structure and hashes.
 #[derive(Clone, Debug, Default)]
@@ -780,30 +781,50 @@ impl<'a> LogVerifier<'a> {
         };
         let digest = prepared.digest;
         let prev = prepared.check.prev;
-        let problem = match self.chains.get(entry.keyid) {
-            None if seq == 0 || entry.gap == Some((0, seq - 1)) => None,
-            None => Some(("chain_gap", format!("first entry of `{}` has seq {seq} without a recorded gap", entry.keyid))),
-            Some(head) if seq == head.seq + 1 => (prev != Some(head.digest)).then(|| {
-                (
-                    "chain_broken",
-                    format!(
-                        "`prev` is not the blake3 of the payload at log index {} (seq {}): one of the two was altered",
-                        head.log_index, head.seq
-                    ),
-                )
-            }),
-            Some(head) if seq > head.seq + 1 => (entry.gap != Some((head.seq + 1, seq - 1))).then(|| {
-                (
-                    "chain_gap",
-                    format!(
-                        "seq jumps from {} (log index {}) to {seq} with no gap recorded at ingest: entries were removed",
-                        head.seq, head.log_index
-                    ),
-                )
-            }),
-            Some(head) => Some((
+        // The rule the node applied at ingest, applied again to what was stored.
+        let head = self.chains.get(entry.keyid);
+        let step = custos_event::chain::step(
+            head.map(|head| custos_event::chain::Head {
+                seq: head.seq,
+                digest: head.digest,
+            })
+            .as_ref(),
+            seq,
+            prev,
+        );
+        let problem = match (step, head) {
+            _ if seq > custos_event::chain::MAX_SEQ => Some((
+                "bad_payload",
+                format!("seq {seq} has no successor; the node never accepts it"),
+            )),
+            (Step::First | Step::Next, _) => None,
+            (Step::FirstWithGap { .. }, _) if entry.gap == step.gap() => None,
+            (Step::FirstWithGap { .. }, _) => Some((
+                "chain_gap",
+                format!("first entry of `{}` has seq {seq} without a recorded gap", entry.keyid),
+            )),
+            (Step::Broken, Some(head)) => Some((
+                "chain_broken",
+                format!(
+                    "`prev` is not the blake3 of the payload at log index {} (seq {}): one of the two was altered",
+                    head.log_index, head.seq
+                ),
+            )),
+            (Step::Gap { .. }, _) if entry.gap == step.gap() => None,
+            (Step::Gap { .. }, Some(head)) => Some((
+                "chain_gap",
+                format!(
+                    "seq jumps from {} (log index {}) to {seq} with no gap recorded at ingest: entries were removed",
+                    head.seq, head.log_index
+                ),
+            )),
+            (_, head) => Some((
                 "chain_fork",
-                format!("seq {seq} does not follow seq {} at log index {}", head.seq, head.log_index),
+                format!(
+                    "seq {seq} does not follow seq {} at log index {}",
+                    head.map_or(0, |head| head.seq),
+                    head.map_or(0, |head| head.log_index)
+                ),
             )),
         };
         if let Some((code, detail)) = problem {

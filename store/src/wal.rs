@@ -23,23 +23,34 @@ pub struct WalWriter {
     file: fs_err::File,
     path: PathBuf,
     buffer: Vec<u8>,
+    /// The file's length after the last append that reached the disk.
+    durable_len: u64,
 }
 
 impl WalWriter {
     /// Opens `path` for appending, writing the magic if the file is new.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let mut file = fs_err::OpenOptions::new().create(true).append(true).open(path)?;
-        if file.metadata()?.len() == 0 {
-            file.write_all(MAGIC)?;
-            file.sync_all()?;
+        let mut durable_len = file.metadata()?.len();
+        if durable_len == 0 {
+            let written = file.write_all(MAGIC).and_then(|()| file.sync_all());
+            if let Err(error) = written {
+                // A new file that could not get its magic (a full disk) is removed, not
+                // left for recovery to read as a corrupt WAL.
+                drop(file);
+                let _ = fs_err::remove_file(path);
+                return Err(error);
+            }
             if let Some(parent) = path.parent() {
                 crate::fsync_dir(parent)?;
             }
+            durable_len = MAGIC.len() as u64;
         }
         Ok(Self {
             file,
             path: path.to_owned(),
             buffer: Vec::new(),
+            durable_len,
         })
     }
 
@@ -53,8 +64,27 @@ impl WalWriter {
         for entry in entries {
             encode_record(entry, &mut self.buffer);
         }
-        self.file.write_all(&self.buffer)?;
-        self.file.sync_data()
+        let written = self.file.write_all(&self.buffer).and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.durable_len += self.buffer.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                // Nothing of this group was acknowledged: cut it off, so that no later
+                // group can land behind records that may never reach the disk.
+                if let Err(truncate) = self.rollback() {
+                    tracing::error!(file = %self.path.display(), %truncate, "could not cut a failed WAL write off");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Cuts the file back to its last durable length.
+    pub fn rollback(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.durable_len)?;
+        self.file.sync_all()
     }
 }
 

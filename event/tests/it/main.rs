@@ -133,9 +133,58 @@ fn payload_validation_names_the_field() {
                 .to_owned(),
             "`agent`",
         ),
+        // A seq with no successor would wrap the chain check.
+        (
+            format!(
+                r#"{{"agent":"{did}","seq":18446744073709551615,"prev":"{zero}","ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth"}}"#,
+                zero = "0".repeat(64)
+            ),
+            "has no successor",
+        ),
+        // One key twice, at any depth: two readers would see two different events.
+        (
+            format!(
+                r#"{{"agent":"{did}","seq":0,"prev":null,"ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth","attrs":{{"a":1,"a":2}}}}"#
+            ),
+            "`a` twice",
+        ),
+        (
+            format!(
+                r#"{{"agent":"{did}","seq":0,"prev":null,"ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth","attrs":{{"x":[{{"deep":{{"k":1,"k":1}}}}]}}}}"#
+            ),
+            "`k` twice",
+        ),
+        (
+            format!(
+                r#"{{"agent":"{did}","seq":0,"prev":null,"ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth","kind":"auth"}}"#
+            ),
+            "duplicate field `kind`",
+        ),
+        (
+            format!(
+                r#"{{"agent":"{did}","seq":0,"prev":null,"ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth","attrs":[1]}}"#
+            ),
+            "`attrs` must be an object",
+        ),
     ];
     for (text, expected) in cases {
         let error = Payload::parse(text.as_bytes()).unwrap_err();
         assert!(error.contains(expected), "{error} should mention {expected}");
     }
+}
+
+/// The largest seq that still has a successor is accepted; attrs keep nested values and
+/// equal keys in different objects.
+#[test]
+fn payload_edges_that_are_accepted() {
+    let did = AgentKey::generate().unwrap().did().to_owned();
+    let text = format!(
+        r#"{{"agent":"{did}","seq":18446744073709551614,"prev":"{zero}","ts":"2026-01-01T00:00:00Z","realm":"r","kind":"auth","attrs":{{"a":{{"k":1}},"b":{{"k":[{{"k":null}}]}},"n":1.5}}}}"#,
+        zero = "0".repeat(64)
+    );
+    let payload = Payload::parse(text.as_bytes()).unwrap();
+    assert_eq!(payload.seq, custos_event::chain::MAX_SEQ);
+    let attrs = payload.attrs.unwrap();
+    assert_eq!(attrs["b"]["k"][0]["k"], serde_json::Value::Null);
+    assert_eq!(attrs["n"], 1.5);
 }

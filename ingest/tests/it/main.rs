@@ -1,5 +1,6 @@
 //! Integration tests of ingest over real HTTP on loopback, with a real store.
 
+mod chain;
 mod pipeline;
 mod reasons;
 mod registry;
