@@ -68,6 +68,28 @@ impl SegmentInfo {
             self.file, self.first_index, self.end_index, self.blake3
         )
     }
+
+    /// Whether `sig` is the log key's signature over [`SegmentInfo::signed_text`].
+    pub fn signature_valid(&self, log_id: &str, key: &NoteKey) -> bool {
+        use base64::Engine as _;
+        use ed25519_dalek::Verifier as _;
+        let Some(sig) = base64::engine::general_purpose::STANDARD
+            .decode(&self.sig)
+            .ok()
+            .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+        else {
+            return false;
+        };
+        let Ok(public) = ed25519_dalek::VerifyingKey::from_bytes(&key.public) else {
+            return false;
+        };
+        public
+            .verify(
+                self.signed_text(log_id).as_bytes(),
+                &ed25519_dalek::Signature::from_bytes(&sig),
+            )
+            .is_ok()
+    }
 }
 
 /// One line of `checkpoints.ndjson`.
@@ -211,8 +233,25 @@ impl Log {
     }
 
     fn recover(&mut self, mode: OpenMode, visit: &mut dyn FnMut(&LogEntry)) -> Result<(), StoreError> {
-        // Sealed segments, in manifest order.
+        // Sealed segments, in manifest order, each line signed by the log key.
         self.manifest = read_ndjson(&self.paths.manifest)?;
+        {
+            use rayon::prelude::*;
+            let (log_id, key) = (&self.paths.log_id, &self.note_key);
+            if let Some((line, info)) = self
+                .manifest
+                .par_iter()
+                .enumerate()
+                .find_first(|(_, info)| !info.signature_valid(log_id, key))
+            {
+                return Err(StoreError::Tamper(format!(
+                    "`{}` line {}: the entry for `{}` is not signed by the log key; run `custos verify`",
+                    self.paths.manifest.display(),
+                    line + 1,
+                    info.file
+                )));
+            }
+        }
         for info in &self.manifest {
             if info.first_index != self.tree.size() {
                 return Err(StoreError::Tamper(format!(
@@ -299,24 +338,12 @@ impl Log {
             }
         }
 
-        // Checkpoints: the newest must be a prefix of what we hold.
+        // Checkpoints: every line signed, its size the signed one, sizes never shrinking,
+        // and each a prefix of what we hold.
         let lines: Vec<CheckpointLine> = read_ndjson(&self.paths.checkpoints)?;
-        if let Some(line) = lines.last() {
-            let checkpoint = verify_checkpoint(&line.note, &self.note_key)?;
-            if checkpoint.size > self.tree.size() {
-                return Err(StoreError::Tamper(format!(
-                    "the latest signed checkpoint covers {} entries but only {} are stored; acknowledged entries are missing; run `custos verify`",
-                    checkpoint.size,
-                    self.tree.size()
-                )));
-            }
-            if self.tree.root_at(checkpoint.size)? != checkpoint.root {
-                return Err(StoreError::Tamper(format!(
-                    "the stored entries do not match the signed checkpoint at size {}; run `custos verify`",
-                    checkpoint.size
-                )));
-            }
-            self.last_checkpoint = Some((checkpoint, line.note.clone()));
+        let checkpoints = self.check_checkpoints(&lines)?;
+        if let (Some(line), Some(checkpoint)) = (lines.last(), checkpoints.last()) {
+            self.last_checkpoint = Some((checkpoint.clone(), line.note.clone()));
         }
 
         if mode == OpenMode::ReadWrite {
@@ -334,6 +361,62 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// Verifies every checkpoint line against the log key and the tree.
+    fn check_checkpoints(&self, lines: &[CheckpointLine]) -> Result<Vec<Checkpoint>, StoreError> {
+        use rayon::prelude::*;
+        let file = self.paths.checkpoints.display().to_string();
+        let checkpoints = lines
+            .par_iter()
+            .enumerate()
+            .map(|(number, line)| {
+                let at = |detail: String| {
+                    StoreError::Tamper(format!("`{file}` line {}: {detail}; run `custos verify`", number + 1))
+                };
+                let checkpoint = verify_checkpoint(&line.note, &self.note_key).map_err(|error| at(error.to_string()))?;
+                if checkpoint.origin != self.origin {
+                    return Err(at(format!("origin `{}` is not `{}`", checkpoint.origin, self.origin)));
+                }
+                if checkpoint.size != line.size {
+                    return Err(at(format!(
+                        "the line says size {} but its signed note says {}",
+                        line.size, checkpoint.size
+                    )));
+                }
+                Ok(checkpoint)
+            })
+            .collect::<Result<Vec<Checkpoint>, StoreError>>()?;
+        let mut previous = 0;
+        for (number, checkpoint) in checkpoints.iter().enumerate() {
+            if checkpoint.size < previous {
+                return Err(StoreError::Tamper(format!(
+                    "`{file}` line {}: size {} follows a checkpoint of size {previous}; run `custos verify`",
+                    number + 1,
+                    checkpoint.size
+                )));
+            }
+            previous = checkpoint.size;
+        }
+        if let Some(checkpoint) = checkpoints.last()
+            && checkpoint.size > self.tree.size()
+        {
+            return Err(StoreError::Tamper(format!(
+                "the latest signed checkpoint covers {} entries but only {} are stored; acknowledged entries are missing; run `custos verify`",
+                checkpoint.size,
+                self.tree.size()
+            )));
+        }
+        if let Some(checkpoint) = checkpoints
+            .par_iter()
+            .find_first(|checkpoint| self.tree.root_at(checkpoint.size).ok() != Some(checkpoint.root))
+        {
+            return Err(StoreError::Tamper(format!(
+                "the stored entries do not match the signed checkpoint at size {}; run `custos verify`",
+                checkpoint.size
+            )));
+        }
+        Ok(checkpoints)
     }
 
     pub fn log_id(&self) -> &str {

@@ -329,16 +329,7 @@ impl<'a> LogVerifier<'a> {
         let manifest: Vec<SegmentInfo> = read_ndjson(&self.paths.manifest)?;
         let manifest_name = display(&self.paths.manifest);
         for (line, info) in manifest.iter().enumerate() {
-            let signed = info.signed_text(&self.paths.log_id);
-            let valid = base64_sig(&info.sig)
-                .and_then(|sig| {
-                    let key = ed25519_dalek::VerifyingKey::from_bytes(&note_key.public).ok()?;
-                    use ed25519_dalek::Verifier as _;
-                    key.verify(signed.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig))
-                        .ok()
-                })
-                .is_some();
-            if !valid {
+            if !info.signature_valid(&self.paths.log_id, &note_key) {
                 self.problem(
                     "manifest_signature",
                     &manifest_name,
@@ -920,14 +911,6 @@ impl<'a> LogVerifier<'a> {
     }
 }
 
-fn base64_sig(text: &str) -> Option<[u8; 64]> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?
-        .try_into()
-        .ok()
-}
 
 fn display(path: &Path) -> String {
     path.display().to_string()

@@ -55,3 +55,63 @@ async fn a_second_node_on_the_same_store_is_refused() {
     let node = Node::start_in(dir, config).await;
     node.stop().await;
 }
+
+/// A node refuses to start on a manifest or checkpoint file edited after the fact, naming
+/// the file and line, as `custos verify` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_edited_manifest_and_checkpoint_lines() {
+    let node = Node::start().await;
+    let mut agent = node.agent(1, "eng").await;
+    let envelopes: Vec<_> = (0..450).map(|_| agent.sign(event(Kind::ToolCall))).collect();
+    for chunk in envelopes.chunks(50) {
+        node.send(crate::support::ndjson(chunk)).await;
+    }
+    let (dir, config) = node.stop().await;
+    let log = dir.path().join("logs/0");
+    let manifest = log.join("segments.ndjson");
+    let checkpoints = log.join("checkpoints.ndjson");
+    let original_manifest = std::fs::read_to_string(&manifest).unwrap();
+    let original_checkpoints = std::fs::read_to_string(&checkpoints).unwrap();
+
+    let refused = |config: custos_ingest::NodeConfig| async move {
+        match custos_ingest::start(config).await {
+            Ok(_) => panic!("the node started on an edited store"),
+            Err(error) => error.to_string(),
+        }
+    };
+    // A segment's end moved (signed, and not otherwise cross-checked at start).
+    let first_line = original_manifest.lines().next().unwrap();
+    let info: serde_json::Value = serde_json::from_str(first_line).unwrap();
+    let end = info["end_index"].as_u64().unwrap();
+    let edited = original_manifest.replacen(
+        &format!("\"end_index\":{end}"),
+        &format!("\"end_index\":{}", end + 1),
+        1,
+    );
+    assert_ne!(edited, original_manifest);
+    std::fs::write(&manifest, edited).unwrap();
+    let error = refused(config.clone()).await;
+    assert!(error.contains("segments.ndjson") && error.contains("line 1"), "{error}");
+    assert!(error.contains("not signed by the log key"), "{error}");
+    std::fs::write(&manifest, &original_manifest).unwrap();
+
+    // An earlier checkpoint line's size edited (its signed note unchanged).
+    let lines: Vec<&str> = original_checkpoints.lines().collect();
+    let line: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    let size = line["size"].as_u64().unwrap();
+    let edited = original_checkpoints.replacen(
+        &format!("{{\"size\":{size},"),
+        &format!("{{\"size\":{},", size + 7),
+        1,
+    );
+    assert_ne!(edited, original_checkpoints);
+    std::fs::write(&checkpoints, edited).unwrap();
+    let error = refused(config.clone()).await;
+    assert!(error.contains("checkpoints.ndjson") && error.contains("line 2"), "{error}");
+    assert!(error.contains(&format!("says size {}", size + 7)), "{error}");
+    std::fs::write(&checkpoints, &original_checkpoints).unwrap();
+
+    // Put back, it starts.
+    let node = Node::start_in(dir, config).await;
+    node.stop().await;
+}
