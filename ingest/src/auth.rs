@@ -46,6 +46,9 @@ pub struct TokenView {
     pub revoked: bool,
 }
 
+/// The longest token lifetime: ten years.
+pub const MAX_TTL_SECS: u64 = 3650 * 86_400;
+
 /// Parses a lifetime such as `30d`, `12h`, `90m` or `3600s` into seconds.
 pub fn parse_ttl(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -64,8 +67,11 @@ pub fn parse_ttl(text: &str) -> Result<u64, String> {
     };
     match number.checked_mul(scale) {
         Some(0) => Err(format!("`{text}` is no time at all")),
-        Some(seconds) => Ok(seconds),
-        None => Err(format!("`{text}` is too long")),
+        Some(seconds) if seconds <= MAX_TTL_SECS => Ok(seconds),
+        _ => Err(format!(
+            "`{text}` is longer than the longest lifetime, {} days; omit `ttl` for a token that does not expire",
+            MAX_TTL_SECS / 86_400
+        )),
     }
 }
 
@@ -207,6 +213,14 @@ impl Tokens {
         fs_err::rename(&temporary, &self.path)
     }
 
+    /// Whether token `id` exists, is not revoked and has not expired.
+    pub fn valid(&self, id: &str) -> bool {
+        self.records
+            .iter()
+            .find(|record| record.id == id)
+            .is_some_and(|record| !record.revoked && !expired(record))
+    }
+
     /// The caller a bearer secret belongs to, if it is valid, unexpired and unrevoked.
     pub fn authenticate(&self, secret: &str) -> Option<Caller> {
         let digest = hash_token(secret);
@@ -214,14 +228,8 @@ impl Tokens {
             .records
             .iter()
             .find(|record| subtle_eq(record.sha256.as_bytes(), digest.as_bytes()))?;
-        if record.revoked {
+        if record.revoked || expired(record) {
             return None;
-        }
-        if let Some(expiry) = &record.expires_at {
-            let expiry = chrono::DateTime::parse_from_rfc3339(expiry).ok()?;
-            if expiry < chrono::Utc::now() {
-                return None;
-            }
         }
         Some(Caller {
             token_id: record.id.clone(),
@@ -229,6 +237,13 @@ impl Tokens {
             realms: record.realms.clone(),
         })
     }
+}
+
+/// Past its expiry (an unreadable expiry counts as past).
+fn expired(record: &TokenRecord) -> bool {
+    record.expires_at.as_ref().is_some_and(|expiry| {
+        chrono::DateTime::parse_from_rfc3339(expiry).map_or(true, |expiry| expiry < chrono::Utc::now())
+    })
 }
 
 fn subtle_eq(left: &[u8], right: &[u8]) -> bool {
@@ -249,5 +264,13 @@ mod tests {
         assert!(parse_ttl("0d").unwrap_err().contains("`0d`"));
         assert!(parse_ttl("3y").unwrap_err().contains("`y`"));
         assert!(parse_ttl("soon").unwrap_err().contains("`soon`"));
+        assert_eq!(parse_ttl("3650d"), Ok(MAX_TTL_SECS));
+        assert!(parse_ttl("3651d").unwrap_err().contains("longest lifetime"));
+        assert!(parse_ttl("99999999999999d").unwrap_err().contains("`99999999999999d`"));
+        assert!(
+            parse_ttl("99999999999999999999999d")
+                .unwrap_err()
+                .contains("not a lifetime")
+        );
     }
 }

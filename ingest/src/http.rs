@@ -202,13 +202,43 @@ pub fn catalogue() -> Vec<Endpoint> {
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.config.max_request_bytes;
+    let tokens = state.tokens.clone();
     endpoints()
         .into_iter()
         .fold(Router::new(), |router, (endpoint, method)| {
-            router.route(endpoint.path, method)
+            router.route(endpoint.path, guarded(&endpoint, method, &tokens))
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// `method` behind its endpoint's declared access: for a route with roles, the bearer
+/// token is checked before anything else of the request is read (so a caller without a
+/// valid token learns nothing from parameter or body errors), and the [`Caller`] is put
+/// in the request's extensions.
+pub(crate) fn guarded<S: Clone + Send + Sync + 'static>(
+    endpoint: &Endpoint,
+    method: MethodRouter<S>,
+    tokens: &Arc<std::sync::RwLock<Tokens>>,
+) -> MethodRouter<S> {
+    let crate::openapi::Access::Roles(roles) = endpoint.access else {
+        return method;
+    };
+    let tokens = tokens.clone();
+    method.layer(axum::middleware::from_fn(
+        move |mut request: axum::extract::Request, next: axum::middleware::Next| {
+            let tokens = tokens.clone();
+            async move {
+                match authorize_with(&tokens, request.headers(), roles) {
+                    Ok(caller) => {
+                        request.extensions_mut().insert(caller);
+                        next.run(request).await
+                    }
+                    Err(error) => error.into_response(),
+                }
+            }
+        },
+    ))
 }
 
 impl IntoResponse for ApiError {
@@ -245,7 +275,7 @@ pub(crate) fn authorize_with(
     let secret = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(bearer)
         .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
     let caller = tokens
         .read()
@@ -266,6 +296,16 @@ pub(crate) fn authorize_with(
         ));
     }
     Ok(caller)
+}
+
+/// The credentials of a `Bearer` authorization header; the scheme name is
+/// case-insensitive (RFC 7235) and may be followed by any run of spaces.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+        .filter(|secret| !secret.is_empty())
 }
 
 async fn ask<T>(
@@ -670,32 +710,59 @@ async fn control_stream(State(state): State<AppState>, headers: HeaderMap) -> Re
     let caller = authorize(&state, &headers, &READERS)?;
     let receiver = state.changes.subscribe();
     let stopping = state.stopping.clone();
+    let tokens = state.tokens.clone();
+    // The token is checked again every second: the stream ends once it is revoked or
+    // expires, as any other request with it would then be refused.
+    let mut recheck = tokio::time::interval(std::time::Duration::from_secs(1));
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stream = futures::stream::unfold(
-        (receiver, caller, stopping),
-        |(mut receiver, caller, mut stopping)| async move {
-            loop {
-                let next = tokio::select! {
-                    next = receiver.recv() => next,
-                    _ = stopping.wait_for(|stop| *stop) => return None,
-                };
-                match next {
-                    Ok(change) if visible(&caller, &change.realm) => {
-                        let event = Event::default()
-                            .event(change.event.clone())
-                            .id(change.log_index.to_string())
-                            .json_data(&change)
-                            .unwrap_or_else(|_| Event::default().comment("unserialisable change"));
-                        return Some((Ok::<_, std::convert::Infallible>(event), (receiver, caller, stopping)));
-                    }
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        // Say so rather than skip silently: the client should re-read the list.
-                        let event = Event::default().event("lagged").data(format!(
-                            "{{\"missed\":{missed},\"resync\":\"/v1/control/revocations\"}}"
+        (receiver, caller, stopping, Some(recheck)),
+        move |(mut receiver, caller, mut stopping, recheck)| {
+            let tokens = tokens.clone();
+            async move {
+                let mut recheck = recheck?;
+                loop {
+                    let next = tokio::select! {
+                        next = receiver.recv() => Some(next),
+                        _ = stopping.wait_for(|stop| *stop) => return None,
+                        _ = recheck.tick() => None,
+                    };
+                    let Some(next) = next else {
+                        let valid = tokens
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .valid(&caller.token_id);
+                        if valid {
+                            continue;
+                        }
+                        // Say why, then end: the client must authenticate again.
+                        let event = Event::default().event("token_invalid").data(
+                            "{\"error\":\"unauthenticated\",\"message\":\"the bearer token was revoked or expired\"}",
+                        );
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(event),
+                            (receiver, caller, stopping, None),
                         ));
-                        return Some((Ok(event), (receiver, caller, stopping)));
+                    };
+                    match next {
+                        Ok(change) if visible(&caller, &change.realm) => {
+                            let event = Event::default()
+                                .event(change.event.clone())
+                                .id(change.log_index.to_string())
+                                .json_data(&change)
+                                .unwrap_or_else(|_| Event::default().comment("unserialisable change"));
+                            return Some((Ok(event), (receiver, caller, stopping, Some(recheck))));
+                        }
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            // Say so rather than skip silently: the client should re-read the list.
+                            let event = Event::default().event("lagged").data(format!(
+                                "{{\"missed\":{missed},\"resync\":\"/v1/control/revocations\"}}"
+                            ));
+                            return Some((Ok(event), (receiver, caller, stopping, Some(recheck))));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
             }
         },
@@ -1042,20 +1109,34 @@ async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: B
     if let Some(realm) = request
         .realms
         .iter()
-        .find(|realm| realm.is_empty() || realm.len() > 128)
+        .find(|realm| !custos_event::payload::valid_realm(realm))
     {
         return Err(ApiError::new(
             400,
             "bad_realm",
-            format!("realm `{realm}` must be 1 to 128 characters"),
+            format!(
+                "realm `{}` must be 1-64 characters of [A-Za-z0-9._-]",
+                realm.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    if matches!(role, Role::Admin | Role::Auditor) && !request.realms.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "bad_realm",
+            format!(
+                "a `{}` token is not scoped to realms (an admin manages every realm; an auditor reads checkpoints and proofs, which have none); use analyst, responder or compliance for realm-scoped access",
+                role.name()
+            ),
         ));
     }
     let expires_at = match &request.ttl {
         Some(ttl) => {
             let seconds = crate::auth::parse_ttl(ttl).map_err(|message| ApiError::new(400, "bad_ttl", message))?;
-            let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
-            let at = chrono::Utc::now()
-                .checked_add_signed(chrono::Duration::seconds(seconds))
+            let at = i64::try_from(seconds)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|lifetime| chrono::Utc::now().checked_add_signed(lifetime))
                 .ok_or_else(|| ApiError::new(400, "bad_ttl", format!("`{ttl}` is too long")))?;
             Some(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         }

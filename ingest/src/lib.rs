@@ -117,6 +117,24 @@ impl Api {
         http::authorize_with(&self.tokens, headers, allowed)
     }
 
+    /// `method` behind `endpoint`'s declared access (see [`http::guarded`]).
+    pub fn guarded<S: Clone + Send + Sync + 'static>(
+        &self,
+        endpoint: &openapi::Endpoint,
+        method: axum::routing::MethodRouter<S>,
+    ) -> axum::routing::MethodRouter<S> {
+        http::guarded(endpoint, method, &self.tokens)
+    }
+
+    /// Whether the token `id` still authenticates (it exists, is not revoked, and has not
+    /// expired): long-lived answers such as the control stream end when it stops.
+    pub fn token_valid(&self, id: &str) -> bool {
+        self.tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .valid(id)
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> sequencer::Command,

@@ -124,7 +124,7 @@ pub fn router(api: Api, limits: Limits) -> Router {
     endpoints()
         .into_iter()
         .fold(Router::new(), |router, (endpoint, method)| {
-            router.route(endpoint.path, method)
+            router.route(endpoint.path, api.guarded(&endpoint, method))
         })
         .with_state(QueryState {
             api,

@@ -65,6 +65,7 @@ pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Resul
     ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
         crate::trunc::DateTruncUtc::new(),
     ));
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(crate::json::JsonGet::new()));
     register(&ctx, sources, scope).await?;
     Ok(ctx)
 }

@@ -374,7 +374,8 @@ impl Log {
                 let at = |detail: String| {
                     StoreError::Tamper(format!("`{file}` line {}: {detail}; run `custos verify`", number + 1))
                 };
-                let checkpoint = verify_checkpoint(&line.note, &self.note_key).map_err(|error| at(error.to_string()))?;
+                let checkpoint =
+                    verify_checkpoint(&line.note, &self.note_key).map_err(|error| at(error.to_string()))?;
                 if checkpoint.origin != self.origin {
                     return Err(at(format!("origin `{}` is not `{}`", checkpoint.origin, self.origin)));
                 }

@@ -911,7 +911,6 @@ impl<'a> LogVerifier<'a> {
     }
 }
 
-
 fn display(path: &Path) -> String {
     path.display().to_string()
 }

@@ -324,3 +324,154 @@ fn every_documented_route_enforces_its_roles() {
     }
     assert!(operations >= 30, "only {operations} operations documented");
 }
+
+/// A request with a raw `Authorization` header value (or none).
+fn raw_get(url: &str, path: &str, authorization: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::blocking::Client::new()
+        .get(format!("{url}{path}"))
+        .timeout(std::time::Duration::from_secs(30));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = request.send().unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Reads a control stream until it ends; returns what it sent. Fails if it is still open
+/// after `limit`.
+fn read_stream(url: &str, token: &str, limit: std::time::Duration, started: impl FnOnce()) -> String {
+    use std::io::Read as _;
+    let mut response = reqwest::blocking::Client::new()
+        .get(format!("{url}/v1/control/stream"))
+        .bearer_auth(token)
+        .timeout(limit)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    started();
+    let mut seen = String::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match response.read(&mut buffer) {
+            Ok(0) => return seen,
+            Ok(read) => seen.push_str(&String::from_utf8_lossy(&buffer[..read])),
+            Err(error) => panic!("the stream did not end within {limit:?} ({error}); it sent: {seen}"),
+        }
+    }
+}
+
+/// The small access rules: a case-insensitive `Bearer`, authentication before any
+/// parameter is read, realm syntax and role rules for tokens, bounded lifetimes, control
+/// streams that end with their token, and `json_get` as documented.
+#[test]
+fn tokens_are_checked_first_and_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-detect"]);
+    let admin = server.token();
+    let url = server.url.clone();
+
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (status, body) = raw_get(&url, "/v1/agents", Some(&format!("{scheme} {admin}")));
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    assert_eq!(raw_get(&url, "/v1/agents", Some(&format!("Basic {admin}"))).0, 401);
+    assert_eq!(raw_get(&url, "/v1/agents", Some("Bearer")).0, 401);
+
+    // 401 before 400: a caller without a token learns nothing from parameter errors.
+    for path in [
+        "/v1/rejected?limit=lots",
+        "/v1/events?limit=-1",
+        "/v1/findings?severity=apocalyptic",
+        "/v1/agents?frobnicate=1",
+        "/v1/proofs/inclusion?log_index=x",
+        "/v1/ocsf/events?after=no",
+    ] {
+        let (status, body) = raw_get(&url, path, None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(body["error"], "unauthenticated", "{path}");
+        let (status, _) = raw_get(&url, path, Some(&format!("Bearer {admin}")));
+        assert!(status == 400 || status == 404, "{path}: {status}");
+    }
+    let (status, _) = post(&url, "/v1/tokens", None, b"not json".to_vec()).unwrap();
+    assert_eq!(status, 401);
+
+    // Token realms follow the realm syntax; admin and auditor tokens take none; a
+    // lifetime is bounded and a huge one is a 400, not a dropped connection.
+    for (body, code, named) in [
+        (json!({"role": "analyst", "realms": ["../x"]}), "bad_realm", "`../x`"),
+        (json!({"role": "analyst", "realms": [""]}), "bad_realm", "``"),
+        (json!({"role": "analyst", "realms": ["a b"]}), "bad_realm", "`a b`"),
+        (json!({"role": "auditor", "realms": ["eng"]}), "bad_realm", "auditor"),
+        (json!({"role": "admin", "realms": ["eng"]}), "bad_realm", "admin"),
+        (
+            json!({"role": "analyst", "ttl": "99999999999999d"}),
+            "bad_ttl",
+            "`99999999999999d`",
+        ),
+        (json!({"role": "analyst", "ttl": "3651d"}), "bad_ttl", "3650 days"),
+    ] {
+        let (status, answer) = post(&url, "/v1/tokens", Some(&admin), body.to_string().into_bytes()).unwrap();
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"], code, "{body}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains(named), "{body}: {answer}");
+    }
+    let (status, answer) = post(
+        &url,
+        "/v1/tokens",
+        Some(&admin),
+        json!({"role": "analyst", "realms": ["eng.prod-1_a"], "ttl": "3650d"})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{answer}");
+
+    // A control stream ends once its token is revoked...
+    let reader = create_token(&server, &["--role", "analyst", "--realm", "eng"]);
+    let (_, listed) = get(&url, "/v1/tokens", &admin);
+    let id = listed["tokens"].as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = std::time::Instant::now();
+    let sent = read_stream(&url, &reader, std::time::Duration::from_secs(20), || {
+        let (status, answer) = post(&url, &format!("/v1/tokens/{id}/revoke"), Some(&admin), Vec::new()).unwrap();
+        assert_eq!(status, 200, "{answer}");
+    });
+    assert!(sent.contains("event: token_invalid"), "{sent}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(get(&url, "/v1/agents", &reader).0, 401);
+    // ...and once it expires.
+    let short = create_token(&server, &["--role", "analyst", "--ttl", "2s"]);
+    let started = std::time::Instant::now();
+    let sent = read_stream(&url, &short, std::time::Duration::from_secs(20), || {});
+    assert!(sent.contains("event: token_invalid"), "{sent}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // json_get, as docs/query.md says.
+    let eng = AgentKey::generate().unwrap();
+    enroll(&url, &admin, eng.did(), "eng");
+    let mut signer = Signer::new(eng, "eng");
+    send(
+        &url,
+        &mut signer,
+        &[json!({"kind": "tool_call", "action": "search", "attrs": {"n": 3}})],
+    );
+    let (status, rows) = post(
+        &url,
+        "/v1/sql",
+        Some(&admin),
+        b"SELECT json_get(payload, 'kind') AS kind, json_get(attrs, 'n') AS n FROM events".to_vec(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows, json!([{"kind": "tool_call", "n": "3"}]));
+    server.stop();
+}

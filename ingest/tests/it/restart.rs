@@ -99,15 +99,14 @@ async fn a_node_refuses_edited_manifest_and_checkpoint_lines() {
     let lines: Vec<&str> = original_checkpoints.lines().collect();
     let line: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
     let size = line["size"].as_u64().unwrap();
-    let edited = original_checkpoints.replacen(
-        &format!("{{\"size\":{size},"),
-        &format!("{{\"size\":{},", size + 7),
-        1,
-    );
+    let edited = original_checkpoints.replacen(&format!("{{\"size\":{size},"), &format!("{{\"size\":{},", size + 7), 1);
     assert_ne!(edited, original_checkpoints);
     std::fs::write(&checkpoints, edited).unwrap();
     let error = refused(config.clone()).await;
-    assert!(error.contains("checkpoints.ndjson") && error.contains("line 2"), "{error}");
+    assert!(
+        error.contains("checkpoints.ndjson") && error.contains("line 2"),
+        "{error}"
+    );
     assert!(error.contains(&format!("says size {}", size + 7)), "{error}");
     std::fs::write(&checkpoints, &original_checkpoints).unwrap();
 
