@@ -133,6 +133,35 @@ struct ServeArgs {
     /// detector falls this far behind, ingest waits for it rather than hold more in memory.
     #[arg(long, default_value_t = pipeline::DETECTOR_QUEUE as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     detector_queue: u64,
+    /// Open HTTP connections at most (0: the descriptor limit, raised to its hard limit
+    /// at start, less a reserve of 256 for the store). Beyond it: 503 and closed.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Seconds a client has to send a whole request head, counted from the connection's
+    /// start and from each idle moment between requests (slowloris and idle sockets).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout_secs: u64,
+    /// A connection that moves no byte either way for this many seconds is closed (keep
+    /// it above --query-timeout-secs: a query's connection is quiet while it runs).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    body_timeout_secs: u64,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_request_mib: u64,
+    /// MiB of request bodies held in memory at once, across all requests; beyond it,
+    /// requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    body_budget_mib: u64,
+    /// Unauthenticated rejections (bad signatures, unknown keys, malformed input) one
+    /// source address may cause per second, sustained; beyond it, 429 with Retry-After.
+    #[arg(long, default_value_t = 100.0)]
+    reject_rate: f64,
+    /// ... and in a burst.
+    #[arg(long, default_value_t = 2_000.0)]
+    reject_burst: f64,
     /// A SQL query (or REST read) running longer than this many seconds is stopped.
     #[arg(long, default_value_t = 30)]
     query_timeout_secs: u64,
@@ -153,6 +182,14 @@ impl ServeArgs {
         config.log.segment_max_entries = self.segment_max_entries;
         config.log.checkpoint_every = self.checkpoint_every;
         config.log.checkpoint_interval = std::time::Duration::from_millis(self.checkpoint_interval_ms);
+        config.max_request_bytes = usize::try_from(self.max_request_mib * 1024 * 1024).unwrap_or(usize::MAX);
+        config.http.max_connections = self.max_connections;
+        config.http.header_timeout = std::time::Duration::from_secs(self.header_timeout_secs);
+        config.http.idle_timeout = std::time::Duration::from_secs(self.idle_timeout_secs);
+        config.http.body_timeout = std::time::Duration::from_secs(self.body_timeout_secs);
+        config.http.body_budget_bytes = usize::try_from(self.body_budget_mib * 1024 * 1024).unwrap_or(usize::MAX);
+        config.reject_rate_per_sec = self.reject_rate.max(0.0);
+        config.reject_burst = self.reject_burst.max(1.0);
         config
     }
 

@@ -34,6 +34,7 @@ pub(crate) struct AppState {
     pub(crate) changes: tokio::sync::broadcast::Sender<crate::StatusChange>,
     pub(crate) operations: Option<Arc<dyn crate::Operations>>,
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    pub(crate) rejects: Arc<crate::serve::RejectLimiter>,
 }
 
 /// Every route of the node's own API, declared once: served by [`router`] and described
@@ -244,11 +245,15 @@ pub(crate) fn guarded<S: Clone + Send + Sync + 'static>(
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry_after = self.retry_after;
         let mut response = (status, Json(self)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+            response = crate::serve::with_retry_after(response, retry_after.unwrap_or(1));
         }
         response
     }
@@ -372,10 +377,24 @@ async fn post_events(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let source = remote.ip();
+    if let Err(seconds) = state.rejects.check(source) {
+        crate::metrics::RATE_LIMITED.inc();
+        return Err(ApiError::new(
+            429,
+            "rate_limited",
+            format!(
+                "{source} sent more unauthenticated input (bad signatures, unknown keys, malformed envelopes) than the {} per second allowed; retry in {seconds} s",
+                state.config.reject_rate_per_sec
+            ),
+        )
+        .retry_after(seconds));
+    }
     let remote = remote.to_string();
     let raws = match split_body(&body) {
         Ok(raws) => raws,
         Err(rejection) => {
+            state.rejects.charge(source, 1);
             let record = RejectedRecord::new(&rejection, &body, &remote, None, None, None);
             let _ = record_whole_request(&state, record).await;
             return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
@@ -440,7 +459,21 @@ async fn post_events(
             .await?;
         }
     }
+    let unauthenticated = results
+        .iter()
+        .filter(|result| result.reason.is_some_and(unauthenticated))
+        .count();
+    state.rejects.charge(source, unauthenticated);
     Ok(Json(results).into_response())
+}
+
+/// Rejections of input that no enrolled agent's key vouched for: what an anonymous
+/// sender can produce, and what the per-source limit counts.
+fn unauthenticated(reason: &str) -> bool {
+    !matches!(
+        reason,
+        "revoked_agent" | "realm_mismatch" | "clock_skew" | "chain_fork" | "chain_broken" | "replay"
+    )
 }
 
 /// A body that cannot be split is still kept for forensics, as one rejected item.

@@ -35,6 +35,7 @@ pub mod openapi;
 pub mod registry;
 pub mod samples;
 pub mod sequencer;
+pub mod serve;
 mod state;
 
 pub use auth::{Caller, Role, Secret, Tokens};
@@ -289,6 +290,13 @@ pub struct NodeConfig {
     /// Recent (seq, digest) pairs kept per agent to tell duplicates from forks.
     pub chain_window: usize,
     pub log: custos_store::LogConfig,
+    /// Connections, timeouts and the body budget of the HTTP front door.
+    pub http: serve::HttpLimits,
+    /// Unauthenticated rejections (bad signatures, unknown keys, malformed input) a
+    /// source may cause per second, sustained; beyond it, its requests get 429.
+    pub reject_rate_per_sec: f64,
+    /// ... and in a burst.
+    pub reject_burst: f64,
 }
 
 impl NodeConfig {
@@ -305,6 +313,9 @@ impl NodeConfig {
             rejected_max_bytes: 256 * 1024 * 1024,
             chain_window: 32,
             log: custos_store::LogConfig::default(),
+            http: serve::HttpLimits::default(),
+            reject_rate_per_sec: 100.0,
+            reject_burst: 2_000.0,
         }
     }
 }
@@ -331,6 +342,10 @@ pub struct ApiError {
     pub status: u16,
     pub error: &'static str,
     pub message: String,
+    /// Seconds a client should wait before retrying (`Retry-After`); 503 and 429
+    /// answers carry one (1 s unless set).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -339,7 +354,14 @@ impl ApiError {
             status,
             error,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// This error with a `Retry-After` of `seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub(crate) fn store(error: &custos_store::StoreError) -> Self {
@@ -439,6 +461,20 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         data: config.data.clone(),
         changes: changes.clone(),
     };
+    let descriptors = serve::raise_descriptor_limit();
+    let mut http_limits = config.http.clone();
+    http_limits.max_body_bytes = config.max_request_bytes;
+    let max_connections = serve::connection_limit(&http_limits, descriptors);
+    if config.http.max_connections > max_connections {
+        tracing::warn!(
+            wanted = config.http.max_connections,
+            allowed = max_connections,
+            descriptors,
+            reserved = http_limits.reserved_descriptors,
+            "fewer connections than asked: the descriptor limit, less the store's reserve, allows no more"
+        );
+    }
+    let rejects = Arc::new(serve::RejectLimiter::new(config.reject_rate_per_sec, config.reject_burst));
     let state = http::AppState {
         commands: commands.clone(),
         tokens,
@@ -448,6 +484,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         changes,
         operations,
         stopping: stopping_rx,
+        rejects,
     };
     let control = Control {
         commands: commands.clone(),
@@ -456,14 +493,16 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     if let Some(routes) = routes {
         router = router.merge(routes(api));
     }
+    let bodies = Arc::new(serve::BodyBudget::new(http_limits.clone()));
+    let router = router.layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    tracing::info!(%addr, max_connections, descriptors, "custos node listening");
     let done = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.await;
-                let _ = stopping_tx.send(true);
-            })
-            .await?;
+        serve::serve(listener, router, http_limits, max_connections, async move {
+            let _ = shutdown_rx.await;
+            let _ = stopping_tx.send(true);
+        })
+        .await;
         if let Some(drain) = drain {
             tokio::task::spawn_blocking(drain)
                 .await
@@ -485,7 +524,6 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             .map_err(|_| NodeError::Stopped("the sequencer panicked".into()))?;
         result.map_err(|error| NodeError::Stopped(error.message))
     });
-    tracing::info!(%addr, "custos node listening");
     Ok(Running {
         addr,
         admin_token,

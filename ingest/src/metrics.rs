@@ -155,6 +155,58 @@ pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Open HTTP connections.
+pub static HTTP_CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new("custos_http_connections", "Open HTTP connections").expect("valid metric"))
+});
+
+/// Connections refused at accept, by `reason`: `limit` (every slot taken: answered 503)
+/// or `accept_error` (no descriptor left, say).
+pub static HTTP_CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_http_connections_refused_total", "Connections refused at accept, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Connections the node closed, by `reason`: `idle` (no byte moved for the idle
+/// timeout) or `slow_body` (a body not sent within the body timeout).
+pub static HTTP_CONNECTIONS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("custos_http_connections_closed_total", "Connections the node closed, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Requests answered 503 because request bodies in flight filled the body budget.
+pub static HTTP_BODIES_REFUSED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    register(
+        prometheus::IntCounter::new(
+            "custos_http_bodies_refused_total",
+            "Requests answered 503: bodies in flight filled the body budget",
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `POST /v1/events` requests answered 429: their source spent its budget of
+/// unauthenticated rejections.
+pub static RATE_LIMITED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    register(
+        prometheus::IntCounter::new(
+            "custos_ingest_rate_limited_total",
+            "Ingest requests answered 429: the source sent too much unauthenticated input",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Forces every metric into the registry, so each is exported (at zero) from the start.
 pub fn init() {
     LazyLock::force(&EVENTS);
@@ -170,6 +222,17 @@ pub fn init() {
     LazyLock::force(&PENDING_APPROVALS);
     LazyLock::force(&QUERY_SECONDS);
     LazyLock::force(&STORE_ERRORS);
+    LazyLock::force(&HTTP_CONNECTIONS);
+    LazyLock::force(&HTTP_CONNECTIONS_REFUSED);
+    LazyLock::force(&HTTP_CONNECTIONS_CLOSED);
+    LazyLock::force(&HTTP_BODIES_REFUSED);
+    LazyLock::force(&RATE_LIMITED);
+    for reason in ["limit", "accept_error"] {
+        HTTP_CONNECTIONS_REFUSED.with_label_values(&[reason]);
+    }
+    for reason in ["idle", "slow_body"] {
+        HTTP_CONNECTIONS_CLOSED.with_label_values(&[reason]);
+    }
     for step in ["append", "maintenance"] {
         STORE_ERRORS.with_label_values(&[step]);
     }
