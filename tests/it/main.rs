@@ -7,6 +7,7 @@ mod contract;
 mod crash;
 mod eval;
 mod evidence;
+mod hardening;
 mod metrics;
 mod query;
 mod respond;

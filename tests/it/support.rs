@@ -41,7 +41,8 @@ impl Server {
 
     /// [`Server::start`] with extra `serve` arguments.
     pub(crate) fn start_with(data: &Path, extra: &[&str]) -> Self {
-        let mut child = custos()
+        let mut command = custos();
+        command
             .args(["serve", "--data"])
             .arg(data)
             .args([
@@ -52,11 +53,13 @@ impl Server {
                 "--checkpoint-every",
                 "100",
             ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .args(extra);
+        Self::spawn(command, data)
+    }
+
+    /// Runs `command` (a `custos serve`, possibly wrapped) and waits until it listens.
+    pub(crate) fn spawn(mut command: Command, data: &Path) -> Self {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (found, address) = std::sync::mpsc::channel();

@@ -1,0 +1,362 @@
+//! The front door under attack, against a real `custos serve`: idle, slowloris and
+//! slow-body sockets, a descriptor limit of 1 024, parallel huge bodies, and a flood of
+//! junk from one address.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use custos_event::{AgentKey, Signer};
+use serde_json::json;
+
+use crate::respond::enroll;
+use crate::support::Server;
+
+/// `custos serve` under `ulimit -n LIMIT` (soft and hard: it cannot raise it).
+fn start_limited(data: &std::path::Path, limit: u32, extra: &[&str]) -> Server {
+    let mut command = std::process::Command::new("sh");
+    let binary = env!("CARGO_BIN_EXE_custos");
+    let mut script = format!("ulimit -n {limit} && exec '{binary}' serve --data '{}'", data.display());
+    for arg in [
+        "--listen",
+        "127.0.0.1:0",
+        "--segment-max-entries",
+        "500",
+        "--checkpoint-every",
+        "100",
+        "--no-detect",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        script.push_str(&format!(" '{arg}'"));
+    }
+    command.arg("-c").arg(script);
+    Server::spawn(command, data)
+}
+
+fn connect(url: &str) -> TcpStream {
+    let address = url.trim_start_matches("http://");
+    let stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+}
+
+/// Reads until the peer closes (or `limit` passes); returns what arrived.
+fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return Some(String::from_utf8_lossy(&seen).into_owned()),
+            Ok(read) => seen.extend_from_slice(&buffer[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&seen).into_owned());
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+fn signed_lines(signer: &mut Signer, count: usize) -> Vec<u8> {
+    (0..count)
+        .map(|index| {
+            signer
+                .sign_object(
+                    json!({"kind": "tool_call", "action": format!("step-{index}")})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    chrono::Utc::now(),
+                )
+                .unwrap()
+                .to_json()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+/// At a descriptor limit of 1 024, 1 100 idle sockets take every connection slot but
+/// never the store's descriptors: segments keep sealing while they are open, the ones
+/// beyond the limit get a 503 at once, and all of them are closed after the header
+/// timeout. Slowloris heads and idle keep-alive connections are closed the same way; a
+/// body sent too slowly gets 408.
+#[test]
+fn idle_and_slow_sockets_never_starve_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let server = start_limited(&data, 1024, &["--header-timeout-secs", "3", "--body-timeout-secs", "2"]);
+    let admin = server.token();
+    let url = server.url.clone();
+    let key = AgentKey::generate().unwrap();
+    enroll(&url, &admin, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+
+    // One keep-alive client connection, opened before the flood, keeps its slot.
+    let client = reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let post = |body: Vec<u8>| {
+        let response = client.post(format!("{url}/v1/events")).body(body).send().unwrap();
+        assert_eq!(response.status(), 200);
+        let results: Vec<serde_json::Value> = response.json().unwrap();
+        results
+    };
+    assert_eq!(post(signed_lines(&mut signer, 10))[0]["status"], "accepted");
+
+    let mut idle: Vec<TcpStream> = (0..1100).map(|_| connect(&url)).collect();
+    // Those over the limit are told so and closed at once.
+    let mut refused = 0;
+    for stream in &mut idle {
+        stream.set_nonblocking(true).unwrap();
+    }
+    let mut answered = vec![false; idle.len()];
+    let started = Instant::now();
+    while refused < 1100 - 1024 && started.elapsed() < Duration::from_secs(10) {
+        for (stream, answered) in idle.iter_mut().zip(&mut answered) {
+            let mut buffer = [0u8; 256];
+            if !*answered
+                && let Ok(read) = stream.read(&mut buffer)
+                && read > 0
+            {
+                let text = String::from_utf8_lossy(&buffer[..read]);
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+                *answered = true;
+                refused += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(refused >= 1100 - 1024, "only {refused} refused");
+    for stream in &mut idle {
+        stream.set_nonblocking(false).unwrap();
+    }
+
+    // While they hold every other slot, the store seals segments (new WAL files,
+    // Parquet files, indexes): 1 500 events over the kept connection, all accepted.
+    for _ in 0..3 {
+        for result in post(signed_lines(&mut signer, 500)) {
+            assert_eq!(result["status"], "accepted", "{result}");
+        }
+    }
+    let segments = std::fs::read_to_string(data.join("logs/0/segments.ndjson")).unwrap();
+    assert!(segments.lines().count() >= 2, "{segments}");
+
+    // After the header timeout every idle socket is closed by the node.
+    let started = Instant::now();
+    for stream in &mut idle {
+        let left = Duration::from_secs(15).saturating_sub(started.elapsed()).max(Duration::from_millis(10));
+        assert!(read_to_close(stream, left).is_some(), "an idle socket stayed open");
+    }
+    drop(idle);
+
+    // Slowloris: a head that never ends, one byte at a time.
+    let mut slow: Vec<TcpStream> = (0..200).map(|_| connect(&url)).collect();
+    for stream in &mut slow {
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").unwrap();
+    }
+    let started = Instant::now();
+    let mut open = slow.len();
+    while open > 0 && started.elapsed() < Duration::from_secs(15) {
+        open = 0;
+        for stream in &mut slow {
+            if stream.write_all(b"x").is_ok() {
+                open += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(open, 0, "slowloris sockets still open after {:?}", started.elapsed());
+
+    // An idle keep-alive connection after a complete request is closed too.
+    let mut kept = connect(&url);
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut first = [0u8; 64];
+    let read = kept.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+    assert!(read_to_close(&mut kept, Duration::from_secs(15)).is_some());
+
+    // A body trickling in: 408 once the body timeout passes.
+    let mut trickle = connect(&url);
+    trickle
+        .write_all(b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n[")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    trickle.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    while started.elapsed() < Duration::from_secs(15) {
+        let _ = trickle.write_all(b" ");
+        let mut buffer = [0u8; 512];
+        if let Ok(read) = trickle.read(&mut buffer)
+            && read > 0
+        {
+            answer.push_str(&String::from_utf8_lossy(&buffer[..read]));
+            break;
+        }
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+
+    // The node is healthy and nothing was lost.
+    let response = client.get(format!("{url}/readyz")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, metrics) = crate::respond::get(&url, "/metrics", &admin);
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(metrics.contains("custos_http_connections_refused_total{reason=\"limit\"}"), "{metrics}");
+    let log = server.stop();
+    assert!(!log.contains("store write failed"), "{log}");
+    let output = crate::support::run(&["verify", data.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
+}
+
+/// The resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// 120 parallel 31 MiB bodies: past the body budget, requests get 503 with Retry-After
+/// at once instead of being buffered, so the node's memory stays bounded.
+#[test]
+fn parallel_huge_bodies_are_bounded_by_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start_with(&data, &["--no-detect", "--body-budget-mib", "128"]);
+    let url = server.url.clone();
+    let pid = server.child.id();
+    let baseline = rss(pid);
+    let body = vec![b' '; 31 * 1024 * 1024];
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                peak.fetch_max(rss(pid), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..120)
+            .map(|_| {
+                let body = body.clone();
+                let url = url.clone();
+                scope.spawn(move || {
+                    let response = reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(120))
+                        .build()
+                        .unwrap()
+                        .post(format!("{url}/v1/events"))
+                        .header("content-type", "application/x-ndjson")
+                        .body(body)
+                        .send();
+                    match response {
+                        Ok(response) => (
+                            response.status().as_u16(),
+                            response
+                                .headers()
+                                .get("retry-after")
+                                .map(|value| value.to_str().unwrap().to_owned()),
+                        ),
+                        // The node may answer 503 and close before the whole body is sent.
+                        Err(_) => (0, None),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+    });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let busy = statuses.iter().filter(|(status, _)| *status == 503).count();
+    assert!(busy >= 60, "only {busy} of 120 were refused: {statuses:?}");
+    for (status, retry) in &statuses {
+        if *status == 503 {
+            assert_eq!(retry.as_deref(), Some("1"));
+        }
+    }
+    // Bodies that got in were read (and answered: whitespace holds no envelope).
+    assert!(statuses.iter().any(|(status, _)| *status == 200), "{statuses:?}");
+    let grown = peak.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(baseline);
+    assert!(
+        grown < 600 * 1024 * 1024,
+        "the node grew by {} MiB with a 128 MiB body budget",
+        grown / (1024 * 1024)
+    );
+    let response = reqwest::blocking::get(format!("{url}/healthz")).unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop();
+}
+
+/// One address sending junk is limited (429 with Retry-After, nothing more kept for
+/// forensics) while another address and authenticated agents are not.
+#[test]
+fn junk_from_one_source_is_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start_with(&data, &["--no-detect", "--reject-rate", "2", "--reject-burst", "20"]);
+    let url = server.url.clone();
+    let admin = server.token();
+    let stranger = AgentKey::generate().unwrap();
+    let mut junk_signer = Signer::new(stranger, "eng");
+    let from = |address: &str| {
+        reqwest::blocking::Client::builder()
+            .local_address(address.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let attacker = from("127.0.0.2");
+    let send = |client: &reqwest::blocking::Client, body: Vec<u8>| {
+        let response = client.post(format!("{url}/v1/events")).body(body).send().unwrap();
+        let status = response.status().as_u16();
+        let retry = response
+            .headers()
+            .get("retry-after")
+            .map(|value| value.to_str().unwrap().to_owned());
+        (status, retry, response.text().unwrap())
+    };
+    // 30 envelopes by an unknown key: answered (each `unknown_agent`), and the source
+    // has now spent more than its burst.
+    let (status, _, text) = send(&attacker, signed_lines(&mut junk_signer, 30));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("unknown_agent"));
+    let (status, retry, text) = send(&attacker, b"garbage".to_vec());
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("rate_limited") && text.contains("127.0.0.2"), "{text}");
+    let wait: u64 = retry.unwrap().parse().unwrap();
+    assert!((1..=10).contains(&wait), "{wait}");
+    let (_, rejected) = crate::respond::get(&url, "/v1/rejected?limit=10000", &admin);
+    let kept = rejected["rejected"].as_array().unwrap().len();
+    assert_eq!(kept, 30, "the refused request is not kept item by item");
+
+    // Another address is unaffected, and so is an enrolled agent from any address.
+    let other = from("127.0.0.3");
+    let (status, _, text) = send(&other, b"garbage".to_vec());
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("malformed"), "{text}");
+    let key = AgentKey::generate().unwrap();
+    enroll(&url, &admin, key.did(), "eng");
+    let mut agent = Signer::new(key, "eng");
+    let (status, _, text) = send(&other, signed_lines(&mut agent, 3));
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("rejected"), "{text}");
+
+    // The budget refills at its rate.
+    std::thread::sleep(Duration::from_secs(wait + 1));
+    let (status, _, text) = send(&attacker, b"garbage".to_vec());
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("malformed"), "{text}");
+    server.stop();
+}
