@@ -474,7 +474,10 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             "fewer connections than asked: the descriptor limit, less the store's reserve, allows no more"
         );
     }
-    let rejects = Arc::new(serve::RejectLimiter::new(config.reject_rate_per_sec, config.reject_burst));
+    let rejects = Arc::new(serve::RejectLimiter::new(
+        config.reject_rate_per_sec,
+        config.reject_burst,
+    ));
     let state = http::AppState {
         commands: commands.clone(),
         tokens,

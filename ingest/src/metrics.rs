@@ -165,7 +165,10 @@ pub static HTTP_CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static HTTP_CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("custos_http_connections_refused_total", "Connections refused at accept, by reason"),
+            Opts::new(
+                "custos_http_connections_refused_total",
+                "Connections refused at accept, by reason",
+            ),
             &["reason"],
         )
         .expect("valid metric"),
@@ -177,7 +180,10 @@ pub static HTTP_CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| 
 pub static HTTP_CONNECTIONS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("custos_http_connections_closed_total", "Connections the node closed, by reason"),
+            Opts::new(
+                "custos_http_connections_closed_total",
+                "Connections the node closed, by reason",
+            ),
             &["reason"],
         )
         .expect("valid metric"),

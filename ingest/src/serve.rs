@@ -139,14 +139,18 @@ pub(crate) async fn serve(
                 if accept_errors.is_power_of_two() {
                     tracing::warn!(%error, count = accept_errors, "accept failed");
                 }
-                crate::metrics::HTTP_CONNECTIONS_REFUSED.with_label_values(&["accept_error"]).inc();
+                crate::metrics::HTTP_CONNECTIONS_REFUSED
+                    .with_label_values(&["accept_error"])
+                    .inc();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            crate::metrics::HTTP_CONNECTIONS_REFUSED.with_label_values(&["limit"]).inc();
+            crate::metrics::HTTP_CONNECTIONS_REFUSED
+                .with_label_values(&["limit"])
+                .inc();
             tokio::spawn(refuse(stream, max_connections));
             continue;
         };
@@ -242,7 +246,11 @@ struct Watched {
 }
 
 impl AsyncRead for Watched {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -253,7 +261,11 @@ impl AsyncRead for Watched {
 }
 
 impl AsyncWrite for Watched {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
             self.activity.touch();
@@ -319,10 +331,7 @@ impl BodyBudget {
         ApiError::new(
             413,
             "too_large",
-            format!(
-                "the request body is larger than {} bytes",
-                self.limits.max_body_bytes
-            ),
+            format!("the request body is larger than {} bytes", self.limits.max_body_bytes),
         )
         .into_response()
     }
@@ -401,7 +410,9 @@ pub(crate) async fn budget_bodies(
         Ok(Ok(bytes)) => bytes,
         Ok(Err(response)) => return response,
         Err(_) => {
-            crate::metrics::HTTP_CONNECTIONS_CLOSED.with_label_values(&["slow_body"]).inc();
+            crate::metrics::HTTP_CONNECTIONS_CLOSED
+                .with_label_values(&["slow_body"])
+                .inc();
             let mut response = ApiError::new(
                 408,
                 "body_timeout",
@@ -465,7 +476,11 @@ impl RejectLimiter {
         if level >= 1.0 {
             return Ok(());
         }
-        let wait = if self.rate > 0.0 { (1.0 - level) / self.rate } else { 60.0 };
+        let wait = if self.rate > 0.0 {
+            (1.0 - level) / self.rate
+        } else {
+            60.0
+        };
         Err(wait.ceil().clamp(1.0, 3600.0) as u64)
     }
 

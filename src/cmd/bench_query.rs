@@ -462,6 +462,7 @@ fn generate(args: &QueryArgs, data: &Path) -> anyhow::Result<Generated> {
         segment_max_entries: 1_000_000,
         checkpoint_every: 100_000,
         checkpoint_interval: Duration::from_secs(3600),
+        ..Default::default()
     };
     let start = Utc
         .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)

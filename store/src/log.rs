@@ -33,6 +33,9 @@ pub struct LogConfig {
     pub checkpoint_every: u64,
     /// Sign a checkpoint at least this often while entries arrive.
     pub checkpoint_interval: Duration,
+    /// After a seal failed (a full disk, no descriptor left), the pause before the next
+    /// try: a try rewrites a whole segment.
+    pub seal_retry: Duration,
 }
 
 impl Default for LogConfig {
@@ -41,6 +44,7 @@ impl Default for LogConfig {
             segment_max_entries: 100_000,
             checkpoint_every: 1_000,
             checkpoint_interval: Duration::from_secs(1),
+            seal_retry: Duration::from_secs(5),
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct Log {
     last_checkpoint: Option<(Checkpoint, String)>,
     last_checkpoint_time: Instant,
     sealing: Option<Sealing>,
+    /// After a seal failed (a full disk, no descriptor), the next one waits until then.
+    seal_retry_at: Option<Instant>,
 }
 
 /// A segment being written in the background.
@@ -227,6 +233,7 @@ impl Log {
             last_checkpoint: None,
             last_checkpoint_time: Instant::now(),
             sealing: None,
+            seal_retry_at: None,
         };
         log.recover(mode, visit)?;
         Ok(log)
@@ -496,8 +503,12 @@ impl Log {
     /// Seals and checkpoints when the configured thresholds are reached.
     pub fn maintain(&mut self) -> Result<(), StoreError> {
         self.finish_seal(false)?;
-        if self.open_len >= self.config.segment_max_entries {
+        let waiting = self.seal_retry_at.is_some_and(|at| Instant::now() < at);
+        if self.open_len >= self.config.segment_max_entries && !waiting {
+            // A failed seal is retried, but not at every tick: it rewrites a whole segment.
+            self.seal_retry_at = Some(Instant::now() + self.config.seal_retry);
             self.start_seal()?;
+            self.seal_retry_at = None;
         }
         let signed = self
             .last_checkpoint
@@ -617,7 +628,8 @@ impl Log {
             Ok(info) => info,
             Err(error) => {
                 // Not in the manifest: the entries go back to the open segment (they are
-                // still in their WAL files), to be sealed again at the next maintenance.
+                // still in their WAL files), to be sealed again after a pause.
+                self.seal_retry_at = Some(Instant::now() + self.config.seal_retry);
                 let mut open = entries;
                 open.append(&mut self.open);
                 self.open_len = open.iter().map(|chunk| chunk.len()).sum();

@@ -150,7 +150,9 @@ fn idle_and_slow_sockets_never_starve_the_store() {
     // After the header timeout every idle socket is closed by the node.
     let started = Instant::now();
     for stream in &mut idle {
-        let left = Duration::from_secs(15).saturating_sub(started.elapsed()).max(Duration::from_millis(10));
+        let left = Duration::from_secs(15)
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(10));
         assert!(read_to_close(stream, left).is_some(), "an idle socket stayed open");
     }
     drop(idle);
@@ -207,7 +209,10 @@ fn idle_and_slow_sockets_never_starve_the_store() {
     assert_eq!(response.status(), 200);
     let (_, metrics) = crate::respond::get(&url, "/metrics", &admin);
     let metrics = metrics.as_str().unwrap().to_owned();
-    assert!(metrics.contains("custos_http_connections_refused_total{reason=\"limit\"}"), "{metrics}");
+    assert!(
+        metrics.contains("custos_http_connections_refused_total{reason=\"limit\"}"),
+        "{metrics}"
+    );
     let log = server.stop();
     assert!(!log.contains("store write failed"), "{log}");
     let output = crate::support::run(&["verify", data.to_str().unwrap()]);
@@ -359,4 +364,204 @@ fn junk_from_one_source_is_rate_limited() {
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("malformed"), "{text}");
     server.stop();
+}
+
+/// A tmpfs of a few MiB, mounted for one test (the tests run as root on this kind of
+/// machine) and unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs failed: this test needs root");
+        Self { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with one more file, leaving about `leave` bytes free.
+    fn fill(&self, leave: u64) {
+        let free = self.free();
+        let size = free.saturating_sub(leave);
+        let mut number = 0;
+        while self.path().join(format!("filler-{number}")).exists() {
+            number += 1;
+        }
+        let mut file = std::fs::File::create(self.path().join(format!("filler-{number}"))).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0;
+        while written < size {
+            let take = chunk.len().min((size - written) as usize);
+            if file.write_all(&chunk[..take]).is_err() {
+                break;
+            }
+            written += take as u64;
+        }
+    }
+
+    fn free(&self) -> u64 {
+        let output = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|line| line.trim().parse().ok())
+            .unwrap()
+    }
+
+    fn empty(&self) {
+        for entry in std::fs::read_dir(self.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().starts_with("filler-") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// On a full disk the node refuses writes (503, Retry-After) but keeps answering reads;
+/// it takes writes again by itself once space returns; SIGTERM on a full disk exits 0
+/// and says what it could not seal; and every acknowledged event is there afterwards.
+#[test]
+fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
+    let disk = SmallDisk::mount("24m");
+    let data = disk.path().join("store");
+    // One open segment for the whole test: nothing is sealed before the shutdown.
+    let mut command = crate::support::custos();
+    command.arg("serve").arg("--data").arg(&data).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--no-detect",
+        "--segment-max-entries",
+        "1000000",
+    ]);
+    let server = Server::spawn(command, &data);
+    let admin = server.token();
+    let url = server.url.clone();
+    let key = AgentKey::generate().unwrap();
+    enroll(&url, &admin, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let acknowledged = std::cell::Cell::new(0u64);
+    // Sends 50 events; returns the status and the Retry-After of a refusal.
+    let send = |signer: &mut Signer| -> (u16, Option<String>) {
+        let state = signer.chain().clone();
+        let response = client
+            .post(format!("{url}/v1/events"))
+            .body(signed_lines(signer, 50))
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        let retry = response
+            .headers()
+            .get("retry-after")
+            .map(|value| value.to_str().unwrap().to_owned());
+        let text = response.text().unwrap();
+        if status == 200 {
+            let results: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+            for result in &results {
+                assert_eq!(result["status"], "accepted", "{result}");
+            }
+            acknowledged.set(acknowledged.get() + results.len() as u64);
+        } else {
+            assert_eq!(status, 503, "{text}");
+            assert!(text.contains("store_failed"), "{text}");
+            // Nothing of a refused request is stored: the agent sends it again later.
+            *signer = Signer::resume(signer.key().clone(), "eng", state);
+        }
+        (status, retry)
+    };
+    assert_eq!(send(&mut signer).0, 200);
+
+    disk.fill(256 * 1024);
+    let mut refused = None;
+    for _ in 0..400 {
+        let (status, retry) = send(&mut signer);
+        if status == 503 {
+            refused = retry;
+            break;
+        }
+    }
+    assert_eq!(refused.as_deref(), Some("1"), "the disk never filled");
+    // Writes refused, reads answered.
+    assert_eq!(client.get(format!("{url}/readyz")).send().unwrap().status(), 503);
+    assert_eq!(crate::respond::get(&url, "/v1/agents", &admin).0, 200);
+    assert_eq!(crate::respond::get(&url, "/v1/checkpoints/latest", &admin).0, 200);
+    let (status, rows) = crate::support::post(
+        &url,
+        "/v1/sql",
+        Some(&admin),
+        b"SELECT count(*) AS n FROM events".to_vec(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows[0]["n"], acknowledged.get());
+
+    // Space returns: writes resume without a restart.
+    disk.empty();
+    let started = Instant::now();
+    loop {
+        if send(&mut signer).0 == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "writes did not resume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..10 {
+        assert_eq!(send(&mut signer).0, 200);
+    }
+    assert_eq!(client.get(format!("{url}/readyz")).send().unwrap().status(), 200);
+
+    // Full again, to the last byte, then SIGTERM: a clean exit (0) that names exactly the
+    // entries it could not seal and the WAL files that hold them.
+    disk.fill(64 * 1024);
+    for _ in 0..400 {
+        if send(&mut signer).0 == 503 {
+            break;
+        }
+    }
+    disk.fill(0);
+    let log = server.stop();
+    assert!(log.contains("could not seal log indexes"), "{log}");
+    assert!(log.contains(".wal") && log.contains("next start seals them"), "{log}");
+
+    // With space back, every acknowledged event is there, and the store verifies.
+    disk.empty();
+    let server = Server::start_with(&data, &["--no-detect"]);
+    let (status, rows) = crate::support::post(
+        &server.url,
+        "/v1/sql",
+        Some(&admin),
+        b"SELECT count(*) AS n FROM events".to_vec(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows[0]["n"], acknowledged.get());
+    server.stop();
+    let output = crate::support::run(&["verify", data.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }

@@ -129,6 +129,7 @@ fn checkpoints_follow_the_interval_as_well_as_the_count() {
         segment_max_entries: 1_000,
         checkpoint_every: 1_000,
         checkpoint_interval: std::time::Duration::from_millis(50),
+        ..Default::default()
     };
     let mut log = custos_store::Log::open(
         dir.path(),
