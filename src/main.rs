@@ -78,6 +78,10 @@ enum Command {
     /// Benchmarks that report ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Runs one SQL query sent on stdin by a node (internal: each query runs in a
+    /// process of its own).
+    #[command(hide = true)]
+    QueryWorker,
 }
 
 #[derive(Args)]
@@ -171,6 +175,17 @@ struct ServeArgs {
     /// Most rows a query answer may have.
     #[arg(long, default_value_t = 100_000)]
     query_max_rows: usize,
+    /// Queries (SQL and REST reads) running at once; beyond it, 429 with Retry-After.
+    /// Each SQL query runs in a process of its own.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    query_concurrency: u64,
+    /// Queries one token may run at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+    query_concurrency_per_token: u64,
+    /// Threads of the in-process query runtime (REST reads, evidence selection), apart
+    /// from those that serve ingest.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    query_threads: u64,
 }
 
 impl ServeArgs {
@@ -198,6 +213,10 @@ impl ServeArgs {
             timeout: std::time::Duration::from_secs(self.query_timeout_secs.max(1)),
             memory_bytes: self.query_memory_mib.max(1) * 1024 * 1024,
             max_rows: self.query_max_rows.max(1),
+            concurrency: usize::try_from(self.query_concurrency).unwrap_or(1),
+            per_token: usize::try_from(self.query_concurrency_per_token).unwrap_or(1),
+            threads: usize::try_from(self.query_threads).unwrap_or(1),
+            worker: custos_query::pool::WorkerProgram::current(),
         }
     }
 
@@ -507,6 +526,10 @@ fn disable_transparent_huge_pages() {
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
     let cli = Cli::parse();
+    if let Command::QueryWorker = cli.command {
+        // Its own runtime, with large stacks: not inside this one.
+        return custos_query::worker::main();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -636,6 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             cmd::bench_query::query(args).await?;
         }
+        Command::QueryWorker => return Ok(custos_query::worker::main()),
         Command::Bench(BenchCommand::Detect(args)) => {
             init_tracing("warn");
             cmd::bench_detect::detect(args).await?;

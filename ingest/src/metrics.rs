@@ -213,6 +213,17 @@ pub static RATE_LIMITED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Queries answered 429: every slot overall, or every slot of the token, was taken.
+pub static QUERIES_REFUSED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    register(
+        prometheus::IntCounter::new(
+            "custos_query_refused_total",
+            "Queries answered 429: the node or the token had every query slot taken",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Forces every metric into the registry, so each is exported (at zero) from the start.
 pub fn init() {
     LazyLock::force(&EVENTS);
@@ -233,6 +244,7 @@ pub fn init() {
     LazyLock::force(&HTTP_CONNECTIONS_CLOSED);
     LazyLock::force(&HTTP_BODIES_REFUSED);
     LazyLock::force(&RATE_LIMITED);
+    LazyLock::force(&QUERIES_REFUSED);
     for reason in ["limit", "accept_error"] {
         HTTP_CONNECTIONS_REFUSED.with_label_values(&[reason]);
     }

@@ -82,7 +82,7 @@ pub fn raise_descriptor_limit() -> u64 {
     {
         use rustix::process::{Resource, getrlimit, setrlimit};
         let limit = getrlimit(Resource::Nofile);
-        let mut raised = limit.clone();
+        let mut raised = limit;
         if let Some(maximum) = limit.maximum {
             raised.current = Some(maximum);
         }

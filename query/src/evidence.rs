@@ -152,7 +152,7 @@ pub struct Selection {
 /// Reads the entries `selection` names from segments and the tail, oldest first.
 pub async fn select(sources: &Sources, selection: &Selection) -> Result<Vec<LogEntry>, QueryError> {
     let ctx = datafusion::prelude::SessionContext::new();
-    let plan = crate::tables::log_plan(&sources.view, false).await?;
+    let plan = crate::tables::log_plan(sources, false).await?;
     let mut frame = datafusion::dataframe::DataFrame::new(ctx.state(), plan);
     let types = selection.kinds.iter().map(|kind| lit(*kind)).collect();
     frame = frame.filter(col("payload_type").in_list(types, false))?;

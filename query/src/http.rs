@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::QueryError;
 use crate::access::{AccessLog, AccessRecord};
+use crate::pool::QueryPool;
 use crate::sql::{Format, Limits, collect, encode};
 use crate::tables::{Scope, Sources};
 
@@ -28,11 +29,15 @@ struct QueryState {
     access: Arc<AccessLog>,
     /// Held while a store verification runs: one at a time.
     verifying: Arc<tokio::sync::Mutex<()>>,
+    /// Slots, the query runtime and the query processes.
+    pool: Arc<QueryPool>,
 }
 
-/// The query routes as a [`custos_ingest::Hooks::routes`] builder.
-pub fn routes(limits: Limits) -> custos_ingest::RouteBuilder {
-    Box::new(move |api| router(api, limits))
+/// The query routes as a [`custos_ingest::Hooks::routes`] builder. Starts the query
+/// runtime (its own threads) now.
+pub fn routes(limits: Limits) -> Result<custos_ingest::RouteBuilder, QueryError> {
+    let pool = QueryPool::new(&limits)?;
+    Ok(Box::new(move |api| router(api, limits, pool)))
 }
 
 /// The query API's routes, declared once: served by [`router`], described by
@@ -115,7 +120,7 @@ fn openapi_endpoint() -> Endpoint {
 }
 
 /// The query routes, to merge into the node's router.
-pub fn router(api: Api, limits: Limits) -> Router {
+fn router(api: Api, limits: Limits, pool: Arc<QueryPool>) -> Router {
     let access = Arc::new(AccessLog::new(&api.data));
     let document = Arc::new(custos_ingest::openapi::document(
         &catalogue(),
@@ -131,6 +136,7 @@ pub fn router(api: Api, limits: Limits) -> Router {
             limits,
             access,
             verifying: Arc::new(tokio::sync::Mutex::new(())),
+            pool,
         })
         .layer(axum::middleware::from_fn(timed))
         .merge(crate::console::router())
@@ -165,6 +171,11 @@ impl IntoResponse for QueryError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         response
     }
@@ -206,6 +217,7 @@ async fn sources(api: &Api) -> Result<Sources, QueryError> {
         agents,
         rejected,
         checkpoints,
+        tail_batch: None,
     })
 }
 
@@ -248,31 +260,111 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
         String::from_utf8(body.to_vec()).map_err(|_| QueryError::new(400, "bad_request", "the SQL is not UTF-8"))?
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()));
-    let answer = async {
-        let sources = sources(&state.api).await?;
-        crate::sql::run(&text, &sources, &scope(&caller), &state.limits).await
+    if text.len() > crate::shape::MAX_SQL_BYTES {
+        return Err(QueryError::new(
+            400,
+            "bad_sql",
+            format!(
+                "the query is {} bytes long; the limit is {}",
+                text.len(),
+                crate::shape::MAX_SQL_BYTES
+            ),
+        ));
     }
-    .await;
+    let slot = state.pool.admit(&caller.token_id)?;
+    let answer = run_sql(&state, &caller, &text, format).await;
+    drop(slot);
     record(
         &state,
         &caller,
         "/v1/sql",
         &text,
-        &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
+        &answer.as_ref().map(|(rows, _, _)| *rows).map_err(Clone::clone),
     );
-    let answer = answer?;
-    let body = encode(&answer, format)?;
+    let (rows, content_type, body) = answer?;
     Ok((
         [
-            (header::CONTENT_TYPE, format.content_type()),
-            (
-                header::HeaderName::from_static("x-custos-rows"),
-                &answer.rows.to_string(),
-            ),
+            (header::CONTENT_TYPE, content_type),
+            (header::HeaderName::from_static("x-custos-rows"), rows.to_string()),
         ],
         body,
     )
         .into_response())
+}
+
+/// Runs SQL in a query process: the node hands it the caller's scope and what it may
+/// read, and relays its answer.
+async fn run_sql(
+    state: &QueryState,
+    caller: &Caller,
+    text: &str,
+    format: Format,
+) -> Result<(usize, String, Vec<u8>), QueryError> {
+    let program = state.limits.worker.clone().ok_or_else(|| {
+        QueryError::new(
+            503,
+            "query_unavailable",
+            "this node has no query process to run SQL in (`custos query-worker`)",
+        )
+    })?;
+    let sources = sources(&state.api).await?;
+    let scope = scope(caller);
+    let limits = state.limits.clone();
+    let sql = text.to_owned();
+    // The tail becomes Arrow IPC on the query runtime, not on the one serving ingest.
+    let (request, tail) = state
+        .pool
+        .read(limits.timeout, async move {
+            let tail = crate::worker::tail_ipc(&sources.tail_batch()?)?;
+            let request = crate::worker::Request {
+                sql,
+                role: scope.role,
+                realms: scope.realms.clone(),
+                format: format.name().to_owned(),
+                timeout_ms: u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX),
+                memory_bytes: limits.memory_bytes,
+                max_rows: limits.max_rows,
+                segment_dir: sources.view.segment_dir.clone(),
+                segments: sources.view.segments.clone(),
+                size: sources.view.size,
+                checkpoints_path: sources.view.checkpoints.clone(),
+                // Scoped here too: a query process never receives rows its caller may not see.
+                agents: sources
+                    .agents
+                    .into_iter()
+                    .filter(|agent| scope.sees(&agent.realm))
+                    .collect(),
+                rejected: if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
+                    sources.rejected
+                } else {
+                    Vec::new()
+                },
+                checkpoints: sources.checkpoints,
+            };
+            Ok((request, tail))
+        })
+        .await?;
+    let (reply, body) = state.pool.sql(&program, &request, tail, &state.limits).await?;
+    if reply.status != 200 {
+        return Err(QueryError::new(reply.status, stable_code(&reply.error), reply.message));
+    }
+    Ok((reply.rows, reply.content_type, body))
+}
+
+/// A query process's error code as one of the stable codes (docs/query.md).
+fn stable_code(code: &str) -> &'static str {
+    [
+        "bad_sql",
+        "bad_request",
+        "read_only",
+        "query_memory",
+        "row_cap",
+        "query_timeout",
+        "query_failed",
+    ]
+    .into_iter()
+    .find(|known| *known == code)
+    .unwrap_or("query_failed")
 }
 
 #[derive(Deserialize, Default)]
@@ -322,9 +414,51 @@ async fn events(
     })?;
     let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
     let text = headers_free_query(&query);
+    let slot = state.pool.admit(&caller.token_id)?;
     let answer = async {
         let sources = sources(&state.api).await?;
-        let ctx = crate::sql::session(&sources, &scope(&caller), &state.limits).await?;
+        let scope = scope(&caller);
+        let limits = state.limits.clone();
+        state
+            .pool
+            .read(state.limits.timeout, async move {
+                filtered_events(sources, scope, limits, query, limit).await
+            })
+            .await
+    }
+    .await;
+    drop(slot);
+    record(
+        &state,
+        &caller,
+        "/v1/events",
+        &text,
+        &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
+    );
+    let answer = answer?;
+    let body = encode(&answer, Format::Json)?;
+    let rows: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|error| QueryError::internal(error.to_string()))?;
+    let next = if answer.rows == limit {
+        rows.as_array()
+            .and_then(|rows| rows.last())
+            .and_then(|row| row["log_index"].as_u64())
+    } else {
+        None
+    };
+    Ok(Json(serde_json::json!({ "events": rows, "next": next })).into_response())
+}
+
+/// The plan and run of `GET /v1/events`, on the query runtime.
+async fn filtered_events(
+    sources: Sources,
+    scope: Scope,
+    limits: Limits,
+    query: EventsQuery,
+    limit: usize,
+) -> Result<crate::sql::Answer, QueryError> {
+    {
+        let ctx = crate::sql::session(&sources, &scope, &limits).await?;
         let mut frame = ctx.table("events").await?;
         for (name, value) in [
             ("agent", &query.agent),
@@ -372,26 +506,6 @@ async fn events(
             ])?;
         collect(frame, limit).await
     }
-    .await;
-    record(
-        &state,
-        &caller,
-        "/v1/events",
-        &text,
-        &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
-    );
-    let answer = answer?;
-    let body = encode(&answer, Format::Json)?;
-    let rows: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|error| QueryError::internal(error.to_string()))?;
-    let next = if answer.rows == limit {
-        rows.as_array()
-            .and_then(|rows| rows.last())
-            .and_then(|row| row["log_index"].as_u64())
-    } else {
-        None
-    };
-    Ok(Json(serde_json::json!({ "events": rows, "next": next })).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -488,11 +602,18 @@ async fn ocsf(
         "class={class} realm={:?} agent={:?} after={:?}",
         query.realm, query.agent, query.after
     );
+    let slot = state.pool.admit(&caller.token_id)?;
     let entries = async {
         let sources = sources(&state.api).await?;
-        crate::evidence::select(&sources, &selection).await
+        state
+            .pool
+            .read(state.limits.timeout, async move {
+                crate::evidence::select(&sources, &selection).await
+            })
+            .await
     }
     .await;
+    drop(slot);
     record(
         &state,
         &caller,
@@ -557,6 +678,7 @@ fn headers_free_query(query: &EventsQuery) -> String {
 async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
     let caller = state.api.authorize(&headers, &[Role::Admin, Role::Compliance])?;
     let text = String::from_utf8_lossy(&body).into_owned();
+    let slot = state.pool.admit(&caller.token_id)?;
     let bundle = async {
         let request: crate::evidence::ExportRequest = serde_json::from_slice(&body).map_err(|error| {
             QueryError::new(
@@ -567,9 +689,19 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         })?;
         let sources = sources(&state.api).await?;
         let by = format!("token:{} ({})", caller.token_id, caller.role.name());
-        crate::evidence::export(&state.api, &sources, &scope(&caller), &by, request).await
+        let (api, scope) = (state.api.clone(), scope(&caller));
+        // An export may be long; it runs on the query runtime, never past ten minutes
+        // (or the query timeout, when that is longer).
+        let limit = state.limits.timeout.max(std::time::Duration::from_secs(600));
+        state
+            .pool
+            .read(limit, async move {
+                crate::evidence::export(&api, &sources, &scope, &by, request).await
+            })
+            .await
     }
     .await;
+    drop(slot);
     let rows = bundle
         .as_ref()
         .map(|bundle| bundle.manifest.counts.values().sum::<u64>() as usize)

@@ -24,9 +24,12 @@ pub mod http;
 mod json;
 mod morsels;
 pub mod ocsf;
+pub mod pool;
+pub mod shape;
 pub mod sql;
 pub mod tables;
 mod trunc;
+pub mod worker;
 
 pub use sql::{Answer, Format, Limits};
 pub use tables::{Scope, Sources};
@@ -52,6 +55,11 @@ impl QueryError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "query_failed", message)
     }
+}
+
+/// Counts a query refused for want of a slot.
+pub(crate) fn metrics_refused() {
+    custos_ingest::metrics::QUERIES_REFUSED.inc();
 }
 
 impl std::fmt::Display for QueryError {

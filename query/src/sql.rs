@@ -16,14 +16,24 @@ use futures::StreamExt as _;
 use crate::QueryError;
 use crate::tables::{Scope, Sources, register};
 
-/// What one query may use.
+/// What one query may use, and how many may run. Documented in `docs/query.md` (Limits).
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub timeout: Duration,
-    /// Bytes the query's operators may hold (sorts, joins, aggregates).
+    /// Bytes the query's operators may hold (sorts, joins, aggregates); a SQL query's
+    /// process is stopped when it holds more than this plus
+    /// [`crate::pool::PROCESS_OVERHEAD_BYTES`] in all.
     pub memory_bytes: usize,
     /// Rows an answer may have.
     pub max_rows: usize,
+    /// Queries (SQL and REST reads) running at once on the node.
+    pub concurrency: usize,
+    /// ... of which one token may run.
+    pub per_token: usize,
+    /// Threads of the in-process query runtime (REST reads, evidence selection).
+    pub threads: usize,
+    /// What starts a SQL query process; without one, `POST /v1/sql` answers 503.
+    pub worker: Option<crate::pool::WorkerProgram>,
 }
 
 impl Default for Limits {
@@ -32,6 +42,10 @@ impl Default for Limits {
             timeout: Duration::from_secs(30),
             memory_bytes: 512 * 1024 * 1024,
             max_rows: 100_000,
+            concurrency: 4,
+            per_token: 2,
+            threads: 2,
+            worker: None,
         }
     }
 }
@@ -181,6 +195,29 @@ impl Format {
             }
         }
         Format::Json
+    }
+
+    /// The format's short name (`json`, `ndjson`, `csv`, `arrow`, `parquet`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Ndjson => "ndjson",
+            Format::Csv => "csv",
+            Format::Arrow => "arrow",
+            Format::Parquet => "parquet",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Format::Json,
+            Format::Ndjson,
+            Format::Csv,
+            Format::Arrow,
+            Format::Parquet,
+        ]
+        .into_iter()
+        .find(|format| format.name() == name)
     }
 
     pub fn content_type(self) -> &'static str {

@@ -56,6 +56,20 @@ pub struct Sources {
     pub agents: Vec<custos_ingest::AgentRecord>,
     pub rejected: Vec<custos_ingest::forensics::RejectedRecord>,
     pub checkpoints: Vec<custos_store::log::CheckpointLine>,
+    /// The unsealed tail already as rows of the segment schema (a query process gets it
+    /// so); when absent, built from `view.tail`.
+    pub tail_batch: Option<RecordBatch>,
+}
+
+impl Sources {
+    /// The unsealed tail as one batch of the segment schema.
+    pub fn tail_batch(&self) -> Result<RecordBatch, QueryError> {
+        if let Some(batch) = &self.tail_batch {
+            return Ok(batch.clone());
+        }
+        let tail: Vec<&custos_store::LogEntry> = self.view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
+        custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))
+    }
 }
 
 /// Registers the caller's tables in `ctx`.
@@ -63,7 +77,7 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
     let tables = scope.tables();
     let json_get = ScalarUDF::from(JsonGet::new());
     if tables.contains(&"events") {
-        let log = log_plan(&sources.view, true).await?;
+        let log = log_plan(sources, true).await?;
         let realm = realm_filter(scope);
         let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
         ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
@@ -104,7 +118,8 @@ pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) ->
 /// materialisation: only rows that pass have their other columns decoded); which filters
 /// they take is decided in the SQL session's plan ([`crate::decoding`]). Without it,
 /// filters prune row groups and pages by their statistics, then run on decoded batches.
-pub(crate) async fn log_plan(view: &custos_ingest::StoreView, late: bool) -> Result<LogicalPlan, QueryError> {
+pub(crate) async fn log_plan(sources: &Sources, late: bool) -> Result<LogicalPlan, QueryError> {
+    let view = &sources.view;
     let schema = scan_schema();
     let mut plans = Vec::new();
     if !view.segments.is_empty() {
@@ -127,9 +142,8 @@ pub(crate) async fn log_plan(view: &custos_ingest::StoreView, late: bool) -> Res
         let table = ListingTable::try_new(config)?;
         plans.push(LogicalPlanBuilder::scan("segments", provider_as_source(Arc::new(table)), None)?.build()?);
     }
-    let tail: Vec<&custos_store::LogEntry> = view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
-    if !tail.is_empty() || plans.is_empty() {
-        let batch = custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))?;
+    let batch = sources.tail_batch()?;
+    if batch.num_rows() > 0 || plans.is_empty() {
         let batch = cast_to(&batch, &schema)?;
         let table = MemTable::try_new(schema, vec![vec![batch]])?;
         plans.push(LogicalPlanBuilder::scan("tail", provider_as_source(Arc::new(table)), None)?.build()?);

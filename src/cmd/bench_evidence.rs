@@ -55,7 +55,7 @@ pub(crate) async fn evidence(args: EvidenceArgs) -> anyhow::Result<()> {
         routes: Some(custos_query::http::routes(custos_query::Limits {
             max_rows: 10_000_000,
             ..Default::default()
-        })),
+        })?),
         ..Default::default()
     };
     let running = custos_ingest::start_with(config, hooks).await?;

@@ -201,6 +201,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         agents: Vec::new(),
         rejected: Vec::new(),
         checkpoints: Vec::new(),
+        tail_batch: None,
     };
     let scope = custos_query::tables::Scope {
         role: custos_ingest::Role::Admin,
@@ -210,6 +211,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         timeout: Duration::from_secs(600),
         memory_bytes: 4 << 30,
         max_rows: 10_000_000,
+        ..Default::default()
     };
     if args.explain {
         for (name, sql) in &queries {

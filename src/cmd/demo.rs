@@ -49,7 +49,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         config.clone(),
         Some(crate::pipeline::PipelineConfig::new(data.clone())),
         marks.clone(),
-        custos_query::Limits::default(),
+        custos_query::Limits {
+            worker: custos_query::pool::WorkerProgram::current(),
+            ..Default::default()
+        },
     )
     .await?;
     let running = &node.running;

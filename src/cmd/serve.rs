@@ -17,7 +17,7 @@ impl Node {
         marks: Arc<Marks>,
         limits: custos_query::Limits,
     ) -> anyhow::Result<Self> {
-        let routes = custos_query::http::routes(limits);
+        let routes = custos_query::http::routes(limits)?;
         let Some(pipeline_config) = pipeline else {
             let hooks = custos_ingest::Hooks {
                 routes: Some(routes),
