@@ -93,16 +93,19 @@ impl Forensics {
             next_id: 0,
             pending: Vec::new(),
         };
-        let current = forensics.read_file(&forensics.current_path());
-        forensics.current_count = current.len();
-        let previous = forensics.read_file(&forensics.previous_path());
-        forensics.next_id = current
-            .iter()
-            .chain(&previous)
-            .map(|record| record.id + 1)
-            .max()
-            .unwrap_or(0);
+        // Ids only grow: the newest record is the last line of the current file (or of the
+        // previous one when the current is empty). Nothing else is parsed at start.
+        let current = fs_err::read(forensics.current_path()).unwrap_or_default();
+        forensics.current_count = current.iter().filter(|byte| **byte == b'\n').count();
+        let newest = last_record(&current)
+            .or_else(|| last_record(&fs_err::read(forensics.previous_path()).unwrap_or_default()));
+        forensics.next_id = newest.map_or(0, |record| record.id + 1);
         Ok(forensics)
+    }
+
+    /// The two files, newest last, for [`read_recent`] (off the writer's thread).
+    pub fn files(&self) -> [PathBuf; 2] {
+        [self.previous_path(), self.current_path()]
     }
 
     fn current_path(&self) -> PathBuf {
@@ -113,13 +116,6 @@ impl Forensics {
         self.dir.join("rejected.1.ndjson")
     }
 
-    fn read_file(&self, path: &Path) -> Vec<RejectedRecord> {
-        fs_err::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
 
     /// Queues a record; [`Forensics::flush`] makes it durable.
     pub fn record(&mut self, mut record: RejectedRecord) {
@@ -152,15 +148,32 @@ impl Forensics {
         Ok(())
     }
 
-    /// The newest records first, optionally only those with `reason`.
-    pub fn list(&self, reason: Option<&str>, limit: usize) -> Vec<RejectedRecord> {
-        let mut records = self.read_file(&self.previous_path());
-        records.extend(self.read_file(&self.current_path()));
-        records
-            .into_iter()
-            .rev()
-            .filter(|record| reason.is_none_or(|reason| record.reason == reason))
-            .take(limit)
-            .collect()
+}
+
+/// The last well-formed record of an NDJSON file's bytes.
+fn last_record(bytes: &[u8]) -> Option<RejectedRecord> {
+    bytes
+        .split(|byte| *byte == b'\n')
+        .rev()
+        .find_map(|line| serde_json::from_slice(line).ok())
+}
+
+/// The newest records of `files` (oldest file first) first, optionally only those with
+/// `reason`. Reads files: call it off the writer's thread.
+pub fn read_recent(files: &[PathBuf], reason: Option<&str>, limit: usize) -> Vec<RejectedRecord> {
+    let mut records: Vec<RejectedRecord> = Vec::new();
+    for path in files {
+        records.extend(
+            fs_err::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok()),
+        );
     }
+    records
+        .into_iter()
+        .rev()
+        .filter(|record| reason.is_none_or(|reason| record.reason == reason))
+        .take(limit)
+        .collect()
 }

@@ -684,12 +684,11 @@ async fn rejected(
         ));
     }
     let limit = query.limit.unwrap_or(100).min(10_000);
-    let records = ask(&state, |reply| Command::Rejected {
-        reason: query.reason,
-        limit,
-        reply,
-    })
-    .await?;
+    let files = ask(&state, |reply| Command::Rejected { reply }).await?;
+    let reason = query.reason;
+    let records = tokio::task::spawn_blocking(move || crate::forensics::read_recent(&files, reason.as_deref(), limit))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
     Ok(Json(serde_json::json!({ "rejected": records })).into_response())
 }
 

@@ -186,14 +186,12 @@ impl Api {
         .await
     }
 
-    /// Kept rejected inputs, newest last.
-    pub async fn rejected(&self, limit: usize) -> Result<Vec<forensics::RejectedRecord>, ApiError> {
-        self.ask(|reply| sequencer::Command::Rejected {
-            reason: None,
-            limit,
-            reply,
-        })
-        .await
+    /// Kept rejected inputs, newest first (read off the writer's thread).
+    pub async fn rejected(&self, reason: Option<String>, limit: usize) -> Result<Vec<forensics::RejectedRecord>, ApiError> {
+        let files = self.ask(|reply| sequencer::Command::Rejected { reply }).await?;
+        tokio::task::spawn_blocking(move || forensics::read_recent(&files, reason.as_deref(), limit))
+            .await
+            .map_err(|error| ApiError::new(500, "internal", error.to_string()))
     }
 }
 

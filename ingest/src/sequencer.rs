@@ -135,10 +135,10 @@ pub enum Command {
     Agents {
         reply: Answer<Vec<AgentRecord>>,
     },
+    /// The forensics files, with everything rejected so far in them (read them off this
+    /// thread).
     Rejected {
-        reason: Option<String>,
-        limit: usize,
-        reply: Answer<Vec<RejectedRecord>>,
+        reply: Answer<[std::path::PathBuf; 2]>,
     },
     Checkpoint {
         reply: Answer<CheckpointView>,
@@ -437,6 +437,7 @@ pub(crate) struct Sequencer {
     checkpoint_seen: (u64, std::time::Instant),
     /// The manifest as of the last maintenance, shared with old-seq lookups.
     segments: Arc<Vec<custos_store::log::SegmentInfo>>,
+    store_id: String,
 }
 
 impl Sequencer {
@@ -450,6 +451,7 @@ impl Sequencer {
             log,
             registry,
             node_chain,
+            store_id,
         } = crate::state::load(&config, &node_key, hooks.feed.as_ref(), hooks.replay_from)?;
         let forensics = Forensics::open(
             &config.data.join("rejected"),
@@ -458,6 +460,7 @@ impl Sequencer {
         )?;
         let segments = Arc::new(log.segments().to_vec());
         Ok(Self {
+            store_id,
             segments,
             log,
             registry,
@@ -546,6 +549,9 @@ impl Sequencer {
         let sealed = self.log.seal();
         let checkpointed = sealed.and_then(|()| self.log.checkpoint().map(|_| ()));
         let entries = self.log.next_index();
+        self.log.persist();
+        self.registry.prune(self.log.sealed_end());
+        self.snapshot();
         match checkpointed {
             Ok(()) => {
                 tracing::info!(entries, "log sealed and checkpointed for shutdown");
@@ -575,6 +581,20 @@ impl Sequencer {
         }
     }
 
+    /// Saves the registry as of now, so the next start folds only what follows. A
+    /// failure only makes that start slower.
+    fn snapshot(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let size = self.log.next_index();
+        let Ok(root) = self.log.tree().root_at(size) else { return };
+        let body = crate::state::SnapshotBody::take(&self.registry, &self.node_chain, size, root);
+        if let Err(error) = crate::state::write_snapshot(&self.config.data, &self.store_id, &self.node_key, &body) {
+            tracing::warn!(%error, "could not save the registry snapshot; the next start folds more of the log");
+        }
+    }
+
     fn maintain(&mut self) {
         if self.failed.is_some() {
             self.recover();
@@ -597,6 +617,7 @@ impl Sequencer {
         if self.log.segments().len() != self.segments.len() {
             self.segments = Arc::new(self.log.segments().to_vec());
             self.registry.prune(self.log.sealed_end());
+            self.snapshot();
         }
         self.gauges();
     }
@@ -651,6 +672,7 @@ impl Sequencer {
                 self.log = loaded.log;
                 self.registry = loaded.registry;
                 self.node_chain = loaded.node_chain;
+                self.store_id = loaded.store_id;
                 self.segments = Arc::new(self.log.segments().to_vec());
                 self.failed = None;
                 self.ready.store(true, Ordering::SeqCst);
@@ -724,8 +746,11 @@ impl Sequencer {
                 defer(reply, result)
             }
             Command::Agents { reply } => defer(reply, Ok(self.registry.agents.values().cloned().collect())),
-            Command::Rejected { reason, limit, reply } => {
-                defer(reply, Ok(self.forensics.list(reason.as_deref(), limit)))
+            Command::Rejected { reply } => {
+                if let Err(error) = self.forensics.flush() {
+                    tracing::error!(%error, "could not persist rejected input for forensics");
+                }
+                defer(reply, Ok(self.forensics.files()))
             }
             Command::Checkpoint { reply } => {
                 let view = self.log.latest_checkpoint().map(|(checkpoint, note)| CheckpointView {

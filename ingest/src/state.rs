@@ -22,10 +22,15 @@ pub(crate) struct Loaded {
     pub(crate) log: Log,
     pub(crate) registry: Registry,
     pub(crate) node_chain: ChainState,
+    pub(crate) store_id: String,
 }
 
 /// Opens the log (recovering from the WAL) and folds the registry and the node's control
 /// chain from it; hands `feed` the events from `replay_from` and every finding and action.
+///
+/// With a registry snapshot that checks out (signed by the node key, and its log size and
+/// root those of the log), only the entries after it are folded, and the tree comes from
+/// its cache: a restart reads no old segment but the rows of findings and actions.
 pub(crate) fn load(
     config: &NodeConfig,
     node_key: &AgentKey,
@@ -33,17 +38,48 @@ pub(crate) fn load(
     replay_from: u64,
 ) -> Result<Loaded, NodeError> {
     let info = custos_store::StoreInfo::open(&config.data, true)?;
-    let mut registry = Registry::new(config.chain_window);
-    // Events in sealed segments need not stay in memory while the log is folded.
-    let manifest = custos_store::LogPaths::new(&config.data, custos_store::DEFAULT_LOG_ID).manifest;
-    registry.sealed_end = custos_store::log::read_ndjson::<custos_store::log::SegmentInfo>(&manifest)
-        .ok()
-        .and_then(|lines| lines.last().map(|line| line.end_index))
-        .unwrap_or(0);
-    let mut node_chain = ChainState::default();
+    let snapshot = match Snapshot::read(&config.data, &info.store_id, node_key) {
+        Ok(snapshot) => snapshot,
+        Err(reason) => {
+            tracing::error!(%reason, "the registry snapshot does not check out; folding the whole log instead");
+            None
+        }
+    };
+    let (mut registry, mut node_chain, folded_from) = match &snapshot {
+        Some(snapshot) => {
+            let (registry, node_chain) = snapshot.body.restore(config.chain_window);
+            (registry, node_chain, snapshot.body.log_size)
+        }
+        None => {
+            let mut registry = Registry::new(config.chain_window);
+            // Events in sealed segments need not stay in memory while the log is folded.
+            let manifest = custos_store::LogPaths::new(&config.data, custos_store::DEFAULT_LOG_ID).manifest;
+            registry.sealed_end = custos_store::log::read_ndjson::<custos_store::log::SegmentInfo>(&manifest)
+                .ok()
+                .and_then(|lines| lines.last().map(|line| line.end_index))
+                .unwrap_or(0);
+            (registry, ChainState::default(), 0)
+        }
+    };
     let node_did = node_key.did().to_owned();
+    let visit_from = if feed.is_some() {
+        folded_from.min(replay_from)
+    } else {
+        folded_from
+    };
+    let always: &[&str] = if feed.is_some() {
+        &[FINDING_PAYLOAD_TYPE, ACTION_PAYLOAD_TYPE]
+    } else {
+        &[]
+    };
     let mut fold = |entry: &LogEntry| {
-        let payload = fold_entry(entry, &node_did, &mut registry, &mut node_chain);
+        let payload = if entry.log_index >= folded_from {
+            fold_entry(entry, &node_did, &mut registry, &mut node_chain)
+        } else if entry.payload_type == EVENT_PAYLOAD_TYPE && entry.log_index >= replay_from {
+            Payload::parse(&entry.payload).ok()
+        } else {
+            None
+        };
         let Some(feed) = feed else { return };
         match (payload, entry.payload_type.as_str()) {
             (Some(payload), _) if entry.log_index >= replay_from => feed(Feed::Event(Box::new(Observation {
@@ -65,14 +101,37 @@ pub(crate) fn load(
             _ => {}
         }
     };
-    let log = Log::open(
+    let plan = custos_store::Recovery {
+        visit_from,
+        always,
+        use_tree_cache: true,
+    };
+    let log = Log::open_with(
         &config.data,
         &info.store_id,
         custos_store::DEFAULT_LOG_ID,
         config.log.clone(),
         custos_store::OpenMode::ReadWrite,
+        &plan,
         &mut fold,
     )?;
+    if let Some(snapshot) = &snapshot {
+        let size = snapshot.body.log_size;
+        if size > log.next_index() {
+            return Err(custos_store::StoreError::Tamper(format!(
+                "the registry snapshot signed at log size {size} is ahead of the {} entries stored: acknowledged entries were deleted; run `custos verify`",
+                log.next_index()
+            ))
+            .into());
+        }
+        let root = log.tree().root_at(size).map(hex::encode).unwrap_or_default();
+        if root != snapshot.body.root {
+            return Err(custos_store::StoreError::Tamper(format!(
+                "the registry snapshot at log size {size} does not match the log's root there; run `custos verify`"
+            ))
+            .into());
+        }
+    }
     if let Some(feed) = feed {
         feed(Feed::Replayed {
             next_index: log.next_index(),
@@ -82,13 +141,196 @@ pub(crate) fn load(
     tracing::info!(
         entries = log.next_index(),
         agents = registry.agents.len(),
+        folded_from,
         "store recovered"
     );
     Ok(Loaded {
         log,
         registry,
         node_chain,
+        store_id: info.store_id,
     })
+}
+
+/// The registry and the node's control chain as of a log size, signed by the node key.
+///
+/// `DATA/state/registry.json`: a header line `{"log_size","blake3","sig"}`, then the body
+/// (JSON). The signature covers `custos/registry/v1\n<store id>\n<log size>\n<blake3 of
+/// the body>\n`; the body names the tree root at that size, so it belongs to one log.
+struct Snapshot {
+    body: SnapshotBody,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotHeader {
+    log_size: u64,
+    blake3: String,
+    sig: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotBody {
+    format: u32,
+    log_size: u64,
+    /// Hex root of the tree at `log_size`.
+    root: String,
+    node_chain: ChainState,
+    agents: Vec<crate::registry::AgentRecord>,
+    memories: Vec<crate::registry::SubjectRecord>,
+    credentials: Vec<crate::registry::SubjectRecord>,
+    /// Per agent: head seq, head digest (hex), and the recent (seq, digest, log index)
+    /// triples at or above the sealed end (with the head's own).
+    heads: Vec<(String, u64, String, Vec<(u64, String, u64)>)>,
+}
+
+fn snapshot_path(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("state").join("registry.json")
+}
+
+fn signed_text(store_id: &str, log_size: u64, blake3: &str) -> String {
+    format!("custos/registry/v1\n{store_id}\n{log_size}\n{blake3}\n")
+}
+
+impl SnapshotBody {
+    /// The registry as it is now, at `log_size` entries with `root`.
+    pub(crate) fn take(registry: &Registry, node_chain: &ChainState, log_size: u64, root: [u8; 32]) -> Self {
+        let sealed_end = registry.sealed_end;
+        Self {
+            format: 1,
+            log_size,
+            root: hex::encode(root),
+            node_chain: node_chain.clone(),
+            agents: registry.agents.values().cloned().collect(),
+            memories: registry.memories.values().cloned().collect(),
+            credentials: registry.credentials.values().cloned().collect(),
+            heads: registry
+                .heads
+                .iter()
+                .map(|(agent, head)| {
+                    let last = head.recent.len().saturating_sub(1);
+                    let recent = head
+                        .recent
+                        .iter()
+                        .enumerate()
+                        .filter(|(position, (_, _, index))| *position == last || *index >= sealed_end)
+                        .map(|(_, (seq, digest, index))| (*seq, hex::encode(digest), *index))
+                        .collect();
+                    (agent.clone(), head.seq, hex::encode(head.digest), recent)
+                })
+                .collect(),
+        }
+    }
+
+    fn restore(&self, window: usize) -> (Registry, ChainState) {
+        let digest = |text: &str| {
+            let mut out = [0u8; 32];
+            let _ = hex::decode_to_slice(text, &mut out);
+            out
+        };
+        let mut registry = Registry::new(window);
+        registry.agents = self.agents.iter().map(|agent| (agent.did.clone(), agent.clone())).collect();
+        registry.memories = self.memories.iter().map(|memory| (memory.id.clone(), memory.clone())).collect();
+        registry.credentials = self
+            .credentials
+            .iter()
+            .map(|credential| (credential.id.clone(), credential.clone()))
+            .collect();
+        registry.heads = self
+            .heads
+            .iter()
+            .map(|(agent, seq, head, recent)| {
+                (
+                    agent.clone(),
+                    crate::registry::ChainHead {
+                        seq: *seq,
+                        digest: digest(head),
+                        recent: recent
+                            .iter()
+                            .map(|(seq, text, index)| (*seq, digest(text), *index))
+                            .collect(),
+                    },
+                )
+            })
+            .collect();
+        (registry, self.node_chain.clone())
+    }
+}
+
+impl Snapshot {
+    /// Reads and checks the snapshot; `Ok(None)` when there is none.
+    fn read(data: &std::path::Path, store_id: &str, node_key: &AgentKey) -> Result<Option<Self>, String> {
+        let path = snapshot_path(data);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(format!("reading `{}`: {error}", path.display())),
+        };
+        let split = bytes
+            .iter()
+            .position(|byte| *byte == b'\n')
+            .ok_or_else(|| format!("`{}` has no header line", path.display()))?;
+        let header: SnapshotHeader =
+            serde_json::from_slice(&bytes[..split]).map_err(|error| format!("`{}` header: {error}", path.display()))?;
+        let body = &bytes[split + 1..];
+        let digest = blake3::hash(body).to_hex().to_string();
+        if digest != header.blake3 {
+            return Err(format!("`{}`: the body does not match its blake3", path.display()));
+        }
+        let signature = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &header.sig)
+            .ok()
+            .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+            .ok_or_else(|| format!("`{}`: the signature is not base64 of 64 bytes", path.display()))?;
+        let key = custos_event::verifying_key_from_did(node_key.did()).map_err(|error| error.to_string())?;
+        use ed25519_dalek::Verifier as _;
+        key.verify(
+            signed_text(store_id, header.log_size, &header.blake3).as_bytes(),
+            &ed25519_dalek::Signature::from_bytes(&signature),
+        )
+        .map_err(|_| format!("`{}` is not signed by this node's key", path.display()))?;
+        let body: SnapshotBody =
+            serde_json::from_slice(body).map_err(|error| format!("`{}` body: {error}", path.display()))?;
+        if body.format != 1 || body.log_size != header.log_size {
+            return Err(format!("`{}`: format or size does not match its header", path.display()));
+        }
+        Ok(Some(Self { body }))
+    }
+}
+
+/// Writes `body` as the registry snapshot (temporary file, fsync, rename).
+pub(crate) fn write_snapshot(
+    data: &std::path::Path,
+    store_id: &str,
+    node_key: &AgentKey,
+    body: &SnapshotBody,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let bytes = serde_json::to_vec(body).map_err(std::io::Error::other)?;
+    let blake3 = blake3::hash(&bytes).to_hex().to_string();
+    let sig = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        node_key.sign_raw(signed_text(store_id, body.log_size, &blake3).as_bytes()),
+    );
+    let header = serde_json::to_vec(&SnapshotHeader {
+        log_size: body.log_size,
+        blake3,
+        sig,
+    })
+    .map_err(std::io::Error::other)?;
+    let path = snapshot_path(data);
+    let dir = path.parent().unwrap_or(data);
+    fs_err::create_dir_all(dir)?;
+    let temporary = path.with_extension("json.tmp");
+    {
+        let mut file = fs_err::File::create(&temporary)?;
+        file.write_all(&header)?;
+        file.write_all(b"\n")?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    fs_err::rename(&temporary, &path)?;
+    custos_store::fsync_dir(dir)
 }
 
 /// Rebuilds state from one stored entry; returns an event's parsed payload.

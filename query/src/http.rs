@@ -197,10 +197,16 @@ fn scope(caller: &Caller) -> Scope {
     }
 }
 
-async fn sources(api: &Api) -> Result<Sources, QueryError> {
+/// What `scope` may read, taken from the node at one instant. Rejected inputs are read
+/// only for the callers that see them (unscoped admins).
+async fn sources(api: &Api, scope: &Scope) -> Result<Sources, QueryError> {
     let view = api.view().await?;
     let agents = api.agents().await?;
-    let rejected = api.rejected(10_000).await?;
+    let rejected = if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
+        api.rejected(None, 10_000).await?
+    } else {
+        Vec::new()
+    };
     let path = view.checkpoints.clone();
     let checkpoints = tokio::task::spawn_blocking(move || {
         if path.exists() {
@@ -307,7 +313,7 @@ async fn run_sql(
             "this node has no query process to run SQL in (`custos query-worker`)",
         )
     })?;
-    let sources = sources(&state.api).await?;
+    let sources = sources(&state.api, &scope(&caller)).await?;
     let scope = scope(caller);
     let limits = state.limits.clone();
     let sql = text.to_owned();
@@ -416,7 +422,7 @@ async fn events(
     let text = headers_free_query(&query);
     let slot = state.pool.admit(&caller.token_id)?;
     let answer = async {
-        let sources = sources(&state.api).await?;
+        let sources = sources(&state.api, &scope(&caller)).await?;
         let scope = scope(&caller);
         let limits = state.limits.clone();
         state
@@ -604,7 +610,7 @@ async fn ocsf(
     );
     let slot = state.pool.admit(&caller.token_id)?;
     let entries = async {
-        let sources = sources(&state.api).await?;
+        let sources = sources(&state.api, &scope(&caller)).await?;
         state
             .pool
             .read(state.limits.timeout, async move {
@@ -687,7 +693,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
                 format!("expected {{\"realm\",\"agent\",\"from\",\"to\"}} with RFC 3339 times: {error}"),
             )
         })?;
-        let sources = sources(&state.api).await?;
+        let sources = sources(&state.api, &scope(&caller)).await?;
         let by = format!("token:{} ({})", caller.token_id, caller.role.name());
         let (api, scope) = (state.api.clone(), scope(&caller));
         // An export may be long; it runs on the query runtime, never past ten minutes

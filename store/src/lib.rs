@@ -32,11 +32,12 @@ pub mod log;
 pub mod merkle;
 pub mod segment;
 pub mod seqindex;
+mod treecache;
 pub mod verify;
 pub mod wal;
 
 pub use entry::LogEntry;
-pub use log::{Log, LogConfig, OpenMode};
+pub use log::{Log, LogConfig, OpenMode, Recovery};
 
 /// The id of the one log the embedded mode runs.
 pub const DEFAULT_LOG_ID: &str = "0";

@@ -104,6 +104,28 @@ pub struct CheckpointLine {
     pub note: String,
 }
 
+/// What opening a log visits, and whether it may use the tree cache.
+#[derive(Clone, Debug)]
+pub struct Recovery<'a> {
+    /// Entries from this log index on are visited.
+    pub visit_from: u64,
+    /// Entries of these payload types are visited wherever they are.
+    pub always: &'a [&'a str],
+    /// Read the tree from its signed cache (when one checks out) instead of rehashing.
+    pub use_tree_cache: bool,
+}
+
+impl Default for Recovery<'_> {
+    /// Every entry visited; the tree rebuilt from the entries.
+    fn default() -> Self {
+        Self {
+            visit_from: 0,
+            always: &[],
+            use_tree_cache: false,
+        }
+    }
+}
+
 /// How to open a log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenMode {
@@ -135,6 +157,7 @@ pub struct Log {
     sealing: Option<Sealing>,
     /// After a seal failed (a full disk, no descriptor), the next one waits until then.
     seal_retry_at: Option<Instant>,
+    tree_cache: crate::treecache::TreeCache,
 }
 
 /// A segment being written in the background.
@@ -191,7 +214,23 @@ impl Log {
         mode: OpenMode,
         visit: &mut dyn FnMut(&LogEntry),
     ) -> Result<Self, StoreError> {
+        Self::open_with(data, store_id, log_id, config, mode, &Recovery::default(), visit)
+    }
+
+    /// [`Log::open`] that visits only what `plan` asks for, and reads the tree from its
+    /// cache where it can: a restart then touches the files of no old segment but the
+    /// rows of the types it always visits.
+    pub fn open_with(
+        data: &Path,
+        store_id: &str,
+        log_id: &str,
+        config: LogConfig,
+        mode: OpenMode,
+        plan: &Recovery<'_>,
+        visit: &mut dyn FnMut(&LogEntry),
+    ) -> Result<Self, StoreError> {
         let paths = LogPaths::new(data, log_id);
+        let paths_tree = paths.dir.join("tree");
         let origin = format!("custos/{store_id}/{log_id}");
         let key = match mode {
             OpenMode::ReadWrite => {
@@ -234,12 +273,13 @@ impl Log {
             last_checkpoint_time: Instant::now(),
             sealing: None,
             seal_retry_at: None,
+            tree_cache: crate::treecache::TreeCache::new(paths_tree, log_id),
         };
-        log.recover(mode, visit)?;
+        log.recover(mode, &plan, visit)?;
         Ok(log)
     }
 
-    fn recover(&mut self, mode: OpenMode, visit: &mut dyn FnMut(&LogEntry)) -> Result<(), StoreError> {
+    fn recover(&mut self, mode: OpenMode, plan: &Recovery<'_>, visit: &mut dyn FnMut(&LogEntry)) -> Result<(), StoreError> {
         // Sealed segments, in manifest order, each line signed by the log key.
         self.manifest = read_ndjson(&self.paths.manifest)?;
         {
@@ -259,14 +299,46 @@ impl Log {
                 )));
             }
         }
+        // The tree as last persisted (signed by the log key, every chunk checked): the
+        // entries it covers are not hashed again.
+        let cached = if plan.use_tree_cache {
+            match self.tree_cache.load(&self.note_key) {
+                Ok(cached) => cached,
+                Err(reason) => {
+                    tracing::warn!(%reason, "the tree cache does not check out; rebuilding the tree from the segments");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let cached_size = cached.as_ref().map_or(0, Tree::size);
+        if let Some(tree) = cached {
+            self.tree = tree;
+        }
+        let mut expected = 0u64;
         for info in &self.manifest {
-            if info.first_index != self.tree.size() {
+            if info.first_index != expected || info.end_index <= info.first_index {
                 return Err(StoreError::Tamper(format!(
-                    "segment `{}` starts at log index {} but {} entries precede it; run `custos verify`",
-                    info.file,
-                    info.first_index,
-                    self.tree.size()
+                    "segment `{}` covers log indexes {}..{} but {expected} entries precede it; run `custos verify`",
+                    info.file, info.first_index, info.end_index
                 )));
+            }
+            expected = info.end_index;
+            let hashed = info.end_index <= cached_size;
+            if hashed && info.end_index <= plan.visit_from {
+                // Nothing to hash or fold: only the rows of the types always visited.
+                if !plan.always.is_empty() {
+                    let path = self.paths.segment_dir.join(&info.file);
+                    let rows = crate::segment::read_types(&path, plan.always).map_err(|source| StoreError::Segment {
+                        file: info.file.clone(),
+                        source,
+                    })?;
+                    for entry in &rows {
+                        visit(entry);
+                    }
+                }
+                continue;
             }
             let bytes = read_object(&self.paths.segment_dir, &info.file)?;
             if crate::segment::file_digest(&bytes) != info.blake3 {
@@ -279,20 +351,38 @@ impl Log {
                 file: info.file.clone(),
                 source,
             })?;
+            let mut index = info.first_index;
             for row in &segment.rows {
-                if row.entry.log_index != self.tree.size() {
+                if row.entry.log_index != index {
                     return Err(StoreError::Tamper(format!(
-                        "segment `{}` holds log index {} where {} was expected; run `custos verify`",
-                        info.file,
-                        row.entry.log_index,
-                        self.tree.size()
+                        "segment `{}` holds log index {} where {index} was expected; run `custos verify`",
+                        info.file, row.entry.log_index,
                     )));
                 }
-                visit(&row.entry);
-                self.tree.push(row.entry.leaf_hash());
+                if index >= plan.visit_from || plan.always.contains(&row.entry.payload_type.as_str()) {
+                    visit(&row.entry);
+                }
+                if index >= self.tree.size() {
+                    self.tree.push(row.entry.leaf_hash());
+                } else if self.tree.leaf(index) != Some(row.entry.leaf_hash()) {
+                    return Err(StoreError::Tamper(format!(
+                        "segment `{}` row {} (log index {index}) differs from the signed tree cache; run `custos verify`",
+                        info.file,
+                        index - info.first_index
+                    )));
+                }
+                index += 1;
+            }
+            if index != info.end_index {
+                return Err(StoreError::Tamper(format!(
+                    "segment `{}` holds {} entries where its manifest line says {}; run `custos verify`",
+                    info.file,
+                    index - info.first_index,
+                    info.end_index - info.first_index
+                )));
             }
         }
-        self.sealed_end = self.tree.size();
+        self.sealed_end = expected;
 
         // The WAL tail, oldest file first.
         let mut wal_files = self.paths.wal_files();
@@ -305,16 +395,26 @@ impl Log {
                 if entry.log_index < self.sealed_end {
                     continue;
                 }
-                if entry.log_index != self.tree.size() {
+                let next = self.sealed_end + self.open_len as u64 + recovered.len() as u64;
+                if entry.log_index != next {
                     return Err(StoreError::Tamper(format!(
-                        "WAL `{}` holds log index {} where {} was expected",
+                        "WAL `{}` holds log index {} where {next} was expected",
                         path.display(),
                         entry.log_index,
-                        self.tree.size()
                     )));
                 }
-                visit(&entry);
-                self.tree.push(entry.leaf_hash());
+                if entry.log_index >= plan.visit_from || plan.always.contains(&entry.payload_type.as_str()) {
+                    visit(&entry);
+                }
+                if entry.log_index >= self.tree.size() {
+                    self.tree.push(entry.leaf_hash());
+                } else if self.tree.leaf(entry.log_index) != Some(entry.leaf_hash()) {
+                    return Err(StoreError::Tamper(format!(
+                        "WAL `{}` log index {} differs from the signed tree cache; run `custos verify`",
+                        path.display(),
+                        entry.log_index
+                    )));
+                }
                 recovered.push(entry);
             }
             if !recovered.is_empty() {
@@ -345,6 +445,13 @@ impl Log {
             }
         }
 
+        let stored = self.sealed_end + self.open_len as u64;
+        if cached_size > stored {
+            return Err(StoreError::Tamper(format!(
+                "the signed tree cache covers {cached_size} entries but only {stored} are stored: acknowledged entries were deleted; run `custos verify`"
+            )));
+        }
+
         // Checkpoints: every line signed, its size the signed one, sizes never shrinking,
         // and each a prefix of what we hold.
         let lines: Vec<CheckpointLine> = read_ndjson(&self.paths.checkpoints)?;
@@ -366,8 +473,23 @@ impl Log {
             if self.last_checkpoint.is_none() {
                 self.checkpoint()?;
             }
+            if cached_size != self.tree.size() {
+                if cached_size == 0 {
+                    self.tree_cache.reset()?;
+                }
+                self.persist_tree();
+            }
         }
         Ok(())
+    }
+
+    /// Writes the tree cache; a failure only costs the next start some time.
+    fn persist_tree(&mut self) {
+        let Some(key) = self.key.as_ref() else { return };
+        if let Err(error) = self.tree_cache.persist(&self.tree, key) {
+            tracing::warn!(%error, "could not write the tree cache; the next start rebuilds the tree");
+            let _ = self.tree_cache.reset();
+        }
     }
 
     /// Verifies every checkpoint line against the log key and the tree.
@@ -647,6 +769,7 @@ impl Log {
         };
         self.manifest.push(info);
         self.sealed_end = end;
+        self.persist_tree();
         // The segment is recorded: failing to delete a WAL file below it loses nothing
         // (recovery skips entries the manifest already holds), so it is only reported.
         for old in old_wal {
@@ -702,7 +825,13 @@ impl Log {
     pub fn close(mut self) -> Result<(), StoreError> {
         self.seal()?;
         self.checkpoint()?;
+        self.persist_tree();
         Ok(())
+    }
+
+    /// Writes the tree cache now (a shutdown that could not seal still leaves it).
+    pub fn persist(&mut self) {
+        self.persist_tree();
     }
 
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {

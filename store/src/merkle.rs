@@ -78,6 +78,36 @@ impl Tree {
         }
     }
 
+    /// Every complete subtree hash, by level: `levels()[l][k]` is the root of leaves
+    /// `k·2^l .. (k+1)·2^l`.
+    pub fn levels(&self) -> &[Vec<Hash>] {
+        &self.levels
+    }
+
+    /// The tree of `size` leaves whose complete subtree hashes are `levels` (as
+    /// [`Tree::levels`] gives them). `None` when a level has too few hashes; extra ones
+    /// are dropped. The hashes are taken as they are: the caller vouches for them (a
+    /// signed cache), and roots are checked against signed checkpoints after.
+    pub fn from_levels(mut levels: Vec<Vec<Hash>>, size: u64) -> Option<Tree> {
+        let mut kept = Vec::new();
+        for (level, mut hashes) in levels.drain(..).enumerate() {
+            let want = usize::try_from(size.checked_shr(u32::try_from(level).ok()?)?).ok()?;
+            if want == 0 {
+                break;
+            }
+            if hashes.len() < want {
+                return None;
+            }
+            hashes.truncate(want);
+            kept.push(hashes);
+        }
+        let levels_needed = if size == 0 { 0 } else { 64 - size.leading_zeros() as usize };
+        if kept.len() != levels_needed {
+            return None;
+        }
+        Some(Tree { levels: kept })
+    }
+
     pub fn leaf(&self, index: u64) -> Option<Hash> {
         self.levels.first()?.get(usize::try_from(index).ok()?).copied()
     }

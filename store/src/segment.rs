@@ -771,6 +771,50 @@ impl<'a> BatchView<'a> {
     }
 }
 
+/// The entries of a segment file whose payload type is one of `types`, in log order.
+/// Reads the `payload_type` column, then only the rows that match (positioned reads: the
+/// rest of the file is not read).
+pub fn read_types(path: &std::path::Path, types: &[&str]) -> Result<Vec<LogEntry>, SegmentError> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+    let open = || std::fs::File::open(path).map_err(|error| SegmentError::Damaged(format!("{}: {error}", path.display())));
+    let (file, again) = (open()?, open()?);
+    contain(move || {
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, read_options())?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), ["payload_type"]);
+        let mut selectors = Vec::new();
+        let mut skipped = 0usize;
+        let mut any = false;
+        for batch in builder.with_projection(mask).with_batch_size(64 * 1024).build()? {
+            let batch = batch?;
+            let column: &StringArray = column(&batch, "payload_type")?;
+            for row in 0..batch.num_rows() {
+                if types.contains(&column.value(row)) {
+                    if skipped > 0 {
+                        selectors.push(RowSelector::skip(skipped));
+                        skipped = 0;
+                    }
+                    selectors.push(RowSelector::select(1));
+                    any = true;
+                } else {
+                    skipped += 1;
+                }
+            }
+        }
+        if !any {
+            return Ok(Vec::new());
+        }
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(again, read_options())?
+            .with_row_selection(RowSelection::from(selectors))
+            .build()?;
+        let mut rows = Vec::new();
+        for batch in reader {
+            read_batch(&batch?, &mut rows)?;
+        }
+        Ok(rows.into_iter().map(|row| row.entry).collect())
+    })
+}
+
 fn read_batch(batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), SegmentError> {
     let view = BatchView::new(batch)?;
     rows.reserve(view.len());

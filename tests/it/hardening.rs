@@ -146,8 +146,16 @@ fn idle_and_slow_sockets_never_starve_the_store() {
             assert_eq!(result["status"], "accepted", "{result}");
         }
     }
-    let segments = std::fs::read_to_string(data.join("logs/0/segments.ndjson")).unwrap();
-    assert!(segments.lines().count() >= 2, "{segments}");
+    // Seals run in the background: wait for them to be recorded.
+    let started = Instant::now();
+    loop {
+        let segments = std::fs::read_to_string(data.join("logs/0/segments.ndjson")).unwrap_or_default();
+        if segments.lines().count() >= 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no seal recorded: {segments}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // After the header timeout every idle socket is closed by the node.
     let started = Instant::now();
