@@ -114,3 +114,68 @@ async fn a_node_refuses_edited_manifest_and_checkpoint_lines() {
     let node = Node::start_in(dir, config).await;
     node.stop().await;
 }
+
+/// A restart reads the tree and the registry from their signed caches; damaged caches
+/// are rebuilt from the log (the answers do not change), and a log shorter than the
+/// caches say is refused: entries were deleted from its tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_speed_the_restart_and_catch_a_shortened_log() {
+    let node = Node::start().await;
+    let mut agent = node.agent(1, "eng").await;
+    let envelopes: Vec<_> = (0..650).map(|_| agent.sign(event(Kind::ToolCall))).collect();
+    for chunk in envelopes.chunks(50) {
+        node.send(crate::support::ndjson(chunk)).await;
+    }
+    let (dir, config) = node.stop().await;
+    let log = dir.path().join("logs/0");
+    assert!(log.join("tree/index.json").exists());
+    assert!(dir.path().join("state/registry.json").exists());
+
+    let node = Node::start_in(dir, config).await;
+    let root = expect_state(&node, agent.did(), envelopes.last().unwrap()).await;
+    let (dir, config) = node.stop().await;
+
+    // Damaged caches: a flipped hash, a snapshot byte changed. Rebuilt; same answers.
+    let level = log.join("tree/level-00");
+    let mut bytes = std::fs::read(&level).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&level, bytes).unwrap();
+    let snapshot = dir.path().join("state/registry.json");
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    std::fs::write(&snapshot, text.replacen("\"events\":650", "\"events\":999", 1)).unwrap();
+    let node = Node::start_in(dir, config).await;
+    assert_eq!(expect_state(&node, agent.did(), envelopes.last().unwrap()).await, root);
+    let (dir, config) = node.stop().await;
+    let report = custos_store::verify::verify_store(dir.path(), &Default::default(), &mut |_, _| {}).unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+
+    // The tail deleted: the last segment, its manifest line, the checkpoints past it.
+    let manifest = std::fs::read_to_string(log.join("segments.ndjson")).unwrap();
+    let mut lines: Vec<&str> = manifest.lines().collect();
+    let last: serde_json::Value = serde_json::from_str(lines.pop().unwrap()).unwrap();
+    std::fs::remove_file(log.join("segments").join(last["file"].as_str().unwrap())).unwrap();
+    std::fs::write(log.join("segments.ndjson"), lines.join("\n") + "\n").unwrap();
+    let kept_end = last["first_index"].as_u64().unwrap();
+    let checkpoints = std::fs::read_to_string(log.join("checkpoints.ndjson")).unwrap();
+    let kept: Vec<&str> = checkpoints
+        .lines()
+        .filter(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["size"].as_u64().unwrap() <= kept_end)
+        .collect();
+    std::fs::write(log.join("checkpoints.ndjson"), kept.join("\n") + "\n").unwrap();
+    let error = match custos_ingest::start(config).await {
+        Ok(_) => panic!("the node started on a log whose tail was deleted"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("deleted"), "{error}");
+}
+
+/// What `caches_speed_the_restart_and_catch_a_shortened_log` expects after each start;
+/// returns the latest checkpoint's root.
+async fn expect_state(node: &Node, did: &str, last: &custos_event::Envelope) -> String {
+    let (status, record) = node.admin(Method::GET, &format!("/v1/agents/{did}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(record["events"], 650);
+    assert_eq!(node.send_one(last).await.status, "duplicate");
+    let (_, checkpoint) = node.admin(Method::GET, "/v1/checkpoints/latest", None).await;
+    checkpoint["root"].as_str().unwrap().to_owned()
+}
