@@ -78,6 +78,9 @@ enum Command {
     /// Benchmarks that report ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a C2SP witness: cosign checkpoints of the logs it trusts, remember how far
+    /// each grew, so a log cannot later show a shorter history.
+    Witness(cmd::witness::WitnessArgs),
     /// Runs one SQL query sent on stdin by a node (internal: each query runs in a
     /// process of its own).
     #[command(hide = true)]
@@ -166,6 +169,11 @@ struct ServeArgs {
     /// ... and in a burst.
     #[arg(long, default_value_t = 2_000.0)]
     reject_burst: f64,
+    /// A witness to submit every checkpoint to, `<verifier key>@<url>` (what `custos
+    /// witness` prints, and where it listens); repeat for more. At start, a witness that
+    /// cosigned more than this store holds stops the node: entries were removed.
+    #[arg(long = "witness", value_name = "KEY@URL", value_parser = parse_witness)]
+    witnesses: Vec<custos_ingest::witness::WitnessTarget>,
     /// A SQL query (or REST read) running longer than this many seconds is stopped.
     #[arg(long, default_value_t = 30)]
     query_timeout_secs: u64,
@@ -205,6 +213,7 @@ impl ServeArgs {
         config.http.body_budget_bytes = usize::try_from(self.body_budget_mib * 1024 * 1024).unwrap_or(usize::MAX);
         config.reject_rate_per_sec = self.reject_rate.max(0.0);
         config.reject_burst = self.reject_burst.max(1.0);
+        config.witnesses = self.witnesses.clone();
         config
     }
 
@@ -523,6 +532,10 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+fn parse_witness(text: &str) -> Result<custos_ingest::witness::WitnessTarget, String> {
+    custos_ingest::witness::WitnessTarget::parse(text)
+}
+
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
     let cli = Cli::parse();
@@ -660,6 +673,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd::bench_query::query(args).await?;
         }
         Command::QueryWorker => return Ok(custos_query::worker::main()),
+        Command::Witness(args) => {
+            init_tracing("info");
+            cmd::witness::run(args).await?;
+        }
         Command::Bench(BenchCommand::Detect(args)) => {
             init_tracing("warn");
             cmd::bench_detect::detect(args).await?;

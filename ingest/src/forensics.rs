@@ -97,8 +97,8 @@ impl Forensics {
         // previous one when the current is empty). Nothing else is parsed at start.
         let current = fs_err::read(forensics.current_path()).unwrap_or_default();
         forensics.current_count = current.iter().filter(|byte| **byte == b'\n').count();
-        let newest = last_record(&current)
-            .or_else(|| last_record(&fs_err::read(forensics.previous_path()).unwrap_or_default()));
+        let newest =
+            last_record(&current).or_else(|| last_record(&fs_err::read(forensics.previous_path()).unwrap_or_default()));
         forensics.next_id = newest.map_or(0, |record| record.id + 1);
         Ok(forensics)
     }
@@ -115,7 +115,6 @@ impl Forensics {
     fn previous_path(&self) -> PathBuf {
         self.dir.join("rejected.1.ndjson")
     }
-
 
     /// Queues a record; [`Forensics::flush`] makes it durable.
     pub fn record(&mut self, mut record: RejectedRecord) {
@@ -147,7 +146,6 @@ impl Forensics {
         }
         Ok(())
     }
-
 }
 
 /// The last well-formed record of an NDJSON file's bytes.

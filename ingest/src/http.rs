@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub(crate) operations: Option<Arc<dyn crate::Operations>>,
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     pub(crate) rejects: Arc<crate::serve::RejectLimiter>,
+    /// The witnesses' latest cosignatures.
+    pub(crate) cosigned: crate::witness::Cosigned,
 }
 
 /// Every route of the node's own API, declared once: served by [`router`] and described
@@ -708,7 +710,19 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
 
 async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers, &EVERYONE)?;
-    let view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
+    let mut view = ask(&state, |reply| Command::Checkpoint { reply }).await?;
+    // Witnesses' cosignatures of this very checkpoint join its note.
+    for (_, size, line) in state
+        .cosigned
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        if *size == view.size {
+            view.note.push_str(line);
+            view.cosigned_by += 1;
+        }
+    }
     Ok(Json(view).into_response())
 }
 

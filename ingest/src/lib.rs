@@ -37,6 +37,7 @@ pub mod samples;
 pub mod sequencer;
 pub mod serve;
 mod state;
+pub mod witness;
 
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
@@ -187,7 +188,11 @@ impl Api {
     }
 
     /// Kept rejected inputs, newest first (read off the writer's thread).
-    pub async fn rejected(&self, reason: Option<String>, limit: usize) -> Result<Vec<forensics::RejectedRecord>, ApiError> {
+    pub async fn rejected(
+        &self,
+        reason: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<forensics::RejectedRecord>, ApiError> {
         let files = self.ask(|reply| sequencer::Command::Rejected { reply }).await?;
         tokio::task::spawn_blocking(move || forensics::read_recent(&files, reason.as_deref(), limit))
             .await
@@ -295,6 +300,8 @@ pub struct NodeConfig {
     pub reject_rate_per_sec: f64,
     /// ... and in a burst.
     pub reject_burst: f64,
+    /// Witnesses to submit checkpoints to (C2SP tlog-witness).
+    pub witnesses: Vec<witness::WitnessTarget>,
 }
 
 impl NodeConfig {
@@ -314,6 +321,7 @@ impl NodeConfig {
             http: serve::HttpLimits::default(),
             reject_rate_per_sec: 100.0,
             reject_burst: 2_000.0,
+            witnesses: Vec::new(),
         }
     }
 }
@@ -476,6 +484,18 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         config.reject_rate_per_sec,
         config.reject_burst,
     ));
+    let cosigned = witness::Cosigned::default();
+    if !config.witnesses.is_empty() {
+        witness::check_at_start(&api, &config.witnesses, &cosigned)
+            .await
+            .map_err(|reason| NodeError::Store(custos_store::StoreError::Tamper(reason)))?;
+        tokio::spawn(witness::run(
+            api.clone(),
+            config.witnesses.clone(),
+            cosigned.clone(),
+            stopping_rx.clone(),
+        ));
+    }
     let state = http::AppState {
         commands: commands.clone(),
         tokens,
@@ -486,6 +506,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         operations,
         stopping: stopping_rx,
         rejects,
+        cosigned,
     };
     let control = Control {
         commands: commands.clone(),

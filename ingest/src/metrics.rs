@@ -224,6 +224,21 @@ pub static QUERIES_REFUSED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| 
     )
 });
 
+/// Witness submission rounds, by `outcome`: `cosigned`, `failed` (unreachable or
+/// refused; retried) or `behind` (the witness saw more than this log holds).
+pub static WITNESS_ROUNDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "custos_witness_rounds_total",
+                "Checkpoint submissions to witnesses, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Forces every metric into the registry, so each is exported (at zero) from the start.
 pub fn init() {
     LazyLock::force(&EVENTS);
@@ -245,6 +260,10 @@ pub fn init() {
     LazyLock::force(&HTTP_BODIES_REFUSED);
     LazyLock::force(&RATE_LIMITED);
     LazyLock::force(&QUERIES_REFUSED);
+    LazyLock::force(&WITNESS_ROUNDS);
+    for outcome in ["cosigned", "failed", "behind"] {
+        WITNESS_ROUNDS.with_label_values(&[outcome]);
+    }
     for reason in ["limit", "accept_error"] {
         HTTP_CONNECTIONS_REFUSED.with_label_values(&[reason]);
     }

@@ -374,6 +374,8 @@ pub struct CheckpointView {
     /// The node key as a `did:key`: it signs control entries and the revocation list.
     /// (`verifier_key` is the log key, which signs checkpoints.)
     pub node_did: String,
+    /// Witnesses whose cosignature of this checkpoint is appended to `note`.
+    pub cosigned_by: usize,
 }
 
 /// What a query sees: the sealed segments in the manifest and every entry not yet in
@@ -588,7 +590,9 @@ impl Sequencer {
             return;
         }
         let size = self.log.next_index();
-        let Ok(root) = self.log.tree().root_at(size) else { return };
+        let Ok(root) = self.log.tree().root_at(size) else {
+            return;
+        };
         let body = crate::state::SnapshotBody::take(&self.registry, &self.node_chain, size, root);
         if let Err(error) = crate::state::write_snapshot(&self.config.data, &self.store_id, &self.node_key, &body) {
             tracing::warn!(%error, "could not save the registry snapshot; the next start folds more of the log");
@@ -761,6 +765,7 @@ impl Sequencer {
                     note: note.clone(),
                     verifier_key: self.log.note_key().verifier_string(),
                     node_did: self.node_key.did().to_owned(),
+                    cosigned_by: 0,
                 });
                 defer(
                     reply,

@@ -109,7 +109,7 @@ pub fn connection_limit(limits: &HttpLimits, descriptors: u64) -> usize {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then drains.
-pub(crate) async fn serve(
+pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     limits: HttpLimits,
@@ -299,13 +299,13 @@ impl AsyncWrite for Watched {
 }
 
 /// One budget of request-body bytes for the whole node, in KiB permits.
-pub(crate) struct BodyBudget {
+pub struct BodyBudget {
     permits: Arc<Semaphore>,
     limits: HttpLimits,
 }
 
 impl BodyBudget {
-    pub(crate) fn new(limits: HttpLimits) -> Self {
+    pub fn new(limits: HttpLimits) -> Self {
         let kib = (limits.body_budget_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         Self {
             permits: Arc::new(Semaphore::new(kib)),
@@ -360,7 +360,7 @@ fn kib(bytes: u64) -> u32 {
 
 /// Middleware: reads the request body within its time limit against the shared budget,
 /// holding the budget until the answer is ready.
-pub(crate) async fn budget_bodies(
+pub async fn budget_bodies(
     axum::extract::State(budget): axum::extract::State<Arc<BodyBudget>>,
     request: Request,
     next: axum::middleware::Next,

@@ -182,8 +182,12 @@ pub(crate) struct SnapshotBody {
     credentials: Vec<crate::registry::SubjectRecord>,
     /// Per agent: head seq, head digest (hex), and the recent (seq, digest, log index)
     /// triples at or above the sealed end (with the head's own).
-    heads: Vec<(String, u64, String, Vec<(u64, String, u64)>)>,
+    heads: Vec<HeadSnapshot>,
 }
+
+/// One agent's chain head in a snapshot: agent, head seq, head digest (hex), and its
+/// recent (seq, digest hex, log index) triples.
+type HeadSnapshot = (String, u64, String, Vec<(u64, String, u64)>);
 
 fn snapshot_path(data: &std::path::Path) -> std::path::PathBuf {
     data.join("state").join("registry.json")
@@ -230,8 +234,16 @@ impl SnapshotBody {
             out
         };
         let mut registry = Registry::new(window);
-        registry.agents = self.agents.iter().map(|agent| (agent.did.clone(), agent.clone())).collect();
-        registry.memories = self.memories.iter().map(|memory| (memory.id.clone(), memory.clone())).collect();
+        registry.agents = self
+            .agents
+            .iter()
+            .map(|agent| (agent.did.clone(), agent.clone()))
+            .collect();
+        registry.memories = self
+            .memories
+            .iter()
+            .map(|memory| (memory.id.clone(), memory.clone()))
+            .collect();
         registry.credentials = self
             .credentials
             .iter()
@@ -292,7 +304,10 @@ impl Snapshot {
         let body: SnapshotBody =
             serde_json::from_slice(body).map_err(|error| format!("`{}` body: {error}", path.display()))?;
         if body.format != 1 || body.log_size != header.log_size {
-            return Err(format!("`{}`: format or size does not match its header", path.display()));
+            return Err(format!(
+                "`{}`: format or size does not match its header",
+                path.display()
+            ));
         }
         Ok(Some(Self { body }))
     }

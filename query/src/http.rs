@@ -313,7 +313,7 @@ async fn run_sql(
             "this node has no query process to run SQL in (`custos query-worker`)",
         )
     })?;
-    let sources = sources(&state.api, &scope(&caller)).await?;
+    let sources = sources(&state.api, &scope(caller)).await?;
     let scope = scope(caller);
     let limits = state.limits.clone();
     let sql = text.to_owned();

@@ -16,6 +16,7 @@ pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod token;
 pub(crate) mod verify;
+pub(crate) mod witness;
 
 /// A new, uniquely named directory path under the system temp dir (not yet created).
 pub(crate) fn scratch_dir(prefix: &str) -> anyhow::Result<std::path::PathBuf> {

@@ -23,6 +23,17 @@ pub(crate) struct VerifyArgs {
     /// The checkpoint verifier key you trust, instead of the one published in the store.
     #[arg(long)]
     pub(crate) log_key: Option<String>,
+    /// A witness's verifier key (`custos witness` prints it): the store must hold at least
+    /// what that witness cosigned, with the same root. Give its checkpoint with
+    /// --witness-url or --witness-checkpoint.
+    #[arg(long, requires = "witnessed")]
+    pub(crate) witness: Option<String>,
+    /// Fetch the witness's latest cosigned checkpoint of this log from this URL.
+    #[arg(long, group = "witnessed")]
+    pub(crate) witness_url: Option<String>,
+    /// A checkpoint cosigned by the witness, saved earlier (offline audits).
+    #[arg(long, group = "witnessed")]
+    pub(crate) witness_checkpoint: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -32,9 +43,17 @@ pub(crate) struct VerifyArgs {
 }
 
 pub(crate) fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let witnessed = match witnessed(args) {
+        Ok(witnessed) => witnessed,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let options = VerifyOptions {
         signatures: args.signatures,
         log_key: args.log_key.clone(),
+        witnessed,
         ..Default::default()
     };
     let started = std::time::Instant::now();
@@ -106,4 +125,43 @@ pub(crate) fn print_report(report: &Report, elapsed: std::time::Duration) {
     } else {
         println!("FAILED: {} problems", report.problems.len());
     }
+}
+
+/// The witness's key and its cosigned checkpoint of this store's log, from the witness
+/// itself or from a saved file.
+fn witnessed(args: &VerifyArgs) -> anyhow::Result<Vec<(custos_store::witness::CosignerKey, String)>> {
+    use anyhow::Context as _;
+    let Some(key) = &args.witness else {
+        return Ok(Vec::new());
+    };
+    let key = custos_store::witness::CosignerKey::parse(key)?;
+    let note = match (&args.witness_url, &args.witness_checkpoint) {
+        (_, Some(path)) => fs_err::read_to_string(path)?,
+        (Some(url), None) => {
+            let info = custos_store::StoreInfo::open(&args.data, false)?;
+            let origin = format!("custos/{}/{}", info.store_id, custos_store::DEFAULT_LOG_ID);
+            // A thread of its own: the blocking client may not run on the async runtime.
+            let fetch = || -> anyhow::Result<(reqwest::StatusCode, String)> {
+                let response = reqwest::blocking::Client::builder()
+                    .timeout(std::time::Duration::from_secs(30))
+                    .build()?
+                    .get(format!("{}/checkpoints/latest", url.trim_end_matches('/')))
+                    .query(&[("origin", &origin)])
+                    .send()
+                    .with_context(|| format!("asking the witness at `{url}`"))?;
+                let status = response.status();
+                Ok((status, response.text()?))
+            };
+            let (status, text) = std::thread::scope(|scope| scope.spawn(fetch).join())
+                .map_err(|_| anyhow::anyhow!("the request to the witness failed"))??;
+            anyhow::ensure!(
+                status.is_success(),
+                "the witness at `{url}` answered {status} for `{origin}`: {}",
+                text.trim()
+            );
+            text
+        }
+        (None, None) => anyhow::bail!("--witness needs --witness-url or --witness-checkpoint"),
+    };
+    Ok(vec![(key, note)])
 }

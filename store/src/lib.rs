@@ -14,6 +14,7 @@
 //! - [`wal`]: the write-ahead log format.
 //! - [`segment`]: the Parquet segment schema.
 //! - [`seqindex`]: per-segment (agent, seq) index, for duplicates and forks at any depth.
+//! - [`witness`]: C2SP witness protocol and cosignatures (no I/O).
 //! - [`checkpoint`]: checkpoints as C2SP signed notes.
 //! - [`log`]: one log, tying the above together with recovery.
 //! - [`verify`]: the offline verifier behind `custos verify`.
@@ -35,6 +36,7 @@ pub mod seqindex;
 mod treecache;
 pub mod verify;
 pub mod wal;
+pub mod witness;
 
 pub use entry::LogEntry;
 pub use log::{Log, LogConfig, OpenMode, Recovery};

@@ -275,11 +275,16 @@ impl Log {
             seal_retry_at: None,
             tree_cache: crate::treecache::TreeCache::new(paths_tree, log_id),
         };
-        log.recover(mode, &plan, visit)?;
+        log.recover(mode, plan, visit)?;
         Ok(log)
     }
 
-    fn recover(&mut self, mode: OpenMode, plan: &Recovery<'_>, visit: &mut dyn FnMut(&LogEntry)) -> Result<(), StoreError> {
+    fn recover(
+        &mut self,
+        mode: OpenMode,
+        plan: &Recovery<'_>,
+        visit: &mut dyn FnMut(&LogEntry),
+    ) -> Result<(), StoreError> {
         // Sealed segments, in manifest order, each line signed by the log key.
         self.manifest = read_ndjson(&self.paths.manifest)?;
         {
@@ -330,10 +335,11 @@ impl Log {
                 // Nothing to hash or fold: only the rows of the types always visited.
                 if !plan.always.is_empty() {
                     let path = self.paths.segment_dir.join(&info.file);
-                    let rows = crate::segment::read_types(&path, plan.always).map_err(|source| StoreError::Segment {
-                        file: info.file.clone(),
-                        source,
-                    })?;
+                    let rows =
+                        crate::segment::read_types(&path, plan.always).map_err(|source| StoreError::Segment {
+                            file: info.file.clone(),
+                            source,
+                        })?;
                     for entry in &rows {
                         visit(entry);
                     }

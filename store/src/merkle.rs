@@ -101,7 +101,11 @@ impl Tree {
             hashes.truncate(want);
             kept.push(hashes);
         }
-        let levels_needed = if size == 0 { 0 } else { 64 - size.leading_zeros() as usize };
+        let levels_needed = if size == 0 {
+            0
+        } else {
+            64 - size.leading_zeros() as usize
+        };
         if kept.len() != levels_needed {
             return None;
         }

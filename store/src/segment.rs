@@ -777,7 +777,8 @@ impl<'a> BatchView<'a> {
 pub fn read_types(path: &std::path::Path, types: &[&str]) -> Result<Vec<LogEntry>, SegmentError> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
-    let open = || std::fs::File::open(path).map_err(|error| SegmentError::Damaged(format!("{}: {error}", path.display())));
+    let open =
+        || std::fs::File::open(path).map_err(|error| SegmentError::Damaged(format!("{}: {error}", path.display())));
     let (file, again) = (open()?, open()?);
     contain(move || {
         let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, read_options())?;

@@ -138,7 +138,10 @@ impl TreeCache {
                 .collect();
             let expected_chunks = count.div_ceil(CHUNK);
             if entry.chunks.len() != expected_chunks {
-                return Err(format!("level {level}: {} chunk digests for {count} hashes", entry.chunks.len()));
+                return Err(format!(
+                    "level {level}: {} chunk digests for {count} hashes",
+                    entry.chunks.len()
+                ));
             }
             {
                 use rayon::prelude::*;
@@ -190,7 +193,11 @@ impl TreeCache {
                 )));
             }
             let path = level_path(&self.dir, level);
-            let mut file = fs_err::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+            let mut file = fs_err::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)?;
             // Whatever a crash left past what was written is cut off first.
             file.set_len((done * 32) as u64)?;
             let mut bytes = Vec::with_capacity((hashes.len() - done) * 32);
@@ -232,8 +239,8 @@ impl TreeCache {
                 .collect(),
             sig: String::new(),
         };
-        index.sig = base64::engine::general_purpose::STANDARD
-            .encode(key.sign_raw(index.signed_text(&self.log_id).as_bytes()));
+        index.sig =
+            base64::engine::general_purpose::STANDARD.encode(key.sign_raw(index.signed_text(&self.log_id).as_bytes()));
         let bytes = serde_json::to_vec(&index).map_err(|error| StoreError::Internal(error.to_string()))?;
         let temporary = self.dir.join("index.json.tmp");
         {

@@ -31,6 +31,9 @@ pub struct VerifyOptions {
     /// [`CHUNK_ROWS`]). Only throughput depends on it; tests make it small to cross chunk
     /// boundaries often.
     pub chunk_rows: Option<usize>,
+    /// Checkpoints cosigned by witnesses (the witness's key, the cosigned note): the log
+    /// must hold at least as many entries, with the same root at that size.
+    pub witnessed: Vec<(crate::witness::CosignerKey, String)>,
 }
 
 /// One thing that does not add up.
@@ -385,6 +388,7 @@ impl<'a> LogVerifier<'a> {
                 );
             }
         }
+        self.witnessed(&note_key, size);
         Ok(LogSummary {
             log_id: self.paths.log_id.clone(),
             entries: size,
@@ -395,6 +399,55 @@ impl<'a> LogVerifier<'a> {
             signatures_checked: self.signatures_checked,
             verifier_key: note_key.verifier_string(),
         })
+    }
+
+    /// Compares the log with what witnesses cosigned: a log behind a cosigned checkpoint
+    /// lost entries from its tail, however consistent its own files are.
+    fn witnessed(&mut self, note_key: &NoteKey, size: u64) {
+        let witnessed = self.options.witnessed.clone();
+        for (witness, note) in &witnessed {
+            let at = format!("witness {}", witness.name);
+            let checkpoint = match verify_checkpoint(note, note_key) {
+                Ok(checkpoint) => checkpoint,
+                Err(error) => {
+                    self.problem(
+                        "witness_checkpoint",
+                        &at,
+                        None,
+                        None,
+                        format!("the witnessed checkpoint is not this log's: {error}"),
+                    );
+                    continue;
+                }
+            };
+            if let Err(error) = witness.verify(note) {
+                self.problem("witness_checkpoint", &at, None, None, error.to_string());
+                continue;
+            }
+            if checkpoint.size > size {
+                self.problem(
+                    "behind_witness",
+                    &at,
+                    None,
+                    Some(size),
+                    format!(
+                        "the witness cosigned a checkpoint of {} entries but the store holds {size}: entries from log index {size} on were removed",
+                        checkpoint.size
+                    ),
+                );
+            } else if self.tree.root_at(checkpoint.size).ok() != Some(checkpoint.root) {
+                self.problem(
+                    "witness_mismatch",
+                    &at,
+                    None,
+                    None,
+                    format!(
+                        "the root at size {} differs from the one the witness cosigned: the log was rewritten",
+                        checkpoint.size
+                    ),
+                );
+            }
+        }
     }
 
     fn note_key(&mut self, origin: &str) -> Result<NoteKey, StoreError> {

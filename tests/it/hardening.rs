@@ -153,7 +153,10 @@ fn idle_and_slow_sockets_never_starve_the_store() {
         if segments.lines().count() >= 2 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no seal recorded: {segments}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no seal recorded: {segments}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

@@ -12,3 +12,4 @@ mod metrics;
 mod query;
 mod respond;
 mod support;
+mod witness;

@@ -159,7 +159,12 @@ async fn caches_speed_the_restart_and_catch_a_shortened_log() {
     let checkpoints = std::fs::read_to_string(log.join("checkpoints.ndjson")).unwrap();
     let kept: Vec<&str> = checkpoints
         .lines()
-        .filter(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["size"].as_u64().unwrap() <= kept_end)
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["size"]
+                .as_u64()
+                .unwrap()
+                <= kept_end
+        })
         .collect();
     std::fs::write(log.join("checkpoints.ndjson"), kept.join("\n") + "\n").unwrap();
     let error = match custos_ingest::start(config).await {

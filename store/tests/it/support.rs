@@ -122,6 +122,7 @@ pub(crate) fn verify(dir: &Path) -> Report {
             log_key: None,
             // Small chunks, so problems are located across the verifier's chunk boundaries.
             chunk_rows: Some(7),
+            ..Default::default()
         },
         &mut |_, _| {},
     )
