@@ -44,7 +44,39 @@ pub(crate) struct AppState {
 pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
     const ADMIN: &[Role] = &[Role::Admin];
     const DECIDERS: &[Role] = &[Role::Admin, Role::Responder];
-    const LIST: &[(&str, &str)] = &[("limit", "most items to return (default 100, at most 10000)")];
+    const REJECTED: &[(&str, &str)] = &[
+        ("reason", "only this reason code (docs/reason-codes.md)"),
+        ("limit", "most items to return (default 100, at most 10000)"),
+    ];
+    const AGENTS: &[(&str, &str)] = &[
+        ("realm", "realm name"),
+        ("status", "active, quarantined or revoked"),
+        ("parent", "sub-agents of this did:key"),
+        ("after", "cursor: agents enrolled at a larger log index"),
+        ("limit", "most agents to return (default 1000, at most 100000)"),
+    ];
+    const FINDINGS: &[(&str, &str)] = &[
+        ("agent", "the agent's did:key"),
+        ("realm", "realm name"),
+        ("severity", "low, medium, high or critical: that severity or above"),
+        ("type", "the finding type"),
+        ("from", "RFC 3339, inclusive"),
+        ("to", "RFC 3339, exclusive"),
+        ("before", "cursor, newest first: items with a smaller log index"),
+        ("after", "cursor, oldest first: items with a larger log index"),
+        ("limit", "most items to return (default 100, at most 10000)"),
+    ];
+    const ACTIONS: &[(&str, &str)] = &[
+        ("agent", "the agent's did:key"),
+        ("realm", "realm name"),
+        ("action", "the action name"),
+        ("status", "executed, pending, denied, …"),
+        ("from", "RFC 3339, inclusive"),
+        ("to", "RFC 3339, exclusive"),
+        ("before", "cursor, newest first: items with a smaller log index"),
+        ("after", "cursor, oldest first: items with a larger log index"),
+        ("limit", "most items to return (default 100, at most 10000)"),
+    ];
     let agent_example = r#"{"did":"did:key:z6Mk…","realm":"eng","labels":{"team":"payments"},"parent":null}"#;
     vec![
         (
@@ -69,65 +101,82 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 "ingest",
                 "Ingest DSSE envelopes (JSON array or NDJSON); authenticated by each envelope's signature",
             )
+                .returns("ItemResults")
+                .errors(&[429])
             .body("application/json", r#"[{"payloadType":"application/vnd.custos.event+json","payload":"<base64>","signatures":[{"keyid":"did:key:z6Mk…","sig":"<base64>"}]}]"#),
             post(post_events),
         ),
         (
             Endpoint::new("POST", "/v1/agents", "agents", "Enroll an agent key in a realm")
+                .returns("Agent")
+                .errors(&[409])
                 .roles(ADMIN)
                 .body("application/json", agent_example)
                 .answer(201, "application/json"),
             post(enroll),
         ),
         (
-            Endpoint::new("GET", "/v1/agents", "agents", "Every enrolled agent the token's realms include").roles(&READERS),
+            Endpoint::new("GET", "/v1/agents", "agents", "Every enrolled agent the token's realms include")
+                .returns("AgentPage")
+                .roles(&READERS)
+                .query(AGENTS),
             get(list_agents),
         ),
         (
-            Endpoint::new("GET", "/v1/agents/{did}", "agents", "One agent: status, parent, children, activity").roles(&READERS),
+            Endpoint::new("GET", "/v1/agents/{did}", "agents", "One agent: status, parent, children, activity")
+                .returns("Agent").roles(&READERS),
             get(get_agent),
         ),
         (
             Endpoint::new("POST", "/v1/agents/{did}/revoke", "agents", "Revoke an agent and its sub-agents")
+                .returns("Revoked")
+                .errors(&[409])
                 .roles(ADMIN)
                 .body("application/json", r#"{"reason":"key leaked"}"#),
             post(revoke),
         ),
         (
             Endpoint::new("GET", "/v1/rejected", "ingest", "Rejected inputs kept for forensics")
+                .returns("Rejected")
                 .roles(ADMIN)
-                .query(LIST),
+                .query(REJECTED),
             get(rejected),
         ),
         (
-            Endpoint::new("GET", "/v1/checkpoints/latest", "proofs", "The latest signed C2SP checkpoint").roles(&EVERYONE),
+            Endpoint::new("GET", "/v1/checkpoints/latest", "proofs", "The latest signed C2SP checkpoint")
+                .returns("Checkpoint").roles(&EVERYONE),
             get(checkpoint),
         ),
         (
             Endpoint::new("GET", "/v1/proofs/inclusion", "proofs", "RFC 9162 inclusion proof of a log entry")
+                .returns("InclusionProof")
                 .roles(&EVERYONE)
                 .query(&[("log_index", "the entry"), ("size", "tree size (default: the latest checkpoint)")]),
             get(inclusion),
         ),
         (
             Endpoint::new("GET", "/v1/proofs/consistency", "proofs", "RFC 9162 consistency proof between two tree sizes")
+                .returns("ConsistencyProof")
                 .roles(&EVERYONE)
                 .query(&[("from", "the smaller tree size"), ("to", "the larger tree size")]),
             get(consistency),
         ),
         (
             Endpoint::new("POST", "/v1/tokens", "tokens", "Create an API token; the secret is shown once")
+                .returns("TokenCreated")
                 .roles(ADMIN)
                 .body("application/json", r#"{"role":"analyst","realms":["eng"],"ttl":"30d"}"#)
                 .answer(201, "application/json"),
             post(create_token),
         ),
         (
-            Endpoint::new("GET", "/v1/tokens", "tokens", "Every token (ids, roles, realms; never secrets)").roles(ADMIN),
+            Endpoint::new("GET", "/v1/tokens", "tokens", "Every token (ids, roles, realms; never secrets)")
+                .returns("Tokens").roles(ADMIN),
             get(list_tokens),
         ),
         (
-            Endpoint::new("POST", "/v1/tokens/{id}/revoke", "tokens", "Revoke a token").roles(ADMIN),
+            Endpoint::new("POST", "/v1/tokens/{id}/revoke", "tokens", "Revoke a token")
+                .returns("TokenRevoked").roles(ADMIN),
             post(revoke_token),
         ),
         (
@@ -137,6 +186,7 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 "control",
                 "The signed revocation and quarantine list (DSSE), for agent platforms",
             )
+                .returns("Envelope")
             .roles(&READERS),
             get(revocations),
         ),
@@ -147,40 +197,53 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
             get(control_stream),
         ),
         (
-            Endpoint::new("GET", "/v1/memories/{id}/status", "control", "Whether a memory is quarantined").roles(&READERS),
+            Endpoint::new("GET", "/v1/memories/{id}/status", "control", "Whether a memory is quarantined")
+                .returns("MemoryStatus").roles(&READERS),
             get(memory_status),
         ),
         (
-            Endpoint::new("GET", "/v1/findings", "response", "Recent findings").roles(&READERS).query(LIST),
+            Endpoint::new("GET", "/v1/findings", "response", "Recent findings")
+                .returns("FindingPage")
+                .roles(&READERS)
+                .query(FINDINGS),
             get(findings),
         ),
         (
             Endpoint::new("GET", "/v1/actions", "response", "Recent response actions and pending approvals")
+                .returns("ActionPage")
                 .roles(&READERS)
-                .query(LIST),
+                .query(ACTIONS),
             get(actions),
         ),
         (
             Endpoint::new("POST", "/v1/actions/{id}/undo", "response", "Undo an action (through approval when the playbook says so)")
+                .returns("Record")
+                .errors(&[409])
                 .roles(DECIDERS)
                 .answer(202, "application/json"),
             post(undo),
         ),
         (
-            Endpoint::new("GET", "/v1/approvals", "response", "Approvals waiting for a decision").roles(&READERS),
+            Endpoint::new("GET", "/v1/approvals", "response", "Approvals waiting for a decision")
+                .returns("Approvals").roles(&READERS),
             get(approvals),
         ),
         (
             Endpoint::new("POST", "/v1/approvals/{id}/approve", "response", "Approve: the playbook's remaining actions run")
+                .returns("Record")
+                .errors(&[409])
                 .roles(DECIDERS),
             post(approve),
         ),
         (
-            Endpoint::new("POST", "/v1/approvals/{id}/deny", "response", "Deny: nothing more runs").roles(DECIDERS),
+            Endpoint::new("POST", "/v1/approvals/{id}/deny", "response", "Deny: nothing more runs")
+                .returns("Record")
+                .errors(&[409]).roles(DECIDERS),
             post(deny),
         ),
         (
             Endpoint::new("GET", "/v1/playbooks", "response", "Playbooks, their caps, and the realms where a cap paused them")
+                .returns("Playbooks")
                 .roles(&READERS),
             get(playbooks),
         ),
@@ -191,6 +254,8 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 "response",
                 "Resume a playbook a cap paused in a realm; the resume is recorded in the log",
             )
+                .returns("Record")
+                .errors(&[409])
             .roles(DECIDERS)
             .body("application/json", r#"{"realm":"eng"}"#),
             post(resume_playbook),
@@ -213,6 +278,44 @@ pub(crate) fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Every error answer as `{"error","message"}` JSON, as the API promises: the framework's
+/// own (an unknown route, a method a route does not take, a malformed path) included.
+pub(crate) async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let (code, default) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "there is no such route; GET /openapi.json lists them"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this route does not take this method"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "the request body is over its limit"),
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the node cannot take this request now"),
+        status if status.is_server_error() => ("internal", "the request failed inside the node"),
+        _ => ("bad_request", "the request is malformed"),
+    };
+    let body = ApiError::new(
+        status.as_u16(),
+        code,
+        if text.is_empty() { default.to_owned() } else { text },
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// `method` behind its endpoint's declared access: for a route with roles, the bearer

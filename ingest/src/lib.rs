@@ -516,7 +516,9 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         router = router.merge(routes(api));
     }
     let bodies = Arc::new(serve::BodyBudget::new(http_limits.clone()));
-    let router = router.layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies));
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
+        .layer(axum::middleware::from_fn(http::json_errors));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     tracing::info!(%addr, max_connections, descriptors, "custos node listening");
     let done = tokio::spawn(async move {

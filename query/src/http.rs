@@ -46,12 +46,16 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
     vec![
         (
             Endpoint::new("POST", "/v1/sql", "query", "Read-only SQL over events, findings, actions, agents, checkpoints, rejected (docs/query.md); the Accept header picks JSON, NDJSON, CSV, Arrow IPC or Parquet")
+                .returns("Rows")
+                .errors(&[429])
                 .roles(&SQL_ROLES)
                 .body("application/json", r#"{"sql":"SELECT kind, count(*) FROM events GROUP BY kind"}"#),
             post(sql),
         ),
         (
             Endpoint::new("GET", "/v1/events", "query", "Events with filters, ascending log_index, cursor paging (`after`, `next`)")
+                .returns("EventPage")
+                .errors(&[429])
                 .roles(&READERS)
                 .query(&[
                     ("agent", "the signer's did:key"),
@@ -68,6 +72,8 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
         ),
         (
             Endpoint::new("GET", "/v1/ocsf/{class}", "query", "Events, findings or actions (`class` = events, findings, actions) as OCSF 1.x JSON for a SIEM: API Activity 6003, Detection Finding 2004, Remediation Activity 7001; oldest first with an `after` cursor")
+                .returns("Rows")
+                .errors(&[429])
                 .roles(&READERS)
                 .query(&[
                     ("realm", "realm name"),
@@ -82,17 +88,21 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
         ),
         (
             Endpoint::new("POST", "/v1/evidence", "evidence", "Export an evidence bundle (docs/evidence-format.md)")
+                .errors(&[429])
                 .roles(&[Role::Admin, Role::Compliance])
                 .body("application/json", r#"{"realm":"eng","agent":null,"from":"2026-11-01T00:00:00Z","to":"2026-11-22T00:00:00Z"}"#)
                 .answer(200, "application/x-tar"),
             post(evidence),
         ),
         (
-            Endpoint::new("GET", "/v1/integrity", "proofs", "The latest checkpoint and the last store verification").roles(&SQL_ROLES),
+            Endpoint::new("GET", "/v1/integrity", "proofs", "The latest checkpoint and the last store verification")
+                .returns("Integrity").roles(&SQL_ROLES),
             get(integrity),
         ),
         (
             Endpoint::new("POST", "/v1/integrity/verify", "proofs", "Verify the store on disk now (as `custos verify`) and record the outcome")
+                .returns("Verified")
+                .errors(&[409])
                 .roles(&[Role::Admin])
                 .query(&[("signatures", "true to check every ed25519 signature too")]),
             post(verify_now),

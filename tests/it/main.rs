@@ -9,6 +9,7 @@ mod eval;
 mod evidence;
 mod hardening;
 mod metrics;
+mod openapi;
 mod query;
 mod respond;
 mod support;

@@ -1,0 +1,83 @@
+//! The OpenAPI document against the real node, by an OpenAPI-driven fuzzer (Schemathesis,
+//! installed from PyPI by `scripts/test`): no 5xx, and every answer in the schema the
+//! document declares for its status, as an unscoped admin and as a realm-scoped analyst.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use custos_event::{AgentKey, Signer};
+use serde_json::json;
+
+use crate::respond::{enroll, send};
+use crate::support::{Server, post};
+
+fn schemathesis() -> PathBuf {
+    let path = std::env::var_os("CUSTOS_SCHEMATHESIS").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/custos-tools/venv/bin/schemathesis")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test installs Schemathesis (pip, into ~/.cache/custos-tools/venv)",
+        path.display()
+    );
+    path
+}
+
+fn fuzz(url: &str, token: &str, who: &str) {
+    let output = Command::new(schemathesis())
+        .current_dir(std::env::temp_dir())
+        .args(["run", &format!("{url}/openapi.json")])
+        .args(["--checks", "not_a_server_error,response_schema_conformance"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        // A stream that never ends, and revoking the fuzzer's own token (which would
+        // leave every later request a 401) are tested elsewhere.
+        .args(["--exclude-path", "/v1/control/stream"])
+        .args(["--exclude-path", "/v1/tokens/{id}/revoke"])
+        .args(["--max-examples", "25", "--request-timeout", "60", "--seed", "20261204"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "Schemathesis found problems as {who}:\n{text}");
+    assert!(text.contains("passed"), "{text}");
+}
+
+#[test]
+fn an_openapi_fuzzer_finds_no_server_error_and_no_answer_off_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("store"));
+    let admin = server.token();
+    let url = server.url.clone();
+    // Some data, so the reads have rows to return.
+    let key = AgentKey::generate().unwrap();
+    enroll(&url, &admin, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let objects: Vec<_> = (0..40)
+        .map(|index| json!({"kind": "tool_call", "action": "http.get", "target": format!("https://api.example.com/{index}")}))
+        .collect();
+    send(&url, &mut signer, &objects);
+    let (status, created) = post(
+        &url,
+        "/v1/tokens",
+        Some(&admin),
+        json!({"role": "analyst", "realms": ["eng"]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let analyst = created["token"].as_str().unwrap().to_owned();
+
+    fuzz(&url, &admin, "admin");
+    fuzz(&url, &analyst, "a realm-scoped analyst");
+
+    let response = reqwest::blocking::get(format!("{url}/healthz")).unwrap();
+    assert_eq!(response.status(), 200);
+    let log = server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
