@@ -127,6 +127,7 @@ fn openapi_endpoint() -> Endpoint {
         "meta",
         "This document, generated from the route declarations",
     )
+    .returns("Record")
 }
 
 /// The query routes, to merge into the node's router.

@@ -81,3 +81,64 @@ fn an_openapi_fuzzer_finds_no_server_error_and_no_answer_off_schema() {
     let log = server.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// The document is complete: every JSON answer has a schema, every route declares the
+/// errors it may answer, and the list routes declare their filters.
+#[test]
+fn the_document_declares_answers_errors_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-detect"]);
+    let document: serde_json::Value = reqwest::blocking::get(format!("{}/openapi.json", server.url))
+        .unwrap()
+        .json()
+        .unwrap();
+    let schemas = document["components"]["schemas"].as_object().unwrap();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            let (status, success) = responses
+                .iter()
+                .find(|(status, _)| status.starts_with('2'))
+                .unwrap_or_else(|| panic!("{method} {path}: no 2xx answer"));
+            if let Some(json) = success["content"].get("application/json") {
+                let reference = json["schema"]["$ref"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path} {status}: no schema"));
+                let name = reference.trim_start_matches("#/components/schemas/");
+                assert!(schemas.contains_key(name), "{method} {path}: unknown schema {name}");
+            }
+            for error in ["400", "404", "405", "408", "413", "503"] {
+                assert_eq!(
+                    responses[error]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/Error",
+                    "{method} {path}: {error} undeclared"
+                );
+            }
+            if operation.get("x-custos-roles").is_some() {
+                assert!(responses.contains_key("401") && responses.contains_key("403"), "{method} {path}");
+            }
+        }
+    }
+    let parameters = |path: &str| -> Vec<String> {
+        document["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|parameter| parameter["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (path, wanted) in [
+        ("/v1/findings", &["agent", "realm", "severity", "type", "from", "to", "before", "after", "limit"][..]),
+        ("/v1/actions", &["agent", "realm", "action", "status", "from", "to", "before", "after", "limit"][..]),
+        ("/v1/agents", &["realm", "status", "parent", "after", "limit"][..]),
+    ] {
+        let declared = parameters(path);
+        for name in wanted {
+            assert!(declared.iter().any(|declared| declared == name), "{path} lacks `{name}`: {declared:?}");
+        }
+    }
+    for path in ["/v1/events", "/v1/sql", "/v1/ocsf/{class}"] {
+        let operation = document["paths"][path].as_object().unwrap().values().next().unwrap().clone();
+        assert!(operation["responses"].get("429").is_some(), "{path} lacks 429");
+    }
+    server.stop();
+}
