@@ -1,0 +1,114 @@
+#![no_main]
+//! SQL text from any caller → the query path a query process runs: the shape bounds,
+//! planning (DataFusion's parser, planner and optimiser with Custos's rules), and
+//! execution within small limits over a realm-scoped view of a real log. Must never
+//! panic, overflow its stack or hang: an error answer is fine.
+//!
+//! Functions that only make big values (`repeat`, `lpad`, `rpad`, …) and table functions
+//! that only make many rows (`generate_series`, `range`) are skipped: in a node, what they
+//! allocate is bounded by the query process's memory cap, which this in-process target
+//! does not have (libFuzzer would report the allocation, not a bug).
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+
+struct Fixture {
+    runtime: tokio::runtime::Runtime,
+    sources: custos_query::Sources,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_stack_size(64 * 1024 * 1024)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        // A tail of real signed entries in two realms: events of two agents.
+        let mut entries = Vec::new();
+        for (seed, realm) in [(1u8, "eng"), (2u8, "ops")] {
+            let mut signer =
+                custos_event::Signer::new(custos_event::AgentKey::from_seed(&[seed; 32]), realm);
+            for index in 0..20u64 {
+                let mut payload = custos_event::Payload::new(
+                    custos_event::Kind::ALL[(index % 14) as usize],
+                    chrono::DateTime::from_timestamp(1_800_000_000 + index as i64 * 60, 0).unwrap_or_default(),
+                );
+                payload.action = Some(format!("tool.{}", index % 3));
+                payload.target = Some(format!("https://api.example.com/{index}"));
+                payload.bytes_out = Some(index * 100);
+                let envelope = signer.sign(payload);
+                let position = entries.len() as u64;
+                entries.push(custos_store::LogEntry::from_envelope(
+                    envelope,
+                    position,
+                    1_800_000_000_000_000 + position as i64,
+                    None,
+                ));
+            }
+        }
+        let view = custos_ingest::StoreView {
+            segment_dir: std::env::temp_dir(),
+            segments: Vec::new(),
+            tail: vec![std::sync::Arc::from(entries)],
+            size: 40,
+            checkpoints: std::env::temp_dir().join("no-checkpoints"),
+        };
+        Fixture {
+            runtime,
+            sources: custos_query::Sources {
+                view,
+                agents: Vec::new(),
+                rejected: Vec::new(),
+                checkpoints: Vec::new(),
+                tail_batch: None,
+            },
+        }
+    })
+}
+
+const SKIPPED: [&str; 8] = ["repeat", "lpad", "rpad", "generate_series", "range", "overlay", "concat", "recursive"];
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(sql) = std::str::from_utf8(data) else { return };
+    let lower = sql.to_ascii_lowercase();
+    if SKIPPED.iter().any(|name| lower.contains(name)) {
+        return;
+    }
+    if custos_query::shape::check(sql).is_err() {
+        return;
+    }
+    let fixture = fixture();
+    let scope = custos_query::Scope {
+        role: custos_ingest::Role::Analyst,
+        realms: vec!["eng".to_owned()],
+    };
+    let limits = custos_query::Limits {
+        timeout: std::time::Duration::from_millis(500),
+        memory_bytes: 64 << 20,
+        max_rows: 1_000,
+        ..Default::default()
+    };
+    let sql = sql.to_owned();
+    let sources = &fixture.sources;
+    let work = fixture.runtime.spawn(async move {
+        let answer = custos_query::sql::run(&sql, sources, &scope, &limits).await;
+        if let Ok(answer) = &answer {
+            // What the analyst's token may see only: realm `eng`.
+            for batch in &answer.batches {
+                if let Some(realm) = batch.column_by_name("realm") {
+                    let text = format!("{realm:?}");
+                    assert!(!text.contains("\"ops\""), "a realm-scoped query saw realm ops");
+                }
+            }
+            let _ = custos_query::sql::encode(answer, custos_query::Format::Json);
+        }
+    });
+    if let Err(error) = fixture.runtime.block_on(work)
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
+    }
+});

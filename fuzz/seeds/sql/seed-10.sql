@@ -1,0 +1,1 @@
+SELECT CAST(kind AS VARCHAR) k, min(log_index), max(log_index) FROM events GROUP BY 1 HAVING count(*) > 1

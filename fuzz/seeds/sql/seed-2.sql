@@ -1,0 +1,1 @@
+SELECT agent, sum(bytes_out) FROM events WHERE realm = 'eng' GROUP BY agent ORDER BY 2 DESC LIMIT 5

@@ -1,0 +1,1 @@
+SELECT * FROM events WHERE ts > TIMESTAMP '2027-01-01T00:00:00Z' AND action LIKE 'tool.%'

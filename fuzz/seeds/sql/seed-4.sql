@@ -1,0 +1,1 @@
+WITH t AS (SELECT agent, count(*) AS n FROM events GROUP BY agent) SELECT * FROM t JOIN events e ON e.agent = t.agent LIMIT 10

@@ -1,0 +1,1 @@
+SELECT json_get(payload, 'kind'), date_trunc('hour', ts) FROM events UNION ALL SELECT 'x', now()

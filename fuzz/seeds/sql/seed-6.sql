@@ -1,0 +1,1 @@
+SELECT * FROM findings f LEFT JOIN actions a ON a.finding_id = f.id

@@ -1,0 +1,1 @@
+SELECT count(DISTINCT target) FROM events WHERE outcome IS NULL OR seq IN (1, 2, 3)

@@ -1,0 +1,1 @@
+SELECT size, note FROM checkpoints
