@@ -498,6 +498,11 @@ enum BenchCommand {
     Query(cmd::bench_query::QueryArgs),
     /// Evidence export from a live node and offline verification rates.
     Evidence(cmd::bench_evidence::EvidenceArgs),
+    /// Ingest acknowledgement latency beside heavy SQL queries, against ingest alone.
+    Storm(cmd::bench_hardening::StormArgs),
+    /// Restart time on a large store with the signed caches, against rebuilding them; old
+    /// resends (segment lookups) against recent ones.
+    Restart(cmd::bench_hardening::RestartArgs),
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -676,6 +681,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Witness(args) => {
             init_tracing("info");
             cmd::witness::run(args).await?;
+        }
+        Command::Bench(BenchCommand::Storm(args)) => {
+            init_tracing("warn");
+            cmd::bench_hardening::storm(args).await?;
+        }
+        Command::Bench(BenchCommand::Restart(args)) => {
+            init_tracing("warn");
+            cmd::bench_hardening::restart(args).await?;
         }
         Command::Bench(BenchCommand::Detect(args)) => {
             init_tracing("warn");

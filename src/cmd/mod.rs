@@ -4,6 +4,7 @@ pub(crate) mod agent;
 pub(crate) mod bench;
 pub(crate) mod bench_detect;
 pub(crate) mod bench_evidence;
+pub(crate) mod bench_hardening;
 pub(crate) mod bench_query;
 pub(crate) mod client;
 pub(crate) mod demo;

@@ -114,7 +114,10 @@ fn the_document_declares_answers_errors_and_filters() {
                 );
             }
             if operation.get("x-custos-roles").is_some() {
-                assert!(responses.contains_key("401") && responses.contains_key("403"), "{method} {path}");
+                assert!(
+                    responses.contains_key("401") && responses.contains_key("403"),
+                    "{method} {path}"
+                );
             }
         }
     }
@@ -127,17 +130,36 @@ fn the_document_declares_answers_errors_and_filters() {
             .collect()
     };
     for (path, wanted) in [
-        ("/v1/findings", &["agent", "realm", "severity", "type", "from", "to", "before", "after", "limit"][..]),
-        ("/v1/actions", &["agent", "realm", "action", "status", "from", "to", "before", "after", "limit"][..]),
+        (
+            "/v1/findings",
+            &[
+                "agent", "realm", "severity", "type", "from", "to", "before", "after", "limit",
+            ][..],
+        ),
+        (
+            "/v1/actions",
+            &[
+                "agent", "realm", "action", "status", "from", "to", "before", "after", "limit",
+            ][..],
+        ),
         ("/v1/agents", &["realm", "status", "parent", "after", "limit"][..]),
     ] {
         let declared = parameters(path);
         for name in wanted {
-            assert!(declared.iter().any(|declared| declared == name), "{path} lacks `{name}`: {declared:?}");
+            assert!(
+                declared.iter().any(|declared| declared == name),
+                "{path} lacks `{name}`: {declared:?}"
+            );
         }
     }
     for path in ["/v1/events", "/v1/sql", "/v1/ocsf/{class}"] {
-        let operation = document["paths"][path].as_object().unwrap().values().next().unwrap().clone();
+        let operation = document["paths"][path]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .clone();
         assert!(operation["responses"].get("429").is_some(), "{path} lacks 429");
     }
     server.stop();
