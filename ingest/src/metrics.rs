@@ -143,8 +143,9 @@ pub static QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
-/// Store writes that failed, by `step`: `append` (a WAL group; writes are refused until
-/// the store takes one again) or `maintenance` (a seal or checkpoint, retried).
+/// Store problems, by `step`: `append` (a WAL group failed; writes are refused until the
+/// store takes one again), `maintenance` (a seal or checkpoint failed, retried) or
+/// `audit` (a sealed segment found altered by the background check after start).
 pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
@@ -270,7 +271,7 @@ pub fn init() {
     for reason in ["idle", "slow_body"] {
         HTTP_CONNECTIONS_CLOSED.with_label_values(&[reason]);
     }
-    for step in ["append", "maintenance"] {
+    for step in ["append", "maintenance", "audit"] {
         STORE_ERRORS.with_label_values(&[step]);
     }
     for status in ["accepted", "duplicate", "rejected"] {

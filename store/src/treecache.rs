@@ -72,11 +72,7 @@ fn level_path(dir: &Path, level: usize) -> PathBuf {
 }
 
 fn digest(hashes: &[Hash]) -> String {
-    let mut hasher = blake3::Hasher::new();
-    for hash in hashes {
-        hasher.update(hash);
-    }
-    hasher.finalize().to_hex().to_string()
+    blake3::hash(hashes.as_flattened()).to_hex().to_string()
 }
 
 impl TreeCache {
@@ -119,23 +115,12 @@ impl TreeCache {
         let mut levels = Vec::with_capacity(index.levels.len());
         for (level, entry) in index.levels.iter().enumerate() {
             let path = level_path(&self.dir, level);
-            let bytes = std::fs::read(&path).map_err(|error| format!("reading `{}`: {error}", path.display()))?;
             let count = usize::try_from(entry.hashes).map_err(|error| error.to_string())?;
-            if bytes.len() < count * 32 {
-                return Err(format!(
-                    "`{}` holds {} hashes; its index says {count}",
-                    path.display(),
-                    bytes.len() / 32
-                ));
-            }
-            let hashes: Vec<Hash> = bytes[..count * 32]
-                .chunks_exact(32)
-                .map(|chunk| {
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(chunk);
-                    hash
-                })
-                .collect();
+            // Read straight into the hashes: no second copy of hundreds of megabytes.
+            let mut hashes: Vec<Hash> = vec![[0u8; 32]; count];
+            std::fs::File::open(&path)
+                .and_then(|mut file| std::io::Read::read_exact(&mut file, hashes.as_flattened_mut()))
+                .map_err(|error| format!("reading {count} hashes from `{}`: {error}", path.display()))?;
             let expected_chunks = count.div_ceil(CHUNK);
             if entry.chunks.len() != expected_chunks {
                 return Err(format!(

@@ -149,6 +149,29 @@ async fn caches_speed_the_restart_and_catch_a_shortened_log() {
     let report = custos_store::verify::verify_store(dir.path(), &Default::default(), &mut |_, _| {}).unwrap();
     assert!(report.ok(), "{:#?}", report.problems);
 
+    // A sealed segment edited: the start does not read it (the caches cover it), the
+    // background audit reports it.
+    let manifest = std::fs::read_to_string(log.join("segments.ndjson")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+    let segment = log.join("segments").join(first["file"].as_str().unwrap());
+    let original = std::fs::read(&segment).unwrap();
+    let mut edited = original.clone();
+    let middle = edited.len() / 2;
+    edited[middle] ^= 0x20;
+    std::fs::write(&segment, &edited).unwrap();
+    let before = custos_ingest::metrics::STORE_ERRORS.with_label_values(&["audit"]).get();
+    let node = Node::start_in(dir, config).await;
+    let started = std::time::Instant::now();
+    while custos_ingest::metrics::STORE_ERRORS.with_label_values(&["audit"]).get() == before {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the audit never reported the edit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (dir, config) = node.stop().await;
+    std::fs::write(&segment, &original).unwrap();
+
     // The tail deleted: the last segment, its manifest line, the checkpoints past it.
     let manifest = std::fs::read_to_string(log.join("segments.ndjson")).unwrap();
     let mut lines: Vec<&str> = manifest.lines().collect();
