@@ -169,7 +169,7 @@ async fn caches_speed_the_restart_and_catch_a_shortened_log() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let (dir, config) = node.stop().await;
+    let (_dir, config) = node.stop().await;
     std::fs::write(&segment, &original).unwrap();
 
     // The tail deleted: the last segment, its manifest line, the checkpoints past it.
