@@ -4,7 +4,7 @@
 //! ```text
 //!  node (pool.rs)                                  `custos query-worker` (this file)
 //!  ─ admit: overall and per-token slots, else 429
-//!  ─ spawn, nice 10 ───── request (JSON) ────────▶ read request, tail (Arrow IPC)
+//!  ─ spawn, nice 19 ───── request (JSON) ────────▶ read request, tail (Arrow IPC)
 //!                  ────── tail (Arrow IPC) ──────▶ shape bounds ─▶ plan ─▶ run ─▶ encode
 //!  ─ watch: RSS above the limit ─▶ SIGKILL, 413     (64 MiB stacks, its own memory pool)
 //!  ─ timeout ─▶ SIGKILL, 408      ◀── status (JSON) + answer bytes ──
@@ -228,6 +228,6 @@ async fn run(
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
-        let _ = rustix::process::setpriority_process(None, 10);
+        let _ = rustix::process::setpriority_process(None, 19);
     }
 }
