@@ -161,7 +161,7 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         actors.agent.key().clone(),
         actors.agent.realm(),
         custos_event::ChainState {
-            next_seq: actors.agent.chain().next_seq - 1,
+            next_seq: actors.agent.chain().next_seq.saturating_sub(1),
             prev: prev_of(actors.last),
         },
     );

@@ -405,7 +405,7 @@ fn fold_entry(
         match serde_json::from_slice::<ControlPayload>(&entry.payload) {
             Ok(control) => {
                 registry.apply_control(&control, entry.log_index);
-                node_chain.next_seq = control.seq + 1;
+                node_chain.next_seq = control.seq.saturating_add(1);
                 node_chain.prev = Some(custos_event::blake3_hex(&entry.payload));
             }
             Err(error) => tracing::warn!(log_index = entry.log_index, %error, "unreadable control entry"),
