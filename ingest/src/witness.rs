@@ -119,7 +119,7 @@ impl Submitter {
                 if let Err(error) = target.key.verify(&format!("{}{line}", checkpoint.note)) {
                     return Round::Failed(format!("the witness's answer does not verify: {error}"));
                 }
-                self.keep(&target.key.name, size, &line);
+                self.keep(&target.key.name, size, &line, &checkpoint.note);
                 Round::Cosigned(size)
             }
             409 => match text.trim().parse::<u64>() {
@@ -130,13 +130,19 @@ impl Submitter {
         }
     }
 
-    fn keep(&self, witness: &str, size: u64, line: &str) {
+    fn keep(&self, witness: &str, size: u64, line: &str, note: &str) {
         {
             let mut cosigned = self.cosigned.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             cosigned.retain(|(name, _, _)| name != witness);
             cosigned.push((witness.to_owned(), size, line.to_owned()));
         }
-        let record = serde_json::json!({"size": size, "witness": witness, "cosignature": line});
+        // The whole cosigned note, so `custos verify --witness KEY` can use it on its own.
+        let record = serde_json::json!({
+            "size": size,
+            "witness": witness,
+            "cosignature": line,
+            "note": format!("{note}{line}"),
+        });
         let appended = fs_err::OpenOptions::new()
             .create(true)
             .append(true)

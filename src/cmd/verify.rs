@@ -24,15 +24,16 @@ pub(crate) struct VerifyArgs {
     #[arg(long)]
     pub(crate) log_key: Option<String>,
     /// A witness's verifier key (`custos witness` prints it): the store must hold at least
-    /// what that witness cosigned, with the same root. Give its checkpoint with
-    /// --witness-url or --witness-checkpoint.
-    #[arg(long, requires = "witnessed")]
+    /// what that witness cosigned, with the same root. The cosigned checkpoint comes from
+    /// --witness-url (the witness itself), --witness-checkpoint (a saved note), or else
+    /// from the largest one the node kept (`logs/0/cosignatures.ndjson`).
+    #[arg(long)]
     pub(crate) witness: Option<String>,
     /// Fetch the witness's latest cosigned checkpoint of this log from this URL.
-    #[arg(long, group = "witnessed")]
+    #[arg(long, requires = "witness", conflicts_with = "witness_checkpoint")]
     pub(crate) witness_url: Option<String>,
     /// A checkpoint cosigned by the witness, saved earlier (offline audits).
-    #[arg(long, group = "witnessed")]
+    #[arg(long, requires = "witness")]
     pub(crate) witness_checkpoint: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -161,7 +162,29 @@ fn witnessed(args: &VerifyArgs) -> anyhow::Result<Vec<(custos_store::witness::Co
             );
             text
         }
-        (None, None) => anyhow::bail!("--witness needs --witness-url or --witness-checkpoint"),
+        (None, None) => {
+            // The largest checkpoint this witness cosigned, as the node kept it.
+            let path = args
+                .data
+                .join("logs")
+                .join(custos_store::DEFAULT_LOG_ID)
+                .join("cosignatures.ndjson");
+            let text = fs_err::read_to_string(&path).unwrap_or_default();
+            let kept = text
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|record| record["witness"] == key.name.as_str())
+                .filter_map(|record| Some((record["size"].as_u64()?, record["note"].as_str()?.to_owned())))
+                .max_by_key(|(size, _)| *size);
+            match kept {
+                Some((_, note)) => note,
+                None => anyhow::bail!(
+                    "`{}` holds no checkpoint cosigned by witness `{}`; give --witness-url or --witness-checkpoint",
+                    path.display(),
+                    key.name
+                ),
+            }
+        }
     };
     Ok(vec![(key, note)])
 }

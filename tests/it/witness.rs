@@ -138,6 +138,10 @@ fn a_witness_catches_a_deleted_tail_that_the_files_alone_hide() {
         crate::support::stderr(&output)
     );
 
+    // With the key alone, verify uses the largest cosigned checkpoint the node kept.
+    let output = run(&["verify", data.to_str().unwrap(), "--witness", &witness.key]);
+    assert!(output.status.success(), "{}", stdout(&output));
+
     // The attack: every WAL file, the checkpoint lines above the last sealed segment, and
     // the caches that would give it away, deleted.
     let log = data.join("logs/0");
@@ -195,6 +199,10 @@ fn a_witness_catches_a_deleted_tail_that_the_files_alone_hide() {
         "--witness-checkpoint",
         saved.to_str().unwrap(),
     ]);
+    assert!(stdout(&output).contains("behind_witness"), "{}", stdout(&output));
+
+    // The cosignatures the node kept catch it too, while the attacker leaves them.
+    let output = run(&["verify", data.to_str().unwrap(), "--witness", &witness.key]);
     assert!(stdout(&output).contains("behind_witness"), "{}", stdout(&output));
 
     // And a node told about the witness refuses to start on it.
