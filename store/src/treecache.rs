@@ -9,8 +9,9 @@
 //!                                chunk, signature by the log key }
 //! ```
 //!
-//! Written after each seal and at shutdown (level files appended and fsynced, then the
-//! index replaced). Read at start: the index's signature, then every chunk's digest, are
+//! Written after each seal and at shutdown (level files appended, then the index
+//! replaced; nothing is fsynced: it is a cache, and whatever a power cut loses fails its
+//! checks at the next start, which then rebuilds the tree). Read at start: the index's signature, then every chunk's digest, are
 //! checked before a hash is used; a missing or damaged cache means the tree is rebuilt
 //! from the segments, as before. What the cache holds is checked again against every
 //! signed checkpoint, and `custos verify` never uses it.
@@ -191,8 +192,9 @@ impl TreeCache {
             }
             use std::io::Seek as _;
             file.seek(std::io::SeekFrom::End(0))?;
+            // No fsync: a cache. What a power cut loses fails its digest at the next start,
+            // and the tree is rebuilt; a crashed process leaves it in the page cache.
             file.write_all(&bytes)?;
-            file.sync_data()?;
             if self.written.len() <= level {
                 self.written.push(0);
                 self.digests.push(Vec::new());
@@ -228,13 +230,8 @@ impl TreeCache {
             base64::engine::general_purpose::STANDARD.encode(key.sign_raw(index.signed_text(&self.log_id).as_bytes()));
         let bytes = serde_json::to_vec(&index).map_err(|error| StoreError::Internal(error.to_string()))?;
         let temporary = self.dir.join("index.json.tmp");
-        {
-            let mut file = fs_err::File::create(&temporary)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
+        fs_err::write(&temporary, &bytes)?;
         fs_err::rename(&temporary, self.dir.join("index.json"))?;
-        crate::fsync_dir(&self.dir)?;
         Ok(())
     }
 }
