@@ -231,9 +231,46 @@ impl Format {
     }
 }
 
+/// `batch` with each dictionary column's dictionary rebuilt from the values its rows use.
+///
+/// A dictionary column read from a segment (or built for the tail) carries the dictionary
+/// of its whole page or batch: values of rows the realm filter removed (other realms,
+/// their agents, their actions) stay in it, unreferenced. Formats that ship dictionaries
+/// as they are (Arrow IPC, Parquet) would hand those to the caller.
+fn compact_dictionaries(batch: &RecordBatch) -> Result<RecordBatch, QueryError> {
+    let error = |error: arrow::error::ArrowError| QueryError::internal(format!("encoding the answer: {error}"));
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|column| match column.data_type() {
+            arrow::datatypes::DataType::Dictionary(_, values) => {
+                let plain = arrow::compute::cast(column, values).map_err(error)?;
+                arrow::compute::cast(&plain, column.data_type()).map_err(error)
+            }
+            _ => Ok(column.clone()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(batch.schema(), columns).map_err(error)
+}
+
 /// Encodes an answer. JSON is an array of objects (binary columns as hex).
 pub fn encode(answer: &Answer, format: Format) -> Result<Vec<u8>, QueryError> {
     let error = |error: &dyn std::fmt::Display| QueryError::internal(format!("encoding the answer: {error}"));
+    let compacted;
+    let answer = if matches!(format, Format::Arrow | Format::Parquet) {
+        compacted = Answer {
+            schema: answer.schema.clone(),
+            batches: answer
+                .batches
+                .iter()
+                .map(compact_dictionaries)
+                .collect::<Result<Vec<_>, _>>()?,
+            rows: answer.rows,
+        };
+        &compacted
+    } else {
+        answer
+    };
     let mut out = Vec::new();
     match format {
         Format::Json => {

@@ -71,6 +71,8 @@ struct Fleet {
     server: Server,
     admin: String,
     eng: String,
+    /// The did:key of the agent enrolled in `ops`.
+    ops_agent: String,
     _dir: tempfile::TempDir,
 }
 
@@ -83,9 +85,13 @@ fn fleet(extra: &[&str]) -> Fleet {
     let server = Server::start_with(&dir.path().join("store"), &args);
     let admin = server.token();
     let url = server.url.clone();
+    let mut ops_agent = String::new();
     for realm in ["eng", "ops"] {
         let key = AgentKey::generate().unwrap();
         enroll(&url, &admin, key.did(), realm);
+        if realm == "ops" {
+            ops_agent = key.did().to_owned();
+        }
         let mut signer = Signer::new(key, realm);
         for batch in 0..3 {
             let objects: Vec<Value> = (0..100)
@@ -113,6 +119,7 @@ fn fleet(extra: &[&str]) -> Fleet {
         server,
         admin,
         eng,
+        ops_agent,
         _dir: dir,
     }
 }
@@ -381,6 +388,33 @@ fn a_realm_scoped_token_cannot_escape_its_realm() {
     // No rejected inputs (their realm is unverified) for a scoped token.
     let (status, _) = error(url, eng, "SELECT * FROM rejected");
     assert_eq!(status, 400);
+    // No answer format carries another realm's values, not even inside an Arrow or
+    // Parquet dictionary that no row uses.
+    for accept in [
+        "application/json",
+        "application/x-ndjson",
+        "text/csv",
+        "application/vnd.apache.arrow.stream",
+        "application/vnd.apache.parquet",
+    ] {
+        let (status, body, _) = sql(url, eng, "SELECT agent, realm, action, kind FROM events", accept);
+        assert_eq!(status, 200, "{accept}");
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains(&fleet.ops_agent), "{accept} carries the ops agent");
+        if accept == "application/vnd.apache.arrow.stream" {
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let realm = batch.column_by_name("realm").unwrap();
+                let dictionary = realm
+                    .as_any()
+                    .downcast_ref::<arrow::array::DictionaryArray<arrow::datatypes::Int32Type>>()
+                    .unwrap();
+                let values = format!("{:?}", dictionary.values());
+                assert!(!values.contains("ops"), "the realm dictionary holds {values}");
+            }
+        }
+    }
     // REST is scoped the same way, whatever filter is asked for.
     let (_, page) = get(url, "/v1/events?realm=ops", eng);
     assert_eq!(page["events"].as_array().unwrap().len(), 0, "{page}");
