@@ -231,26 +231,60 @@ impl Format {
     }
 }
 
-/// `batch` with each dictionary column's dictionary rebuilt from the values its rows use.
+/// `batch` rebuilt so that its buffers hold only the values its rows use.
 ///
-/// A dictionary column read from a segment (or built for the tail) carries the dictionary
-/// of its whole page or batch: values of rows the realm filter removed (other realms,
-/// their agents, their actions) stay in it, unreferenced. Formats that ship dictionaries
-/// as they are (Arrow IPC, Parquet) would hand those to the caller.
-fn compact_dictionaries(batch: &RecordBatch) -> Result<RecordBatch, QueryError> {
+/// Columns read from a segment (or built for the tail) share buffers with the rows the
+/// realm filter removed: a dictionary keeps the values of its whole page (other realms,
+/// their agents, their actions), and a string view keeps the data buffers of its whole
+/// batch (other rows' targets and keys). Formats that ship buffers as they are (Arrow
+/// IPC, and Parquet for dictionaries) would hand those bytes to the caller. Each column
+/// is cast to a plain type (views and dictionaries resolved, recursively), which copies
+/// the values its rows use and nothing else; dictionary columns are then encoded again,
+/// with a dictionary of their own values.
+fn compact_buffers(batch: &RecordBatch) -> Result<RecordBatch, QueryError> {
+    use arrow::datatypes::DataType;
+    fn plain(data_type: &DataType) -> DataType {
+        match data_type {
+            DataType::Utf8View => DataType::Utf8,
+            DataType::BinaryView => DataType::Binary,
+            DataType::Dictionary(_, values) => plain(values),
+            DataType::List(field) => DataType::List(std::sync::Arc::new(
+                field.as_ref().clone().with_data_type(plain(field.data_type())),
+            )),
+            DataType::LargeList(field) => DataType::LargeList(std::sync::Arc::new(
+                field.as_ref().clone().with_data_type(plain(field.data_type())),
+            )),
+            DataType::FixedSizeList(field, size) => DataType::FixedSizeList(
+                std::sync::Arc::new(field.as_ref().clone().with_data_type(plain(field.data_type()))),
+                *size,
+            ),
+            DataType::Struct(fields) => DataType::Struct(
+                fields
+                    .iter()
+                    .map(|field| field.as_ref().clone().with_data_type(plain(field.data_type())))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
     let error = |error: arrow::error::ArrowError| QueryError::internal(format!("encoding the answer: {error}"));
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|column| match column.data_type() {
-            arrow::datatypes::DataType::Dictionary(_, values) => {
-                let plain = arrow::compute::cast(column, values).map_err(error)?;
-                arrow::compute::cast(&plain, column.data_type()).map_err(error)
-            }
-            _ => Ok(column.clone()),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(batch.schema(), columns).map_err(error)
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let flat = arrow::compute::cast(column, &plain(column.data_type())).map_err(error)?;
+        let column = match column.data_type() {
+            // A dictionary again (the documented answer type), of its own values only.
+            DataType::Dictionary(..) => arrow::compute::cast(&flat, column.data_type()).map_err(error)?,
+            _ => flat,
+        };
+        fields.push(field.as_ref().clone().with_data_type(column.data_type().clone()));
+        columns.push(column);
+    }
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        batch.schema().metadata().clone(),
+    ));
+    RecordBatch::try_new(schema, columns).map_err(error)
 }
 
 /// Encodes an answer. JSON is an array of objects (binary columns as hex).
@@ -258,13 +292,18 @@ pub fn encode(answer: &Answer, format: Format) -> Result<Vec<u8>, QueryError> {
     let error = |error: &dyn std::fmt::Display| QueryError::internal(format!("encoding the answer: {error}"));
     let compacted;
     let answer = if matches!(format, Format::Arrow | Format::Parquet) {
+        let batches = answer
+            .batches
+            .iter()
+            .map(compact_buffers)
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = match batches.first() {
+            Some(batch) => batch.schema(),
+            None => compact_buffers(&RecordBatch::new_empty(answer.schema.clone()))?.schema(),
+        };
         compacted = Answer {
-            schema: answer.schema.clone(),
-            batches: answer
-                .batches
-                .iter()
-                .map(compact_dictionaries)
-                .collect::<Result<Vec<_>, _>>()?,
+            schema,
+            batches,
             rows: answer.rows,
         };
         &compacted

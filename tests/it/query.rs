@@ -397,7 +397,7 @@ fn a_realm_scoped_token_cannot_escape_its_realm() {
         "application/vnd.apache.arrow.stream",
         "application/vnd.apache.parquet",
     ] {
-        let (status, body, _) = sql(url, eng, "SELECT agent, realm, action, kind FROM events", accept);
+        let (status, body, _) = sql(url, eng, "SELECT * FROM events WHERE log_index % 2 = 0", accept);
         assert_eq!(status, 200, "{accept}");
         let text = String::from_utf8_lossy(&body);
         assert!(!text.contains(&fleet.ops_agent), "{accept} carries the ops agent");
