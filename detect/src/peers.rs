@@ -206,11 +206,11 @@ fn aggregate(members: &[&Baseline]) -> Baseline {
             .map(|member| (stat(member, f).mean - mean).abs())
             .sum::<f32>()
             / count;
+        let presence = members.iter().map(|member| stat(member, f).presence).sum::<f32>() / count;
         baseline.stats[f] = Stat {
             mean,
             dev: within + between,
-            slow: mean,
-            drift: 0.0,
+            presence,
         };
     }
     for hour in 0..168 {
@@ -221,6 +221,7 @@ fn aggregate(members: &[&Baseline]) -> Baseline {
         baseline.profile[hour] = (total / members.len() as u32).min(u32::from(u16::MAX)) as u16;
     }
     baseline.windows = members.iter().map(|member| member.windows).min().unwrap_or(0);
+    baseline.hours = members.iter().map(|member| member.hours).sum::<f32>() / count;
     baseline
 }
 

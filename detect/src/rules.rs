@@ -22,13 +22,12 @@ use rsigma_parser::SigmaCollection;
 use serde_json::{Value, json};
 
 /// The rule pack shipped in `detect/rules/`, compiled into the binary.
-pub const PACK: [(&str, &str); 6] = [
+pub const PACK: [(&str, &str); 5] = [
     ("credentials.yml", include_str!("../rules/credentials.yml")),
     ("delegation.yml", include_str!("../rules/delegation.yml")),
     ("exfiltration.yml", include_str!("../rules/exfiltration.yml")),
     ("integrity.yml", include_str!("../rules/integrity.yml")),
     ("memory.yml", include_str!("../rules/memory.yml")),
-    ("rug_pull.yml", include_str!("../rules/rug_pull.yml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +47,13 @@ pub struct RuleHit {
     pub level: String,
     pub tags: Vec<String>,
     pub correlation: bool,
+    /// For a correlation: the log indexes of the events it matched (the building-block
+    /// hits in its window, up to [`MAX_CORRELATION_EVENTS`]).
+    pub events: Vec<u64>,
 }
+
+/// Matched events a correlation keeps per window and group, for its evidence.
+pub const MAX_CORRELATION_EVENTS: usize = 64;
 
 /// The compiled rules and their correlation state.
 pub struct Rules {
@@ -109,6 +114,8 @@ impl Rules {
         let mut engine = CorrelationEngine::new(CorrelationConfig {
             timestamp_fields: vec!["ts".into()],
             max_state_entries: MAX_CORRELATION_STATE,
+            correlation_event_mode: rsigma_eval::CorrelationEventMode::Refs,
+            max_correlation_events: MAX_CORRELATION_EVENTS,
             ..CorrelationConfig::default()
         });
         engine.add_collection(collection).map_err(|error| RuleError::Parse {
@@ -141,6 +148,15 @@ impl Rules {
                     .map_or("medium".into(), |level| format!("{level:?}").to_ascii_lowercase()),
                 tags: result.header.tags.clone(),
                 correlation: result.is_correlation(),
+                events: match &result.body {
+                    rsigma_eval::ResultBody::Correlation(body) => body
+                        .event_refs
+                        .iter()
+                        .flatten()
+                        .filter_map(|reference| reference.id.as_deref()?.parse().ok())
+                        .collect(),
+                    rsigma_eval::ResultBody::Detection(_) => Vec::new(),
+                },
             })
             .filter(|hit| hit.level != "informational")
             .collect()
@@ -179,6 +195,7 @@ pub fn flatten(observation: &Observation) -> Value {
         "signal": observation.signal_name(),
         "log_index": observation.log_index,
     });
+    let event_id = observation.log_index.map(|index| index.to_string());
     if let Some(owner) = text("credential_owner") {
         custos["credential_owner_match"] = Value::Bool(owner == payload.agent);
     }
@@ -188,6 +205,10 @@ pub fn flatten(observation: &Observation) -> Value {
     if let Value::Object(object) = &mut flat {
         object.insert("product".into(), Value::String("ai_agent".into()));
         object.insert("custos".into(), custos);
+        // What a correlation cites as its matched events (rsigma's event references).
+        if let Some(id) = event_id {
+            object.insert("event_id".into(), Value::String(id));
+        }
     }
     flat
 }

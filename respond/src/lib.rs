@@ -207,9 +207,10 @@ impl Playbook {
 }
 
 /// The playbooks shipped in `respond/playbooks/`.
-pub const SHIPPED: [(&str, &str); 2] = [
+pub const SHIPPED: [(&str, &str); 3] = [
     ("contain.yml", include_str!("../playbooks/contain.yml")),
     ("review.yml", include_str!("../playbooks/review.yml")),
+    ("tool.yml", include_str!("../playbooks/tool.yml")),
 ];
 
 #[derive(Debug, thiserror::Error)]

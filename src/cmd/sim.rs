@@ -18,7 +18,9 @@ Examples:
   custos simulate --agents 20 --hours 2 --send --data ./store      (to a running node)
 
 The trace is NDJSON, one DSSE envelope per line, in time order (docs/evaluation.md).
-Attacks start in the second half of the trace, one per scenario unless --attacks says more.")]
+Attacks start in the second half of the trace, one per scenario unless --attacks says more.
+The fleet is deliberately hard: sessions, activity levels a factor of 100 apart, benign
+new tools, at least 20 near misses of every attack, a holiday and a fleet-wide deploy.")]
 pub(crate) struct SimulateArgs {
     #[command(flatten)]
     fleet: FleetArgs,
@@ -43,7 +45,8 @@ pub(crate) struct SimulateArgs {
 pub(crate) struct FleetArgs {
     #[arg(long, default_value_t = 50)]
     agents: usize,
-    #[arg(long, default_value_t = 48)]
+    /// Length of the trace; two weeks by default (a week of history before attacks).
+    #[arg(long, default_value_t = 336)]
     hours: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -148,13 +151,14 @@ pub(crate) async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 #[derive(Args)]
 #[command(after_help = "\
 Examples:
-  custos eval --agents 50 --hours 48 --seed 1            simulate and score in one go
+  custos eval --agents 50 --seed 1                       simulate two weeks and score them
   custos eval --events trace.ndjson --answers key.json   score any trace in the format
   custos eval --seed 3 --json > report.json
 
 Replays the events through the detector in event time (days in seconds), applying
-ingest's chain rules (duplicates dropped, forks refused and flagged, gaps flagged), and
-scores the findings against the answer key (docs/evaluation.md).")]
+ingest's chain rules (duplicates dropped, forks refused and flagged, gaps flagged), runs
+the shipped playbooks in dry run over the findings, and scores both against the answer
+key (docs/evaluation.md). Exits 1 when a detection goal is missed, 2 on bad input.")]
 pub(crate) struct EvalArgs {
     /// A trace (NDJSON of DSSE envelopes, time order); without it one is simulated.
     #[arg(long, requires = "answers")]
@@ -170,22 +174,71 @@ pub(crate) struct EvalArgs {
     /// Print the report (and every finding) as JSON.
     #[arg(long)]
     json: bool,
+    /// A domain inside the organisation (repeatable): sends there are never exfiltration.
+    #[arg(long = "internal-domain", value_name = "DOMAIN")]
+    internal_domains: Vec<String>,
 }
 
-/// Replays events through a fresh detector; returns the findings in order.
-pub(crate) fn replay(
+/// Replays events through a fresh detector; returns the findings in order, the
+/// detector, the events read, and each log index's event id (blake3 hex of the payload).
+pub(crate) fn replay_with_ids(
     events: impl Iterator<Item = anyhow::Result<Envelope>>,
     config: DetectorConfig,
     rules: &[PathBuf],
-) -> anyhow::Result<(Vec<custos_detect::Finding>, Detector, usize)> {
+) -> anyhow::Result<(Vec<custos_detect::Finding>, Detector, usize, Vec<String>)> {
     let dirs: Vec<&Path> = rules.iter().map(PathBuf::as_path).collect();
     let mut replayer = Replayer::new(Detector::new(config, Rules::load(&dirs)?));
     let mut admission = Admission::default();
+    let mut ids = Vec::new();
     for envelope in events {
-        replayer.step(admission.admit(envelope?)?);
+        let envelope = envelope?;
+        let id = custos_event::blake3_hex(&envelope.payload);
+        let admitted = admission.admit(envelope)?;
+        if admitted
+            .observation
+            .as_ref()
+            .is_some_and(|observation| observation.log_index.is_some())
+        {
+            ids.push(id);
+        }
+        replayer.step(admitted);
     }
     let (findings, detector) = replayer.finish();
-    Ok((findings, detector, admission.count))
+    Ok((findings, detector, admission.count, ids))
+}
+
+/// Runs the shipped playbooks in dry run over the findings, in order, and counts the
+/// automatic enforcement actions (those before any approval) on agents no attack was
+/// about: wrongful automatic actions.
+fn wrongful_actions(findings: &[custos_detect::Finding], answers: &AnswerKey) -> anyhow::Result<(usize, usize)> {
+    let mut playbooks = custos_respond::load_playbooks(true, None)?;
+    for playbook in &mut playbooks {
+        playbook.dry_run = true;
+    }
+    let mut responder = custos_respond::Responder::new(playbooks);
+    let attacked: std::collections::HashSet<&str> = answers.attacks.iter().map(|attack| attack.agent.as_str()).collect();
+    let (mut automatic, mut wrongful) = (0, 0);
+    for finding in findings {
+        let finding: custos_respond::Finding = serde_json::from_value(serde_json::to_value(finding)?)?;
+        let mut gated = std::collections::HashSet::new();
+        for record in responder.on_finding(&finding, finding.ts) {
+            if record.action == "require_approval" {
+                gated.insert(record.playbook.clone());
+                continue;
+            }
+            let enforcing = matches!(
+                record.action.as_str(),
+                "revoke_agent" | "quarantine_agent" | "quarantine_memory" | "revoke_credential"
+            );
+            if enforcing && record.status == custos_respond::ActionStatus::DryRun && !gated.contains(&record.playbook) {
+                automatic += 1;
+                if !attacked.contains(record.agent.as_str()) {
+                    wrongful += 1;
+                }
+            }
+        }
+    }
+    Ok((automatic, wrongful))
 }
 
 /// One event after signature and chain checks: its time, and what ingest would feed the
@@ -268,6 +321,8 @@ impl Replayer {
     /// Closes the last windows. Not further: past the trace's end every agent is silent.
     pub(crate) fn finish(mut self) -> (Vec<custos_detect::Finding>, Detector) {
         self.findings.extend(self.detector.tick(self.last + self.width));
+        // Findings still held for the crowd check are decided with what is known.
+        self.findings.extend(self.detector.flush());
         (self.findings, self.detector)
     }
 }
@@ -343,14 +398,26 @@ fn read_trace(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result
 }
 
 pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = DetectorConfig::default();
+    let config = DetectorConfig {
+        internal_domains: args.internal_domains.clone(),
+        ..DetectorConfig::default()
+    };
     let window = config.window_secs;
     let started = std::time::Instant::now();
-    let (answers, (findings, _, count)) = match (&args.events, &args.answers) {
+    let (answers, (findings, _, count, ids)) = match (&args.events, &args.answers) {
         (Some(events), Some(answers)) => {
             let key: AnswerKey = serde_json::from_slice(&fs_err::read(answers)?)
                 .with_context(|| format!("{} is not an answer key (docs/evaluation.md)", answers.display()))?;
-            (key, replay(read_trace(events)?, config, &args.rules)?)
+            let unknown = custos_sim::unknown_scenarios(&key);
+            if !unknown.is_empty() {
+                bail!(
+                    "{}: unknown scenario {} in the answer key; known: {}",
+                    answers.display(),
+                    unknown.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", "),
+                    Scenario::ALL.map(Scenario::name).join(", ")
+                );
+            }
+            (key, replay_with_ids(read_trace(events)?, config, &args.rules)?)
         }
         _ => {
             let sim = custos_sim::simulate(&config_from(&args.fleet, &[])?);
@@ -362,7 +429,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
                 sim.events.len()
             );
             let answers = sim.answers;
-            (answers, replay(sim.events.into_iter().map(Ok), config, &args.rules)?)
+            (answers, replay_with_ids(sim.events.into_iter().map(Ok), config, &args.rules)?)
         }
     };
     let detected: Vec<Detected> = findings
@@ -371,18 +438,34 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
             agent: finding.agent.clone(),
             finding_type: finding.finding_type.clone(),
             ts: finding.ts,
+            evidence: finding
+                .evidence
+                .iter()
+                .filter_map(|index| ids.get(usize::try_from(*index).ok()?).cloned())
+                .collect(),
         })
         .collect();
     let report = custos_sim::score(&answers, &detected, window);
+    let (automatic, wrongful) = wrongful_actions(&findings, &answers)?;
+    let wrongful_rate = wrongful as f64 * 100.0 / report.agent_days.max(1e-9);
+    let missed = custos_sim::missed_goals(&report, wrongful_rate);
+    let code = if missed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    };
     let elapsed = started.elapsed().as_secs_f64();
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "report": report, "events": count, "findings": findings,
+                "automatic_actions": automatic, "wrongful_actions": wrongful,
+                "wrongful_actions_per_100_agent_days": wrongful_rate,
+                "goals_missed": missed,
             }))?
         );
-        return Ok(std::process::ExitCode::SUCCESS);
+        return Ok(code);
     }
     println!(
         "{count} events replayed in {elapsed:.1} s ({:.0} events/s); {} findings\n",
@@ -390,36 +473,49 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
         report.findings
     );
     println!(
-        "{:<32} {:>7} {:>8} {:>9} {:>7} {:>6} {:>12}",
-        "SCENARIO", "ATTACKS", "DETECTED", "PRECISION", "RECALL", "F1", "TTD p50 (s)"
+        "{:<32} {:>7} {:>8} {:>9} {:>7} {:>6} {:>12} {:>12} {:>9}",
+        "SCENARIO", "ATTACKS", "DETECTED", "PRECISION", "RECALL", "F1", "TTD p50 (s)", "TTD max (s)", "EVIDENCE"
     );
     for scenario in &report.scenarios {
+        let ttd = |secs: Option<f64>| secs.map_or("-".to_owned(), |secs| format!("{secs:.0}"));
         println!(
-            "{:<32} {:>7} {:>8} {:>9.2} {:>7.2} {:>6.2} {:>12}",
+            "{:<32} {:>7} {:>8} {:>9.2} {:>7.2} {:>6.2} {:>12} {:>12} {:>9}",
             scenario.scenario,
             scenario.attacks,
             scenario.detected,
             scenario.precision,
             scenario.recall,
             scenario.f1,
-            scenario
-                .time_to_detect_p50_secs
-                .map_or("-".to_owned(), |secs| format!("{secs:.0}")),
+            ttd(scenario.time_to_detect_p50_secs),
+            ttd(scenario.time_to_detect_max_secs),
+            format!("{}/{}", scenario.evidence_cited, scenario.evidence_checked),
         );
     }
     println!(
-        "\nfalse positives: {} over {:.0} agent-days = {:.2} per 100 agent-days (goal <= 1)",
-        report.false_positives, report.agent_days, report.false_positives_per_100_agent_days
+        "\nrecall {:.3} ({} of {} attacks); {} related findings (right agent and time, type not naming the attack)",
+        report.recall, report.detected, report.attacks, report.related
+    );
+    println!(
+        "false positives: {} over {:.0} agent-days = {:.2} per 100 agent-days (goal <= {})",
+        report.false_positives,
+        report.agent_days,
+        report.false_positives_per_100_agent_days,
+        custos_sim::goals::FALSE_POSITIVES
     );
     if !report.false_positives_by_type.is_empty() {
         println!("false positives by type: {:?}", report.false_positives_by_type);
     }
-    let recall_ok = report.scenarios.iter().all(|scenario| scenario.recall >= 0.95);
-    let fp_ok = report.false_positives_per_100_agent_days <= 1.0;
     println!(
-        "goals: recall >= 0.95 on every scenario: {}; <= 1 FP per 100 agent-days: {}",
-        if recall_ok { "met" } else { "NOT met" },
-        if fp_ok { "met" } else { "NOT met" }
+        "automatic actions (shipped playbooks, dry run): {automatic}; wrongful (agents not attacked): {wrongful} = {wrongful_rate:.2} per 100 agent-days (goal <= {})",
+        custos_sim::goals::WRONGFUL_ACTIONS
     );
-    Ok(std::process::ExitCode::SUCCESS)
+    if missed.is_empty() {
+        println!("goals: all met");
+    } else {
+        println!("goals NOT met:");
+        for line in &missed {
+            println!("  - {line}");
+        }
+    }
+    Ok(code)
 }

@@ -6,6 +6,8 @@ use custos_detect::{Detector, DetectorConfig, Finding, Rules};
 use custos_event::{Kind, Observation, Outcome, Payload, Signal};
 use serde_json::json;
 
+mod weaknesses;
+
 const AGENT: &str = "did:key:z6MkagentAAAA";
 const OTHER: &str = "did:key:z6MkagentBBBB";
 
@@ -65,6 +67,14 @@ impl Feed {
             signal,
         })
     }
+}
+
+/// Ticks at `at`, then past the hold of behavioural findings (the crowd check), and
+/// returns everything reported.
+fn settle(feed: &mut Feed, at: DateTime<Utc>) -> Vec<Finding> {
+    let mut found = feed.detector.tick(at.timestamp());
+    found.extend(feed.detector.tick((at + Duration::minutes(6)).timestamp()));
+    found
 }
 
 fn attrs(value: serde_json::Value) -> Option<serde_json::Map<String, serde_json::Value>> {
@@ -144,37 +154,6 @@ fn credential_used_by_a_non_owner() {
     assert_eq!(rule_ids(&found), ["custos-credential-non-owner"]);
     let found = feed.event(AGENT, Kind::CredentialUse, t0() + Duration::seconds(1), |p| {
         p.target = Some("aws:own".into());
-        p.attrs = attrs(json!({"credential_owner": AGENT}));
-    });
-    assert!(rule_ids(&found).is_empty(), "{found:?}");
-}
-
-#[test]
-fn untrusted_memory_write_then_credential_use() {
-    let mut feed = Feed::new();
-    assert!(
-        feed.event(AGENT, Kind::MemoryWrite, t0(), |p| {
-            p.memory_id = Some("mem-42".into());
-            p.attrs = attrs(json!({"source_trust": "untrusted"}));
-        })
-        .is_empty()
-    );
-    let found = feed.event(AGENT, Kind::CredentialUse, t0() + Duration::minutes(3), |p| {
-        p.attrs = attrs(json!({"credential_owner": AGENT}));
-    });
-    assert_eq!(rule_ids(&found), ["custos-poisoned-memory-credential"]);
-    assert_eq!(
-        found[0].memories,
-        ["mem-42"],
-        "the poisoned memory is named for quarantine"
-    );
-
-    // Near miss: the memory write came from a trusted source.
-    let mut feed = Feed::new();
-    feed.event(AGENT, Kind::MemoryWrite, t0(), |p| {
-        p.attrs = attrs(json!({"source_trust": "trusted"}));
-    });
-    let found = feed.event(AGENT, Kind::CredentialUse, t0() + Duration::minutes(3), |p| {
         p.attrs = attrs(json!({"credential_owner": AGENT}));
     });
     assert!(rule_ids(&found).is_empty(), "{found:?}");
@@ -262,44 +241,6 @@ fn steady_minutes(feed: &mut Feed, agent: &str, from: DateTime<Utc>, minutes: i6
 }
 
 #[test]
-fn an_agent_that_stops_reporting_is_flagged_once() {
-    let mut feed = Feed::new();
-    // Yesterday it was busy through these hours, so silence now is news.
-    let yesterday = steady_minutes(&mut feed, AGENT, t0() - Duration::days(1), 240);
-    assert!(yesterday.iter().all(|finding| finding.finding_type != "silence"));
-    let found = steady_minutes(&mut feed, AGENT, t0(), 70);
-    assert!(found.is_empty(), "steady traffic raised {found:?}");
-    let last = t0() + Duration::minutes(70);
-    assert!(
-        feed.detector.tick(last.timestamp() + 5 * 60).is_empty(),
-        "five quiet minutes are fine"
-    );
-    let found = feed.detector.tick(last.timestamp() + 30 * 60);
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].finding_type, "silence");
-    assert!(
-        feed.detector.tick(last.timestamp() + 40 * 60).is_empty(),
-        "reported once"
-    );
-}
-
-#[test]
-fn stopping_when_the_rhythm_says_so_is_not_silence() {
-    let mut feed = Feed::new();
-    // Busy for the first 70 minutes of its day, with no history after that hour: the
-    // stop looks like the end of a working day, not an audit coverage drop.
-    assert!(steady_minutes(&mut feed, AGENT, t0(), 70).is_empty());
-    let last = t0() + Duration::minutes(70);
-    for minutes in [30, 60, 120] {
-        let found = feed.detector.tick(last.timestamp() + minutes * 60);
-        assert!(
-            found.iter().all(|finding| finding.finding_type != "silence"),
-            "{found:?}"
-        );
-    }
-}
-
-#[test]
 fn a_spike_against_the_agents_own_baseline_is_explained() {
     let mut feed = Feed::new();
     assert!(steady_minutes(&mut feed, AGENT, t0(), 60).is_empty());
@@ -310,7 +251,7 @@ fn a_spike_against_the_agents_own_baseline_is_explained() {
             p.bytes_out = Some(5_000_000);
         });
     }
-    let found = feed.detector.tick((spike_start + Duration::minutes(2)).timestamp());
+    let found = settle(&mut feed, spike_start + Duration::minutes(2));
     let anomaly = found
         .iter()
         .find(|f| f.finding_type == "anomaly")
@@ -330,16 +271,22 @@ fn a_new_agent_is_judged_against_its_peers_while_learning() {
     steady_minutes(&mut feed, OTHER, t0(), 40);
     let newcomer = "did:key:z6MknewcomerCCCC";
     let at = t0() + Duration::minutes(41);
+    // While it learns, no single signal decides (each counts for at most 4 deviations):
+    // this one uses credentials, deletes memories and is denied, all at once.
     for i in 0..30 {
         feed.event(newcomer, Kind::CredentialUse, at + Duration::seconds(i), |p| {
             p.attrs = attrs(json!({"credential_owner": newcomer}));
+            p.outcome = Some(Outcome::Denied);
+        });
+        feed.event(newcomer, Kind::MemoryDelete, at + Duration::seconds(i), |p| {
+            p.memory_id = Some(format!("m{i}"));
         });
     }
-    let found = feed.detector.tick((at + Duration::minutes(2)).timestamp());
+    let found = settle(&mut feed, at + Duration::minutes(2));
     let anomaly = found
         .iter()
-        .find(|f| f.agent == newcomer && f.finding_type == "anomaly")
-        .expect("the newcomer is flagged from its first minute");
+        .find(|f| f.agent == newcomer && f.rule_id.is_none())
+        .unwrap_or_else(|| panic!("the newcomer is flagged from its first minute: {found:?}"));
     assert!(anomaly.learning);
     assert!(anomaly.confidence < 0.85);
 }
@@ -383,28 +330,34 @@ fn peer_groups_are_clustered_so_a_newcomer_is_judged_against_its_own_kind() {
     busy_minutes(&mut feed, "did:key:z6MknewbusyDDDD", at, 1);
     // ...but one that looks like a quiet agent at four times the pace is, though it
     // would pass against the realm's blended average.
+    // (While learning no single signal decides, so it also sends ten times the bytes
+    // and is denied throughout.)
     let newcomer = "did:key:z6MknewquietEEEE";
     for i in 0..40 {
         feed.event(newcomer, Kind::ToolCall, at + Duration::milliseconds(i * 1400), |p| {
             p.action = Some(format!("tool{}", i % 3));
             p.target = Some(format!("repo/{}", i % 4));
-            p.outcome = Some(Outcome::Ok);
-            p.bytes_out = Some(1000);
+            p.outcome = Some(Outcome::Denied);
+            p.bytes_out = Some(10_000);
         });
     }
-    let found = feed.detector.tick((at + Duration::minutes(1)).timestamp());
+    let found = settle(&mut feed, at + Duration::minutes(1));
     assert!(
         found.iter().all(|finding| finding.agent != "did:key:z6MknewbusyDDDD"),
         "{found:?}"
     );
     let anomaly = found
         .iter()
-        .find(|finding| finding.agent == newcomer && finding.finding_type == "anomaly")
+        .find(|finding| finding.agent == newcomer && finding.rule_id.is_none())
         .unwrap_or_else(|| panic!("the quiet-kind newcomer is flagged: {found:?}"));
     assert!(anomaly.learning);
     assert!(anomaly.title.contains("peer group"), "{}", anomaly.title);
-    assert_eq!(anomaly.explanation[0].feature, "events");
-    assert!(anomaly.explanation[0].expected < 20.0, "{:?}", anomaly.explanation);
+    let events = anomaly
+        .explanation
+        .iter()
+        .find(|c| c.feature == "events")
+        .unwrap_or_else(|| panic!("{:?}", anomaly.explanation));
+    assert!(events.expected < 20.0, "judged against the quiet kind: {:?}", anomaly.explanation);
 }
 
 #[test]
