@@ -114,9 +114,13 @@ pub const MEMORY_TAINT_SECS: i64 = 7 * 86_400;
 /// A realm must have been observed this long before a destination is "new to the realm".
 pub const REALM_WARMUP_SECS: i64 = 24 * 3600;
 /// Expected bursts of activity that must have failed to arrive before silence is
-/// reported: with bursts arriving at random, none in eight expected happens by chance with
-/// probability e⁻⁸ (about 3 in 10 000).
+/// reported: with bursts arriving at random, none in eight expected happens by chance
+/// with probability e⁻⁸ (about 1 in 3 000). The agent's own longest pause raises the bar
+/// ([`PAUSE_MARGIN`]).
 pub const SILENCE_BURSTS: f32 = 8.0;
+/// Silence must exceed the longest pause (in expected bursts) the agent ever came back
+/// from by this factor.
+pub const PAUSE_MARGIN: f32 = 1.25;
 /// A pause of this many seconds ends a burst of activity.
 pub const BURST_GAP_SECS: i64 = 300;
 /// Expected events of a kind that must have failed to arrive, among the agent's other
@@ -225,6 +229,8 @@ pub struct AgentState {
     tick_events: u32,
     recent_actual: f32,
     recent_expected: f32,
+    #[serde(default)]
+    recent_at: i64,
     flows: AgentFlows,
     kinds: KindStats,
     last_policy_change: i64,
@@ -531,6 +537,7 @@ impl Detector {
                     tick_events: 0,
                     recent_actual: 0.0,
                     recent_expected: 0.0,
+                    recent_at: ts,
                     flows: AgentFlows::default(),
                     kinds: KindStats::default(),
                     last_policy_change: i64::MIN,
@@ -947,7 +954,8 @@ impl Detector {
         for state in self.agents.values_mut() {
             // Recent activity against the rhythm, decayed: the realm's lull check.
             let from = state.expected_at.max(state.last_seen);
-            let dt = (now - state.expected_at).max(0) as f32;
+            let dt = (now - state.recent_at).max(0) as f32;
+            state.recent_at = state.recent_at.max(now);
             let decay = (-dt / RECENT_SECS).exp();
             let expected = if now > from { expected_between(&state.baseline, from, now) } else { 0.0 };
             state.recent_actual = state.recent_actual * decay + state.tick_events as f32;
@@ -971,7 +979,7 @@ impl Detector {
                 continue;
             }
             let bursts = state.expected_missing / state.burst_unit();
-            if now - state.last_seen > quiet.max(BURST_GAP_SECS) && bursts >= SILENCE_BURSTS.max(state.longest_pause) {
+            if now - state.last_seen > quiet.max(BURST_GAP_SECS) && bursts >= SILENCE_BURSTS.max(PAUSE_MARGIN * state.longest_pause) {
                 state.silent = true;
                 if lull.contains(&state.realm) {
                     tracing::debug!(agent = %did, realm = %state.realm, "silence not reported: the realm is in a lull");

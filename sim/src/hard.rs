@@ -299,6 +299,10 @@ pub fn simulate(config: &SimConfig) -> Simulation {
             };
             let Some(victim) = victim else { continue };
             taken[victim] = true;
+            if *scenario == Scenario::GoesSilent {
+                // The scenario is a busy agent going quiet: the fleet's top level.
+                agents[victim].level = 10.0;
+            }
             let latest = match scenario {
                 // Room to be noticed: two and a half days for drift, a day otherwise.
                 Scenario::SlowDrift => end - Duration::hours(60),

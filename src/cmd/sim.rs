@@ -194,6 +194,11 @@ pub(crate) fn replay_with_ids(
         let envelope = envelope?;
         let id = custos_event::blake3_hex(&envelope.payload);
         let admitted = admission.admit(envelope)?;
+        if let Some(observation) = &admitted.observation
+            && !matches!(observation.signal, Signal::Accepted { .. })
+        {
+            tracing::debug!(agent = %observation.payload.agent, seq = observation.payload.seq, signal = observation.signal_name(), "refused by the chain rules");
+        }
         if admitted
             .observation
             .as_ref()
