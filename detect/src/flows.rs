@@ -29,13 +29,16 @@ pub const MAX_MARKS: usize = 8;
 pub const MAX_TAINTED_MEMORIES: usize = 50_000;
 
 /// A session (or span) that holds untrusted content, and the events that made it so.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Mark {
     pub key: u32,
     pub ts: i64,
     /// Log indexes of the events that caused the mark (untrusted input; or the tainted
     /// memory's write and its read-back).
     pub cause: [Option<u64>; 2],
+    /// The tainted memory read back, for a poisoned mark (what to quarantine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 /// One agent's flow marks.
@@ -102,19 +105,28 @@ fn find(marks: &[Mark], keys: &[u32], now: i64, horizon: i64) -> Option<Mark> {
         .iter()
         .filter(|mark| keys.contains(&mark.key) && now - mark.ts <= horizon && now >= mark.ts - 60)
         .min_by_key(|mark| mark.ts)
-        .copied()
+        .cloned()
 }
 
 impl AgentFlows {
     pub fn taint(&mut self, payload: &Payload, ts: i64, cause: [Option<u64>; 2]) {
         for key in own_keys(payload) {
-            add_mark(&mut self.tainted, Mark { key, ts, cause });
+            add_mark(&mut self.tainted, Mark { key, ts, cause, memory: None });
         }
     }
 
     pub fn poison(&mut self, payload: &Payload, ts: i64, cause: [Option<u64>; 2]) {
+        let memory = payload.memory_id.clone().or_else(|| payload.target.clone());
         for key in own_keys(payload) {
-            add_mark(&mut self.poisoned, Mark { key, ts, cause });
+            add_mark(
+                &mut self.poisoned,
+                Mark {
+                    key,
+                    ts,
+                    cause,
+                    memory: memory.clone(),
+                },
+            );
         }
     }
 

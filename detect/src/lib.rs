@@ -793,8 +793,8 @@ impl Detector {
             .realm_first
             .get(&realm)
             .is_some_and(|first| ts - first >= REALM_WARMUP_SECS);
-        // (type, evidence, destination or credential, what happened)
-        let mut raised: Vec<(&str, Vec<Option<u64>>, String)> = Vec::new();
+        // (type, evidence, what happened, the poisoned memory)
+        let mut raised: Vec<(&str, Vec<Option<u64>>, String, Option<String>)> = Vec::new();
         if let Some(destination) = flows::outward_destination(payload, &internal) {
             let key = format!("d:{destination}");
             let agent_new = !state.sent.contains(&key);
@@ -809,6 +809,7 @@ impl Detector {
                     "exfiltration",
                     vec![mark.cause[0], mark.cause[1], index],
                     format!("sent to {destination}, a destination neither this agent nor its realm ever sent to, after untrusted content in the same session"),
+                    None,
                 ));
             }
             if agent_new && let Some(mark) = state.flows.poisoned_by(payload, ts, POISON_SECS) {
@@ -816,6 +817,7 @@ impl Detector {
                     "memory_poisoning",
                     vec![mark.cause[0], mark.cause[1], index],
                     format!("sent to {destination} (new for this agent) after reading back a memory written from untrusted content"),
+                    mark.memory.clone(),
                 ));
             }
             state.sent.insert(&key);
@@ -833,6 +835,7 @@ impl Detector {
                     "used credential {} after reading back a memory written from untrusted content",
                     payload.target.as_deref().unwrap_or("(unnamed)")
                 ),
+                mark.memory.clone(),
             ));
         }
         let memories = self.tainted_memories.entry(realm.clone()).or_default();
@@ -867,7 +870,7 @@ impl Detector {
         }
         let memories_written = state.window.memories.clone();
         let mut findings = Vec::new();
-        for (finding_type, causes, what) in raised {
+        for (finding_type, causes, what, poisoned) in raised {
             let mut evidence: Vec<u64> = causes.into_iter().flatten().collect();
             evidence.sort_unstable();
             evidence.dedup();
@@ -884,11 +887,12 @@ impl Detector {
                     "Memory written from untrusted content was read back, then a credential or an outward send followed (memory poisoning)",
                 )
             };
-            let mut memories = memories_written.clone();
-            if let Some(memory) = &payload.memory_id
-                && !memories.contains(memory)
-            {
-                memories.push(memory.clone());
+            // The poisoned memory first: it is what quarantine_memory must take out.
+            let mut memories: Vec<String> = poisoned.into_iter().collect();
+            for memory in memories_written.iter().chain(&payload.memory_id) {
+                if !memories.contains(memory) {
+                    memories.push(memory.clone());
+                }
             }
             findings.push(Finding {
                 id: String::new(),

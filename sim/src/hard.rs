@@ -315,8 +315,10 @@ pub fn simulate(config: &SimConfig) -> Simulation {
             let mut at = half;
             for _ in 0..500 {
                 at = half + Duration::minutes(rng.gen_range(0..span));
-                // Silence starts with at least three working hours ahead.
-                let ahead = *scenario != Scenario::GoesSilent || rhythm(role, at + Duration::hours(3)) >= 0.9;
+                // Silence starts on a weekday (a rhythm the history holds) with at least
+                // three working hours ahead.
+                let ahead = *scenario != Scenario::GoesSilent
+                    || (rhythm(role, at + Duration::hours(3)) >= 0.9 && at.weekday().num_days_from_monday() < 5);
                 if rhythm(role, at) >= 0.9 && ahead && holiday != Some(at.date_naive()) {
                     break;
                 }

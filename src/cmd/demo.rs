@@ -267,7 +267,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("  custos rejected list --data {shown}             # the bad inputs above, kept with their reasons");
     println!("  custos finding list --data {shown}              # the findings, with explanations");
     println!("  custos action list --data {shown}               # what the playbooks did");
-    println!("  custos eval --agents 50 --hours 48              # detection quality on a simulated fleet");
+    println!("  custos eval --agents 50 --seed 1                # detection quality on a hard simulated fleet");
     println!("  custos proof inclusion --data {shown} --index 42");
     println!("  custos verify {shown} --signatures              # then flip a byte in a segment and run it again");
     if surprises > 0 || !report.ok() {
@@ -280,8 +280,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An ops agent's memory is poisoned from untrusted content and it then uses a
-/// credential: the detector's rule fires, the shipped playbook revokes the agent and
+/// An ops agent's memory is poisoned from untrusted content, read back, and the agent
+/// then uses a credential: the detector's provenance tracking fires, the shipped playbook revokes the agent and
 /// quarantines the memory. Times the loop from sending the first malicious event to the
 /// revocation being durable in the log.
 async fn attack(
@@ -292,7 +292,7 @@ async fn attack(
     marks: &crate::pipeline::Marks,
 ) -> anyhow::Result<()> {
     section(&format!(
-        "An attack: {} ({}) stores untrusted content in memory, then uses a credential",
+        "An attack: {} ({}) stores untrusted content in memory, reads it back, then uses a credential",
         short(victim.did()),
         victim.role.name
     ));
@@ -304,6 +304,9 @@ async fn attack(
         "source_trust".to_owned(),
         serde_json::json!("untrusted"),
     )]));
+    let mut recall = Payload::new(Kind::MemoryRead, now + chrono::Duration::milliseconds(200));
+    recall.action = Some("memory.recall".into());
+    recall.memory_id = Some("mem-runbook-poisoned".into());
     let mut misuse = Payload::new(Kind::CredentialUse, now + chrono::Duration::milliseconds(400));
     misuse.action = Some("vault.read".into());
     misuse.target = Some("vault://ops/prod-db-admin".into());
@@ -313,16 +316,18 @@ async fn attack(
         serde_json::json!(did),
     )]));
     let body = format!(
-        "{}\n{}\n",
+        "{}\n{}\n{}\n",
         victim.signer.sign(poison).to_json(),
+        victim.signer.sign(recall).to_json(),
         victim.signer.sign(misuse).to_json()
     );
     let sent = Instant::now();
     let results = agents_client.send_events(body.into_bytes()).await?;
     println!(
-        "both events accepted (log indexes {} and {}); the agent is still active",
+        "the three events accepted (log indexes {}, {} and {}); the agent is still active",
         index(results[0].log_index),
-        index(results.get(1).and_then(|result| result.log_index))
+        index(results.get(1).and_then(|result| result.log_index)),
+        index(results.get(2).and_then(|result| result.log_index))
     );
     let enforced = loop {
         let found = marks

@@ -158,7 +158,8 @@ Examples:
 Replays the events through the detector in event time (days in seconds), applying
 ingest's chain rules (duplicates dropped, forks refused and flagged, gaps flagged), runs
 the shipped playbooks in dry run over the findings, and scores both against the answer
-key (docs/evaluation.md). Exits 1 when a detection goal is missed, 2 on bad input.")]
+key (docs/evaluation.md). Exits 0 when every goal is met; 1 when one is missed (listed
+under `goals NOT met`) or the input is refused (the error names it).")]
 pub(crate) struct EvalArgs {
     /// A trace (NDJSON of DSSE envelopes, time order); without it one is simulated.
     #[arg(long, requires = "answers")]

@@ -244,7 +244,7 @@ fn the_demo_runs_clean() {
     assert!(!text.contains("unexpected"), "{text}");
     // The detection and response loop.
     for shown in [
-        "rule custos-poisoned-memory-credential",
+        "rule custos-memory-poisoning",
         "revoke_agent",
         "-> executed",
         "first malicious event -> enforced revocation:",

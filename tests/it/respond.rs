@@ -144,12 +144,17 @@ fn memory_poisoning_is_contained_and_the_revocation_list_verifies() {
         &[json!({"kind": "tool_call", "action": "search"})],
     );
     assert_eq!(results[0]["status"], "accepted", "the delegation enrolled the child");
+    // The poisoned memory is read back, then a credential is used: provenance, not just
+    // an untrusted write followed by a credential (the bystander's pattern).
     let trigger = send(
         &url,
         &mut parent_signer,
-        &[json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": parent}})],
+        &[
+            json!({"kind": "memory_read", "memory_id": "mem-poisoned"}),
+            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": parent}}),
+        ],
     );
-    let trigger_index = trigger[0]["log_index"].as_u64().unwrap();
+    let trigger_index = trigger[1]["log_index"].as_u64().unwrap();
 
     wait_for("the playbook to revoke the parent", || {
         status_of(&url, &token, &parent) == "revoked"
@@ -163,7 +168,7 @@ fn memory_poisoning_is_contained_and_the_revocation_list_verifies() {
         .find(|finding| finding["type"] == "memory_poisoning")
         .unwrap_or_else(|| panic!("no memory_poisoning finding in {found:?}"));
     assert_eq!(poisoning["agent"], parent.as_str());
-    assert_eq!(poisoning["rule_id"], "custos-poisoned-memory-credential");
+    assert_eq!(poisoning["rule_id"], "custos-memory-poisoning");
     assert!(
         poisoning["evidence"]
             .as_array()

@@ -271,6 +271,7 @@ fn memory_poisoning_needs_the_untrusted_memory_read_back() {
     });
     assert_eq!(types(&found), ["memory_poisoning"], "{found:?}");
     assert_eq!(found[0].evidence, [2, 3, 4], "write, read-back, credential use");
+    assert_eq!(found[0].memories[0], "runbook", "the poisoned memory is named for quarantine");
     assert_eq!(found[0].severity.as_str(), "critical");
 
     // Near miss: a trusted memory read back before the credential use.
