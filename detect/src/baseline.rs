@@ -84,7 +84,12 @@ pub struct Drift {
 
 impl From<[f32; 4]> for Drift {
     fn from([level, dev, sum, recent]: [f32; 4]) -> Self {
-        Self { level, dev, sum, recent }
+        Self {
+            level,
+            dev,
+            sum,
+            recent,
+        }
     }
 }
 
@@ -176,8 +181,7 @@ impl Baseline {
         }
         let per_hour = total as f32 / 168.0;
         let per_day_hour = total as f32 / 24.0;
-        f32::from(self.profile[how]) < 0.05 * per_hour
-            && (self.hour_of_day_total(how % 24) as f32) < 0.1 * per_day_hour
+        f32::from(self.profile[how]) < 0.05 * per_hour && (self.hour_of_day_total(how % 24) as f32) < 0.1 * per_day_hour
     }
 
     /// Events in the profile at this hour of the day, summed over the days of the week.

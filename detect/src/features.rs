@@ -196,10 +196,7 @@ pub fn group_bit(name: &str) -> u8 {
 
 /// Group index of feature `f`.
 pub fn group_of(f: usize) -> usize {
-    GROUPS
-        .iter()
-        .position(|(_, members)| members.contains(&f))
-        .unwrap_or(0)
+    GROUPS.iter().position(|(_, members)| members.contains(&f)).unwrap_or(0)
 }
 
 fn small_hash(text: &str) -> u32 {

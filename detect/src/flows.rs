@@ -93,7 +93,12 @@ fn add_mark(marks: &mut Vec<Mark>, mark: Mark) {
     }
     if marks.len() >= MAX_MARKS {
         // Drop the stalest.
-        if let Some(stalest) = marks.iter().enumerate().min_by_key(|(_, mark)| mark.ts).map(|(at, _)| at) {
+        if let Some(stalest) = marks
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, mark)| mark.ts)
+            .map(|(at, _)| at)
+        {
             marks.remove(stalest);
         }
     }
@@ -111,7 +116,15 @@ fn find(marks: &[Mark], keys: &[u32], now: i64, horizon: i64) -> Option<Mark> {
 impl AgentFlows {
     pub fn taint(&mut self, payload: &Payload, ts: i64, cause: [Option<u64>; 2]) {
         for key in own_keys(payload) {
-            add_mark(&mut self.tainted, Mark { key, ts, cause, memory: None });
+            add_mark(
+                &mut self.tainted,
+                Mark {
+                    key,
+                    ts,
+                    cause,
+                    memory: None,
+                },
+            );
         }
     }
 
@@ -279,15 +292,27 @@ mod tests {
             outward_destination(&payload(Kind::ToolCall, "http.post", "https://paste.evil.net/u"), none).as_deref(),
             Some("paste.evil.net")
         );
-        assert_eq!(outward_destination(&payload(Kind::ToolCall, "web.fetch", "https://docs.example.org/a"), none), None);
+        assert_eq!(
+            outward_destination(
+                &payload(Kind::ToolCall, "web.fetch", "https://docs.example.org/a"),
+                none
+            ),
+            None
+        );
         assert_eq!(
             outward_destination(&payload(Kind::MessageSent, "email", "mailto:bob@partner.example"), none).as_deref(),
             Some("partner.example")
         );
-        assert_eq!(outward_destination(&payload(Kind::MessageSent, "chat.reply", "ticket://42"), none), None);
+        assert_eq!(
+            outward_destination(&payload(Kind::MessageSent, "chat.reply", "ticket://42"), none),
+            None
+        );
         let internal = vec!["acme.com".to_owned()];
         assert_eq!(
-            outward_destination(&payload(Kind::ToolCall, "http.post", "https://api.acme.com/x"), &internal),
+            outward_destination(
+                &payload(Kind::ToolCall, "http.post", "https://api.acme.com/x"),
+                &internal
+            ),
             None
         );
         assert!(is_internal("10.1.2.3", none));
@@ -297,9 +322,18 @@ mod tests {
     #[test]
     fn inbound_content_is_untrusted_unless_declared_trusted() {
         let none: &[String] = &[];
-        assert!(is_untrusted_input(&payload(Kind::MessageReceived, "chat.inbound", "ticket://1"), none));
-        assert!(is_untrusted_input(&payload(Kind::ToolResult, "web.fetch", "https://evil.example/x"), none));
-        assert!(!is_untrusted_input(&payload(Kind::ToolResult, "crm.lookup", "crm://customers/1"), none));
+        assert!(is_untrusted_input(
+            &payload(Kind::MessageReceived, "chat.inbound", "ticket://1"),
+            none
+        ));
+        assert!(is_untrusted_input(
+            &payload(Kind::ToolResult, "web.fetch", "https://evil.example/x"),
+            none
+        ));
+        assert!(!is_untrusted_input(
+            &payload(Kind::ToolResult, "crm.lookup", "crm://customers/1"),
+            none
+        ));
         let mut trusted = payload(Kind::MessageReceived, "chat.inbound", "ticket://1");
         trusted.attrs = serde_json::json!({"source_trust": "trusted"}).as_object().cloned();
         assert!(!is_untrusted_input(&trusted, none));

@@ -246,6 +246,9 @@ impl AgentState {
     }
 }
 
+/// A flow finding before it is built: type, evidence, what happened, the poisoned memory.
+type Raised = (&'static str, Vec<Option<u64>>, String, Option<String>);
+
 /// A finding held back for the crowd check.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Held {
@@ -332,7 +335,11 @@ fn level_score(level: &str) -> u8 {
 }
 
 fn hash64(text: &str) -> u64 {
-    u64::from_le_bytes(blake3::hash(text.as_bytes()).as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    u64::from_le_bytes(
+        blake3::hash(text.as_bytes()).as_bytes()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    )
 }
 
 /// ATT&CK and OWASP Agentic tags for a baseline finding led by `feature`.
@@ -793,8 +800,7 @@ impl Detector {
             .realm_first
             .get(&realm)
             .is_some_and(|first| ts - first >= REALM_WARMUP_SECS);
-        // (type, evidence, what happened, the poisoned memory)
-        let mut raised: Vec<(&str, Vec<Option<u64>>, String, Option<String>)> = Vec::new();
+        let mut raised: Vec<Raised> = Vec::new();
         if let Some(destination) = flows::outward_destination(payload, &internal) {
             let key = format!("d:{destination}");
             let agent_new = !state.sent.contains(&key);
@@ -930,7 +936,10 @@ impl Detector {
                 ts: payload.ts,
             });
         }
-        findings.into_iter().filter_map(|finding| self.report(finding)).collect()
+        findings
+            .into_iter()
+            .filter_map(|finding| self.report(finding))
+            .collect()
     }
 
     /// Closes every window that ended before `now` (event time, seconds), reports
@@ -961,7 +970,11 @@ impl Detector {
             let dt = (now - state.recent_at).max(0) as f32;
             state.recent_at = state.recent_at.max(now);
             let decay = (-dt / RECENT_SECS).exp();
-            let expected = if now > from { expected_between(&state.baseline, from, now) } else { 0.0 };
+            let expected = if now > from {
+                expected_between(&state.baseline, from, now)
+            } else {
+                0.0
+            };
             state.recent_actual = state.recent_actual * decay + state.tick_events as f32;
             state.recent_expected = state.recent_expected * decay + expected;
             state.tick_events = 0;
@@ -983,13 +996,20 @@ impl Detector {
                 continue;
             }
             let bursts = state.expected_missing / state.burst_unit();
-            if now - state.last_seen > quiet.max(BURST_GAP_SECS) && bursts >= SILENCE_BURSTS.max(PAUSE_MARGIN * state.longest_pause) {
+            if now - state.last_seen > quiet.max(BURST_GAP_SECS)
+                && bursts >= SILENCE_BURSTS.max(PAUSE_MARGIN * state.longest_pause)
+            {
                 state.silent = true;
                 if lull.contains(&state.realm) {
                     tracing::debug!(agent = %did, realm = %state.realm, "silence not reported: the realm is in a lull");
                     continue;
                 }
-                silent.push((did.clone(), state.realm.clone(), state.last_seen, state.expected_missing));
+                silent.push((
+                    did.clone(),
+                    state.realm.clone(),
+                    state.last_seen,
+                    state.expected_missing,
+                ));
             }
         }
         for (did, realm, last_seen, expected) in silent {
@@ -1096,7 +1116,12 @@ impl Detector {
             .or_else(|| payload.action.clone())
             .unwrap_or_else(|| payload.kind.as_str().to_owned());
         let dedup_key = if hit.correlation {
-            format!("rule|{}|{}|{}", hit.rule_id, payload.agent, evidence.first().copied().unwrap_or(0))
+            format!(
+                "rule|{}|{}|{}",
+                hit.rule_id,
+                payload.agent,
+                evidence.first().copied().unwrap_or(0)
+            )
         } else {
             format!("rule|{}|{}|{subject}", hit.rule_id, payload.agent)
         };
@@ -1228,11 +1253,15 @@ impl Detector {
             leaders.sort_by(|a, b| b.2.total_cmp(&a.2));
             let combined = leaders.iter().map(|(_, _, z)| z * z).sum::<f64>().sqrt();
             let score = if combined > 3.0 {
-                (100.0 * (1.0 - (-(combined - 3.0) / 4.0).exp())).round().clamp(0.0, 100.0) as u8
+                (100.0 * (1.0 - (-(combined - 3.0) / 4.0).exp()))
+                    .round()
+                    .clamp(0.0, 100.0) as u8
             } else {
                 0
             };
-            if score >= threshold && let Some((lead, top, _)) = leaders.first() {
+            if score >= threshold
+                && let Some((lead, top, _)) = leaders.first()
+            {
                 let lead_name = GROUPS[*lead].0;
                 // A type names the attack when its own signal is strong, whichever leads.
                 let strong = |name: &str, feature: Option<&str>, at_least: f64| {
@@ -1240,7 +1269,9 @@ impl Detector {
                         GROUPS[*g].0 == name && *z >= at_least && feature.is_none_or(|feature| c.feature == feature)
                     })
                 };
-                let finding_type = if window.errors + window.denials >= PROBING_MIN && strong("failures", None, PROBING_Z) {
+                let finding_type = if window.errors + window.denials >= PROBING_MIN
+                    && strong("failures", None, PROBING_Z)
+                {
                     "probing"
                 } else if window.memory_delete >= MASS_DELETE_MIN && strong("memory", Some("memory_delete"), STRONG) {
                     "mass_delete"
@@ -1267,7 +1298,10 @@ impl Detector {
                         top.expected,
                         top.deviation,
                         if others > 0 {
-                            format!(", with {others} more signal{} (combined {combined:.1})", if others == 1 { "" } else { "s" })
+                            format!(
+                                ", with {others} more signal{} (combined {combined:.1})",
+                                if others == 1 { "" } else { "s" }
+                            )
                         } else {
                             String::new()
                         },
@@ -1328,7 +1362,10 @@ impl Detector {
             agent: finding.agent.clone(),
             ts,
         });
-        self.held.push(Held { finding, due: ts + hold });
+        self.held.push(Held {
+            finding,
+            due: ts + hold,
+        });
         None
     }
 

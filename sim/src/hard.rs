@@ -100,7 +100,13 @@ fn adoptable(role: &str) -> (&'static str, &'static str) {
 }
 
 /// The steps of one ordinary session of `agent`, starting at `at`.
-fn session(agent: &Agent, at: DateTime<Utc>, id: &str, rng: &mut StdRng, bytes_factor: f64) -> Vec<(DateTime<Utc>, Map<String, Value>)> {
+fn session(
+    agent: &Agent,
+    at: DateTime<Utc>,
+    id: &str,
+    rng: &mut StdRng,
+    bytes_factor: f64,
+) -> Vec<(DateTime<Utc>, Map<String, Value>)> {
     let steps = 3 + poisson(rng, agent.length) as usize;
     let mut ts = at;
     let mut out = Vec::new();
@@ -110,48 +116,111 @@ fn session(agent: &Agent, at: DateTime<Utc>, id: &str, rng: &mut StdRng, bytes_f
     for step in 0..steps {
         let object = match agent.role.name {
             "coding-agent" => match step % 6 {
-                0 => event(Kind::FileRead, "fs.read", &format!("repo://payments/src/module_{}.rs", n(rng, agent))),
+                0 => event(
+                    Kind::FileRead,
+                    "fs.read",
+                    &format!("repo://payments/src/module_{}.rs", n(rng, agent)),
+                ),
                 1 => with(
-                    attrs(event(Kind::LlmCall, "chat", "anthropic:claude"), json!({"gen_ai.system": "anthropic"})),
+                    attrs(
+                        event(Kind::LlmCall, "chat", "anthropic:claude"),
+                        json!({"gen_ai.system": "anthropic"}),
+                    ),
                     "tokens_in",
                     json!(rng.gen_range(500..8000)),
                 ),
-                2 => event(Kind::FileWrite, "fs.write", &format!("repo://payments/src/module_{}.rs", n(rng, agent))),
-                3 => event(Kind::ToolCall, "shell.exec", &format!("cargo test -p module_{}", n(rng, agent))),
+                2 => event(
+                    Kind::FileWrite,
+                    "fs.write",
+                    &format!("repo://payments/src/module_{}.rs", n(rng, agent)),
+                ),
+                3 => event(
+                    Kind::ToolCall,
+                    "shell.exec",
+                    &format!("cargo test -p module_{}", n(rng, agent)),
+                ),
                 4 => attrs(
                     event(Kind::ToolCall, "mcp.search", "mcp://code-search"),
                     json!({"tool_hash": "sha256:1f2e3d"}),
                 ),
                 _ if kind_of_session == 0 => event(Kind::CredentialUse, "vault.read", "vault://eng/github-token"),
-                _ => event(Kind::ToolCall, "http.get", &format!("https://crates.io/api/v1/crates/c{}", n(rng, agent))),
+                _ => event(
+                    Kind::ToolCall,
+                    "http.get",
+                    &format!("https://crates.io/api/v1/crates/c{}", n(rng, agent)),
+                ),
             },
             "support-bot" => match step % 5 {
-                0 => event(Kind::MessageReceived, "chat.inbound", &format!("ticket://{}", rng.gen_range(1..100_000))),
-                1 => event(Kind::ToolCall, "crm.lookup", &format!("crm://customers/{}", n(rng, agent))),
-                2 => with(event(Kind::MemoryRead, "memory.recall", "mem://support/faq"), "memory_id", json!(format!("faq-{}", rng.gen_range(1..30)))),
+                0 => event(
+                    Kind::MessageReceived,
+                    "chat.inbound",
+                    &format!("ticket://{}", rng.gen_range(1..100_000)),
+                ),
+                1 => event(
+                    Kind::ToolCall,
+                    "crm.lookup",
+                    &format!("crm://customers/{}", n(rng, agent)),
+                ),
+                2 => with(
+                    event(Kind::MemoryRead, "memory.recall", "mem://support/faq"),
+                    "memory_id",
+                    json!(format!("faq-{}", rng.gen_range(1..30))),
+                ),
                 3 if kind_of_session < 2 => event(
                     Kind::ToolCall,
                     "http.post",
                     &format!("https://api.helpdesk.example.com/tickets/{}", rng.gen_range(1..100_000)),
                 ),
                 3 => event(Kind::LlmCall, "chat", "anthropic:claude"),
-                _ => event(Kind::MessageSent, "chat.reply", &format!("ticket://{}", rng.gen_range(1..100_000))),
+                _ => event(
+                    Kind::MessageSent,
+                    "chat.reply",
+                    &format!("ticket://{}", rng.gen_range(1..100_000)),
+                ),
             },
             "data-analyst" => match step % 4 {
-                0 => event(Kind::ToolCall, "sql.query", &format!("warehouse://sales/orders_{}", n(rng, agent))),
+                0 => event(
+                    Kind::ToolCall,
+                    "sql.query",
+                    &format!("warehouse://sales/orders_{}", n(rng, agent)),
+                ),
                 1 if rng.gen_bool(0.2) => attrs(
-                    event(Kind::FileRead, "s3.get", &format!("s3://analytics/exports/day_{}.parquet", n(rng, agent))),
+                    event(
+                        Kind::FileRead,
+                        "s3.get",
+                        &format!("s3://analytics/exports/day_{}.parquet", n(rng, agent)),
+                    ),
                     json!({"sensitivity": "pii"}),
                 ),
-                1 => event(Kind::FileRead, "s3.get", &format!("s3://analytics/exports/day_{}.parquet", n(rng, agent))),
+                1 => event(
+                    Kind::FileRead,
+                    "s3.get",
+                    &format!("s3://analytics/exports/day_{}.parquet", n(rng, agent)),
+                ),
                 2 => event(Kind::LlmCall, "chat", "anthropic:claude"),
-                _ => event(Kind::FileWrite, "chart.render", &format!("s3://analytics/charts/{}.png", n(rng, agent))),
+                _ => event(
+                    Kind::FileWrite,
+                    "chart.render",
+                    &format!("s3://analytics/charts/{}.png", n(rng, agent)),
+                ),
             },
             "ops-runner" => match step % 5 {
-                0 => with(event(Kind::MemoryRead, "memory.recall", "mem://ops/runbook"), "memory_id", json!(format!("runbook-{}", rng.gen_range(1..12)))),
+                0 => with(
+                    event(Kind::MemoryRead, "memory.recall", "mem://ops/runbook"),
+                    "memory_id",
+                    json!(format!("runbook-{}", rng.gen_range(1..12))),
+                ),
                 1 => event(Kind::CredentialUse, "vault.read", "vault://ops/k8s-deployer"),
-                2 => event(Kind::ToolCall, "k8s.apply", &format!("k8s://prod/deployments/svc-{}", n(rng, agent))),
-                3 => event(Kind::ToolCall, "pagerduty.ack", &format!("pagerduty://incidents/{}", rng.gen_range(1..10_000))),
+                2 => event(
+                    Kind::ToolCall,
+                    "k8s.apply",
+                    &format!("k8s://prod/deployments/svc-{}", n(rng, agent)),
+                ),
+                3 => event(
+                    Kind::ToolCall,
+                    "pagerduty.ack",
+                    &format!("pagerduty://incidents/{}", rng.gen_range(1..10_000)),
+                ),
                 _ => event(Kind::Auth, "oidc.login", "https://sso.example.com"),
             },
             _ => {
@@ -160,9 +229,19 @@ fn session(agent: &Agent, at: DateTime<Utc>, id: &str, rng: &mut StdRng, bytes_f
                 let site = format!("site{}.example.org", n(rng, agent));
                 if kind_of_session < 7 {
                     match step % 5 {
-                        0 if kind_of_session == 0 => event(Kind::CredentialUse, "vault.read", "vault://research/search-api"),
-                        0 | 1 => event(Kind::ToolCall, "web.fetch", &format!("https://{site}/page/{}", rng.gen_range(1..500))),
-                        2 => event(Kind::ToolResult, "web.fetch", &format!("https://{site}/page/{}", rng.gen_range(1..500))),
+                        0 if kind_of_session == 0 => {
+                            event(Kind::CredentialUse, "vault.read", "vault://research/search-api")
+                        }
+                        0 | 1 => event(
+                            Kind::ToolCall,
+                            "web.fetch",
+                            &format!("https://{site}/page/{}", rng.gen_range(1..500)),
+                        ),
+                        2 => event(
+                            Kind::ToolResult,
+                            "web.fetch",
+                            &format!("https://{site}/page/{}", rng.gen_range(1..500)),
+                        ),
                         3 => event(Kind::LlmCall, "chat", "anthropic:claude"),
                         _ => with(
                             event(Kind::MemoryWrite, "memory.store", "mem://research/notes"),
@@ -178,7 +257,11 @@ fn session(agent: &Agent, at: DateTime<Utc>, id: &str, rng: &mut StdRng, bytes_f
                             json!(format!("note-{}", rng.gen_range(1..200))),
                         ),
                         1 => event(Kind::LlmCall, "chat", "anthropic:claude"),
-                        _ => event(Kind::MessageSent, "chat.post", "https://chat.research.internal/channel/notes"),
+                        _ => event(
+                            Kind::MessageSent,
+                            "chat.post",
+                            "https://chat.research.internal/channel/notes",
+                        ),
                     }
                 }
             }
@@ -205,7 +288,11 @@ fn session(agent: &Agent, at: DateTime<Utc>, id: &str, rng: &mut StdRng, bytes_f
         object.insert("bytes_out".into(), json!(bytes.max(1)));
         out.push((ts, object));
         // Bursty: most steps seconds apart, some pauses of minutes.
-        let gap = if rng.gen_bool(0.1) { rng.gen_range(30..300) } else { rng.gen_range(1..15) };
+        let gap = if rng.gen_bool(0.1) {
+            rng.gen_range(30..300)
+        } else {
+            rng.gen_range(1..15)
+        };
         ts += Duration::seconds(gap);
     }
     out
@@ -232,7 +319,11 @@ pub fn simulate(config: &SimConfig) -> Simulation {
             let level = 0.1 * 100f64.powf(rng.r#gen::<f64>());
             let adopted = rng.gen_bool(0.3).then(|| {
                 let (action, target) = adoptable(role.name);
-                (start + Duration::minutes(rng.gen_range(hours * 15..hours * 55)), action, target)
+                (
+                    start + Duration::minutes(rng.gen_range(hours * 15..hours * 55)),
+                    action,
+                    target,
+                )
             });
             Agent {
                 role,
@@ -285,7 +376,9 @@ pub fn simulate(config: &SimConfig) -> Simulation {
             };
             let candidates: Vec<usize> = (0..count)
                 .filter(|index| {
-                    !taken[*index] && scenario.roles().contains(&agents[*index].role.name) && busy_enough(&agents[*index])
+                    !taken[*index]
+                        && scenario.roles().contains(&agents[*index].role.name)
+                        && busy_enough(&agents[*index])
                 })
                 .collect();
             let victim = if *scenario == Scenario::GoesSilent {
@@ -480,10 +573,15 @@ pub fn simulate(config: &SimConfig) -> Simulation {
                 let mut cloned = Signer::resume(key.clone(), agent.role.realm, before);
                 object.insert("target".into(), json!("https://attacker.example.net/beacon"));
                 let ts = planned.ts + Duration::seconds(3);
-                object.insert("ts".into(), json!(ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+                object.insert(
+                    "ts".into(),
+                    json!(ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                );
                 if let Ok(fork) = cloned.sign_object(object, ts) {
                     if let Some(position) = planned.attack {
-                        answers.attacks[position].event_ids.push(custos_event::blake3_hex(&fork.payload));
+                        answers.attacks[position]
+                            .event_ids
+                            .push(custos_event::blake3_hex(&fork.payload));
                         answers.attacks[position].end = ts;
                     }
                     all.push((ts, index, fork));
@@ -538,7 +636,11 @@ fn near_miss(kind: u8, at: DateTime<Utc>, agent: &Agent, rng: &mut StdRng, plan:
             add(
                 20,
                 with(
-                    event(Kind::ToolCall, "http.post", &format!("https://hooks.partner{}.example.com/in", rng.gen_range(0..1000))),
+                    event(
+                        Kind::ToolCall,
+                        "http.post",
+                        &format!("https://hooks.partner{}.example.com/in", rng.gen_range(0..1000)),
+                    ),
                     "bytes_out",
                     json!(rng.gen_range(200..2000)),
                 ),
@@ -546,36 +648,90 @@ fn near_miss(kind: u8, at: DateTime<Utc>, agent: &Agent, rng: &mut StdRng, plan:
         }
         // Untrusted content, then a send where the realm always sends.
         1 => {
-            add(0, event(Kind::MessageReceived, "chat.inbound", &format!("ticket://{}", rng.gen_range(0..100_000))));
-            add(15, event(Kind::ToolCall, "http.post", "https://api.helpdesk.example.com/tickets/1"));
-            add(40, event(Kind::ToolCall, "web.fetch", &format!("https://docs{}.example.net/faq", rng.gen_range(0..1000))));
+            add(
+                0,
+                event(
+                    Kind::MessageReceived,
+                    "chat.inbound",
+                    &format!("ticket://{}", rng.gen_range(0..100_000)),
+                ),
+            );
+            add(
+                15,
+                event(
+                    Kind::ToolCall,
+                    "http.post",
+                    "https://api.helpdesk.example.com/tickets/1",
+                ),
+            );
+            add(
+                40,
+                event(
+                    Kind::ToolCall,
+                    "web.fetch",
+                    &format!("https://docs{}.example.net/faq", rng.gen_range(0..1000)),
+                ),
+            );
         }
         // Untrusted notes, then a credential use (no read-back).
         2 => {
             add(
                 0,
                 attrs(
-                    with(event(Kind::MemoryWrite, "memory.store", "mem://notes"), "memory_id", json!(format!("scratch-{}", rng.gen_range(0..1000)))),
+                    with(
+                        event(Kind::MemoryWrite, "memory.store", "mem://notes"),
+                        "memory_id",
+                        json!(format!("scratch-{}", rng.gen_range(0..1000))),
+                    ),
                     json!({"source_trust": "untrusted"}),
                 ),
             );
-            add(600, attrs(event(Kind::CredentialUse, "vault.read", "vault://team/api"), json!({"credential_owner": agent.did})));
+            add(
+                600,
+                attrs(
+                    event(Kind::CredentialUse, "vault.read", "vault://team/api"),
+                    json!({"credential_owner": agent.did}),
+                ),
+            );
         }
         // A permission change, then a burst of denied calls.
         3 => {
-            add(0, event(Kind::PolicyChange, "permissions.update", "policy://team/tools"));
+            add(
+                0,
+                event(Kind::PolicyChange, "permissions.update", "policy://team/tools"),
+            );
             for n in 0..rng.gen_range(8..20) {
-                add(5 + n * 6, with(event(Kind::ToolCall, "k8s.apply", "k8s://prod/deployments/svc-1"), "outcome", json!("denied")));
+                add(
+                    5 + n * 6,
+                    with(
+                        event(Kind::ToolCall, "k8s.apply", "k8s://prod/deployments/svc-1"),
+                        "outcome",
+                        json!("denied"),
+                    ),
+                );
             }
         }
         // A small cleanup.
         4 => {
             for n in 0..rng.gen_range(3..9) {
-                add(n * 5, with(event(Kind::MemoryDelete, "memory.delete", "mem://store"), "memory_id", json!(format!("old-{n}"))));
+                add(
+                    n * 5,
+                    with(
+                        event(Kind::MemoryDelete, "memory.delete", "mem://store"),
+                        "memory_id",
+                        json!(format!("old-{n}")),
+                    ),
+                );
             }
         }
         // A credential the agent owns.
-        5 => add(0, attrs(event(Kind::CredentialUse, "vault.read", "vault://team/own"), json!({"credential_owner": agent.did}))),
+        5 => add(
+            0,
+            attrs(
+                event(Kind::CredentialUse, "vault.read", "vault://team/own"),
+                json!({"credential_owner": agent.did}),
+            ),
+        ),
         // A delegation within the parent's scopes.
         6 => {
             let child = AgentKey::from_seed(&rng.r#gen());
@@ -589,9 +745,29 @@ fn near_miss(kind: u8, at: DateTime<Utc>, agent: &Agent, rng: &mut StdRng, plan:
         }
         // A memory read of trusted content, then a credential use.
         _ => {
-            add(0, with(event(Kind::MemoryWrite, "memory.store", "mem://cfg"), "memory_id", json!("cfg-main")));
-            add(30, with(event(Kind::MemoryRead, "memory.recall", "mem://cfg"), "memory_id", json!("cfg-main")));
-            add(60, attrs(event(Kind::CredentialUse, "vault.read", "vault://team/own"), json!({"credential_owner": agent.did})));
+            add(
+                0,
+                with(
+                    event(Kind::MemoryWrite, "memory.store", "mem://cfg"),
+                    "memory_id",
+                    json!("cfg-main"),
+                ),
+            );
+            add(
+                30,
+                with(
+                    event(Kind::MemoryRead, "memory.recall", "mem://cfg"),
+                    "memory_id",
+                    json!("cfg-main"),
+                ),
+            );
+            add(
+                60,
+                attrs(
+                    event(Kind::CredentialUse, "vault.read", "vault://team/own"),
+                    json!({"credential_owner": agent.did}),
+                ),
+            );
         }
     }
 }
@@ -621,9 +797,17 @@ fn scripted(
             // Content from outside steers the agent: one or two small sends to a host
             // nobody in the realm uses. No labels.
             let input = if rng.gen_bool(0.5) {
-                event(Kind::MessageReceived, "email.inbound", &format!("https://mail.example.com/msg/{}", rng.gen_range(0..10_000)))
+                event(
+                    Kind::MessageReceived,
+                    "email.inbound",
+                    &format!("https://mail.example.com/msg/{}", rng.gen_range(0..10_000)),
+                )
             } else {
-                event(Kind::ToolResult, "web.fetch", &format!("https://blog{}.example.io/post", rng.gen_range(0..10_000)))
+                event(
+                    Kind::ToolResult,
+                    "web.fetch",
+                    &format!("https://blog{}.example.io/post", rng.gen_range(0..10_000)),
+                )
             };
             add(0, input, false, true);
             add(8, event(Kind::LlmCall, "chat", "anthropic:claude"), false, false);
@@ -631,7 +815,11 @@ fn scripted(
             for n in 0..rng.gen_range(1..=2) {
                 add(
                     15 + n * 10,
-                    with(event(Kind::ToolCall, "http.post", &format!("https://{host}/u")), "bytes_out", json!(rng.gen_range(300..3000))),
+                    with(
+                        event(Kind::ToolCall, "http.post", &format!("https://{host}/u")),
+                        "bytes_out",
+                        json!(rng.gen_range(300..3000)),
+                    ),
                     false,
                     true,
                 );
@@ -641,11 +829,33 @@ fn scripted(
             // Untrusted content written to a memory, read back hours later in another
             // session, then a credential.
             let memory = format!("runbook-poison-{}", rng.gen_range(0..1000));
-            add(0, event(Kind::MessageReceived, "email.inbound", "https://mail.example.com/msg/poison"), false, true);
-            add(10, with(event(Kind::MemoryWrite, "memory.store", "mem://ops/runbook"), "memory_id", json!(memory)), false, true);
+            add(
+                0,
+                event(
+                    Kind::MessageReceived,
+                    "email.inbound",
+                    "https://mail.example.com/msg/poison",
+                ),
+                false,
+                true,
+            );
+            add(
+                10,
+                with(
+                    event(Kind::MemoryWrite, "memory.store", "mem://ops/runbook"),
+                    "memory_id",
+                    json!(memory),
+                ),
+                false,
+                true,
+            );
             let later = rng.gen_range(1800..4 * 3600);
             let session = format!("s-y-{}", rng.gen_range(0..1_000_000));
-            let mut object = with(event(Kind::MemoryRead, "memory.recall", "mem://ops/runbook"), "memory_id", json!(memory));
+            let mut object = with(
+                event(Kind::MemoryRead, "memory.recall", "mem://ops/runbook"),
+                "memory_id",
+                json!(memory),
+            );
             object.insert("session".into(), json!(session));
             plan.push(Planned {
                 ts: at + Duration::seconds(later),
@@ -654,7 +864,10 @@ fn scripted(
                 fork: false,
                 resend: false,
             });
-            let mut use_credential = attrs(event(Kind::CredentialUse, "vault.read", "vault://ops/prod-db-admin"), json!({"credential_owner": agent.did}));
+            let mut use_credential = attrs(
+                event(Kind::CredentialUse, "vault.read", "vault://ops/prod-db-admin"),
+                json!({"credential_owner": agent.did}),
+            );
             use_credential.insert("session".into(), json!(session));
             plan.push(Planned {
                 ts: at + Duration::seconds(later + 40),
@@ -666,16 +879,26 @@ fn scripted(
         }
         Scenario::ToolRugPull => add(
             0,
-            attrs(event(Kind::ToolCall, "mcp.search", "mcp://code-search"), json!({"tool_hash": "sha256:9a8b7c"})),
+            attrs(
+                event(Kind::ToolCall, "mcp.search", "mcp://code-search"),
+                json!({"tool_hash": "sha256:9a8b7c"}),
+            ),
             false,
             true,
         ),
         Scenario::CredentialNonOwner => {
             let other = keys[rng.gen_range(0..keys.len())].did().to_owned();
-            let owner = if other == agent.did { "did:key:z6MkOtherOwner".to_owned() } else { other };
+            let owner = if other == agent.did {
+                "did:key:z6MkOtherOwner".to_owned()
+            } else {
+                other
+            };
             add(
                 0,
-                attrs(event(Kind::CredentialUse, "vault.read", "vault://finance/stripe-live"), json!({"credential_owner": owner})),
+                attrs(
+                    event(Kind::CredentialUse, "vault.read", "vault://finance/stripe-live"),
+                    json!({"credential_owner": owner}),
+                ),
                 false,
                 true,
             );
@@ -692,11 +915,25 @@ fn scripted(
                 true,
             );
         }
-        Scenario::ClonedKey => add(0, event(Kind::ToolCall, "http.get", "https://api.example.com/status"), true, true),
+        Scenario::ClonedKey => add(
+            0,
+            event(Kind::ToolCall, "http.get", "https://api.example.com/status"),
+            true,
+            true,
+        ),
         Scenario::MassMemoryDelete => {
             let count = rng.gen_range(25..45);
             for n in 0..count {
-                add(n * 55 / count, with(event(Kind::MemoryDelete, "memory.delete", "mem://store"), "memory_id", json!(format!("mem-{n}"))), false, true);
+                add(
+                    n * 55 / count,
+                    with(
+                        event(Kind::MemoryDelete, "memory.delete", "mem://store"),
+                        "memory_id",
+                        json!(format!("mem-{n}")),
+                    ),
+                    false,
+                    true,
+                );
             }
         }
         Scenario::Probing => {
@@ -707,7 +944,11 @@ fn scripted(
                 add(
                     n * 90 / count,
                     with(
-                        event(Kind::ToolCall, "secrets.get", &format!("vault://prod/secret-{}", rng.gen_range(0..10_000))),
+                        event(
+                            Kind::ToolCall,
+                            "secrets.get",
+                            &format!("vault://prod/secret-{}", rng.gen_range(0..10_000)),
+                        ),
                         "outcome",
                         json!(outcome),
                     ),

@@ -457,14 +457,22 @@ pub fn score(answers: &AnswerKey, findings: &[Detected], window_secs: i64) -> Sc
         scenarios,
         attacks,
         detected,
-        recall: if attacks == 0 { 1.0 } else { detected as f64 / attacks as f64 },
+        recall: if attacks == 0 {
+            1.0
+        } else {
+            detected as f64 / attacks as f64
+        },
         findings: findings.len(),
         related,
         false_positives: unmatched.len(),
         false_positives_by_type,
         agent_days,
         false_positives_per_100_agent_days: unmatched.len() as f64 * 100.0 / agent_days,
-        evidence_cited_share: if checked == 0 { 1.0 } else { cited as f64 / checked as f64 },
+        evidence_cited_share: if checked == 0 {
+            1.0
+        } else {
+            cited as f64 / checked as f64
+        },
     }
 }
 
@@ -504,8 +512,10 @@ pub fn missed_goals(score: &Score, wrongful_per_100_agent_days: f64) -> Vec<Stri
                 goals::SCENARIO_RECALL
             ));
         }
-        if let (Some(limit), Some(slowest)) = (goals::time_to_detect(&scenario.scenario), scenario.time_to_detect_max_secs)
-            && slowest > limit
+        if let (Some(limit), Some(slowest)) = (
+            goals::time_to_detect(&scenario.scenario),
+            scenario.time_to_detect_max_secs,
+        ) && slowest > limit
         {
             missed.push(format!(
                 "{} was detected after {slowest:.0} s at worst, over the {limit:.0} s goal",

@@ -222,7 +222,8 @@ fn wrongful_actions(findings: &[custos_detect::Finding], answers: &AnswerKey) ->
         playbook.dry_run = true;
     }
     let mut responder = custos_respond::Responder::new(playbooks);
-    let attacked: std::collections::HashSet<&str> = answers.attacks.iter().map(|attack| attack.agent.as_str()).collect();
+    let attacked: std::collections::HashSet<&str> =
+        answers.attacks.iter().map(|attack| attack.agent.as_str()).collect();
     let (mut automatic, mut wrongful) = (0, 0);
     for finding in findings {
         let finding: custos_respond::Finding = serde_json::from_value(serde_json::to_value(finding)?)?;
@@ -419,7 +420,11 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
                 bail!(
                     "{}: unknown scenario {} in the answer key; known: {}",
                     answers.display(),
-                    unknown.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", "),
+                    unknown
+                        .iter()
+                        .map(|name| format!("`{name}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     Scenario::ALL.map(Scenario::name).join(", ")
                 );
             }
@@ -435,7 +440,10 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<std::process::ExitCode> {
                 sim.events.len()
             );
             let answers = sim.answers;
-            (answers, replay_with_ids(sim.events.into_iter().map(Ok), config, &args.rules)?)
+            (
+                answers,
+                replay_with_ids(sim.events.into_iter().map(Ok), config, &args.rules)?,
+            )
         }
     };
     let detected: Vec<Detected> = findings

@@ -62,7 +62,11 @@ fn a_seeded_evaluation_of_the_hard_fleet_meets_every_goal() {
     ]);
     let result: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     let report = &result["report"];
-    assert!(output.status.success(), "goals missed: {} {report}", result["goals_missed"]);
+    assert!(
+        output.status.success(),
+        "goals missed: {} {report}",
+        result["goals_missed"]
+    );
     assert_eq!(result["goals_missed"], serde_json::json!([]));
     assert!(report["recall"].as_f64().unwrap() >= 0.95, "{report}");
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -70,7 +74,10 @@ fn a_seeded_evaluation_of_the_hard_fleet_meets_every_goal() {
         // Every detection's evidence cites the attack's own events.
         assert_eq!(scenario["evidence_cited"], scenario["evidence_checked"], "{scenario}");
     }
-    assert!(report["false_positives_per_100_agent_days"].as_f64().unwrap() <= 1.0, "{report}");
+    assert!(
+        report["false_positives_per_100_agent_days"].as_f64().unwrap() <= 1.0,
+        "{report}"
+    );
     assert_eq!(result["wrongful_actions"], 0, "{result}");
     // Detections are typed by the attack they name; nothing counts as a detection
     // merely for being an anomaly on the right agent.

@@ -357,7 +357,11 @@ fn peer_groups_are_clustered_so_a_newcomer_is_judged_against_its_own_kind() {
         .iter()
         .find(|c| c.feature == "events")
         .unwrap_or_else(|| panic!("{:?}", anomaly.explanation));
-    assert!(events.expected < 20.0, "judged against the quiet kind: {:?}", anomaly.explanation);
+    assert!(
+        events.expected < 20.0,
+        "judged against the quiet kind: {:?}",
+        anomaly.explanation
+    );
 }
 
 #[test]

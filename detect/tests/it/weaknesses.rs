@@ -10,7 +10,14 @@ fn monday() -> DateTime<Utc> {
 }
 
 /// `per_minute` ordinary tool calls a minute for `minutes` minutes.
-fn minutes_of(feed: &mut Feed, agent: &str, from: DateTime<Utc>, minutes: i64, per_minute: i64, bytes: u64) -> Vec<Finding> {
+fn minutes_of(
+    feed: &mut Feed,
+    agent: &str,
+    from: DateTime<Utc>,
+    minutes: i64,
+    per_minute: i64,
+    bytes: u64,
+) -> Vec<Finding> {
     let mut found = Vec::new();
     for minute in 0..minutes {
         for i in 0..per_minute {
@@ -57,8 +64,15 @@ fn several_small_signals_add_up_to_a_finding() {
         .unwrap_or_else(|| panic!("first outward tool + new destination + first credential use: {found:?}"));
     let features: Vec<&str> = anomaly.explanation.iter().map(|c| c.feature.as_str()).collect();
     assert!(features.len() >= 3, "each signal is explained: {features:?}");
-    assert!(features.contains(&"credential_use") && features.contains(&"new_tools"), "{features:?}");
-    assert!(anomaly.explanation.iter().all(|c| c.deviation < 5.8), "no single signal would do: {:?}", anomaly.explanation);
+    assert!(
+        features.contains(&"credential_use") && features.contains(&"new_tools"),
+        "{features:?}"
+    );
+    assert!(
+        anomaly.explanation.iter().all(|c| c.deviation < 5.8),
+        "no single signal would do: {:?}",
+        anomaly.explanation
+    );
 
     // Near miss: the new outward tool alone is not enough.
     let mut feed = Feed::new();
@@ -109,7 +123,14 @@ fn unusual_hours_are_not_judged_in_the_first_weeks() {
         let from = monday() + Duration::days(day) + Duration::hours(9);
         for minute in 0..480 {
             let n = if minute % 2 == 0 { 5 } else { 40 };
-            found.extend(minutes_of(&mut feed, AGENT, from + Duration::minutes(minute), 1, n, 500));
+            found.extend(minutes_of(
+                &mut feed,
+                AGENT,
+                from + Duration::minutes(minute),
+                1,
+                n,
+                500,
+            ));
         }
     }
     // Saturday 03:00: an ordinary burst at an hour never seen before.
@@ -164,7 +185,10 @@ fn silence_is_judged_against_the_expected_volume() {
     let day = monday() + Duration::days(14);
     let mut found = Vec::new();
     for step in 0..=18 {
-        found.extend(feed.detector.tick((day + Duration::hours(9) + Duration::minutes(step * 10)).timestamp()));
+        found.extend(
+            feed.detector
+                .tick((day + Duration::hours(9) + Duration::minutes(step * 10)).timestamp()),
+        );
     }
     let silent: Vec<&Finding> = found.iter().filter(|f| f.finding_type == "silence").collect();
     assert!(silent.is_empty(), "{silent:?}");
@@ -185,7 +209,10 @@ fn silence_is_judged_against_the_expected_volume() {
         found.extend(minutes_of(&mut feed, agent, day + Duration::hours(9), 120, 1, 800));
     }
     for step in 0..=12 {
-        found.extend(feed.detector.tick((day + Duration::hours(9) + Duration::minutes(step * 10)).timestamp()));
+        found.extend(
+            feed.detector
+                .tick((day + Duration::hours(9) + Duration::minutes(step * 10)).timestamp()),
+        );
     }
     let silent: Vec<&Finding> = found.iter().filter(|f| f.finding_type == "silence").collect();
     assert_eq!(silent.len(), 1, "{found:?}");
@@ -202,7 +229,10 @@ fn the_bytes_floor_scales_with_the_agents_own_level() {
     let at = t0() + Duration::minutes(100);
     minutes_of(&mut feed, AGENT, at, 1, 10, 6000);
     let found = settle(&mut feed, at + Duration::minutes(1));
-    let anomaly = found.iter().find(|f| f.finding_type == "anomaly").unwrap_or_else(|| panic!("{found:?}"));
+    let anomaly = found
+        .iter()
+        .find(|f| f.finding_type == "anomaly")
+        .unwrap_or_else(|| panic!("{found:?}"));
     assert_eq!(anomaly.explanation[0].feature, "bytes_out");
 }
 
@@ -216,10 +246,21 @@ fn a_slow_ramp_over_days_is_reported_as_drift() {
         let start = t0() + Duration::minutes(300);
         let total = 2 * 24 * 60;
         for minute in 0..total {
-            let factor = if ramp { 1.0 + 39.0 * minute as f64 / total as f64 } else { 1.0 };
+            let factor = if ramp {
+                1.0 + 39.0 * minute as f64 / total as f64
+            } else {
+                1.0
+            };
             let noise = [1.0, 0.6, 1.5, 0.8, 1.2][(minute % 5) as usize];
             let bytes = (1000.0 * factor * noise) as u64;
-            found.extend(minutes_of(&mut feed, AGENT, start + Duration::minutes(minute), 1, 3, bytes));
+            found.extend(minutes_of(
+                &mut feed,
+                AGENT,
+                start + Duration::minutes(minute),
+                1,
+                3,
+                bytes,
+            ));
         }
         found.extend(feed.detector.flush());
         (found, start)
@@ -248,7 +289,10 @@ fn memory_poisoning_needs_the_untrusted_memory_read_back() {
     let found = feed.event(AGENT, Kind::CredentialUse, t0() + Duration::minutes(3), |p| {
         p.target = Some("vault://ops/db".into());
     });
-    assert!(found.is_empty(), "an untrusted note, then a credential: benign: {found:?}");
+    assert!(
+        found.is_empty(),
+        "an untrusted note, then a credential: benign: {found:?}"
+    );
 
     // Written from untrusted content (an inbound message in its session) by one agent,
     // read back by another, which then uses a credential.
@@ -271,13 +315,18 @@ fn memory_poisoning_needs_the_untrusted_memory_read_back() {
     });
     assert_eq!(types(&found), ["memory_poisoning"], "{found:?}");
     assert_eq!(found[0].evidence, [2, 3, 4], "write, read-back, credential use");
-    assert_eq!(found[0].memories[0], "runbook", "the poisoned memory is named for quarantine");
+    assert_eq!(
+        found[0].memories[0], "runbook",
+        "the poisoned memory is named for quarantine"
+    );
     assert_eq!(found[0].severity.as_str(), "critical");
 
     // Near miss: a trusted memory read back before the credential use.
     let mut feed = Feed::new();
     feed.event(AGENT, Kind::MemoryWrite, t0(), |p| p.memory_id = Some("notes".into()));
-    feed.event(AGENT, Kind::MemoryRead, t0() + Duration::minutes(1), |p| p.memory_id = Some("notes".into()));
+    feed.event(AGENT, Kind::MemoryRead, t0() + Duration::minutes(1), |p| {
+        p.memory_id = Some("notes".into())
+    });
     let found = feed.event(AGENT, Kind::CredentialUse, t0() + Duration::minutes(2), |p| {
         p.target = Some("vault://ops/db".into());
     });
@@ -356,7 +405,11 @@ fn a_finding_does_not_hide_the_next_one_on_other_events() {
             .iter()
             .filter(|f| f.rule_id.as_deref() == Some("custos-memory-delete-burst"))
             .collect();
-        assert_eq!(rule.len(), 1, "burst {burst}: one finding, not one per delete: {found:?}");
+        assert_eq!(
+            rule.len(),
+            1,
+            "burst {burst}: one finding, not one per delete: {found:?}"
+        );
         bursts.push(rule[0].evidence.clone());
     }
     assert!(bursts[0].iter().all(|index| !bursts[1].contains(index)));
@@ -375,11 +428,16 @@ fn a_rule_finding_cites_exactly_the_matched_events() {
     });
     let read = feed.index;
     minutes_of(&mut feed, AGENT, t0() + Duration::minutes(1), 1, 20, 500);
-    let found = feed.event(AGENT, Kind::MessageSent, t0() + Duration::minutes(1) + Duration::seconds(58), |p| {
-        p.session = Some("s1".into());
-        p.target = Some("https://paste.example.net/x".into());
-        p.attrs = attrs(json!({"destination": "external"}));
-    });
+    let found = feed.event(
+        AGENT,
+        Kind::MessageSent,
+        t0() + Duration::minutes(1) + Duration::seconds(58),
+        |p| {
+            p.session = Some("s1".into());
+            p.target = Some("https://paste.example.net/x".into());
+            p.attrs = attrs(json!({"destination": "external"}));
+        },
+    );
     let rule = found
         .iter()
         .find(|f| f.rule_id.as_deref() == Some("custos-exfil-after-injection"))
@@ -433,7 +491,9 @@ fn a_realm_changing_at_once_is_not_one_anomaly_per_agent() {
                 p.target = Some(format!("https://v2-{i}.rollout.example.com/"));
             });
         }
-        feed.event(agent, Kind::CredentialUse, at + Duration::seconds(7), |p| p.action = Some("vault.read".into()));
+        feed.event(agent, Kind::CredentialUse, at + Duration::seconds(7), |p| {
+            p.action = Some("vault.read".into())
+        });
     };
     let at = t0() + Duration::minutes(100);
     for agent in &agents {
@@ -458,7 +518,9 @@ fn a_realm_changing_at_once_is_not_one_anomaly_per_agent() {
     });
     let found = settle(&mut feed, later + Duration::minutes(1));
     assert!(
-        found.iter().any(|f| f.finding_type == "anomaly" && f.agent == agents[0]),
+        found
+            .iter()
+            .any(|f| f.finding_type == "anomaly" && f.agent == agents[0]),
         "{found:?}"
     );
 }

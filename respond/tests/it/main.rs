@@ -365,7 +365,10 @@ fn playbook_names_are_url_safe_and_unique() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("a.yml"), yaml("mine")).unwrap();
-    assert_eq!(load_playbooks(true, Some(dir.path())).unwrap().len(), custos_respond::SHIPPED.len() + 1);
+    assert_eq!(
+        load_playbooks(true, Some(dir.path())).unwrap().len(),
+        custos_respond::SHIPPED.len() + 1
+    );
     std::fs::write(dir.path().join("b.yml"), yaml("mine")).unwrap();
     let error = load_playbooks(true, Some(dir.path())).unwrap_err();
     assert!(
