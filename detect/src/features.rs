@@ -88,7 +88,22 @@ pub struct SeenSet {
 impl SeenSet {
     /// Marks `item`; returns whether it was new.
     pub fn insert(&mut self, item: &str) -> bool {
-        let print = small_hash(item);
+        self.insert_print(small_hash(item))
+    }
+
+    /// Marks `prefix` + `item` (one set holding several kinds of item), without
+    /// building the joined string.
+    pub fn insert_tagged(&mut self, prefix: &str, item: &str) -> bool {
+        self.insert_print(tagged_hash(prefix, item))
+    }
+
+    /// Whether `prefix` + `item` was seen, without marking it.
+    pub fn contains_tagged(&self, prefix: &str, item: &str) -> bool {
+        let print = tagged_hash(prefix, item);
+        self.current.binary_search(&print).is_ok() || self.old.binary_search(&print).is_ok()
+    }
+
+    fn insert_print(&mut self, print: u32) -> bool {
         if let Err(at) = self.current.binary_search(&print) {
             let known = self.old.binary_search(&print).is_ok();
             if self.current.len() >= SEEN_GENERATION {
@@ -197,6 +212,21 @@ pub fn group_bit(name: &str) -> u8 {
 /// Group index of feature `f`.
 pub fn group_of(f: usize) -> usize {
     GROUPS.iter().position(|(_, members)| members.contains(&f)).unwrap_or(0)
+}
+
+/// The 32-bit fingerprint of `prefix` followed by `item` (the same as of the joined
+/// string).
+pub fn tagged_hash(prefix: &str, item: &str) -> u32 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(prefix.as_bytes());
+    hasher.update(item.as_bytes());
+    let hash = hasher.finalize();
+    u32::from_le_bytes([
+        hash.as_bytes()[0],
+        hash.as_bytes()[1],
+        hash.as_bytes()[2],
+        hash.as_bytes()[3],
+    ])
 }
 
 fn small_hash(text: &str) -> u32 {

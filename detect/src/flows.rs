@@ -63,7 +63,7 @@ fn key_hash(text: &str) -> u32 {
 pub fn own_keys(payload: &Payload) -> Vec<u32> {
     let mut keys = vec![session_key(payload)];
     if let Some(span) = &payload.span_id {
-        keys.push(key_hash(&format!("span:{span}")));
+        keys.push(crate::features::tagged_hash("span:", span));
     }
     keys
 }
@@ -72,15 +72,15 @@ pub fn own_keys(payload: &Payload) -> Vec<u32> {
 pub fn parent_keys(payload: &Payload) -> Vec<u32> {
     let mut keys = vec![session_key(payload)];
     if let Some(parent) = &payload.parent {
-        keys.push(key_hash(&format!("span:{parent}")));
+        keys.push(crate::features::tagged_hash("span:", parent));
     }
     keys
 }
 
 fn session_key(payload: &Payload) -> u32 {
     match (&payload.session, &payload.trace_id) {
-        (Some(session), _) => key_hash(&format!("session:{session}")),
-        (None, Some(trace)) => key_hash(&format!("trace:{trace}")),
+        (Some(session), _) => crate::features::tagged_hash("session:", session),
+        (None, Some(trace)) => crate::features::tagged_hash("trace:", trace),
         (None, None) => key_hash("agent"),
     }
 }

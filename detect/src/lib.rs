@@ -608,19 +608,19 @@ impl Detector {
         window.events += 1;
         if let Some(action) = &payload.action {
             window.add_action(action);
-            if matches!(payload.kind, Kind::ToolCall) && state.seen.insert(&format!("t:{action}")) && known {
+            if matches!(payload.kind, Kind::ToolCall) && state.seen.insert_tagged("t:", action) && known {
                 window.new_tools += 1;
                 mask |= group_bit("tools");
             }
         }
         if let Some(target) = &payload.target {
             window.add_target(target);
-            if state.seen.insert(&format!("g:{target}")) && known {
+            if state.seen.insert_tagged("g:", target) && known {
                 window.new_targets += 1;
                 mask |= group_bit("destinations");
             }
             if let Some(host) = host_of(target)
-                && state.seen.insert(&format!("h:{host}"))
+                && state.seen.insert_tagged("h:", &host)
                 && known
             {
                 window.new_targets += 1;
@@ -787,10 +787,17 @@ impl Detector {
 
     /// Follows untrusted content through sessions, spans and memories (see [`flows`]).
     fn flow(&mut self, did: &str, observation: &Observation) -> Vec<Finding> {
+        // Borrowed out of the config for the call, so no event copies the list.
+        let internal = std::mem::take(&mut self.config.internal_domains);
+        let raised = self.flow_marks(did, observation, &internal);
+        self.config.internal_domains = internal;
+        raised
+    }
+
+    fn flow_marks(&mut self, did: &str, observation: &Observation, internal: &[String]) -> Vec<Finding> {
         let payload = &observation.payload;
         let ts = payload.ts.timestamp();
         let index = observation.log_index;
-        let internal = self.config.internal_domains.clone();
         let max_realm = self.config.max_realm_targets;
         let Some(state) = self.agents.get_mut(did) else {
             return Vec::new();
@@ -801,9 +808,8 @@ impl Detector {
             .get(&realm)
             .is_some_and(|first| ts - first >= REALM_WARMUP_SECS);
         let mut raised: Vec<Raised> = Vec::new();
-        if let Some(destination) = flows::outward_destination(payload, &internal) {
-            let key = format!("d:{destination}");
-            let agent_new = !state.sent.contains(&key);
+        if let Some(destination) = flows::outward_destination(payload, internal) {
+            let agent_new = !state.sent.contains_tagged("d:", &destination);
             let realm_set = self.realm_sends.entry(realm.clone()).or_default();
             let realm_new = !realm_set.contains(&hash64(&destination));
             if agent_new
@@ -826,7 +832,7 @@ impl Detector {
                     mark.memory.clone(),
                 ));
             }
-            state.sent.insert(&key);
+            state.sent.insert_tagged("d:", &destination);
             if realm_set.len() < max_realm {
                 realm_set.insert(hash64(&destination));
             }
@@ -871,7 +877,7 @@ impl Detector {
             }
             _ => {}
         }
-        if flows::is_untrusted_input(payload, &internal) {
+        if flows::is_untrusted_input(payload, internal) {
             state.flows.taint(payload, ts, [index, None]);
         }
         let memories_written = state.window.memories.clone();
