@@ -46,7 +46,14 @@ pub const SEASON_HOURS: f32 = 168.0;
 pub const UNUSUAL_HOURS: f32 = 336.0;
 
 /// What the drift test watches, on the log scale: volume per window and per event.
-pub const DRIFT_FEATURES: [&str; 5] = ["events", "distinct_targets", "bytes_out", "tokens", "bytes_per_event"];
+pub const DRIFT_FEATURES: [&str; 6] = [
+    "events",
+    "distinct_targets",
+    "bytes_out",
+    "tokens",
+    "bytes_per_event",
+    "young_destination_share",
+];
 
 /// One feature's statistics.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -304,6 +311,19 @@ impl Baseline {
     /// Learns one window. Returns the drift features whose test fired, with the
     /// reference level before the window and the recent level (both as values, not logs).
     pub fn learn(&mut self, vector: &[f32; N], how: usize, config: &BaselineConfig) -> Vec<Contribution> {
+        self.learn_with(vector, how, config, None)
+    }
+
+    /// [`Baseline::learn`], with the window's share of outward sends that went to
+    /// destinations the agent first sent to recently (concentration on a new recipient;
+    /// `None` when the window sent nothing out).
+    pub fn learn_with(
+        &mut self,
+        vector: &[f32; N],
+        how: usize,
+        config: &BaselineConfig,
+        young_share: Option<f32>,
+    ) -> Vec<Contribution> {
         if self.stats.len() != N {
             self.stats = vec![Stat::default(); N];
         }
@@ -325,17 +345,25 @@ impl Baseline {
             stat.mean += config.alpha * (x - stat.mean);
             stat.presence += PRESENCE_ALPHA * (present - stat.presence);
         }
-        let drifted = self.learn_drift(vector, config);
+        let drifted = self.learn_drift(vector, config, young_share);
         self.windows = self.windows.saturating_add(1);
         drifted
     }
 
-    fn learn_drift(&mut self, vector: &[f32; N], config: &BaselineConfig) -> Vec<Contribution> {
+    fn learn_drift(
+        &mut self,
+        vector: &[f32; N],
+        config: &BaselineConfig,
+        young_share: Option<f32>,
+    ) -> Vec<Contribution> {
         if self.drift.len() != DRIFT_FEATURES.len() {
             self.drift = vec![Drift::default(); DRIFT_FEATURES.len()];
         }
         let per_event = if vector[0] > 0.0 { vector[6] / vector[0] } else { 0.0 };
-        let values = [vector[0], vector[2], vector[6], vector[7], per_event];
+        // The share is shifted by one so that a window sending only to established
+        // destinations (share 0) still teaches the reference.
+        let young = young_share.map_or(0.0, |share| 1.0 + share);
+        let values = [vector[0], vector[2], vector[6], vector[7], per_event, young];
         let n = self.windows as f32;
         let mut fired = Vec::new();
         for (d, value) in values.into_iter().enumerate() {

@@ -195,6 +195,11 @@ pub struct Window {
     pub evidence: Vec<(u64, u8)>,
     /// Memories written in the window (up to [`MAX_EVIDENCE`]), for `quarantine_memory`.
     pub memories: Vec<String>,
+    /// Outward sends, and those to a destination the agent first sent to recently.
+    #[serde(default)]
+    pub outward: u32,
+    #[serde(default)]
+    pub outward_young: u32,
 }
 
 pub const MAX_EVIDENCE: usize = 32;

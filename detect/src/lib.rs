@@ -100,6 +100,10 @@ fn default_peer_refit() -> i64 {
     3600
 }
 
+/// A destination counts as young (for concentration) this long after the first send.
+pub const YOUNG_SECS: i64 = 3 * 86_400;
+/// Young destinations remembered per agent.
+pub const MAX_YOUNG: usize = 8;
 /// Tools whose definition hash an agent pins (the first ones it calls with a hash).
 pub const MAX_PINNED_TOOLS: usize = 32;
 /// Longest stretch a burst counts as one in the silence test, seconds: an agent busy
@@ -218,6 +222,10 @@ pub struct AgentState {
     burst_start: i64,
     #[serde(default)]
     burst_secs: f32,
+    /// Outward destinations first sent to within [`YOUNG_SECS`]: (hash, first send), at
+    /// most [`MAX_YOUNG`].
+    #[serde(default)]
+    young: Vec<(u32, i64)>,
     /// Tool definitions pinned at first use: (action hash, definition hash, log index of
     /// the call that pinned it), at most [`MAX_PINNED_TOOLS`].
     #[serde(default)]
@@ -541,6 +549,7 @@ impl Detector {
                     burst_secs: 0.0,
                     recent: Vec::new(),
                     pins: Vec::new(),
+                    young: Vec::new(),
                     tick_events: 0,
                     recent_actual: 0.0,
                     recent_expected: 0.0,
@@ -833,6 +842,19 @@ impl Detector {
                 ));
             }
             state.sent.insert_tagged("d:", &destination);
+            // Concentration: how much of what the agent sends goes to recent newcomers.
+            let print = features::tagged_hash("d:", &destination);
+            state.young.retain(|(_, first)| ts - first <= YOUNG_SECS);
+            if agent_new && !state.young.iter().any(|(young, _)| *young == print) {
+                if state.young.len() >= MAX_YOUNG {
+                    state.young.remove(0);
+                }
+                state.young.push((print, ts));
+            }
+            state.window.outward += 1;
+            if state.young.iter().any(|(young, _)| *young == print) {
+                state.window.outward_young += 1;
+            }
             if realm_set.len() < max_realm {
                 realm_set.insert(hash64(&destination));
             }
@@ -1208,7 +1230,8 @@ impl Detector {
         } else {
             (Vec::new(), 0.0, String::new())
         };
-        let drifted = state.baseline.learn(&vector, how, &config);
+        let young_share = (window.outward > 0).then(|| window.outward_young as f32 / window.outward as f32);
+        let drifted = state.baseline.learn_with(&vector, how, &config, young_share);
         peer.learn(&vector, how, &config);
         let policy_changed = window.start
             - self

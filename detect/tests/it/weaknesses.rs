@@ -524,3 +524,68 @@ fn a_realm_changing_at_once_is_not_one_anomaly_per_agent() {
         "{found:?}"
     );
 }
+
+/// Weakness 6, second half: nothing measured concentration, such as more and more calls
+/// going to one new recipient. Now the share of outward sends going to destinations the
+/// agent first sent to in the last three days is watched by the drift test. Near miss:
+/// one send to a new partner, then business as usual.
+#[test]
+fn more_and_more_sends_to_one_new_recipient_is_drift() {
+    let run = |concentrate: bool| {
+        let mut feed = Feed::new();
+        let start = t0() - Duration::days(4);
+        let send = |feed: &mut Feed, at: DateTime<Utc>, target: &str| {
+            feed.event(AGENT, Kind::ToolCall, at, |p| {
+                p.action = Some("http.post".into());
+                p.target = Some(target.into());
+                p.bytes_out = Some(800);
+            })
+        };
+        let mut found = send(&mut feed, start, "https://api.partner.example.com/orders");
+        for minute in 0..400 {
+            let at = t0() + Duration::minutes(minute);
+            found.extend(send(&mut feed, at, "https://api.partner.example.com/orders"));
+            found.extend(send(
+                &mut feed,
+                at + Duration::seconds(20),
+                "https://api.partner.example.com/orders",
+            ));
+        }
+        let ramp = t0() + Duration::minutes(400);
+        let minutes = 24 * 60;
+        for minute in 0..minutes {
+            let at = ramp + Duration::minutes(minute);
+            // The share of sends to the new recipient climbs from 0 to 1 over the day.
+            let to_new = concentrate && (minute * 7919) % minutes < minute;
+            let single = !concentrate && minute == 30;
+            let target = if to_new || single {
+                "https://drop.new-recipient.example/in"
+            } else {
+                "https://api.partner.example.com/orders"
+            };
+            found.extend(send(&mut feed, at, target));
+            found.extend(send(
+                &mut feed,
+                at + Duration::seconds(20),
+                if to_new {
+                    target
+                } else {
+                    "https://api.partner.example.com/orders"
+                },
+            ));
+        }
+        found.extend(feed.detector.flush());
+        (found, ramp)
+    };
+    let (found, ramp) = run(true);
+    let drift = found
+        .iter()
+        .find(|f| f.finding_type == "drift" && f.explanation[0].feature == "young_destination_share")
+        .unwrap_or_else(|| panic!("no concentration drift: {:?}", types(&found)));
+    assert!(drift.ts <= ramp + Duration::days(2), "{drift:?}");
+    let (found, _) = run(false);
+    assert!(
+        found.iter().all(|f| f.finding_type != "drift"),
+        "one send to a new partner: {found:?}"
+    );
+}
