@@ -872,9 +872,9 @@ impl Detector {
                 mark.memory.clone(),
             ));
         }
-        let memories = self.tainted_memories.entry(realm.clone()).or_default();
         match payload.kind {
             Kind::MemoryWrite => {
+                let memories = self.tainted_memories.entry(realm.clone()).or_default();
                 if let Some(key) = flows::memory_key(payload) {
                     let declared = payload
                         .attrs
@@ -890,7 +890,7 @@ impl Detector {
             }
             Kind::MemoryRead => {
                 if let Some(key) = flows::memory_key(payload)
-                    && let Some((written, write_index)) = memories.get(key)
+                    && let Some((written, write_index)) = self.tainted_memories.get(&realm).and_then(|memories| memories.get(key))
                     && ts - written <= MEMORY_TAINT_SECS
                 {
                     state.flows.poison(payload, ts, [write_index, index]);
@@ -901,6 +901,9 @@ impl Detector {
         }
         if flows::is_untrusted_input(payload, internal) {
             state.flows.taint(payload, ts, [index, None]);
+        }
+        if raised.is_empty() {
+            return Vec::new();
         }
         let memories_written = state.window.memories.clone();
         let mut findings = Vec::new();
