@@ -890,7 +890,8 @@ impl Detector {
             }
             Kind::MemoryRead => {
                 if let Some(key) = flows::memory_key(payload)
-                    && let Some((written, write_index)) = self.tainted_memories.get(&realm).and_then(|memories| memories.get(key))
+                    && let Some((written, write_index)) =
+                        self.tainted_memories.get(&realm).and_then(|memories| memories.get(key))
                     && ts - written <= MEMORY_TAINT_SECS
                 {
                     state.flows.poison(payload, ts, [write_index, index]);
