@@ -235,13 +235,7 @@ pub fn tagged_hash(prefix: &str, item: &str) -> u32 {
 }
 
 fn small_hash(text: &str) -> u32 {
-    let hash = blake3::hash(text.as_bytes());
-    u32::from_le_bytes([
-        hash.as_bytes()[0],
-        hash.as_bytes()[1],
-        hash.as_bytes()[2],
-        hash.as_bytes()[3],
-    ])
+    tagged_hash("", text)
 }
 
 fn add_distinct(set: &mut Vec<u32>, text: &str) {

@@ -48,16 +48,6 @@ pub struct AgentFlows {
     pub poisoned: Vec<Mark>,
 }
 
-fn key_hash(text: &str) -> u32 {
-    let hash = blake3::hash(text.as_bytes());
-    u32::from_le_bytes([
-        hash.as_bytes()[0],
-        hash.as_bytes()[1],
-        hash.as_bytes()[2],
-        hash.as_bytes()[3],
-    ])
-}
-
 /// The keys an event belongs to: its session (or trace, or the agent as a whole when it
 /// names neither) and its own span.
 pub fn own_keys(payload: &Payload) -> Vec<u32> {
@@ -81,7 +71,7 @@ fn session_key(payload: &Payload) -> u32 {
     match (&payload.session, &payload.trace_id) {
         (Some(session), _) => crate::features::tagged_hash("session:", session),
         (None, Some(trace)) => crate::features::tagged_hash("trace:", trace),
-        (None, None) => key_hash("agent"),
+        (None, None) => crate::features::tagged_hash("agent", ""),
     }
 }
 
@@ -164,8 +154,7 @@ pub struct TaintedMemories(HashMap<u64, (i64, Option<u64>)>);
 /// The memory an event touches: `memory_id`, else its target.
 pub fn memory_key(payload: &Payload) -> Option<u64> {
     let name = payload.memory_id.as_ref().or(payload.target.as_ref())?;
-    let hash = blake3::hash(name.as_bytes());
-    Some(u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8])))
+    Some(crate::hash64(name))
 }
 
 impl TaintedMemories {
