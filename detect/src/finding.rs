@@ -99,8 +99,8 @@ pub struct Finding {
 impl Finding {
     /// The signed payload: the finding plus the fields every log entry carries
     /// (`kind: finding`, `action` = type, the detector's chain `seq`/`prev`).
-    pub fn payload(&self, chain: &ChainState) -> Vec<u8> {
-        let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
+    pub fn payload(&self, chain: &ChainState) -> Result<Vec<u8>, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
         if let Value::Object(object) = &mut value {
             object.insert("kind".into(), json!("finding"));
             object.insert("action".into(), json!(self.finding_type));
@@ -111,14 +111,15 @@ impl Finding {
                 json!(self.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
             );
         }
-        serde_json::to_vec(&value).unwrap_or_default()
+        serde_json::to_vec(&value)
     }
 
-    /// Signs the finding with the detector key, advancing its chain.
-    pub fn sign(&self, key: &AgentKey, chain: &mut ChainState) -> Envelope {
-        let bytes = self.payload(chain);
+    /// Signs the finding with the detector key, advancing its chain. A finding that does
+    /// not encode (a non-finite number, say) is an error, never an empty signed payload.
+    pub fn sign(&self, key: &AgentKey, chain: &mut ChainState) -> Result<Envelope, serde_json::Error> {
+        let bytes = self.payload(chain)?;
         chain.advance(&bytes);
-        key.sign_envelope(FINDING_PAYLOAD_TYPE, bytes)
+        Ok(key.sign_envelope(FINDING_PAYLOAD_TYPE, bytes))
     }
 
     /// Reads a finding back from a signed payload.

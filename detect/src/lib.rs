@@ -1,7 +1,7 @@
 //! Custos detect: a streaming detector of agent behaviour.
 //!
 //! ```text
-//!  ingest (after the WAL fsync) ──Feed──▶ Detector::observe
+//!  log writer ──Committed──▶ runner::DetectorStage ──▶ Detector::observe
 //!                                          │
 //!          ┌───────────────────────────────┼──────────────────────────────┐
 //!          ▼                               ▼                              ▼
@@ -11,8 +11,9 @@
 //!          │                            group; EWMA/MAD + hour-of-week; Page-Hinkley)
 //!          └──────────────┬────────────────┘
 //!                         ▼
-//!          dedup (key, period) ─▶ Finding ─▶ signed by the detector key into the log
-//!                                          ─▶ the responder's playbooks
+//!          dedup (key, period) ─▶ Finding ─▶ signed by the detector key ─▶ Submission
+//!                                            (the writer logs it; the responder reads it
+//!                                             back as Committed::Finding)
 //! ```
 //!
 //! The detector is a plain state machine: no threads, no clocks. Time is the events'
@@ -32,6 +33,7 @@ pub mod finding;
 pub mod flows;
 pub mod peers;
 pub mod rules;
+pub mod runner;
 
 pub use baseline::{Baseline, BaselineConfig, Contribution};
 pub use finding::{Finding, Severity, Span};

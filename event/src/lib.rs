@@ -40,7 +40,7 @@ pub use dsse::{
     REVOCATIONS_PAYLOAD_TYPE, pae, pae_into,
 };
 pub use ed25519_dalek::VerifyingKey;
-pub use observe::{Feed, Observation, Signal};
+pub use observe::{Observation, Signal};
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};
 pub use sign::{AgentKey, ChainState, Signer};

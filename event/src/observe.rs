@@ -1,8 +1,8 @@
 //! What ingest hands the detector: one [`Observation`] per durable entry or per rejected
 //! input whose signature verified, in log order.
 //!
-//! Defined here, in the crate every stage shares, so the detector does not depend on
-//! ingest and can later consume the same records from a Kafka topic.
+//! Defined here, in the crate every stage shares, so the detector's core does not depend
+//! on ingest; `custos-stage` carries it as `Committed::Event`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -41,26 +41,4 @@ impl Observation {
             Signal::Rejected { reason } => reason,
         }
     }
-}
-
-/// Everything ingest tells the detector, in log order.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Feed {
-    Event(Box<Observation>),
-    /// A finding entry read back from the log (at start-up replay), so a restarted
-    /// detector knows what it already reported.
-    Finding {
-        log_index: u64,
-        payload: Vec<u8>,
-    },
-    /// A responder action record read back from the log (at start-up replay), so a
-    /// restarted responder keeps its idempotency keys, approvals and chain.
-    Action {
-        log_index: u64,
-        payload: Vec<u8>,
-    },
-    /// Start-up replay of the log has reached `next_index`; live entries follow.
-    Replayed {
-        next_index: u64,
-    },
 }

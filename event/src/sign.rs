@@ -89,6 +89,23 @@ impl ChainState {
         self.next_seq = self.next_seq.saturating_add(1);
         self.prev = Some(crate::blake3_hex(payload));
     }
+
+    /// Moves past a payload of this signer's read back from the log (its `seq` is at or
+    /// after the next one expected), so a restarted system signer (detector, responder)
+    /// continues its chain. Payloads without a `seq`, or behind the chain, change nothing.
+    pub fn follow(&mut self, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Seq {
+            seq: Option<u64>,
+        }
+        let seq = serde_json::from_slice::<Seq>(payload).ok().and_then(|head| head.seq);
+        if let Some(seq) = seq
+            && seq >= self.next_seq
+        {
+            self.next_seq = seq;
+            self.advance(payload);
+        }
+    }
 }
 
 /// Signs an agent's events in order, keeping its `seq` / `prev` chain.

@@ -42,13 +42,41 @@ pub mod witness;
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
 pub use sequencer::{
-    Closed, Enforce, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange,
-    StoreView, Unsealed,
+    Closed, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
+    Unsealed,
 };
 
-/// Receives the detector feed, on the sequencer thread, in log order. Must not block
-/// for long: hand the item to a channel.
-pub type FeedSink = Box<dyn Fn(custos_event::Feed) + Send + Sync>;
+/// The writer's command queue, made before the node starts so that stages can hold a
+/// [`Submitter`](custos_stage::Submitter) from the beginning; what they submit waits in
+/// it until the writer runs.
+pub struct Queue {
+    sender: std::sync::mpsc::Sender<sequencer::Command>,
+    receiver: std::sync::mpsc::Receiver<sequencer::Command>,
+}
+
+/// A submitter into the writer's queue (the embedded transport's stage end).
+pub type QueueSubmitter = custos_stage::embedded::ChannelSubmitter<sequencer::Command>;
+
+impl Queue {
+    pub fn new() -> Self {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        Self { sender, receiver }
+    }
+
+    /// A submitter for a stage: its submissions are ordered with intake and admin
+    /// commands in the writer's one queue.
+    pub fn submitter(&self) -> QueueSubmitter {
+        custos_stage::embedded::ChannelSubmitter::new(self.sender.clone(), |submission, answer| {
+            sequencer::Command::Submit { submission, answer }
+        })
+    }
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// What the node serves about findings and response actions. Implemented by the binary,
 /// which owns the detector and the responder (ingest does not depend on them).
@@ -82,11 +110,14 @@ pub trait Operations: Send + Sync {
 /// Everything `start_with` wires in besides the store. The default is a plain node.
 #[derive(Default)]
 pub struct Hooks {
-    /// Receives every durable event (and refused signed ones), after the fsync.
-    pub feed: Option<FeedSink>,
-    /// At start, events from this log index on are replayed to `feed` (findings and
+    /// Receives every committed record (and refused signed events), after the fsync, in
+    /// log order: the embedded transport's publisher.
+    pub publish: Option<custos_stage::embedded::Fanout>,
+    /// At start, events from this log index on are replayed to `publish` (findings and
     /// action records always are). Use the detector snapshot's next index.
     pub replay_from: u64,
+    /// The writer's queue, when stages were given submitters into it before the start.
+    pub queue: Option<Queue>,
     /// System keys (`did:key` → the one payload type each may append), such as the
     /// detector's (findings) and the responder's (action records).
     pub system_signers: std::collections::BTreeMap<String, String>,
@@ -197,77 +228,6 @@ impl Api {
         tokio::task::spawn_blocking(move || forensics::read_recent(&files, reason.as_deref(), limit))
             .await
             .map_err(|error| ApiError::new(500, "internal", error.to_string()))
-    }
-}
-
-/// An append handed to the sequencer ([`Control::append_signed_begin`]).
-pub struct PendingAppend(oneshot::Receiver<Result<u64, ApiError>>);
-
-impl PendingAppend {
-    /// The log index once the entry is durable; `None` while it is not yet.
-    pub fn try_take(&mut self) -> Option<Result<u64, ApiError>> {
-        match self.0.try_recv() {
-            Ok(answer) => Some(answer),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                Some(Err(ApiError::new(503, "stopping", "the node is shutting down")))
-            }
-        }
-    }
-}
-
-/// A handle for in-process stages (detector, responder) to write through the sequencer.
-/// Its blocking methods must not be called from an async task.
-#[derive(Clone)]
-pub struct Control {
-    commands: std::sync::mpsc::Sender<sequencer::Command>,
-}
-
-impl Control {
-    fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> sequencer::Command,
-    ) -> Result<T, ApiError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
-        answer
-            .blocking_recv()
-            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
-    }
-
-    /// Appends an entry signed by a system key; returns its log index once durable.
-    pub fn append_signed(&self, envelope: custos_event::Envelope) -> Result<u64, ApiError> {
-        self.ask(|reply| sequencer::Command::AppendSigned { envelope, reply })
-    }
-
-    /// [`Control::append_signed`] without waiting for the answer. For a stage that the
-    /// sequencer may itself be waiting on (the detector, whose bounded inbox the sequencer
-    /// feeds): it must keep taking its inbox while the append is pending.
-    pub fn append_signed_begin(&self, envelope: custos_event::Envelope) -> Result<PendingAppend, ApiError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(sequencer::Command::AppendSigned { envelope, reply })
-            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
-        Ok(PendingAppend(answer))
-    }
-
-    /// Carries out `op`; returns the control entries' log indexes once durable.
-    pub fn enforce(
-        &self,
-        op: Enforce,
-        by: &str,
-        cause: Option<u64>,
-        reason: Option<String>,
-    ) -> Result<Vec<u64>, ApiError> {
-        self.ask(|reply| sequencer::Command::Enforce {
-            op,
-            by: by.to_owned(),
-            cause,
-            reason,
-            reply,
-        })
     }
 }
 
@@ -382,8 +342,8 @@ pub struct Running {
     pub admin_token: Option<Secret>,
     /// The node key (`did:key`): it signs control entries and the revocation list.
     pub node_did: String,
-    /// Writes through the sequencer, for in-process stages.
-    pub control: Control,
+    /// Submits to the writer, for in-process stages.
+    pub submitter: Arc<QueueSubmitter>,
     shutdown: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<Result<Closed, NodeError>>,
 }
@@ -408,8 +368,9 @@ pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
 pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, NodeError> {
     metrics::init();
     let Hooks {
-        feed,
+        publish,
         replay_from,
+        queue,
         system_signers,
         operations,
         drain,
@@ -419,7 +380,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let sequencer_hooks = sequencer::SequencerHooks {
-        feed,
+        publish,
         replay_from,
         signers: system_signers,
         changes: Some(changes.clone()),
@@ -447,7 +408,12 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             .await
             .map_err(|error| NodeError::Stopped(error.to_string()))??
     };
-    let (commands, receiver) = std::sync::mpsc::channel();
+    let queue = queue.unwrap_or_default();
+    let submitter = Arc::new(queue.submitter());
+    let Queue {
+        sender: commands,
+        receiver,
+    } = queue;
     let writer = std::thread::Builder::new()
         .name("custos-sequencer".into())
         .spawn(move || sequencer.run(receiver))?;
@@ -508,9 +474,6 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         rejects,
         cosigned,
     };
-    let control = Control {
-        commands: commands.clone(),
-    };
     let mut router = http::router(state);
     if let Some(routes) = routes {
         router = router.merge(routes(api));
@@ -552,7 +515,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         addr,
         admin_token,
         node_did,
-        control,
+        submitter,
         shutdown: Some(shutdown_tx),
         done,
     })

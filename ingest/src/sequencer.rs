@@ -15,16 +15,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use custos_event::chain::{self, Step};
 use custos_event::{
-    AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, Envelope, Feed, Kind, Observation, Payload, REVOCATIONS_PAYLOAD_TYPE,
-    Reason, Rejection, Signal, Verified,
+    ACTION_PAYLOAD_TYPE, AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, Envelope, FINDING_PAYLOAD_TYPE, Kind, Observation,
+    Payload, REVOCATIONS_PAYLOAD_TYPE, Reason, Rejection, Signal, Verified,
 };
+use custos_stage::embedded::Fanout;
+use custos_stage::{ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, Refused, Submission};
 use custos_store::{Log, LogEntry};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::forensics::{Forensics, RejectedRecord};
 use crate::registry::{AgentRecord, AgentStatus, ChainHead, ControlAction, ControlPayload, Registry, SubjectRecord};
-use crate::{ApiError, FeedSink, NodeConfig};
+use crate::{ApiError, NodeConfig};
 
 /// An input after decoding and signature verification.
 #[derive(Debug)]
@@ -103,105 +105,96 @@ pub struct Revoked {
     pub log_indexes: Vec<u64>,
 }
 
-type Answer<T> = oneshot::Sender<Result<T, ApiError>>;
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// Work for the sequencer.
 pub enum Command {
     Ingest {
         items: Vec<Item>,
         remote: String,
-        reply: Answer<Ingested>,
+        reply: Reply<Ingested>,
     },
     /// Records refusals decided outside the sequencer (old-seq lookups): kept for
     /// forensics and shown to the detector, as if refused in the group.
     Refusals {
         refusals: Vec<Refusal>,
         remote: String,
-        reply: Answer<()>,
+        reply: Reply<()>,
     },
     Enroll {
         did: String,
         realm: String,
         labels: BTreeMap<String, String>,
         by: String,
-        reply: Answer<AgentRecord>,
+        reply: Reply<AgentRecord>,
     },
     Revoke {
         did: String,
         reason: Option<String>,
         by: String,
-        reply: Answer<Revoked>,
+        reply: Reply<Revoked>,
     },
     Agents {
-        reply: Answer<Vec<AgentRecord>>,
+        reply: Reply<Vec<AgentRecord>>,
     },
     /// The forensics files, with everything rejected so far in them (read them off this
     /// thread).
     Rejected {
-        reply: Answer<[std::path::PathBuf; 2]>,
+        reply: Reply<[std::path::PathBuf; 2]>,
     },
     Checkpoint {
-        reply: Answer<CheckpointView>,
+        reply: Reply<CheckpointView>,
     },
-    /// Appends an entry signed by one of the node's system keys (detector findings,
-    /// responder action records). Answers its log index once durable.
-    AppendSigned {
-        envelope: Envelope,
-        reply: Answer<u64>,
-    },
-    /// Carries out an enforcement as control entries. Answers their log indexes (empty
-    /// when the subject already was in that state).
-    Enforce {
-        op: Enforce,
-        by: String,
-        cause: Option<u64>,
-        reason: Option<String>,
-        reply: Answer<Vec<u64>>,
+    /// A stage's submission (the contract of `custos-stage`): a finding, an action
+    /// record with its enforcement, a control operation. Answered once durable.
+    Submit {
+        submission: Submission,
+        answer: custos_stage::Answer,
     },
     /// The current revocation list, signed by the node key.
     Revocations {
-        reply: Answer<Envelope>,
+        reply: Reply<Envelope>,
     },
     /// Signs `bytes` as a revocation list with the node key (for realm-scoped lists).
     Sign {
         bytes: Vec<u8>,
-        reply: Answer<Envelope>,
+        reply: Reply<Envelope>,
     },
     /// What the registry knows of a memory id.
     Memory {
         id: String,
-        reply: Answer<Option<SubjectRecord>>,
+        reply: Reply<Option<SubjectRecord>>,
     },
     /// Signs a checkpoint of everything logged so far (if the last one does not cover
     /// it), then answers inclusion proofs of `indexes` against it: for evidence bundles.
     Evidence {
         indexes: Vec<u64>,
-        reply: Answer<EvidenceProofs>,
+        reply: Reply<EvidenceProofs>,
     },
     /// Signs `bytes` as `payload_type` with the node key (evidence manifests).
     SignAs {
         payload_type: String,
         bytes: Vec<u8>,
-        reply: Answer<Envelope>,
+        reply: Reply<Envelope>,
     },
     /// A consistent read view of the store for queries.
     View {
-        reply: Answer<StoreView>,
+        reply: Reply<StoreView>,
     },
     /// An RFC 9162 inclusion proof (size: the latest checkpoint's when absent).
     Inclusion {
         index: u64,
         size: Option<u64>,
-        reply: Answer<serde_json::Value>,
+        reply: Reply<serde_json::Value>,
     },
     /// An RFC 9162 consistency proof between two tree sizes.
     Consistency {
         from: u64,
         to: u64,
-        reply: Answer<serde_json::Value>,
+        reply: Reply<serde_json::Value>,
     },
     Shutdown {
-        reply: Answer<Closed>,
+        reply: Reply<Closed>,
     },
 }
 
@@ -253,8 +246,7 @@ impl Command {
             Command::Ingest { .. }
                 | Command::Enroll { .. }
                 | Command::Revoke { .. }
-                | Command::AppendSigned { .. }
-                | Command::Enforce { .. }
+                | Command::Submit { .. }
                 | Command::Evidence { .. }
         )
     }
@@ -269,8 +261,7 @@ impl Command {
             Command::Agents { reply } => defer(reply, Err(error)),
             Command::Rejected { reply, .. } => defer(reply, Err(error)),
             Command::Checkpoint { reply } => defer(reply, Err(error)),
-            Command::AppendSigned { reply, .. } => defer(reply, Err(error)),
-            Command::Enforce { reply, .. } => defer(reply, Err(error)),
+            Command::Submit { answer, .. } => defer_answer(answer, Err(refused(&error))),
             Command::Revocations { reply } => defer(reply, Err(error)),
             Command::Memory { reply, .. } => defer(reply, Err(error)),
             Command::Sign { reply, .. } => defer(reply, Err(error)),
@@ -282,33 +273,6 @@ impl Command {
             Command::Shutdown { reply } => defer(reply, Err(error)),
         }
     }
-}
-
-/// An enforcement the responder asks the node for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Enforce {
-    /// Revokes the agent and every sub-agent.
-    Revoke {
-        agent: String,
-    },
-    Quarantine {
-        agent: String,
-    },
-    Reinstate {
-        agent: String,
-    },
-    QuarantineMemory {
-        memory: String,
-        agent: String,
-    },
-    RestoreMemory {
-        memory: String,
-        agent: String,
-    },
-    RevokeCredential {
-        credential: String,
-        agent: String,
-    },
 }
 
 /// One status change on the control stream (`GET /v1/control/stream`).
@@ -354,10 +318,11 @@ pub struct ListedAgent {
 /// What the sequencer does besides writing: feed the detector, accept system signers.
 #[derive(Default)]
 pub(crate) struct SequencerHooks {
-    pub(crate) feed: Option<FeedSink>,
+    /// Where committed records go (the detector's and the responder's subscriptions).
+    pub(crate) publish: Option<Fanout>,
     /// Events below this index are not replayed to the feed at start.
     pub(crate) replay_from: u64,
-    /// `did:key` → the one payload type it may append through `AppendSigned`.
+    /// `did:key` → the one payload type it may submit (findings, action records).
     pub(crate) signers: BTreeMap<String, String>,
     pub(crate) changes: Option<tokio::sync::broadcast::Sender<StatusChange>>,
 }
@@ -409,13 +374,46 @@ pub struct EvidenceProofs {
 /// A deferred answer, sent once the group is durable (or failed).
 type Deferred = Box<dyn FnOnce(Option<&ApiError>) + Send>;
 
-fn defer<T: Send + 'static>(reply: Answer<T>, value: Result<T, ApiError>) -> Deferred {
+fn defer<T: Send + 'static>(reply: Reply<T>, value: Result<T, ApiError>) -> Deferred {
     Box::new(move |failure: Option<&ApiError>| {
         let _ = reply.send(match failure {
             Some(error) => Err(error.clone()),
             None => value,
         });
     })
+}
+
+/// The agent an enforcement changes, for those that change the registry.
+fn enforcement_agent(enforcement: &Enforcement) -> Option<&str> {
+    match enforcement {
+        Enforcement::RevokeAgent { agent }
+        | Enforcement::QuarantineAgent { agent }
+        | Enforcement::ReinstateAgent { agent }
+        | Enforcement::QuarantineMemory { agent, .. }
+        | Enforcement::RestoreMemory { agent, .. }
+        | Enforcement::RevokeCredential { agent, .. } => Some(agent),
+        Enforcement::Webhook { .. } | Enforcement::None => None,
+    }
+}
+
+/// A stage's answer, deferred like the others; a failed group refuses it (retryable).
+fn defer_answer(answer: Answer, value: Result<Appended, Refused>) -> Deferred {
+    Box::new(move |failure: Option<&ApiError>| {
+        answer.send(match failure {
+            Some(error) => Err(refused(error)),
+            None => value,
+        });
+    })
+}
+
+/// A writer error as the contract's refusal (the HTTP status stays at the edge; 503s are
+/// the ones worth retrying).
+fn refused(error: &ApiError) -> Refused {
+    Refused {
+        code: error.error.to_owned(),
+        message: error.message.clone(),
+        retryable: error.status == 503,
+    }
 }
 
 pub(crate) struct Sequencer {
@@ -431,7 +429,7 @@ pub(crate) struct Sequencer {
     ready: Arc<AtomicBool>,
     hooks: SequencerHooks,
     /// This group's observations for the feed, sent once the group is durable.
-    observed: Vec<Feed>,
+    observed: Vec<Committed>,
     /// This group's status changes for the control stream, sent once durable.
     changes: Vec<StatusChange>,
     /// The latest checkpoint's size and when this process first saw it, for the
@@ -454,7 +452,7 @@ impl Sequencer {
             registry,
             node_chain,
             store_id,
-        } = crate::state::load(&config, &node_key, hooks.feed.as_ref(), hooks.replay_from)?;
+        } = crate::state::load(&config, &node_key, hooks.publish.as_ref(), hooks.replay_from)?;
         let forensics = Forensics::open(
             &config.data.join("rejected"),
             config.rejected_max_records,
@@ -531,11 +529,12 @@ impl Sequencer {
                 let _ = sender.send(change);
             }
         }
-        if let Some(feed) = &self.hooks.feed {
-            for item in self.observed.drain(..) {
-                let accepted = matches!(&item, Feed::Event(observation) if observation.log_index.is_some());
-                if durable || !accepted {
-                    feed(item);
+        if let Some(publish) = &self.hooks.publish {
+            for record in self.observed.drain(..) {
+                // A refused event was never going to be appended: the detector sees it
+                // whether or not the group became durable. Everything else only if it did.
+                if durable || record.log_index().is_none() {
+                    publish.send(record);
                 }
             }
         }
@@ -772,23 +771,13 @@ impl Sequencer {
                     view.ok_or_else(|| ApiError::new(404, "no_checkpoint", "no checkpoint has been signed yet")),
                 )
             }
-            Command::AppendSigned { envelope, reply } => {
-                let result = self.append_signed(envelope, entries);
-                defer(reply, result)
-            }
-            Command::Enforce {
-                op,
-                by,
-                cause,
-                reason,
-                reply,
-            } => {
-                let result = self.enforce(op, by, cause, reason, entries);
-                defer(reply, result)
+            Command::Submit { submission, answer } => {
+                let result = self.submit(submission, entries);
+                defer_answer(answer, result)
             }
             Command::Revocations { reply } => {
                 let list = self.revocations(entries);
-                defer(reply, Ok(list))
+                defer(reply, list)
             }
             Command::Memory { id, reply } => defer(reply, Ok(self.registry.memories.get(&id).cloned())),
             Command::Sign { bytes, reply } => {
@@ -819,17 +808,72 @@ impl Sequencer {
         }
     }
 
-    fn append_signed(&mut self, envelope: Envelope, entries: &mut Vec<LogEntry>) -> Result<u64, ApiError> {
+    /// One submission from a stage: checked, queued in this group, answered once durable.
+    fn submit(&mut self, submission: Submission, entries: &mut Vec<LogEntry>) -> Result<Appended, Refused> {
+        match submission {
+            Submission::Finding(envelope) => {
+                let log_index = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, entries)?;
+                Ok(Appended {
+                    log_indexes: vec![log_index],
+                })
+            }
+            Submission::Action(envelope) => self.append_action(envelope, entries),
+            Submission::Control(ControlOp::Revoke { agent, by, reason }) => self
+                .revoke(&agent, reason, by, entries)
+                .map(|revoked| Appended {
+                    log_indexes: revoked.log_indexes,
+                })
+                .map_err(|error| refused(&error)),
+        }
+    }
+
+    /// An action record and the enforcement it carries, in one append: the record first,
+    /// then the control entries, each naming the record's log index as its cause. An
+    /// enforcement the registry cannot apply (an agent never enrolled) refuses the
+    /// whole submission, so no record claims an effect that did not happen.
+    fn append_action(&mut self, envelope: Envelope, entries: &mut Vec<LogEntry>) -> Result<Appended, Refused> {
+        let head = ActionHead::parse(&envelope.payload).map_err(|message| Refused::new("malformed_action", message))?;
+        if let Some(enforcement) = head.to_apply()
+            && let Some(agent) = enforcement_agent(enforcement)
+            && !self.registry.agents.contains_key(agent)
+        {
+            return Err(Refused::new(
+                "unknown_agent",
+                format!("agent `{agent}` is not enrolled; the action's enforcement cannot be applied"),
+            ));
+        }
+        let log_index = self.append_signed(envelope, ACTION_PAYLOAD_TYPE, entries)?;
+        let mut log_indexes = vec![log_index];
+        if let Some(enforcement) = head.to_apply() {
+            let applied = self
+                .enforce(
+                    enforcement,
+                    head.by.clone(),
+                    Some(log_index),
+                    Some(head.reason.clone()),
+                    entries,
+                )
+                .map_err(|error| refused(&error))?;
+            log_indexes.extend(applied);
+        }
+        Ok(Appended { log_indexes })
+    }
+
+    /// Queues an entry signed by a system key that may append `payload_type`.
+    fn append_signed(
+        &mut self,
+        envelope: Envelope,
+        payload_type: &str,
+        entries: &mut Vec<LogEntry>,
+    ) -> Result<u64, Refused> {
         let allowed = self.hooks.signers.get(&envelope.keyid).ok_or_else(|| {
-            ApiError::new(
-                403,
+            Refused::new(
                 "not_a_system_key",
                 format!("`{}` is not one of this node's system keys", envelope.keyid),
             )
         })?;
-        if *allowed != envelope.payload_type {
-            return Err(ApiError::new(
-                403,
+        if *allowed != envelope.payload_type || envelope.payload_type != payload_type {
+            return Err(Refused::new(
                 "wrong_payload_type",
                 format!(
                     "`{}` may append `{allowed}` entries, not `{}`",
@@ -838,10 +882,18 @@ impl Sequencer {
             ));
         }
         let key = custos_event::verifying_key_from_did(&envelope.keyid)
-            .map_err(|error| ApiError::new(400, "bad_did", error.to_string()))?;
+            .map_err(|error| Refused::new("bad_did", error.to_string()))?;
         custos_event::verify::verify_one(&key, &envelope)
-            .map_err(|rejection| ApiError::new(400, rejection.reason.code(), rejection.message))?;
+            .map_err(|rejection| Refused::new(rejection.reason.code(), rejection.message))?;
         let log_index = self.next_index(entries);
+        if self.hooks.publish.is_some() {
+            let payload = envelope.payload.clone();
+            self.observed.push(if payload_type == FINDING_PAYLOAD_TYPE {
+                Committed::Finding { log_index, payload }
+            } else {
+                Committed::Action { log_index, payload }
+            });
+        }
         entries.push(LogEntry::from_envelope(
             envelope,
             log_index,
@@ -853,21 +905,15 @@ impl Sequencer {
 
     fn enforce(
         &mut self,
-        op: Enforce,
+        op: &Enforcement,
         by: String,
         cause: Option<u64>,
         reason: Option<String>,
         entries: &mut Vec<LogEntry>,
     ) -> Result<Vec<u64>, ApiError> {
-        let agent_of = |op: &Enforce| match op {
-            Enforce::Revoke { agent }
-            | Enforce::Quarantine { agent }
-            | Enforce::Reinstate { agent }
-            | Enforce::QuarantineMemory { agent, .. }
-            | Enforce::RestoreMemory { agent, .. }
-            | Enforce::RevokeCredential { agent, .. } => agent.clone(),
+        let Some(agent) = enforcement_agent(op).map(str::to_owned) else {
+            return Ok(Vec::new());
         };
-        let agent = agent_of(&op);
         let Some(record) = self.registry.agents.get(&agent) else {
             return Err(ApiError::new(
                 404,
@@ -878,7 +924,7 @@ impl Sequencer {
         let realm = record.realm.clone();
         let status = record.status;
         let (action, subject) = match op {
-            Enforce::Revoke { .. } => {
+            Enforcement::RevokeAgent { .. } => {
                 if status == AgentStatus::Revoked {
                     return Ok(Vec::new());
                 }
@@ -886,38 +932,39 @@ impl Sequencer {
                     .revoke_with_cause(&agent, reason, by, cause, entries)
                     .map(|revoked| revoked.log_indexes);
             }
-            Enforce::Quarantine { .. } if status != AgentStatus::Active => return Ok(Vec::new()),
-            Enforce::Quarantine { .. } => (ControlAction::Quarantine, None),
-            Enforce::Reinstate { .. } if status == AgentStatus::Active => return Ok(Vec::new()),
-            Enforce::Reinstate { .. } => (ControlAction::Reinstate, None),
-            Enforce::QuarantineMemory { memory, .. } => {
+            Enforcement::QuarantineAgent { .. } if status != AgentStatus::Active => return Ok(Vec::new()),
+            Enforcement::QuarantineAgent { .. } => (ControlAction::Quarantine, None),
+            Enforcement::ReinstateAgent { .. } if status == AgentStatus::Active => return Ok(Vec::new()),
+            Enforcement::ReinstateAgent { .. } => (ControlAction::Reinstate, None),
+            Enforcement::QuarantineMemory { memory_id: memory, .. } => {
                 if self
                     .registry
                     .memories
-                    .get(&memory)
+                    .get(memory)
                     .is_some_and(|m| m.status == "quarantined")
                 {
                     return Ok(Vec::new());
                 }
-                (ControlAction::QuarantineMemory, Some(memory))
+                (ControlAction::QuarantineMemory, Some(memory.clone()))
             }
-            Enforce::RestoreMemory { memory, .. } => {
+            Enforcement::RestoreMemory { memory_id: memory, .. } => {
                 if self
                     .registry
                     .memories
-                    .get(&memory)
+                    .get(memory)
                     .is_none_or(|m| m.status != "quarantined")
                 {
                     return Ok(Vec::new());
                 }
-                (ControlAction::RestoreMemory, Some(memory))
+                (ControlAction::RestoreMemory, Some(memory.clone()))
             }
-            Enforce::RevokeCredential { credential, .. } => {
-                if self.registry.credentials.contains_key(&credential) {
+            Enforcement::RevokeCredential { credential, .. } => {
+                if self.registry.credentials.contains_key(credential) {
                     return Ok(Vec::new());
                 }
-                (ControlAction::RevokeCredential, Some(credential))
+                (ControlAction::RevokeCredential, Some(credential.clone()))
             }
+            Enforcement::Webhook { .. } | Enforcement::None => return Ok(Vec::new()),
         };
         let log_index = self.control(
             action,
@@ -935,7 +982,7 @@ impl Sequencer {
     }
 
     /// The revocation list as of the entries queued so far, signed by the node key.
-    fn revocations(&self, entries: &[LogEntry]) -> Envelope {
+    fn revocations(&self, entries: &[LogEntry]) -> Result<Envelope, ApiError> {
         let listed = |status: AgentStatus| {
             self.registry
                 .agents
@@ -972,8 +1019,9 @@ impl Sequencer {
                 .collect(),
             revoked_credentials: self.registry.credentials.values().cloned().collect(),
         };
-        let bytes = serde_json::to_vec(&list).unwrap_or_default();
-        self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes)
+        let bytes = serde_json::to_vec(&list)
+            .map_err(|error| ApiError::new(500, "internal", format!("cannot encode the revocation list: {error}")))?;
+        Ok(self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes))
     }
 
     fn next_index(&self, entries: &[LogEntry]) -> u64 {
@@ -1054,8 +1102,8 @@ impl Sequencer {
     /// never unknown keys).
     fn refuse(&mut self, refusal: Refusal, remote: &str, now: DateTime<Utc>) {
         let keyid = refusal.payload.agent.clone();
-        if self.hooks.feed.is_some() && refusal.rejection.reason != Reason::UnknownAgent {
-            self.observed.push(Feed::Event(Box::new(Observation {
+        if self.hooks.publish.is_some() && refusal.rejection.reason != Reason::UnknownAgent {
+            self.observed.push(Committed::Event(Box::new(Observation {
                 log_index: None,
                 ingest_ts: now,
                 payload: refusal.payload,
@@ -1101,7 +1149,7 @@ impl Sequencer {
         verified: Verified,
         now: DateTime<Utc>,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<Admitted, Refused> {
+    ) -> Result<Admitted, RefusedEvent> {
         let (gap, child, realm, quarantined) = match self.check(&verified, now) {
             Ok(Checked::Fresh {
                 gap,
@@ -1123,7 +1171,7 @@ impl Sequencer {
                 })));
             }
             Err((rejection, evidence)) => {
-                return Err(Refused {
+                return Err(RefusedEvent {
                     rejection,
                     evidence,
                     payload: Box::new(verified.payload),
@@ -1146,8 +1194,8 @@ impl Sequencer {
             now.timestamp_micros(),
             gap,
         ));
-        if self.hooks.feed.is_some() {
-            self.observed.push(Feed::Event(Box::new(Observation {
+        if self.hooks.publish.is_some() {
+            self.observed.push(Committed::Event(Box::new(Observation {
                 log_index: Some(log_index),
                 ingest_ts: now,
                 payload,
@@ -1342,10 +1390,18 @@ impl Sequencer {
             reason,
             subject,
         };
-        let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+        // A struct of strings and numbers always serialises; were it ever not to, nothing
+        // is signed (a default value must never be).
+        let bytes = serde_json::to_vec(&payload).expect("a control payload serialises");
         self.node_chain.advance(&bytes);
-        let envelope = self.node_key.sign_envelope(CONTROL_PAYLOAD_TYPE, bytes);
         let log_index = self.next_index(entries);
+        if self.hooks.publish.is_some() {
+            self.observed.push(Committed::Control {
+                log_index,
+                payload: bytes.clone(),
+            });
+        }
+        let envelope = self.node_key.sign_envelope(CONTROL_PAYLOAD_TYPE, bytes);
         self.registry.apply_control(&payload, log_index);
         if let Some(event) = payload.action.change_name() {
             self.changes.push(StatusChange {
@@ -1675,7 +1731,7 @@ impl ItemResult {
 }
 
 /// A signed event the registry or chain checks refused.
-struct Refused {
+struct RefusedEvent {
     rejection: Rejection,
     evidence: Option<serde_json::Value>,
     payload: Box<Payload>,

@@ -9,13 +9,15 @@
 
 use chrono::Utc;
 use custos_event::{
-    ACTION_PAYLOAD_TYPE, AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE, Feed,
+    ACTION_PAYLOAD_TYPE, AgentKey, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE,
     Observation, Payload, Signal,
 };
 use custos_store::{Log, LogEntry};
 
 use crate::registry::{ControlPayload, Registry};
-use crate::{FeedSink, NodeConfig, NodeError};
+use crate::{NodeConfig, NodeError};
+use custos_stage::Committed;
+use custos_stage::embedded::Fanout;
 
 /// The log and what is folded from it.
 pub(crate) struct Loaded {
@@ -34,7 +36,7 @@ pub(crate) struct Loaded {
 pub(crate) fn load(
     config: &NodeConfig,
     node_key: &AgentKey,
-    feed: Option<&FeedSink>,
+    feed: Option<&Fanout>,
     replay_from: u64,
 ) -> Result<Loaded, NodeError> {
     let info = custos_store::StoreInfo::open(&config.data, true)?;
@@ -82,19 +84,21 @@ pub(crate) fn load(
         };
         let Some(feed) = feed else { return };
         match (payload, entry.payload_type.as_str()) {
-            (Some(payload), _) if entry.log_index >= replay_from => feed(Feed::Event(Box::new(Observation {
-                log_index: Some(entry.log_index),
-                ingest_ts: chrono::TimeZone::timestamp_micros(&Utc, entry.ingest_ts_us)
-                    .single()
-                    .unwrap_or_default(),
-                payload,
-                signal: Signal::Accepted { gap: entry.gap },
-            }))),
-            (None, FINDING_PAYLOAD_TYPE) => feed(Feed::Finding {
+            (Some(payload), _) if entry.log_index >= replay_from => {
+                feed.send(Committed::Event(Box::new(Observation {
+                    log_index: Some(entry.log_index),
+                    ingest_ts: chrono::TimeZone::timestamp_micros(&Utc, entry.ingest_ts_us)
+                        .single()
+                        .unwrap_or_default(),
+                    payload,
+                    signal: Signal::Accepted { gap: entry.gap },
+                })))
+            }
+            (None, FINDING_PAYLOAD_TYPE) => feed.send(Committed::Finding {
                 log_index: entry.log_index,
                 payload: entry.payload.clone(),
             }),
-            (None, ACTION_PAYLOAD_TYPE) => feed(Feed::Action {
+            (None, ACTION_PAYLOAD_TYPE) => feed.send(Committed::Action {
                 log_index: entry.log_index,
                 payload: entry.payload.clone(),
             }),
@@ -133,7 +137,7 @@ pub(crate) fn load(
         }
     }
     if let Some(feed) = feed {
-        feed(Feed::Replayed {
+        feed.send(Committed::Replayed {
             next_index: log.next_index(),
         });
     }

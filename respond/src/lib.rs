@@ -13,13 +13,15 @@
 //!  ordered actions ─▶ require_approval parks the rest until approved, denied or expired
 //!        │
 //!        ▼
-//!  ActionRecord (OCSF Remediation 7001) ─▶ the node enforces it (registry, control feed)
-//!                                       ─▶ signed into the audit log by the responder key
+//!  ActionRecord (OCSF Remediation 7001) ─▶ signed by the responder key ─▶ Submission::Action
+//!        (runner::ResponderStage)            the log writer appends it and applies the
+//!                                            Enforcement it carries in the same group commit
 //! ```
 //!
-//! [`Responder`] only decides: it returns [`ActionRecord`]s, and the node carries out the
-//! executed ones (revocations and quarantines go through ingest's single writer, so they
-//! are ordered before the next event). Nothing here reads a clock: callers pass `now`.
+//! [`Responder`] only decides: it returns [`ActionRecord`]s. [`runner::ResponderStage`]
+//! reads findings as the writer committed them and submits the records; revocations and
+//! quarantines are applied by the single writer, so they are ordered before the next
+//! event. Nothing in [`Responder`] reads a clock: callers pass `now`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -28,6 +30,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub mod runner;
 pub mod webhook;
 
 /// A finding as the responder reads it: the detector's signed payload, decoded.
@@ -335,39 +338,7 @@ pub enum ActionStatus {
     Failed,
 }
 
-/// What the node must do for an executed action.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Enforcement {
-    RevokeAgent {
-        agent: String,
-    },
-    QuarantineAgent {
-        agent: String,
-    },
-    ReinstateAgent {
-        agent: String,
-    },
-    QuarantineMemory {
-        memory_id: String,
-        agent: String,
-    },
-    RestoreMemory {
-        memory_id: String,
-        agent: String,
-    },
-    RevokeCredential {
-        credential: String,
-        agent: String,
-    },
-    Webhook {
-        url: String,
-        secret_env: String,
-        timeout_ms: u64,
-        retries: u32,
-    },
-    None,
-}
+pub use custos_stage::Enforcement;
 
 /// One action, in every state it passes through. Signed into the log by the responder.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

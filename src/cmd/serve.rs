@@ -31,7 +31,6 @@ impl Node {
         let (pipeline, mut hooks) = Pipeline::start(pipeline_config, marks)?;
         hooks.routes = Some(routes);
         let running = custos_ingest::start_with(config, hooks).await?;
-        pipeline.connect(&running.control);
         Ok(Self {
             running,
             pipeline: Some(pipeline),

@@ -32,7 +32,7 @@ fn the_responder_reads_the_detectors_signed_finding_payload() {
         memories: vec!["mem-1".into()],
         ts,
     };
-    let payload = finding.payload(&custos_event::ChainState::default());
+    let payload = finding.payload(&custos_event::ChainState::default()).unwrap();
     let read: custos_respond::Finding = serde_json::from_slice(&payload).unwrap();
     assert_eq!(read.id, finding.id);
     assert_eq!(read.finding_type, "exfiltration");

@@ -441,7 +441,7 @@ fn findings_sign_into_a_verifiable_payload_and_export_as_ocsf() {
     let finding = &found[0];
     let key = custos_event::AgentKey::from_seed(&[9; 32]);
     let mut chain = custos_event::ChainState::default();
-    let envelope = finding.sign(&key, &mut chain);
+    let envelope = finding.sign(&key, &mut chain).unwrap();
     assert_eq!(envelope.payload_type, custos_event::FINDING_PAYLOAD_TYPE);
     let verifying = custos_event::verifying_key_from_did(key.did()).unwrap();
     assert!(custos_event::verify_signatures(&[(&verifying, &envelope)])[0].is_ok());

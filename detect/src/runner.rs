@@ -1,0 +1,348 @@
+//! The detector stage: reads committed records, submits signed findings.
+//!
+//! ```text
+//!  Subscription ──Committed::Event──▶ Detector::observe ─▶ outbox ─▶ sign ─▶ Submitter
+//!               ──Committed::Finding─▶ remember (replay), view          (one in flight;
+//!               ──Committed::Replayed▶ live: held findings go out         the receipt
+//!  requests (baseline page, stop) ◀── the node's HTTP edge                 frees the next)
+//! ```
+//!
+//! The stage never waits for the writer while the writer may be waiting for it: a
+//! finding goes into an outbox, at most one is in flight, and its receipt is checked
+//! between records. Signing happens when the finding is sent, so the detector's own
+//! chain (seq/prev) never has a hole, and a refused finding is signed again later.
+//!
+//! Restarts: the detector resumes from its snapshot; the log replays the events after it
+//! and every finding. Findings made during the replay are held; at the end of the replay
+//! those already in the log (by id) are dropped and the rest are sent. The snapshot is
+//! written only when every finding it accounts for is in the log.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use custos_event::{AgentKey, ChainState};
+use custos_stage::{Committed, Receipt, Refused, Submission, Submitter, Subscription};
+use serde_json::{Value, json};
+
+use crate::{Detector, Finding};
+
+/// Requests from outside the stream (the node's HTTP edge).
+pub enum Request {
+    /// A summary of one agent's baseline, for its page.
+    Baseline(String, Sender<Option<Value>>),
+    /// Handle everything already committed, send what is held, snapshot, and stop.
+    Stop(Sender<()>),
+}
+
+/// What the stage reports, for metrics and the node's views.
+pub enum Report<'a> {
+    /// A finding is in the log (read back at replay, or committed live).
+    Logged {
+        finding: &'a Finding,
+        log_index: u64,
+        live: bool,
+    },
+    /// Seconds between an event's ingest and its detection.
+    Lag(f64),
+    /// A finding could not be logged.
+    Failed { finding: &'a Finding, refused: &'a Refused },
+}
+
+/// The detector stage's state.
+pub struct DetectorStage {
+    detector: Detector,
+    key: AgentKey,
+    chain: ChainState,
+    replayed: bool,
+    /// Findings made while replaying, sent once the replay ends unless already logged.
+    held: Vec<Finding>,
+    logged_during_replay: HashSet<String>,
+    /// Findings waiting to be signed and sent, oldest first.
+    outbox: VecDeque<Finding>,
+    /// The finding sent and not yet answered, with the chain before it was signed.
+    inflight: Option<(Finding, ChainState, Receipt)>,
+    /// When a retryable refusal last happened (the outbox waits a little).
+    backoff_until: Option<Instant>,
+    /// No finding is missing from the log: the state may be snapshotted.
+    clean: bool,
+    snapshot: PathBuf,
+    snapshot_every: Duration,
+    report: Box<dyn FnMut(Report<'_>) + Send>,
+}
+
+impl DetectorStage {
+    /// A stage around `detector` (already restored from `snapshot` when it exists).
+    pub fn new(
+        detector: Detector,
+        key: AgentKey,
+        snapshot: PathBuf,
+        snapshot_every: Duration,
+        report: Box<dyn FnMut(Report<'_>) + Send>,
+    ) -> Self {
+        Self {
+            detector,
+            key,
+            chain: ChainState::default(),
+            replayed: false,
+            held: Vec::new(),
+            logged_during_replay: HashSet::new(),
+            outbox: VecDeque::new(),
+            inflight: None,
+            backoff_until: None,
+            clean: true,
+            snapshot,
+            snapshot_every,
+            report,
+        }
+    }
+
+    /// The detector's signing key as a `did:key` (the writer's system signer).
+    pub fn did(&self) -> &str {
+        self.key.did()
+    }
+
+    /// Runs until a [`Request::Stop`], or until the subscription closes.
+    pub fn run(mut self, subscription: &mut dyn Subscription, submit: &dyn Submitter, requests: Receiver<Request>) {
+        let mut last_tick = Instant::now();
+        let mut last_snapshot = Instant::now();
+        loop {
+            match subscription.recv(Duration::from_millis(20)) {
+                Ok(Some(record)) => {
+                    self.committed(record);
+                    // Take what is queued before looking at requests and receipts.
+                    for _ in 0..1024 {
+                        match subscription.recv(Duration::ZERO) {
+                            Ok(Some(record)) => self.committed(record),
+                            _ => break,
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(custos_stage::StageError::Closed) => {
+                    self.finish(submit);
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "detector: reading committed records failed; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            while let Ok(request) = requests.try_recv() {
+                match request {
+                    Request::Baseline(agent, reply) => {
+                        let _ = reply.send(self.baseline(&agent));
+                    }
+                    Request::Stop(done) => {
+                        while let Ok(Some(record)) = subscription.recv(Duration::ZERO) {
+                            self.committed(record);
+                        }
+                        self.finish(submit);
+                        if self.clean
+                            && let Err(error) = subscription.ack()
+                        {
+                            tracing::warn!(%error, "detector: could not acknowledge its position");
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+            }
+            self.pump(submit);
+            if self.replayed && last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                let found = self.detector.tick(Utc::now().timestamp());
+                self.outbox.extend(found);
+                self.pump(submit);
+            }
+            if last_snapshot.elapsed() >= self.snapshot_every {
+                last_snapshot = Instant::now();
+                if self.save()
+                    && let Err(error) = subscription.ack()
+                {
+                    tracing::warn!(%error, "detector: could not acknowledge its position");
+                }
+            }
+        }
+    }
+
+    /// Sends what is held and waits for the last receipts, then snapshots.
+    fn finish(&mut self, submit: &dyn Submitter) {
+        self.release_held();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (self.inflight.is_some() || !self.outbox.is_empty()) && Instant::now() < deadline {
+            self.backoff_until = None;
+            self.pump(submit);
+            let answer = match &self.inflight {
+                Some((_, _, receipt)) => receipt.wait(Duration::from_millis(100)),
+                None => continue,
+            };
+            match answer {
+                Err(refused) if refused.code == "writer_timeout" => {}
+                answer => self.settle(answer),
+            }
+        }
+        if self.inflight.is_some() || !self.outbox.is_empty() {
+            self.clean = false;
+            tracing::error!(
+                waiting = self.outbox.len() + usize::from(self.inflight.is_some()),
+                "detector stopped with findings not logged; the next start finds them again"
+            );
+        }
+        self.save();
+    }
+
+    /// Handles one committed record.
+    pub fn committed(&mut self, record: Committed) {
+        match record {
+            Committed::Event(observation) => {
+                if self.replayed {
+                    let lag = (Utc::now() - observation.ingest_ts).num_microseconds().unwrap_or(0);
+                    (self.report)(Report::Lag(lag.max(0) as f64 / 1e6));
+                }
+                let found = self.detector.observe(&observation);
+                if self.replayed {
+                    self.outbox.extend(found);
+                } else {
+                    self.held.extend(found);
+                }
+            }
+            Committed::Finding { log_index, payload } => {
+                self.chain.follow(&payload);
+                if let Some((finding, _)) = Finding::from_payload(&payload) {
+                    if !self.replayed {
+                        self.detector.remember(&finding);
+                        self.logged_during_replay.insert(finding.id.clone());
+                    }
+                    (self.report)(Report::Logged {
+                        finding: &finding,
+                        log_index,
+                        live: self.replayed,
+                    });
+                }
+            }
+            Committed::Replayed { next_index } => {
+                tracing::info!(next_index, held = self.held.len(), "detector caught up with the log");
+                self.replayed = true;
+                self.release_held();
+            }
+            Committed::Action { .. } | Committed::Control { .. } => {}
+        }
+    }
+
+    fn release_held(&mut self) {
+        if !self.replayed {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        for finding in held {
+            if !self.logged_during_replay.contains(&finding.id) {
+                self.outbox.push_back(finding);
+            }
+        }
+        self.logged_during_replay.clear();
+    }
+
+    /// Checks the receipt in flight; sends the next finding when there is none.
+    fn pump(&mut self, submit: &dyn Submitter) {
+        if let Some((_, _, receipt)) = &self.inflight {
+            match receipt.try_take() {
+                Some(answer) => self.settle(answer),
+                None => return,
+            }
+        }
+        if self.backoff_until.is_some_and(|until| Instant::now() < until) {
+            return;
+        }
+        let Some(finding) = self.outbox.pop_front() else {
+            return;
+        };
+        let before = self.chain.clone();
+        let envelope = match finding.sign(&self.key, &mut self.chain) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(finding = finding.id, %error, "cannot encode a finding; dropped");
+                self.clean = false;
+                return;
+            }
+        };
+        match submit.submit(Submission::Finding(envelope)) {
+            Ok(receipt) => self.inflight = Some((finding, before, receipt)),
+            Err(error) => {
+                tracing::warn!(%error, "detector: the transport refused a finding; retrying");
+                self.chain = before;
+                self.outbox.push_front(finding);
+                self.backoff_until = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn settle(&mut self, answer: Result<custos_stage::Appended, Refused>) {
+        let Some((finding, before, _)) = self.inflight.take() else {
+            return;
+        };
+        match answer {
+            Ok(appended) => {
+                tracing::info!(
+                    finding = finding.id,
+                    r#type = finding.finding_type,
+                    score = finding.score,
+                    log_index = appended.log_indexes.first(),
+                    "finding"
+                );
+            }
+            Err(refused) => {
+                // Not in the log: the chain goes back to where it was.
+                self.chain = before;
+                (self.report)(Report::Failed {
+                    finding: &finding,
+                    refused: &refused,
+                });
+                if refused.retryable {
+                    self.outbox.push_front(finding);
+                    self.backoff_until = Some(Instant::now() + Duration::from_millis(500));
+                } else {
+                    // Never logged: do not snapshot past it, so a restart finds it again.
+                    self.clean = false;
+                    tracing::error!(finding = finding.id, error = %refused, "could not log a finding");
+                }
+            }
+        }
+    }
+
+    fn baseline(&self, agent: &str) -> Option<Value> {
+        let state = self.detector.agent(agent)?;
+        let baseline = &state.baseline;
+        let min_windows = self.detector.config.min_windows;
+        let features: serde_json::Map<String, Value> = crate::features::FEATURES
+            .iter()
+            .zip(&baseline.stats)
+            .map(|(name, stat)| ((*name).to_owned(), json!({"expected": stat.mean, "spread": stat.dev})))
+            .collect();
+        let active_hours = baseline.profile.iter().filter(|count| **count > 0).count();
+        Some(json!({
+            "windows_learned": baseline.windows,
+            "learning": baseline.windows < min_windows,
+            "min_windows": min_windows,
+            "last_seen": chrono::DateTime::from_timestamp(state.last_seen, 0).map(|at| at.to_rfc3339()),
+            "active_hours_of_week": active_hours,
+            "features": features,
+        }))
+    }
+
+    /// Snapshots when nothing is owed to the log; says whether it did.
+    fn save(&mut self) -> bool {
+        if !self.clean || !self.replayed || self.inflight.is_some() || !self.outbox.is_empty() {
+            return false;
+        }
+        match self.detector.snapshot(&self.snapshot) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, path = %self.snapshot.display(), "detector snapshot failed");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! The Kafka transport: the contract's records on topics of a Kafka-protocol broker.
+//!
+//! ```text
+//!  stage ── SubmissionRecord ──▶ <prefix>.submissions ──▶ writer (group <prefix>.writer)
+//!    ▲                             key: agent DID              │ durable append
+//!    │                                                         ├─▶ <prefix>.receipts  (key: origin)
+//!    └── receipts thread ◀─────────────────────────────────────┘
+//!  detector/responder (groups) ◀── <prefix>.committed ◀── CommittedRecord (key: agent DID)
+//! ```
+//!
+//! Offsets are committed by the reader only when it says so ([`Subscription::ack`],
+//! [`Intake::ack`]): a writer after its group commit, a detector after its snapshot. So a
+//! crash redelivers, and the reader's own dedupe (the writer's chain check, the
+//! detector's finding ids) makes the redelivery harmless. The record formats are in
+//! [`crate::wire`] and `docs/architecture.md`.
+
+#![cfg(feature = "kafka")]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::wire;
+use crate::{Answer, Committed, Intake, Publish, Receipt, Refused, StageError, Submission, Submitter, Subscription};
+
+/// Where the cluster is and what its topics are called.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic names start with it: `<prefix>.submissions`, `<prefix>.committed`,
+    /// `<prefix>.receipts`, `<prefix>.control`.
+    pub prefix: String,
+    /// How long a produce may take before it counts as failed.
+    pub produce_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            prefix: "custos".into(),
+            produce_timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn submissions(&self) -> String {
+        format!("{}.submissions", self.prefix)
+    }
+
+    pub fn committed(&self) -> String {
+        format!("{}.committed", self.prefix)
+    }
+
+    pub fn receipts(&self) -> String {
+        format!("{}.receipts", self.prefix)
+    }
+
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            // librdkafka logs through stderr by default; keep it to real problems.
+            .set("log_level", "3");
+        config
+    }
+
+    fn consumer(&self, group: &str) -> Result<BaseConsumer, StageError> {
+        self.client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka)
+    }
+}
+
+fn kafka(error: KafkaError) -> StageError {
+    StageError::Kafka(error.to_string())
+}
+
+/// Creates the topics (a topic that exists already is fine). The control topic is
+/// compacted: it keeps the latest record per key (agent, memory, credential).
+pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageError> {
+    let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka)?;
+    let names = [
+        (config.submissions(), false),
+        (config.committed(), false),
+        (config.receipts(), false),
+        (config.control(), true),
+    ];
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|(name, compacted)| {
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+            if *compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = futures::executor::block_on(admin.create_topics(&topics, &options)).map_err(kafka)?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(StageError::Kafka(format!("creating topic `{topic}`: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Calls each record's delivery callback once the broker acknowledged it (or refused it).
+struct Deliveries;
+
+type Delivered = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// A delivery callback as librdkafka's opaque (which must be `Sync`).
+struct Callback(Mutex<Option<Delivered>>);
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Callback>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(error.to_string()),
+        };
+        let callback = opaque
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(callback) = callback {
+            callback(outcome);
+        }
+    }
+}
+
+/// A producer whose sends can be waited for.
+#[derive(Clone)]
+struct Sender {
+    producer: Arc<ThreadedProducer<Deliveries>>,
+    timeout: Duration,
+}
+
+impl Sender {
+    fn new(config: &KafkaConfig) -> Result<Self, StageError> {
+        let producer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
+            .create_with_context(Deliveries)
+            .map_err(kafka)?;
+        Ok(Self {
+            producer: Arc::new(producer),
+            timeout: config.produce_timeout,
+        })
+    }
+
+    /// Queues `value`; `done` is called once the broker has it.
+    fn send_then(
+        &self,
+        topic: &str,
+        key: &str,
+        partition: Option<i32>,
+        value: &[u8],
+        done: Delivered,
+    ) -> Result<(), StageError> {
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(Callback(Mutex::new(Some(done)))))
+            .key(key)
+            .payload(value);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut record = record;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => return Err(kafka(error)),
+            }
+        }
+    }
+
+    /// Sends `value` and waits for the broker's acknowledgement.
+    fn send(&self, topic: &str, key: &str, partition: Option<i32>, value: &[u8]) -> Result<(), StageError> {
+        let (done, acked) = std::sync::mpsc::sync_channel(1);
+        self.send_then(
+            topic,
+            key,
+            partition,
+            value,
+            Box::new(move |outcome| {
+                let _ = done.send(outcome);
+            }),
+        )?;
+        match acked.recv_timeout(self.timeout + Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(StageError::Kafka(error)),
+            Err(_) => Err(StageError::Kafka(format!(
+                "no acknowledgement from the broker within {} s",
+                self.timeout.as_secs()
+            ))),
+        }
+    }
+
+    fn flush(&self) -> Result<(), StageError> {
+        self.producer.flush(self.timeout).map_err(kafka)
+    }
+}
+
+/// A random id for this process's receipts.
+fn origin() -> String {
+    let mut bytes = [0u8; 12];
+    // A clash only mixes up receipts between two processes that would both ignore the
+    // other's tickets, so a weak source would do; getrandom is at hand anyway.
+    let _ = getrandom::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
+type Waiting = Arc<Mutex<HashMap<u64, Answer>>>;
+
+/// Submits to the submissions topic and matches the writer's receipts to tickets.
+pub struct KafkaSubmitter {
+    config: KafkaConfig,
+    sender: Sender,
+    origin: String,
+    next_ticket: AtomicU64,
+    waiting: Waiting,
+    stop: Arc<AtomicBool>,
+    receipts: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSubmitter {
+    /// Connects, and starts reading receipts from the current end of the receipts topic.
+    pub fn new(config: &KafkaConfig) -> Result<Self, StageError> {
+        let sender = Sender::new(config)?;
+        let origin = origin();
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", format!("{}.receipts.{origin}", config.prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka)?;
+        // Start at each partition's current end, found before the first submission, so
+        // no receipt of ours can come before the position.
+        let topic = config.receipts();
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .map_err(kafka)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|topic| topic.partitions().len())
+            .unwrap_or(0);
+        if partitions == 0 {
+            return Err(StageError::Kafka(format!(
+                "topic `{topic}` has no partitions (create the topics first: `custos cluster init`)"
+            )));
+        }
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions as i32 {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map_err(kafka)?;
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Offset(high))
+                .map_err(kafka)?;
+        }
+        consumer.assign(&assignment).map_err(kafka)?;
+        let waiting: Waiting = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let receipts = {
+            let waiting = waiting.clone();
+            let stop = stop.clone();
+            let origin = origin.clone();
+            std::thread::Builder::new()
+                .name("custos-receipts".into())
+                .spawn(move || read_receipts(&consumer, &origin, &waiting, &stop))
+                .map_err(|error| StageError::Kafka(format!("cannot start the receipts thread: {error}")))?
+        };
+        Ok(Self {
+            config: config.clone(),
+            sender,
+            origin,
+            next_ticket: AtomicU64::new(0),
+            waiting,
+            stop,
+            receipts: Some(receipts),
+        })
+    }
+}
+
+fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "reading receipts");
+                continue;
+            }
+        };
+        if message.key() != Some(origin.as_bytes()) {
+            continue;
+        }
+        match wire::decode_receipt(message.payload().unwrap_or_default()) {
+            Ok(record) => {
+                let answer = waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&record.ticket);
+                if let Some(answer) = answer {
+                    answer.send(match record.outcome {
+                        wire::Outcome::Appended(appended) => Ok(appended),
+                        wire::Outcome::Refused(refused) => Err(refused),
+                    });
+                }
+            }
+            Err(error) => tracing::warn!(offset = message.offset(), error, "malformed receipt skipped"),
+        }
+    }
+}
+
+impl Drop for KafkaSubmitter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.receipts.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Submitter for KafkaSubmitter {
+    fn submit(&self, submission: Submission) -> Result<Receipt, StageError> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let bytes = wire::encode_submission(&self.origin, ticket, &submission).map_err(StageError::Kafka)?;
+        let (answer, receipt) = crate::receipt();
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(ticket, answer);
+        let key = wire::submission_key(&submission);
+        if let Err(error) = self.sender.send(&self.config.submissions(), &key, None, &bytes) {
+            self.waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&ticket);
+            return Err(error);
+        }
+        Ok(receipt)
+    }
+}
+
+/// Positions read but not yet committed, per partition.
+#[derive(Default)]
+struct Positions(HashMap<i32, i64>);
+
+impl Positions {
+    fn read(&mut self, partition: i32, offset: i64) {
+        self.0.insert(partition, offset + 1);
+    }
+
+    fn commit(&mut self, consumer: &BaseConsumer, topic: &str) -> Result<(), StageError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, next) in &self.0 {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(kafka)?;
+        }
+        consumer.commit(&list, CommitMode::Sync).map_err(kafka)?;
+        self.0.clear();
+        Ok(())
+    }
+}
+
+/// A stage's subscription to the committed topic, in a consumer group.
+pub struct KafkaSubscription {
+    consumer: BaseConsumer,
+    topic: String,
+    positions: Positions,
+}
+
+impl KafkaSubscription {
+    /// Joins `group` on the committed topic. Members of one group share the partitions;
+    /// a new group starts from the beginning.
+    pub fn new(config: &KafkaConfig, group: &str) -> Result<Self, StageError> {
+        let consumer = config.consumer(group)?;
+        let topic = config.committed();
+        consumer.subscribe(&[&topic]).map_err(kafka)?;
+        Ok(Self {
+            consumer,
+            topic,
+            positions: Positions::default(),
+        })
+    }
+}
+
+impl Subscription for KafkaSubscription {
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Committed>, StageError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(message) = self.consumer.poll(left) else {
+                return Ok(None);
+            };
+            let message = message.map_err(kafka)?;
+            self.positions.read(message.partition(), message.offset());
+            match wire::decode_committed(message.payload().unwrap_or_default()) {
+                Ok(record) => return Ok(Some(record)),
+                // One bad record never stops the stage: say where it is and go on.
+                Err(error) => tracing::error!(
+                    topic = self.topic,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    error,
+                    "malformed committed record skipped"
+                ),
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn ack(&mut self) -> Result<(), StageError> {
+        self.positions.commit(&self.consumer, &self.topic)
+    }
+}
+
+/// The writer's end: submissions from the submissions topic (group `<prefix>.writer`).
+pub struct KafkaIntake {
+    consumer: BaseConsumer,
+    topic: String,
+    receipts: String,
+    sender: Sender,
+    positions: Positions,
+}
+
+impl KafkaIntake {
+    pub fn new(config: &KafkaConfig) -> Result<Self, StageError> {
+        let consumer = config.consumer(&format!("{}.writer", config.prefix))?;
+        let topic = config.submissions();
+        consumer.subscribe(&[&topic]).map_err(kafka)?;
+        Ok(Self {
+            consumer,
+            topic,
+            receipts: config.receipts(),
+            sender: Sender::new(config)?,
+            positions: Positions::default(),
+        })
+    }
+}
+
+impl Intake for KafkaIntake {
+    fn recv(&mut self, timeout: Duration) -> Result<Option<(Submission, Answer)>, StageError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(message) = self.consumer.poll(left) else {
+                return Ok(None);
+            };
+            let message = message.map_err(kafka)?;
+            self.positions.read(message.partition(), message.offset());
+            match wire::decode_submission(message.payload().unwrap_or_default()) {
+                Ok((origin, ticket, submission)) => {
+                    let sender = self.sender.clone();
+                    let topic = self.receipts.clone();
+                    let answer =
+                        Answer::new(move |outcome: Result<crate::Appended, Refused>| {
+                            match wire::encode_receipt(&origin, ticket, outcome) {
+                                Ok(bytes) => {
+                                    let sent = sender.send_then(&topic, &origin, None, &bytes, Box::new(|_| {}));
+                                    if let Err(error) = sent {
+                                        tracing::warn!(%error, "could not send a receipt; the submitter times out");
+                                    }
+                                }
+                                Err(error) => tracing::error!(error, "could not encode a receipt"),
+                            }
+                        });
+                    return Ok(Some((submission, answer)));
+                }
+                Err(error) => tracing::error!(
+                    topic = self.topic,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    error,
+                    "malformed submission skipped"
+                ),
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn ack(&mut self) -> Result<(), StageError> {
+        self.sender.flush()?;
+        self.positions.commit(&self.consumer, &self.topic)
+    }
+}
+
+/// The writer's end: committed records onto the committed topic.
+pub struct KafkaPublisher {
+    sender: Sender,
+    topic: String,
+    /// The partition this writer owns, when it owns one: its records go there.
+    partition: Option<i32>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl KafkaPublisher {
+    pub fn new(config: &KafkaConfig, partition: Option<i32>) -> Result<Self, StageError> {
+        Ok(Self {
+            sender: Sender::new(config)?,
+            topic: config.committed(),
+            partition,
+            failed: Arc::default(),
+        })
+    }
+}
+
+impl Publish for KafkaPublisher {
+    fn publish(&mut self, record: Committed) -> Result<(), StageError> {
+        let bytes = wire::encode_committed(&record).map_err(StageError::Kafka)?;
+        let key = wire::committed_key(&record);
+        let failed = self.failed.clone();
+        self.sender.send_then(
+            &self.topic,
+            &key,
+            self.partition,
+            &bytes,
+            Box::new(move |outcome| {
+                if let Err(error) = outcome {
+                    *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+                }
+            }),
+        )
+    }
+
+    fn flush(&mut self) -> Result<(), StageError> {
+        self.sender.flush()?;
+        match self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            Some(error) => Err(StageError::Kafka(error)),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The one contract between Custos's stages, and the transports that carry it.
+//!
+//! ```text
+//!  intake ── verified events ─┐                              ┌──▶ detector ── findings ──┐
+//!  admin  ── control ops ─────┤                              │                            │
+//!  detector ─ findings ───────┼── Submission ──▶ log writer ─┼── Committed ──▶ responder ─┤
+//!  responder ─ action records ┘   (registry, chain,          │   (entry, log     actions  │
+//!       ▲                          WAL fsync, enforcement)   │    index, verdict)          │
+//!       │                                                    └──▶ query tail, control view │
+//!       └────────────────────────────── Submission ───────────────────────────────────────┘
+//! ```
+//!
+//! A stage never calls another stage. It reads [`Committed`] records through a
+//! [`Subscription`] and sends [`Submission`]s through a [`Submitter`]; the log writer is
+//! the only component that appends. A finding reaches the responder because the writer
+//! committed it, and an action's enforcement is carried by the signed action record
+//! itself (its [`Enforcement`]): the writer applies it in the same group commit as the
+//! record, so a record and its effect are never split by a crash.
+//!
+//! Two transports implement the interface:
+//! - [`embedded`]: in-process channels (the default, one process);
+//! - [`kafka`]: topics on a Kafka-protocol broker (the distributed mode).
+//!
+//! The same stage code runs on both; `tests/it` runs one suite against each.
+
+use std::time::Duration;
+
+use custos_event::{Envelope, Observation};
+use serde::{Deserialize, Serialize};
+
+pub mod embedded;
+pub mod kafka;
+pub mod wire;
+
+/// What a stage asks the log writer to append.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Submission {
+    /// A finding, signed by the detector's system key.
+    Finding(Envelope),
+    /// A responder action record, signed by the responder's system key. When its status
+    /// is `executed` and it carries an enforcement, the writer applies the enforcement in
+    /// the same append (see [`ActionHead`]).
+    Action(Envelope),
+    /// A control operation asked by an operator or another stage.
+    Control(ControlOp),
+}
+
+/// A control operation: the writer turns it into control entries signed by the node key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlOp {
+    /// Revokes the agent and all its sub-agents.
+    Revoke {
+        agent: String,
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+/// What the node must do for an executed action. Carried inside the signed action record,
+/// so the log holds the order and its cause together.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Enforcement {
+    RevokeAgent {
+        agent: String,
+    },
+    QuarantineAgent {
+        agent: String,
+    },
+    ReinstateAgent {
+        agent: String,
+    },
+    QuarantineMemory {
+        memory_id: String,
+        agent: String,
+    },
+    RestoreMemory {
+        memory_id: String,
+        agent: String,
+    },
+    RevokeCredential {
+        credential: String,
+        agent: String,
+    },
+    /// Carried out by the responder itself (an HTTP call); the writer only logs it.
+    Webhook {
+        url: String,
+        secret_env: String,
+        timeout_ms: u64,
+        retries: u32,
+    },
+    None,
+}
+
+impl Enforcement {
+    /// Whether the writer changes registry state for it (everything but webhooks and none).
+    pub fn is_registry_change(&self) -> bool {
+        !matches!(self, Enforcement::Webhook { .. } | Enforcement::None)
+    }
+}
+
+/// The fields of a signed action record the writer reads to apply its enforcement. The
+/// full record (playbook, approval, ...) belongs to the responder; these are the part of
+/// it that is contract.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ActionHead {
+    /// `executed`, `pending`, `failed`, ...: only `executed` records are enforced.
+    pub status: String,
+    pub enforcement: Enforcement,
+    pub by: String,
+    pub reason: String,
+    /// The log index of the finding that caused the action, when there is one.
+    #[serde(default)]
+    pub cause: Option<u64>,
+}
+
+impl ActionHead {
+    /// Reads the head of an action record's payload.
+    pub fn parse(payload: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(payload).map_err(|error| format!("not an action record: {error}"))
+    }
+
+    /// The enforcement the writer must apply, if any.
+    pub fn to_apply(&self) -> Option<&Enforcement> {
+        (self.status == "executed" && self.enforcement.is_registry_change()).then_some(&self.enforcement)
+    }
+}
+
+/// What the writer publishes after a durable append (or a refusal of a signed event by an
+/// enrolled key, which the detector must see), in log order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Committed {
+    /// An agent event: appended (its `log_index` is set and `signal` says `accepted`,
+    /// with any chain gap), or refused by the registry or chain checks (`log_index` is
+    /// `None` and `signal` names the reason).
+    Event(Box<Observation>),
+    /// A finding entry.
+    Finding { log_index: u64, payload: Vec<u8> },
+    /// A responder action record.
+    Action { log_index: u64, payload: Vec<u8> },
+    /// A control entry (node-signed: enrollment, revocation, quarantine, ...).
+    Control { log_index: u64, payload: Vec<u8> },
+    /// Start-up replay of the log has reached `next_index`; live records follow.
+    Replayed { next_index: u64 },
+}
+
+impl Committed {
+    /// The log index of the entry, when it was appended.
+    pub fn log_index(&self) -> Option<u64> {
+        match self {
+            Committed::Event(observation) => observation.log_index,
+            Committed::Finding { log_index, .. }
+            | Committed::Action { log_index, .. }
+            | Committed::Control { log_index, .. } => Some(*log_index),
+            Committed::Replayed { .. } => None,
+        }
+    }
+}
+
+/// The writer's answer to one submission, once it is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// The submission's own entry first, then any control entries it caused (an action's
+    /// enforcement, a revocation's sub-agents). Empty when nothing had to change (the
+    /// subject already was in that state).
+    pub log_indexes: Vec<u64>,
+}
+
+/// Why the writer refused a submission: a stable code and a sentence naming the value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refused {
+    pub code: String,
+    pub message: String,
+    /// Whether the same submission may succeed later (the store was full, the writer
+    /// was failing over): the submitter should retry rather than give up.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+impl Refused {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            ..Self::new(code, message)
+        }
+    }
+}
+
+/// The writer's eventual answer to a submission.
+pub struct Receipt(std::sync::mpsc::Receiver<Result<Appended, Refused>>);
+
+/// How the writer answers one submission: in process, a channel; over Kafka, a record on
+/// the receipts topic.
+pub struct Answer(Box<dyn FnOnce(Result<Appended, Refused>) + Send>);
+
+impl Answer {
+    /// An answer that calls `send` once.
+    pub fn new(send: impl FnOnce(Result<Appended, Refused>) + Send + 'static) -> Self {
+        Self(Box::new(send))
+    }
+
+    pub fn send(self, answer: Result<Appended, Refused>) {
+        (self.0)(answer)
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Answer")
+    }
+}
+
+/// A receipt and the answer that resolves it.
+pub fn receipt() -> (Answer, Receipt) {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+    let answer = Answer::new(move |answer| {
+        // The submitter may have stopped waiting; the entry is in the log either way.
+        let _ = sender.try_send(answer);
+    });
+    (answer, Receipt(receiver))
+}
+
+impl Receipt {
+    /// Waits up to `timeout` for the answer.
+    pub fn wait(&self, timeout: Duration) -> Result<Appended, Refused> {
+        match self.0.recv_timeout(timeout) {
+            Ok(answer) => answer,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Refused::retryable(
+                "writer_timeout",
+                format!("the log writer did not answer within {} ms", timeout.as_millis()),
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(stopped()),
+        }
+    }
+
+    /// The answer if it has come, without waiting.
+    pub fn try_take(&self) -> Option<Result<Appended, Refused>> {
+        match self.0.try_recv() {
+            Ok(answer) => Some(answer),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(stopped())),
+        }
+    }
+}
+
+fn stopped() -> Refused {
+    Refused::retryable("stopping", "the log writer has stopped")
+}
+
+/// A transport failure (not a writer's refusal).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("the transport is closed")]
+    Closed,
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("malformed record on `{topic}` at offset {offset}: {message}")]
+    Malformed {
+        topic: String,
+        offset: i64,
+        message: String,
+    },
+}
+
+/// Sends submissions to the log writer. Cheap to share between threads.
+pub trait Submitter: Send + Sync {
+    /// Hands `submission` to the writer; the receipt answers once it is durable or
+    /// refused. Returns when the transport has taken it (queued in process, or
+    /// acknowledged by the broker).
+    fn submit(&self, submission: Submission) -> Result<Receipt, StageError>;
+}
+
+/// Where a stage reads what the writer committed, in log order.
+pub trait Subscription: Send {
+    /// The next record, waiting up to `timeout`; `Ok(None)` when none came.
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Committed>, StageError>;
+
+    /// Everything received so far is handled and saved (the detector's snapshot holds
+    /// it): a restart may resume after it. Kafka commits the consumer offsets; in process
+    /// the log replays from the snapshot's index instead, so there is nothing to do.
+    fn ack(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// The log writer's end: the submissions to append, in order.
+pub trait Intake: Send {
+    /// The next submission and how to answer it, waiting up to `timeout`.
+    fn recv(&mut self, timeout: Duration) -> Result<Option<(Submission, Answer)>, StageError>;
+
+    /// Everything received so far is durable in the log: it must not be delivered again
+    /// (Kafka commits the consumer offsets only now).
+    fn ack(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// The log writer's end: publishes what became durable, in log order.
+pub trait Publish: Send {
+    fn publish(&mut self, record: Committed) -> Result<(), StageError>;
+
+    /// Makes everything published so far visible to subscribers (Kafka: waits for the
+    /// broker's acknowledgement).
+    fn flush(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! The contract's records as bytes, for transports that cross a process boundary.
+//!
+//! Every record is one JSON object with a format version `v` (1). Envelopes travel in
+//! their DSSE JSON form and payloads as standard base64, so a record can be checked by
+//! anyone who reads `docs/architecture.md`, without this crate.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use custos_event::{ACTION_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, Observation};
+use serde::{Deserialize, Serialize};
+
+use crate::{Appended, Committed, ControlOp, Refused, Submission};
+
+/// The format version written, and the only one read.
+pub const VERSION: u32 = 1;
+
+/// Envelopes larger than this are refused when read back (findings and action records
+/// are small; this bounds a malformed record's cost).
+pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
+
+/// A submission with the ticket its receipt answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SubmissionRecord {
+    pub v: u32,
+    /// The submitting process (its receipts come back keyed by it).
+    pub origin: String,
+    pub ticket: u64,
+    pub submission: WireSubmission,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WireSubmission {
+    Finding { envelope: String },
+    Action { envelope: String },
+    Control { op: ControlOp },
+}
+
+/// The writer's answer to a ticket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    pub v: u32,
+    pub origin: String,
+    pub ticket: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Appended(Appended),
+    Refused(Refused),
+}
+
+/// A committed record.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommittedRecord {
+    pub v: u32,
+    pub record: WireCommitted,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WireCommitted {
+    Event { observation: Box<Observation> },
+    Finding { log_index: u64, payload: String },
+    Action { log_index: u64, payload: String },
+    Control { log_index: u64, payload: String },
+    Replayed { next_index: u64 },
+}
+
+fn envelope(json: &str, allowed: &str) -> Result<Envelope, String> {
+    custos_event::verify::decode_envelope(json.as_bytes(), MAX_ENVELOPE_BYTES, &[allowed])
+        .map(|decoded| decoded.envelope)
+        .map_err(|rejection| format!("{}: {}", rejection.reason.code(), rejection.message))
+}
+
+fn bytes(base64: &str) -> Result<Vec<u8>, String> {
+    STANDARD
+        .decode(base64)
+        .map_err(|error| format!("payload is not base64: {error}"))
+}
+
+fn check_version(v: u32) -> Result<(), String> {
+    if v == VERSION {
+        Ok(())
+    } else {
+        Err(format!("record format version {v}; this build reads version {VERSION}"))
+    }
+}
+
+/// Encodes a submission with its origin and ticket.
+pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> Result<Vec<u8>, String> {
+    let submission = match submission {
+        Submission::Finding(envelope) => WireSubmission::Finding {
+            envelope: envelope.to_json(),
+        },
+        Submission::Action(envelope) => WireSubmission::Action {
+            envelope: envelope.to_json(),
+        },
+        Submission::Control(op) => WireSubmission::Control { op: op.clone() },
+    };
+    serde_json::to_vec(&SubmissionRecord {
+        v: VERSION,
+        origin: origin.to_owned(),
+        ticket,
+        submission,
+    })
+    .map_err(|error| format!("cannot encode a submission: {error}"))
+}
+
+/// Decodes a submission record: (origin, ticket, submission).
+pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), String> {
+    let record: SubmissionRecord =
+        serde_json::from_slice(bytes).map_err(|error| format!("not a submission record: {error}"))?;
+    check_version(record.v)?;
+    let submission = match record.submission {
+        WireSubmission::Finding { envelope: json } => Submission::Finding(envelope(&json, FINDING_PAYLOAD_TYPE)?),
+        WireSubmission::Action { envelope: json } => Submission::Action(envelope(&json, ACTION_PAYLOAD_TYPE)?),
+        WireSubmission::Control { op } => Submission::Control(op),
+    };
+    Ok((record.origin, record.ticket, submission))
+}
+
+pub fn encode_receipt(origin: &str, ticket: u64, outcome: Result<Appended, Refused>) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(&ReceiptRecord {
+        v: VERSION,
+        origin: origin.to_owned(),
+        ticket,
+        outcome: match outcome {
+            Ok(appended) => Outcome::Appended(appended),
+            Err(refused) => Outcome::Refused(refused),
+        },
+    })
+    .map_err(|error| format!("cannot encode a receipt: {error}"))
+}
+
+pub fn decode_receipt(bytes: &[u8]) -> Result<ReceiptRecord, String> {
+    let record: ReceiptRecord =
+        serde_json::from_slice(bytes).map_err(|error| format!("not a receipt record: {error}"))?;
+    check_version(record.v)?;
+    Ok(record)
+}
+
+pub fn encode_committed(record: &Committed) -> Result<Vec<u8>, String> {
+    let record = match record {
+        Committed::Event(observation) => WireCommitted::Event {
+            observation: observation.clone(),
+        },
+        Committed::Finding { log_index, payload } => WireCommitted::Finding {
+            log_index: *log_index,
+            payload: STANDARD.encode(payload),
+        },
+        Committed::Action { log_index, payload } => WireCommitted::Action {
+            log_index: *log_index,
+            payload: STANDARD.encode(payload),
+        },
+        Committed::Control { log_index, payload } => WireCommitted::Control {
+            log_index: *log_index,
+            payload: STANDARD.encode(payload),
+        },
+        Committed::Replayed { next_index } => WireCommitted::Replayed {
+            next_index: *next_index,
+        },
+    };
+    serde_json::to_vec(&CommittedRecord { v: VERSION, record })
+        .map_err(|error| format!("cannot encode a committed record: {error}"))
+}
+
+pub fn decode_committed(bytes: &[u8]) -> Result<Committed, String> {
+    let record: CommittedRecord =
+        serde_json::from_slice(bytes).map_err(|error| format!("not a committed record: {error}"))?;
+    check_version(record.v)?;
+    Ok(match record.record {
+        WireCommitted::Event { observation } => Committed::Event(observation),
+        WireCommitted::Finding { log_index, payload } => Committed::Finding {
+            log_index,
+            payload: self::bytes(&payload)?,
+        },
+        WireCommitted::Action { log_index, payload } => Committed::Action {
+            log_index,
+            payload: self::bytes(&payload)?,
+        },
+        WireCommitted::Control { log_index, payload } => Committed::Control {
+            log_index,
+            payload: self::bytes(&payload)?,
+        },
+        WireCommitted::Replayed { next_index } => Committed::Replayed { next_index },
+    })
+}
+
+/// The agent a record is about: the Kafka key, so one agent's records stay in order on
+/// one partition.
+pub fn committed_key(record: &Committed) -> String {
+    fn agent_of(payload: &[u8]) -> String {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            agent: String,
+        }
+        serde_json::from_slice::<Head>(payload)
+            .map(|head| head.agent)
+            .unwrap_or_default()
+    }
+    match record {
+        Committed::Event(observation) => observation.payload.agent.clone(),
+        Committed::Finding { payload, .. } | Committed::Action { payload, .. } | Committed::Control { payload, .. } => {
+            agent_of(payload)
+        }
+        Committed::Replayed { .. } => String::new(),
+    }
+}
+
+/// The key of a submission (the agent it is about).
+pub fn submission_key(submission: &Submission) -> String {
+    match submission {
+        Submission::Finding(envelope) | Submission::Action(envelope) => committed_key(&Committed::Finding {
+            log_index: 0,
+            payload: envelope.payload.clone(),
+        }),
+        Submission::Control(ControlOp::Revoke { agent, .. }) => agent.clone(),
+    }
+}
