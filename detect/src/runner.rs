@@ -82,10 +82,16 @@ impl DetectorStage {
         snapshot_every: Duration,
         report: Box<dyn FnMut(Report<'_>) + Send>,
     ) -> Self {
+        // The chain as of the snapshot: a subscription that resumes after it (a Kafka
+        // consumer offset) never shows the detector its older findings again.
+        let chain = std::fs::read(chain_path(&snapshot))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
         Self {
             detector,
             key,
-            chain: ChainState::default(),
+            chain,
             replayed: false,
             held: Vec::new(),
             logged_during_replay: HashSet::new(),
@@ -337,7 +343,14 @@ impl DetectorStage {
         if !self.clean || !self.replayed || self.inflight.is_some() || !self.outbox.is_empty() {
             return false;
         }
-        match self.detector.snapshot(&self.snapshot) {
+        let chain = serde_json::to_vec(&self.chain).map_err(std::io::Error::other);
+        let saved = self.detector.snapshot(&self.snapshot).and_then(|()| {
+            let path = chain_path(&self.snapshot);
+            let temporary = path.with_extension("chain.tmp");
+            std::fs::write(&temporary, chain?)?;
+            std::fs::rename(&temporary, &path)
+        });
+        match saved {
             Ok(()) => true,
             Err(error) => {
                 tracing::error!(%error, path = %self.snapshot.display(), "detector snapshot failed");
@@ -345,4 +358,9 @@ impl DetectorStage {
             }
         }
     }
+}
+
+/// Where the detector's signing chain is saved beside its snapshot.
+fn chain_path(snapshot: &std::path::Path) -> PathBuf {
+    snapshot.with_extension("chain")
 }

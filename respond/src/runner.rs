@@ -180,7 +180,9 @@ impl ResponderStage {
                     while let Ok(request) = requests.try_recv() {
                         self.request(request, submit);
                     }
-                    let _ = subscription.ack();
+                    // No acknowledgement: the responder rebuilds its state (idempotency
+                    // keys, approvals, caps, its chain) from every action record at each
+                    // start, so it always reads from the beginning.
                     let _ = done.send(());
                     return;
                 }

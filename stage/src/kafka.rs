@@ -411,10 +411,21 @@ impl Positions {
 }
 
 /// A stage's subscription to the committed topic, in a consumer group.
+///
+/// What was already on the topic when the subscription got its partitions is the
+/// stage's replay: once it has read up to those ends it hands the stage one
+/// `Committed::Replayed`, as the embedded writer does at the end of its start-up replay,
+/// so a restarted detector holds the findings it recomputes until it has seen which of
+/// them are already logged.
 pub struct KafkaSubscription {
     consumer: BaseConsumer,
     topic: String,
     positions: Positions,
+    /// Per partition: the end at assignment (`None` until the group assigned some).
+    ends: Option<HashMap<i32, i64>>,
+    /// Per partition: the next offset to read.
+    read: HashMap<i32, i64>,
+    replayed: bool,
 }
 
 impl KafkaSubscription {
@@ -428,20 +439,81 @@ impl KafkaSubscription {
             consumer,
             topic,
             positions: Positions::default(),
+            ends: None,
+            read: HashMap::new(),
+            replayed: false,
         })
+    }
+
+    /// Once partitions are assigned: their ends, and the committed positions to start at.
+    fn learn_ends(&mut self) -> Result<(), StageError> {
+        if self.ends.is_some() {
+            return Ok(());
+        }
+        let assignment = self.consumer.assignment().map_err(kafka)?;
+        if assignment.count() == 0 {
+            return Ok(());
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(assignment.clone(), Duration::from_secs(10))
+            .map_err(kafka)?;
+        let mut ends = HashMap::new();
+        for element in assignment.elements() {
+            let partition = element.partition();
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+                .map_err(kafka)?;
+            let start = committed
+                .find_partition(&self.topic, partition)
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                })
+                .unwrap_or(low);
+            ends.insert(partition, high);
+            self.read.entry(partition).or_insert(start);
+        }
+        self.ends = Some(ends);
+        Ok(())
+    }
+
+    fn caught_up(&self) -> bool {
+        self.ends.as_ref().is_some_and(|ends| {
+            ends.iter()
+                .all(|(partition, end)| self.read.get(partition).is_some_and(|read| read >= end))
+        })
+    }
+
+    /// Hands out the end of the replay once, when it is reached.
+    fn replay_done(&mut self) -> Result<Option<Committed>, StageError> {
+        if self.replayed {
+            return Ok(None);
+        }
+        self.learn_ends()?;
+        if self.caught_up() {
+            self.replayed = true;
+            return Ok(Some(Committed::Replayed { next_index: 0 }));
+        }
+        Ok(None)
     }
 }
 
 impl Subscription for KafkaSubscription {
     fn recv(&mut self, timeout: Duration) -> Result<Option<Committed>, StageError> {
+        if let Some(done) = self.replay_done()? {
+            return Ok(Some(done));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Some(message) = self.consumer.poll(left) else {
-                return Ok(None);
+                return self.replay_done();
             };
             let message = message.map_err(kafka)?;
             self.positions.read(message.partition(), message.offset());
+            self.read.insert(message.partition(), message.offset() + 1);
             match wire::decode_committed(message.payload().unwrap_or_default()) {
                 Ok(record) => return Ok(Some(record)),
                 // One bad record never stops the stage: say where it is and go on.

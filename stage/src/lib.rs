@@ -316,3 +316,93 @@ pub trait Publish: Send {
         Ok(())
     }
 }
+
+/// Carries submissions from `intake` (another transport) to the writer's own queue, in
+/// order: takes what is waiting (up to `batch`), submits it, waits for every receipt,
+/// answers each, and only then acknowledges the intake, so an acknowledged offset is
+/// always durable in the log. Returns when `stop` is set or a side closes.
+pub fn forward_submissions(
+    intake: &mut dyn Intake,
+    writer: &dyn Submitter,
+    batch: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), StageError> {
+    // The other side going away is the normal end.
+    match forward_submissions_until_closed(intake, writer, batch, stop) {
+        Err(StageError::Closed) => Ok(()),
+        other => other,
+    }
+}
+
+fn forward_submissions_until_closed(
+    intake: &mut dyn Intake,
+    writer: &dyn Submitter,
+    batch: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), StageError> {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut taken = Vec::new();
+        let mut wait = Duration::from_millis(100);
+        while taken.len() < batch.max(1) {
+            match intake.recv(wait)? {
+                Some(item) => taken.push(item),
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        if taken.is_empty() {
+            continue;
+        }
+        let mut pending = Vec::with_capacity(taken.len());
+        for (submission, answer) in taken {
+            pending.push((writer.submit(submission)?, answer));
+        }
+        for (receipt, answer) in pending {
+            // A retryable refusal is answered as such: the submitter sends it again.
+            answer.send(receipt.wait(Duration::from_secs(60)));
+        }
+        intake.ack()?;
+    }
+    Ok(())
+}
+
+/// Carries committed records from the writer's own subscription to `publish` (another
+/// transport), flushing after each burst; entries below log index `from` (already
+/// published before a restart) are skipped, refused events always go. Returns when
+/// `stop` is set or a side closes.
+pub fn forward_committed(
+    subscription: &mut dyn Subscription,
+    publish: &mut dyn Publish,
+    from: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), StageError> {
+    // The other side going away is the normal end.
+    match forward_committed_until_closed(subscription, publish, from, stop) {
+        Err(StageError::Closed) => Ok(()),
+        other => other,
+    }
+}
+
+fn forward_committed_until_closed(
+    subscription: &mut dyn Subscription,
+    publish: &mut dyn Publish,
+    from: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), StageError> {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Some(record) = subscription.recv(Duration::from_millis(100))? else {
+            continue;
+        };
+        let mut next = Some(record);
+        while let Some(record) = next {
+            // The writer's start-up replay marker is for in-process readers; a Kafka
+            // subscription makes its own from the topic's ends.
+            if !matches!(record, Committed::Replayed { .. }) && record.log_index().is_none_or(|index| index >= from) {
+                publish.publish(record)?;
+            }
+            next = subscription.recv(Duration::ZERO)?;
+        }
+        publish.flush()?;
+    }
+    Ok(())
+}

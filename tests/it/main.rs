@@ -12,5 +12,6 @@ mod metrics;
 mod openapi;
 mod query;
 mod respond;
+mod stages;
 mod support;
 mod witness;

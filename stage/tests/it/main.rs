@@ -1,1 +1,182 @@
+//! The contract's records and the embedded transport. (The same stages over Kafka are
+//! tested against a real broker in the workspace's `tests/it/stages.rs`.)
 
+use std::time::Duration;
+
+use chrono::Utc;
+use custos_event::{AgentKey, Observation, Payload, Signal};
+use custos_stage::embedded::{self, Fanout};
+use custos_stage::wire;
+use custos_stage::{ActionHead, Committed, ControlOp, Enforcement, Submission, Submitter, Subscription};
+
+fn observation() -> Observation {
+    let payload: Payload = serde_json::from_value(serde_json::json!({
+        "agent": "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK",
+        "seq": 3, "prev": "ab".repeat(32), "ts": "2026-12-04T10:00:00Z", "realm": "eng",
+        "kind": "tool_call", "action": "search"
+    }))
+    .unwrap();
+    Observation {
+        log_index: Some(9),
+        ingest_ts: Utc::now(),
+        payload,
+        signal: Signal::Accepted { gap: Some((1, 2)) },
+    }
+}
+
+#[test]
+fn every_committed_record_round_trips_through_its_wire_form() {
+    let records = vec![
+        Committed::Event(Box::new(observation())),
+        Committed::Finding {
+            log_index: 10,
+            payload: b"{\"agent\":\"did:key:a\",\"seq\":0}".to_vec(),
+        },
+        Committed::Action {
+            log_index: 11,
+            payload: vec![0, 255, 10],
+        },
+        Committed::Control {
+            log_index: 12,
+            payload: b"{}".to_vec(),
+        },
+        Committed::Replayed { next_index: 13 },
+    ];
+    for record in records {
+        let bytes = wire::encode_committed(&record).unwrap();
+        assert_eq!(wire::decode_committed(&bytes).unwrap(), record);
+    }
+    assert_eq!(
+        wire::committed_key(&Committed::Finding {
+            log_index: 0,
+            payload: b"{\"agent\":\"did:key:a\"}".to_vec()
+        }),
+        "did:key:a"
+    );
+}
+
+#[test]
+fn submissions_round_trip_and_bad_records_are_named() {
+    let key = AgentKey::from_seed(&[7; 32]);
+    let envelope = key.sign_envelope(
+        custos_event::FINDING_PAYLOAD_TYPE,
+        b"{\"agent\":\"did:key:b\"}".to_vec(),
+    );
+    for submission in [
+        Submission::Finding(envelope.clone()),
+        Submission::Control(ControlOp::Revoke {
+            agent: "did:key:b".into(),
+            by: "token:t1".into(),
+            reason: Some("test".into()),
+        }),
+    ] {
+        let bytes = wire::encode_submission("origin-1", 42, &submission).unwrap();
+        let (origin, ticket, decoded) = wire::decode_submission(&bytes).unwrap();
+        assert_eq!((origin.as_str(), ticket), ("origin-1", 42));
+        assert_eq!(decoded, submission);
+    }
+    // A finding envelope may not travel as an action record.
+    let bytes = wire::encode_submission("o", 1, &Submission::Action(envelope)).unwrap();
+    let error = wire::decode_submission(&bytes).unwrap_err();
+    assert!(
+        error.contains("payloadType") || error.contains("payload type"),
+        "{error}"
+    );
+    let error = wire::decode_committed(b"{\"v\":2,\"record\":{\"type\":\"replayed\",\"next_index\":1}}").unwrap_err();
+    assert!(error.contains("version 2"), "{error}");
+    let error = wire::decode_committed(b"not json").unwrap_err();
+    assert!(error.contains("not a committed record"), "{error}");
+    let error =
+        wire::decode_committed(b"{\"v\":1,\"record\":{\"type\":\"finding\",\"log_index\":1,\"payload\":\"%%\"}}")
+            .unwrap_err();
+    assert!(error.contains("base64"), "{error}");
+}
+
+#[test]
+fn only_executed_registry_changes_are_applied_by_the_writer() {
+    let head = |status: &str, enforcement: serde_json::Value| {
+        let payload =
+            serde_json::json!({"status": status, "enforcement": enforcement, "by": "playbook:x", "reason": "r"});
+        ActionHead::parse(&serde_json::to_vec(&payload).unwrap()).unwrap()
+    };
+    let revoke = serde_json::json!({"op": "revoke_agent", "agent": "did:key:c"});
+    assert_eq!(
+        head("executed", revoke.clone()).to_apply(),
+        Some(&Enforcement::RevokeAgent {
+            agent: "did:key:c".into()
+        })
+    );
+    assert_eq!(head("pending", revoke.clone()).to_apply(), None);
+    assert_eq!(head("dry_run", revoke).to_apply(), None);
+    let webhook =
+        serde_json::json!({"op": "webhook", "url": "https://x", "secret_env": "S", "timeout_ms": 1, "retries": 0});
+    assert_eq!(head("executed", webhook).to_apply(), None);
+    let error = ActionHead::parse(b"{\"status\": \"executed\"}").unwrap_err();
+    assert!(error.contains("enforcement"), "{error}");
+}
+
+#[test]
+fn the_fanout_filters_and_a_bounded_subscriber_holds_the_writer_back() {
+    let fanout = Fanout::new();
+    let mut everything = fanout.subscribe_bounded(1, embedded::everything);
+    let mut responder = fanout.subscribe(embedded::findings_and_actions);
+    fanout.send(Committed::Event(Box::new(observation())));
+    // The bounded subscriber is full: the next send waits until it reads.
+    let sender = fanout.clone();
+    let writer = std::thread::spawn(move || {
+        sender.send(Committed::Finding {
+            log_index: 1,
+            payload: b"{}".to_vec(),
+        })
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!writer.is_finished(), "the writer waits for room");
+    assert!(matches!(
+        everything.recv(Duration::from_secs(1)).unwrap(),
+        Some(Committed::Event(_))
+    ));
+    writer.join().unwrap();
+    assert!(matches!(
+        everything.recv(Duration::from_secs(1)).unwrap(),
+        Some(Committed::Finding { .. })
+    ));
+    // The responder saw only the finding.
+    assert!(matches!(
+        responder.recv(Duration::from_secs(1)).unwrap(),
+        Some(Committed::Finding { .. })
+    ));
+    assert_eq!(responder.recv(Duration::ZERO).unwrap(), None);
+    drop(fanout);
+    assert!(matches!(
+        responder.recv(Duration::ZERO),
+        Err(custos_stage::StageError::Closed)
+    ));
+}
+
+#[test]
+fn a_queue_submission_is_answered_through_its_receipt() {
+    let (submitter, mut intake) = embedded::queue();
+    let receipt = submitter
+        .submit(Submission::Control(ControlOp::Revoke {
+            agent: "did:key:d".into(),
+            by: "t".into(),
+            reason: None,
+        }))
+        .unwrap();
+    assert_eq!(receipt.try_take(), None);
+    let (_, answer) = custos_stage::Intake::recv(&mut intake, Duration::from_secs(1))
+        .unwrap()
+        .unwrap();
+    answer.send(Ok(custos_stage::Appended { log_indexes: vec![4] }));
+    assert_eq!(receipt.wait(Duration::from_secs(1)).unwrap().log_indexes, vec![4]);
+    let late = submitter
+        .submit(Submission::Control(ControlOp::Revoke {
+            agent: "did:key:d".into(),
+            by: "t".into(),
+            reason: None,
+        }))
+        .unwrap();
+    drop(intake);
+    let refused = late.wait(Duration::from_secs(1)).unwrap_err();
+    assert!(refused.retryable, "{refused:?}");
+}

@@ -1,0 +1,395 @@
+//! One suite for the stage contract, run on both transports: the real log writer (a
+//! node), the real detector and responder stages, and between them either in-process
+//! channels or topics on a real Kafka-protocol broker (tansu, started here as a process).
+//!
+//! The scenario is memory poisoning: a finding is logged once, the responder's action
+//! record carries the revocation and quarantine, and the writer applies them. On Kafka
+//! the detector is then restarted as after a crash (no snapshot, no offset): it must not
+//! log the finding again, must keep its signing chain, and must catch the next attack.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use custos_detect::runner::{self as detector_runner, DetectorStage};
+use custos_detect::{Detector, DetectorConfig, Rules};
+use custos_event::{ACTION_PAYLOAD_TYPE, AgentKey, FINDING_PAYLOAD_TYPE, Signer};
+use custos_respond::runner::{self as responder_runner, ResponderStage};
+use custos_stage::embedded::{self, Fanout};
+use custos_stage::kafka::{self, KafkaConfig};
+use custos_stage::{Submitter, Subscription};
+use serde_json::json;
+
+use crate::respond::{enroll, get, send, wait_for};
+
+/// A tansu broker on a free loopback port, storing in SQLite under `dir`.
+pub(crate) struct Broker {
+    child: Child,
+    pub(crate) addr: String,
+}
+
+/// Where `scripts/test` installs tansu (or `CUSTOS_TANSU`).
+pub(crate) fn tansu() -> PathBuf {
+    if let Ok(path) = std::env::var("CUSTOS_TANSU") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let path = Path::new(&home).join(".cache/custos-tools/tansu/bin/tansu");
+    assert!(
+        path.exists(),
+        "no tansu broker at {}: run scripts/test (it installs one) or set CUSTOS_TANSU",
+        path.display()
+    );
+    path
+}
+
+impl Broker {
+    pub(crate) fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let child = Command::new(tansu())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // tansu reads the SQLite path relative to its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "tansu did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+enum Transport {
+    Embedded,
+    Kafka(KafkaConfig),
+}
+
+/// What the stages reported.
+#[derive(Default)]
+struct Seen {
+    /// (finding id, type, agent, live)
+    findings: Mutex<Vec<(String, String, String, bool)>>,
+    enforced: Mutex<Vec<(String, String)>>,
+}
+
+impl Seen {
+    fn live_findings(&self, kind: &str) -> Vec<String> {
+        self.findings
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, found, _, live)| found == kind && *live)
+            .map(|(id, ..)| id.clone())
+            .collect()
+    }
+
+    fn all_findings(&self, kind: &str, agent: &str) -> Vec<String> {
+        self.findings
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, found, about, live)| found == kind && about == agent && *live)
+            .map(|(id, ..)| id.clone())
+            .collect()
+    }
+
+    /// Whether each report of a finding of `kind` about `agent` was live.
+    fn findings_about(&self, kind: &str, agent: &str) -> Vec<bool> {
+        self.findings
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, found, about, _)| found == kind && about == agent)
+            .map(|(.., live)| *live)
+            .collect()
+    }
+}
+
+fn detector_stage(data: &Path, key: AgentKey, seen: Arc<Seen>) -> DetectorStage {
+    let mut detector = Detector::new(DetectorConfig::default(), Rules::load(&[]).unwrap());
+    let snapshot = data.join("detector.snapshot");
+    detector.restore(&snapshot).unwrap();
+    DetectorStage::new(
+        detector,
+        key,
+        snapshot,
+        Duration::from_secs(3600),
+        Box::new(move |report| {
+            if let detector_runner::Report::Logged { finding, live, .. } = report {
+                seen.findings.lock().unwrap().push((
+                    finding.id.clone(),
+                    finding.finding_type.clone(),
+                    finding.agent.clone(),
+                    live,
+                ));
+            }
+        }),
+    )
+}
+
+fn start_detector(
+    data: &Path,
+    key: AgentKey,
+    seen: Arc<Seen>,
+    mut subscription: Box<dyn Subscription>,
+    submit: Box<dyn Submitter>,
+) -> (Sender<detector_runner::Request>, JoinHandle<()>) {
+    let stage = detector_stage(data, key, seen);
+    let (requests, inbox) = mpsc::channel();
+    let thread = std::thread::spawn(move || stage.run(subscription.as_mut(), submit.as_ref(), inbox));
+    (requests, thread)
+}
+
+fn stop_detector(requests: Sender<detector_runner::Request>, thread: JoinHandle<()>) {
+    let (done, wait) = mpsc::channel();
+    requests.send(detector_runner::Request::Stop(done)).unwrap();
+    wait.recv_timeout(Duration::from_secs(60)).unwrap();
+    thread.join().unwrap();
+}
+
+fn poison(url: &str, token: &str, seed: u8, memory: &str) -> String {
+    let key = AgentKey::from_seed(&[seed; 32]);
+    let did = key.did().to_owned();
+    enroll(url, token, &did, "eng");
+    let mut signer = Signer::new(key, "eng");
+    let results = send(
+        url,
+        &mut signer,
+        &[
+            json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
+            json!({"kind": "memory_read", "memory_id": memory}),
+            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
+        ],
+    );
+    assert!(
+        results.iter().all(|result| result["status"] == "accepted"),
+        "{results:?}"
+    );
+    did
+}
+
+fn suite(transport: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let stage_data = dir.path().join("stages");
+    std::fs::create_dir_all(&stage_data).unwrap();
+    let detector_key = AgentKey::from_seed(&[41; 32]);
+    let responder_key = AgentKey::from_seed(&[42; 32]);
+    let queue = custos_ingest::Queue::new();
+    let fanout = Fanout::new();
+    let seen = Arc::new(Seen::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut bridges = Vec::new();
+
+    // The stages' ends of the transport.
+    type Ends = (Box<dyn Subscription>, Box<dyn Submitter>);
+    let (detector_ends, responder_ends): (Ends, Ends) = match &transport {
+        Transport::Embedded => (
+            (
+                Box::new(fanout.subscribe_bounded(1024, embedded::everything)),
+                Box::new(queue.submitter()),
+            ),
+            (
+                Box::new(fanout.subscribe(embedded::findings_and_actions)),
+                Box::new(queue.submitter()),
+            ),
+        ),
+        Transport::Kafka(config) => {
+            kafka::create_topics(config, 3).unwrap();
+            // The writer's side: committed records out to the topic, submissions in.
+            let mut from_writer = fanout.subscribe_bounded(1024, embedded::everything);
+            let mut publisher = kafka::KafkaPublisher::new(config, None).unwrap();
+            let flag = stop.clone();
+            bridges.push(std::thread::spawn(move || {
+                custos_stage::forward_committed(&mut from_writer, &mut publisher, 0, &flag).unwrap();
+            }));
+            let mut intake = kafka::KafkaIntake::new(config).unwrap();
+            let into_writer = queue.submitter();
+            let flag = stop.clone();
+            bridges.push(std::thread::spawn(move || {
+                custos_stage::forward_submissions(&mut intake, &into_writer, 64, &flag).unwrap();
+            }));
+            let group = |role: &str| format!("{}.{role}", config.prefix);
+            (
+                (
+                    Box::new(kafka::KafkaSubscription::new(config, &group("detector")).unwrap()),
+                    Box::new(kafka::KafkaSubmitter::new(config).unwrap()),
+                ),
+                (
+                    Box::new(kafka::KafkaSubscription::new(config, &group("responder")).unwrap()),
+                    Box::new(kafka::KafkaSubmitter::new(config).unwrap()),
+                ),
+            )
+        }
+    };
+
+    let mut signers = std::collections::BTreeMap::new();
+    signers.insert(detector_key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
+    signers.insert(responder_key.did().to_owned(), ACTION_PAYLOAD_TYPE.to_owned());
+    let hooks = custos_ingest::Hooks {
+        publish: Some(fanout),
+        queue: Some(queue),
+        system_signers: signers,
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
+    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    let url = format!("http://{}", running.addr);
+    let token = running.admin_token.clone().unwrap().0;
+
+    let (detector, detector_thread) = start_detector(
+        &stage_data,
+        detector_key.clone(),
+        seen.clone(),
+        detector_ends.0,
+        detector_ends.1,
+    );
+    let (responder_requests, responder_inbox) = mpsc::channel();
+    let responder_seen = seen.clone();
+    let responder = ResponderStage::new(
+        custos_respond::Responder::new(custos_respond::load_playbooks(true, None).unwrap()),
+        responder_key,
+        responder_requests.clone(),
+        Box::new(move |report| {
+            if let responder_runner::Report::Enforced { record } = report {
+                responder_seen
+                    .enforced
+                    .lock()
+                    .unwrap()
+                    .push((record.action.clone(), record.agent.clone()));
+            }
+        }),
+    );
+    let (mut responder_subscription, responder_submit) = responder_ends;
+    let responder_thread = std::thread::spawn(move || {
+        responder.run(
+            responder_subscription.as_mut(),
+            responder_submit.as_ref(),
+            responder_inbox,
+        )
+    });
+
+    // 1. A finding, logged once; its action revokes and quarantines through the writer.
+    let first = poison(&url, &token, 51, "mem-first");
+    wait_for("the playbook to revoke the first agent", || {
+        get(&url, &format!("/v1/agents/{first}"), &token).1["status"] == "revoked"
+    });
+    wait_for("the memory quarantine", || {
+        get(&url, "/v1/memories/mem-first/status", &token).1["status"] == "quarantined"
+    });
+    assert_eq!(
+        seen.live_findings("memory_poisoning").len(),
+        1,
+        "one finding, logged once"
+    );
+    assert!(
+        seen.enforced
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(action, agent)| action == "revoke_agent" && *agent == first)
+    );
+
+    if matches!(transport, Transport::Kafka(_)) {
+        // 2. The detector restarts as after a crash before any snapshot: no snapshot, no
+        // committed offset (a new group), so it reads the committed topic from the start,
+        // finds the first attack again, and must see that it is already logged.
+        stop_detector(detector, detector_thread);
+        std::fs::remove_file(stage_data.join("detector.snapshot")).unwrap();
+        std::fs::remove_file(stage_data.join("detector.chain")).unwrap();
+        let Transport::Kafka(config) = &transport else {
+            unreachable!()
+        };
+        let group = format!("{}.detector-after-crash", config.prefix);
+        let (detector, detector_thread) = start_detector(
+            &stage_data,
+            detector_key,
+            seen.clone(),
+            Box::new(kafka::KafkaSubscription::new(config, &group).unwrap()),
+            Box::new(kafka::KafkaSubmitter::new(config).unwrap()),
+        );
+        let second = poison(&url, &token, 52, "mem-second");
+        wait_for("the second agent's revocation", || {
+            get(&url, &format!("/v1/agents/{second}"), &token).1["status"] == "revoked"
+        });
+        // Give a duplicate every chance to appear before counting.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            seen.all_findings("memory_poisoning", &second).len(),
+            1,
+            "the restarted detector caught the next attack once"
+        );
+        // The restarted detector read the first finding back (not live); a duplicate
+        // would be logged again and come back live.
+        let about_first = seen.findings_about("memory_poisoning", &first);
+        assert_eq!(
+            about_first.iter().filter(|live| **live).count(),
+            1,
+            "the first attack was logged once: {about_first:?}"
+        );
+        assert!(
+            about_first.contains(&false),
+            "the restarted detector read the first finding back"
+        );
+        stop_detector(detector, detector_thread);
+    } else {
+        stop_detector(detector, detector_thread);
+    }
+    let (done, wait) = mpsc::channel();
+    responder_requests.send(responder_runner::Request::Stop(done)).unwrap();
+    wait.recv_timeout(Duration::from_secs(60)).unwrap();
+    responder_thread.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(running.shutdown()).unwrap();
+    for bridge in bridges {
+        bridge.join().unwrap();
+    }
+    // The log with findings, action records and control entries verifies.
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        crate::support::stdout(&output),
+        crate::support::stderr(&output)
+    );
+}
+
+#[test]
+fn the_stages_work_on_the_embedded_transport() {
+    suite(Transport::Embedded);
+}
+
+#[test]
+fn the_stages_work_on_kafka_topics_of_a_real_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let mut config = KafkaConfig::new(broker.addr.clone());
+    config.prefix = "custos-test".into();
+    suite(Transport::Kafka(config));
+}
