@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: ingest over HTTP, store, checkpoints.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make agent keys; enroll, revoke and list agents on a running node.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -93,6 +93,11 @@ Examples:
   custos serve --data ./store
   custos serve --data /var/lib/custos --listen 127.0.0.1:7600 --segment-max-entries 500000
 
+Distributed (stages on Kafka topics; see docs/architecture.md):
+  custos serve --data ./stages --kafka 127.0.0.1:9092 --roles detector,responder
+  custos serve --data ./store --kafka 127.0.0.1:9092 --roles writer \
+      --trust-detector did:key:z6Mk… --trust-responder did:key:z6Mk…
+
 On first start the node creates the store, prints an admin token once, and writes it
 owner-only to DATA/admin.token for CLI use on this host. SIGTERM or Ctrl-C stops
 accepting, drains, seals the open segment and signs a final checkpoint.")]
@@ -124,6 +129,32 @@ struct ServeArgs {
     /// Run without the detector and the responder (ingest and store only).
     #[arg(long)]
     no_detect: bool,
+    /// Kafka bootstrap servers (`host:port,...`): the stages exchange the contract's
+    /// records over topics instead of in-process channels.
+    #[arg(long, value_name = "BROKERS", env = "CUSTOS_KAFKA")]
+    kafka: Option<String>,
+    /// Topic name prefix (`PREFIX.submissions`, `PREFIX.committed`, ...).
+    #[arg(long, default_value = "custos", requires = "kafka")]
+    kafka_prefix: String,
+    /// Partitions of the topics when this process creates them.
+    #[arg(long, default_value_t = 3, requires = "kafka", value_parser = clap::value_parser!(i32).range(1..=1024))]
+    kafka_partitions: i32,
+    /// With --kafka, the roles this process runs: writer (the log writer with ingest and
+    /// query), detector, responder. Without --kafka, one process runs them all.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "kafka",
+        default_value = "writer,detector,responder"
+    )]
+    roles: Vec<Role>,
+    /// The detector key of a detector process (its `did:key`, printed at its start) whose
+    /// findings this writer appends (repeatable).
+    #[arg(long = "trust-detector", value_name = "DID", requires = "kafka")]
+    trust_detector: Vec<String>,
+    /// The responder key of a responder process whose action records this writer appends.
+    #[arg(long = "trust-responder", value_name = "DID", requires = "kafka")]
+    trust_responder: Vec<String>,
     /// Extra Sigma rule directory, added to the shipped pack (repeatable).
     #[arg(long = "rules", value_name = "DIR")]
     rules: Vec<PathBuf>,
@@ -229,8 +260,31 @@ impl ServeArgs {
         }
     }
 
+    fn cluster(&self) -> Option<cmd::serve::Cluster> {
+        let brokers = self.kafka.clone()?;
+        let mut kafka = custos_stage::kafka::KafkaConfig::new(brokers);
+        kafka.prefix = self.kafka_prefix.clone();
+        let mut trust = std::collections::BTreeMap::new();
+        for did in &self.trust_detector {
+            trust.insert(did.clone(), custos_event::FINDING_PAYLOAD_TYPE.to_owned());
+        }
+        for did in &self.trust_responder {
+            trust.insert(did.clone(), custos_event::ACTION_PAYLOAD_TYPE.to_owned());
+        }
+        Some(cmd::serve::Cluster {
+            kafka,
+            partitions: self.kafka_partitions,
+            writer: self.roles.contains(&Role::Writer),
+            trust,
+        })
+    }
+
     fn pipeline(&self) -> Option<pipeline::PipelineConfig> {
-        if self.no_detect {
+        let stages = pipeline::Stages {
+            detector: self.kafka.is_none() || self.roles.contains(&Role::Detector),
+            responder: self.kafka.is_none() || self.roles.contains(&Role::Responder),
+        };
+        if self.no_detect || !(stages.detector || stages.responder) {
             return None;
         }
         let mut config = pipeline::PipelineConfig::new(self.data.clone());
@@ -239,8 +293,18 @@ impl ServeArgs {
         config.shipped_playbooks = !self.no_shipped_playbooks;
         config.detector.window_secs = self.window_secs.max(1);
         config.detector_queue = usize::try_from(self.detector_queue).unwrap_or(usize::MAX);
+        config.stages = stages;
         Some(config)
     }
+}
+
+/// A role of a process in the distributed mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// The log writer, with the ingest and query HTTP API.
+    Writer,
+    Detector,
+    Responder,
 }
 
 #[derive(Subcommand)]
@@ -569,7 +633,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing("info");
-            cmd::serve::run(args.config(), args.pipeline(), args.limits()).await?;
+            cmd::serve::run(args.config(), args.pipeline(), args.limits(), args.cluster()).await?;
         }
         Command::Agent(command) => {
             init_tracing("warn");

@@ -26,6 +26,7 @@ use custos_ingest::{ApiError, Hooks, Operations};
 use custos_respond::runner::{self as responder_runner, OpError, OpErrorKind, ResponderStage};
 use custos_respond::{Approval, Responder};
 use custos_stage::embedded::{self, Fanout};
+use custos_stage::{Submitter, Subscription};
 use serde_json::{Value, json};
 
 /// How the detector and the responder run inside `custos serve`.
@@ -43,6 +44,32 @@ pub(crate) struct PipelineConfig {
     /// Committed records (mostly events) that may wait for the detector; past it, the
     /// writer waits for the detector instead of holding more in memory.
     pub(crate) detector_queue: usize,
+    pub(crate) transport: Transport,
+    pub(crate) stages: Stages,
+}
+
+/// How the stages reach the log writer.
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Transport {
+    /// In-process channels to this process's writer (the default).
+    #[default]
+    Embedded,
+    /// Topics on a Kafka cluster; the writer may be in another process.
+    Kafka(custos_stage::kafka::KafkaConfig),
+}
+
+/// Which stages a process runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stages {
+    pub(crate) detector: bool,
+    pub(crate) responder: bool,
+}
+
+impl Stages {
+    pub(crate) const ALL: Stages = Stages {
+        detector: true,
+        responder: true,
+    };
 }
 
 /// The default of [`PipelineConfig::detector_queue`].
@@ -58,6 +85,8 @@ impl PipelineConfig {
             shipped_playbooks: true,
             snapshot_every: Duration::from_secs(60),
             detector_queue: DETECTOR_QUEUE,
+            transport: Transport::Embedded,
+            stages: Stages::ALL,
         }
     }
 }
@@ -166,8 +195,26 @@ impl Pipeline {
         // Bounded: a detector that falls behind slows the writer down (which waits to hand
         // it the next record) instead of growing this queue without limit. The responder
         // sees only findings and actions, unbounded, so the writer never waits for it.
-        let mut detector_feed = fanout.subscribe_bounded(config.detector_queue, embedded::everything);
-        let mut responder_feed = fanout.subscribe(embedded::findings_and_actions);
+        type Ends = (Box<dyn Subscription>, Box<dyn Submitter>);
+        let ends = |role: &str| -> anyhow::Result<Ends> {
+            Ok(match &config.transport {
+                Transport::Embedded => (
+                    if role == "detector" {
+                        Box::new(fanout.subscribe_bounded(config.detector_queue, embedded::everything))
+                    } else {
+                        Box::new(fanout.subscribe(embedded::findings_and_actions))
+                    },
+                    Box::new(queue.submitter()),
+                ),
+                Transport::Kafka(kafka) => (
+                    Box::new(
+                        custos_stage::kafka::KafkaSubscription::new(kafka, &format!("{}.{role}", kafka.prefix))
+                            .with_context(|| format!("joining the {role} group on Kafka"))?,
+                    ),
+                    Box::new(custos_stage::kafka::KafkaSubmitter::new(kafka).context("connecting to Kafka")?),
+                ),
+            })
+        };
 
         let detector_views = views.clone();
         let detector_marks = marks.clone();
@@ -234,16 +281,23 @@ impl Pipeline {
         let detector_did = detector_stage.did().to_owned();
         let responder_did = responder_stage.did().to_owned();
         let (detector_requests, detector_inbox) = mpsc::channel();
-        let detector_submit = queue.submitter();
-        let responder_submit = queue.submitter();
-        let threads = vec![
-            std::thread::Builder::new()
-                .name("custos-detector".into())
-                .spawn(move || detector_stage.run(&mut detector_feed, &detector_submit, detector_inbox))?,
-            std::thread::Builder::new()
-                .name("custos-responder".into())
-                .spawn(move || responder_stage.run(&mut responder_feed, &responder_submit, responder_inbox))?,
-        ];
+        let mut threads = Vec::new();
+        if config.stages.detector {
+            let (mut feed, submit) = ends("detector")?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("custos-detector".into())
+                    .spawn(move || detector_stage.run(feed.as_mut(), submit.as_ref(), detector_inbox))?,
+            );
+        }
+        if config.stages.responder {
+            let (mut feed, submit) = ends("responder")?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("custos-responder".into())
+                    .spawn(move || responder_stage.run(feed.as_mut(), submit.as_ref(), responder_inbox))?,
+            );
+        }
         let mut signers = std::collections::BTreeMap::new();
         signers.insert(detector_did.clone(), FINDING_PAYLOAD_TYPE.to_owned());
         signers.insert(responder_did.clone(), ACTION_PAYLOAD_TYPE.to_owned());

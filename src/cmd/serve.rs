@@ -2,12 +2,100 @@
 
 use std::sync::Arc;
 
-use crate::pipeline::{Marks, Pipeline, PipelineConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use custos_stage::kafka::KafkaConfig;
+
+use crate::pipeline::{Marks, Pipeline, PipelineConfig, Transport};
+
+/// The distributed mode of one process (`--kafka`).
+#[derive(Clone, Debug)]
+pub(crate) struct Cluster {
+    pub(crate) kafka: KafkaConfig,
+    /// Partitions of the topics this process creates when they are missing.
+    pub(crate) partitions: i32,
+    /// Whether this process runs the log writer (with ingest and query).
+    pub(crate) writer: bool,
+    /// System keys of stages in other processes: `did:key` → payload type.
+    pub(crate) trust: std::collections::BTreeMap<String, String>,
+}
+
+/// Where the writer records the highest log index it has published to Kafka.
+fn published_path(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("kafka.published")
+}
+
+/// The writer's threads between its in-process transport and the topics.
+pub(crate) struct Bridges {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Bridges {
+    fn start(kafka: &KafkaConfig, data: &std::path::Path, hooks: &mut custos_ingest::Hooks) -> anyhow::Result<Self> {
+        let fanout = hooks
+            .publish
+            .get_or_insert_with(custos_stage::embedded::Fanout::new)
+            .clone();
+        let queue = hooks.queue.get_or_insert_with(custos_ingest::Queue::new);
+        let published = std::fs::read_to_string(published_path(data))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok());
+        let from = published.map_or(0, |index| index + 1);
+        // Stages read Kafka, not this process's replay: only what was never published
+        // needs replaying to the bridge (findings and actions always come, and are skipped
+        // below `from`).
+        hooks.replay_from = from;
+        let mut committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
+        let mut publisher = custos_stage::kafka::KafkaPublisher::new(kafka, None).context("connecting to Kafka")?;
+        let mut intake = custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?;
+        let into_writer = queue.submitter();
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = published_path(data);
+        let flag = stop.clone();
+        let out = std::thread::Builder::new()
+            .name("custos-publish".into())
+            .spawn(move || {
+                let mut record = |index: u64| {
+                    // Not fsynced: losing it only republishes a little, which readers dedupe.
+                    if let Err(error) = std::fs::write(&path, index.to_string()) {
+                        tracing::warn!(%error, "could not record the published log index");
+                    }
+                };
+                if let Err(error) =
+                    custos_stage::forward_committed(&mut committed, &mut publisher, from, &mut record, &flag)
+                {
+                    tracing::error!(%error, "publishing committed records to Kafka stopped");
+                }
+            })?;
+        let flag = stop.clone();
+        let inward = std::thread::Builder::new()
+            .name("custos-intake".into())
+            .spawn(move || {
+                if let Err(error) = custos_stage::forward_submissions(&mut intake, &into_writer, 256, &flag) {
+                    tracing::error!(%error, "taking submissions from Kafka stopped");
+                }
+            })?;
+        Ok(Self {
+            stop,
+            threads: vec![out, inward],
+        })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// A node with its detector and responder wired in (or without, for `--no-detect`).
 pub(crate) struct Node {
     pub(crate) running: custos_ingest::Running,
     pub(crate) pipeline: Option<Pipeline>,
+    bridges: Option<Bridges>,
 }
 
 impl Node {
@@ -17,23 +105,40 @@ impl Node {
         marks: Arc<Marks>,
         limits: custos_query::Limits,
     ) -> anyhow::Result<Self> {
+        Self::start_in(config, pipeline, marks, limits, None).await
+    }
+
+    /// [`Node::start`], in the distributed mode when `cluster` is given: the stages
+    /// (when this process runs them) read and write Kafka topics, and the writer is
+    /// bridged to them.
+    pub(crate) async fn start_in(
+        config: custos_ingest::NodeConfig,
+        pipeline: Option<PipelineConfig>,
+        marks: Arc<Marks>,
+        limits: custos_query::Limits,
+        cluster: Option<&Cluster>,
+    ) -> anyhow::Result<Self> {
         let routes = custos_query::http::routes(limits)?;
-        let Some(pipeline_config) = pipeline else {
-            let hooks = custos_ingest::Hooks {
-                routes: Some(routes),
-                ..Default::default()
-            };
-            return Ok(Self {
-                running: custos_ingest::start_with(config, hooks).await?,
-                pipeline: None,
-            });
+        let (pipeline, mut hooks) = match pipeline {
+            Some(pipeline_config) => {
+                let (pipeline, hooks) = Pipeline::start(pipeline_config, marks)?;
+                (Some(pipeline), hooks)
+            }
+            None => (None, custos_ingest::Hooks::default()),
         };
-        let (pipeline, mut hooks) = Pipeline::start(pipeline_config, marks)?;
         hooks.routes = Some(routes);
+        let bridges = match cluster {
+            Some(cluster) => {
+                hooks.system_signers.extend(cluster.trust.clone());
+                Some(Bridges::start(&cluster.kafka, &config.data, &mut hooks)?)
+            }
+            None => None,
+        };
         let running = custos_ingest::start_with(config, hooks).await?;
         Ok(Self {
             running,
-            pipeline: Some(pipeline),
+            pipeline,
+            bridges,
         })
     }
 
@@ -43,17 +148,34 @@ impl Node {
         if let Some(pipeline) = self.pipeline {
             tokio::task::spawn_blocking(move || pipeline.join()).await?;
         }
+        if let Some(bridges) = self.bridges {
+            tokio::task::spawn_blocking(move || bridges.stop()).await?;
+        }
         Ok(closed)
     }
 }
 
 pub(crate) async fn run(
     config: custos_ingest::NodeConfig,
-    pipeline: Option<PipelineConfig>,
+    mut pipeline: Option<PipelineConfig>,
     limits: custos_query::Limits,
+    cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
     let data = config.data.clone();
-    let node = Node::start(config, pipeline, Arc::new(Marks::default()), limits).await?;
+    if let Some(cluster) = &cluster {
+        let kafka = cluster.kafka.clone();
+        let partitions = cluster.partitions;
+        tokio::task::spawn_blocking(move || custos_stage::kafka::create_topics(&kafka, partitions))
+            .await?
+            .with_context(|| format!("creating the topics on {}", cluster.kafka.brokers))?;
+        if let Some(pipeline) = &mut pipeline {
+            pipeline.transport = Transport::Kafka(cluster.kafka.clone());
+        }
+        if !cluster.writer {
+            return run_stages(pipeline).await;
+        }
+    }
+    let node = Node::start_in(config, pipeline, Arc::new(Marks::default()), limits, cluster.as_ref()).await?;
     let running = &node.running;
     if let Some(token) = &running.admin_token {
         // Printed once, on the terminal only; it is stored hashed.
@@ -116,4 +238,28 @@ pub(crate) async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+/// A process that runs only stages (`--kafka B --roles detector,responder`): no store,
+/// no HTTP; the stages read and write the topics.
+async fn run_stages(pipeline: Option<PipelineConfig>) -> anyhow::Result<()> {
+    let Some(config) = pipeline else {
+        anyhow::bail!("--roles names no role this process can run (writer, detector or responder)");
+    };
+    let (pipeline, hooks) = Pipeline::start(config, Arc::new(Marks::default()))?;
+    eprintln!(
+        "stages on Kafka: detector key {} (signs findings), responder key {} (signs actions)",
+        pipeline.detector_did, pipeline.responder_did
+    );
+    eprintln!(
+        "start the writer with: --trust-detector {} --trust-responder {}",
+        pipeline.detector_did, pipeline.responder_did
+    );
+    wait_for_signal().await;
+    eprintln!("stopping: the stages finish what they read and save their state");
+    if let Some(drain) = hooks.drain {
+        tokio::task::spawn_blocking(drain).await?;
+    }
+    tokio::task::spawn_blocking(move || pipeline.join()).await?;
+    Ok(())
 }

@@ -368,16 +368,18 @@ fn forward_submissions_until_closed(
 
 /// Carries committed records from the writer's own subscription to `publish` (another
 /// transport), flushing after each burst; entries below log index `from` (already
-/// published before a restart) are skipped, refused events always go. Returns when
-/// `stop` is set or a side closes.
+/// published before a restart) are skipped, refused events always go. After each flush,
+/// `published` hears the highest log index now out. Returns when `stop` is set or a side
+/// closes.
 pub fn forward_committed(
     subscription: &mut dyn Subscription,
     publish: &mut dyn Publish,
     from: u64,
+    published: &mut dyn FnMut(u64),
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StageError> {
     // The other side going away is the normal end.
-    match forward_committed_until_closed(subscription, publish, from, stop) {
+    match forward_committed_until_closed(subscription, publish, from, published, stop) {
         Err(StageError::Closed) => Ok(()),
         other => other,
     }
@@ -387,8 +389,10 @@ fn forward_committed_until_closed(
     subscription: &mut dyn Subscription,
     publish: &mut dyn Publish,
     from: u64,
+    published: &mut dyn FnMut(u64),
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StageError> {
+    let mut highest = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let Some(record) = subscription.recv(Duration::from_millis(100))? else {
             continue;
@@ -398,11 +402,17 @@ fn forward_committed_until_closed(
             // The writer's start-up replay marker is for in-process readers; a Kafka
             // subscription makes its own from the topic's ends.
             if !matches!(record, Committed::Replayed { .. }) && record.log_index().is_none_or(|index| index >= from) {
+                if let Some(index) = record.log_index() {
+                    highest = highest.max(Some(index));
+                }
                 publish.publish(record)?;
             }
             next = subscription.recv(Duration::ZERO)?;
         }
         publish.flush()?;
+        if let Some(index) = highest {
+            published(index);
+        }
     }
     Ok(())
 }

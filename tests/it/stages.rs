@@ -226,7 +226,7 @@ fn suite(transport: Transport) {
             let mut publisher = kafka::KafkaPublisher::new(config, None).unwrap();
             let flag = stop.clone();
             bridges.push(std::thread::spawn(move || {
-                custos_stage::forward_committed(&mut from_writer, &mut publisher, 0, &flag).unwrap();
+                custos_stage::forward_committed(&mut from_writer, &mut publisher, 0, &mut |_| {}, &flag).unwrap();
             }));
             let mut intake = kafka::KafkaIntake::new(config).unwrap();
             let into_writer = queue.submitter();
