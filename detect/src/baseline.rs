@@ -106,16 +106,7 @@ impl From<Drift> for [f32; 4] {
     }
 }
 
-/// A deviation of one feature in one window.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Contribution {
-    pub feature: String,
-    pub observed: f64,
-    pub expected: f64,
-    /// (observed − expected) / spread: how many robust deviations above normal. For a
-    /// rare feature it is at least √(2 ln(1/p)), p the share of windows holding it.
-    pub deviation: f64,
-}
+pub use custos_event::Contribution;
 
 /// A baseline: per-feature statistics plus an hour-of-week activity profile.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

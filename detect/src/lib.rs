@@ -29,14 +29,13 @@ use serde::{Deserialize, Serialize};
 
 pub mod baseline;
 pub mod features;
-pub mod finding;
 pub mod flows;
 pub mod peers;
 pub mod rules;
 pub mod runner;
 
 pub use baseline::{Baseline, BaselineConfig, Contribution};
-pub use finding::{Finding, Severity, Span};
+pub use custos_event::finding::{self, Finding, Severity, Span};
 pub use peers::PeerGroups;
 pub use rules::{RuleError, RuleHit, Rules};
 

@@ -28,6 +28,7 @@ pub mod batch;
 pub mod chain;
 pub mod did;
 pub mod dsse;
+pub mod finding;
 pub mod observe;
 pub mod payload;
 pub mod reason;
@@ -40,6 +41,15 @@ pub use dsse::{
     REVOCATIONS_PAYLOAD_TYPE, pae, pae_into,
 };
 pub use ed25519_dalek::VerifyingKey;
+pub use finding::{Contribution, Finding, Severity, Span};
+
+/// The OCSF schema version of every OCSF record Custos writes (events, findings, actions).
+pub const OCSF_VERSION: &str = "1.3.0";
+
+/// The OCSF `metadata` object of a Custos record.
+pub fn ocsf_metadata() -> serde_json::Value {
+    serde_json::json!({ "product": { "name": "Custos", "vendor_name": "Custos" }, "version": OCSF_VERSION })
+}
 pub use observe::{Observation, Signal};
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};

@@ -155,8 +155,9 @@ impl Signer {
         if payload.realm.is_empty() {
             payload.realm = self.realm.clone();
         }
-        // A Payload of strings, numbers and a JSON map always serialises.
-        let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+        // A Payload of strings, numbers and a JSON map always serialises; were it ever not
+        // to, this stops rather than sign a default value.
+        let bytes = serde_json::to_vec(&payload).expect("a payload serialises");
         self.sign_bytes(bytes)
     }
 

@@ -114,13 +114,13 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
     let mut impostor = event(Kind::ToolCall, now);
     impostor.agent = actors.stranger.did().to_owned();
     impostor.realm = actors.agent.realm().to_owned();
-    let impostor_bytes = serde_json::to_vec(&impostor).unwrap_or_default();
+    let impostor_bytes = serde_json::to_vec(&impostor).expect("a payload serialises");
     let mismatched = actors.agent.key().sign_envelope(EVENT_PAYLOAD_TYPE, {
         // The agent signs a payload that claims to be another agent.
         let mut value: serde_json::Value = serde_json::from_slice(&impostor_bytes).unwrap_or_default();
         value["seq"] = 0.into();
         value["prev"] = serde_json::Value::Null;
-        serde_json::to_vec(&value).unwrap_or_default()
+        serde_json::to_vec(&value).expect("a JSON value serialises")
     });
     push(
         "agent field names someone else",
@@ -179,7 +179,7 @@ pub fn cases(actors: Actors<'_>, now: DateTime<Utc>) -> Vec<Case> {
         payload.seq = broken.chain().next_seq;
         payload.prev = Some(hex::encode([0xabu8; 32]));
         payload.realm = broken.realm().to_owned();
-        broken.sign_bytes(serde_json::to_vec(&payload).unwrap_or_default())
+        broken.sign_bytes(serde_json::to_vec(&payload).expect("a payload serialises"))
     };
     push(
         "next seq, wrong prev",

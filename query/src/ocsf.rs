@@ -61,7 +61,7 @@ pub fn event(payload: &Value) -> Value {
         "actor": {"user": {"uid": payload["agent"], "type": "AI agent"}, "session": {"uid": payload["session"]}},
         "api": {"operation": payload["action"], "service": {"name": kind}},
         "resources": [{"uid": payload["target"]}],
-        "metadata": {"product": {"name": "Custos", "vendor_name": "Custos"}, "version": "1.1.0"},
+        "metadata": custos_event::ocsf_metadata(),
         "unmapped": {
             "realm": payload["realm"],
             "kind": kind,

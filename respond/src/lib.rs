@@ -33,34 +33,9 @@ use serde_json::{Value, json};
 pub mod runner;
 pub mod webhook;
 
-/// A finding as the responder reads it: the detector's signed payload, decoded.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Finding {
-    pub id: String,
-    pub agent: String,
-    pub realm: String,
-    #[serde(rename = "type")]
-    pub finding_type: String,
-    pub score: u8,
-    pub severity: String,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub memories: Vec<String>,
-    #[serde(default)]
-    pub title: String,
-    pub ts: DateTime<Utc>,
-}
-
-fn severity_rank(severity: &str) -> u8 {
-    match severity {
-        "critical" => 4,
-        "high" => 3,
-        "medium" => 2,
-        "low" => 1,
-        _ => 0,
-    }
-}
+/// The finding the playbooks read: the detector's own type, read back from its signed
+/// payload (one type, one severity ranking).
+pub use custos_event::{Finding, Severity};
 
 /// Which findings a playbook acts on. Every given criterion must hold.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -85,7 +60,7 @@ impl Match {
             && self
                 .min_severity
                 .as_deref()
-                .is_none_or(|min| severity_rank(&finding.severity) >= severity_rank(min))
+                .is_none_or(|min| Severity::parse(min).is_none_or(|min| finding.severity >= min))
             && self.min_score.is_none_or(|min| finding.score >= min)
             && (self.tags.is_empty() || self.tags.iter().any(|tag| finding.tags.contains(tag)))
             && (self.realms.is_empty() || self.realms.contains(&finding.realm))
@@ -253,6 +228,13 @@ pub fn parse_playbook(file: &str, text: &str) -> Result<Playbook, RespondError> 
         });
     }
     check_name(&playbook.name).map_err(fail)?;
+    if let Some(min) = &playbook.matcher.min_severity
+        && Severity::parse(min).is_none()
+    {
+        return Err(fail(format!(
+            "`min_severity: {min}` is not a severity; use low, medium, high or critical"
+        )));
+    }
     Ok(playbook)
 }
 
@@ -396,7 +378,7 @@ impl ActionRecord {
                 "playbook": self.playbook, "finding_id": self.finding_id, "realm": self.realm,
                 "idempotency_key": self.idempotency_key, "approval_id": self.approval_id, "undoes": self.undoes,
             } },
-            "metadata": { "product": { "name": "Custos", "vendor_name": "Custos" }, "version": "1.3.0" },
+            "metadata": custos_event::ocsf_metadata(),
         })
     }
 }
@@ -567,11 +549,12 @@ impl Responder {
             realm: realm.to_owned(),
             finding_type: "resume".into(),
             score: 0,
-            severity: "low".into(),
+            severity: Severity::Low,
             tags: Vec::new(),
             memories: Vec::new(),
             title: format!("resume playbook `{playbook}` in realm `{realm}`"),
             ts: now,
+            ..Finding::default()
         };
         Ok(self.record(
             &known,
@@ -936,11 +919,12 @@ impl Responder {
             realm: record.realm.clone(),
             finding_type: "undo".into(),
             score: 0,
-            severity: "low".into(),
+            severity: Severity::Low,
             tags: Vec::new(),
             memories: Vec::new(),
             title: format!("undo {} of `{}`", record.action, record.target),
             ts: now,
+            ..Finding::default()
         };
         let approval = Approval {
             id: id.clone(),

@@ -226,9 +226,8 @@ fn wrongful_actions(findings: &[custos_detect::Finding], answers: &AnswerKey) ->
         answers.attacks.iter().map(|attack| attack.agent.as_str()).collect();
     let (mut automatic, mut wrongful) = (0, 0);
     for finding in findings {
-        let finding: custos_respond::Finding = serde_json::from_value(serde_json::to_value(finding)?)?;
         let mut gated = std::collections::HashSet::new();
-        for record in responder.on_finding(&finding, finding.ts) {
+        for record in responder.on_finding(finding, finding.ts) {
             if record.action == "require_approval" {
                 gated.insert(record.playbook.clone());
                 continue;

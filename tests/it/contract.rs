@@ -36,7 +36,7 @@ fn the_responder_reads_the_detectors_signed_finding_payload() {
     let read: custos_respond::Finding = serde_json::from_slice(&payload).unwrap();
     assert_eq!(read.id, finding.id);
     assert_eq!(read.finding_type, "exfiltration");
-    assert_eq!(read.severity, "critical");
+    assert_eq!(read.severity, Severity::Critical);
     assert_eq!(read.memories, ["mem-1"]);
     let mut responder = custos_respond::Responder::new(custos_respond::load_playbooks(true, None).unwrap());
     let records = responder.on_finding(&read, ts);

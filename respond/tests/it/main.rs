@@ -17,11 +17,12 @@ fn finding(id: &str, agent: &str, kind: &str, severity: &str, score: u8) -> Find
         realm: "eng".into(),
         finding_type: kind.into(),
         score,
-        severity: severity.into(),
+        severity: custos_respond::Severity::parse(severity).unwrap(),
         tags: vec!["attack.t1567".into()],
         memories: vec!["mem-1".into(), "mem-2".into()],
         title: "test finding".into(),
         ts: now(),
+        ..Finding::default()
     }
 }
 
@@ -440,4 +441,18 @@ fn webhook_is_signed_and_retried() {
         assert_eq!(signature, custos_respond::webhook::signature(b"s3cret", &bytes));
         assert_ne!(signature, custos_respond::webhook::signature(b"wrong", &bytes));
     }
+}
+
+#[test]
+fn a_playbook_with_an_unknown_min_severity_is_refused_naming_it() {
+    let error = parse_playbook(
+        "bad.yml",
+        "name: bad\nmatch:\n  min_severity: severe\nactions:\n  - revoke_agent: {}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("min_severity: severe") && error.contains("bad.yml"),
+        "{error}"
+    );
 }

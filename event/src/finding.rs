@@ -1,15 +1,32 @@
 //! Findings: what the detector reports, how it is signed into the log, and its OCSF form.
+//!
+//! One type for every stage: the detector makes it, the responder's playbooks match on it,
+//! query and evidence read it back. Fields the detector always writes but a reader may
+//! not need (`confidence`, `window`, `explanation`, ...) default when absent, so records
+//! that carry a finding's summary (a pending approval) read back as the same type.
 
 use chrono::{DateTime, Utc};
-use custos_event::{AgentKey, ChainState, Envelope, FINDING_PAYLOAD_TYPE};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::baseline::Contribution;
+use crate::{AgentKey, ChainState, Envelope, FINDING_PAYLOAD_TYPE};
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A deviation of one feature in one window.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Contribution {
+    pub feature: String,
+    pub observed: f64,
+    pub expected: f64,
+    /// (observed − expected) / spread: how many robust deviations above normal. For a
+    /// rare feature it is at least √(2 ln(1/p)), p the share of windows holding it.
+    pub deviation: f64,
+}
+
+/// The one severity ranking: `low` < `medium` < `high` < `critical`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
+    #[default]
     Low,
     Medium,
     High,
@@ -46,7 +63,7 @@ impl Severity {
     }
 
     /// OCSF `severity_id`.
-    fn ocsf_id(self) -> u8 {
+    pub fn ocsf_id(self) -> u8 {
         match self {
             Severity::Low => 2,
             Severity::Medium => 3,
@@ -57,14 +74,14 @@ impl Severity {
 }
 
 /// The window a finding is about.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Span {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
 }
 
 /// One finding.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Finding {
     pub id: String,
     pub agent: String,
@@ -76,18 +93,27 @@ pub struct Finding {
     pub score: u8,
     pub severity: Severity,
     /// 0-1: lower while the agent is judged against its peers (`learning`).
+    #[serde(default)]
     pub confidence: f32,
+    #[serde(default)]
     pub learning: bool,
+    #[serde(default)]
     pub window: Span,
     /// Top contributing features, largest deviation first.
+    #[serde(default)]
     pub explanation: Vec<Contribution>,
     /// Log indexes of the evidence events.
+    #[serde(default)]
     pub evidence: Vec<u64>,
+    #[serde(default)]
     pub rule_id: Option<String>,
+    #[serde(default)]
     pub title: String,
     /// ATT&CK (`attack.t1567`) and OWASP Agentic (`owasp.agentic.t2`) tags.
+    #[serde(default)]
     pub tags: Vec<String>,
     /// Findings with one key are reported once per dedup period.
+    #[serde(default)]
     pub dedup_key: String,
     /// Memories the agent wrote in the window (for `quarantine_memory`).
     #[serde(default)]
@@ -167,7 +193,7 @@ impl Finding {
                 "name": c.feature, "observed": c.observed, "expected": c.expected, "deviation": c.deviation
             })).collect::<Vec<_>>(),
             "unmapped": { "custos": { "evidence_log_indexes": self.evidence, "tags": self.tags, "learning": self.learning } },
-            "metadata": { "product": { "name": "Custos", "vendor_name": "Custos" }, "version": "1.3.0" },
+            "metadata": crate::ocsf_metadata(),
         })
     }
 }
