@@ -438,6 +438,8 @@ pub(crate) struct Sequencer {
     /// The manifest as of the last maintenance, shared with old-seq lookups.
     segments: Arc<Vec<custos_store::log::SegmentInfo>>,
     store_id: String,
+    /// Recent entries of the system signers, to answer a redelivered submission once.
+    system: crate::state::SystemChains,
 }
 
 impl Sequencer {
@@ -452,6 +454,7 @@ impl Sequencer {
             registry,
             node_chain,
             store_id,
+            system,
         } = crate::state::load(&config, &node_key, hooks.publish.as_ref(), hooks.replay_from)?;
         let forensics = Forensics::open(
             &config.data.join("rejected"),
@@ -460,6 +463,7 @@ impl Sequencer {
         )?;
         let segments = Arc::new(log.segments().to_vec());
         Ok(Self {
+            system,
             store_id,
             segments,
             log,
@@ -676,6 +680,7 @@ impl Sequencer {
                 self.registry = loaded.registry;
                 self.node_chain = loaded.node_chain;
                 self.store_id = loaded.store_id;
+                self.system = loaded.system;
                 self.segments = Arc::new(self.log.segments().to_vec());
                 self.failed = None;
                 self.ready.store(true, Ordering::SeqCst);
@@ -812,7 +817,7 @@ impl Sequencer {
     fn submit(&mut self, submission: Submission, entries: &mut Vec<LogEntry>) -> Result<Appended, Refused> {
         match submission {
             Submission::Finding(envelope) => {
-                let log_index = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, entries)?;
+                let (log_index, _) = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, entries)?;
                 Ok(Appended {
                     log_indexes: vec![log_index],
                 })
@@ -842,9 +847,10 @@ impl Sequencer {
                 format!("agent `{agent}` is not enrolled; the action's enforcement cannot be applied"),
             ));
         }
-        let log_index = self.append_signed(envelope, ACTION_PAYLOAD_TYPE, entries)?;
+        let (log_index, fresh) = self.append_signed(envelope, ACTION_PAYLOAD_TYPE, entries)?;
         let mut log_indexes = vec![log_index];
-        if let Some(enforcement) = head.to_apply() {
+        // A redelivered record's enforcement was applied with its first append.
+        if fresh && let Some(enforcement) = head.to_apply() {
             let applied = self
                 .enforce(
                     enforcement,
@@ -859,13 +865,15 @@ impl Sequencer {
         Ok(Appended { log_indexes })
     }
 
-    /// Queues an entry signed by a system key that may append `payload_type`.
+    /// Queues an entry signed by a system key that may append `payload_type`. Answers its
+    /// log index and whether it is new: a payload the key already appended at that `seq`
+    /// (a redelivered submission) answers the first append's index and is not appended.
     fn append_signed(
         &mut self,
         envelope: Envelope,
         payload_type: &str,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<u64, Refused> {
+    ) -> Result<(u64, bool), Refused> {
         let allowed = self.hooks.signers.get(&envelope.keyid).ok_or_else(|| {
             Refused::new(
                 "not_a_system_key",
@@ -885,7 +893,24 @@ impl Sequencer {
             .map_err(|error| Refused::new("bad_did", error.to_string()))?;
         custos_event::verify::verify_one(&key, &envelope)
             .map_err(|rejection| Refused::new(rejection.reason.code(), rejection.message))?;
+        let seq = crate::state::payload_seq(&envelope.payload)
+            .ok_or_else(|| Refused::new("bad_payload", format!("a `{payload_type}` payload needs a `seq`")))?;
+        let digest = *blake3::hash(&envelope.payload).as_bytes();
+        match self.system.step(&envelope.keyid, seq, &digest) {
+            crate::state::SystemStep::New => {}
+            crate::state::SystemStep::Duplicate(log_index) => return Ok((log_index, false)),
+            crate::state::SystemStep::Fork(log_index) => {
+                return Err(Refused::new(
+                    "chain_fork",
+                    format!(
+                        "`{}` already appended another payload at seq {seq} (log index {log_index})",
+                        envelope.keyid
+                    ),
+                ));
+            }
+        }
         let log_index = self.next_index(entries);
+        self.system.record(&envelope.keyid, seq, digest, log_index);
         if self.hooks.publish.is_some() {
             let payload = envelope.payload.clone();
             self.observed.push(if payload_type == FINDING_PAYLOAD_TYPE {
@@ -900,7 +925,7 @@ impl Sequencer {
             Utc::now().timestamp_micros(),
             None,
         ));
-        Ok(log_index)
+        Ok((log_index, true))
     }
 
     fn enforce(

@@ -25,6 +25,58 @@ pub(crate) struct Loaded {
     pub(crate) registry: Registry,
     pub(crate) node_chain: ChainState,
     pub(crate) store_id: String,
+    /// The latest entries of each system signer (detector, responder), when findings
+    /// and actions were read (a publisher is wired in).
+    pub(crate) system: SystemChains,
+}
+
+/// Per system key (`did:key`): its latest entries, (seq, payload digest, log index),
+/// oldest first, so a submission delivered twice (Kafka redelivers after a crash) is
+/// answered with the first append instead of being appended again.
+#[derive(Default, Debug)]
+pub(crate) struct SystemChains(std::collections::HashMap<String, std::collections::VecDeque<(u64, [u8; 32], u64)>>);
+
+/// How many recent entries per system key are kept for that check.
+const SYSTEM_WINDOW: usize = 256;
+
+/// What a system key's new payload is, against its recent entries.
+pub(crate) enum SystemStep {
+    /// Not seen: append it.
+    New,
+    /// The same payload at the same seq is at this log index already.
+    Duplicate(u64),
+    /// Another payload already has this seq.
+    Fork(u64),
+}
+
+impl SystemChains {
+    pub(crate) fn step(&self, keyid: &str, seq: u64, digest: &[u8; 32]) -> SystemStep {
+        let Some(recent) = self.0.get(keyid) else {
+            return SystemStep::New;
+        };
+        match recent.iter().find(|(known, ..)| *known == seq) {
+            Some((_, known, index)) if known == digest => SystemStep::Duplicate(*index),
+            Some((_, _, index)) => SystemStep::Fork(*index),
+            None => SystemStep::New,
+        }
+    }
+
+    pub(crate) fn record(&mut self, keyid: &str, seq: u64, digest: [u8; 32], log_index: u64) {
+        let recent = self.0.entry(keyid.to_owned()).or_default();
+        if recent.len() >= SYSTEM_WINDOW {
+            recent.pop_front();
+        }
+        recent.push_back((seq, digest, log_index));
+    }
+}
+
+/// The `seq` of a system signer's payload.
+pub(crate) fn payload_seq(payload: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: Option<u64>,
+    }
+    serde_json::from_slice::<Seq>(payload).ok().and_then(|head| head.seq)
 }
 
 /// Opens the log (recovering from the WAL) and folds the registry and the node's control
@@ -74,7 +126,18 @@ pub(crate) fn load(
     } else {
         &[]
     };
+    let mut system = SystemChains::default();
     let mut fold = |entry: &LogEntry| {
+        if (entry.payload_type == FINDING_PAYLOAD_TYPE || entry.payload_type == ACTION_PAYLOAD_TYPE)
+            && let Some(seq) = payload_seq(&entry.payload)
+        {
+            system.record(
+                &entry.keyid,
+                seq,
+                *blake3::hash(&entry.payload).as_bytes(),
+                entry.log_index,
+            );
+        }
         let payload = if entry.log_index >= folded_from {
             fold_entry(entry, &node_did, &mut registry, &mut node_chain)
         } else if entry.payload_type == EVENT_PAYLOAD_TYPE && entry.log_index >= replay_from {
@@ -154,6 +217,7 @@ pub(crate) fn load(
         registry,
         node_chain,
         store_id: info.store_id,
+        system,
     })
 }
 

@@ -98,6 +98,13 @@ fn kafka(error: KafkaError) -> StageError {
     StageError::Kafka(error.to_string())
 }
 
+/// A consumer error while brokers are unreachable or a group rebalances: librdkafka
+/// reconnects by itself, so the reader waits a little and polls again.
+fn transient(error: &KafkaError) {
+    tracing::warn!(%error, "kafka: waiting for the brokers");
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 /// Creates the topics (a topic that exists already is fine). The control topic is
 /// compacted: it keeps the latest record per key (agent, memory, credential).
 pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageError> {
@@ -169,17 +176,28 @@ struct Sender {
 
 impl Sender {
     fn new(config: &KafkaConfig) -> Result<Self, StageError> {
+        Self::with_timeout(config, config.produce_timeout)
+    }
+
+    /// `timeout` zero: a record is retried until the broker takes it (the writer's
+    /// committed records must never be dropped; while the brokers are away the writer's
+    /// bounded hand-over fills and ingest slows down instead).
+    fn with_timeout(config: &KafkaConfig, timeout: Duration) -> Result<Self, StageError> {
         let producer = config
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
-            .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
+            .set("message.timeout.ms", timeout.as_millis().to_string())
             .create_with_context(Deliveries)
             .map_err(kafka)?;
         Ok(Self {
             producer: Arc::new(producer),
-            timeout: config.produce_timeout,
+            timeout: if timeout.is_zero() {
+                config.produce_timeout
+            } else {
+                timeout
+            },
         })
     }
 
@@ -511,7 +529,13 @@ impl Subscription for KafkaSubscription {
             let Some(message) = self.consumer.poll(left) else {
                 return self.replay_done();
             };
-            let message = message.map_err(kafka)?;
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    transient(&error);
+                    return Ok(None);
+                }
+            };
             self.positions.read(message.partition(), message.offset());
             self.read.insert(message.partition(), message.offset() + 1);
             match wire::decode_committed(message.payload().unwrap_or_default()) {
@@ -568,7 +592,13 @@ impl Intake for KafkaIntake {
             let Some(message) = self.consumer.poll(left) else {
                 return Ok(None);
             };
-            let message = message.map_err(kafka)?;
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    transient(&error);
+                    return Ok(None);
+                }
+            };
             self.positions.read(message.partition(), message.offset());
             match wire::decode_submission(message.payload().unwrap_or_default()) {
                 Ok((origin, ticket, submission)) => {
@@ -620,7 +650,7 @@ pub struct KafkaPublisher {
 impl KafkaPublisher {
     pub fn new(config: &KafkaConfig, partition: Option<i32>) -> Result<Self, StageError> {
         Ok(Self {
-            sender: Sender::new(config)?,
+            sender: Sender::with_timeout(config, Duration::ZERO)?,
             topic: config.committed(),
             partition,
             failed: Arc::default(),

@@ -361,7 +361,11 @@ fn forward_submissions_until_closed(
             // A retryable refusal is answered as such: the submitter sends it again.
             answer.send(receipt.wait(Duration::from_secs(60)));
         }
-        intake.ack()?;
+        // Not acknowledged (brokers away): the batch is delivered again later, and the
+        // writer's dedupe answers it `duplicate`-style without a second append.
+        if let Err(error) = intake.ack() {
+            tracing::warn!(%error, "could not acknowledge submissions; they will be redelivered");
+        }
     }
     Ok(())
 }
@@ -409,7 +413,14 @@ fn forward_committed_until_closed(
             }
             next = subscription.recv(Duration::ZERO)?;
         }
-        publish.flush()?;
+        // While the brokers are away the flush times out: keep flushing (nothing is
+        // dropped, see `KafkaPublisher`) until they are back or the writer stops.
+        while let Err(error) = publish.flush() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "publishing committed records: waiting for the brokers");
+        }
         if let Some(index) = highest {
             published(index);
         }

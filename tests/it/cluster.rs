@@ -2,8 +2,8 @@
 //! detector,responder` process and a `custos serve --roles writer` process exchanging
 //! the contract's records over Kafka topics. An attack sent to the writer is found by the
 //! detector process, and the responder process's revocation is applied by the writer.
-//! The stage process is then killed with SIGKILL and restarted: no duplicate finding, and
-//! the next attack is still caught.
+//! The stage process is then killed with SIGKILL and restarted, and so is the broker:
+//! no duplicate finding, the next attack is still caught, and nothing reconnects by hand.
 
 use std::io::BufRead as _;
 use std::process::{Child, Stdio};
@@ -91,7 +91,7 @@ fn findings_about(url: &str, token: &str, agent: &str) -> usize {
 #[test]
 fn stage_and_writer_processes_work_through_the_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let mut broker = Broker::start(dir.path());
     let stage_data = dir.path().join("stages");
     let (mut stage, detector, responder) = stages(&stage_data, &broker.addr);
     let writer = Server::start_with(
@@ -122,6 +122,8 @@ fn stage_and_writer_processes_work_through_the_broker() {
     stage.kill().unwrap();
     stage.wait().unwrap();
     let (mut stage, ..) = stages(&stage_data, &broker.addr);
+    // And SIGKILL the broker (SQLite storage): the processes reconnect by themselves.
+    broker.restart();
     let second = attack(&url, &token, 62, "mem-b");
     wait_for("the restarted stages to revoke the second agent", || {
         get(&url, &format!("/v1/agents/{second}"), &token).1["status"] == "revoked"

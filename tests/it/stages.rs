@@ -30,6 +30,7 @@ use crate::respond::{enroll, get, send, wait_for};
 pub(crate) struct Broker {
     child: Child,
     pub(crate) addr: String,
+    dir: PathBuf,
 }
 
 /// Where `scripts/test` installs tansu (or `CUSTOS_TANSU`).
@@ -54,7 +55,19 @@ impl Broker {
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        Self::start_at(dir, format!("127.0.0.1:{port}"))
+    }
+
+    /// SIGKILLs the broker and starts it again on the same address and storage.
+    pub(crate) fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let started = Self::start_at(&self.dir.clone(), self.addr.clone());
+        let old = std::mem::replace(self, started);
+        std::mem::forget(old);
+    }
+
+    fn start_at(dir: &Path, addr: String) -> Self {
         let url = format!("tcp://{addr}");
         let child = Command::new(tansu())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
@@ -73,7 +86,11 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        }
     }
 }
 
@@ -392,4 +409,78 @@ fn the_stages_work_on_kafka_topics_of_a_real_broker() {
     let mut config = KafkaConfig::new(broker.addr.clone());
     config.prefix = "custos-test".into();
     suite(Transport::Kafka(config));
+}
+
+/// Kafka redelivers a submission after a crash: the writer answers it with the first
+/// append, and refuses another payload at a seq already used (a fork), whatever the
+/// transport.
+#[test]
+fn a_redelivered_submission_is_appended_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AgentKey::from_seed(&[43; 32]);
+    let queue = custos_ingest::Queue::new();
+    let submit = queue.submitter();
+    let mut signers = std::collections::BTreeMap::new();
+    signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
+    let hooks = custos_ingest::Hooks {
+        publish: Some(Fanout::new()),
+        queue: Some(queue),
+        system_signers: signers,
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let data = dir.path().join("node");
+    let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
+    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    let bytes = |seq: u64, title: &str, prev: Option<String>| {
+        serde_json::to_vec(&json!({"id": format!("f-{seq}"), "agent": "did:key:x", "realm": "eng",
+            "type": "anomaly", "score": 50, "severity": "medium", "title": title, "ts": "2026-12-04T10:00:00Z",
+            "kind": "finding", "seq": seq, "prev": prev}))
+        .unwrap()
+    };
+    let first_bytes = bytes(0, "a", None);
+    let first_digest = blake3::hash(&first_bytes).to_hex().to_string();
+    let finding = |seq: u64, title: &str| {
+        let payload = if seq == 0 && title == "a" {
+            first_bytes.clone()
+        } else {
+            bytes(seq, title, (seq > 0).then(|| first_digest.clone()))
+        };
+        custos_stage::Submission::Finding(key.sign_envelope(FINDING_PAYLOAD_TYPE, payload))
+    };
+    let wait = |submission| submit.submit(submission).unwrap().wait(Duration::from_secs(30));
+    let first = wait(finding(0, "a")).unwrap();
+    let again = wait(finding(0, "a")).unwrap();
+    assert_eq!(first, again, "the redelivery is answered with the first append");
+    let fork = wait(finding(0, "b")).unwrap_err();
+    assert_eq!(fork.code, "chain_fork", "{fork:?}");
+    let next = wait(finding(1, "c")).unwrap();
+    assert_eq!(
+        next.log_indexes[0],
+        first.log_indexes[0] + 1,
+        "nothing was appended in between"
+    );
+    runtime.block_on(running.shutdown()).unwrap();
+    // After a restart, the writer still knows what it appended.
+    let queue = custos_ingest::Queue::new();
+    let submit = queue.submitter();
+    let mut signers = std::collections::BTreeMap::new();
+    signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
+    let hooks = custos_ingest::Hooks {
+        publish: Some(Fanout::new()),
+        queue: Some(queue),
+        system_signers: signers,
+        ..Default::default()
+    };
+    let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
+    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    let replayed = submit
+        .submit(finding(1, "c"))
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(replayed, next);
+    runtime.block_on(running.shutdown()).unwrap();
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
