@@ -150,10 +150,22 @@ struct ServeArgs {
     roles: Vec<Role>,
     /// The detector key of a detector process (its `did:key`, printed at its start) whose
     /// findings this writer appends (repeatable).
-    #[arg(long = "trust-detector", value_name = "DID", requires = "kafka")]
+    #[arg(
+        long = "trust-detector",
+        value_name = "DID",
+        requires = "kafka",
+        env = "CUSTOS_TRUST_DETECTOR",
+        value_delimiter = ','
+    )]
     trust_detector: Vec<String>,
     /// The responder key of a responder process whose action records this writer appends.
-    #[arg(long = "trust-responder", value_name = "DID", requires = "kafka")]
+    #[arg(
+        long = "trust-responder",
+        value_name = "DID",
+        requires = "kafka",
+        env = "CUSTOS_TRUST_RESPONDER",
+        value_delimiter = ','
+    )]
     trust_responder: Vec<String>,
     /// Extra Sigma rule directory, added to the shipped pack (repeatable).
     #[arg(long = "rules", value_name = "DIR")]

@@ -1,0 +1,96 @@
+"""Runs the `stages` and `writer` command lines of deploy/compose.yaml against a local
+tansu broker: the same arguments, with the broker address, data directories and listen
+address replaced by local ones. The writer must become ready (/readyz 200) trusting the
+keys the stage process printed, and both must stop cleanly on SIGTERM."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import yaml
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(what, check, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    sys.exit(f"compose-commands: timed out waiting for {what}")
+
+
+def main():
+    compose = yaml.safe_load(open(sys.argv[1]))
+    binary = os.environ["CUSTOS_BIN"]
+    tansu = os.environ["CUSTOS_TANSU"]
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        broker = f"127.0.0.1:{port}"
+        tansu_process = subprocess.Popen(
+            [tansu, "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url", f"tcp://{broker}",
+             "--storage-engine", "sqlite://tansu.db"],
+            cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait("tansu", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
+            listen = f"127.0.0.1:{free_port()}"
+
+            def local(service, data):
+                args = compose["services"][service]["command"]
+                out = []
+                for arg in args:
+                    arg = arg.replace("kafka:9092", broker).replace("/var/lib/custos", data)
+                    out.append(arg.replace("0.0.0.0:7600", listen))
+                return out
+
+            stages_args = local("stages", os.path.join(tmp, "stages"))
+            print("compose-commands: custos " + " ".join(stages_args), file=sys.stderr)
+            stages = subprocess.Popen([binary] + stages_args, stderr=subprocess.PIPE, text=True)
+            keys = None
+            for line in stages.stderr:
+                match = re.match(r"start the writer with: --trust-detector (\S+) --trust-responder (\S+)", line)
+                if match:
+                    keys = match.groups()
+                    break
+            if keys is None:
+                sys.exit("compose-commands: the stages service did not print its keys")
+            # Keep reading its log so a full pipe never blocks it.
+            threading.Thread(target=lambda: [None for _ in stages.stderr], daemon=True).start()
+            env = dict(os.environ, CUSTOS_TRUST_DETECTOR=keys[0], CUSTOS_TRUST_RESPONDER=keys[1])
+            writer_args = local("writer", os.path.join(tmp, "writer"))
+            print("compose-commands: custos " + " ".join(writer_args), file=sys.stderr)
+            writer = subprocess.Popen([binary] + writer_args, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            def ready():
+                try:
+                    return urllib.request.urlopen(f"http://{listen}/readyz", timeout=1).status == 200
+                except OSError:
+                    return False
+
+            wait("the writer's /readyz", ready)
+            for name, process in (("writer", writer), ("stages", stages)):
+                process.send_signal(signal.SIGTERM)
+                code = process.wait(timeout=120)
+                if code != 0:
+                    sys.exit(f"compose-commands: the {name} service exited with {code}")
+            print("compose-commands: both services started, the writer was ready, both stopped cleanly",
+                  file=sys.stderr)
+        finally:
+            tansu_process.kill()
+            tansu_process.wait()
+
+
+main()
