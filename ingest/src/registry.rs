@@ -283,3 +283,41 @@ fn trim(recent: &mut VecDeque<(u64, [u8; 32], u64)>, window: usize, sealed_end: 
         recent.pop_front();
     }
 }
+
+/// One record of the compacted control topic: the latest state of one subject (an agent,
+/// a memory, a credential), keyed `agent:<did>`, `memory:<id>` or `credential:<value>`.
+/// Built from a control entry's payload; `None` for a payload that is not one.
+pub fn control_record(payload: &[u8], log_index: u64) -> Option<(String, serde_json::Value)> {
+    let control: ControlPayload = serde_json::from_slice(payload).ok()?;
+    let (key, kind, status) = match control.action {
+        ControlAction::Enroll => (format!("agent:{}", control.agent), "agent", "active"),
+        ControlAction::Revoke => (format!("agent:{}", control.agent), "agent", "revoked"),
+        ControlAction::Quarantine => (format!("agent:{}", control.agent), "agent", "quarantined"),
+        ControlAction::Reinstate => (format!("agent:{}", control.agent), "agent", "active"),
+        ControlAction::QuarantineMemory => (
+            format!("memory:{}", control.subject.as_deref()?),
+            "memory",
+            "quarantined",
+        ),
+        ControlAction::RestoreMemory => (format!("memory:{}", control.subject.as_deref()?), "memory", "restored"),
+        ControlAction::RevokeCredential => (
+            format!("credential:{}", control.subject.as_deref()?),
+            "credential",
+            "revoked",
+        ),
+    };
+    let value = serde_json::json!({
+        "v": 1,
+        "type": kind,
+        "status": status,
+        "agent": control.agent,
+        "realm": control.realm,
+        "subject": control.subject,
+        "parent": control.parent,
+        "log_index": log_index,
+        "ts": control.ts,
+        "by": control.by,
+        "reason": control.reason,
+    });
+    Some((key, value))
+}

@@ -51,6 +51,8 @@ impl Bridges {
         let mut publisher = custos_stage::kafka::KafkaPublisher::new(kafka, None).context("connecting to Kafka")?;
         let mut intake = custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?;
         let into_writer = queue.submitter();
+        let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
+        let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;
         let stop = Arc::new(AtomicBool::new(false));
         let path = published_path(data);
         let flag = stop.clone();
@@ -77,9 +79,15 @@ impl Bridges {
                     tracing::error!(%error, "taking submissions from Kafka stopped");
                 }
             })?;
+        let flag = stop.clone();
+        let states = std::thread::Builder::new()
+            .name("custos-control".into())
+            .spawn(move || {
+                publish_control(&mut control_feed, &control, from, &flag);
+            })?;
         Ok(Self {
             stop,
-            threads: vec![out, inward],
+            threads: vec![out, inward, states],
         })
     }
 
@@ -87,6 +95,45 @@ impl Bridges {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Keeps the compacted control topic up to date: each control entry becomes the latest
+/// record of its subject (`agent:<did>`, `memory:<id>`, `credential:<value>`).
+fn publish_control(
+    feed: &mut custos_stage::embedded::ChannelSubscription,
+    control: &custos_stage::kafka::ControlPublisher,
+    from: u64,
+    stop: &AtomicBool,
+) {
+    use custos_stage::Subscription as _;
+    while !stop.load(Ordering::Relaxed) {
+        let record = match feed.recv(std::time::Duration::from_millis(100)) {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(_) => return,
+        };
+        let custos_stage::Committed::Control { log_index, payload } = record else {
+            continue;
+        };
+        if log_index < from {
+            continue;
+        }
+        let Some((key, value)) = custos_ingest::registry::control_record(&payload, log_index) else {
+            continue;
+        };
+        let sent = serde_json::to_vec(&value)
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| control.publish(&key, &bytes).map_err(|error| error.to_string()));
+        if let Err(error) = sent {
+            tracing::error!(key, error, "could not publish a control record");
+        }
+        while let Err(error) = control.flush() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            tracing::warn!(%error, "publishing control records: waiting for the brokers");
         }
     }
 }

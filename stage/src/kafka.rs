@@ -689,3 +689,94 @@ impl Publish for KafkaPublisher {
         }
     }
 }
+
+/// Publishes the latest state of each subject to the compacted control topic (agent
+/// status, revocations, memory quarantine), for ingest nodes and agent platforms.
+pub struct ControlPublisher {
+    sender: Sender,
+    topic: String,
+}
+
+impl ControlPublisher {
+    pub fn new(config: &KafkaConfig) -> Result<Self, StageError> {
+        Ok(Self {
+            sender: Sender::with_timeout(config, Duration::ZERO)?,
+            topic: config.control(),
+        })
+    }
+
+    /// Queues the record for `key` (sent in order; see [`ControlPublisher::flush`]).
+    pub fn publish(&self, key: &str, value: &[u8]) -> Result<(), StageError> {
+        self.sender.send_then(&self.topic, key, None, value, Box::new(|_| {}))
+    }
+
+    pub fn flush(&self) -> Result<(), StageError> {
+        self.sender.flush()
+    }
+}
+
+/// Reads the whole control topic once, from the beginning to its current end: the latest
+/// record per key. What an ingest node or an agent platform loads at start.
+pub fn read_control(config: &KafkaConfig, timeout: Duration) -> Result<HashMap<String, Vec<u8>>, StageError> {
+    let consumer: BaseConsumer = config
+        .client()
+        .set("group.id", format!("{}.control-reader.{}", config.prefix, origin()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kafka)?;
+    let topic = config.control();
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .map_err(kafka)?;
+    let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .map_err(kafka)?;
+        if high > low {
+            ends.insert(partition, high);
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Offset(low))
+                .map_err(kafka)?;
+        }
+    }
+    let mut latest = HashMap::new();
+    if ends.is_empty() {
+        return Ok(latest);
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+    let deadline = Instant::now() + timeout;
+    while !ends.is_empty() && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                transient(&error);
+                continue;
+            }
+        };
+        if let Some(key) = message.key() {
+            latest.insert(
+                String::from_utf8_lossy(key).into_owned(),
+                message.payload().unwrap_or_default().to_vec(),
+            );
+        }
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&message.partition());
+        }
+    }
+    if !ends.is_empty() {
+        return Err(StageError::Kafka(format!(
+            "the control topic was not read to its end within {} s",
+            timeout.as_secs()
+        )));
+    }
+    Ok(latest)
+}

@@ -117,6 +117,20 @@ fn stage_and_writer_processes_work_through_the_broker() {
         get(&url, &format!("/v1/agents/{first}"), &token).1["status"] == "revoked"
     });
     assert_eq!(findings_about(&url, &token, &first), 1);
+    // The compacted control topic says so, for ingest nodes and agent platforms.
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = "cluster-test".into();
+    wait_for("the revocation on the control topic", || {
+        let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
+        latest
+            .get(&format!("agent:{first}"))
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+            .is_some_and(|record| record["status"] == "revoked")
+    });
+    let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
+    let memory: serde_json::Value = serde_json::from_slice(&latest["memory:mem-a"]).unwrap();
+    assert_eq!(memory["status"], "quarantined", "{memory}");
+    assert_eq!(memory["agent"], first.as_str());
 
     // SIGKILL the stage process (no snapshot at exit) and start it again.
     stage.kill().unwrap();
