@@ -29,6 +29,9 @@ use serde_json::{Value, json};
 
 use crate::{Detector, Finding};
 
+/// How long a finding's receipt may take before the finding is sent again.
+const RECEIPT_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Requests from outside the stream (the node's HTTP edge).
 pub enum Request {
     /// A summary of one agent's baseline, for its page.
@@ -62,14 +65,17 @@ pub struct DetectorStage {
     logged_during_replay: HashSet<String>,
     /// Findings waiting to be signed and sent, oldest first.
     outbox: VecDeque<Finding>,
-    /// The finding sent and not yet answered, with the chain before it was signed.
-    inflight: Option<(Finding, ChainState, Receipt)>,
+    /// The finding sent and not yet answered, with the chain before it was signed and
+    /// when it was sent.
+    inflight: Option<(Finding, ChainState, Receipt, Instant)>,
     /// When a retryable refusal last happened (the outbox waits a little).
     backoff_until: Option<Instant>,
     /// No finding is missing from the log: the state may be snapshotted.
     clean: bool,
     snapshot: PathBuf,
     snapshot_every: Duration,
+    /// How long a receipt may take before the finding is sent again.
+    patience: Duration,
     report: Box<dyn FnMut(Report<'_>) + Send>,
 }
 
@@ -101,8 +107,15 @@ impl DetectorStage {
             clean: true,
             snapshot,
             snapshot_every,
+            patience: RECEIPT_PATIENCE,
             report,
         }
+    }
+
+    /// How long a receipt may take before the finding is sent again (60 s by default).
+    pub fn with_receipt_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// The detector's signing key as a `did:key` (the writer's system signer).
@@ -182,7 +195,7 @@ impl DetectorStage {
             self.backoff_until = None;
             self.pump(submit);
             let answer = match &self.inflight {
-                Some((_, _, receipt)) => receipt.wait(Duration::from_millis(100)),
+                Some((_, _, receipt, _)) => receipt.wait(Duration::from_millis(100)),
                 None => continue,
             };
             match answer {
@@ -253,9 +266,19 @@ impl DetectorStage {
 
     /// Checks the receipt in flight; sends the next finding when there is none.
     fn pump(&mut self, submit: &dyn Submitter) {
-        if let Some((_, _, receipt)) = &self.inflight {
+        if let Some((_, _, receipt, sent)) = &self.inflight {
             match receipt.try_take() {
                 Some(answer) => self.settle(answer),
+                // A receipt lost on the way (the writer crashed after appending, say):
+                // send the finding again. Signed from the same chain it is the same bytes,
+                // which the writer answers with the first append.
+                None if sent.elapsed() >= self.patience => {
+                    let waited = self.patience.as_millis();
+                    self.settle(Err(Refused::retryable(
+                        "writer_timeout",
+                        format!("no receipt within {waited} ms"),
+                    )));
+                }
                 None => return,
             }
         }
@@ -275,7 +298,7 @@ impl DetectorStage {
             }
         };
         match submit.submit(Submission::Finding(envelope)) {
-            Ok(receipt) => self.inflight = Some((finding, before, receipt)),
+            Ok(receipt) => self.inflight = Some((finding, before, receipt, Instant::now())),
             Err(error) => {
                 tracing::warn!(%error, "detector: the transport refused a finding; retrying");
                 self.chain = before;
@@ -286,7 +309,7 @@ impl DetectorStage {
     }
 
     fn settle(&mut self, answer: Result<custos_stage::Appended, Refused>) {
-        let Some((finding, before, _)) = self.inflight.take() else {
+        let Some((finding, before, ..)) = self.inflight.take() else {
             return;
         };
         match answer {
@@ -308,7 +331,7 @@ impl DetectorStage {
                 });
                 if refused.retryable {
                     self.outbox.push_front(finding);
-                    self.backoff_until = Some(Instant::now() + Duration::from_millis(500));
+                    self.backoff_until = Some(Instant::now() + Duration::from_millis(500).min(self.patience));
                 } else {
                     // Never logged: do not snapshot past it, so a restart finds it again.
                     self.clean = false;

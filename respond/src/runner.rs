@@ -37,6 +37,9 @@ pub const REPLAY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 /// How long the responder waits for the writer to log one record.
 const RECEIPT_WAIT: Duration = Duration::from_secs(30);
 
+/// How many times a record is sent before the responder gives up on it.
+const SUBMIT_ATTEMPTS: u32 = 5;
+
 /// Why an operator's request failed; the HTTP edge picks the status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpError {
@@ -424,10 +427,24 @@ impl ResponderStage {
         let before = self.chain.clone();
         self.chain.advance(&bytes);
         let envelope = self.key.sign_envelope(ACTION_PAYLOAD_TYPE, bytes);
-        let answer = submit
-            .submit(Submission::Action(envelope))
-            .map_err(|error| Refused::retryable("transport", error.to_string()))
-            .and_then(|receipt| receipt.wait(RECEIPT_WAIT));
+        // A retryable failure (no receipt, brokers away) sends the same bytes again: the
+        // writer answers a payload it already appended with that first append, so a
+        // record is never logged twice and the chain never forks.
+        let mut attempts = 0;
+        let answer = loop {
+            attempts += 1;
+            let answer = submit
+                .submit(Submission::Action(envelope.clone()))
+                .map_err(|error| Refused::retryable("transport", error.to_string()))
+                .and_then(|receipt| receipt.wait(RECEIPT_WAIT));
+            match answer {
+                Err(refused) if refused.retryable && attempts < SUBMIT_ATTEMPTS => {
+                    tracing::warn!(action = record.id, error = %refused, attempts, "action record not logged yet; sending it again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                answer => break answer,
+            }
+        };
         match answer {
             Ok(appended) => appended
                 .log_indexes

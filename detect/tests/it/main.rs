@@ -6,6 +6,7 @@ use custos_detect::{Detector, DetectorConfig, Finding, Rules};
 use custos_event::{Kind, Observation, Outcome, Payload, Signal};
 use serde_json::json;
 
+mod runner;
 mod weaknesses;
 
 const AGENT: &str = "did:key:z6MkagentAAAA";

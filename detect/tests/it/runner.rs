@@ -1,0 +1,92 @@
+//! The detector stage over the in-process transport, with the test as the log writer.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use custos_detect::runner::{DetectorStage, Request};
+use custos_detect::{Detector, DetectorConfig, Rules};
+use custos_event::{AgentKey, Kind, Observation, Payload, Signal};
+use custos_stage::embedded::{self, Fanout};
+use custos_stage::{Appended, Committed, Intake, Submission};
+
+fn event(agent: &str, seq: u64, kind: Kind, index: u64, fill: impl FnOnce(&mut Payload)) -> Committed {
+    let mut payload = Payload::new(kind, Utc::now());
+    payload.agent = agent.into();
+    payload.realm = "eng".into();
+    payload.seq = seq;
+    fill(&mut payload);
+    Committed::Event(Box::new(Observation {
+        log_index: Some(index),
+        ingest_ts: Utc::now(),
+        payload,
+        signal: Signal::Accepted { gap: None },
+    }))
+}
+
+/// A receipt that never comes (the writer crashed after appending): the finding is sent
+/// again, byte for byte, so the writer can answer it with the first append; and nothing
+/// else is sent while it waits (the chain has no hole).
+#[test]
+fn a_finding_without_a_receipt_is_sent_again_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let fanout = Fanout::new();
+    let mut subscription = fanout.subscribe_bounded(64, embedded::everything);
+    let (submitter, mut intake) = embedded::queue();
+    let stage = DetectorStage::new(
+        Detector::new(DetectorConfig::default(), Rules::load(&[]).unwrap()),
+        AgentKey::from_seed(&[9; 32]),
+        dir.path().join("detector.snapshot"),
+        Duration::from_secs(3600),
+        Box::new(|_| {}),
+    )
+    .with_receipt_patience(Duration::from_millis(300));
+    let (requests, inbox) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || stage.run(&mut subscription, &submitter, inbox));
+
+    let agent = AgentKey::from_seed(&[10; 32]).did().to_owned();
+    fanout.send(Committed::Replayed { next_index: 1 });
+    fanout.send(event(&agent, 0, Kind::MemoryWrite, 1, |payload| {
+        payload.memory_id = Some("mem-x".into());
+        payload.attrs = Some(
+            serde_json::json!({"source_trust": "untrusted"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+    }));
+    fanout.send(event(&agent, 1, Kind::MemoryRead, 2, |payload| {
+        payload.memory_id = Some("mem-x".into());
+    }));
+    fanout.send(event(&agent, 2, Kind::CredentialUse, 3, |payload| {
+        payload.target = Some("cred-db".into());
+        payload.attrs = Some(
+            serde_json::json!({"credential_owner": agent})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+    }));
+
+    let take = |intake: &mut custos_stage::embedded::ChannelIntake| {
+        intake
+            .recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("a submission from the detector")
+    };
+    let (first, held) = take(&mut intake);
+    let Submission::Finding(first) = first else {
+        panic!("not a finding: {first:?}")
+    };
+    // No answer: the detector must send the same finding again, and nothing else.
+    let (again, answer) = take(&mut intake);
+    let Submission::Finding(again) = again else {
+        panic!("not a finding: {again:?}")
+    };
+    assert_eq!(again, first, "the same bytes and signature");
+    answer.send(Ok(Appended { log_indexes: vec![4] }));
+    drop(held);
+    let (done, wait) = std::sync::mpsc::channel();
+    requests.send(Request::Stop(done)).unwrap();
+    wait.recv_timeout(Duration::from_secs(30)).unwrap();
+    thread.join().unwrap();
+}
