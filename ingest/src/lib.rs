@@ -11,10 +11,17 @@
 //!        │  accepted + control entries           rejected ─▶ forensics (bounded NDJSON)
 //!        ▼
 //!  store: WAL group commit (fsync) ─▶ answer every request in the group
+//!        │
+//!        ▼
+//!  Committed records (custos-stage) ─▶ Hooks::publish (detector, responder, Kafka bridge)
+//!
+//!  stages ── Submission (findings; action records with their enforcement; control ops)
+//!         ──▶ Queue (the same command queue) ─▶ sequencer thread ─▶ receipts
 //! ```
 //!
-//! Admin routes (`/v1/agents`, `/v1/rejected`, `/v1/checkpoints/latest`) go through the
-//! same sequencer, so a revocation is ordered before any event queued after it.
+//! Admin routes (`/v1/agents`, `/v1/rejected`, `/v1/checkpoints/latest`) and the stages'
+//! submissions go through the same sequencer, so a revocation is ordered before any event
+//! queued after it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

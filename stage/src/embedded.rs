@@ -91,6 +91,17 @@ enum Outlet {
 struct Subscriber {
     outlet: Outlet,
     filter: Filter,
+    closed: bool,
+}
+
+impl Subscriber {
+    /// Hands over `record`; false when the subscription is gone.
+    fn deliver(&self, record: Committed) -> bool {
+        match &self.outlet {
+            Outlet::Bounded(sender) => sender.send(record).is_ok(),
+            Outlet::Unbounded(sender) => sender.send(record).is_ok(),
+        }
+    }
 }
 
 /// The writer's publisher: hands each record to every subscriber that wants it.
@@ -122,7 +133,11 @@ impl Fanout {
         self.subscribers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Subscriber { outlet, filter });
+            .push(Subscriber {
+                outlet,
+                filter,
+                closed: false,
+            });
     }
 
     /// Whether anyone reads what is published (else the writer need not build records).
@@ -140,28 +155,24 @@ impl Fanout {
             .subscribers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let wanted: Vec<usize> = (0..subscribers.len())
-            .filter(|&at| (subscribers[at].filter)(&record))
-            .collect();
-        let mut gone = Vec::new();
-        let mut record = Some(record);
-        for (position, &at) in wanted.iter().enumerate() {
-            let item = if position + 1 == wanted.len() {
-                record.take()
-            } else {
-                record.clone()
-            };
-            let Some(item) = item else { break };
-            let sent = match &subscribers[at].outlet {
-                Outlet::Bounded(sender) => sender.send(item).is_ok(),
-                Outlet::Unbounded(sender) => sender.send(item).is_ok(),
-            };
-            if !sent {
-                gone.push(at);
+        // The last subscriber that wants it gets the record itself; the others a clone.
+        // (No allocation on this path: it runs on the writer thread for every entry.)
+        let Some(last) = subscribers.iter().rposition(|subscriber| (subscriber.filter)(&record)) else {
+            return;
+        };
+        let mut gone = false;
+        for subscriber in subscribers[..last].iter_mut() {
+            if (subscriber.filter)(&record) && !subscriber.deliver(record.clone()) {
+                subscriber.closed = true;
+                gone = true;
             }
         }
-        for at in gone.into_iter().rev() {
-            subscribers.remove(at);
+        if !subscribers[last].deliver(record) {
+            subscribers[last].closed = true;
+            gone = true;
+        }
+        if gone {
+            subscribers.retain(|subscriber| !subscriber.closed);
         }
     }
 }

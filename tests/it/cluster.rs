@@ -120,16 +120,21 @@ fn stage_and_writer_processes_work_through_the_broker() {
     // The compacted control topic says so, for ingest nodes and agent platforms.
     let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
     kafka.prefix = "cluster-test".into();
-    wait_for("the revocation on the control topic", || {
+    let state = |key: &str| {
         let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
         latest
-            .get(&format!("agent:{first}"))
+            .get(key)
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-            .is_some_and(|record| record["status"] == "revoked")
+            .unwrap_or_default()
+    };
+    wait_for("the revocation on the control topic", || {
+        state(&format!("agent:{first}"))["status"] == "revoked"
     });
-    let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
-    let memory: serde_json::Value = serde_json::from_slice(&latest["memory:mem-a"]).unwrap();
-    assert_eq!(memory["status"], "quarantined", "{memory}");
+    // The quarantine is its own action record, logged after the revocation.
+    wait_for("the memory quarantine on the control topic", || {
+        state("memory:mem-a")["status"] == "quarantined"
+    });
+    let memory = state("memory:mem-a");
     assert_eq!(memory["agent"], first.as_str());
 
     // SIGKILL the stage process (no snapshot at exit) and start it again.
