@@ -95,6 +95,7 @@ Examples:
 
 Distributed (stages on Kafka topics; see docs/architecture.md):
   custos serve --data ./stages --kafka 127.0.0.1:9092 --roles detector,responder
+  custos serve --data ./edge1 --kafka 127.0.0.1:9092 --roles ingest --listen 127.0.0.1:7610
   custos serve --data ./store --kafka 127.0.0.1:9092 --roles writer \
       --trust-detector did:key:z6Mk… --trust-responder did:key:z6Mk…
 
@@ -140,7 +141,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 3, requires = "kafka", value_parser = clap::value_parser!(i32).range(1..=1024))]
     kafka_partitions: i32,
     /// With --kafka, the roles this process runs: writer (the log writer with ingest and
-    /// query), detector, responder. Without --kafka, one process runs them all.
+    /// query), ingest (a stateless ingest node in front of the writer), detector,
+    /// responder. Without --kafka, one process runs them all.
     #[arg(
         long,
         value_delimiter = ',',
@@ -287,6 +289,7 @@ impl ServeArgs {
             kafka,
             partitions: self.kafka_partitions,
             writer: self.roles.contains(&Role::Writer),
+            ingest: self.roles.contains(&Role::Ingest),
             trust,
         })
     }
@@ -315,6 +318,9 @@ impl ServeArgs {
 enum Role {
     /// The log writer, with the ingest and query HTTP API.
     Writer,
+    /// A stateless ingest node: verifies signatures, checks the registry from the
+    /// control topic, and hands events to the writer (`POST /v1/events`, revocations).
+    Ingest,
     Detector,
     Responder,
 }

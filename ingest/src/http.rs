@@ -472,52 +472,65 @@ fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize, keys: &KeyCache) -> Vec<
                 signatures.next().unwrap_or(Ok(()))?;
                 check_event(decoded.envelope)
             });
-            Item { raw, keyid, outcome }
+            Item {
+                raw,
+                keyid,
+                outcome,
+                refused: None,
+            }
         })
         .collect()
 }
 
-async fn post_events(
-    State(state): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let source = remote.ip();
-    if let Err(seconds) = state.rejects.check(source) {
+/// The checks of `POST /v1/events` before any envelope is decoded: the per-source limit
+/// on unauthenticated input (429), the split into envelopes, their count (413). A body
+/// that cannot be split is answered as `Ok(Err(rejection))`: the caller keeps it for
+/// forensics and answers 400.
+pub(crate) fn split_request(
+    rejects: &crate::serve::RejectLimiter,
+    config: &NodeConfig,
+    source: std::net::IpAddr,
+    body: &[u8],
+) -> Result<Result<Vec<Vec<u8>>, Rejection>, ApiError> {
+    if let Err(seconds) = rejects.check(source) {
         crate::metrics::RATE_LIMITED.inc();
         return Err(ApiError::new(
             429,
             "rate_limited",
             format!(
                 "{source} sent more unauthenticated input (bad signatures, unknown keys, malformed envelopes) than the {} per second allowed; retry in {seconds} s",
-                state.config.reject_rate_per_sec
+                config.reject_rate_per_sec
             ),
         )
         .retry_after(seconds));
     }
-    let remote = remote.to_string();
-    let raws = match split_body(&body) {
+    let raws = match split_body(body) {
         Ok(raws) => raws,
         Err(rejection) => {
-            state.rejects.charge(source, 1);
-            let record = RejectedRecord::new(&rejection, &body, &remote, None, None, None);
-            let _ = record_whole_request(&state, record).await;
-            return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
+            rejects.charge(source, 1);
+            return Ok(Err(rejection));
         }
     };
-    if raws.len() > state.config.max_events_per_request {
+    if raws.len() > config.max_events_per_request {
         return Err(ApiError::new(
             413,
             "too_many_events",
             format!(
                 "request holds {} envelopes; the limit is {}",
                 raws.len(),
-                state.config.max_events_per_request
+                config.max_events_per_request
             ),
         ));
     }
-    let max_event_bytes = state.config.max_event_bytes;
-    let keys = state.keys.clone();
+    Ok(Ok(raws))
+}
+
+/// Decodes and verifies a request's envelopes (one batch signature check).
+pub(crate) async fn verify_request(
+    raws: Vec<Vec<u8>>,
+    max_event_bytes: usize,
+    keys: Arc<KeyCache>,
+) -> Result<Vec<Item>, ApiError> {
     // On the rayon pool rather than tokio's blocking pool: a fixed thread per core does
     // all the decoding and verifying, so its allocator keeps reusing warm memory instead
     // of each of a changing set of blocking threads faulting in fresh pages.
@@ -531,9 +544,27 @@ async fn post_events(
             let _ = sender.send(items);
         }
     });
-    let items = receiver
+    receiver
         .await
-        .map_err(|_| ApiError::new(500, "internal", "the verify task ended without an answer"))?;
+        .map_err(|_| ApiError::new(500, "internal", "the verify task ended without an answer"))
+}
+
+async fn post_events(
+    State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let source = remote.ip();
+    let remote = remote.to_string();
+    let raws = match split_request(&state.rejects, &state.config, source, &body)? {
+        Ok(raws) => raws,
+        Err(rejection) => {
+            let record = RejectedRecord::new(&rejection, &body, &remote, None, None, None);
+            let _ = record_whole_request(&state, record).await;
+            return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
+        }
+    };
+    let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
     let remote_for_refusals = remote.clone();
     let ingested = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
     let mut results = ingested.results;
@@ -566,7 +597,7 @@ async fn post_events(
     }
     let unauthenticated = results
         .iter()
-        .filter(|result| result.reason.is_some_and(unauthenticated))
+        .filter(|result| result.reason.as_deref().is_some_and(unauthenticated))
         .count();
     state.rejects.charge(source, unauthenticated);
     Ok(Json(results).into_response())
@@ -574,7 +605,7 @@ async fn post_events(
 
 /// Rejections of input that no enrolled agent's key vouched for: what an anonymous
 /// sender can produce, and what the per-source limit counts.
-fn unauthenticated(reason: &str) -> bool {
+pub(crate) fn unauthenticated(reason: &str) -> bool {
     !matches!(
         reason,
         "revoked_agent" | "realm_mismatch" | "clock_skew" | "chain_fork" | "chain_broken" | "replay"
@@ -591,6 +622,7 @@ async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Resul
         raw: record.input.into_bytes(),
         keyid: None,
         outcome: Err(rejection),
+        refused: None,
     };
     ask(state, |reply| Command::Ingest {
         items: vec![item],
@@ -738,8 +770,19 @@ async fn get_agent(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RevokeRequest {
-    reason: Option<String>,
+pub(crate) struct RevokeRequest {
+    pub(crate) reason: Option<String>,
+}
+
+impl RevokeRequest {
+    /// `{"reason"}`, or an empty body.
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.trim_ascii().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body)
+            .map_err(|error| ApiError::new(400, "bad_request", format!("expected {{\"reason\"}}: {error}")))
+    }
 }
 
 async fn revoke(
@@ -749,12 +792,7 @@ async fn revoke(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &[Role::Admin])?;
-    let request: RevokeRequest = if body.trim_ascii().is_empty() {
-        RevokeRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|error| ApiError::new(400, "bad_request", format!("expected {{\"reason\"}}: {error}")))?
-    };
+    let request = RevokeRequest::parse(&body)?;
     let by = format!("token:{}", caller.token_id);
     let revoked = ask(&state, |reply| Command::Revoke {
         did,
@@ -800,7 +838,12 @@ async fn rejected(
 /// `GET /metrics`: Prometheus text exposition, for any valid token (a scraper holds an
 /// `auditor` token: metrics carry counts and latencies, never contents).
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&state, &headers, &EVERYONE)?;
+    metrics_answer(&state.tokens, &headers)
+}
+
+/// `GET /metrics` for any token holder.
+pub(crate) fn metrics_answer(tokens: &std::sync::RwLock<Tokens>, headers: &HeaderMap) -> Result<Response, ApiError> {
+    authorize_with(tokens, headers, &EVERYONE)?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 pub mod auth;
 pub mod forensics;
 mod http;
+pub mod edge;
 mod lookup;
 pub use http::catalogue;
 pub mod metrics;
@@ -48,9 +49,9 @@ pub mod witness;
 
 pub use auth::{Caller, Role, Secret, Tokens};
 pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
+pub use custos_stage::{Status, Verdict};
 pub use sequencer::{
-    Closed, EvidenceProofs, ItemResult, ItemResultView, ListedAgent, RevocationList, Status, StatusChange, StoreView,
-    Unsealed,
+    Closed, EvidenceProofs, ItemResultView, ListedAgent, RevocationList, StatusChange, StoreView, Unsealed,
 };
 
 /// The writer's command queue, made before the node starts so that stages can hold a

@@ -16,10 +16,11 @@
 use custos_store::seqindex;
 
 use crate::ApiError;
-use crate::sequencer::{ItemResult, Lookup, Refusal, fork, never_stored};
+use crate::sequencer::{Lookup, Refusal, fork, never_stored, rejected_verdict};
+use custos_stage::Verdict;
 
 /// The answer to one lookup, and the refusal to record when it is one.
-pub(crate) fn resolve(lookup: Lookup) -> Result<(ItemResult, Option<Refusal>), ApiError> {
+pub(crate) fn resolve(lookup: Lookup) -> Result<(Verdict, Option<Refusal>), ApiError> {
     let did = lookup.payload.agent.clone();
     let seq = lookup.payload.seq;
     let found =
@@ -32,12 +33,12 @@ pub(crate) fn resolve(lookup: Lookup) -> Result<(ItemResult, Option<Refusal>), A
         })?;
     let (rejection, evidence) = match found {
         Some(found) if found.payload_blake3 == lookup.digest => {
-            return Ok((ItemResult::duplicate(lookup.index, found.log_index), None));
+            return Ok((Verdict::duplicate(lookup.index, found.log_index), None));
         }
         Some(found) => fork(&did, seq, found.log_index, found.payload_blake3, lookup.digest),
         None => (never_stored(&did, seq, lookup.head_seq), None),
     };
-    let result = ItemResult::rejected(lookup.index, &rejection);
+    let result = rejected_verdict(lookup.index, &rejection);
     Ok((
         result,
         Some(Refusal {

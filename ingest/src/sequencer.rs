@@ -19,7 +19,10 @@ use custos_event::{
     Payload, REVOCATIONS_PAYLOAD_TYPE, Reason, Rejection, Signal, Verified,
 };
 use custos_stage::embedded::Fanout;
-use custos_stage::{ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, Refused, Submission};
+use custos_stage::{
+    ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, EventBatch, ItemCheck, Refused, Status, Submission,
+    Verdict,
+};
 use custos_store::{Log, LogEntry};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -34,31 +37,9 @@ pub struct Item {
     pub raw: Vec<u8>,
     pub keyid: Option<String>,
     pub outcome: Result<Verified, Rejection>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Accepted,
-    Duplicate,
-    Rejected,
-}
-
-/// The answer for one input, in request order.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ItemResult {
-    pub index: usize,
-    pub status: Status,
-    pub reason: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    pub log_index: Option<u64>,
-    /// Flags on an accepted event, such as `chain_gap`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub flags: Vec<&'static str>,
-    /// For `chain_gap`: the inclusive range of missing `seq`s.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub missing: Option<[u64; 2]>,
+    /// Verified, but refused by an ingest node's registry view (a revoked agent): kept
+    /// for forensics and shown to the detector like a refusal made here.
+    pub refused: Option<Rejection>,
 }
 
 /// What an ingest command answers: a result per item, except items whose seq is older
@@ -66,7 +47,7 @@ pub struct ItemResult {
 /// ([`crate::lookup`]) and their result slot waits for it.
 #[derive(Debug)]
 pub struct Ingested {
-    pub results: Vec<ItemResult>,
+    pub results: Vec<Verdict>,
     pub lookups: Vec<Lookup>,
 }
 
@@ -816,18 +797,15 @@ impl Sequencer {
     /// One submission from a stage: checked, queued in this group, answered once durable.
     fn submit(&mut self, submission: Submission, entries: &mut Vec<LogEntry>) -> Result<Appended, Refused> {
         match submission {
+            Submission::Events(batch) => Ok(self.ingest_submitted(batch, entries)),
             Submission::Finding(envelope) => {
                 let (log_index, _) = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, entries)?;
-                Ok(Appended {
-                    log_indexes: vec![log_index],
-                })
+                Ok(Appended::entries(vec![log_index]))
             }
             Submission::Action(envelope) => self.append_action(envelope, entries),
             Submission::Control(ControlOp::Revoke { agent, by, reason }) => self
                 .revoke(&agent, reason, by, entries)
-                .map(|revoked| Appended {
-                    log_indexes: revoked.log_indexes,
-                })
+                .map(|revoked| Appended::entries(revoked.log_indexes))
                 .map_err(|error| refused(&error)),
         }
     }
@@ -862,7 +840,7 @@ impl Sequencer {
                 .map_err(|error| refused(&error))?;
             log_indexes.extend(applied);
         }
-        Ok(Appended { log_indexes })
+        Ok(Appended::entries(log_indexes))
     }
 
     /// Queues an entry signed by a system key that may append `payload_type`. Answers its
@@ -1061,11 +1039,23 @@ impl Sequencer {
             let verified = match item.outcome {
                 Ok(verified) => verified,
                 Err(rejection) => {
-                    results.push(ItemResult::rejected(index, &rejection));
+                    results.push(rejected_verdict(index, &rejection));
                     self.reject(&rejection, &item.raw, remote, index, item.keyid, None);
                     continue;
                 }
             };
+            if let Some(rejection) = item.refused {
+                results.push(rejected_verdict(index, &rejection));
+                let refusal = Refusal {
+                    index,
+                    raw: item.raw,
+                    rejection,
+                    evidence: None,
+                    payload: verified.payload,
+                };
+                self.refuse(refusal, remote, now);
+                continue;
+            }
             match self.admit(verified, now, entries) {
                 Ok(Admitted::Accepted {
                     log_index,
@@ -1074,12 +1064,12 @@ impl Sequencer {
                 }) => {
                     let mut flags = Vec::new();
                     if gap.is_some() {
-                        flags.push("chain_gap");
+                        flags.push("chain_gap".to_owned());
                     }
                     if quarantined {
-                        flags.push("quarantined");
+                        flags.push("quarantined".to_owned());
                     }
-                    results.push(ItemResult {
+                    results.push(Verdict {
                         index,
                         status: Status::Accepted,
                         reason: None,
@@ -1089,16 +1079,16 @@ impl Sequencer {
                         missing: gap.map(|(from, to)| [from, to]),
                     })
                 }
-                Ok(Admitted::Duplicate { log_index }) => results.push(ItemResult::duplicate(index, log_index)),
+                Ok(Admitted::Duplicate { log_index }) => results.push(Verdict::duplicate(index, log_index)),
                 Ok(Admitted::Lookup(mut lookup)) => {
                     lookup.index = index;
                     lookup.raw = item.raw;
                     // A placeholder the lookup replaces; never sent as it is.
-                    results.push(ItemResult::duplicate(index, 0));
+                    results.push(Verdict::duplicate(index, 0));
                     lookups.push(*lookup);
                 }
                 Err(refused) => {
-                    results.push(ItemResult::rejected(index, &refused.rejection));
+                    results.push(rejected_verdict(index, &refused.rejection));
                     self.refuse(
                         Refusal {
                             index,
@@ -1120,6 +1110,67 @@ impl Sequencer {
             }
         }
         Ingested { results, lookups }
+    }
+
+    /// An ingest node's batch: its checks are taken as they are (the submissions topic is
+    /// written by Custos nodes only), the envelopes are decoded again here without a
+    /// second signature check, and every item is answered, old-seq lookups included
+    /// (resolved on this thread: they are rare, a client resending far behind its head).
+    fn ingest_submitted(&mut self, batch: EventBatch, entries: &mut Vec<LogEntry>) -> Appended {
+        let items = batch
+            .items
+            .into_iter()
+            .map(|item| {
+                let decode = |raw: &[u8]| {
+                    custos_event::verify::decode_envelope(raw, usize::MAX, &[custos_event::EVENT_PAYLOAD_TYPE])
+                        .and_then(|decoded| custos_event::verify::check_event(decoded.envelope))
+                };
+                let (outcome, refused) = match item.check {
+                    ItemCheck::Verified => (decode(&item.raw), None),
+                    ItemCheck::Refused { code, message, signed } => {
+                        let rejection = Rejection::new(Reason::from_code(&code).unwrap_or(Reason::Malformed), message);
+                        match signed.then(|| decode(&item.raw)) {
+                            Some(Ok(verified)) => (Ok(verified), Some(rejection)),
+                            _ => (Err(rejection), None),
+                        }
+                    }
+                };
+                Item {
+                    raw: item.raw,
+                    keyid: item.keyid,
+                    outcome,
+                    refused,
+                }
+            })
+            .collect();
+        let Ingested { mut results, lookups } = self.ingest(items, &batch.remote, entries);
+        let now = Utc::now();
+        for lookup in lookups {
+            let (result, refusal) = match crate::lookup::resolve(lookup) {
+                Ok(resolved) => resolved,
+                Err(error) => {
+                    tracing::error!(error = error.message, "an old-seq lookup failed");
+                    continue;
+                }
+            };
+            count(&result);
+            let index = result.index;
+            if let Some(slot) = results.get_mut(index) {
+                *slot = result;
+            }
+            if let Some(refusal) = refusal {
+                self.refuse(refusal, &batch.remote, now);
+            }
+        }
+        let log_indexes = results
+            .iter()
+            .filter(|result| result.status == Status::Accepted)
+            .filter_map(|result| result.log_index)
+            .collect();
+        Appended {
+            log_indexes,
+            verdicts: results,
+        }
     }
 
     /// Keeps a signed event the registry or chain refused for forensics, and shows it to
@@ -1717,42 +1768,21 @@ pub(crate) fn never_stored(did: &str, seq: u64, head: u64) -> Rejection {
 }
 
 /// Counts one answered item in the ingest metrics.
-pub(crate) fn count(result: &ItemResult) {
+pub(crate) fn count(result: &Verdict) {
     let status = match result.status {
         Status::Accepted => "accepted",
         Status::Duplicate => "duplicate",
         Status::Rejected => "rejected",
     };
     metrics::EVENTS.with_label_values(&[status]).inc();
-    if let Some(reason) = result.reason {
-        metrics::REJECTS.with_label_values(&[reason]).inc();
+    if let Some(reason) = &result.reason {
+        metrics::REJECTS.with_label_values(&[reason.as_str()]).inc();
     }
 }
 
-impl ItemResult {
-    pub(crate) fn rejected(index: usize, rejection: &Rejection) -> Self {
-        Self {
-            index,
-            status: Status::Rejected,
-            reason: Some(rejection.reason.code()),
-            message: Some(rejection.message.clone()),
-            log_index: None,
-            flags: Vec::new(),
-            missing: None,
-        }
-    }
-
-    pub(crate) fn duplicate(index: usize, log_index: u64) -> Self {
-        Self {
-            index,
-            status: Status::Duplicate,
-            reason: None,
-            message: None,
-            log_index: Some(log_index),
-            flags: Vec::new(),
-            missing: None,
-        }
-    }
+/// The verdict of a rejected item.
+pub(crate) fn rejected_verdict(index: usize, rejection: &Rejection) -> Verdict {
+    Verdict::rejected(index, rejection.reason.code(), rejection.message.clone())
 }
 
 /// A signed event the registry or chain checks refused.
@@ -1762,7 +1792,7 @@ struct RefusedEvent {
     payload: Box<Payload>,
 }
 
-/// [`ItemResult`] as a client reads it back.
+/// [`Verdict`] as a client reads it back (status as text).
 #[derive(Clone, Debug, serde::Deserialize, Serialize, PartialEq, Eq)]
 pub struct ItemResultView {
     pub index: usize,

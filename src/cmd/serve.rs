@@ -17,6 +17,8 @@ pub(crate) struct Cluster {
     pub(crate) partitions: i32,
     /// Whether this process runs the log writer (with ingest and query).
     pub(crate) writer: bool,
+    /// Whether this process runs a stateless ingest node (when it is not the writer).
+    pub(crate) ingest: bool,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
 }
@@ -219,7 +221,7 @@ pub(crate) async fn run(
             pipeline.transport = Transport::Kafka(cluster.kafka.clone());
         }
         if !cluster.writer {
-            return run_stages(pipeline).await;
+            return run_without_store(config, pipeline, cluster).await;
         }
     }
     let node = Node::start_in(config, pipeline, Arc::new(Marks::default()), limits, cluster.as_ref()).await?;
@@ -287,26 +289,119 @@ pub(crate) async fn wait_for_signal() {
     let _ = interrupt.await;
 }
 
-/// A process that runs only stages (`--kafka B --roles detector,responder`): no store,
-/// no HTTP; the stages read and write the topics.
-async fn run_stages(pipeline: Option<PipelineConfig>) -> anyhow::Result<()> {
-    let Some(config) = pipeline else {
-        anyhow::bail!("--roles names no role this process can run (writer, detector or responder)");
-    };
-    let (pipeline, hooks) = Pipeline::start(config, Arc::new(Marks::default()))?;
-    eprintln!(
-        "stages on Kafka: detector key {} (signs findings), responder key {} (signs actions)",
-        pipeline.detector_did, pipeline.responder_did
-    );
-    eprintln!(
-        "start the writer with: --trust-detector {} --trust-responder {}",
-        pipeline.detector_did, pipeline.responder_did
-    );
-    wait_for_signal().await;
-    eprintln!("stopping: the stages finish what they read and save their state");
-    if let Some(drain) = hooks.drain {
-        tokio::task::spawn_blocking(drain).await?;
+/// A process without the store (`--kafka B --roles ingest` and/or `detector,responder`):
+/// an ingest node in front of the writer, stages that read and write the topics.
+async fn run_without_store(
+    config: custos_ingest::NodeConfig,
+    pipeline: Option<PipelineConfig>,
+    cluster: &Cluster,
+) -> anyhow::Result<()> {
+    if pipeline.is_none() && !cluster.ingest {
+        anyhow::bail!("--roles names no role this process can run (writer, ingest, detector or responder)");
     }
-    tokio::task::spawn_blocking(move || pipeline.join()).await?;
+    let edge = match cluster.ingest {
+        true => Some(Edge::start(config, &cluster.kafka).await?),
+        false => None,
+    };
+    let stages = match pipeline {
+        Some(config) => {
+            let (pipeline, hooks) = Pipeline::start(config, Arc::new(Marks::default()))?;
+            eprintln!(
+                "stages on Kafka: detector key {} (signs findings), responder key {} (signs actions)",
+                pipeline.detector_did, pipeline.responder_did
+            );
+            eprintln!(
+                "start the writer with: --trust-detector {} --trust-responder {}",
+                pipeline.detector_did, pipeline.responder_did
+            );
+            Some((pipeline, hooks))
+        }
+        None => None,
+    };
+    wait_for_signal().await;
+    if let Some(edge) = edge {
+        eprintln!("stopping: the ingest node answers what it holds");
+        edge.stop().await;
+    }
+    if let Some((pipeline, hooks)) = stages {
+        eprintln!("stopping: the stages finish what they read and save their state");
+        if let Some(drain) = hooks.drain {
+            tokio::task::spawn_blocking(drain).await?;
+        }
+        tokio::task::spawn_blocking(move || pipeline.join()).await?;
+    }
     Ok(())
+}
+
+/// A stateless ingest node and the thread that keeps its registry view from the
+/// control topic.
+struct Edge {
+    node: custos_ingest::edge::Edge,
+    stop: Arc<AtomicBool>,
+    follower: std::thread::JoinHandle<()>,
+}
+
+impl Edge {
+    async fn start(config: custos_ingest::NodeConfig, kafka: &KafkaConfig) -> anyhow::Result<Self> {
+        let data = config.data.clone();
+        let view = Arc::new(custos_ingest::edge::ControlView::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let follower = {
+            let (kafka, view, stop) = (kafka.clone(), view.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("custos-control-view".into())
+                .spawn(move || follow_control(&kafka, &view, &stop))?
+        };
+        let submitter = {
+            let kafka = kafka.clone();
+            tokio::task::spawn_blocking(move || custos_stage::kafka::KafkaSubmitter::new(&kafka))
+                .await?
+                .context("connecting to Kafka")?
+        };
+        let node = custos_ingest::edge::start_edge(config, Arc::new(submitter), view).await?;
+        if let Some(token) = &node.admin_token {
+            eprintln!(
+                "\nAdmin token of this ingest node (shown once; also saved owner-only in {}):\n\n  {}\n",
+                custos_ingest::auth::admin_token_path(&data).display(),
+                token.0
+            );
+        }
+        eprintln!(
+            "custos serving on http://{} (an ingest node: events go to the writer over Kafka)",
+            node.addr
+        );
+        Ok(Self { node, stop, follower })
+    }
+
+    async fn stop(self) {
+        self.node.shutdown().await;
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || self.follower.join()).await;
+    }
+}
+
+/// Reads the control topic from its beginning into `view`, then follows it; the view is
+/// loaded (the node ready) once everything on the topic at the start has been read.
+fn follow_control(kafka: &KafkaConfig, view: &custos_ingest::edge::ControlView, stop: &AtomicBool) {
+    let mut feed = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match custos_stage::kafka::ControlFeed::open(kafka) {
+            Ok(feed) => break feed,
+            Err(error) => {
+                tracing::warn!(%error, "opening the control topic; trying again");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if let Some((key, value)) = feed.poll(std::time::Duration::from_millis(100)) {
+            view.apply(&key, &value);
+        }
+        if feed.caught_up() && !view.loaded() {
+            view.set_loaded();
+            tracing::info!("registry view loaded from the control topic");
+        }
+    }
 }

@@ -89,10 +89,16 @@ impl KafkaConfig {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("enable.partition.eof", "false")
+            // Records wait for a reader's fetch at most this long: an ingest request's
+            // answer crosses two topics, so this bounds its latency.
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
             .map_err(kafka)
     }
 }
+
+/// librdkafka's default (500 ms) would add up to half a second per topic crossed.
+const FETCH_WAIT_MS: &str = "10";
 
 fn kafka(error: KafkaError) -> StageError {
     StageError::Kafka(error.to_string())
@@ -290,34 +296,12 @@ impl KafkaSubmitter {
             .client()
             .set("group.id", format!("{}.receipts.{origin}", config.prefix))
             .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
             .map_err(kafka)?;
         // Start at each partition's current end, found before the first submission, so
         // no receipt of ours can come before the position.
-        let topic = config.receipts();
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .map_err(kafka)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|topic| topic.partitions().len())
-            .unwrap_or(0);
-        if partitions == 0 {
-            return Err(StageError::Kafka(format!(
-                "topic `{topic}` has no partitions (create the topics first: `custos cluster init`)"
-            )));
-        }
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..partitions as i32 {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                .map_err(kafka)?;
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Offset(high))
-                .map_err(kafka)?;
-        }
-        consumer.assign(&assignment).map_err(kafka)?;
+        assign_all(&consumer, &config.receipts(), |_, high| Offset::Offset(high))?;
         let waiting: Waiting = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let receipts = {
@@ -715,68 +699,108 @@ impl ControlPublisher {
     }
 }
 
-/// Reads the whole control topic once, from the beginning to its current end: the latest
-/// record per key. What an ingest node or an agent platform loads at start.
-pub fn read_control(config: &KafkaConfig, timeout: Duration) -> Result<HashMap<String, Vec<u8>>, StageError> {
-    let consumer: BaseConsumer = config
-        .client()
-        .set("group.id", format!("{}.control-reader.{}", config.prefix, origin()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(kafka)?;
-    let topic = config.control();
+/// Assigns every partition of `topic` to `consumer` at the offset `start(low, high)`
+/// picks from its watermarks; answers the watermarks.
+fn assign_all(
+    consumer: &BaseConsumer,
+    topic: &str,
+    start: impl Fn(i64, i64) -> Offset,
+) -> Result<HashMap<i32, (i64, i64)>, StageError> {
     let metadata = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(kafka)?;
     let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
+    if partitions == 0 {
+        return Err(StageError::Kafka(format!(
+            "topic `{topic}` has no partitions (create the topics first: a writer does at its start)"
+        )));
+    }
     let mut assignment = TopicPartitionList::new();
-    let mut ends = HashMap::new();
+    let mut marks = HashMap::new();
     for partition in 0..partitions {
         let (low, high) = consumer
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .map_err(kafka)?;
-        if high > low {
-            ends.insert(partition, high);
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Offset(low))
-                .map_err(kafka)?;
-        }
-    }
-    let mut latest = HashMap::new();
-    if ends.is_empty() {
-        return Ok(latest);
+        marks.insert(partition, (low, high));
+        assignment
+            .add_partition_offset(topic, partition, start(low, high))
+            .map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
-    let deadline = Instant::now() + timeout;
-    while !ends.is_empty() && Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = match message {
+    Ok(marks)
+}
+
+/// Follows the compacted control topic from its beginning: every subject's latest
+/// state, then each change as the writer publishes it. What an ingest node keeps its
+/// registry view with, and what an agent platform can read.
+pub struct ControlFeed {
+    consumer: BaseConsumer,
+    /// Partitions not yet read up to the end they had when the feed opened.
+    behind: HashMap<i32, i64>,
+}
+
+impl ControlFeed {
+    pub fn open(config: &KafkaConfig) -> Result<Self, StageError> {
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", format!("{}.control-reader.{}", config.prefix, origin()))
+            .set("enable.auto.commit", "false")
+            // A revocation must reach every ingest node within a second.
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
+            .create()
+            .map_err(kafka)?;
+        let marks = assign_all(&consumer, &config.control(), |low, _| Offset::Offset(low))?;
+        let behind = marks
+            .into_iter()
+            .filter(|(_, (low, high))| high > low)
+            .map(|(partition, (_, high))| (partition, high))
+            .collect();
+        Ok(Self { consumer, behind })
+    }
+
+    /// The next record (`key`, `value`), waiting up to `timeout`; `None` when none came
+    /// (or the brokers are away: the feed reconnects by itself).
+    pub fn poll(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        let message = match self.consumer.poll(timeout)? {
             Ok(message) => message,
             Err(error) => {
                 transient(&error);
-                continue;
+                return None;
             }
         };
-        if let Some(key) = message.key() {
-            latest.insert(
-                String::from_utf8_lossy(key).into_owned(),
-                message.payload().unwrap_or_default().to_vec(),
-            );
-        }
-        if ends
+        if self
+            .behind
             .get(&message.partition())
             .is_some_and(|end| message.offset() + 1 >= *end)
         {
-            ends.remove(&message.partition());
+            self.behind.remove(&message.partition());
         }
+        let key = String::from_utf8_lossy(message.key()?).into_owned();
+        Some((key, message.payload().unwrap_or_default().to_vec()))
     }
-    if !ends.is_empty() {
-        return Err(StageError::Kafka(format!(
-            "the control topic was not read to its end within {} s",
-            timeout.as_secs()
-        )));
+
+    /// Whether everything on the topic when the feed opened has been read.
+    pub fn caught_up(&self) -> bool {
+        self.behind.is_empty()
+    }
+}
+
+/// Reads the whole control topic once, from the beginning to its current end: the latest
+/// record per key. What an ingest node or an agent platform loads at start.
+pub fn read_control(config: &KafkaConfig, timeout: Duration) -> Result<HashMap<String, Vec<u8>>, StageError> {
+    let mut feed = ControlFeed::open(config)?;
+    let mut latest = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    while !feed.caught_up() {
+        if Instant::now() >= deadline {
+            return Err(StageError::Kafka(format!(
+                "the control topic was not read to its end within {} s",
+                timeout.as_secs()
+            )));
+        }
+        if let Some((key, value)) = feed.poll(Duration::from_millis(100)) {
+            latest.insert(key, value);
+        }
     }
     Ok(latest)
 }

@@ -35,6 +35,10 @@ pub mod wire;
 /// What a stage asks the log writer to append.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Submission {
+    /// Agent events from an ingest node, in request order: the writer applies the
+    /// registry and chain checks to each verified one and answers a [`Verdict`] per item
+    /// in [`Appended::verdicts`] (the answer `POST /v1/events` gives).
+    Events(EventBatch),
     /// A finding, signed by the detector's system key.
     Finding(Envelope),
     /// A responder action record, signed by the responder's system key. When its status
@@ -43,6 +47,89 @@ pub enum Submission {
     Action(Envelope),
     /// A control operation asked by an operator or another stage.
     Control(ControlOp),
+}
+
+/// One request's envelopes, as an ingest node checked them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventBatch {
+    /// The client's address, kept with refused items for forensics.
+    pub remote: String,
+    pub items: Vec<EventItem>,
+}
+
+/// One envelope of a request, byte for byte as the client sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventItem {
+    pub raw: Vec<u8>,
+    /// The envelope's `keyid`, when it could be read.
+    pub keyid: Option<String>,
+    pub check: ItemCheck,
+}
+
+/// What the ingest node found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemCheck {
+    /// The signature verifies and the payload parses: the writer decides the rest.
+    Verified,
+    /// Refused by the ingest node with a reason code (`docs/reason-codes.md`). `signed`:
+    /// the signature of an enrolled agent verified (a revoked agent's event), so the
+    /// writer shows the refusal to the detector, as in one process.
+    Refused { code: String, message: String, signed: bool },
+}
+
+/// What happened to one item of an [`EventBatch`]: the JSON `POST /v1/events` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The item's position in the request.
+    pub index: usize,
+    pub status: Status,
+    /// The reason code of a rejection.
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub log_index: Option<u64>,
+    /// Flags on an accepted event, such as `chain_gap` or `quarantined`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    /// For `chain_gap`: the inclusive range of missing `seq`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<[u64; 2]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Appended to the log (durable).
+    Accepted,
+    /// Already in the log at `log_index`: nothing appended.
+    Duplicate,
+    Rejected,
+}
+
+impl Verdict {
+    pub fn rejected(index: usize, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            index,
+            status: Status::Rejected,
+            reason: Some(code.to_owned()),
+            message: Some(message.into()),
+            log_index: None,
+            flags: Vec::new(),
+            missing: None,
+        }
+    }
+
+    pub fn duplicate(index: usize, log_index: u64) -> Self {
+        Self {
+            index,
+            status: Status::Duplicate,
+            reason: None,
+            message: None,
+            log_index: Some(log_index),
+            flags: Vec::new(),
+            missing: None,
+        }
+    }
 }
 
 /// A control operation: the writer turns it into control entries signed by the node key.
@@ -166,6 +253,19 @@ pub struct Appended {
     /// enforcement, a revocation's sub-agents). Empty when nothing had to change (the
     /// subject already was in that state).
     pub log_indexes: Vec<u64>,
+    /// For [`Submission::Events`]: one verdict per item, in request order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Appended {
+    /// The answer to a submission that made these entries.
+    pub fn entries(log_indexes: Vec<u64>) -> Self {
+        Self {
+            log_indexes,
+            verdicts: Vec::new(),
+        }
+    }
 }
 
 /// Why the writer refused a submission: a stable code and a sentence naming the value.

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use custos_event::{ACTION_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, Observation};
 use serde::{Deserialize, Serialize};
 
-use crate::{Appended, Committed, ControlOp, Refused, Submission};
+use crate::{Appended, Committed, ControlOp, EventBatch, EventItem, ItemCheck, Refused, Submission};
 
 /// The format version written, and the only one read.
 pub const VERSION: u32 = 1;
@@ -31,9 +31,27 @@ pub struct SubmissionRecord {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WireSubmission {
+    Events { remote: String, items: Vec<WireEventItem> },
     Finding { envelope: String },
     Action { envelope: String },
     Control { op: ControlOp },
+}
+
+/// One envelope of an [`EventBatch`]: `raw` is the client's bytes in base64 (they need
+/// not be UTF-8: a refused item is kept as sent).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireEventItem {
+    pub raw: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyid: Option<String>,
+    /// `verified`, or `refused` with `code`, `message` and `signed`.
+    pub check: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub signed: bool,
 }
 
 /// The writer's answer to a ticket.
@@ -92,6 +110,10 @@ fn check_version(v: u32) -> Result<(), String> {
 /// Encodes a submission with its origin and ticket.
 pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> Result<Vec<u8>, String> {
     let submission = match submission {
+        Submission::Events(batch) => WireSubmission::Events {
+            remote: batch.remote.clone(),
+            items: batch.items.iter().map(wire_item).collect(),
+        },
         Submission::Finding(envelope) => WireSubmission::Finding {
             envelope: envelope.to_json(),
         },
@@ -115,11 +137,47 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
         serde_json::from_slice(bytes).map_err(|error| format!("not a submission record: {error}"))?;
     check_version(record.v)?;
     let submission = match record.submission {
+        WireSubmission::Events { remote, items } => Submission::Events(EventBatch {
+            remote,
+            items: items.into_iter().map(event_item).collect::<Result<_, _>>()?,
+        }),
         WireSubmission::Finding { envelope: json } => Submission::Finding(envelope(&json, FINDING_PAYLOAD_TYPE)?),
         WireSubmission::Action { envelope: json } => Submission::Action(envelope(&json, ACTION_PAYLOAD_TYPE)?),
         WireSubmission::Control { op } => Submission::Control(op),
     };
     Ok((record.origin, record.ticket, submission))
+}
+
+fn wire_item(item: &EventItem) -> WireEventItem {
+    let (check, code, message, signed) = match &item.check {
+        ItemCheck::Verified => ("verified", None, None, false),
+        ItemCheck::Refused { code, message, signed } => ("refused", Some(code.clone()), Some(message.clone()), *signed),
+    };
+    WireEventItem {
+        raw: STANDARD.encode(&item.raw),
+        keyid: item.keyid.clone(),
+        check: check.to_owned(),
+        code,
+        message,
+        signed,
+    }
+}
+
+fn event_item(item: WireEventItem) -> Result<EventItem, String> {
+    let check = match item.check.as_str() {
+        "verified" => ItemCheck::Verified,
+        "refused" => ItemCheck::Refused {
+            code: item.code.ok_or("a refused item needs a `code`")?,
+            message: item.message.unwrap_or_default(),
+            signed: item.signed,
+        },
+        other => return Err(format!("item check `{other}` is neither `verified` nor `refused`")),
+    };
+    Ok(EventItem {
+        raw: bytes(&item.raw)?,
+        keyid: item.keyid,
+        check,
+    })
 }
 
 pub fn encode_receipt(origin: &str, ticket: u64, outcome: Result<Appended, Refused>) -> Result<Vec<u8>, String> {
@@ -211,9 +269,15 @@ pub fn committed_key(record: &Committed) -> String {
     }
 }
 
-/// The key of a submission (the agent it is about).
+/// The key of a submission (the agent it is about; for a batch of events, its first
+/// item's signer).
 pub fn submission_key(submission: &Submission) -> String {
     match submission {
+        Submission::Events(batch) => batch
+            .items
+            .iter()
+            .find_map(|item| item.keyid.clone())
+            .unwrap_or_default(),
         Submission::Finding(envelope) | Submission::Action(envelope) => committed_key(&Committed::Finding {
             log_index: 0,
             payload: envelope.payload.clone(),

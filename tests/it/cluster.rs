@@ -12,8 +12,8 @@ use std::time::Duration;
 use custos_event::{AgentKey, Signer};
 use serde_json::json;
 
-use crate::respond::{enroll, get, send, wait_for};
-use crate::stages::Broker;
+use crate::respond::{enroll, get, wait_for};
+use crate::stages::{Broker, poison};
 use crate::support::{Server, custos};
 
 /// Starts the stage process; returns it and the two keys it printed.
@@ -48,27 +48,6 @@ fn stages(data: &std::path::Path, brokers: &str) -> (Child, String, String) {
         .recv_timeout(Duration::from_secs(60))
         .expect("the stage process started");
     (child, detector, responder)
-}
-
-fn attack(url: &str, token: &str, seed: u8, memory: &str) -> String {
-    let key = AgentKey::from_seed(&[seed; 32]);
-    let did = key.did().to_owned();
-    enroll(url, token, &did, "eng");
-    let mut signer = Signer::new(key, "eng");
-    let results = send(
-        url,
-        &mut signer,
-        &[
-            json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
-            json!({"kind": "memory_read", "memory_id": memory}),
-            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
-        ],
-    );
-    assert!(
-        results.iter().all(|result| result["status"] == "accepted"),
-        "{results:?}"
-    );
-    did
 }
 
 /// Findings about `agent` in the writer's log (SQL over the store).
@@ -112,7 +91,7 @@ fn stage_and_writer_processes_work_through_the_broker() {
     let token = writer.token();
     let url = writer.url.clone();
 
-    let first = attack(&url, &token, 61, "mem-a");
+    let first = poison(&url, &token, 61, "mem-a");
     wait_for("the responder process's revocation, applied by the writer", || {
         get(&url, &format!("/v1/agents/{first}"), &token).1["status"] == "revoked"
     });
@@ -143,7 +122,7 @@ fn stage_and_writer_processes_work_through_the_broker() {
     let (mut stage, ..) = stages(&stage_data, &broker.addr);
     // And SIGKILL the broker (SQLite storage): the processes reconnect by themselves.
     broker.restart();
-    let second = attack(&url, &token, 62, "mem-b");
+    let second = poison(&url, &token, 62, "mem-b");
     wait_for("the restarted stages to revoke the second agent", || {
         get(&url, &format!("/v1/agents/{second}"), &token).1["status"] == "revoked"
     });
@@ -160,4 +139,225 @@ fn stage_and_writer_processes_work_through_the_broker() {
     assert!(!log.contains("panicked"), "{log}");
     let output = crate::support::run(&["verify", dir.path().join("writer").to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
+}
+
+/// SQL over the writer's store: rows as JSON.
+fn sql(url: &str, token: &str, query: &str) -> Vec<serde_json::Value> {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/sql"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(json!({ "sql": query }).to_string())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.json::<Vec<serde_json::Value>>().unwrap()
+}
+
+/// POSTs `body` to `/v1/events`; `None` when the node could not be reached or answered
+/// anything but 200 (a client resends).
+fn post_events(url: &str, body: &[u8]) -> Option<Vec<serde_json::Value>> {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/events"))
+        .header("content-type", "application/x-ndjson")
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    response.json().ok()
+}
+
+fn ingest_node(dir: &std::path::Path, name: &str, brokers: &str) -> Server {
+    Server::start_with(
+        &dir.join(name),
+        &["--kafka", brokers, "--kafka-prefix", "edge-test", "--roles", "ingest"],
+    )
+}
+
+/// Two stateless ingest processes in front of one writer. Each answers per item as one
+/// node does; one is killed with SIGKILL mid-stream and its client moves to the other,
+/// resending what was not acknowledged: every acknowledged event is stored exactly once.
+/// A revocation made through one ingest node is enforced by both at once. The broker
+/// is killed too, and ingest resumes by itself.
+#[test]
+fn stateless_ingest_nodes_in_front_of_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &["--kafka", &broker.addr, "--kafka-prefix", "edge-test", "--roles", "writer"],
+    );
+    let token = writer.token();
+    let url = writer.url.clone();
+    let first = ingest_node(dir.path(), "ingest-1", &broker.addr);
+    let second = ingest_node(dir.path(), "ingest-2", &broker.addr);
+
+    // Six agents, three per client; each ingest node learns them from the control topic.
+    let mut signers: Vec<Signer> = (0..6u8)
+        .map(|n| {
+            let key = AgentKey::from_seed(&[80 + n; 32]);
+            enroll(&url, &token, key.did(), "eng");
+            Signer::new(key, "eng")
+        })
+        .collect();
+    let dids: Vec<String> = signers.iter().map(|signer| signer.did().to_owned()).collect();
+    let batch = events;
+    let probe = batch(&mut signers[0], 1);
+    for node in [&first, &second] {
+        wait_for("the ingest node to know the enrolled agents", || {
+            post_events(&node.url, &probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
+        });
+    }
+
+    // One ingest node answers a mixed request item by item, as the writer's own API does.
+    let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(
+        json!({"kind": "tool_call"}).as_object().unwrap().clone(),
+        chrono::Utc::now(),
+    );
+    let fresh = batch(&mut signers[0], 1);
+    let mut mixed = probe.clone();
+    for line in [&b"{not an envelope"[..], unknown.unwrap().to_json().as_bytes(), &fresh] {
+        mixed.push(b'\n');
+        mixed.extend_from_slice(line);
+    }
+    let results = post_events(&first.url, &mixed).expect("an answer");
+    let summary: Vec<(String, String)> = results
+        .iter()
+        .map(|result| {
+            (
+                result["status"].as_str().unwrap().to_owned(),
+                result["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [("duplicate", ""), ("rejected", "malformed"), ("rejected", "unknown_agent"), ("accepted", "")];
+    assert_eq!(
+        summary,
+        expected.map(|(status, reason)| (status.to_owned(), reason.to_owned())),
+        "{results:?}"
+    );
+    // A refusal made by the ingest node is kept for forensics by the writer.
+    let (_, rejected) = get(&url, "/v1/rejected?reason=unknown_agent", &token);
+    assert!(!rejected["rejected"].as_array().unwrap().is_empty(), "{rejected}");
+
+    // Two clients stream through the two ingest nodes; the second node is killed mid-way.
+    let (left, right) = signers.split_at_mut(3);
+    let acknowledged = std::sync::Mutex::new(Vec::<(String, u64)>::new());
+    let urls = [first.url.clone(), second.url.clone()];
+    let second_pid = second.pid();
+    std::thread::scope(|scope| {
+        for (client, signers) in [(0usize, left), (1, right)] {
+            let (urls, acknowledged) = (&urls, &acknowledged);
+            scope.spawn(move || {
+                let mut target = client;
+                for round in 0..30 {
+                    for signer in signers.iter_mut() {
+                        let body = batch(signer, 5);
+                        // Resend the same bytes until some node answers.
+                        let results = loop {
+                            if let Some(results) = post_events(&urls[target], &body) {
+                                break results;
+                            }
+                            target = 0;
+                            std::thread::sleep(Duration::from_millis(100));
+                        };
+                        for (line, result) in body.split(|byte| *byte == b'\n').zip(&results) {
+                            assert!(
+                                result["status"] == "accepted" || result["status"] == "duplicate",
+                                "round {round}: {result}"
+                            );
+                            let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
+                            let payload = base64_decode(envelope["payload"].as_str().unwrap());
+                            let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                            acknowledged
+                                .lock()
+                                .unwrap()
+                                .push((payload["agent"].as_str().unwrap().to_owned(), payload["seq"].as_u64().unwrap()));
+                        }
+                    }
+                }
+            });
+        }
+        // A third of the stream acknowledged, then SIGKILL the second ingest node.
+        wait_for("a third of the stream", || acknowledged.lock().unwrap().len() >= 300);
+        let _ = std::process::Command::new("kill").args(["-9", &second_pid.to_string()]).status();
+    });
+    second.kill();
+    let acknowledged = acknowledged.into_inner().unwrap();
+    assert_eq!(acknowledged.len(), 6 * 30 * 5);
+    let twice = sql(
+        &url,
+        &token,
+        "SELECT agent, seq, count(*) AS n FROM events GROUP BY agent, seq HAVING count(*) > 1",
+    );
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    for did in &dids {
+        let stored = sql(&url, &token, &format!("SELECT seq FROM events WHERE agent = '{did}'"));
+        let stored: std::collections::BTreeSet<u64> =
+            stored.iter().map(|row| row["seq"].as_u64().unwrap()).collect();
+        for (_, seq) in acknowledged.iter().filter(|(agent, _)| agent == did) {
+            assert!(stored.contains(seq), "acknowledged seq {seq} of {did} is not stored");
+        }
+    }
+
+    // A revocation through the surviving ingest node; both answers that follow it refuse.
+    let edge_token = first.token();
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents/{}/revoke", first.url, dids[0]))
+        .bearer_auth(&edge_token)
+        .json(&json!({"reason": "cluster test"}))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    // A node started after it learns the revocation from the control topic.
+    let third = ingest_node(dir.path(), "ingest-3", &broker.addr);
+    wait_for("the new ingest node to read the control topic", || {
+        reqwest::blocking::get(format!("{}/readyz", third.url)).is_ok_and(|response| response.status().is_success())
+    });
+    for node in [&first, &third] {
+        let results = post_events(&node.url, &batch(&mut signers[0], 1)).expect("an answer");
+        assert_eq!(results[0]["reason"], "revoked_agent", "{results:?}");
+    }
+
+    // The broker dies and comes back: ingest resumes by itself, nothing acknowledged lost.
+    broker.restart();
+    let body = batch(&mut signers[1], 3);
+    wait_for("ingest to resume after the broker restart", || {
+        post_events(&first.url, &body).is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
+    });
+    let stored = sql(&url, &token, "SELECT count(*) AS n FROM events");
+    assert!(stored[0]["n"].as_u64().unwrap() >= acknowledged.len() as u64);
+    first.kill();
+    third.kill();
+    let log = writer.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    let output = crate::support::run(&["verify", dir.path().join("writer").to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
+}
+
+/// `count` signed events of `signer`, as NDJSON.
+fn events(signer: &mut Signer, count: usize) -> Vec<u8> {
+    (0..count)
+        .map(|_| {
+            signer
+                .sign_object(
+                    json!({"kind": "tool_call", "target": "search"}).as_object().unwrap().clone(),
+                    chrono::Utc::now(),
+                )
+                .unwrap()
+                .to_json()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }

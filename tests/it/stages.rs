@@ -189,7 +189,7 @@ fn stop_detector(requests: Sender<detector_runner::Request>, thread: JoinHandle<
     thread.join().unwrap();
 }
 
-fn poison(url: &str, token: &str, seed: u8, memory: &str) -> String {
+pub(crate) fn poison(url: &str, token: &str, seed: u8, memory: &str) -> String {
     let key = AgentKey::from_seed(&[seed; 32]);
     let did = key.did().to_owned();
     enroll(url, token, &did, "eng");
@@ -225,6 +225,14 @@ fn suite(transport: Transport) {
 
     // The stages' ends of the transport.
     type Ends = (Box<dyn Subscription>, Box<dyn Submitter>);
+    // An ingest node's end: it submits verified events.
+    let ingest: Box<dyn Submitter> = match &transport {
+        Transport::Embedded => Box::new(queue.submitter()),
+        Transport::Kafka(config) => {
+            kafka::create_topics(config, 3).unwrap();
+            Box::new(kafka::KafkaSubmitter::new(config).unwrap())
+        }
+    };
     let (detector_ends, responder_ends): (Ends, Ends) = match &transport {
         Transport::Embedded => (
             (
@@ -237,7 +245,6 @@ fn suite(transport: Transport) {
             ),
         ),
         Transport::Kafka(config) => {
-            kafka::create_topics(config, 3).unwrap();
             // The writer's side: committed records out to the topic, submissions in.
             let mut from_writer = fanout.subscribe_bounded(1024, embedded::everything);
             let mut publisher = kafka::KafkaPublisher::new(config, None).unwrap();
@@ -333,8 +340,11 @@ fn suite(transport: Transport) {
             .any(|(action, agent)| action == "revoke_agent" && *agent == first)
     );
 
+    // 2. Events from an ingest node: a verdict per item, as `POST /v1/events` answers.
+    events_from_an_ingest_node(ingest.as_ref(), &url, &token);
+
     if matches!(transport, Transport::Kafka(_)) {
-        // 2. The detector restarts as after a crash before any snapshot: no snapshot, no
+        // 3. The detector restarts as after a crash before any snapshot: no snapshot, no
         // committed offset (a new group), so it reads the committed topic from the start,
         // finds the first attack again, and must see that it is already logged.
         stop_detector(detector, detector_thread);
@@ -395,6 +405,106 @@ fn suite(transport: Transport) {
         crate::support::stdout(&output),
         crate::support::stderr(&output)
     );
+}
+
+fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
+    use custos_stage::{EventBatch, EventItem, ItemCheck, Status, Submission};
+    let key = AgentKey::from_seed(&[53; 32]);
+    let did = key.did().to_owned();
+    enroll(url, token, &did, "eng");
+    let mut signer = Signer::new(key, "eng");
+    let mut event = |kind: &str| {
+        signer
+            .sign_object(
+                json!({"kind": kind}).as_object().unwrap().clone(),
+                chrono::Utc::now(),
+            )
+            .unwrap()
+            .to_json()
+            .into_bytes()
+    };
+    let (first, second, third) = (event("tool_call"), event("tool_call"), event("tool_call"));
+    let verified = |raw: &[u8]| EventItem {
+        raw: raw.to_vec(),
+        keyid: Some(did.clone()),
+        check: ItemCheck::Verified,
+    };
+    let submit = |items: Vec<EventItem>| {
+        let batch = EventBatch {
+            remote: "192.0.2.7:5000".into(),
+            items,
+        };
+        ingest
+            .submit(Submission::Events(batch))
+            .unwrap()
+            .wait(Duration::from_secs(60))
+            .unwrap()
+    };
+    let appended = submit(vec![
+        verified(&first),
+        verified(&first),
+        EventItem {
+            raw: vec![0xff, b'{', 0x00],
+            keyid: None,
+            check: ItemCheck::Refused {
+                code: "malformed".into(),
+                message: "not JSON".into(),
+                signed: false,
+            },
+        },
+        EventItem {
+            check: ItemCheck::Refused {
+                code: "revoked_agent".into(),
+                message: "the ingest node's view says revoked".into(),
+                signed: true,
+            },
+            ..verified(&second)
+        },
+        verified(&third),
+    ]);
+    let statuses: Vec<(Status, Option<&str>)> = appended
+        .verdicts
+        .iter()
+        .map(|verdict| (verdict.status, verdict.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (Status::Accepted, None),
+            (Status::Duplicate, None),
+            (Status::Rejected, Some("malformed")),
+            (Status::Rejected, Some("revoked_agent")),
+            (Status::Accepted, None),
+        ],
+        "{appended:?}"
+    );
+    let verdicts = &appended.verdicts;
+    assert_eq!(verdicts[1].log_index, verdicts[0].log_index, "the duplicate names the first append");
+    assert_eq!(verdicts[4].flags, ["chain_gap"], "seq 1 never arrived: {verdicts:?}");
+    assert_eq!(verdicts[4].missing, Some([1, 1]));
+    assert_eq!(
+        appended.log_indexes,
+        [verdicts[0].log_index.unwrap(), verdicts[4].log_index.unwrap()]
+    );
+    // Resent as after a lost receipt: answered from the log, nothing appended twice.
+    let again = submit(vec![verified(&first), verified(&third)]);
+    assert!(
+        again.verdicts.iter().all(|verdict| verdict.status == Status::Duplicate),
+        "{again:?}"
+    );
+    assert!(again.log_indexes.is_empty());
+    // Both refusals are kept for forensics, as the node's own ingest keeps them.
+    let (status, rejected) = get(url, "/v1/rejected?limit=100", token);
+    assert_eq!(status, 200);
+    let reasons: Vec<&str> = rejected["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["remote"] == "192.0.2.7:5000")
+        .filter_map(|item| item["reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{rejected}");
+    assert!(reasons.contains(&"malformed") && reasons.contains(&"revoked_agent"), "{reasons:?}");
 }
 
 #[test]

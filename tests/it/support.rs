@@ -117,6 +117,10 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to flush, seal or checkpoint.
     pub(crate) fn kill(mut self) {
         self.child.kill().unwrap();

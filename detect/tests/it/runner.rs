@@ -83,7 +83,7 @@ fn a_finding_without_a_receipt_is_sent_again_identically() {
         panic!("not a finding: {again:?}")
     };
     assert_eq!(again, first, "the same bytes and signature");
-    answer.send(Ok(Appended { log_indexes: vec![4] }));
+    answer.send(Ok(Appended::entries(vec![4])));
     drop(held);
     let (done, wait) = std::sync::mpsc::channel();
     requests.send(Request::Stop(done)).unwrap();

@@ -69,6 +69,26 @@ fn submissions_round_trip_and_bad_records_are_named() {
             by: "token:t1".into(),
             reason: Some("test".into()),
         }),
+        Submission::Events(custos_stage::EventBatch {
+            remote: "192.0.2.1:4000".into(),
+            items: vec![
+                custos_stage::EventItem {
+                    raw: envelope.to_json().into_bytes(),
+                    keyid: Some(envelope.keyid.clone()),
+                    check: custos_stage::ItemCheck::Verified,
+                },
+                // Bytes that are not UTF-8 travel as they came.
+                custos_stage::EventItem {
+                    raw: vec![0xff, 0xfe, b'{'],
+                    keyid: None,
+                    check: custos_stage::ItemCheck::Refused {
+                        code: "malformed".into(),
+                        message: "not JSON".into(),
+                        signed: false,
+                    },
+                },
+            ],
+        }),
     ] {
         let bytes = wire::encode_submission("origin-1", 42, &submission).unwrap();
         let (origin, ticket, decoded) = wire::decode_submission(&bytes).unwrap();
@@ -82,6 +102,11 @@ fn submissions_round_trip_and_bad_records_are_named() {
         error.contains("payloadType") || error.contains("payload type"),
         "{error}"
     );
+    let error = wire::decode_submission(
+        br#"{"v":1,"origin":"o","ticket":1,"submission":{"type":"events","remote":"r","items":[{"raw":"","check":"maybe"}]}}"#,
+    )
+    .unwrap_err();
+    assert!(error.contains("`maybe`"), "{error}");
     let error = wire::decode_committed(b"{\"v\":2,\"record\":{\"type\":\"replayed\",\"next_index\":1}}").unwrap_err();
     assert!(error.contains("version 2"), "{error}");
     let error = wire::decode_committed(b"not json").unwrap_err();
@@ -167,7 +192,7 @@ fn a_queue_submission_is_answered_through_its_receipt() {
     let (_, answer) = custos_stage::Intake::recv(&mut intake, Duration::from_secs(1))
         .unwrap()
         .unwrap();
-    answer.send(Ok(custos_stage::Appended { log_indexes: vec![4] }));
+    answer.send(Ok(custos_stage::Appended::entries(vec![4])));
     assert_eq!(receipt.wait(Duration::from_secs(1)).unwrap().log_indexes, vec![4]);
     let late = submitter
         .submit(Submission::Control(ControlOp::Revoke {

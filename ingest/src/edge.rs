@@ -1,0 +1,416 @@
+//! An ingest node without a store: the distributed mode's `--roles ingest`.
+//!
+//! ```text
+//!  POST /v1/events ─▶ per-source limit, split, batch signature check (as in one process)
+//!        │                      ▼
+//!        │            registry view (from the control topic): unknown ─▶ refused here
+//!        │                      │                                revoked ─▶ refused here (signed)
+//!        │                      ▼
+//!        │            Submission::Events ──▶ log writer (chain checks, WAL fsync)
+//!        │                                          │
+//!        └──── verdict per item ◀── receipt ────────┘  (answered only once durable)
+//!  POST /v1/agents/{did}/revoke ─▶ Submission::Control ─▶ log writer
+//! ```
+//!
+//! The node keeps nothing that matters: refused items travel to the writer in the
+//! submission and are kept there for forensics, and the registry view is rebuilt from
+//! the compacted control topic at every start ([`ControlView`]). Answers are the same as
+//! in one process: a [`Verdict`] per item with the same reason codes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use custos_event::{KeyCache, Reason};
+use custos_stage::{ControlOp, EventBatch, EventItem, ItemCheck, Submission, Submitter, Verdict};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::auth::{Role, Secret, Tokens};
+use crate::http::{RevokeRequest, authorize_with, metrics_answer, split_request, unauthenticated, verify_request};
+use crate::sequencer::Item;
+use crate::{ApiError, NodeConfig, NodeError, serve};
+
+/// The registry as the control topic tells it: each agent's latest status and realm.
+#[derive(Default)]
+pub struct ControlView {
+    agents: std::sync::RwLock<HashMap<String, AgentView>>,
+    loaded: AtomicBool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AgentView {
+    status: String,
+    log_index: Option<u64>,
+}
+
+/// The fields of a control-topic record this view reads (`registry::control_record`
+/// writes them; `docs/architecture.md` documents the format).
+#[derive(Deserialize)]
+struct ControlValue {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+    agent: String,
+    #[serde(default)]
+    log_index: Option<u64>,
+}
+
+impl ControlView {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one control-topic record (`key`, `value`). Other subjects (memories,
+    /// credentials) are not the ingest node's concern; a malformed value is skipped.
+    pub fn apply(&self, key: &str, value: &[u8]) {
+        if !key.starts_with("agent:") {
+            return;
+        }
+        let value: ControlValue = match serde_json::from_slice(value) {
+            Ok(value) => value,
+            Err(error) => {
+                tracing::warn!(key, %error, "malformed control record skipped");
+                return;
+            }
+        };
+        if value.kind != "agent" {
+            return;
+        }
+        self.agents
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                value.agent,
+                AgentView {
+                    status: value.status,
+                    log_index: value.log_index,
+                },
+            );
+    }
+
+    /// Everything on the topic at start has been read: the node may answer.
+    pub fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// The ingest node's checks of one verified-or-rejected item.
+    fn check(&self, item: Item) -> EventItem {
+        let refused = |code: &str, message: String, signed: bool| ItemCheck::Refused {
+            code: code.to_owned(),
+            message,
+            signed,
+        };
+        let check = match &item.outcome {
+            Err(rejection) => refused(rejection.reason.code(), rejection.message.clone(), false),
+            Ok(verified) => {
+                let did = &verified.payload.agent;
+                let agents = self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match agents.get(did) {
+                    None => refused(
+                        Reason::UnknownAgent.code(),
+                        format!("agent `{did}` is not enrolled"),
+                        false,
+                    ),
+                    Some(agent) if agent.status == "revoked" => refused(
+                        Reason::RevokedAgent.code(),
+                        format!(
+                            "agent `{did}` was revoked (log index {})",
+                            agent.log_index.map_or("?".into(), |index| index.to_string())
+                        ),
+                        true,
+                    ),
+                    Some(_) => ItemCheck::Verified,
+                }
+            }
+        };
+        EventItem {
+            raw: item.raw,
+            keyid: item.keyid,
+            check,
+        }
+    }
+}
+
+/// How long an ingest node waits for the writer's receipt before answering 503 (the
+/// client resends; the writer answers a resend of an appended event `duplicate`).
+pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+struct EdgeState {
+    submitter: Arc<dyn Submitter>,
+    view: Arc<ControlView>,
+    tokens: Arc<std::sync::RwLock<Tokens>>,
+    config: Arc<NodeConfig>,
+    keys: Arc<KeyCache>,
+    rejects: Arc<serve::RejectLimiter>,
+}
+
+/// A running ingest node.
+pub struct Edge {
+    pub addr: SocketAddr,
+    /// The first admin token, when this start created the node's token table.
+    pub admin_token: Option<Secret>,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Edge {
+    /// Stops accepting and lets open requests finish.
+    pub async fn shutdown(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let _ = self.done.await;
+    }
+}
+
+/// Serves `POST /v1/events` (and revocations, health, metrics) on `config.listen`,
+/// handing every request to the writer through `submitter`. `config.data` holds the
+/// node's token table only.
+pub async fn start_edge(
+    config: NodeConfig,
+    submitter: Arc<dyn Submitter>,
+    view: Arc<ControlView>,
+) -> Result<Edge, NodeError> {
+    crate::metrics::init();
+    fs_err::create_dir_all(&config.data)?;
+    let (tokens, admin_token) = Tokens::open(&config.data)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let descriptors = serve::raise_descriptor_limit();
+    let mut limits = config.http.clone();
+    limits.max_body_bytes = config.max_request_bytes;
+    let max_connections = serve::connection_limit(&limits, descriptors);
+    let state = EdgeState {
+        submitter,
+        view,
+        tokens: Arc::new(std::sync::RwLock::new(tokens)),
+        rejects: Arc::new(serve::RejectLimiter::new(
+            config.reject_rate_per_sec,
+            config.reject_burst,
+        )),
+        config: Arc::new(config),
+        keys: Arc::new(KeyCache::default()),
+    };
+    let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/events", post(post_events))
+        .route("/v1/agents/{did}/revoke", post(revoke))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
+        .layer(axum::middleware::from_fn(crate::http::json_errors));
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    tracing::info!(%addr, max_connections, "custos ingest node listening");
+    let done = tokio::spawn(async move {
+        serve::serve(listener, router, limits, max_connections, async move {
+            let _ = shutdown_rx.await;
+        })
+        .await;
+    });
+    Ok(Edge {
+        addr,
+        admin_token,
+        shutdown: Some(shutdown_tx),
+        done,
+    })
+}
+
+async fn readyz(State(state): State<EdgeState>) -> Response {
+    if state.view.loaded() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: reading the control topic\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<EdgeState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    metrics_answer(&state.tokens, &headers)
+}
+
+/// Hands `submission` to the writer and waits for its durable answer.
+async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stage::Appended, ApiError> {
+    let submitter = state.submitter.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        submitter
+            .submit(submission)
+            .map(|receipt| receipt.wait(RECEIPT_TIMEOUT))
+    })
+    .await
+    .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
+    match outcome {
+        Ok(Ok(appended)) => Ok(appended),
+        Ok(Err(refused)) if refused.retryable => Err(ApiError::new(
+            503,
+            "writer_unavailable",
+            format!("the log writer could not take the request ({}: {}); send it again", refused.code, refused.message),
+        )
+        .retry_after(1)),
+        Ok(Err(refused)) => Err(ApiError::new(
+            422,
+            "writer_refused",
+            format!("the log writer refused the request: {}: {}", refused.code, refused.message),
+        )),
+        Err(error) => Err(ApiError::new(
+            503,
+            "writer_unavailable",
+            format!("the request could not reach the log writer ({error}); send it again"),
+        )
+        .retry_after(1)),
+    }
+}
+
+async fn post_events(
+    State(state): State<EdgeState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !state.view.loaded() {
+        return Err(ApiError::new(
+            503,
+            "not_ready",
+            "the ingest node is still reading the registry from the control topic",
+        )
+        .retry_after(1));
+    }
+    let source = remote.ip();
+    let remote = remote.to_string();
+    let raws = match split_request(&state.rejects, &state.config, source, &body)? {
+        Ok(raws) => raws,
+        Err(rejection) => {
+            // Kept for forensics by the writer, as one refused item.
+            let item = EventItem {
+                raw: body.to_vec(),
+                keyid: None,
+                check: ItemCheck::Refused {
+                    code: rejection.reason.code().to_owned(),
+                    message: rejection.message.clone(),
+                    signed: false,
+                },
+            };
+            let _ = submit(&state, Submission::Events(EventBatch { remote, items: vec![item] })).await;
+            return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
+        }
+    };
+    let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
+    let count = items.len();
+    let items = items.into_iter().map(|item| state.view.check(item)).collect();
+    let appended = submit(&state, Submission::Events(EventBatch { remote, items })).await?;
+    let verdicts: Vec<Verdict> = appended.verdicts;
+    if verdicts.len() != count {
+        return Err(ApiError::new(
+            500,
+            "internal",
+            format!("the log writer answered {} verdicts for {count} envelopes", verdicts.len()),
+        ));
+    }
+    for verdict in &verdicts {
+        crate::sequencer::count(verdict);
+    }
+    let unauthenticated = verdicts
+        .iter()
+        .filter(|verdict| verdict.reason.as_deref().is_some_and(unauthenticated))
+        .count();
+    state.rejects.charge(source, unauthenticated);
+    Ok(Json(verdicts).into_response())
+}
+
+async fn revoke(
+    State(state): State<EdgeState>,
+    headers: HeaderMap,
+    Path(did): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
+    let request = RevokeRequest::parse(&body)?;
+    let op = ControlOp::Revoke {
+        agent: did.clone(),
+        by: format!("token:{}", caller.token_id),
+        reason: request.reason,
+    };
+    let appended = submit(&state, Submission::Control(op)).await?;
+    Ok(Json(serde_json::json!({ "agent": did, "log_indexes": appended.log_indexes })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custos_event::{AgentKey, Signer};
+
+    fn item(seed: u8) -> (String, Item) {
+        let key = AgentKey::from_seed(&[seed; 32]);
+        let did = key.did().to_owned();
+        let mut signer = Signer::new(key, "eng");
+        let envelope = signer
+            .sign_object(
+                serde_json::json!({"kind": "tool_call"}).as_object().unwrap().clone(),
+                chrono::Utc::now(),
+            )
+            .unwrap();
+        let raw = envelope.to_json().into_bytes();
+        let outcome = custos_event::verify::check_event(envelope);
+        let item = Item {
+            raw,
+            keyid: Some(did.clone()),
+            outcome,
+            refused: None,
+        };
+        (did, item)
+    }
+
+    fn record(did: &str, status: &str, log_index: u64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"v": 1, "type": "agent", "status": status, "agent": did,
+            "realm": "eng", "log_index": log_index}))
+        .unwrap()
+    }
+
+    fn refused(code: &'static str, signed: bool) -> impl Fn(ItemCheck) -> bool {
+        move |check| matches!(check, ItemCheck::Refused { code: c, signed: s, .. } if c == code && s == signed)
+    }
+
+    #[test]
+    fn the_view_follows_the_control_topic() {
+        let view = ControlView::new();
+        let (did, _) = item(1);
+        let check = |seed| view.check(item(seed).1).check;
+        assert!(refused("unknown_agent", false)(check(1)));
+        view.apply(&format!("agent:{did}"), &record(&did, "active", 3));
+        assert_eq!(check(1), ItemCheck::Verified);
+        // A revocation: refused here, and marked signed so the writer shows the detector.
+        view.apply(&format!("agent:{did}"), &record(&did, "revoked", 9));
+        let revoked = check(1);
+        assert!(refused("revoked_agent", true)(revoked.clone()), "{revoked:?}");
+        assert!(matches!(revoked, ItemCheck::Refused { message, .. } if message.contains("log index 9")));
+        // Other subjects and malformed values change nothing.
+        view.apply(&format!("agent:{did}"), b"{not json");
+        view.apply("memory:m-1", &record(&did, "active", 10));
+        assert!(refused("revoked_agent", true)(check(1)));
+        view.apply(&format!("agent:{did}"), &record(&did, "active", 11));
+        assert_eq!(check(1), ItemCheck::Verified, "reinstated");
+        // An item that failed its signature stays refused with its own reason.
+        let (_, mut bad) = item(1);
+        bad.outcome = Err(custos_event::Rejection::new(Reason::BadSignature, "bad"));
+        assert!(refused("bad_signature", false)(view.check(bad).check));
+    }
+}
