@@ -1,7 +1,8 @@
-"""Runs the `stages` and `writer` command lines of deploy/compose.yaml against a local
-tansu broker: the same arguments, with the broker address, data directories and listen
-address replaced by local ones. The writer must become ready (/readyz 200) trusting the
-keys the stage process printed, and both must stop cleanly on SIGTERM."""
+"""Runs the `stages`, `writer` and `ingest` command lines of deploy/compose.yaml against a
+local tansu broker: the same arguments, with the broker address, data directories and
+listen addresses replaced by local ones. The writer must become ready (/readyz 200)
+trusting the keys the stage process printed, the ingest node ready once it has read the
+control topic, and all must stop cleanly on SIGTERM."""
 
 import os
 import re
@@ -47,7 +48,7 @@ def main():
             wait("tansu", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
             listen = f"127.0.0.1:{free_port()}"
 
-            def local(service, data):
+            def local(service, data, listen=listen):
                 args = compose["services"][service]["command"]
                 out = []
                 for arg in args:
@@ -74,19 +75,24 @@ def main():
             writer = subprocess.Popen([binary] + writer_args, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-            def ready():
+            def ready(address):
                 try:
-                    return urllib.request.urlopen(f"http://{listen}/readyz", timeout=1).status == 200
+                    return urllib.request.urlopen(f"http://{address}/readyz", timeout=1).status == 200
                 except OSError:
                     return False
 
-            wait("the writer's /readyz", ready)
-            for name, process in (("writer", writer), ("stages", stages)):
+            wait("the writer's /readyz", lambda: ready(listen))
+            ingest_listen = f"127.0.0.1:{free_port()}"
+            ingest_args = local("ingest", os.path.join(tmp, "ingest"), ingest_listen)
+            print("compose-commands: custos " + " ".join(ingest_args), file=sys.stderr)
+            ingest = subprocess.Popen([binary] + ingest_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait("the ingest node's /readyz", lambda: ready(ingest_listen))
+            for name, process in (("ingest", ingest), ("writer", writer), ("stages", stages)):
                 process.send_signal(signal.SIGTERM)
                 code = process.wait(timeout=120)
                 if code != 0:
                     sys.exit(f"compose-commands: the {name} service exited with {code}")
-            print("compose-commands: both services started, the writer was ready, both stopped cleanly",
+            print("compose-commands: the services started, the writer and the ingest node were ready, all stopped cleanly",
                   file=sys.stderr)
         finally:
             tansu_process.kill()
