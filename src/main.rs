@@ -585,6 +585,9 @@ enum BenchCommand {
     /// Restart time on a large store with the signed caches, against rebuilding them; old
     /// resends (segment lookups) against recent ones.
     Restart(cmd::bench_hardening::RestartArgs),
+    /// The distributed ingest path (a real broker, writer and ingest processes) against
+    /// one embedded process, in the same run: events/s and acknowledgement latency.
+    Cluster(cmd::bench_cluster::ClusterArgs),
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -771,6 +774,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Restart(args)) => {
             init_tracing("warn");
             cmd::bench_hardening::restart(args).await?;
+        }
+        Command::Bench(BenchCommand::Cluster(args)) => {
+            init_tracing("warn");
+            cmd::bench_cluster::cluster(args).await?;
         }
         Command::Bench(BenchCommand::Detect(args)) => {
             init_tracing("warn");

@@ -111,35 +111,10 @@ fn ndjson(envelopes: &[Envelope]) -> Vec<u8> {
 
 /// Sends `bodies` over `connections` clients; returns each request's acknowledgement time.
 async fn drive(url: &str, bodies: Vec<Vec<Vec<u8>>>) -> anyhow::Result<(Vec<Duration>, Duration)> {
-    let url = Arc::new(url.to_owned());
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for requests in bodies {
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = Client::new(&url, None);
-            let mut latencies = Vec::with_capacity(requests.len());
-            for body in requests {
-                let sent = Instant::now();
-                let results = client.send_events(body).await?;
-                anyhow::ensure!(
-                    results.iter().all(|result| result.status == "accepted"),
-                    "an event was not accepted: {results:?}"
-                );
-                latencies.push(sent.elapsed());
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.append(&mut task.await??);
-    }
-    latencies.sort();
-    Ok((latencies, started.elapsed()))
+    super::bench_cluster::drive(&[url.to_owned()], bodies, None).await
 }
 
-fn phase_bodies(
+pub(crate) fn phase_bodies(
     agents: &mut [FleetAgent],
     rng: &mut rand::rngs::StdRng,
     events: usize,

@@ -2,6 +2,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod bench;
+pub(crate) mod bench_cluster;
 pub(crate) mod bench_detect;
 pub(crate) mod bench_evidence;
 pub(crate) mod bench_hardening;

@@ -397,7 +397,7 @@ impl Positions {
         self.0.insert(partition, offset + 1);
     }
 
-    fn commit(&mut self, consumer: &BaseConsumer, topic: &str) -> Result<(), StageError> {
+    fn commit(&mut self, consumer: &BaseConsumer, topic: &str, mode: CommitMode) -> Result<(), StageError> {
         if self.0.is_empty() {
             return Ok(());
         }
@@ -406,7 +406,7 @@ impl Positions {
             list.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(kafka)?;
         }
-        consumer.commit(&list, CommitMode::Sync).map_err(kafka)?;
+        consumer.commit(&list, mode).map_err(kafka)?;
         self.0.clear();
         Ok(())
     }
@@ -540,7 +540,8 @@ impl Subscription for KafkaSubscription {
     }
 
     fn ack(&mut self) -> Result<(), StageError> {
-        self.positions.commit(&self.consumer, &self.topic)
+        // A detector acknowledges after a snapshot, rarely: wait for the broker.
+        self.positions.commit(&self.consumer, &self.topic, CommitMode::Sync)
     }
 }
 
@@ -617,8 +618,11 @@ impl Intake for KafkaIntake {
     }
 
     fn ack(&mut self) -> Result<(), StageError> {
-        self.sender.flush()?;
-        self.positions.commit(&self.consumer, &self.topic)
+        // Asynchronous, and receipts are not flushed first: both only cost a resend when
+        // lost (a submitter without a receipt resends; a batch redelivered after a crash
+        // is answered from the log), and waiting for them would hold every ingest answer
+        // for two more broker round trips.
+        self.positions.commit(&self.consumer, &self.topic, CommitMode::Async)
     }
 }
 

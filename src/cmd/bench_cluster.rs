@@ -1,0 +1,415 @@
+//! `custos bench cluster`: the distributed ingest path on one machine, with real
+//! processes and a real Kafka-protocol broker, against the embedded mode measured in the
+//! same run.
+//!
+//! ```text
+//!  phase      processes                                   driven at
+//!  embedded   custos serve (one process, no Kafka)        the node
+//!  1 ingest   broker + writer + 1 ingest node             the ingest node
+//!  2 ingest   broker + writer + 2 ingest nodes            both, half the connections each
+//!  half load  the same, paced at half the 2-ingest peak   both (p99 acknowledgement)
+//! ```
+//!
+//! Every phase signs fresh agents' events up front and checks each answer is
+//! `accepted`, so a rate is of durable events only.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::bench::percentile;
+use super::bench_hardening::phase_bodies;
+use super::client::Client;
+use super::fleet::fleet;
+
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  custos bench cluster                      # starts tansu from ~/.cache/custos-tools (scripts/test installs it)
+  custos bench cluster --kafka 127.0.0.1:9092 --events 100000 --json
+  CUSTOS_TANSU=/opt/tansu/bin/tansu custos bench cluster --agents 500")]
+pub(crate) struct ClusterArgs {
+    /// Distinct agents per phase.
+    #[arg(long, default_value_t = 200)]
+    agents: usize,
+    /// Events per phase.
+    #[arg(long, default_value_t = 40_000)]
+    events: usize,
+    /// Envelopes per request.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// A running Kafka-protocol broker to use (default: start tansu on a free port, with
+    /// its SQLite storage in a temporary directory).
+    #[arg(long, value_name = "BROKERS")]
+    kafka: Option<String>,
+    /// The tansu binary, when --kafka is not given.
+    #[arg(long, env = "CUSTOS_TANSU")]
+    tansu: Option<PathBuf>,
+    /// Print the result as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A `custos serve` child process, killed when dropped.
+struct Process {
+    child: Child,
+    url: String,
+    data: PathBuf,
+}
+
+impl Process {
+    /// Starts `custos serve --data DATA ARGS...` and waits for its address.
+    fn serve(data: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting custos serve")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Read it all, so a full pipe never blocks the child.
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("custos serving on ") {
+                    let _ = found.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                }
+            }
+        });
+        let url = address
+            .recv_timeout(Duration::from_secs(120))
+            .with_context(|| format!("custos serve {} did not start", args.join(" ")))?;
+        Ok(Self {
+            child,
+            url,
+            data: data.to_owned(),
+        })
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        Ok(fs_err::read_to_string(custos_ingest::auth::admin_token_path(&self.data))?
+            .trim()
+            .to_owned())
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let ready = reqwest::get(format!("{}/readyz", self.url))
+                .await
+                .is_ok_and(|response| response.status().is_success());
+            if ready {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "{} never became ready",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The broker: one started here (tansu), or the one given.
+struct Broker {
+    addr: String,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start(args: &ClusterArgs, dir: &Path) -> anyhow::Result<Self> {
+        if let Some(addr) = &args.kafka {
+            return Ok(Self {
+                addr: addr.clone(),
+                child: None,
+            });
+        }
+        let tansu = args.tansu.clone().unwrap_or_else(|| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            Path::new(&home).join(".cache/custos-tools/tansu/bin/tansu")
+        });
+        anyhow::ensure!(
+            tansu.exists(),
+            "no tansu broker at {} (scripts/test installs one; or pass --tansu PATH or --kafka BROKERS)",
+            tansu.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        fs_err::create_dir_all(dir)?;
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // tansu reads the SQLite path relative to its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", tansu.display()))?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "tansu did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            addr,
+            child: Some(child),
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What one phase measured.
+struct Phase {
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "events_per_sec": self.rate().round(),
+            "ack_latency_p50_ms": percentile(&self.latencies, 0.50).as_secs_f64() * 1e3,
+            "ack_latency_p99_ms": percentile(&self.latencies, 0.99).as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// Sends each connection's requests in order, connection `i` to `urls[i % len]`, each
+/// request `pace` after the previous one started when given; every event must be
+/// `accepted`. Answers each request's acknowledgement time (sorted) and the wall time.
+pub(crate) async fn drive(
+    urls: &[String],
+    bodies: Vec<Vec<Vec<u8>>>,
+    pace: Option<Duration>,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (connection, requests) in bodies.into_iter().enumerate() {
+        let url = urls[connection % urls.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::new(&url, None);
+            let mut latencies = Vec::with_capacity(requests.len());
+            let mut next = Instant::now();
+            for body in requests {
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += pace;
+                }
+                let sent = Instant::now();
+                let results = client.send_events(body).await?;
+                anyhow::ensure!(
+                    results.iter().all(|result| result.status == "accepted"),
+                    "an event was not accepted: {:?}",
+                    results.iter().find(|result| result.status != "accepted")
+                );
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.append(&mut task.await??);
+    }
+    latencies.sort();
+    Ok((latencies, started.elapsed()))
+}
+
+/// A phase's events from `agents` fresh agents (seed `seed`), enrolled at `admin`.
+async fn prepare(
+    args: &ClusterArgs,
+    seed: u64,
+    admin: &Client,
+) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+    let (mut agents, mut rng) = fleet(args.agents.max(1), seed);
+    for agent in &agents {
+        admin
+            .post_json(
+                "/v1/agents",
+                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
+            )
+            .await?;
+    }
+    Ok(phase_bodies(
+        &mut agents,
+        &mut rng,
+        args.events,
+        args.batch,
+        args.connections.max(1),
+    ))
+}
+
+/// Waits until the control topic holds every agent enrolled so far (`count`), so an
+/// ingest node started now knows them all once ready.
+async fn control_holds(kafka: &custos_stage::kafka::KafkaConfig, count: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let config = kafka.clone();
+        let latest = tokio::task::spawn_blocking(move || {
+            custos_stage::kafka::read_control(&config, Duration::from_secs(30))
+        })
+        .await??;
+        let agents = latest.keys().filter(|key| key.starts_with("agent:")).count();
+        if agents >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the control topic holds {agents} agents of {count} after 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub(crate) async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let scratch = super::scratch_dir("custos-bench-cluster")?;
+    let result = run(&args, &scratch).await;
+    fs_err::remove_dir_all(&scratch).ok();
+    result
+}
+
+async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
+    let connections = args.connections.max(1);
+    // 1. Embedded: one process, no Kafka.
+    eprintln!("[1/4] embedded: one `custos serve` process, {} events…", args.events);
+    let embedded = {
+        let node = Process::serve(&scratch.join("embedded"), &["--no-detect"])?;
+        let admin = Client::new(&node.url, Some(node.token()?));
+        let bodies = prepare(args, 101, &admin).await?;
+        let (latencies, elapsed) = drive(std::slice::from_ref(&node.url), bodies, None).await?;
+        Phase {
+            events: args.events,
+            elapsed,
+            latencies,
+        }
+    };
+
+    let broker = Broker::start(args, &scratch.join("broker"))?;
+    let prefix = format!("bench-{}", scratch.file_name().and_then(|name| name.to_str()).unwrap_or("x"));
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = prefix.clone();
+    let cluster_args = ["--kafka", &broker.addr, "--kafka-prefix", &prefix];
+    let writer = Process::serve(
+        &scratch.join("writer"),
+        &[&cluster_args[..], &["--roles", "writer"]].concat(),
+    )?;
+    let admin = Client::new(&writer.url, Some(writer.token()?));
+    // Every phase's agents are enrolled before the ingest nodes start.
+    let one = prepare(args, 102, &admin).await?;
+    let two = prepare(args, 103, &admin).await?;
+    let half = prepare(args, 104, &admin).await?;
+    control_holds(&kafka, 3 * args.agents.max(1)).await?;
+    let ingest_args = [&cluster_args[..], &["--roles", "ingest"]].concat();
+    let first = Process::serve(&scratch.join("ingest-1"), &ingest_args)?;
+    let second = Process::serve(&scratch.join("ingest-2"), &ingest_args)?;
+    first.ready().await?;
+    second.ready().await?;
+
+    eprintln!("[2/4] broker + writer + 1 ingest node…");
+    let (latencies, elapsed) = drive(std::slice::from_ref(&first.url), one, None).await?;
+    let one = Phase {
+        events: args.events,
+        elapsed,
+        latencies,
+    };
+    eprintln!("[3/4] broker + writer + 2 ingest nodes…");
+    let urls = [first.url.clone(), second.url.clone()];
+    let (latencies, elapsed) = drive(&urls, two, None).await?;
+    let two = Phase {
+        events: args.events,
+        elapsed,
+        latencies,
+    };
+    // Half of the better peak, spread evenly over the connections.
+    let peak = one.rate().max(two.rate());
+    let requests_per_sec = peak / 2.0 / args.batch.max(1) as f64;
+    let pace = Duration::from_secs_f64(connections as f64 / requests_per_sec.max(1e-3));
+    eprintln!(
+        "[4/4] half of the peak ({:.0} events/s): one request per connection every {:.1} ms…",
+        peak / 2.0,
+        pace.as_secs_f64() * 1e3
+    );
+    let (latencies, elapsed) = drive(&urls, half, Some(pace)).await?;
+    let half = Phase {
+        events: args.events,
+        elapsed,
+        latencies,
+    };
+    drop((first, second, writer, broker));
+
+    let result = serde_json::json!({
+        "agents": args.agents,
+        "events_per_phase": args.events,
+        "batch": args.batch,
+        "connections": connections,
+        "cores": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        "broker": if args.kafka.is_some() { "given" } else { "tansu (SQLite storage)" },
+        "embedded": embedded.json(),
+        "one_ingest": one.json(),
+        "two_ingest": two.json(),
+        "half_load": half.json(),
+        "one_ingest_ratio": one.rate() / embedded.rate(),
+        "two_ingest_ratio": two.rate() / embedded.rate(),
+    });
+    println!(
+        "custos bench cluster: {} events per phase from {} agents, batch {}, {connections} connections",
+        args.events, args.agents, args.batch
+    );
+    let line = |name: &str, phase: &Phase| {
+        println!(
+            "  {name:<34} {:>8.0} events/s   ack p50 {:>6.1} ms  p99 {:>6.1} ms",
+            phase.rate(),
+            percentile(&phase.latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&phase.latencies, 0.99).as_secs_f64() * 1e3
+        );
+    };
+    line("embedded (baseline)", &embedded);
+    line("Kafka, 1 ingest node", &one);
+    line("Kafka, 2 ingest nodes", &two);
+    line("Kafka, 2 ingest nodes, half load", &half);
+    println!(
+        "  distributed / embedded: {:.2} (1 ingest), {:.2} (2 ingest)   goal >= 0.50; p99 at half load goal < 50 ms",
+        one.rate() / embedded.rate(),
+        two.rate() / embedded.rate()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    }
+    Ok(())
+}
