@@ -361,3 +361,25 @@ fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }
+
+/// `custos bench cluster` drives real processes and a real broker end to end (small
+/// sizes: this checks the bench works and reports every figure, not the figures).
+#[test]
+fn bench_cluster_reports_every_phase() {
+    let tansu = crate::stages::tansu();
+    let output = crate::support::custos()
+        .args(["bench", "cluster", "--agents", "10", "--events", "400", "--batch", "40"])
+        .args(["--connections", "2", "--json", "--tansu"])
+        .arg(&tansu)
+        .output()
+        .unwrap();
+    let stdout = crate::support::stdout(&output);
+    assert!(output.status.success(), "{stdout}{}", crate::support::stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    for phase in ["embedded", "one_ingest", "two_ingest", "half_load"] {
+        assert!(json[phase]["events_per_sec"].as_f64().unwrap() > 0.0, "{json}");
+        assert!(json[phase]["ack_latency_p99_ms"].as_f64().unwrap() > 0.0, "{json}");
+    }
+    let ratio = json["two_ingest_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite(), "{json}");
+}
