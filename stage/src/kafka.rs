@@ -428,6 +428,10 @@ pub struct KafkaSubscription {
     /// Per partition: the next offset to read.
     read: HashMap<i32, i64>,
     replayed: bool,
+    /// The rest of a run of events read in one record, and where that record is: it
+    /// counts as read only once all of it was handed out.
+    pending: std::collections::VecDeque<Committed>,
+    pending_at: Option<(i32, i64)>,
 }
 
 impl KafkaSubscription {
@@ -444,6 +448,8 @@ impl KafkaSubscription {
             ends: None,
             read: HashMap::new(),
             replayed: false,
+            pending: std::collections::VecDeque::new(),
+            pending_at: None,
         })
     }
 
@@ -488,6 +494,23 @@ impl KafkaSubscription {
         })
     }
 
+    /// The record at `partition`/`offset` is wholly handed out.
+    fn done_with(&mut self, partition: i32, offset: i64) {
+        self.positions.read(partition, offset);
+        self.read.insert(partition, offset + 1);
+    }
+
+    /// The next event of a run already read, if any.
+    fn take_pending(&mut self) -> Option<Committed> {
+        let record = self.pending.pop_front()?;
+        if self.pending.is_empty()
+            && let Some((partition, offset)) = self.pending_at.take()
+        {
+            self.done_with(partition, offset);
+        }
+        Some(record)
+    }
+
     /// Hands out the end of the replay once, when it is reached.
     fn replay_done(&mut self) -> Result<Option<Committed>, StageError> {
         if self.replayed {
@@ -504,6 +527,9 @@ impl KafkaSubscription {
 
 impl Subscription for KafkaSubscription {
     fn recv(&mut self, timeout: Duration) -> Result<Option<Committed>, StageError> {
+        if let Some(record) = self.take_pending() {
+            return Ok(Some(record));
+        }
         if let Some(done) = self.replay_done()? {
             return Ok(Some(done));
         }
@@ -520,18 +546,27 @@ impl Subscription for KafkaSubscription {
                     return Ok(None);
                 }
             };
-            self.positions.read(message.partition(), message.offset());
-            self.read.insert(message.partition(), message.offset() + 1);
+            let (partition, offset) = (message.partition(), message.offset());
             match wire::decode_committed(message.payload().unwrap_or_default()) {
-                Ok(record) => return Ok(Some(record)),
+                Ok(records) => {
+                    self.pending = records.into();
+                    self.pending_at = Some((partition, offset));
+                    match self.take_pending() {
+                        Some(record) => return Ok(Some(record)),
+                        None => self.done_with(partition, offset),
+                    }
+                }
                 // One bad record never stops the stage: say where it is and go on.
-                Err(error) => tracing::error!(
-                    topic = self.topic,
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    error,
-                    "malformed committed record skipped"
-                ),
+                Err(error) => {
+                    self.done_with(partition, offset);
+                    tracing::error!(
+                        topic = self.topic,
+                        partition,
+                        offset,
+                        error,
+                        "malformed committed record skipped"
+                    )
+                }
             }
             if Instant::now() >= deadline {
                 return Ok(None);
@@ -630,6 +665,12 @@ impl Intake for KafkaIntake {
 pub struct KafkaPublisher {
     sender: Sender,
     topic: String,
+    /// Events waiting to go as runs, one per agent, in log order within each (sent at
+    /// the next flush, or before any other record so every agent's order holds).
+    runs: Vec<(String, Vec<custos_event::Observation>)>,
+    /// Where each agent's run is in `runs`, and how many events wait in all.
+    run_of: HashMap<String, usize>,
+    waiting: usize,
     /// The partition this writer owns, when it owns one: its records go there.
     partition: Option<i32>,
     failed: Arc<Mutex<Option<String>>>,
@@ -640,22 +681,30 @@ impl KafkaPublisher {
         Ok(Self {
             sender: Sender::with_timeout(config, Duration::ZERO)?,
             topic: config.committed(),
+            runs: Vec::new(),
+            run_of: HashMap::new(),
+            waiting: 0,
             partition,
             failed: Arc::default(),
         })
     }
 }
 
-impl Publish for KafkaPublisher {
-    fn publish(&mut self, record: Committed) -> Result<(), StageError> {
-        let bytes = wire::encode_committed(&record).map_err(StageError::Kafka)?;
-        let key = wire::committed_key(&record);
+/// Events of one agent per committed-topic record at most (a record stays far below the
+/// broker's 1 MiB message limit).
+const RUN_LENGTH: usize = 256;
+
+/// Events held for runs at most: a writer that never pauses still publishes as it goes.
+const MAX_WAITING: usize = 4096;
+
+impl KafkaPublisher {
+    fn send(&self, key: &str, bytes: &[u8]) -> Result<(), StageError> {
         let failed = self.failed.clone();
         self.sender.send_then(
             &self.topic,
-            &key,
+            key,
             self.partition,
-            &bytes,
+            bytes,
             Box::new(move |outcome| {
                 if let Err(error) = outcome {
                     *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
@@ -664,7 +713,44 @@ impl Publish for KafkaPublisher {
         )
     }
 
+    /// Sends the waiting runs of events.
+    fn send_runs(&mut self) -> Result<(), StageError> {
+        self.run_of.clear();
+        self.waiting = 0;
+        for (agent, observations) in std::mem::take(&mut self.runs) {
+            for run in observations.chunks(RUN_LENGTH) {
+                let bytes = wire::encode_events(run).map_err(StageError::Kafka)?;
+                self.send(&agent, &bytes)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Publish for KafkaPublisher {
+    fn publish(&mut self, record: Committed) -> Result<(), StageError> {
+        if let Committed::Event(observation) = record {
+            let agent = &observation.payload.agent;
+            match self.run_of.get(agent) {
+                Some(&position) => self.runs[position].1.push(*observation),
+                None => {
+                    self.run_of.insert(agent.clone(), self.runs.len());
+                    self.runs.push((agent.clone(), vec![*observation]));
+                }
+            }
+            self.waiting += 1;
+            if self.waiting >= MAX_WAITING {
+                self.send_runs()?;
+            }
+            return Ok(());
+        }
+        self.send_runs()?;
+        let bytes = wire::encode_committed(&record).map_err(StageError::Kafka)?;
+        self.send(&wire::committed_key(&record), &bytes)
+    }
+
     fn flush(&mut self) -> Result<(), StageError> {
+        self.send_runs()?;
         self.sender.flush()?;
         match self
             .failed

@@ -81,6 +81,9 @@ pub struct CommittedRecord {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WireCommitted {
     Event { observation: Box<Observation> },
+    /// Consecutive events of one agent from one group commit, in log order: one broker
+    /// record instead of one per event.
+    Events { observations: Vec<Observation> },
     Finding { log_index: u64, payload: String },
     Action { log_index: u64, payload: String },
     Control { log_index: u64, payload: String },
@@ -225,11 +228,37 @@ pub fn encode_committed(record: &Committed) -> Result<Vec<u8>, String> {
         .map_err(|error| format!("cannot encode a committed record: {error}"))
 }
 
-pub fn decode_committed(bytes: &[u8]) -> Result<Committed, String> {
+/// Encodes a run of one agent's consecutive events as one record.
+pub fn encode_events(observations: &[Observation]) -> Result<Vec<u8>, String> {
+    #[derive(Serialize)]
+    struct Run<'a> {
+        v: u32,
+        record: RunBody<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "events")]
+    struct RunBody<'a> {
+        observations: &'a [Observation],
+    }
+    serde_json::to_vec(&Run {
+        v: VERSION,
+        record: RunBody { observations },
+    })
+    .map_err(|error| format!("cannot encode committed events: {error}"))
+}
+
+/// Decodes a committed-topic record: one record, or the events of a run in order.
+pub fn decode_committed(bytes: &[u8]) -> Result<Vec<Committed>, String> {
     let record: CommittedRecord =
         serde_json::from_slice(bytes).map_err(|error| format!("not a committed record: {error}"))?;
     check_version(record.v)?;
-    Ok(match record.record {
+    Ok(vec![match record.record {
+        WireCommitted::Events { observations } => {
+            return Ok(observations
+                .into_iter()
+                .map(|observation| Committed::Event(Box::new(observation)))
+                .collect());
+        }
         WireCommitted::Event { observation } => Committed::Event(observation),
         WireCommitted::Finding { log_index, payload } => Committed::Finding {
             log_index,
@@ -244,7 +273,7 @@ pub fn decode_committed(bytes: &[u8]) -> Result<Committed, String> {
             payload: self::bytes(&payload)?,
         },
         WireCommitted::Replayed { next_index } => Committed::Replayed { next_index },
-    })
+    }])
 }
 
 /// The agent a record is about: the Kafka key, so one agent's records stay in order on

@@ -44,8 +44,20 @@ fn every_committed_record_round_trips_through_its_wire_form() {
     ];
     for record in records {
         let bytes = wire::encode_committed(&record).unwrap();
-        assert_eq!(wire::decode_committed(&bytes).unwrap(), record);
+        assert_eq!(wire::decode_committed(&bytes).unwrap(), [record]);
     }
+    // A run of one agent's events is one record and comes back in order.
+    let mut second = observation();
+    second.log_index = second.log_index.map(|index| index + 1);
+    let run = [observation(), second];
+    let bytes = wire::encode_events(&run).unwrap();
+    let decoded = wire::decode_committed(&bytes).unwrap();
+    assert_eq!(
+        decoded,
+        run.iter()
+            .map(|observation| Committed::Event(Box::new(observation.clone())))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         wire::committed_key(&Committed::Finding {
             log_index: 0,
