@@ -241,7 +241,11 @@ async fn readyz(State(state): State<EdgeState>) -> Response {
     if state.view.loaded() {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: reading the control topic\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: reading the control topic\n",
+        )
+            .into_response()
     }
 }
 
@@ -264,13 +268,19 @@ async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stag
         Ok(Err(refused)) if refused.retryable => Err(ApiError::new(
             503,
             "writer_unavailable",
-            format!("the log writer could not take the request ({}: {}); send it again", refused.code, refused.message),
+            format!(
+                "the log writer could not take the request ({}: {}); send it again",
+                refused.code, refused.message
+            ),
         )
         .retry_after(1)),
         Ok(Err(refused)) => Err(ApiError::new(
             422,
             "writer_refused",
-            format!("the log writer refused the request: {}: {}", refused.code, refused.message),
+            format!(
+                "the log writer refused the request: {}: {}",
+                refused.code, refused.message
+            ),
         )),
         Err(error) => Err(ApiError::new(
             503,
@@ -309,7 +319,14 @@ async fn post_events(
                     signed: false,
                 },
             };
-            let _ = submit(&state, Submission::Events(EventBatch { remote, items: vec![item] })).await;
+            let _ = submit(
+                &state,
+                Submission::Events(EventBatch {
+                    remote,
+                    items: vec![item],
+                }),
+            )
+            .await;
             return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
         }
     };
@@ -322,7 +339,10 @@ async fn post_events(
         return Err(ApiError::new(
             500,
             "internal",
-            format!("the log writer answered {} verdicts for {count} envelopes", verdicts.len()),
+            format!(
+                "the log writer answered {} verdicts for {count} envelopes",
+                verdicts.len()
+            ),
         ));
     }
     for verdict in &verdicts {
@@ -380,8 +400,10 @@ mod tests {
     }
 
     fn record(did: &str, status: &str, log_index: u64) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({"v": 1, "type": "agent", "status": status, "agent": did,
-            "realm": "eng", "log_index": log_index}))
+        serde_json::to_vec(
+            &serde_json::json!({"v": 1, "type": "agent", "status": status, "agent": did,
+            "realm": "eng", "log_index": log_index}),
+        )
         .unwrap()
     }
 

@@ -33,9 +33,9 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 pub mod auth;
+pub mod edge;
 pub mod forensics;
 mod http;
-pub mod edge;
 mod lookup;
 pub use http::catalogue;
 pub mod metrics;
@@ -48,8 +48,8 @@ mod state;
 pub mod witness;
 
 pub use auth::{Caller, Role, Secret, Tokens};
-pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
 pub use custos_stage::{Status, Verdict};
+pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
 pub use sequencer::{
     Closed, EvidenceProofs, ItemResultView, ListedAgent, RevocationList, StatusChange, StoreView, Unsealed,
 };

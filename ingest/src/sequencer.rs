@@ -20,8 +20,8 @@ use custos_event::{
 };
 use custos_stage::embedded::Fanout;
 use custos_stage::{
-    ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, EventBatch, ItemCheck, Refused, Status, Submission,
-    Verdict,
+    ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, EventBatch, ItemCheck, Refused, Status,
+    Submission, Verdict,
 };
 use custos_store::{Log, LogEntry};
 use serde::Serialize;

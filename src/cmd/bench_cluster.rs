@@ -98,9 +98,11 @@ impl Process {
     }
 
     fn token(&self) -> anyhow::Result<String> {
-        Ok(fs_err::read_to_string(custos_ingest::auth::admin_token_path(&self.data))?
-            .trim()
-            .to_owned())
+        Ok(
+            fs_err::read_to_string(custos_ingest::auth::admin_token_path(&self.data))?
+                .trim()
+                .to_owned(),
+        )
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
@@ -252,11 +254,7 @@ pub(crate) async fn drive(
 }
 
 /// A phase's events from `agents` fresh agents (seed `seed`), enrolled at `admin`.
-async fn prepare(
-    args: &ClusterArgs,
-    seed: u64,
-    admin: &Client,
-) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+async fn prepare(args: &ClusterArgs, seed: u64, admin: &Client) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
     let (mut agents, mut rng) = fleet(args.agents.max(1), seed);
     for agent in &agents {
         admin
@@ -281,10 +279,9 @@ async fn control_holds(kafka: &custos_stage::kafka::KafkaConfig, count: usize) -
     let started = Instant::now();
     loop {
         let config = kafka.clone();
-        let latest = tokio::task::spawn_blocking(move || {
-            custos_stage::kafka::read_control(&config, Duration::from_secs(30))
-        })
-        .await??;
+        let latest =
+            tokio::task::spawn_blocking(move || custos_stage::kafka::read_control(&config, Duration::from_secs(30)))
+                .await??;
         let agents = latest.keys().filter(|key| key.starts_with("agent:")).count();
         if agents >= count {
             return Ok(());
@@ -321,7 +318,10 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     };
 
     let broker = Broker::start(args, &scratch.join("broker"))?;
-    let prefix = format!("bench-{}", scratch.file_name().and_then(|name| name.to_str()).unwrap_or("x"));
+    let prefix = format!(
+        "bench-{}",
+        scratch.file_name().and_then(|name| name.to_str()).unwrap_or("x")
+    );
     let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
     kafka.prefix = prefix.clone();
     let cluster_args = ["--kafka", &broker.addr, "--kafka-prefix", &prefix];

@@ -74,7 +74,11 @@ pub enum ItemCheck {
     /// Refused by the ingest node with a reason code (`docs/reason-codes.md`). `signed`:
     /// the signature of an enrolled agent verified (a revoked agent's event), so the
     /// writer shows the refusal to the detector, as in one process.
-    Refused { code: String, message: String, signed: bool },
+    Refused {
+        code: String,
+        message: String,
+        signed: bool,
+    },
 }
 
 /// What happened to one item of an [`EventBatch`]: the JSON `POST /v1/events` answers.

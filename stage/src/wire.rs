@@ -80,14 +80,29 @@ pub struct CommittedRecord {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WireCommitted {
-    Event { observation: Box<Observation> },
+    Event {
+        observation: Box<Observation>,
+    },
     /// Consecutive events of one agent from one group commit, in log order: one broker
     /// record instead of one per event.
-    Events { observations: Vec<Observation> },
-    Finding { log_index: u64, payload: String },
-    Action { log_index: u64, payload: String },
-    Control { log_index: u64, payload: String },
-    Replayed { next_index: u64 },
+    Events {
+        observations: Vec<Observation>,
+    },
+    Finding {
+        log_index: u64,
+        payload: String,
+    },
+    Action {
+        log_index: u64,
+        payload: String,
+    },
+    Control {
+        log_index: u64,
+        payload: String,
+    },
+    Replayed {
+        next_index: u64,
+    },
 }
 
 fn envelope(json: &str, allowed: &str) -> Result<Envelope, String> {

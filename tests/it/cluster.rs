@@ -190,7 +190,14 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     let mut broker = Broker::start(dir.path());
     let writer = Server::start_with(
         &dir.path().join("writer"),
-        &["--kafka", &broker.addr, "--kafka-prefix", "edge-test", "--roles", "writer"],
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            "edge-test",
+            "--roles",
+            "writer",
+        ],
     );
     let token = writer.token();
     let url = writer.url.clone();
@@ -235,7 +242,12 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
             )
         })
         .collect();
-    let expected = [("duplicate", ""), ("rejected", "malformed"), ("rejected", "unknown_agent"), ("accepted", "")];
+    let expected = [
+        ("duplicate", ""),
+        ("rejected", "malformed"),
+        ("rejected", "unknown_agent"),
+        ("accepted", ""),
+    ];
     assert_eq!(
         summary,
         expected.map(|(status, reason)| (status.to_owned(), reason.to_owned())),
@@ -274,10 +286,10 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
                             let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
                             let payload = base64_decode(envelope["payload"].as_str().unwrap());
                             let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                            acknowledged
-                                .lock()
-                                .unwrap()
-                                .push((payload["agent"].as_str().unwrap().to_owned(), payload["seq"].as_u64().unwrap()));
+                            acknowledged.lock().unwrap().push((
+                                payload["agent"].as_str().unwrap().to_owned(),
+                                payload["seq"].as_u64().unwrap(),
+                            ));
                         }
                     }
                 }
@@ -285,7 +297,9 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         }
         // A third of the stream acknowledged, then SIGKILL the second ingest node.
         wait_for("a third of the stream", || acknowledged.lock().unwrap().len() >= 300);
-        let _ = std::process::Command::new("kill").args(["-9", &second_pid.to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &second_pid.to_string()])
+            .status();
     });
     second.kill();
     let acknowledged = acknowledged.into_inner().unwrap();
@@ -298,8 +312,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     assert!(twice.is_empty(), "stored twice: {twice:?}");
     for did in &dids {
         let stored = sql(&url, &token, &format!("SELECT seq FROM events WHERE agent = '{did}'"));
-        let stored: std::collections::BTreeSet<u64> =
-            stored.iter().map(|row| row["seq"].as_u64().unwrap()).collect();
+        let stored: std::collections::BTreeSet<u64> = stored.iter().map(|row| row["seq"].as_u64().unwrap()).collect();
         for (_, seq) in acknowledged.iter().filter(|(agent, _)| agent == did) {
             assert!(stored.contains(seq), "acknowledged seq {seq} of {did} is not stored");
         }
@@ -328,7 +341,8 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     broker.restart();
     let body = batch(&mut signers[1], 3);
     wait_for("ingest to resume after the broker restart", || {
-        post_events(&first.url, &body).is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
+        post_events(&first.url, &body)
+            .is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
     });
     let stored = sql(&url, &token, "SELECT count(*) AS n FROM events");
     assert!(stored[0]["n"].as_u64().unwrap() >= acknowledged.len() as u64);
@@ -346,7 +360,10 @@ fn events(signer: &mut Signer, count: usize) -> Vec<u8> {
         .map(|_| {
             signer
                 .sign_object(
-                    json!({"kind": "tool_call", "target": "search"}).as_object().unwrap().clone(),
+                    json!({"kind": "tool_call", "target": "search"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
                     chrono::Utc::now(),
                 )
                 .unwrap()

@@ -415,10 +415,7 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
     let mut signer = Signer::new(key, "eng");
     let mut event = |kind: &str| {
         signer
-            .sign_object(
-                json!({"kind": kind}).as_object().unwrap().clone(),
-                chrono::Utc::now(),
-            )
+            .sign_object(json!({"kind": kind}).as_object().unwrap().clone(), chrono::Utc::now())
             .unwrap()
             .to_json()
             .into_bytes()
@@ -479,7 +476,10 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
         "{appended:?}"
     );
     let verdicts = &appended.verdicts;
-    assert_eq!(verdicts[1].log_index, verdicts[0].log_index, "the duplicate names the first append");
+    assert_eq!(
+        verdicts[1].log_index, verdicts[0].log_index,
+        "the duplicate names the first append"
+    );
     assert_eq!(verdicts[4].flags, ["chain_gap"], "seq 1 never arrived: {verdicts:?}");
     assert_eq!(verdicts[4].missing, Some([1, 1]));
     assert_eq!(
@@ -504,7 +504,10 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
         .filter_map(|item| item["reason"].as_str())
         .collect();
     assert_eq!(reasons.len(), 2, "{rejected}");
-    assert!(reasons.contains(&"malformed") && reasons.contains(&"revoked_agent"), "{reasons:?}");
+    assert!(
+        reasons.contains(&"malformed") && reasons.contains(&"revoked_agent"),
+        "{reasons:?}"
+    );
 }
 
 #[test]
