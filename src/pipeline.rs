@@ -103,6 +103,13 @@ struct Views {
     playbooks: Mutex<Vec<(Value, Vec<String>)>>,
 }
 
+/// Shows a logged finding or action record, with its log index, in a capped view.
+fn push_logged(view: &Mutex<VecDeque<Value>>, logged: &impl serde::Serialize, log_index: impl serde::Serialize) {
+    let mut value = serde_json::to_value(logged).unwrap_or(Value::Null);
+    value["log_index"] = json!(log_index);
+    push_capped(view, value);
+}
+
 fn push_capped(list: &Mutex<VecDeque<Value>>, value: Value) {
     let mut list = list.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if list.len() >= KEEP {
@@ -229,9 +236,7 @@ impl Pipeline {
                     log_index,
                     live,
                 } => {
-                    let mut value = serde_json::to_value(finding).unwrap_or(Value::Null);
-                    value["log_index"] = json!(log_index);
-                    push_capped(&detector_views.findings, value);
+                    push_logged(&detector_views.findings, finding, log_index);
                     if live {
                         metrics::FINDINGS
                             .with_label_values(&[label(&finding.severity).as_str()])
@@ -255,9 +260,7 @@ impl Pipeline {
                     log_index,
                     live,
                 } => {
-                    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
-                    value["log_index"] = json!(log_index);
-                    push_capped(&responder_views.actions, value);
+                    push_logged(&responder_views.actions, record, log_index);
                     if live {
                         metrics::ACTIONS
                             .with_label_values(&[record.action.as_str(), label(&record.status).as_str()])

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::auth::{Role, Secret, Tokens};
-use crate::http::{RevokeRequest, authorize_with, metrics_answer, split_request, unauthenticated, verify_request};
+use crate::http::{RevokeRequest, answer_verdicts, authorize_with, metrics_answer, split_request, verify_request};
 use crate::sequencer::Item;
 use crate::{ApiError, NodeConfig, NodeError, serve};
 
@@ -189,17 +189,8 @@ pub async fn start_edge(
     crate::metrics::init();
     fs_err::create_dir_all(&config.data)?;
     let (tokens, admin_token) = Tokens::open(&config.data)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr()?;
-    let descriptors = serve::raise_descriptor_limit();
-    let mut limits = config.http.clone();
-    limits.max_body_bytes = config.max_request_bytes;
-    let max_connections = serve::connection_limit(&limits, descriptors);
+    let (listener, addr) = crate::bind(config.listen).await?;
+    let (limits, max_connections, _) = crate::front_door(&config);
     let state = EdgeState {
         submitter,
         view,
@@ -348,12 +339,7 @@ async fn post_events(
     for verdict in &verdicts {
         crate::sequencer::count(verdict);
     }
-    let unauthenticated = verdicts
-        .iter()
-        .filter(|verdict| verdict.reason.as_deref().is_some_and(unauthenticated))
-        .count();
-    state.rejects.charge(source, unauthenticated);
-    Ok(Json(verdicts).into_response())
+    Ok(answer_verdicts(&state.rejects, source, verdicts))
 }
 
 async fn revoke(

@@ -595,17 +595,27 @@ async fn post_events(
             .await?;
         }
     }
-    let unauthenticated = results
+    Ok(answer_verdicts(&state.rejects, source, results))
+}
+
+/// The answer to `POST /v1/events`: charges the sender for the items no enrolled key
+/// vouched for, and lists the verdicts.
+pub(crate) fn answer_verdicts(
+    rejects: &crate::serve::RejectLimiter,
+    source: std::net::IpAddr,
+    verdicts: Vec<custos_stage::Verdict>,
+) -> Response {
+    let unauthenticated = verdicts
         .iter()
-        .filter(|result| result.reason.as_deref().is_some_and(unauthenticated))
+        .filter(|verdict| verdict.reason.as_deref().is_some_and(unauthenticated))
         .count();
-    state.rejects.charge(source, unauthenticated);
-    Ok(Json(results).into_response())
+    rejects.charge(source, unauthenticated);
+    Json(verdicts).into_response()
 }
 
 /// Rejections of input that no enrolled agent's key vouched for: what an anonymous
 /// sender can produce, and what the per-source limit counts.
-pub(crate) fn unauthenticated(reason: &str) -> bool {
+fn unauthenticated(reason: &str) -> bool {
     !matches!(
         reason,
         "revoked_agent" | "realm_mismatch" | "clock_skew" | "chain_fork" | "chain_broken" | "replay"

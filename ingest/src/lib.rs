@@ -367,6 +367,34 @@ impl Running {
     }
 }
 
+/// Binds the listener.
+pub(crate) async fn bind(listen: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| NodeError::Listen { addr: listen, source })?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// The HTTP limits in force and the connection slots (below the descriptor limit, less
+/// the store's reserve), and the descriptor limit.
+pub(crate) fn front_door(config: &NodeConfig) -> (serve::HttpLimits, usize, u64) {
+    let descriptors = serve::raise_descriptor_limit();
+    let mut http_limits = config.http.clone();
+    http_limits.max_body_bytes = config.max_request_bytes;
+    let max_connections = serve::connection_limit(&http_limits, descriptors);
+    if config.http.max_connections > max_connections {
+        tracing::warn!(
+            wanted = config.http.max_connections,
+            allowed = max_connections,
+            descriptors,
+            reserved = http_limits.reserved_descriptors,
+            "fewer connections than asked: the descriptor limit, less the store's reserve, allows no more"
+        );
+    }
+    (http_limits, max_connections, descriptors)
+}
+
 /// Opens the store (recovering from the WAL), binds the listener and serves.
 pub async fn start(config: NodeConfig) -> Result<Running, NodeError> {
     start_with(config, Hooks::default()).await
@@ -425,13 +453,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     let writer = std::thread::Builder::new()
         .name("custos-sequencer".into())
         .spawn(move || sequencer.run(receiver))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr()?;
+    let (listener, addr) = bind(config.listen).await?;
     // The store is recovered and the sequencer is taking commands.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let tokens = Arc::new(std::sync::RwLock::new(tokens));
@@ -441,19 +463,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         data: config.data.clone(),
         changes: changes.clone(),
     };
-    let descriptors = serve::raise_descriptor_limit();
-    let mut http_limits = config.http.clone();
-    http_limits.max_body_bytes = config.max_request_bytes;
-    let max_connections = serve::connection_limit(&http_limits, descriptors);
-    if config.http.max_connections > max_connections {
-        tracing::warn!(
-            wanted = config.http.max_connections,
-            allowed = max_connections,
-            descriptors,
-            reserved = http_limits.reserved_descriptors,
-            "fewer connections than asked: the descriptor limit, less the store's reserve, allows no more"
-        );
-    }
+    let (http_limits, max_connections, descriptors) = front_door(&config);
     let rejects = Arc::new(serve::RejectLimiter::new(
         config.reject_rate_per_sec,
         config.reject_burst,

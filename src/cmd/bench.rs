@@ -66,14 +66,7 @@ pub(crate) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let token = running.admin_token.clone().map(|secret| secret.0).unwrap_or_default();
     let url = format!("http://{}", running.addr);
     let admin = Client::new(&url, Some(token));
-    for agent in &agents {
-        admin
-            .post_json(
-                "/v1/agents",
-                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
-            )
-            .await?;
-    }
+    super::fleet::enroll(&admin, &agents).await?;
     agents.clear();
 
     eprintln!("driving the node over loopback HTTP with {connections} connections…");

@@ -256,14 +256,7 @@ pub(crate) async fn drive(
 /// A phase's events from `agents` fresh agents (seed `seed`), enrolled at `admin`.
 async fn prepare(args: &ClusterArgs, seed: u64, admin: &Client) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
     let (mut agents, mut rng) = fleet(args.agents.max(1), seed);
-    for agent in &agents {
-        admin
-            .post_json(
-                "/v1/agents",
-                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
-            )
-            .await?;
-    }
+    super::fleet::enroll(admin, &agents).await?;
     Ok(phase_bodies(
         &mut agents,
         &mut rng,

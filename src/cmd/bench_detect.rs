@@ -215,14 +215,7 @@ async fn latency(args: &DetectArgs) -> anyhow::Result<serde_json::Value> {
     let background = 50usize;
     eprintln!("latency: enrolling {background} background agents and {attacks} attack agents…");
     let (mut agents, mut rng) = fleet(background + attacks, 11);
-    for agent in &agents {
-        admin
-            .post_json(
-                "/v1/agents",
-                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
-            )
-            .await?;
-    }
+    super::fleet::enroll(&admin, &agents).await?;
     let victims: Vec<_> = agents.split_off(background);
 
     // Background traffic: the fleet keeps talking while the attacks happen.

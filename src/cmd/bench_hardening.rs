@@ -142,14 +142,7 @@ pub(crate) async fn storm(args: StormArgs) -> anyhow::Result<()> {
     let stormy = phase_bodies(&mut agents, &mut rng, args.events, args.batch, connections);
     let (running, url, token) = node(&data, args.queries).await?;
     let admin = Client::new(&url, Some(token.clone()));
-    for agent in &agents {
-        admin
-            .post_json(
-                "/v1/agents",
-                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
-            )
-            .await?;
-    }
+    super::fleet::enroll(&admin, &agents).await?;
 
     eprintln!("phase 1: ingest alone…");
     let (alone, alone_time) = drive(&url, quiet).await?;
@@ -374,14 +367,7 @@ async fn build(data: &std::path::Path, samples: &std::path::Path, args: &Restart
     let (mut agents, mut rng) = fleet(args.agents.max(1), 11);
     let (running, url, token) = node(data, 1).await?;
     let admin = Client::new(&url, Some(token));
-    for agent in &agents {
-        admin
-            .post_json(
-                "/v1/agents",
-                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
-            )
-            .await?;
-    }
+    super::fleet::enroll(&admin, &agents).await?;
     let progress = indicatif::ProgressBar::new(args.events as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("building the store {bar:40} {pos}/{len} events ({per_sec}, {eta})")

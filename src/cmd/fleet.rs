@@ -86,3 +86,16 @@ pub(crate) fn fleet(count: usize, seed: u64) -> (Vec<FleetAgent>, StdRng) {
         .collect();
     (agents, rng)
 }
+
+/// Enrolls every agent of a fleet in its role's realm, through `admin`.
+pub(crate) async fn enroll(admin: &super::client::Client, agents: &[FleetAgent]) -> anyhow::Result<()> {
+    for agent in agents {
+        admin
+            .post_json(
+                "/v1/agents",
+                &serde_json::json!({"did": agent.did(), "realm": agent.role.realm}),
+            )
+            .await?;
+    }
+    Ok(())
+}

@@ -431,8 +431,12 @@ pub fn forward_submissions(
     batch: usize,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StageError> {
-    // The other side going away is the normal end.
-    match forward_submissions_until_closed(intake, writer, batch, stop) {
+    ended(forward_submissions_until_closed(intake, writer, batch, stop))
+}
+
+/// A bridge's result: the other side going away is its normal end.
+fn ended(result: Result<(), StageError>) -> Result<(), StageError> {
+    match result {
         Err(StageError::Closed) => Ok(()),
         other => other,
     }
@@ -486,11 +490,13 @@ pub fn forward_committed(
     published: &mut dyn FnMut(u64),
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StageError> {
-    // The other side going away is the normal end.
-    match forward_committed_until_closed(subscription, publish, from, published, stop) {
-        Err(StageError::Closed) => Ok(()),
-        other => other,
-    }
+    ended(forward_committed_until_closed(
+        subscription,
+        publish,
+        from,
+        published,
+        stop,
+    ))
 }
 
 fn forward_committed_until_closed(

@@ -53,18 +53,7 @@ fn stages(data: &std::path::Path, brokers: &str) -> (Child, String, String) {
 /// Findings about `agent` in the writer's log (SQL over the store).
 fn findings_about(url: &str, token: &str, agent: &str) -> usize {
     let query = format!("SELECT count(*) AS n FROM findings WHERE agent = '{agent}' AND type = 'memory_poisoning'");
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{url}/v1/sql"))
-        .bearer_auth(token)
-        .header("content-type", "application/json")
-        .header("accept", "application/json")
-        .body(json!({ "sql": query }).to_string())
-        .timeout(Duration::from_secs(60))
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let rows: serde_json::Value = response.json().unwrap();
-    rows[0]["n"].as_u64().unwrap() as usize
+    sql(url, token, &query)[0]["n"].as_u64().unwrap() as usize
 }
 
 #[test]
