@@ -140,6 +140,11 @@ struct ServeArgs {
     /// Partitions of the topics when this process creates them.
     #[arg(long, default_value_t = 3, requires = "kafka", value_parser = clap::value_parser!(i32).range(1..=1024))]
     kafka_partitions: i32,
+    /// With --roles ingest: how long an ingest node waits for the log writer's durable
+    /// answer before it answers 503 `writer_unavailable` (the client resends the same
+    /// bytes; what was stored meanwhile is answered `duplicate`).
+    #[arg(long, default_value_t = 30, requires = "kafka", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    writer_timeout_secs: u64,
     /// With --kafka, the roles this process runs: writer (the log writer with ingest and
     /// query), ingest (a stateless ingest node in front of the writer), detector,
     /// responder. Without --kafka, one process runs them all.
@@ -290,6 +295,7 @@ impl ServeArgs {
             partitions: self.kafka_partitions,
             writer: self.roles.contains(&Role::Writer),
             ingest: self.roles.contains(&Role::Ingest),
+            writer_timeout: std::time::Duration::from_secs(self.writer_timeout_secs),
             trust,
         })
     }

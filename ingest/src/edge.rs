@@ -145,10 +145,6 @@ impl ControlView {
     }
 }
 
-/// How long an ingest node waits for the writer's receipt before answering 503 (the
-/// client resends; the writer answers a resend of an appended event `duplicate`).
-pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[derive(Clone)]
 struct EdgeState {
     submitter: Arc<dyn Submitter>,
@@ -157,6 +153,7 @@ struct EdgeState {
     config: Arc<NodeConfig>,
     keys: Arc<KeyCache>,
     rejects: Arc<serve::RejectLimiter>,
+    receipt_timeout: Duration,
 }
 
 /// A running ingest node.
@@ -179,12 +176,13 @@ impl Edge {
 }
 
 /// Serves `POST /v1/events` (and revocations, health, metrics) on `config.listen`,
-/// handing every request to the writer through `submitter`. `config.data` holds the
-/// node's token table only.
+/// handing every request to the writer through `submitter` and waiting up to
+/// `receipt_timeout` for its answer. `config.data` holds the node's token table only.
 pub async fn start_edge(
     config: NodeConfig,
     submitter: Arc<dyn Submitter>,
     view: Arc<ControlView>,
+    receipt_timeout: Duration,
 ) -> Result<Edge, NodeError> {
     crate::metrics::init();
     fs_err::create_dir_all(&config.data)?;
@@ -201,6 +199,7 @@ pub async fn start_edge(
         )),
         config: Arc::new(config),
         keys: Arc::new(KeyCache::default()),
+        receipt_timeout,
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
     let router = Router::new()
@@ -247,13 +246,11 @@ async fn metrics(State(state): State<EdgeState>, headers: HeaderMap) -> Result<R
 /// Hands `submission` to the writer and waits for its durable answer.
 async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stage::Appended, ApiError> {
     let submitter = state.submitter.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        submitter
-            .submit(submission)
-            .map(|receipt| receipt.wait(RECEIPT_TIMEOUT))
-    })
-    .await
-    .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
+    let timeout = state.receipt_timeout;
+    let outcome =
+        tokio::task::spawn_blocking(move || submitter.submit(submission).map(|receipt| receipt.wait(timeout)))
+            .await
+            .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
     match outcome {
         Ok(Ok(appended)) => Ok(appended),
         Ok(Err(refused)) if refused.retryable => Err(ApiError::new(

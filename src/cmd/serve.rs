@@ -19,6 +19,8 @@ pub(crate) struct Cluster {
     pub(crate) writer: bool,
     /// Whether this process runs a stateless ingest node (when it is not the writer).
     pub(crate) ingest: bool,
+    /// How long an ingest node waits for the writer's answer.
+    pub(crate) writer_timeout: std::time::Duration,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
 }
@@ -300,7 +302,7 @@ async fn run_without_store(
         anyhow::bail!("--roles names no role this process can run (writer, ingest, detector or responder)");
     }
     let edge = match cluster.ingest {
-        true => Some(Edge::start(config, &cluster.kafka).await?),
+        true => Some(Edge::start(config, cluster).await?),
         false => None,
     };
     let stages = match pipeline {
@@ -342,7 +344,8 @@ struct Edge {
 }
 
 impl Edge {
-    async fn start(config: custos_ingest::NodeConfig, kafka: &KafkaConfig) -> anyhow::Result<Self> {
+    async fn start(config: custos_ingest::NodeConfig, cluster: &Cluster) -> anyhow::Result<Self> {
+        let kafka = &cluster.kafka;
         let data = config.data.clone();
         let view = Arc::new(custos_ingest::edge::ControlView::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -358,7 +361,7 @@ impl Edge {
                 .await?
                 .context("connecting to Kafka")?
         };
-        let node = custos_ingest::edge::start_edge(config, Arc::new(submitter), view).await?;
+        let node = custos_ingest::edge::start_edge(config, Arc::new(submitter), view, cluster.writer_timeout).await?;
         if let Some(token) = &node.admin_token {
             eprintln!(
                 "\nAdmin token of this ingest node (shown once; also saved owner-only in {}):\n\n  {}\n",

@@ -368,6 +368,78 @@ fn base64_decode(text: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }
 
+/// With the writer down, an ingest node answers 503 `writer_unavailable` once its wait
+/// is over (it does not hang); the submission waits in the topic, the restarted writer
+/// appends it, and the client's resend of the same bytes is answered `duplicate`.
+#[test]
+fn an_ingest_node_without_a_writer_answers_and_nothing_is_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let writer_args = [
+        "--kafka",
+        &broker.addr,
+        "--kafka-prefix",
+        "edge-down",
+        "--roles",
+        "writer",
+    ];
+    let writer = Server::start_with(&dir.path().join("writer"), &writer_args);
+    let token = writer.token();
+    let key = AgentKey::from_seed(&[77; 32]);
+    enroll(&writer.url, &token, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let ingest = Server::start_with(
+        &dir.path().join("ingest"),
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            "edge-down",
+            "--roles",
+            "ingest",
+            "--writer-timeout-secs",
+            "2",
+        ],
+    );
+    let first = events(&mut signer, 1);
+    wait_for("the ingest node to know the agent", || {
+        post_events(&ingest.url, &first).is_some_and(|results| results[0]["status"] == "accepted")
+    });
+    let log = writer.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    let body = events(&mut signer, 3);
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/events", ingest.url))
+        .body(body.clone())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let answer: serde_json::Value = response.json().unwrap();
+    assert_eq!(answer["error"], "writer_unavailable", "{answer}");
+
+    let writer = Server::start_with(&dir.path().join("writer"), &writer_args);
+    let mut results = Vec::new();
+    wait_for("the restarted writer to answer the resend", || {
+        results = post_events(&ingest.url, &body).unwrap_or_default();
+        !results.is_empty()
+    });
+    assert!(
+        results.iter().all(|result| result["status"] == "duplicate"),
+        "the first send was appended from the topic; the resend is a duplicate: {results:?}"
+    );
+    let stored = sql(
+        &writer.url,
+        &token,
+        &format!("SELECT count(*) AS n FROM events WHERE agent = '{}'", signer.did()),
+    );
+    assert_eq!(stored[0]["n"].as_u64(), Some(4), "{stored:?}");
+    ingest.kill();
+    writer.stop();
+}
+
 /// `custos bench cluster` drives real processes and a real broker end to end (small
 /// sizes: this checks the bench works and reports every figure, not the figures).
 #[test]
