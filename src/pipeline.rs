@@ -103,6 +103,44 @@ struct Views {
     playbooks: Mutex<Vec<(Value, Vec<String>)>>,
 }
 
+/// Waits until this process holds the responder lease (true), or is asked to stop
+/// first (false). Requests that come meanwhile are dropped: their callers hear that no
+/// responder answered, since another process is the active one.
+fn wait_for_lease(lease: &mut custos_stage::kafka::Lease, inbox: &mpsc::Receiver<responder_runner::Request>) -> bool {
+    eprintln!("responder: standby, waiting for the lease (one active responder per cluster)");
+    loop {
+        if lease.state(Duration::from_millis(200)) == custos_stage::kafka::LeaseState::Held {
+            eprintln!("responder: active (holds the lease)");
+            return true;
+        }
+        match inbox.try_recv() {
+            Ok(responder_runner::Request::Stop(done)) => {
+                let _ = done.send(());
+                return false;
+            }
+            Ok(_) | Err(mpsc::TryRecvError::Empty) => {}
+            Err(mpsc::TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Keeps renewing the responder lease; the moment the lease log shows another holder
+/// (this process was cut off for longer than the lease lasts, and a standby took over),
+/// the process exits so that its supervisor restarts it as a standby, which rebuilds
+/// its state from the log. While the brokers are away it keeps the lease: nobody can
+/// take it, and nothing can be submitted without them.
+fn keep_lease(mut lease: custos_stage::kafka::Lease) {
+    let spawned = std::thread::Builder::new().name("custos-lease".into()).spawn(move || {
+        while lease.state(Duration::from_millis(500)) != custos_stage::kafka::LeaseState::Other {}
+        eprintln!("responder: another responder holds the lease now; exiting so that a supervisor restarts this process as a standby");
+        std::process::exit(75);
+    });
+    if let Err(error) = spawned {
+        eprintln!("responder: cannot keep the lease ({error}); exiting");
+        std::process::exit(75);
+    }
+}
+
 /// Shows a logged finding or action record, with its log index, in a capped view.
 fn push_logged(view: &Mutex<VecDeque<Value>>, logged: &impl serde::Serialize, log_index: impl serde::Serialize) {
     let mut value = serde_json::to_value(logged).unwrap_or(Value::Null);
@@ -294,12 +332,42 @@ impl Pipeline {
             );
         }
         if config.stages.responder {
-            let (mut feed, submit) = ends("responder")?;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("custos-responder".into())
-                    .spawn(move || responder_stage.run(feed.as_mut(), submit.as_ref(), responder_inbox))?,
-            );
+            let thread = std::thread::Builder::new().name("custos-responder".into());
+            threads.push(match &config.transport {
+                Transport::Embedded => {
+                    let (mut feed, submit) = ends("responder")?;
+                    thread.spawn(move || responder_stage.run(feed.as_mut(), submit.as_ref(), responder_inbox))?
+                }
+                // On Kafka exactly one responder acts at a time, so that caps and approvals
+                // hold cluster-wide: the others wait for the lease.
+                Transport::Kafka(kafka) => {
+                    let mut lease =
+                        custos_stage::kafka::Lease::join(kafka, "responder").context("joining the responder lease")?;
+                    let kafka = kafka.clone();
+                    thread.spawn(move || {
+                        if !wait_for_lease(&mut lease, &responder_inbox) {
+                            return;
+                        }
+                        // The brokers may be away just now: keep the lease while retrying.
+                        let (mut feed, submit) = loop {
+                            let connected = custos_stage::kafka::KafkaSubscription::from_beginning(&kafka)
+                                .and_then(|feed| Ok((feed, custos_stage::kafka::KafkaSubmitter::new(&kafka)?)));
+                            match connected {
+                                Ok(ends) => break ends,
+                                Err(error) => {
+                                    tracing::warn!(%error, "responder: connecting to Kafka; trying again");
+                                    if lease.state(Duration::from_secs(1)) == custos_stage::kafka::LeaseState::Other {
+                                        eprintln!("responder: lost the lease while connecting; exiting");
+                                        std::process::exit(75);
+                                    }
+                                }
+                            }
+                        };
+                        keep_lease(lease);
+                        responder_stage.run(&mut feed, &submit, responder_inbox)
+                    })?
+                }
+            });
         }
         let mut signers = std::collections::BTreeMap::new();
         signers.insert(detector_did.clone(), FINDING_PAYLOAD_TYPE.to_owned());

@@ -31,6 +31,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use serde::{Deserialize, Serialize};
+
 use crate::wire;
 use crate::{Answer, Committed, Intake, Publish, Receipt, Refused, StageError, Submission, Submitter, Subscription};
 
@@ -69,6 +71,11 @@ impl KafkaConfig {
 
     pub fn control(&self) -> String {
         format!("{}.control", self.prefix)
+    }
+
+    /// The one-partition topic whose consumer group elects the holder of lease `name`.
+    pub fn lease(&self, name: &str) -> String {
+        format!("{}.lease.{name}", self.prefix)
     }
 
     fn client(&self) -> ClientConfig {
@@ -121,7 +128,8 @@ pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageE
         (config.receipts(), false),
         (config.control(), true),
     ];
-    let topics: Vec<NewTopic<'_>> = names
+    let lease = config.lease("responder");
+    let mut topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|(name, compacted)| {
             let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -132,6 +140,8 @@ pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageE
             }
         })
         .collect();
+    // One partition: exactly one member of its group holds it.
+    topics.push(NewTopic::new(&lease, 1, TopicReplication::Fixed(1)));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = futures::executor::block_on(admin.create_topics(&topics, &options)).map_err(kafka)?;
     for result in results {
@@ -441,7 +451,21 @@ impl KafkaSubscription {
         let consumer = config.consumer(group)?;
         let topic = config.committed();
         consumer.subscribe(&[&topic]).map_err(kafka)?;
-        Ok(Self {
+        Ok(Self::reading(consumer, topic))
+    }
+
+    /// Every partition from its beginning, outside any group (so no rebalance ever moves
+    /// it): for a reader that rebuilds its state from the whole log at each start and
+    /// never acknowledges, such as the responder.
+    pub fn from_beginning(config: &KafkaConfig) -> Result<Self, StageError> {
+        let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
+        let topic = config.committed();
+        assign_all(&consumer, &topic, |low, _| Offset::Offset(low))?;
+        Ok(Self::reading(consumer, topic))
+    }
+
+    fn reading(consumer: BaseConsumer, topic: String) -> Self {
+        Self {
             consumer,
             topic,
             positions: Positions::default(),
@@ -450,7 +474,7 @@ impl KafkaSubscription {
             replayed: false,
             pending: std::collections::VecDeque::new(),
             pending_at: None,
-        })
+        }
     }
 
     /// Once partitions are assigned: their ends, and the committed positions to start at.
@@ -786,6 +810,151 @@ impl ControlPublisher {
 
     pub fn flush(&self) -> Result<(), StageError> {
         self.sender.flush()
+    }
+}
+
+/// How long a lease lasts after its holder's last renewal in the lease topic.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// A lease held by exactly one process of a cluster at a time, decided by the order of
+/// one partition's log, which every contender reads alike:
+///
+/// ```text
+///  every contender appends {"holder": its id, "at_ms": its clock} to PREFIX.lease.NAME
+///  (1 partition) each second
+///  reading in offset order: a record whose time is more than LEASE_TTL after the holder's
+///  last record makes its writer the holder; the holder's own records renew it;
+///  anyone else's are ignored while it lasts
+/// ```
+///
+/// A contender takes the lease when the log it has read says it holds it with a renewal
+/// younger than `LEASE_TTL` less a margin of 2 s (so a standby never starts on a stale
+/// view), and gives it up as soon as the log shows another holder. Record times are the
+/// writers' clocks: keep them within a second of each other. Consumer groups would elect a holder too, but tansu does not always hand
+/// a dead member's partition over, and this needs nothing of the broker but an ordered
+/// log.
+pub struct Lease {
+    consumer: BaseConsumer,
+    sender: Sender,
+    topic: String,
+    id: String,
+    last_sent: Option<Instant>,
+    log: LeaseLog,
+}
+
+/// What a contender knows of a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// This process holds it: its last renewal read back is recent.
+    Held,
+    /// This process held it last, but has read no renewal of its own for a while (the
+    /// brokers are away): nobody can take it without the brokers, and nobody can act
+    /// without them either (submissions go through them).
+    Unsure,
+    /// Another process holds it, or nobody yet.
+    Other,
+}
+
+/// The holder by the lease log read so far, and the time of its last record (ms).
+#[derive(Debug, Default)]
+pub struct LeaseLog {
+    pub holder: Option<(String, i64)>,
+}
+
+impl LeaseLog {
+    /// Takes the next record of the lease log: `holder` wrote it at `at_ms`.
+    pub fn apply(&mut self, holder: &str, at_ms: i64) {
+        let ttl = LEASE_TTL.as_millis() as i64;
+        match &mut self.holder {
+            Some((current, last)) if current == holder => *last = (*last).max(at_ms),
+            Some((_, last)) if at_ms - *last <= ttl => {}
+            _ => self.holder = Some((holder.to_owned(), at_ms)),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LeaseRecord {
+    holder: String,
+    /// When the holder wrote it (ms since the epoch, its clock).
+    at_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| now.as_millis() as i64)
+}
+
+impl Lease {
+    /// Starts contending for lease `name` (topic `PREFIX.lease.<name>`, made by
+    /// [`create_topics`]), reading the recent end of its log.
+    pub fn join(config: &KafkaConfig, name: &str) -> Result<Self, StageError> {
+        let topic = config.lease(name);
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", format!("{topic}.{}", origin()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
+            .create()
+            .map_err(kafka)?;
+        // A few hundred records cover well over LEASE_TTL of history (about one record
+        // per contender per second).
+        assign_all(&consumer, &topic, |low, high| Offset::Offset(low.max(high - 500)))?;
+        Ok(Self {
+            consumer,
+            sender: Sender::new(config)?,
+            topic,
+            id: origin(),
+            last_sent: None,
+            log: LeaseLog::default(),
+        })
+    }
+
+    /// Renews (or claims) once a second, reads what came for up to `timeout`, and answers
+    /// whether this process holds the lease now (see [`LeaseState`]). Call it at least
+    /// every second.
+    pub fn state(&mut self, timeout: Duration) -> LeaseState {
+        if self
+            .last_sent
+            .is_none_or(|sent| sent.elapsed() >= Duration::from_secs(1))
+        {
+            let record = LeaseRecord {
+                holder: self.id.clone(),
+                at_ms: now_ms(),
+            };
+            let record = serde_json::to_vec(&record).unwrap_or_default();
+            let queued = self
+                .sender
+                .send_then(&self.topic, &self.id, Some(0), &record, Box::new(|_| {}));
+            if let Err(error) = queued {
+                tracing::debug!(%error, "lease: could not renew");
+            }
+            self.last_sent = Some(Instant::now());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.consumer.poll(left) {
+                Some(Ok(message)) => {
+                    if let Ok(record) = serde_json::from_slice::<LeaseRecord>(message.payload().unwrap_or_default()) {
+                        self.log.apply(&record.holder, record.at_ms);
+                    }
+                }
+                Some(Err(error)) => tracing::debug!(%error, "lease: waiting for the brokers"),
+                None => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        let now = now_ms();
+        let safe = (LEASE_TTL - Duration::from_secs(2)).as_millis() as i64;
+        match &self.log.holder {
+            Some((holder, last)) if *holder == self.id && now - *last < safe => LeaseState::Held,
+            Some((holder, _)) if *holder == self.id => LeaseState::Unsure,
+            _ => LeaseState::Other,
+        }
     }
 }
 

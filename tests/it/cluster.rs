@@ -18,23 +18,30 @@ use crate::support::{Server, custos};
 
 /// Starts the stage process; returns it and the two keys it printed.
 fn stages(data: &std::path::Path, brokers: &str) -> (Child, String, String) {
+    let (child, detector, responder, _) = stage_process(data, brokers, "cluster-test", "detector,responder");
+    (child, detector, responder)
+}
+
+/// A `custos serve --roles ROLES` stage process: it, the detector and responder keys it
+/// printed, and its log so far.
+fn stage_process(
+    data: &std::path::Path,
+    brokers: &str,
+    prefix: &str,
+    roles: &str,
+) -> (Child, String, String, std::sync::Arc<std::sync::Mutex<String>>) {
     let mut child = custos()
         .args(["serve", "--data"])
         .arg(data)
-        .args([
-            "--kafka",
-            brokers,
-            "--kafka-prefix",
-            "cluster-test",
-            "--roles",
-            "detector,responder",
-        ])
+        .args(["--kafka", brokers, "--kafka-prefix", prefix, "--roles", roles])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (found, keys) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -42,12 +49,15 @@ fn stages(data: &std::path::Path, brokers: &str) -> (Child, String, String) {
                 let words: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
                 let _ = found.send((words[1].clone(), words[3].clone()));
             }
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
         }
     });
     let (detector, responder) = keys
         .recv_timeout(Duration::from_secs(60))
         .expect("the stage process started");
-    (child, detector, responder)
+    (child, detector, responder, log)
 }
 
 /// Findings about `agent` in the writer's log (SQL over the store).
@@ -108,13 +118,19 @@ fn stage_and_writer_processes_work_through_the_broker() {
     // SIGKILL the stage process (no snapshot at exit) and start it again.
     stage.kill().unwrap();
     stage.wait().unwrap();
-    let (mut stage, ..) = stages(&stage_data, &broker.addr);
+    let (mut stage, _, _, stage_log) = stage_process(&stage_data, &broker.addr, "cluster-test", "detector,responder");
     // And SIGKILL the broker (SQLite storage): the processes reconnect by themselves.
     broker.restart();
     let second = poison(&url, &token, 62, "mem-b");
-    wait_for("the restarted stages to revoke the second agent", || {
-        get(&url, &format!("/v1/agents/{second}"), &token).1["status"] == "revoked"
-    });
+    let started = std::time::Instant::now();
+    while get(&url, &format!("/v1/agents/{second}"), &token).1["status"] != "revoked" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the restarted stages did not revoke the second agent: {}",
+            stage_log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         findings_about(&url, &token, &first),
@@ -203,12 +219,16 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         .collect();
     let dids: Vec<String> = signers.iter().map(|signer| signer.did().to_owned()).collect();
     let batch = events;
-    let probe = batch(&mut signers[0], 1);
+    // The control topic has partitions: each agent's enrollment arrives on its own.
+    let probes: Vec<Vec<u8>> = signers.iter_mut().map(|signer| batch(signer, 1)).collect();
     for node in [&first, &second] {
-        wait_for("the ingest node to know the enrolled agents", || {
-            post_events(&node.url, &probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
-        });
+        for probe in &probes {
+            wait_for("the ingest node to know the enrolled agents", || {
+                post_events(&node.url, probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
+            });
+        }
     }
+    let probe = probes[0].clone();
 
     // One ingest node answers a mixed request item by item, as the writer's own API does.
     let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(
@@ -437,6 +457,88 @@ fn an_ingest_node_without_a_writer_answers_and_nothing_is_doubled() {
     );
     assert_eq!(stored[0]["n"].as_u64(), Some(4), "{stored:?}");
     ingest.kill();
+    writer.stop();
+}
+
+/// Exactly one responder acts: a second responder process waits for the lease while the
+/// first is alive, and takes over when the first is killed with SIGKILL. Each attack
+/// gets one action, however many responders there are.
+#[test]
+fn one_responder_acts_and_a_standby_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let prefix = "lease-test";
+    let (mut detector, detector_key, ..) =
+        stage_process(&dir.path().join("detector"), &broker.addr, prefix, "detector");
+    let (mut first, _, first_key, first_log) =
+        stage_process(&dir.path().join("responder-1"), &broker.addr, prefix, "responder");
+    wait_for("the first responder to take the lease", || {
+        first_log.lock().unwrap().contains("responder: active")
+    });
+    let (mut second, _, second_key, second_log) =
+        stage_process(&dir.path().join("responder-2"), &broker.addr, prefix, "responder");
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            prefix,
+            "--roles",
+            "writer",
+            "--trust-detector",
+            &detector_key,
+            "--trust-responder",
+            &format!("{first_key},{second_key}"),
+        ],
+    );
+    let (url, token) = (writer.url.clone(), writer.token());
+    let actions = |agent: &str| {
+        sql(
+            &url,
+            &token,
+            &format!("SELECT keyid FROM actions WHERE agent = '{agent}' AND action = 'revoke_agent'"),
+        )
+    };
+
+    let one = poison(&url, &token, 71, "mem-lease-1");
+    wait_for("the active responder's revocation", || {
+        get(&url, &format!("/v1/agents/{one}"), &token).1["status"] == "revoked"
+    });
+    assert!(second_log.lock().unwrap().contains("responder: standby"));
+    assert!(
+        !second_log.lock().unwrap().contains("responder: active"),
+        "two active responders"
+    );
+    let by_first = actions(&one);
+    assert_eq!(by_first.len(), 1, "{by_first:?}");
+    assert_eq!(by_first[0]["keyid"], first_key.as_str());
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let started = std::time::Instant::now();
+    while !second_log.lock().unwrap().contains("responder: active") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the standby did not take the lease: {}",
+            second_log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let two = poison(&url, &token, 72, "mem-lease-2");
+    wait_for("the new active responder's revocation", || {
+        get(&url, &format!("/v1/agents/{two}"), &token).1["status"] == "revoked"
+    });
+    let by_second = actions(&two);
+    assert_eq!(by_second.len(), 1, "{by_second:?}");
+    assert_eq!(by_second[0]["keyid"], second_key.as_str());
+    // The new responder read the first attack's action back and did not act again.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(actions(&one).len(), 1);
+    for child in [&mut second, &mut detector] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
     writer.stop();
 }
 

@@ -217,3 +217,24 @@ fn a_queue_submission_is_answered_through_its_receipt() {
     let refused = late.wait(Duration::from_secs(1)).unwrap_err();
     assert!(refused.retryable, "{refused:?}");
 }
+
+/// The lease log's rule: the first record after the holder's TTL has run out takes the
+/// lease; the holder's own records renew it; others wait.
+#[cfg(feature = "kafka")]
+#[test]
+fn the_lease_goes_to_the_first_claim_after_the_holder_lapses() {
+    use custos_stage::kafka::{LEASE_TTL, LeaseLog};
+    let ttl = LEASE_TTL.as_millis() as i64;
+    let mut log = LeaseLog::default();
+    log.apply("a", 1_000);
+    log.apply("b", 1_001);
+    assert_eq!(log.holder, Some(("a".into(), 1_000)), "the first record wins");
+    log.apply("a", 1_000 + ttl);
+    log.apply("b", 1_000 + ttl + 10);
+    assert_eq!(log.holder.as_ref().unwrap().0, "a", "renewed in time");
+    // a stops renewing: b's next record after the TTL takes it, and a's late record does not.
+    log.apply("b", 1_000 + 2 * ttl + 1);
+    assert_eq!(log.holder, Some(("b".into(), 1_000 + 2 * ttl + 1)));
+    log.apply("a", 1_000 + 2 * ttl + 2);
+    assert_eq!(log.holder.as_ref().unwrap().0, "b");
+}
