@@ -12,6 +12,7 @@ use std::time::Duration;
 use custos_event::{AgentKey, Signer};
 use serde_json::json;
 
+use crate::hardening::signed_lines;
 use crate::respond::{enroll, get, wait_for};
 use crate::stages::{Broker, poison};
 use crate::support::{Server, custos};
@@ -218,7 +219,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         })
         .collect();
     let dids: Vec<String> = signers.iter().map(|signer| signer.did().to_owned()).collect();
-    let batch = events;
+    let batch = signed_lines;
     // The control topic has partitions: each agent's enrollment arrives on its own.
     let probes: Vec<Vec<u8>> = signers.iter_mut().map(|signer| batch(signer, 1)).collect();
     for node in [&first, &second] {
@@ -363,26 +364,6 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
 
-/// `count` signed events of `signer`, as NDJSON.
-fn events(signer: &mut Signer, count: usize) -> Vec<u8> {
-    (0..count)
-        .map(|_| {
-            signer
-                .sign_object(
-                    json!({"kind": "tool_call", "target": "search"})
-                        .as_object()
-                        .unwrap()
-                        .clone(),
-                    chrono::Utc::now(),
-                )
-                .unwrap()
-                .to_json()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
-}
-
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(text).unwrap()
@@ -421,14 +402,14 @@ fn an_ingest_node_without_a_writer_answers_and_nothing_is_doubled() {
             "2",
         ],
     );
-    let first = events(&mut signer, 1);
+    let first = signed_lines(&mut signer, 1);
     wait_for("the ingest node to know the agent", || {
         post_events(&ingest.url, &first).is_some_and(|results| results[0]["status"] == "accepted")
     });
     let log = writer.stop();
     assert!(!log.contains("panicked"), "{log}");
 
-    let body = events(&mut signer, 3);
+    let body = signed_lines(&mut signer, 3);
     let response = reqwest::blocking::Client::new()
         .post(format!("{}/v1/events", ingest.url))
         .body(body.clone())

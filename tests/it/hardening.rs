@@ -59,7 +59,8 @@ fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
     }
 }
 
-fn signed_lines(signer: &mut Signer, count: usize) -> Vec<u8> {
+/// `count` signed events of `signer`, as NDJSON.
+pub(crate) fn signed_lines(signer: &mut Signer, count: usize) -> Vec<u8> {
     (0..count)
         .map(|index| {
             signer

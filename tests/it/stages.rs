@@ -531,20 +531,27 @@ fn the_stages_work_on_kafka_topics_of_a_real_broker() {
 fn a_redelivered_submission_is_appended_once() {
     let dir = tempfile::tempdir().unwrap();
     let key = AgentKey::from_seed(&[43; 32]);
-    let queue = custos_ingest::Queue::new();
-    let submit = queue.submitter();
-    let mut signers = std::collections::BTreeMap::new();
-    signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
-    let hooks = custos_ingest::Hooks {
-        publish: Some(Fanout::new()),
-        queue: Some(queue),
-        system_signers: signers,
-        ..Default::default()
-    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let data = dir.path().join("node");
-    let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
-    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    // The writer, trusting `key` for findings, and a submitter into its queue.
+    let start = || {
+        let queue = custos_ingest::Queue::new();
+        let submit = queue.submitter();
+        let mut signers = std::collections::BTreeMap::new();
+        signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
+        let hooks = custos_ingest::Hooks {
+            publish: Some(Fanout::new()),
+            queue: Some(queue),
+            system_signers: signers,
+            ..Default::default()
+        };
+        let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
+        (
+            runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap(),
+            submit,
+        )
+    };
+    let (running, submit) = start();
     let bytes = |seq: u64, title: &str, prev: Option<String>| {
         serde_json::to_vec(&json!({"id": format!("f-{seq}"), "agent": "did:key:x", "realm": "eng",
             "type": "anomaly", "score": 50, "severity": "medium", "title": title, "ts": "2026-12-04T10:00:00Z",
@@ -575,18 +582,7 @@ fn a_redelivered_submission_is_appended_once() {
     );
     runtime.block_on(running.shutdown()).unwrap();
     // After a restart, the writer still knows what it appended.
-    let queue = custos_ingest::Queue::new();
-    let submit = queue.submitter();
-    let mut signers = std::collections::BTreeMap::new();
-    signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
-    let hooks = custos_ingest::Hooks {
-        publish: Some(Fanout::new()),
-        queue: Some(queue),
-        system_signers: signers,
-        ..Default::default()
-    };
-    let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
-    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    let (running, submit) = start();
     let replayed = submit
         .submit(finding(1, "c"))
         .unwrap()
