@@ -145,6 +145,18 @@ struct ServeArgs {
     /// bytes; what was stored meanwhile is answered `duplicate`).
     #[arg(long, default_value_t = 30, requires = "kafka", value_parser = clap::value_parser!(u64).range(1..=3600))]
     writer_timeout_secs: u64,
+    /// With --roles writer: one Merkle log per partition of the submissions topic, each
+    /// in its own store under DATA/partitions/<p>/. Each process takes the partitions
+    /// whose store no other writer holds, and takes a dead writer's within seconds; the
+    /// process also serves as an ingest node on --listen. Without it, one writer keeps
+    /// one log for every partition.
+    #[arg(long, requires = "kafka")]
+    log_per_partition: bool,
+    /// With --log-per-partition: the partitions this writer takes at once (for example
+    /// its StatefulSet ordinal's share); it takes any other partition only after no
+    /// writer has held it for 5 s. Default: every partition.
+    #[arg(long, value_delimiter = ',', requires = "log_per_partition")]
+    prefer_partitions: Vec<i32>,
     /// With --kafka, the roles this process runs: writer (the log writer with ingest and
     /// query), ingest (a stateless ingest node in front of the writer), detector,
     /// responder. Without --kafka, one process runs them all.
@@ -296,6 +308,9 @@ impl ServeArgs {
             writer: self.roles.contains(&Role::Writer),
             ingest: self.roles.contains(&Role::Ingest),
             writer_timeout: std::time::Duration::from_secs(self.writer_timeout_secs),
+            log_per_partition: self.log_per_partition,
+            partition: None,
+            preferred: self.prefer_partitions.clone(),
             trust,
         })
     }

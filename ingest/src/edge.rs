@@ -50,6 +50,7 @@ pub struct ControlView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AgentView {
     status: String,
+    realm: String,
     log_index: Option<u64>,
 }
 
@@ -61,6 +62,8 @@ struct ControlValue {
     kind: String,
     status: String,
     agent: String,
+    #[serde(default)]
+    realm: String,
     #[serde(default)]
     log_index: Option<u64>,
 }
@@ -93,6 +96,7 @@ impl ControlView {
                 value.agent,
                 AgentView {
                     status: value.status,
+                    realm: value.realm,
                     log_index: value.log_index,
                 },
             );
@@ -107,18 +111,29 @@ impl ControlView {
         self.loaded.load(Ordering::SeqCst)
     }
 
-    /// The ingest node's checks of one verified-or-rejected item.
-    fn check(&self, item: Item) -> EventItem {
+    /// The realm `did` is enrolled in, as far as the control topic told.
+    pub fn realm_of(&self, did: &str) -> Option<String> {
+        let agents = self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        agents.get(did).map(|agent| agent.realm.clone())
+    }
+
+    /// The ingest node's checks of one verified-or-rejected item, and the realm of its
+    /// agent when it is enrolled (what places it on a partition).
+    fn check(&self, item: Item) -> (EventItem, String) {
         let refused = |code: &str, message: String, signed: bool| ItemCheck::Refused {
             code: code.to_owned(),
             message,
             signed,
         };
+        let mut realm = String::new();
         let check = match &item.outcome {
             Err(rejection) => refused(rejection.reason.code(), rejection.message.clone(), false),
             Ok(verified) => {
                 let did = &verified.payload.agent;
                 let agents = self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(agent) = agents.get(did) {
+                    realm.clone_from(&agent.realm);
+                }
                 match agents.get(did) {
                     None => refused(
                         Reason::UnknownAgent.code(),
@@ -137,11 +152,14 @@ impl ControlView {
                 }
             }
         };
-        EventItem {
-            raw: item.raw,
-            keyid: item.keyid,
-            check,
-        }
+        (
+            EventItem {
+                raw: item.raw,
+                keyid: item.keyid,
+                check,
+            },
+            realm,
+        )
     }
 }
 
@@ -207,6 +225,7 @@ pub async fn start_edge(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/events", post(post_events))
+        .route("/v1/agents", post(enroll))
         .route("/v1/agents/{did}/revoke", post(revoke))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
@@ -262,14 +281,21 @@ async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stag
             ),
         )
         .retry_after(1)),
-        Ok(Err(refused)) => Err(ApiError::new(
-            422,
-            "writer_refused",
-            format!(
-                "the log writer refused the request: {}: {}",
-                refused.code, refused.message
+        // The writer's refusals of a control operation keep their own codes.
+        Ok(Err(refused)) => Err(match refused.code.as_str() {
+            "agent_exists" => ApiError::new(409, "agent_exists", refused.message),
+            "unknown_agent" => ApiError::new(404, "unknown_agent", refused.message),
+            "bad_did" => ApiError::new(400, "bad_did", refused.message),
+            "bad_realm" => ApiError::new(400, "bad_realm", refused.message),
+            _ => ApiError::new(
+                422,
+                "writer_refused",
+                format!(
+                    "the log writer refused the request: {}: {}",
+                    refused.code, refused.message
+                ),
             ),
-        )),
+        }),
         Err(error) => Err(ApiError::new(
             503,
             "writer_unavailable",
@@ -311,6 +337,7 @@ async fn post_events(
                 &state,
                 Submission::Events(EventBatch {
                     remote,
+                    realm: String::new(),
                     items: vec![item],
                 }),
             )
@@ -320,19 +347,54 @@ async fn post_events(
     };
     let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
     let count = items.len();
-    let items = items.into_iter().map(|item| state.view.check(item)).collect();
-    let appended = submit(&state, Submission::Events(EventBatch { remote, items })).await?;
-    let verdicts: Vec<Verdict> = appended.verdicts;
-    if verdicts.len() != count {
-        return Err(ApiError::new(
-            500,
-            "internal",
-            format!(
-                "the log writer answered {} verdicts for {count} envelopes",
-                verdicts.len()
-            ),
-        ));
+    // One batch per realm: each goes to its realm's partition (and log writer), and
+    // the answers are put back in request order.
+    let mut batches: Vec<(EventBatch, Vec<usize>)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let (item, realm) = state.view.check(item);
+        let position = match batches.iter().position(|(batch, _)| batch.realm == realm) {
+            Some(position) => position,
+            None => {
+                batches.push((
+                    EventBatch {
+                        remote: remote.clone(),
+                        realm,
+                        items: Vec::new(),
+                    },
+                    Vec::new(),
+                ));
+                batches.len() - 1
+            }
+        };
+        batches[position].0.items.push(item);
+        batches[position].1.push(index);
     }
+    let answers = futures::future::join_all(
+        batches
+            .into_iter()
+            .map(|(batch, indexes)| async { (submit(&state, Submission::Events(batch)).await, indexes) }),
+    )
+    .await;
+    let mut verdicts: Vec<Option<Verdict>> = vec![None; count];
+    for (appended, indexes) in answers {
+        let appended = appended?;
+        if appended.verdicts.len() != indexes.len() {
+            return Err(ApiError::new(
+                500,
+                "internal",
+                format!(
+                    "the log writer answered {} verdicts for {} envelopes",
+                    appended.verdicts.len(),
+                    indexes.len()
+                ),
+            ));
+        }
+        for (mut verdict, index) in appended.verdicts.into_iter().zip(indexes) {
+            verdict.index = index;
+            verdicts[index] = Some(verdict);
+        }
+    }
+    let verdicts: Vec<Verdict> = verdicts.into_iter().flatten().collect();
     for verdict in &verdicts {
         crate::sequencer::count(verdict);
     }
@@ -347,13 +409,49 @@ async fn revoke(
 ) -> Result<Response, ApiError> {
     let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
     let request = RevokeRequest::parse(&body)?;
+    let realm = state
+        .view
+        .realm_of(&did)
+        .ok_or_else(|| ApiError::new(404, "unknown_agent", format!("agent `{did}` is not enrolled")))?;
     let op = ControlOp::Revoke {
         agent: did.clone(),
+        realm,
         by: format!("token:{}", caller.token_id),
         reason: request.reason,
     };
     let appended = submit(&state, Submission::Control(op)).await?;
     Ok(Json(serde_json::json!({ "agent": did, "log_indexes": appended.log_indexes })).into_response())
+}
+
+/// `POST /v1/agents` through an ingest node: the enrollment goes to the writer of the
+/// realm's partition, which answers once it is durable.
+async fn enroll(State(state): State<EdgeState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
+    let request = crate::http::EnrollRequest::parse(&body)?;
+    if let Some(realm) = state.view.realm_of(&request.did) {
+        return Err(ApiError::new(
+            409,
+            "agent_exists",
+            format!("agent `{}` is already enrolled in realm `{realm}`", request.did),
+        ));
+    }
+    let op = ControlOp::Enroll {
+        agent: request.did.clone(),
+        realm: request.realm.clone(),
+        labels: request.labels,
+        by: format!("token:{}", caller.token_id),
+    };
+    let appended = submit(&state, Submission::Control(op)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "did": request.did,
+            "realm": request.realm,
+            "status": "active",
+            "enroll_log_index": appended.log_indexes.first(),
+        })),
+    )
+        .into_response())
 }
 
 #[cfg(test)]
@@ -398,7 +496,7 @@ mod tests {
     fn the_view_follows_the_control_topic() {
         let view = ControlView::new();
         let (did, _) = item(1);
-        let check = |seed| view.check(item(seed).1).check;
+        let check = |seed| view.check(item(seed).1).0.check;
         assert!(refused("unknown_agent", false)(check(1)));
         view.apply(&format!("agent:{did}"), &record(&did, "active", 3));
         assert_eq!(check(1), ItemCheck::Verified);
@@ -416,6 +514,6 @@ mod tests {
         // An item that failed its signature stays refused with its own reason.
         let (_, mut bad) = item(1);
         bad.outcome = Err(custos_event::Rejection::new(Reason::BadSignature, "bad"));
-        assert!(refused("bad_signature", false)(view.check(bad).check));
+        assert!(refused("bad_signature", false)(view.check(bad).0.check));
     }
 }

@@ -643,24 +643,31 @@ async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Resul
     .map(|_| ())
 }
 
+/// The body of `POST /v1/agents`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EnrollRequest {
-    did: String,
-    realm: String,
+pub(crate) struct EnrollRequest {
+    pub did: String,
+    pub realm: String,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl EnrollRequest {
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body).map_err(|error| {
+            ApiError::new(
+                400,
+                "bad_request",
+                format!("expected {{\"did\",\"realm\",\"labels\"}}: {error}"),
+            )
+        })
+    }
 }
 
 async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &[Role::Admin])?;
-    let request: EnrollRequest = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(
-            400,
-            "bad_request",
-            format!("expected {{\"did\",\"realm\",\"labels\"}}: {error}"),
-        )
-    })?;
+    let request = EnrollRequest::parse(&body)?;
     let by = format!("token:{}", caller.token_id);
     let record = ask(&state, |reply| Command::Enroll {
         did: request.did,

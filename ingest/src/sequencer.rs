@@ -803,9 +803,18 @@ impl Sequencer {
                 Ok(Appended::entries(vec![log_index]))
             }
             Submission::Action(envelope) => self.append_action(envelope, entries),
-            Submission::Control(ControlOp::Revoke { agent, by, reason }) => self
+            Submission::Control(ControlOp::Revoke { agent, by, reason, .. }) => self
                 .revoke(&agent, reason, by, entries)
                 .map(|revoked| Appended::entries(revoked.log_indexes))
+                .map_err(|error| refused(&error)),
+            Submission::Control(ControlOp::Enroll {
+                agent,
+                realm,
+                labels,
+                by,
+            }) => self
+                .enroll(agent, realm, labels, by, entries)
+                .map(|record| Appended::entries(vec![record.enroll_log_index]))
                 .map_err(|error| refused(&error)),
         }
     }

@@ -241,6 +241,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         data: data.clone(),
         signatures: true,
         log_key: None,
+        partitions_key: None,
         witness: None,
         witness_url: None,
         witness_checkpoint: None,

@@ -21,6 +21,14 @@ pub(crate) struct Cluster {
     pub(crate) ingest: bool,
     /// How long an ingest node waits for the writer's answer.
     pub(crate) writer_timeout: std::time::Duration,
+    /// One log per partition (`--log-per-partition`): the writer process writes the logs
+    /// of the partitions whose store it can lock, under `DATA/partitions/<p>/`.
+    pub(crate) log_per_partition: bool,
+    /// The one partition a writer node reads and writes (set per node in that mode).
+    pub(crate) partition: Option<i32>,
+    /// The partitions this writer takes at once (`--prefer-partitions`; all when
+    /// empty); others only once no writer has held them for [`TAKEOVER_AFTER`].
+    pub(crate) preferred: Vec<i32>,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
 }
@@ -37,7 +45,12 @@ pub(crate) struct Bridges {
 }
 
 impl Bridges {
-    fn start(kafka: &KafkaConfig, data: &std::path::Path, hooks: &mut custos_ingest::Hooks) -> anyhow::Result<Self> {
+    fn start(
+        kafka: &KafkaConfig,
+        partition: Option<i32>,
+        data: &std::path::Path,
+        hooks: &mut custos_ingest::Hooks,
+    ) -> anyhow::Result<Self> {
         let fanout = hooks
             .publish
             .get_or_insert_with(custos_stage::embedded::Fanout::new)
@@ -52,8 +65,13 @@ impl Bridges {
         // below `from`).
         hooks.replay_from = from;
         let mut committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
-        let mut publisher = custos_stage::kafka::KafkaPublisher::new(kafka, None).context("connecting to Kafka")?;
-        let mut intake = custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?;
+        let mut publisher =
+            custos_stage::kafka::KafkaPublisher::new(kafka, partition).context("connecting to Kafka")?;
+        let mut intake = match partition {
+            Some(partition) => custos_stage::kafka::KafkaIntake::for_partition(kafka, partition)
+                .with_context(|| format!("reading partition {partition} of the submissions topic"))?,
+            None => custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?,
+        };
         let into_writer = queue.submitter();
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
         let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;
@@ -181,11 +199,24 @@ impl Node {
         let bridges = match cluster {
             Some(cluster) => {
                 hooks.system_signers.extend(cluster.trust.clone());
-                Some(Bridges::start(&cluster.kafka, &config.data, &mut hooks)?)
+                Some(Bridges::start(
+                    &cluster.kafka,
+                    cluster.partition,
+                    &config.data,
+                    &mut hooks,
+                )?)
             }
             None => None,
         };
-        let running = custos_ingest::start_with(config, hooks).await?;
+        let running = match custos_ingest::start_with(config, hooks).await {
+            Ok(running) => running,
+            Err(error) => {
+                if let Some(bridges) = bridges {
+                    tokio::task::spawn_blocking(move || bridges.stop()).await?;
+                }
+                return Err(error.into());
+            }
+        };
         Ok(Self {
             running,
             pipeline,
@@ -222,8 +253,8 @@ pub(crate) async fn run(
         if let Some(pipeline) = &mut pipeline {
             pipeline.transport = Transport::Kafka(cluster.kafka.clone());
         }
-        if !cluster.writer {
-            return run_without_store(config, pipeline, cluster).await;
+        if !cluster.writer || cluster.log_per_partition {
+            return run_without_store(config, pipeline, limits, cluster).await;
         }
     }
     let node = Node::start_in(config, pipeline, Arc::new(Marks::default()), limits, cluster.as_ref()).await?;
@@ -291,18 +322,34 @@ pub(crate) async fn wait_for_signal() {
     let _ = interrupt.await;
 }
 
-/// A process without the store (`--kafka B --roles ingest` and/or `detector,responder`):
-/// an ingest node in front of the writer, stages that read and write the topics.
+/// A process without one store of its own: an ingest node in front of the writers
+/// (`--roles ingest`), stages that read and write the topics (`detector,responder`),
+/// and with `--roles writer --log-per-partition`, the writers of the partitions whose
+/// logs it can take (it then serves as an ingest node on `--listen` too).
 async fn run_without_store(
     config: custos_ingest::NodeConfig,
     pipeline: Option<PipelineConfig>,
+    limits: custos_query::Limits,
     cluster: &Cluster,
 ) -> anyhow::Result<()> {
-    if pipeline.is_none() && !cluster.ingest {
+    let writers = cluster.writer && cluster.log_per_partition;
+    if pipeline.is_none() && !cluster.ingest && !writers {
         anyhow::bail!("--roles names no role this process can run (writer, ingest, detector or responder)");
     }
-    let edge = match cluster.ingest {
-        true => Some(Edge::start(config, cluster).await?),
+    let data = config.data.clone();
+    let partitions = match writers {
+        true => Some(PartitionWriters::start(config.clone(), limits, cluster.clone()).await?),
+        false => None,
+    };
+    let edge = match cluster.ingest || writers {
+        true => {
+            let mut config = config;
+            if writers {
+                // The partition stores are under DATA; this node's token table beside them.
+                config.data = config.data.join("edge");
+            }
+            Some(Edge::start(config, cluster).await?)
+        }
         false => None,
     };
     let stages = match pipeline {
@@ -325,6 +372,10 @@ async fn run_without_store(
         eprintln!("stopping: the ingest node answers what it holds");
         edge.stop().await;
     }
+    if let Some(partitions) = partitions {
+        eprintln!("stopping: sealing and checkpointing each partition's log");
+        partitions.stop(&data).await;
+    }
     if let Some((pipeline, hooks)) = stages {
         eprintln!("stopping: the stages finish what they read and save their state");
         if let Some(drain) = hooks.drain {
@@ -333,6 +384,163 @@ async fn run_without_store(
         tokio::task::spawn_blocking(move || pipeline.join()).await?;
     }
     Ok(())
+}
+
+/// Where partition `p`'s store lives in a writer's data directory.
+pub(crate) fn partition_dir(data: &std::path::Path, partition: i32) -> std::path::PathBuf {
+    data.join("partitions").join(partition.to_string())
+}
+
+/// Whether another process holds the store lock of `dir` (a running writer).
+fn locked_elsewhere(dir: &std::path::Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new().read(true).open(dir.join("LOCK")) else {
+        return false;
+    };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// The log writers of `--log-per-partition`: every second, each partition whose store
+/// no other process has locked is taken (opened, recovered from its WAL, and read from
+/// the writer group's committed offset), so a surviving writer takes over a dead one's
+/// partitions within a second or two. The stores must be on a file system every writer
+/// process reaches, with working locks (one machine, or a shared volume).
+/// How long a partition outside `--prefer-partitions` must be without a writer before
+/// this process takes it: its preferred writer may be restarting.
+const TAKEOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+struct PartitionWriters {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::collections::BTreeMap<i32, Node>>,
+    set: custos_store::partitions::PartitionSet,
+}
+
+impl PartitionWriters {
+    async fn start(
+        base: custos_ingest::NodeConfig,
+        limits: custos_query::Limits,
+        cluster: Cluster,
+    ) -> anyhow::Result<Self> {
+        let partitions = {
+            let kafka = cluster.kafka.clone();
+            tokio::task::spawn_blocking(move || custos_stage::kafka::submission_partitions(&kafka))
+                .await?
+                .context("reading the submissions topic's partitions")?
+        };
+        eprintln!(
+            "log writer: one log per partition ({partitions}), stores under {}",
+            base.data.join("partitions").display()
+        );
+        let set = custos_store::partitions::PartitionSet::open_or_create(&base.data, partitions.unsigned_abs())
+            .context("opening the partition set")?;
+        let (stop, mut stopping) = tokio::sync::watch::channel(false);
+        let bound = set.clone();
+        let task = tokio::spawn(async move {
+            let mut nodes = std::collections::BTreeMap::new();
+            let mut free_since = std::collections::BTreeMap::new();
+            let mut signer = None;
+            loop {
+                if nodes.contains_key(&0) {
+                    let (data, set, mut held) = (base.data.clone(), bound.clone(), signer.take());
+                    signer = tokio::task::spawn_blocking(move || {
+                        Self::bind(&data, &set, &mut held);
+                        held
+                    })
+                    .await
+                    .unwrap_or(None);
+                }
+                for partition in 0..partitions {
+                    if nodes.contains_key(&partition) || *stopping.borrow() {
+                        continue;
+                    }
+                    let dir = partition_dir(&base.data, partition);
+                    if locked_elsewhere(&dir) {
+                        free_since.remove(&partition);
+                        continue;
+                    }
+                    let since = *free_since.entry(partition).or_insert_with(std::time::Instant::now);
+                    let preferred = cluster.preferred.is_empty() || cluster.preferred.contains(&partition);
+                    if !preferred && since.elapsed() < TAKEOVER_AFTER {
+                        continue;
+                    }
+                    let mut config = base.clone();
+                    config.data = dir;
+                    config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                    let mut this = cluster.clone();
+                    this.partition = Some(partition);
+                    match Node::start_in(config, None, Arc::new(Marks::default()), limits.clone(), Some(&this)).await {
+                        Ok(node) => {
+                            free_since.remove(&partition);
+                            eprintln!(
+                                "partition {partition}: this process writes its log (node key {}; its store's API on http://{})",
+                                node.running.node_did, node.running.addr
+                            );
+                            nodes.insert(partition, node);
+                        }
+                        Err(error) => match error.downcast_ref::<custos_ingest::NodeError>() {
+                            Some(custos_ingest::NodeError::Locked(_)) => {}
+                            _ => tracing::error!(
+                                partition,
+                                error = format!("{error:#}"),
+                                "could not open the partition's log"
+                            ),
+                        },
+                    }
+                }
+                tokio::select! {
+                    _ = stopping.changed() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+            nodes
+        });
+        Ok(Self { stop, task, set })
+    }
+
+    /// Signs a cross-partition checkpoint when partition 0 is written here (one signer
+    /// at a time) and a partition's head moved.
+    fn bind(
+        data: &std::path::Path,
+        set: &custos_store::partitions::PartitionSet,
+        signer: &mut Option<custos_store::partitions::CrossSigner>,
+    ) {
+        let signer = match signer {
+            Some(signer) => signer,
+            None => match custos_store::partitions::CrossSigner::open(data, set.clone()) {
+                Ok(opened) => signer.insert(opened),
+                Err(error) => {
+                    tracing::error!(%error, "cannot open the partition set's key");
+                    return;
+                }
+            },
+        };
+        match signer.tick() {
+            Ok(Some(checkpoint)) => tracing::debug!(
+                sizes = ?checkpoint.heads.iter().map(|head| head.size).collect::<Vec<_>>(),
+                "signed a cross-partition checkpoint"
+            ),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "could not sign a cross-partition checkpoint"),
+        }
+    }
+
+    async fn stop(self, data: &std::path::Path) {
+        let _ = self.stop.send(true);
+        let Ok(nodes) = self.task.await else {
+            return;
+        };
+        let binds = nodes.contains_key(&0);
+        for (partition, node) in nodes {
+            match node.shutdown().await {
+                Ok(closed) => eprintln!("partition {partition}: stopped ({} entries)", closed.entries),
+                Err(error) => eprintln!("partition {partition}: stopping failed: {error:#}"),
+            }
+        }
+        if binds {
+            // Bind the final checkpoints the partitions signed as they stopped.
+            let (data, set) = (data.to_owned(), self.set);
+            let _ = tokio::task::spawn_blocking(move || Self::bind(&data, &set, &mut None)).await;
+        }
+    }
 }
 
 /// A stateless ingest node and the thread that keeps its registry view from the

@@ -13,16 +13,23 @@ and log index), 2 when the store cannot be read at all.
 
 Examples:
   custos verify ./store
-  custos verify ./store --signatures --log-key 'custos/…/0+1a2b3c4d+AR…'")]
+  custos verify ./store --signatures --log-key 'custos/…/0+1a2b3c4d+AR…'
+  custos verify ./writers --signatures    (a partition set: every partition's log, then
+                                           the cross-partition checkpoints)")]
 pub(crate) struct VerifyArgs {
     /// The data directory of a store.
     pub(crate) data: PathBuf,
     /// Also verify every ed25519 signature (batched across all cores).
     #[arg(long)]
     pub(crate) signatures: bool,
-    /// The checkpoint verifier key you trust, instead of the one published in the store.
+    /// The checkpoint verifier key you trust, instead of the one published in the store
+    /// (a single store; each partition of a set has its own).
     #[arg(long)]
     pub(crate) log_key: Option<String>,
+    /// For a partition set (a writer's DATA with --log-per-partition): the verifier key
+    /// of its cross-partition checkpoints you trust, instead of DATA/partitions.pub.
+    #[arg(long)]
+    pub(crate) partitions_key: Option<String>,
     /// A witness's verifier key (`custos witness` prints it): the store must hold at least
     /// what that witness cosigned, with the same root. The cosigned checkpoint comes from
     /// --witness-url (the witness itself), --witness-checkpoint (a saved note), or else
@@ -54,6 +61,7 @@ pub(crate) fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let options = VerifyOptions {
         signatures: args.signatures,
         log_key: args.log_key.clone(),
+        partitions_key: args.partitions_key.clone(),
         witnessed,
         ..Default::default()
     };
@@ -114,6 +122,13 @@ pub(crate) fn print_report(report: &Report, elapsed: std::time::Duration) {
             rate
         );
         println!("  checkpoint key: {}", log.verifier_key);
+    }
+    if let Some(set) = &report.partitions {
+        println!(
+            "partition set {}: {} partitions, {} cross-partition checkpoints checked",
+            set.set_id, set.partitions, set.checkpoints
+        );
+        println!("  cross-partition checkpoint key: {}", set.verifier_key);
     }
     for warning in &report.warnings {
         println!("warning: {warning}");

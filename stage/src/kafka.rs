@@ -291,6 +291,8 @@ pub struct KafkaSubmitter {
     config: KafkaConfig,
     sender: Sender,
     origin: String,
+    /// Of the submissions topic: each submission goes to the partition of its realm.
+    partitions: i32,
     next_ticket: AtomicU64,
     waiting: Waiting,
     stop: Arc<AtomicBool>,
@@ -312,6 +314,7 @@ impl KafkaSubmitter {
         // Start at each partition's current end, found before the first submission, so
         // no receipt of ours can come before the position.
         assign_all(&consumer, &config.receipts(), |_, high| Offset::Offset(high))?;
+        let partitions = partition_count(consumer.client(), &config.submissions())?;
         let waiting: Waiting = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let receipts = {
@@ -327,6 +330,7 @@ impl KafkaSubmitter {
             config: config.clone(),
             sender,
             origin,
+            partitions,
             next_ticket: AtomicU64::new(0),
             waiting,
             stop,
@@ -387,7 +391,11 @@ impl Submitter for KafkaSubmitter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(ticket, answer);
         let key = wire::submission_key(&submission);
-        if let Err(error) = self.sender.send(&self.config.submissions(), &key, None, &bytes) {
+        let partition = wire::partition_for(&key, self.partitions);
+        if let Err(error) = self
+            .sender
+            .send(&self.config.submissions(), &key, Some(partition), &bytes)
+        {
             self.waiting
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -618,6 +626,31 @@ impl KafkaIntake {
         let consumer = config.consumer(&format!("{}.writer", config.prefix))?;
         let topic = config.submissions();
         consumer.subscribe(&[&topic]).map_err(kafka)?;
+        Self::reading(config, consumer, topic)
+    }
+
+    /// The writer of one partition's log: reads only `partition`, from the offset the
+    /// writer group committed for it (the start of the topic when none was), outside
+    /// any group membership. Whoever owns that log (see `docs/architecture.md`) calls
+    /// this; offsets are committed as by [`KafkaIntake::new`].
+    pub fn for_partition(config: &KafkaConfig, partition: i32) -> Result<Self, StageError> {
+        let consumer = config.consumer(&format!("{}.writer", config.prefix))?;
+        let topic = config.submissions();
+        let partitions = partition_count(consumer.client(), &topic)?;
+        if !(0..partitions).contains(&partition) {
+            return Err(StageError::Kafka(format!(
+                "topic `{topic}` has {partitions} partitions; there is no partition {partition}"
+            )));
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&topic, partition, Offset::Stored)
+            .map_err(kafka)?;
+        consumer.assign(&assignment).map_err(kafka)?;
+        Self::reading(config, consumer, topic)
+    }
+
+    fn reading(config: &KafkaConfig, consumer: BaseConsumer, topic: String) -> Result<Self, StageError> {
         Ok(Self {
             consumer,
             topic,
@@ -965,15 +998,7 @@ fn assign_all(
     topic: &str,
     start: impl Fn(i64, i64) -> Offset,
 ) -> Result<HashMap<i32, (i64, i64)>, StageError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kafka)?;
-    let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
-    if partitions == 0 {
-        return Err(StageError::Kafka(format!(
-            "topic `{topic}` has no partitions (create the topics first: a writer does at its start)"
-        )));
-    }
+    let partitions = partition_count(consumer.client(), topic)?;
     let mut assignment = TopicPartitionList::new();
     let mut marks = HashMap::new();
     for partition in 0..partitions {
@@ -987,6 +1012,27 @@ fn assign_all(
     }
     consumer.assign(&assignment).map_err(kafka)?;
     Ok(marks)
+}
+
+/// How many partitions the submissions topic has: one log each, with
+/// `--log-per-partition`.
+pub fn submission_partitions(config: &KafkaConfig) -> Result<i32, StageError> {
+    let consumer: BaseConsumer = config.client().create().map_err(kafka)?;
+    partition_count(consumer.client(), &config.submissions())
+}
+
+/// How many partitions `topic` has (an error when it does not exist).
+fn partition_count<C: ClientContext>(client: &rdkafka::client::Client<C>, topic: &str) -> Result<i32, StageError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka)?;
+    let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
+    if partitions == 0 {
+        return Err(StageError::Kafka(format!(
+            "topic `{topic}` has no partitions (create the topics first: a writer does at its start)"
+        )));
+    }
+    Ok(partitions)
 }
 
 /// Follows the compacted control topic from its beginning: every subject's latest

@@ -54,6 +54,9 @@ pub enum Submission {
 pub struct EventBatch {
     /// The client's address, kept with refused items for forensics.
     pub remote: String,
+    /// The realm of the batch's agents: what places it on a partition (an ingest node
+    /// sends one batch per realm; empty when unknown, as for a batch of refused items).
+    pub realm: String,
     pub items: Vec<EventItem>,
 }
 
@@ -140,9 +143,21 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlOp {
+    /// Enrolls an agent key in a realm (refused `agent_exists`, `bad_did`, `bad_realm`).
+    Enroll {
+        agent: String,
+        realm: String,
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        labels: std::collections::BTreeMap<String, String>,
+        by: String,
+    },
     /// Revokes the agent and all its sub-agents.
     Revoke {
         agent: String,
+        /// The agent's realm, which places the operation on the agent's partition (empty
+        /// when the sender does not know it).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        realm: String,
         by: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,

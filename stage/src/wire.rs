@@ -31,10 +31,21 @@ pub struct SubmissionRecord {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WireSubmission {
-    Events { remote: String, items: Vec<WireEventItem> },
-    Finding { envelope: String },
-    Action { envelope: String },
-    Control { op: ControlOp },
+    Events {
+        remote: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        realm: String,
+        items: Vec<WireEventItem>,
+    },
+    Finding {
+        envelope: String,
+    },
+    Action {
+        envelope: String,
+    },
+    Control {
+        op: ControlOp,
+    },
 }
 
 /// One envelope of an [`EventBatch`]: `raw` is the client's bytes in base64 (they need
@@ -130,6 +141,7 @@ pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> 
     let submission = match submission {
         Submission::Events(batch) => WireSubmission::Events {
             remote: batch.remote.clone(),
+            realm: batch.realm.clone(),
             items: batch.items.iter().map(wire_item).collect(),
         },
         Submission::Finding(envelope) => WireSubmission::Finding {
@@ -155,8 +167,9 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
         serde_json::from_slice(bytes).map_err(|error| format!("not a submission record: {error}"))?;
     check_version(record.v)?;
     let submission = match record.submission {
-        WireSubmission::Events { remote, items } => Submission::Events(EventBatch {
+        WireSubmission::Events { remote, realm, items } => Submission::Events(EventBatch {
             remote,
+            realm,
             items: items.into_iter().map(event_item).collect::<Result<_, _>>()?,
         }),
         WireSubmission::Finding { envelope: json } => Submission::Finding(envelope(&json, FINDING_PAYLOAD_TYPE)?),
@@ -313,19 +326,37 @@ pub fn committed_key(record: &Committed) -> String {
     }
 }
 
-/// The key of a submission (the agent it is about; for a batch of events, its first
-/// item's signer).
+/// The key of a submission: the realm it is about. Every record of a realm goes to one
+/// partition ([`partition_for`]), so one log holds a realm's agents, their sub-agents,
+/// findings, actions and control entries, and a cascade never crosses logs.
 pub fn submission_key(submission: &Submission) -> String {
-    match submission {
-        Submission::Events(batch) => batch
-            .items
-            .iter()
-            .find_map(|item| item.keyid.clone())
-            .unwrap_or_default(),
-        Submission::Finding(envelope) | Submission::Action(envelope) => committed_key(&Committed::Finding {
-            log_index: 0,
-            payload: envelope.payload.clone(),
-        }),
-        Submission::Control(ControlOp::Revoke { agent, .. }) => agent.clone(),
+    fn realm_of(payload: &[u8]) -> String {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            realm: String,
+        }
+        serde_json::from_slice::<Head>(payload)
+            .map(|head| head.realm)
+            .unwrap_or_default()
     }
+    match submission {
+        Submission::Events(batch) => batch.realm.clone(),
+        Submission::Finding(envelope) | Submission::Action(envelope) => realm_of(&envelope.payload),
+        Submission::Control(ControlOp::Enroll { realm, .. } | ControlOp::Revoke { realm, .. }) => realm.clone(),
+    }
+}
+
+/// The partition of `key` among `partitions`: the first four bytes of its blake3 hash,
+/// little-endian, modulo the count. Every producer places records with this, not with a
+/// client library's partitioner, so any implementation agrees.
+pub fn partition_for(key: &str, partitions: i32) -> i32 {
+    let hash = blake3::hash(key.as_bytes());
+    let first = u32::from_le_bytes([
+        hash.as_bytes()[0],
+        hash.as_bytes()[1],
+        hash.as_bytes()[2],
+        hash.as_bytes()[3],
+    ]);
+    (first % partitions.max(1).unsigned_abs()) as i32
 }

@@ -145,6 +145,11 @@ fn split_note(note: &str) -> Result<(&str, Vec<&str>), NoteError> {
 /// Verifies a checkpoint note against `key`, returning the checkpoint it signs.
 /// Signatures by other keys are ignored, as the signed-note format prescribes.
 pub fn verify_checkpoint(note: &str, key: &NoteKey) -> Result<Checkpoint, NoteError> {
+    Checkpoint::parse_body(verify_note(note, key)?)
+}
+
+/// Verifies any signed note against `key`, returning its body (ending in a newline).
+pub fn verify_note<'a>(note: &'a str, key: &NoteKey) -> Result<&'a str, NoteError> {
     let (body, lines) = split_note(note)?;
     let verifying = ed25519_dalek::VerifyingKey::from_bytes(&key.public)
         .map_err(|_| NoteError::BadVerifierKey(key.name.clone()))?;
@@ -163,7 +168,7 @@ pub fn verify_checkpoint(note: &str, key: &NoteKey) -> Result<Checkpoint, NoteEr
         seen = true;
         let sig = ed25519_dalek::Signature::from_bytes(blob[4..].try_into().unwrap_or(&[0u8; 64]));
         if verifying.verify(body.as_bytes(), &sig).is_ok() {
-            return Checkpoint::parse_body(body);
+            return Ok(body);
         }
     }
     if seen {

@@ -18,6 +18,7 @@
 //! - [`checkpoint`]: checkpoints as C2SP signed notes.
 //! - [`log`]: one log, tying the above together with recovery.
 //! - [`verify`]: the offline verifier behind `custos verify`.
+//! - [`partitions`]: a set of partition logs and the checkpoint that binds their heads.
 //! - [`keyfile`]: owner-only key files.
 //!
 //! The layout on disk is specified in `docs/store-format.md`.
@@ -31,6 +32,7 @@ pub mod entry;
 pub mod keyfile;
 pub mod log;
 pub mod merkle;
+pub mod partitions;
 pub mod segment;
 pub mod seqindex;
 mod treecache;

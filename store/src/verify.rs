@@ -34,6 +34,9 @@ pub struct VerifyOptions {
     /// Checkpoints cosigned by witnesses (the witness's key, the cosigned note): the log
     /// must hold at least as many entries, with the same root at that size.
     pub witnessed: Vec<(crate::witness::CosignerKey, String)>,
+    /// For a partition set: the cross-partition checkpoints' verifier key you trust,
+    /// instead of the published `partitions.pub`.
+    pub partitions_key: Option<String>,
 }
 
 /// One thing that does not add up.
@@ -81,6 +84,20 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Things worth knowing that are not integrity failures (a torn, unacknowledged WAL tail).
     pub warnings: Vec<String>,
+    /// For a partition set (`--log-per-partition`): the set and its cross-partition
+    /// checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<PartitionsSummary>,
+}
+
+/// What was checked of a partition set.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PartitionsSummary {
+    pub set_id: String,
+    pub partitions: u32,
+    /// Cross-partition checkpoints checked.
+    pub checkpoints: usize,
+    pub verifier_key: String,
 }
 
 impl Report {
@@ -92,8 +109,14 @@ impl Report {
 /// Progress: bytes read so far out of the total.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
-/// Verifies every log of the store at `data`.
+/// Verifies every log of the store at `data`, or, when `data` is a partition set, every
+/// partition's store and the cross-partition checkpoints that bind them.
 pub fn verify_store(data: &Path, options: &VerifyOptions, progress: Progress<'_>) -> Result<Report, StoreError> {
+    if !data.join("store.json").exists()
+        && let Some(set) = crate::partitions::PartitionSet::open(data)?
+    {
+        return verify_partition_set(data, &set, options, progress);
+    }
     let info = StoreInfo::open(data, false)?;
     let mut report = Report::default();
     let total: u64 = info
@@ -109,6 +132,64 @@ pub fn verify_store(data: &Path, options: &VerifyOptions, progress: Progress<'_>
         })?;
         report.logs.push(summary);
     }
+    Ok(report)
+}
+
+/// [`verify_store`] of each partition's store (its logs named `<partition>/<log id>`),
+/// then the cross-partition checkpoints against the partitions' own checkpoints.
+fn verify_partition_set(
+    data: &Path,
+    set: &crate::partitions::PartitionSet,
+    options: &VerifyOptions,
+    progress: Progress<'_>,
+) -> Result<Report, StoreError> {
+    use crate::partitions::PartitionSet;
+    let mut report = Report::default();
+    for partition in 0..set.partitions {
+        let dir = PartitionSet::store_dir(data, partition);
+        if !dir.join("store.json").exists() {
+            // Never written, or deleted: a deleted partition that any cross-partition
+            // checkpoint bound as non-empty is a `cross_head` problem below.
+            report.warnings.push(format!(
+                "partition {partition} has no store (partitions/{partition}/store.json): no writer has taken it yet"
+            ));
+            continue;
+        }
+        let part = verify_store(&dir, options, &mut *progress)?;
+        report.logs.extend(part.logs.into_iter().map(|mut log| {
+            log.log_id = format!("{partition}/{}", log.log_id);
+            log
+        }));
+        report.problems.extend(part.problems.into_iter().map(|mut problem| {
+            problem.log_id = format!("{partition}/{}", problem.log_id);
+            problem
+        }));
+        report.warnings.extend(
+            part.warnings
+                .into_iter()
+                .map(|warning| format!("partition {partition}: {warning}")),
+        );
+    }
+    let (problems, checkpoints) = crate::partitions::verify_cross(data, set, options.partitions_key.as_deref())?;
+    report.problems.extend(problems);
+    let verifier_key = match &options.partitions_key {
+        Some(key) => key.clone(),
+        None => fs_err::read_to_string(PartitionSet::public_key_path(data))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    };
+    if checkpoints == 0 {
+        report
+            .warnings
+            .push("the set has no cross-partition checkpoint yet: nothing binds the partitions together".into());
+    }
+    report.partitions = Some(PartitionsSummary {
+        set_id: set.set_id.clone(),
+        partitions: set.partitions,
+        checkpoints,
+        verifier_key,
+    });
     Ok(report)
 }
 

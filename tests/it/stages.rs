@@ -429,6 +429,7 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
     let submit = |items: Vec<EventItem>| {
         let batch = EventBatch {
             remote: "192.0.2.7:5000".into(),
+            realm: "eng".into(),
             items,
         };
         ingest

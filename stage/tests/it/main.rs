@@ -78,11 +78,19 @@ fn submissions_round_trip_and_bad_records_are_named() {
         Submission::Finding(envelope.clone()),
         Submission::Control(ControlOp::Revoke {
             agent: "did:key:b".into(),
+            realm: "eng".into(),
             by: "token:t1".into(),
             reason: Some("test".into()),
         }),
+        Submission::Control(ControlOp::Enroll {
+            agent: "did:key:c".into(),
+            realm: "ops".into(),
+            labels: [("team".to_owned(), "blue".to_owned())].into(),
+            by: "token:t1".into(),
+        }),
         Submission::Events(custos_stage::EventBatch {
             remote: "192.0.2.1:4000".into(),
+            realm: "eng".into(),
             items: vec![
                 custos_stage::EventItem {
                     raw: envelope.to_json().into_bytes(),
@@ -196,6 +204,7 @@ fn a_queue_submission_is_answered_through_its_receipt() {
     let receipt = submitter
         .submit(Submission::Control(ControlOp::Revoke {
             agent: "did:key:d".into(),
+            realm: String::new(),
             by: "t".into(),
             reason: None,
         }))
@@ -209,6 +218,7 @@ fn a_queue_submission_is_answered_through_its_receipt() {
     let late = submitter
         .submit(Submission::Control(ControlOp::Revoke {
             agent: "did:key:d".into(),
+            realm: String::new(),
             by: "t".into(),
             reason: None,
         }))
@@ -237,4 +247,33 @@ fn the_lease_goes_to_the_first_claim_after_the_holder_lapses() {
     assert_eq!(log.holder, Some(("b".into(), 1_000 + 2 * ttl + 1)));
     log.apply("a", 1_000 + 2 * ttl + 2);
     assert_eq!(log.holder.as_ref().unwrap().0, "b");
+}
+
+#[test]
+fn a_submission_goes_to_the_partition_of_its_realm() {
+    // The documented rule: u32 little-endian of blake3(realm)[0..4], modulo the count.
+    for realm in ["eng", "ops", "", "finance-eu"] {
+        let hash = blake3::hash(realm.as_bytes());
+        let first = u32::from_le_bytes(hash.as_bytes()[..4].try_into().unwrap());
+        assert_eq!(wire::partition_for(realm, 3), (first % 3) as i32, "{realm}");
+        assert_eq!(wire::partition_for(realm, 1), 0);
+    }
+    // Realms spread over every partition.
+    let used: std::collections::BTreeSet<i32> =
+        (0..30).map(|n| wire::partition_for(&format!("realm-{n}"), 3)).collect();
+    assert_eq!(used, [0, 1, 2].into());
+    // A batch, a finding and a revocation of one realm have one key.
+    let batch = Submission::Events(custos_stage::EventBatch {
+        remote: String::new(),
+        realm: "eng".into(),
+        items: Vec::new(),
+    });
+    let revoke = Submission::Control(ControlOp::Revoke {
+        agent: "did:key:x".into(),
+        realm: "eng".into(),
+        by: "t".into(),
+        reason: None,
+    });
+    assert_eq!(wire::submission_key(&batch), "eng");
+    assert_eq!(wire::submission_key(&revoke), "eng");
 }
