@@ -544,3 +544,248 @@ fn bench_cluster_reports_every_phase() {
     let ratio = json["two_ingest_ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{json}");
 }
+
+/// An ingest process on topics with `prefix`.
+fn ingest_on(dir: &std::path::Path, name: &str, brokers: &str, prefix: &str) -> Server {
+    Server::start_with(
+        &dir.join(name),
+        &["--kafka", brokers, "--kafka-prefix", prefix, "--roles", "ingest"],
+    )
+}
+
+/// A `--log-per-partition` writer process on the shared `store`, preferring `prefer`.
+fn partition_writer(store: &std::path::Path, brokers: &str, prefix: &str, prefer: &str) -> Server {
+    Server::start_with(
+        store,
+        &[
+            "--kafka",
+            brokers,
+            "--kafka-prefix",
+            prefix,
+            "--roles",
+            "writer",
+            "--log-per-partition",
+            "--prefer-partitions",
+            prefer,
+        ],
+    )
+}
+
+/// Every event entry of every partition's store: (partition, agent, seq) per row.
+fn stored_events(store: &std::path::Path) -> Vec<(u32, String, u64)> {
+    let mut rows = Vec::new();
+    for partition in 0..3u32 {
+        let segments = custos_store::partitions::PartitionSet::store_dir(store, partition).join("logs/0/segments");
+        let Ok(files) = std::fs::read_dir(&segments) else {
+            continue;
+        };
+        for file in files {
+            let path = file.unwrap().path();
+            if path.extension().is_none_or(|ext| ext != "parquet") {
+                continue;
+            }
+            let segment = custos_store::segment::decode(std::fs::read(&path).unwrap().into()).unwrap();
+            for row in segment.rows {
+                if row.entry.payload_type != custos_event::EVENT_PAYLOAD_TYPE {
+                    continue;
+                }
+                let payload: serde_json::Value = serde_json::from_slice(&row.entry.payload).unwrap();
+                rows.push((partition, row.entry.keyid.clone(), payload["seq"].as_u64().unwrap()));
+            }
+        }
+    }
+    rows
+}
+
+/// The cluster test: three partitions, each one Merkle log; two writer processes
+/// share the partitions' stores and two ingest processes take the traffic. Requests mix
+/// agents of three realms (one per partition). One writer (holding two partitions) and
+/// one ingest process are SIGKILLed mid-stream; the other writer takes the partitions
+/// over and clients resend. Every acknowledged event is stored exactly once, in its
+/// realm's partition; every partition's log and the cross-partition checkpoint verify.
+#[test]
+fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let prefix = "parts-test";
+    let store = dir.path().join("writers");
+    let first = partition_writer(&store, &broker.addr, prefix, "0,1");
+    wait_for("the first writer to take partitions 0 and 1", || {
+        let log = first.log.lock().unwrap();
+        log.contains("partition 0: this process writes") && log.contains("partition 1: this process writes")
+    });
+    let second = partition_writer(&store, &broker.addr, prefix, "2");
+    wait_for("the second writer to take partition 2", || {
+        second.log.lock().unwrap().contains("partition 2: this process writes")
+    });
+    let edges = [
+        ingest_on(dir.path(), "ingest-1", &broker.addr, prefix),
+        ingest_on(dir.path(), "ingest-2", &broker.addr, prefix),
+    ];
+
+    // One realm per partition, two agents per realm, enrolled through an ingest node.
+    let mut realms: Vec<Option<String>> = vec![None; 3];
+    for n in 0.. {
+        let realm = format!("realm-{n}");
+        let partition = custos_stage::wire::partition_for(&realm, 3) as usize;
+        realms[partition].get_or_insert(realm);
+        if realms.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let realms: Vec<String> = realms.into_iter().map(Option::unwrap).collect();
+    let edge_token = edges[0].token();
+    let mut signers: Vec<Signer> = (0..6u8)
+        .map(|n| {
+            let key = AgentKey::from_seed(&[120 + n; 32]);
+            let realm = &realms[usize::from(n % 3)];
+            let response = reqwest::blocking::Client::new()
+                .post(format!("{}/v1/agents", edges[0].url))
+                .bearer_auth(&edge_token)
+                .json(&json!({"did": key.did(), "realm": realm}))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 201, "{:?}", response.text());
+            Signer::new(key, realm)
+        })
+        .collect();
+    // Enrolling twice is refused as in one process.
+    let again = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents", edges[0].url))
+        .bearer_auth(&edge_token)
+        .json(&json!({"did": signers[0].did(), "realm": realms[0]}))
+        .send()
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 409);
+    let probes: Vec<Vec<u8>> = signers.iter_mut().map(|signer| signed_lines(signer, 1)).collect();
+    for edge in &edges {
+        for probe in &probes {
+            wait_for("the ingest node to know the enrolled agents", || {
+                post_events(&edge.url, probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
+            });
+        }
+    }
+
+    // Two clients, each sending requests that mix its three agents (three realms, so three
+    // partitions and both writers); a third of the way, SIGKILL the first writer and the
+    // second ingest node.
+    let (left, right) = signers.split_at_mut(3);
+    let acknowledged = std::sync::Mutex::new(Vec::<(String, u64)>::new());
+    let urls = [edges[0].url.clone(), edges[1].url.clone()];
+    let (first_pid, edge_pid) = (first.pid(), edges[1].pid());
+    std::thread::scope(|scope| {
+        for (client, signers) in [(0usize, left), (1, right)] {
+            let (urls, acknowledged) = (&urls, &acknowledged);
+            scope.spawn(move || {
+                let mut target = client;
+                for round in 0..20 {
+                    let mut body = Vec::new();
+                    for signer in signers.iter_mut() {
+                        if !body.is_empty() {
+                            body.push(b'\n');
+                        }
+                        body.extend_from_slice(&signed_lines(signer, 3));
+                    }
+                    let started = std::time::Instant::now();
+                    let results = loop {
+                        if let Some(results) = post_events(&urls[target], &body) {
+                            break results;
+                        }
+                        assert!(
+                            started.elapsed() < Duration::from_secs(120),
+                            "round {round}: no ingest node answered for two minutes"
+                        );
+                        target = 0;
+                        std::thread::sleep(Duration::from_millis(100));
+                    };
+                    for (line, result) in body.split(|byte| *byte == b'\n').zip(&results) {
+                        assert!(
+                            result["status"] == "accepted" || result["status"] == "duplicate",
+                            "round {round}: {result}"
+                        );
+                        let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
+                        let payload = base64_decode(envelope["payload"].as_str().unwrap());
+                        let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                        acknowledged.lock().unwrap().push((
+                            payload["agent"].as_str().unwrap().to_owned(),
+                            payload["seq"].as_u64().unwrap(),
+                        ));
+                    }
+                }
+            });
+        }
+        wait_for("a third of the stream", || acknowledged.lock().unwrap().len() >= 120);
+        for pid in [first_pid, edge_pid] {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    });
+    first.kill();
+    let [survivor, dead] = edges;
+    dead.kill();
+    let acknowledged = acknowledged.into_inner().unwrap();
+    assert_eq!(acknowledged.len(), 2 * 20 * 3 * 3);
+    assert!(
+        second.log.lock().unwrap().contains("partition 0: this process writes"),
+        "the surviving writer took the dead one's partitions"
+    );
+
+    // A revocation through an ingest node goes to the agent's partition and is enforced.
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents/{}/revoke", survivor.url, signers[1].did()))
+        .bearer_auth(&edge_token)
+        .json(&json!({"reason": "partition test"}))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    let results = post_events(&survivor.url, &signed_lines(&mut signers[1], 1)).expect("an answer");
+    assert_eq!(results[0]["reason"], "revoked_agent", "{results:?}");
+    survivor.kill();
+    let log = second.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // Exactly once, each agent in its realm's partition.
+    let stored = stored_events(&store);
+    let mut seen = std::collections::BTreeMap::new();
+    for (partition, agent, seq) in &stored {
+        let signer = signers
+            .iter()
+            .find(|signer| signer.did() == agent)
+            .expect("a known agent");
+        let realm = &realms[signers.iter().position(|other| other.did() == agent).unwrap() % 3];
+        assert_eq!(signer.did(), agent);
+        assert_eq!(
+            *partition as i32,
+            custos_stage::wire::partition_for(realm, 3),
+            "{agent} in partition {partition}"
+        );
+        assert!(
+            seen.insert((agent.clone(), *seq), *partition).is_none(),
+            "({agent}, {seq}) stored twice"
+        );
+    }
+    for (agent, seq) in &acknowledged {
+        assert!(
+            seen.contains_key(&(agent.clone(), *seq)),
+            "acknowledged ({agent}, {seq}) is not stored"
+        );
+    }
+    // Every partition's log and the cross-partition checkpoints verify.
+    let output = crate::support::run(&["verify", store.to_str().unwrap(), "--signatures", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{report:#}");
+    assert_eq!(report["logs"].as_array().unwrap().len(), 3, "{report:#}");
+    assert_eq!(report["partitions"]["partitions"], 3);
+    assert!(report["partitions"]["checkpoints"].as_u64().unwrap() >= 1, "{report:#}");
+    // The last cross-partition checkpoint binds every partition's final head.
+    let last = std::fs::read_to_string(custos_store::partitions::PartitionSet::checkpoints_path(&store)).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    let body = last["note"].as_str().unwrap().split("\n\n").next().unwrap().to_owned();
+    let bound = custos_store::partitions::CrossCheckpoint::parse_body(&format!("{body}\n")).unwrap();
+    for head in &bound.heads {
+        let own = custos_store::partitions::latest_head(&store, head.partition).unwrap();
+        assert_eq!(*head, own, "partition {}", head.partition);
+    }
+}
