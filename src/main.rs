@@ -145,11 +145,12 @@ struct ServeArgs {
     /// bytes; what was stored meanwhile is answered `duplicate`).
     #[arg(long, default_value_t = 30, requires = "kafka", value_parser = clap::value_parser!(u64).range(1..=3600))]
     writer_timeout_secs: u64,
-    /// With --roles writer: one Merkle log per partition of the submissions topic, each
-    /// in its own store under DATA/partitions/<p>/. Each process takes the partitions
-    /// whose store no other writer holds, and takes a dead writer's within seconds; the
-    /// process also serves as an ingest node on --listen. Without it, one writer keeps
-    /// one log for every partition.
+    /// The writers keep one Merkle log per partition of the submissions topic. Give it to
+    /// every writer, detector and responder process of the cluster. A writer keeps each
+    /// partition's log in its own store under DATA/partitions/<p>/, takes the partitions
+    /// whose store no other writer holds (a dead writer's within seconds), and serves as
+    /// an ingest node on --listen; a detector or responder keeps one signing chain per
+    /// partition. Without it, one writer keeps one log for every partition.
     #[arg(long, requires = "kafka")]
     log_per_partition: bool,
     /// With --log-per-partition: the partitions this writer takes at once (for example

@@ -46,6 +46,10 @@ pub(crate) struct PipelineConfig {
     pub(crate) detector_queue: usize,
     pub(crate) transport: Transport,
     pub(crate) stages: Stages,
+    /// Signing chains per system key, and logs the detector keeps its position in: 1, or
+    /// the partition count when the writers keep one log per partition (each log then
+    /// holds one unbroken chain per key, and log indexes are per log).
+    pub(crate) chain_lanes: u32,
 }
 
 /// How the stages reach the log writer.
@@ -87,6 +91,7 @@ impl PipelineConfig {
             detector_queue: DETECTOR_QUEUE,
             transport: Transport::Embedded,
             stages: Stages::ALL,
+            chain_lanes: 1,
         }
     }
 }
@@ -215,7 +220,9 @@ impl Pipeline {
             .context("loading the responder key")?;
         let dirs: Vec<&Path> = config.rules.iter().map(PathBuf::as_path).collect();
         let rules = Rules::load(&dirs).context("loading detection rules")?;
-        let mut detector = Detector::new(config.detector.clone(), rules);
+        let mut detector_config = config.detector.clone();
+        detector_config.log_lanes = config.chain_lanes;
+        let mut detector = Detector::new(detector_config, rules);
         let snapshot = config.data.join("detector.snapshot");
         let restored = detector
             .restore(&snapshot)
@@ -285,7 +292,8 @@ impl Pipeline {
                 detector_runner::Report::Lag(seconds) => metrics::DETECTOR_LAG.set(seconds),
                 detector_runner::Report::Failed { .. } => {}
             }),
-        );
+        )
+        .with_lanes(config.chain_lanes);
         let (responder_requests, responder_inbox) = mpsc::channel();
         let responder_views = views.clone();
         let responder_stage = ResponderStage::new(
@@ -318,7 +326,8 @@ impl Pipeline {
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = playbooks;
                 }
             }),
-        );
+        )
+        .with_lanes(config.chain_lanes);
         let detector_did = detector_stage.did().to_owned();
         let responder_did = responder_stage.did().to_owned();
         let (detector_requests, detector_inbox) = mpsc::channel();

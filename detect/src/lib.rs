@@ -20,7 +20,7 @@
 //! own timestamps, so `custos eval` can replay days of traffic in seconds and get the
 //! same findings as the live node. State snapshots to JSON and resumes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -74,6 +74,15 @@ pub struct DetectorConfig {
     /// never exfiltration.
     #[serde(default)]
     pub internal_domains: Vec<String>,
+    /// How many logs the events come from, one per partition of the realm rule
+    /// (`custos_event::partition_of`): log indexes are per log, so the position the
+    /// detector resumes after is kept per log. 1 for one log.
+    #[serde(default = "one_lane")]
+    pub log_lanes: u32,
+}
+
+fn one_lane() -> u32 {
+    1
 }
 
 impl Default for DetectorConfig {
@@ -89,6 +98,7 @@ impl Default for DetectorConfig {
             max_realm_targets: 200_000,
             peer_refit_secs: 3600,
             internal_domains: Vec::new(),
+            log_lanes: 1,
         }
     }
 }
@@ -294,6 +304,9 @@ struct Snapshot {
     candidates: Vec<Candidate>,
     watermark: i64,
     last_log_index: Option<u64>,
+    /// The same for logs 1.. when events come from several (`log_lanes`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    last_log_indexes: BTreeMap<u32, u64>,
     rules: serde_json::Value,
 }
 
@@ -326,8 +339,11 @@ pub struct Detector {
     candidates: Vec<Candidate>,
     /// Latest event time seen, seconds.
     pub watermark: i64,
-    /// Highest log index observed (the snapshot resumes after it).
+    /// Highest log index observed (the snapshot resumes after it); of log 0 when there
+    /// are several.
     pub last_log_index: Option<u64>,
+    /// The same for logs 1.. (`DetectorConfig::log_lanes`).
+    last_log_indexes: BTreeMap<u32, u64>,
 }
 
 fn at(secs: i64) -> DateTime<Utc> {
@@ -436,6 +452,7 @@ impl Detector {
             candidates: Vec::new(),
             watermark: 0,
             last_log_index: None,
+            last_log_indexes: BTreeMap::new(),
         }
     }
 
@@ -505,8 +522,16 @@ impl Detector {
 
     /// Processes one observation; returns the findings it completes.
     pub fn observe(&mut self, observation: &Observation) -> Vec<Finding> {
+        let lane = match self.config.log_lanes {
+            0 | 1 => 0,
+            lanes => custos_event::partition_of(&observation.payload.realm, lanes),
+        };
+        let last = match lane {
+            0 => self.last_log_index,
+            lane => self.last_log_indexes.get(&lane).copied(),
+        };
         if let Some(index) = observation.log_index
-            && self.last_log_index.is_some_and(|last| index <= last)
+            && last.is_some_and(|last| index <= last)
         {
             // Already processed before the snapshot.
             return Vec::new();
@@ -515,8 +540,14 @@ impl Detector {
         let ts = payload.ts.timestamp();
         self.watermark = self.watermark.max(ts);
         self.refit_peers();
-        if observation.log_index.is_some() {
-            self.last_log_index = observation.log_index.max(self.last_log_index);
+        if let Some(index) = observation.log_index {
+            match lane {
+                0 => self.last_log_index = Some(index).max(self.last_log_index),
+                lane => {
+                    let last = self.last_log_indexes.entry(lane).or_insert(index);
+                    *last = index.max(*last);
+                }
+            }
         }
         let mut findings = Vec::new();
         for hit in self.rules.process(observation) {
@@ -1489,6 +1520,7 @@ impl Detector {
             reported: self.reported.clone(),
             watermark: self.watermark,
             last_log_index: self.last_log_index,
+            last_log_indexes: self.last_log_indexes.clone(),
             rules: self.rules.export_state(),
         };
         let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
@@ -1534,6 +1566,7 @@ impl Detector {
         self.reported = snapshot.reported;
         self.watermark = snapshot.watermark;
         self.last_log_index = snapshot.last_log_index;
+        self.last_log_indexes = snapshot.last_log_indexes;
         if !self.rules.import_state(snapshot.rules) {
             tracing::warn!("rule correlation state did not match the loaded rules; starting those windows empty");
         }

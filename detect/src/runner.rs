@@ -23,7 +23,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use custos_event::{AgentKey, ChainState};
+use custos_event::{AgentKey, ChainLanes, ChainState};
 use custos_stage::{Committed, Receipt, Refused, Submission, Submitter, Subscription};
 use serde_json::{Value, json};
 
@@ -58,7 +58,8 @@ pub enum Report<'a> {
 pub struct DetectorStage {
     detector: Detector,
     key: AgentKey,
-    chain: ChainState,
+    /// The signing chain, one per lane (one per partition log, see [`ChainLanes`]).
+    chains: ChainLanes,
     replayed: bool,
     /// Findings made while replaying, sent once the replay ends unless already logged.
     held: Vec<Finding>,
@@ -90,14 +91,11 @@ impl DetectorStage {
     ) -> Self {
         // The chain as of the snapshot: a subscription that resumes after it (a Kafka
         // consumer offset) never shows the detector its older findings again.
-        let chain = std::fs::read(chain_path(&snapshot))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let chains = restore_chains(&snapshot, 1);
         Self {
             detector,
             key,
-            chain,
+            chains,
             replayed: false,
             held: Vec::new(),
             logged_during_replay: HashSet::new(),
@@ -110,6 +108,13 @@ impl DetectorStage {
             patience: RECEIPT_PATIENCE,
             report,
         }
+    }
+
+    /// Keeps one signing chain per partition of `lanes` (by the finding's realm), for
+    /// writers that keep one log per partition.
+    pub fn with_lanes(mut self, lanes: u32) -> Self {
+        self.chains = restore_chains(&self.snapshot, lanes);
+        self
     }
 
     /// How long a receipt may take before the finding is sent again (60 s by default).
@@ -229,7 +234,7 @@ impl DetectorStage {
                 }
             }
             Committed::Finding { log_index, payload } => {
-                self.chain.follow(&payload);
+                self.chains.follow(&payload);
                 if let Some((finding, _)) = Finding::from_payload(&payload) {
                     if !self.replayed {
                         self.detector.remember(&finding);
@@ -288,8 +293,9 @@ impl DetectorStage {
         let Some(finding) = self.outbox.pop_front() else {
             return;
         };
-        let before = self.chain.clone();
-        let envelope = match finding.sign(&self.key, &mut self.chain) {
+        let chain = self.chains.chain_mut(&finding.realm);
+        let before = chain.clone();
+        let envelope = match finding.sign(&self.key, chain) {
             Ok(envelope) => envelope,
             Err(error) => {
                 tracing::error!(finding = finding.id, %error, "cannot encode a finding; dropped");
@@ -301,7 +307,7 @@ impl DetectorStage {
             Ok(receipt) => self.inflight = Some((finding, before, receipt, Instant::now())),
             Err(error) => {
                 tracing::warn!(%error, "detector: the transport refused a finding; retrying");
-                self.chain = before;
+                *self.chains.chain_mut(&finding.realm) = before;
                 self.outbox.push_front(finding);
                 self.backoff_until = Some(Instant::now() + Duration::from_millis(500));
             }
@@ -324,7 +330,7 @@ impl DetectorStage {
             }
             Err(refused) => {
                 // Not in the log: the chain goes back to where it was.
-                self.chain = before;
+                *self.chains.chain_mut(&finding.realm) = before;
                 (self.report)(Report::Failed {
                     finding: &finding,
                     refused: &refused,
@@ -366,7 +372,7 @@ impl DetectorStage {
         if !self.clean || !self.replayed || self.inflight.is_some() || !self.outbox.is_empty() {
             return false;
         }
-        let chain = serde_json::to_vec(&self.chain).map_err(std::io::Error::other);
+        let chain = serde_json::to_vec(&self.chains).map_err(std::io::Error::other);
         let saved = self.detector.snapshot(&self.snapshot).and_then(|()| {
             let path = chain_path(&self.snapshot);
             let temporary = path.with_extension("chain.tmp");
@@ -381,6 +387,15 @@ impl DetectorStage {
             }
         }
     }
+}
+
+/// The chains saved beside `snapshot` (a new chain when there are none, or when they
+/// were kept with another lane count: the log's own findings then carry it forward).
+fn restore_chains(snapshot: &std::path::Path, lanes: u32) -> ChainLanes {
+    std::fs::read(chain_path(snapshot))
+        .ok()
+        .and_then(|bytes| ChainLanes::restore(&bytes, lanes))
+        .unwrap_or_else(|| ChainLanes::new(lanes))
 }
 
 /// Where the detector's signing chain is saved beside its snapshot.

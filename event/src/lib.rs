@@ -53,7 +53,7 @@ pub fn ocsf_metadata() -> serde_json::Value {
 pub use observe::{Observation, Signal};
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};
-pub use sign::{AgentKey, ChainState, Signer};
+pub use sign::{AgentKey, ChainLanes, ChainState, Signer, partition_of};
 pub use verify::{Decoded, KeyCache, Verified, decode_envelope, verify_signatures, verifying_key_from_did};
 
 /// blake3 of some bytes, as the lowercase hex used in `prev` and in the docs.

@@ -108,6 +108,80 @@ impl ChainState {
     }
 }
 
+/// The partition of `key` among `partitions`: `u32_le(blake3(key)[0..4]) mod partitions`.
+/// Every Kafka producer of submissions places records with it (the key being the realm),
+/// and system signers pick their chain lane with it.
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
+    let hash = blake3::hash(key.as_bytes());
+    let bytes = hash.as_bytes();
+    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) % partitions.max(1)
+}
+
+/// A system signer's chains, one per lane. With one log for the whole cluster there is
+/// one lane; with one log per partition (`--log-per-partition`) there is one per
+/// partition, the lane of a payload being the partition of its `realm`, so that each
+/// partition's log holds one unbroken chain of the signer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLanes {
+    pub lanes: u32,
+    pub chains: std::collections::BTreeMap<u32, ChainState>,
+}
+
+impl Default for ChainLanes {
+    fn default() -> Self {
+        Self::new(1)
+    }
+}
+
+impl ChainLanes {
+    pub fn new(lanes: u32) -> Self {
+        Self {
+            lanes: lanes.max(1),
+            chains: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The lane of a payload about `realm`.
+    pub fn lane(&self, realm: &str) -> u32 {
+        match self.lanes {
+            1 => 0,
+            lanes => partition_of(realm, lanes),
+        }
+    }
+
+    /// The chain a payload about `realm` is signed on.
+    pub fn chain_mut(&mut self, realm: &str) -> &mut ChainState {
+        let lane = self.lane(realm);
+        self.chains.entry(lane).or_default()
+    }
+
+    /// [`ChainState::follow`] on the lane of the payload's `realm`.
+    pub fn follow(&mut self, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Realm {
+            #[serde(default)]
+            realm: String,
+        }
+        let realm = serde_json::from_slice::<Realm>(payload)
+            .map(|head| head.realm)
+            .unwrap_or_default();
+        self.chain_mut(&realm).follow(payload);
+    }
+
+    /// Reads lanes saved by [`serde_json`], or a single chain saved before lanes existed
+    /// (lane 0). `None` when `bytes` is neither, or was saved with another lane count.
+    pub fn restore(bytes: &[u8], lanes: u32) -> Option<Self> {
+        if let Ok(saved) = serde_json::from_slice::<Self>(bytes) {
+            return (saved.lanes == lanes.max(1)).then_some(saved);
+        }
+        let single: ChainState = serde_json::from_slice(bytes).ok()?;
+        (lanes <= 1).then(|| Self {
+            lanes: 1,
+            chains: [(0, single)].into(),
+        })
+    }
+}
+
 /// Signs an agent's events in order, keeping its `seq` / `prev` chain.
 #[derive(Clone, Debug)]
 pub struct Signer {
@@ -191,5 +265,37 @@ impl Signer {
     pub fn sign_bytes(&mut self, bytes: Vec<u8>) -> Envelope {
         self.chain.advance(&bytes);
         self.key.sign_envelope(EVENT_PAYLOAD_TYPE, bytes)
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+
+    #[test]
+    fn lanes_follow_the_realm_and_restore_old_single_chains() {
+        let mut lanes = ChainLanes::new(3);
+        let payload = br#"{"realm":"eng","seq":4}"#;
+        lanes.follow(payload);
+        let lane = partition_of("eng", 3);
+        assert_eq!(lanes.chains[&lane].next_seq, 5);
+        assert_eq!(lanes.chain_mut("eng").next_seq, 5);
+        // A realm in another lane starts its own chain.
+        let other = (0..)
+            .map(|n| format!("r{n}"))
+            .find(|realm| partition_of(realm, 3) != lane)
+            .unwrap();
+        assert_eq!(lanes.chain_mut(&other).next_seq, 0);
+        // Saved lanes restore with the same count only; a chain saved before lanes is lane 0.
+        let saved = serde_json::to_vec(&lanes).unwrap();
+        assert_eq!(ChainLanes::restore(&saved, 3), Some(lanes.clone()));
+        assert_eq!(ChainLanes::restore(&saved, 2), None);
+        let single = serde_json::to_vec(&ChainState {
+            next_seq: 7,
+            prev: None,
+        })
+        .unwrap();
+        assert_eq!(ChainLanes::restore(&single, 1).unwrap().chain_mut("any").next_seq, 7);
+        assert_eq!(ChainLanes::restore(&single, 3), None);
     }
 }

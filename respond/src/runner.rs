@@ -25,7 +25,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use custos_event::{ACTION_PAYLOAD_TYPE, AgentKey, ChainState};
+use custos_event::{ACTION_PAYLOAD_TYPE, AgentKey, ChainLanes, ChainState};
 use custos_stage::{Committed, Enforcement, Refused, Submission, Submitter, Subscription};
 use serde_json::{Value, json};
 
@@ -117,7 +117,9 @@ pub enum Report<'a> {
 pub struct ResponderStage {
     responder: Responder,
     key: AgentKey,
-    chain: ChainState,
+    /// The signing chain, one per lane (one per partition log, see [`ChainLanes`]);
+    /// rebuilt from the log's action records at each start.
+    chains: ChainLanes,
     replayed: bool,
     /// Recent findings read during the replay, for the playbooks once it ends.
     held: Vec<(Finding, u64)>,
@@ -148,12 +150,19 @@ impl ResponderStage {
         Self {
             responder,
             key,
-            chain: ChainState::default(),
+            chains: ChainLanes::default(),
             replayed: false,
             held: Vec::new(),
             own,
             report,
         }
+    }
+
+    /// Keeps one signing chain per partition of `lanes` (by the record's realm), for
+    /// writers that keep one log per partition.
+    pub fn with_lanes(mut self, lanes: u32) -> Self {
+        self.chains = ChainLanes::new(lanes);
+        self
     }
 
     /// The responder's signing key as a `did:key` (the writer's system signer).
@@ -215,7 +224,7 @@ impl ResponderStage {
                 Err(error) => tracing::error!(%error, log_index, "the responder cannot read a finding payload"),
             },
             Committed::Action { log_index, payload } => {
-                self.chain.follow(&payload);
+                self.chains.follow(&payload);
                 if self.replayed {
                     // Our own record coming back (reported when its receipt came).
                     return;
@@ -421,11 +430,12 @@ impl ResponderStage {
 
     /// Signs the record with the responder key and waits for the writer's receipt.
     fn append(&mut self, record: &ActionRecord, submit: &dyn Submitter) -> Result<u64, Refused> {
+        let chain = self.chains.chain_mut(&record.realm);
         let bytes = record
-            .payload(&self.chain)
+            .payload(chain)
             .map_err(|error| Refused::new("malformed_action", format!("cannot encode the record: {error}")))?;
-        let before = self.chain.clone();
-        self.chain.advance(&bytes);
+        let before = chain.clone();
+        chain.advance(&bytes);
         let envelope = self.key.sign_envelope(ACTION_PAYLOAD_TYPE, bytes);
         // A retryable failure (no receipt, brokers away) sends the same bytes again: the
         // writer answers a payload it already appended with that first append, so a
@@ -452,7 +462,7 @@ impl ResponderStage {
                 .copied()
                 .ok_or_else(|| Refused::new("internal", "the writer logged the record without an index")),
             Err(refused) => {
-                self.chain = before;
+                *self.chains.chain_mut(&record.realm) = before;
                 Err(refused)
             }
         }

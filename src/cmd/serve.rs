@@ -252,6 +252,14 @@ pub(crate) async fn run(
             .with_context(|| format!("creating the topics on {}", cluster.kafka.brokers))?;
         if let Some(pipeline) = &mut pipeline {
             pipeline.transport = Transport::Kafka(cluster.kafka.clone());
+            if cluster.log_per_partition {
+                let kafka = cluster.kafka.clone();
+                let partitions =
+                    tokio::task::spawn_blocking(move || custos_stage::kafka::submission_partitions(&kafka))
+                        .await?
+                        .context("reading the submissions topic's partitions")?;
+                pipeline.chain_lanes = partitions.unsigned_abs();
+            }
         }
         if !cluster.writer || cluster.log_per_partition {
             return run_without_store(config, pipeline, limits, cluster).await;

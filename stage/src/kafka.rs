@@ -515,6 +515,7 @@ impl KafkaSubscription {
             ends.insert(partition, high);
             self.read.entry(partition).or_insert(start);
         }
+        tracing::info!(topic = self.topic, partitions = ?ends.keys().collect::<Vec<_>>(), "reading partitions");
         self.ends = Some(ends);
         Ok(())
     }

@@ -351,12 +351,5 @@ pub fn submission_key(submission: &Submission) -> String {
 /// little-endian, modulo the count. Every producer places records with this, not with a
 /// client library's partitioner, so any implementation agrees.
 pub fn partition_for(key: &str, partitions: i32) -> i32 {
-    let hash = blake3::hash(key.as_bytes());
-    let first = u32::from_le_bytes([
-        hash.as_bytes()[0],
-        hash.as_bytes()[1],
-        hash.as_bytes()[2],
-        hash.as_bytes()[3],
-    ]);
-    (first % partitions.max(1).unsigned_abs()) as i32
+    custos_event::partition_of(key, partitions.max(1).unsigned_abs()) as i32
 }

@@ -31,10 +31,22 @@ fn stage_process(
     prefix: &str,
     roles: &str,
 ) -> (Child, String, String, std::sync::Arc<std::sync::Mutex<String>>) {
+    stage_process_with(data, brokers, prefix, roles, &[])
+}
+
+/// [`stage_process`] with extra `serve` arguments.
+fn stage_process_with(
+    data: &std::path::Path,
+    brokers: &str,
+    prefix: &str,
+    roles: &str,
+    extra: &[&str],
+) -> (Child, String, String, std::sync::Arc<std::sync::Mutex<String>>) {
     let mut child = custos()
         .args(["serve", "--data"])
         .arg(data)
         .args(["--kafka", brokers, "--kafka-prefix", prefix, "--roles", roles])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -553,8 +565,15 @@ fn ingest_on(dir: &std::path::Path, name: &str, brokers: &str, prefix: &str) -> 
     )
 }
 
-/// A `--log-per-partition` writer process on the shared `store`, preferring `prefer`.
-fn partition_writer(store: &std::path::Path, brokers: &str, prefix: &str, prefer: &str) -> Server {
+/// A `--log-per-partition` writer process on the shared `store`, preferring `prefer`,
+/// trusting the stage keys `trust` (detector, responder).
+fn partition_writer(
+    store: &std::path::Path,
+    brokers: &str,
+    prefix: &str,
+    prefer: &str,
+    trust: &(String, String),
+) -> Server {
     Server::start_with(
         store,
         &[
@@ -567,12 +586,16 @@ fn partition_writer(store: &std::path::Path, brokers: &str, prefix: &str, prefer
             "--log-per-partition",
             "--prefer-partitions",
             prefer,
+            "--trust-detector",
+            &trust.0,
+            "--trust-responder",
+            &trust.1,
         ],
     )
 }
 
-/// Every event entry of every partition's store: (partition, agent, seq) per row.
-fn stored_events(store: &std::path::Path) -> Vec<(u32, String, u64)> {
+/// Every entry of `payload_type` in every partition's store: (partition, keyid, payload).
+fn stored(store: &std::path::Path, payload_type: &str) -> Vec<(u32, String, serde_json::Value)> {
     let mut rows = Vec::new();
     for partition in 0..3u32 {
         let segments = custos_store::partitions::PartitionSet::store_dir(store, partition).join("logs/0/segments");
@@ -586,11 +609,11 @@ fn stored_events(store: &std::path::Path) -> Vec<(u32, String, u64)> {
             }
             let segment = custos_store::segment::decode(std::fs::read(&path).unwrap().into()).unwrap();
             for row in segment.rows {
-                if row.entry.payload_type != custos_event::EVENT_PAYLOAD_TYPE {
+                if row.entry.payload_type != payload_type {
                     continue;
                 }
                 let payload: serde_json::Value = serde_json::from_slice(&row.entry.payload).unwrap();
-                rows.push((partition, row.entry.keyid.clone(), payload["seq"].as_u64().unwrap()));
+                rows.push((partition, row.entry.keyid.clone(), payload));
             }
         }
     }
@@ -602,19 +625,29 @@ fn stored_events(store: &std::path::Path) -> Vec<(u32, String, u64)> {
 /// agents of three realms (one per partition). One writer (holding two partitions) and
 /// one ingest process are SIGKILLed mid-stream; the other writer takes the partitions
 /// over and clients resend. Every acknowledged event is stored exactly once, in its
-/// realm's partition; every partition's log and the cross-partition checkpoint verify.
+/// realm's partition. Then two attacks in each realm: the detector and responder process
+/// (one signing chain per partition) find and revoke each, and every partition's log,
+/// its chains included, and the cross-partition checkpoints verify.
 #[test]
 fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
     let prefix = "parts-test";
     let store = dir.path().join("writers");
-    let first = partition_writer(&store, &broker.addr, prefix, "0,1");
+    let (mut stage, detector, responder, stage_log) = stage_process_with(
+        &dir.path().join("stages"),
+        &broker.addr,
+        prefix,
+        "detector,responder",
+        &["--log-per-partition"],
+    );
+    let trust = (detector.clone(), responder);
+    let first = partition_writer(&store, &broker.addr, prefix, "0,1", &trust);
     wait_for("the first writer to take partitions 0 and 1", || {
         let log = first.log.lock().unwrap();
         log.contains("partition 0: this process writes") && log.contains("partition 1: this process writes")
     });
-    let second = partition_writer(&store, &broker.addr, prefix, "2");
+    let second = partition_writer(&store, &broker.addr, prefix, "2", &trust);
     wait_for("the second writer to take partition 2", || {
         second.log.lock().unwrap().contains("partition 2: this process writes")
     });
@@ -742,12 +775,90 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
     assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
     let results = post_events(&survivor.url, &signed_lines(&mut signers[1], 1)).expect("an answer");
     assert_eq!(results[0]["reason"], "revoked_agent", "{results:?}");
+
+    // Two memory-poisoning attacks per realm, through the ingest node: each is found, and
+    // the responder revokes the agent (the control topic says so).
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = prefix.into();
+    let mut attackers = Vec::new();
+    for (n, realm) in realms.iter().chain(realms.iter()).enumerate() {
+        let mut signer = Signer::new(AgentKey::from_seed(&[140 + n as u8; 32]), realm);
+        let did = signer.did().to_owned();
+        let enrolled = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/agents", survivor.url))
+            .bearer_auth(&edge_token)
+            .json(&json!({"did": did, "realm": realm}))
+            .send()
+            .unwrap();
+        assert_eq!(enrolled.status().as_u16(), 201);
+        let memory = format!("mem-{n}");
+        let attack: Vec<u8> = [
+            json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
+            json!({"kind": "memory_read", "memory_id": memory}),
+            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
+        ]
+        .iter()
+        .map(|object| {
+            signer
+                .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
+                .unwrap()
+                .to_json()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes();
+        wait_for("the ingest node to take the attack", || {
+            post_events(&survivor.url, &attack)
+                .is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
+        });
+        attackers.push(did);
+    }
+    let started = std::time::Instant::now();
+    for did in &attackers {
+        loop {
+            let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
+            let revoked = latest
+                .get(&format!("agent:{did}"))
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+                .is_some_and(|state| state["status"] == "revoked");
+            if revoked {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{did} was not revoked; stages: {}\nwriter: {}",
+                stage_log.lock().unwrap(),
+                second.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    stage.kill().unwrap();
+    let _ = stage.wait();
     survivor.kill();
     let log = second.stop();
     assert!(!log.contains("panicked"), "{log}");
 
+    // Each finding is in its realm's partition, and each partition holds findings.
+    let findings = stored(&store, custos_event::FINDING_PAYLOAD_TYPE);
+    for (partition, keyid, finding) in &findings {
+        assert_eq!(keyid, &detector);
+        let realm = finding["realm"].as_str().unwrap();
+        assert_eq!(
+            *partition as i32,
+            custos_stage::wire::partition_for(realm, 3),
+            "{finding}"
+        );
+    }
+    let partitions: std::collections::BTreeSet<u32> = findings.iter().map(|(partition, ..)| *partition).collect();
+    assert_eq!(partitions, [0, 1, 2].into(), "{findings:?}");
+
     // Exactly once, each agent in its realm's partition.
-    let stored = stored_events(&store);
+    let stored: Vec<(u32, String, u64)> = stored(&store, custos_event::EVENT_PAYLOAD_TYPE)
+        .into_iter()
+        .filter(|(_, agent, _)| !attackers.contains(agent))
+        .map(|(partition, agent, payload)| (partition, agent, payload["seq"].as_u64().unwrap()))
+        .collect();
     let mut seen = std::collections::BTreeMap::new();
     for (partition, agent, seq) in &stored {
         let signer = signers
