@@ -153,9 +153,10 @@ struct ServeArgs {
     /// partition. Without it, one writer keeps one log for every partition.
     #[arg(long, requires = "kafka")]
     log_per_partition: bool,
-    /// With --log-per-partition: the partitions this writer takes at once (for example
-    /// its StatefulSet ordinal's share); it takes any other partition only after no
-    /// writer has held it for 5 s. Default: every partition.
+    /// With --log-per-partition: the partitions whose log (writer) or detector state
+    /// (detector) this process takes at once, for example its StatefulSet ordinal's
+    /// share; it takes any other partition only after no process has held it for 5 s.
+    /// Writers share their --data, and so do detectors. Default: every partition.
     #[arg(long, value_delimiter = ',', requires = "log_per_partition")]
     prefer_partitions: Vec<i32>,
     /// With --kafka, the roles this process runs: writer (the log writer with ingest and

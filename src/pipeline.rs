@@ -46,6 +46,9 @@ pub(crate) struct PipelineConfig {
     pub(crate) detector_queue: usize,
     pub(crate) transport: Transport,
     pub(crate) stages: Stages,
+    /// With one log per partition on Kafka: the detector runs one stage per partition it
+    /// can claim (`custos_detect::partitions`), preferring these (all when empty).
+    pub(crate) detector_partitions: Option<Vec<u32>>,
     /// Signing chains per system key, and logs the detector keeps its position in: 1, or
     /// the partition count when the writers keep one log per partition (each log then
     /// holds one unbroken chain per key, and log indexes are per log).
@@ -91,6 +94,7 @@ impl PipelineConfig {
             detector_queue: DETECTOR_QUEUE,
             transport: Transport::Embedded,
             stages: Stages::ALL,
+            detector_partitions: None,
             chain_lanes: 1,
         }
     }
@@ -175,6 +179,27 @@ fn newest(list: &Mutex<VecDeque<Value>>, realms: &[String], limit: usize) -> Vec
         .collect()
 }
 
+/// What a detector stage reports goes to the node's views, metrics and marks.
+fn detector_report(views: Arc<Views>, marks: Arc<Marks>) -> Box<dyn FnMut(detector_runner::Report<'_>) + Send> {
+    Box::new(move |report| match report {
+        detector_runner::Report::Logged {
+            finding,
+            log_index,
+            live,
+        } => {
+            push_logged(&views.findings, finding, log_index);
+            if live {
+                metrics::FINDINGS
+                    .with_label_values(&[label(&finding.severity).as_str()])
+                    .inc();
+                mark(&marks.findings, &finding.agent, &finding.finding_type);
+            }
+        }
+        detector_runner::Report::Lag(seconds) => metrics::DETECTOR_LAG.set(seconds),
+        detector_runner::Report::Failed { .. } => {}
+    })
+}
+
 /// The detector and responder of one node, ready to wire into `start_with`.
 pub(crate) struct Pipeline {
     detector: Sender<detector_runner::Request>,
@@ -222,7 +247,8 @@ impl Pipeline {
         let rules = Rules::load(&dirs).context("loading detection rules")?;
         let mut detector_config = config.detector.clone();
         detector_config.log_lanes = config.chain_lanes;
-        let mut detector = Detector::new(detector_config, rules);
+        let rule_dirs: Vec<PathBuf> = config.rules.clone();
+        let mut detector = Detector::new(detector_config.clone(), rules);
         let snapshot = config.data.join("detector.snapshot");
         let restored = detector
             .restore(&snapshot)
@@ -268,34 +294,17 @@ impl Pipeline {
             })
         };
 
-        let detector_views = views.clone();
-        let detector_marks = marks.clone();
         let detector_stage = DetectorStage::new(
             detector,
-            detector_key,
+            detector_key.clone(),
             snapshot,
             config.snapshot_every,
-            Box::new(move |report| match report {
-                detector_runner::Report::Logged {
-                    finding,
-                    log_index,
-                    live,
-                } => {
-                    push_logged(&detector_views.findings, finding, log_index);
-                    if live {
-                        metrics::FINDINGS
-                            .with_label_values(&[label(&finding.severity).as_str()])
-                            .inc();
-                        mark(&detector_marks.findings, &finding.agent, &finding.finding_type);
-                    }
-                }
-                detector_runner::Report::Lag(seconds) => metrics::DETECTOR_LAG.set(seconds),
-                detector_runner::Report::Failed { .. } => {}
-            }),
+            detector_report(views.clone(), marks.clone()),
         )
         .with_lanes(config.chain_lanes);
         let (responder_requests, responder_inbox) = mpsc::channel();
         let responder_views = views.clone();
+        let responder_marks = marks.clone();
         let responder_stage = ResponderStage::new(
             Responder::new(playbooks),
             responder_key,
@@ -313,7 +322,9 @@ impl Pipeline {
                             .inc();
                     }
                 }
-                responder_runner::Report::Enforced { record } => mark(&marks.enforced, &record.agent, &record.action),
+                responder_runner::Report::Enforced { record } => {
+                    mark(&responder_marks.enforced, &record.agent, &record.action)
+                }
                 responder_runner::Report::State { pending, playbooks } => {
                     metrics::PENDING_APPROVALS.set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
                     *responder_views
@@ -332,13 +343,51 @@ impl Pipeline {
         let responder_did = responder_stage.did().to_owned();
         let (detector_requests, detector_inbox) = mpsc::channel();
         let mut threads = Vec::new();
-        if config.stages.detector {
-            let (mut feed, submit) = ends("detector")?;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("custos-detector".into())
-                    .spawn(move || detector_stage.run(feed.as_mut(), submit.as_ref(), detector_inbox))?,
-            );
+        match (&config.transport, &config.detector_partitions) {
+            _ if !config.stages.detector => {}
+            // One log per partition: a stage per partition this process holds.
+            (Transport::Kafka(kafka), Some(preferred)) => {
+                let (kafka, views, marks) = (kafka.clone(), views.clone(), marks.clone());
+                let group = format!("{}.detector", kafka.prefix);
+                let partitioned = custos_detect::partitions::Partitioned {
+                    dir: config.data.join("detector").join("partitions"),
+                    partitions: config.chain_lanes,
+                    preferred: preferred.clone(),
+                    key: detector_key,
+                    snapshot_every: config.snapshot_every,
+                    detector: Box::new(move || {
+                        let dirs: Vec<&Path> = rule_dirs.iter().map(PathBuf::as_path).collect();
+                        let rules = Rules::load(&dirs).map_err(|error| format!("loading detection rules: {error}"))?;
+                        Ok(Detector::new(detector_config.clone(), rules))
+                    }),
+                    open: Box::new(move |partition| {
+                        let partition = i32::try_from(partition).map_err(|error| error.to_string())?;
+                        let feed = custos_stage::kafka::KafkaSubscription::for_partition(&kafka, &group, partition)
+                            .map_err(|error| error.to_string())?;
+                        let submit =
+                            custos_stage::kafka::KafkaSubmitter::new(&kafka).map_err(|error| error.to_string())?;
+                        Ok((
+                            Box::new(feed) as Box<dyn Subscription>,
+                            Box::new(submit) as Box<dyn Submitter>,
+                        ))
+                    }),
+                    report: Box::new(move || detector_report(views.clone(), marks.clone())),
+                };
+                drop(detector_stage);
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("custos-detectors".into())
+                        .spawn(move || partitioned.run(detector_inbox))?,
+                );
+            }
+            _ => {
+                let (mut feed, submit) = ends("detector")?;
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("custos-detector".into())
+                        .spawn(move || detector_stage.run(feed.as_mut(), submit.as_ref(), detector_inbox))?,
+                );
+            }
         }
         if config.stages.responder {
             let thread = std::thread::Builder::new().name("custos-responder".into());

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub mod baseline;
 pub mod features;
 pub mod flows;
+pub mod partitions;
 pub mod peers;
 pub mod rules;
 pub mod runner;

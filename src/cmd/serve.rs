@@ -259,6 +259,13 @@ pub(crate) async fn run(
                         .await?
                         .context("reading the submissions topic's partitions")?;
                 pipeline.chain_lanes = partitions.unsigned_abs();
+                pipeline.detector_partitions = Some(
+                    cluster
+                        .preferred
+                        .iter()
+                        .map(|partition| partition.unsigned_abs())
+                        .collect(),
+                );
             }
         }
         if !cluster.writer || cluster.log_per_partition {
@@ -399,23 +406,11 @@ pub(crate) fn partition_dir(data: &std::path::Path, partition: i32) -> std::path
     data.join("partitions").join(partition.to_string())
 }
 
-/// Whether another process holds the store lock of `dir` (a running writer).
-fn locked_elsewhere(dir: &std::path::Path) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new().read(true).open(dir.join("LOCK")) else {
-        return false;
-    };
-    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
-}
-
-/// The log writers of `--log-per-partition`: every second, each partition whose store
-/// no other process has locked is taken (opened, recovered from its WAL, and read from
-/// the writer group's committed offset), so a surviving writer takes over a dead one's
-/// partitions within a second or two. The stores must be on a file system every writer
-/// process reaches, with working locks (one machine, or a shared volume).
-/// How long a partition outside `--prefer-partitions` must be without a writer before
-/// this process takes it: its preferred writer may be restarting.
-const TAKEOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
-
+/// The log writers of `--log-per-partition`: every second, each partition this process
+/// may claim (`custos_stage::claim`: its store unlocked, and preferred here or left
+/// without a writer for 5 s) is taken: opened, recovered from its WAL, and read from the
+/// writer group's committed offset. So a surviving writer takes over a dead one's
+/// partitions within seconds.
 struct PartitionWriters {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::collections::BTreeMap<i32, Node>>,
@@ -444,7 +439,13 @@ impl PartitionWriters {
         let bound = set.clone();
         let task = tokio::spawn(async move {
             let mut nodes = std::collections::BTreeMap::new();
-            let mut free_since = std::collections::BTreeMap::new();
+            let mut claims = custos_stage::claim::Claims::new(
+                cluster
+                    .preferred
+                    .iter()
+                    .map(|partition| partition.unsigned_abs())
+                    .collect(),
+            );
             let mut signer = None;
             loop {
                 if nodes.contains_key(&0) {
@@ -461,13 +462,7 @@ impl PartitionWriters {
                         continue;
                     }
                     let dir = partition_dir(&base.data, partition);
-                    if locked_elsewhere(&dir) {
-                        free_since.remove(&partition);
-                        continue;
-                    }
-                    let since = *free_since.entry(partition).or_insert_with(std::time::Instant::now);
-                    let preferred = cluster.preferred.is_empty() || cluster.preferred.contains(&partition);
-                    if !preferred && since.elapsed() < TAKEOVER_AFTER {
+                    if !claims.ready(partition.unsigned_abs(), &dir) {
                         continue;
                     }
                     let mut config = base.clone();
@@ -477,7 +472,7 @@ impl PartitionWriters {
                     this.partition = Some(partition);
                     match Node::start_in(config, None, Arc::new(Marks::default()), limits.clone(), Some(&this)).await {
                         Ok(node) => {
-                            free_since.remove(&partition);
+                            claims.taken(partition.unsigned_abs());
                             eprintln!(
                                 "partition {partition}: this process writes its log (node key {}; its store's API on http://{})",
                                 node.running.node_did, node.running.addr

@@ -462,6 +462,16 @@ impl KafkaSubscription {
         Ok(Self::reading(consumer, topic))
     }
 
+    /// Partition `partition` only, from the offset `group` committed for it (the topic's
+    /// start when none was), outside any group membership: for a stage that owns that
+    /// partition's state (`crate::claim`). [`Subscription::ack`] commits as usual.
+    pub fn for_partition(config: &KafkaConfig, group: &str, partition: i32) -> Result<Self, StageError> {
+        let consumer = config.consumer(group)?;
+        let topic = config.committed();
+        assign_one(&consumer, &topic, partition)?;
+        Ok(Self::reading(consumer, topic))
+    }
+
     /// Every partition from its beginning, outside any group (so no rebalance ever moves
     /// it): for a reader that rebuilds its state from the whole log at each start and
     /// never acknowledges, such as the responder.
@@ -637,17 +647,7 @@ impl KafkaIntake {
     pub fn for_partition(config: &KafkaConfig, partition: i32) -> Result<Self, StageError> {
         let consumer = config.consumer(&format!("{}.writer", config.prefix))?;
         let topic = config.submissions();
-        let partitions = partition_count(consumer.client(), &topic)?;
-        if !(0..partitions).contains(&partition) {
-            return Err(StageError::Kafka(format!(
-                "topic `{topic}` has {partitions} partitions; there is no partition {partition}"
-            )));
-        }
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(&topic, partition, Offset::Stored)
-            .map_err(kafka)?;
-        consumer.assign(&assignment).map_err(kafka)?;
+        assign_one(&consumer, &topic, partition)?;
         Self::reading(config, consumer, topic)
     }
 
@@ -1020,6 +1020,22 @@ fn assign_all(
 pub fn submission_partitions(config: &KafkaConfig) -> Result<i32, StageError> {
     let consumer: BaseConsumer = config.client().create().map_err(kafka)?;
     partition_count(consumer.client(), &config.submissions())
+}
+
+/// Assigns partition `partition` of `topic` to `consumer`, from the offset its group
+/// committed (the topic's start when none was).
+fn assign_one(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<(), StageError> {
+    let partitions = partition_count(consumer.client(), topic)?;
+    if !(0..partitions).contains(&partition) {
+        return Err(StageError::Kafka(format!(
+            "topic `{topic}` has {partitions} partitions; there is no partition {partition}"
+        )));
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Stored)
+        .map_err(kafka)?;
+    consumer.assign(&assignment).map_err(kafka)
 }
 
 /// How many partitions `topic` has (an error when it does not exist).

@@ -28,6 +28,7 @@ use std::time::Duration;
 use custos_event::{Envelope, Observation};
 use serde::{Deserialize, Serialize};
 
+pub mod claim;
 pub mod embedded;
 pub mod kafka;
 pub mod wire;

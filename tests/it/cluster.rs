@@ -594,6 +594,65 @@ fn partition_writer(
     )
 }
 
+/// Enrolls a new agent in `realm` through an ingest node and has it poison a memory and
+/// use a credential (the detector's `memory_poisoning`); answers its DID.
+fn poison_through(url: &str, token: &str, realm: &str, seed: u8) -> String {
+    let mut signer = Signer::new(AgentKey::from_seed(&[seed; 32]), realm);
+    let did = signer.did().to_owned();
+    let enrolled = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/agents"))
+        .bearer_auth(token)
+        .json(&json!({"did": did, "realm": realm}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(enrolled.status().as_u16(), 201, "{:?}", enrolled.text());
+    let memory = format!("mem-{seed}");
+    let attack: Vec<u8> = [
+        json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
+        json!({"kind": "memory_read", "memory_id": memory}),
+        json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
+    ]
+    .iter()
+    .map(|object| {
+        signer
+            .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
+            .unwrap()
+            .to_json()
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
+    .into_bytes();
+    wait_for("the ingest node to take the attack", || {
+        post_events(url, &attack).is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
+    });
+    did
+}
+
+/// Waits until the control topic says `did` is revoked (the responder acted on a finding).
+fn wait_revoked(
+    kafka: &custos_stage::kafka::KafkaConfig,
+    did: &str,
+    logs: &[&std::sync::Arc<std::sync::Mutex<String>>],
+) {
+    let started = std::time::Instant::now();
+    loop {
+        let latest = custos_stage::kafka::read_control(kafka, Duration::from_secs(20)).unwrap();
+        let revoked = latest
+            .get(&format!("agent:{did}"))
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+            .is_some_and(|state| state["status"] == "revoked");
+        if revoked {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let logs: Vec<String> = logs.iter().map(|log| log.lock().unwrap().clone()).collect();
+            panic!("{did} was not revoked; logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Every entry of `payload_type` in every partition's store: (partition, keyid, payload).
 fn stored(store: &std::path::Path, payload_type: &str) -> Vec<(u32, String, serde_json::Value)> {
     let mut rows = Vec::new();
@@ -780,58 +839,14 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
     // the responder revokes the agent (the control topic says so).
     let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
     kafka.prefix = prefix.into();
-    let mut attackers = Vec::new();
-    for (n, realm) in realms.iter().chain(realms.iter()).enumerate() {
-        let mut signer = Signer::new(AgentKey::from_seed(&[140 + n as u8; 32]), realm);
-        let did = signer.did().to_owned();
-        let enrolled = reqwest::blocking::Client::new()
-            .post(format!("{}/v1/agents", survivor.url))
-            .bearer_auth(&edge_token)
-            .json(&json!({"did": did, "realm": realm}))
-            .send()
-            .unwrap();
-        assert_eq!(enrolled.status().as_u16(), 201);
-        let memory = format!("mem-{n}");
-        let attack: Vec<u8> = [
-            json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
-            json!({"kind": "memory_read", "memory_id": memory}),
-            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
-        ]
+    let attackers: Vec<String> = realms
         .iter()
-        .map(|object| {
-            signer
-                .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
-                .unwrap()
-                .to_json()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes();
-        wait_for("the ingest node to take the attack", || {
-            post_events(&survivor.url, &attack)
-                .is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
-        });
-        attackers.push(did);
-    }
-    let started = std::time::Instant::now();
+        .chain(realms.iter())
+        .enumerate()
+        .map(|(n, realm)| poison_through(&survivor.url, &edge_token, realm, 140 + n as u8))
+        .collect();
     for did in &attackers {
-        loop {
-            let latest = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20)).unwrap();
-            let revoked = latest
-                .get(&format!("agent:{did}"))
-                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-                .is_some_and(|state| state["status"] == "revoked");
-            if revoked {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "{did} was not revoked; stages: {}\nwriter: {}",
-                stage_log.lock().unwrap(),
-                second.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_revoked(&kafka, did, &[&stage_log, &second.log]);
     }
     stage.kill().unwrap();
     let _ = stage.wait();
@@ -899,4 +914,105 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
         let own = custos_store::partitions::latest_head(&store, head.partition).unwrap();
         assert_eq!(*head, own, "partition {}", head.partition);
     }
+}
+
+/// Detectors over a log per partition: two detector processes share one data directory
+/// and each detects its preferred partitions (its own state, snapshot and chain per
+/// partition). One is SIGKILLed: the other takes its partitions over within seconds.
+/// Attacks before and after in every realm are each found exactly once: the takeover
+/// neither doubles a finding nor misses an attack.
+#[test]
+fn a_dead_detectors_partitions_move_to_the_other_detector() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let prefix = "detect-test";
+    let shared = dir.path().join("detectors");
+    let (mut first, detector, _, first_log) = stage_process_with(
+        &shared,
+        &broker.addr,
+        prefix,
+        "detector",
+        &["--log-per-partition", "--prefer-partitions", "0,1"],
+    );
+    let (mut second, _, _, second_log) = stage_process_with(
+        &shared,
+        &broker.addr,
+        prefix,
+        "detector",
+        &["--log-per-partition", "--prefer-partitions", "2"],
+    );
+    let (mut responder_process, _, responder, responder_log) = stage_process_with(
+        &dir.path().join("responder"),
+        &broker.addr,
+        prefix,
+        "responder",
+        &["--log-per-partition"],
+    );
+    let store = dir.path().join("writers");
+    let writer = partition_writer(&store, &broker.addr, prefix, "0,1,2", &(detector.clone(), responder));
+    let token = std::fs::read_to_string(store.join("edge/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    wait_for("each detector to take its partitions", || {
+        let (first, second) = (first_log.lock().unwrap(), second_log.lock().unwrap());
+        first.contains("partition 0 is detected here")
+            && first.contains("partition 1 is detected here")
+            && second.contains("partition 2 is detected here")
+            && !second.contains("partition 0 is detected here")
+    });
+    let realms: Vec<String> = (0..3)
+        .map(|partition| {
+            (0..)
+                .map(|n| format!("realm-{n}"))
+                .find(|realm| custos_stage::wire::partition_for(realm, 3) == partition)
+                .unwrap()
+        })
+        .collect();
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = prefix.into();
+    let logs = [&first_log, &second_log, &responder_log, &writer.log];
+    let before: Vec<String> = realms
+        .iter()
+        .enumerate()
+        .map(|(n, realm)| poison_through(&writer.url, &token, realm, 160 + n as u8))
+        .collect();
+    for did in &before {
+        wait_revoked(&kafka, did, &logs);
+    }
+
+    // SIGKILL the detector of partitions 0 and 1 (no snapshot at exit).
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_for("the other detector to take partitions 0 and 1", || {
+        let log = second_log.lock().unwrap();
+        log.contains("partition 0 is detected here") && log.contains("partition 1 is detected here")
+    });
+    let after: Vec<String> = realms
+        .iter()
+        .enumerate()
+        .map(|(n, realm)| poison_through(&writer.url, &token, realm, 170 + n as u8))
+        .collect();
+    for did in &after {
+        wait_revoked(&kafka, did, &logs);
+    }
+    // Time for a doubled finding to show up, were there one.
+    std::thread::sleep(Duration::from_secs(3));
+    second.kill().unwrap();
+    let _ = second.wait();
+    responder_process.kill().unwrap();
+    let _ = responder_process.wait();
+    let log = writer.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    let findings = stored(&store, custos_event::FINDING_PAYLOAD_TYPE);
+    for did in before.iter().chain(&after) {
+        let found = findings
+            .iter()
+            .filter(|(_, _, finding)| finding["agent"] == did.as_str() && finding["type"] == "memory_poisoning")
+            .count();
+        assert_eq!(found, 1, "memory_poisoning findings about {did}: {findings:?}");
+    }
+    let output = crate::support::run(&["verify", store.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
