@@ -18,7 +18,9 @@
 //!
 //! The detector is a plain state machine: no threads, no clocks. Time is the events'
 //! own timestamps, so `custos eval` can replay days of traffic in seconds and get the
-//! same findings as the live node. State snapshots to JSON and resumes.
+//! same findings as the live node. State snapshots to JSON and resumes. With one log per
+//! partition, [`partitions`] runs one stage per partition a process holds, each with its
+//! own state, snapshot and signing chain, so a partition's state moves between processes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

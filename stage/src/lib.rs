@@ -21,7 +21,9 @@
 //! - [`embedded`]: in-process channels (the default, one process);
 //! - [`kafka`]: topics on a Kafka-protocol broker (the distributed mode).
 //!
-//! The same stage code runs on both; `tests/it` runs one suite against each.
+//! The same stage code runs on both; `tests/it` runs one suite against each. With one
+//! log per partition, [`claim`] decides which process runs a partition's stateful
+//! stage (its writer, its detector): the holder of the partition's lock.
 
 use std::time::Duration;
 
