@@ -540,12 +540,18 @@ The bundle format is docs/evidence-format.md.")]
     #[command(after_help = "\
 Examples:
   custos evidence verify eng-nov.tar --node-key did:key:z6Mk…
-  custos evidence verify eng-nov.tar --json")]
+  custos evidence verify eng-nov.tar --json
+  custos evidence verify eng-nov.tar --partitions-key \"$(cat DATA/partitions.pub)\"")]
     Verify {
         bundle: PathBuf,
         /// The node key (did:key) the manifest must be signed by, obtained out of band.
         #[arg(long)]
         node_key: Option<String>,
+        /// For a bundle exported from one partition of a partition set: the set's
+        /// cross-partition checkpoint key (DATA/partitions.pub), obtained out of band. The
+        /// bundle must then carry the checkpoint binding its partition.
+        #[arg(long)]
+        partitions_key: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -704,9 +710,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             cmd::evidence::export(&node, &realm, agent, &from, &to, &out).await?;
         }
-        Command::Evidence(EvidenceCommand::Verify { bundle, node_key, json }) => {
+        Command::Evidence(EvidenceCommand::Verify {
+            bundle,
+            node_key,
+            partitions_key,
+            json,
+        }) => {
             init_tracing("warn");
-            return cmd::evidence::verify(&bundle, node_key.as_deref(), json);
+            return cmd::evidence::verify(&bundle, node_key.as_deref(), partitions_key.as_deref(), json);
         }
         Command::Token(command) => {
             init_tracing("warn");

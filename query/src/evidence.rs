@@ -102,6 +102,24 @@ pub struct Keys {
     pub signers: Vec<String>,
 }
 
+/// `partitions.json`, in a bundle exported from partition `partition` of a partition set
+/// (`--log-per-partition`): a cross-partition checkpoint binding this partition's head,
+/// and a consistency proof from that head to the bundle's checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionsFile {
+    pub set_id: String,
+    pub partitions: u32,
+    pub partition: u32,
+    /// The set's verifier key (`custos/<set id>/partitions+<id>+<key>`).
+    pub verifier_key: String,
+    /// The cross-partition checkpoint, a signed note.
+    pub note: String,
+    /// This partition's size in that note.
+    pub bound_size: u64,
+    /// From `bound_size` to the manifest's `tree_size` (empty when they are equal).
+    pub consistency_path: Vec<String>,
+}
+
 /// What an export produced.
 pub struct Bundle {
     pub tar: Vec<u8>,
@@ -130,6 +148,10 @@ What is checked, and in what order:
    Every row lies in the exported realm and time range; counts match the manifest; every
    proof has its row.
 4. ocsf.json is a rendering for SIEMs, covered by the manifest digest only.
+5. partitions.json (a bundle from one partition of a partition set): the cross-partition
+   checkpoint binding this partition is signed by the set's key (pin it with
+   --partitions-key), its head is consistent with the bundle's checkpoint, and the realm
+   belongs to this partition.
 
 The byte-level format is docs/evidence-format.md in the Custos repository.
 ";
@@ -201,6 +223,40 @@ pub async fn select(sources: &Sources, selection: &Selection) -> Result<Vec<LogE
 
 fn hex32(hash: &Hash) -> String {
     hex::encode(hash)
+}
+
+/// For a store that is one partition of a set: the latest cross-partition checkpoint
+/// binding its head at or below `size`, with the consistency proof up to `size`.
+async fn partitions_file(api: &custos_ingest::Api, size: u64) -> Result<Option<PartitionsFile>, QueryError> {
+    use custos_store::partitions::{PartitionSet, latest_binding};
+    let Some((data, set, partition)) = PartitionSet::of_store(&api.data) else {
+        return Ok(None);
+    };
+    let binding = latest_binding(&data, partition, size)
+        .map_err(|error| QueryError::internal(format!("reading the cross-partition checkpoints: {error}")))?;
+    let Some((note, head)) = binding else {
+        return Ok(None);
+    };
+    let verifier_key = std::fs::read_to_string(PartitionSet::public_key_path(&data))
+        .map_err(|error| QueryError::internal(format!("reading partitions.pub: {error}")))?;
+    let consistency_path = match head.size < size {
+        true => api.consistency(head.size, size).await?["consistency_path"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|hash| hash.as_str().map(str::to_owned))
+            .collect(),
+        false => Vec::new(),
+    };
+    Ok(Some(PartitionsFile {
+        set_id: set.set_id,
+        partitions: set.partitions,
+        partition,
+        verifier_key: verifier_key.trim().to_owned(),
+        note,
+        bound_size: head.size,
+        consistency_path,
+    }))
 }
 
 /// Builds a bundle for `request` as `caller` sees it.
@@ -301,6 +357,9 @@ pub async fn export(
         signers: signers.into_iter().collect(),
     };
     let json = |value: &dyn erased::Json| value.pretty();
+    if let Some(partitions) = partitions_file(api, proofs.size).await? {
+        files.insert("partitions.json".into(), json(&partitions)?);
+    }
     files.insert("checkpoints.json".into(), json(&checkpoints)?);
     files.insert("proofs/inclusion.ndjson".into(), inclusion);
     files.insert("proofs/consistency.json".into(), json(&consistency)?);
@@ -363,6 +422,9 @@ pub struct Report {
     /// Rows checked per file.
     pub rows: BTreeMap<String, u64>,
     pub checkpoints: usize,
+    /// For a bundle from a partition set: (its partition, the set's partition count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<(u32, u32)>,
     /// Every problem found, each naming its file and row or log index.
     pub problems: Vec<String>,
 }
@@ -370,6 +432,96 @@ pub struct Report {
 impl Report {
     pub fn ok(&self) -> bool {
         self.problems.is_empty() && self.manifest.is_some()
+    }
+}
+
+/// `partitions.json` against the manifest: the set's signature on the cross-partition
+/// checkpoint, this partition's bound head (same origin, consistent with the bundle's
+/// checkpoint), and that the exported realm belongs to this partition by the realm rule
+/// (so no other partition can hold its entries).
+fn check_partitions(
+    file: &PartitionsFile,
+    manifest: &Manifest,
+    root: Option<Hash>,
+    pinned: Option<&str>,
+    problems: &mut Vec<String>,
+) {
+    use custos_store::partitions::verify_cross_checkpoint;
+    let key_text = pinned.unwrap_or(&file.verifier_key);
+    if let Some(pinned) = pinned
+        && pinned.trim() != file.verifier_key.trim()
+    {
+        problems.push(format!(
+            "partitions.json: names set key {} but the pinned one is {pinned}",
+            file.verifier_key
+        ));
+    }
+    let key = match NoteKey::parse_verifier(key_text) {
+        Ok(key) => key,
+        Err(error) => {
+            problems.push(format!("partitions.json: verifier_key: {error}"));
+            return;
+        }
+    };
+    let origin = format!("custos/{}/partitions", file.set_id);
+    if key.name != origin {
+        problems.push(format!(
+            "partitions.json: the key is named `{}`, not `{origin}`",
+            key.name
+        ));
+    }
+    let checkpoint = match verify_cross_checkpoint(&file.note, &key) {
+        Ok(checkpoint) => checkpoint,
+        Err(error) => {
+            problems.push(format!("partitions.json: the cross-partition checkpoint: {error}"));
+            return;
+        }
+    };
+    if checkpoint.origin != origin || checkpoint.heads.len() != file.partitions as usize {
+        problems.push(format!(
+            "partitions.json: the checkpoint is `{}` over {} partitions, not `{origin}` over {}",
+            checkpoint.origin,
+            checkpoint.heads.len(),
+            file.partitions
+        ));
+        return;
+    }
+    let home = custos_event::partition_of(&manifest.query.realm, file.partitions);
+    if home != file.partition {
+        problems.push(format!(
+            "partitions.json: realm `{}` belongs to partition {home}, but the bundle is from partition {}",
+            manifest.query.realm, file.partition
+        ));
+    }
+    let Some(head) = checkpoint.heads.get(file.partition as usize) else {
+        problems.push(format!("partitions.json: no partition {}", file.partition));
+        return;
+    };
+    if head.origin != manifest.origin || head.size != file.bound_size {
+        problems.push(format!(
+            "partitions.json: partition {} is bound as `{}` at size {}, the bundle is `{}` (bound size {})",
+            file.partition, head.origin, head.size, manifest.origin, file.bound_size
+        ));
+        return;
+    }
+    let Some(root) = root else {
+        return;
+    };
+    let path: Option<Vec<Hash>> = file.consistency_path.iter().map(|hash| decode_hash(hash)).collect();
+    let consistent = match path {
+        None => Err("a hash is not hex".to_owned()),
+        Some(_) if head.size == manifest.tree_size => match head.root == root {
+            true => Ok(()),
+            false => Err("the bound root differs from the bundle's checkpoint at the same size".to_owned()),
+        },
+        Some(path) => verify_consistency(head.size, manifest.tree_size, &path, &head.root, &root)
+            .map_err(|error| error.to_string()),
+    };
+    if let Err(error) = consistent {
+        problems.push(format!(
+            "partitions.json: the bound head (size {}) -> the bundle's checkpoint (size {}): {error}",
+            head.size, manifest.tree_size
+        ));
     }
 }
 
@@ -383,6 +535,12 @@ const MISSING_NAMED: usize = 20;
 /// Checks a bundle offline. `node_key`, when given, pins the key the manifest must be
 /// signed by.
 pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
+    verify_pinned(bytes, node_key, None)
+}
+
+/// [`verify`], and for a bundle from a partition set, `partitions_key` pins the key its
+/// cross-partition checkpoint must be signed by (the bundle must then carry one).
+pub fn verify_pinned(bytes: &[u8], node_key: Option<&str>, partitions_key: Option<&str>) -> Report {
     let mut report = Report::default();
     let problems = &mut report.problems;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -551,6 +709,20 @@ pub fn verify(bytes: &[u8], node_key: Option<&str>) -> Report {
         problems.push(format!(
             "checkpoints.json: no verified checkpoint of size {tree_size}, which the proofs are against"
         ));
+    }
+    match files.get("partitions.json") {
+        Some(bytes) => match serde_json::from_slice::<PartitionsFile>(bytes) {
+            Ok(file) => {
+                report.partition = Some((file.partition, file.partitions));
+                check_partitions(&file, &manifest, root, partitions_key, problems);
+            }
+            Err(error) => problems.push(format!("partitions.json: {error}")),
+        },
+        None if partitions_key.is_some() => problems.push(
+            "partitions.json: missing, but a partition set's key was given: the bundle does not show which partition it is"
+                .into(),
+        ),
+        None => {}
     }
 
     // 4. Inclusion proofs.

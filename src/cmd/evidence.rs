@@ -54,9 +54,14 @@ pub(crate) async fn export(
     Ok(())
 }
 
-pub(crate) fn verify(bundle: &Path, node_key: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn verify(
+    bundle: &Path,
+    node_key: Option<&str>,
+    partitions_key: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let bytes = fs_err::read(bundle)?;
-    let report = custos_query::evidence::verify(&bytes, node_key);
+    let report = custos_query::evidence::verify_pinned(&bytes, node_key, partitions_key);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -81,6 +86,11 @@ pub(crate) fn verify(bundle: &Path, node_key: Option<&str>, json: bool) -> anyho
             println!("  {file}: {rows} rows checked (signature, digest, leaf, inclusion proof)");
         }
         println!("  checkpoints verified: {}", report.checkpoints);
+        if let Some((partition, partitions)) = report.partition {
+            println!(
+                "  partition {partition} of a set of {partitions}: bound by a cross-partition checkpoint, and the realm's home partition"
+            );
+        }
         for problem in &report.problems {
             println!("FAIL: {problem}");
         }

@@ -102,6 +102,19 @@ impl PartitionSet {
         format!("custos/{}/partitions", self.set_id)
     }
 
+    /// The set a store belongs to when it is laid out as partition `p` of one
+    /// (`DATA/partitions/<p>/` beside `DATA/partitions.json`): (DATA, the set, p).
+    pub fn of_store(store: &Path) -> Option<(PathBuf, Self, u32)> {
+        let partition: u32 = store.file_name()?.to_str()?.parse().ok()?;
+        let parent = store.parent()?;
+        if parent.file_name()? != "partitions" {
+            return None;
+        }
+        let data = parent.parent()?;
+        let set = Self::open(data).ok()??;
+        (partition < set.partitions).then(|| (data.to_owned(), set, partition))
+    }
+
     pub fn store_dir(data: &Path, partition: u32) -> PathBuf {
         data.join("partitions").join(partition.to_string())
     }
@@ -327,6 +340,33 @@ impl CrossSigner {
         self.last = Some(checkpoint.heads.clone());
         Ok(Some(checkpoint))
     }
+}
+
+/// The latest cross-partition checkpoint that binds a non-empty head of `partition` no
+/// larger than `size`: (its note, the bound head). `None` when there is none yet.
+pub fn latest_binding(data: &Path, partition: u32, size: u64) -> Result<Option<(String, PartitionHead)>, StoreError> {
+    let path = PartitionSet::checkpoints_path(data);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let key = NoteKey::parse_verifier(&fs_err::read_to_string(PartitionSet::public_key_path(data))?)?;
+    // The signer may be appending as this reads: a torn last line is skipped.
+    let text = fs_err::read_to_string(&path)?;
+    for line in text.lines().rev() {
+        let Ok(line) = serde_json::from_str::<CrossLine>(line) else {
+            continue;
+        };
+        let Ok(checkpoint) = verify_cross_checkpoint(&line.note, &key) else {
+            continue;
+        };
+        if let Some(head) = checkpoint.heads.get(partition as usize)
+            && head.size > 0
+            && head.size <= size
+        {
+            return Ok(Some((line.note, head.clone())));
+        }
+    }
+    Ok(None)
 }
 
 /// One problem with the partition set, in the shape of [`crate::verify::Problem`].

@@ -653,6 +653,60 @@ fn wait_revoked(
     }
 }
 
+/// An evidence bundle of `realm`, exported from its partition's store (the API each
+/// partition's node serves, as the writer's log names it), carries the cross-partition
+/// checkpoint binding that partition; `custos evidence verify --partitions-key` checks
+/// it, and refuses another set's key.
+fn evidence_from_a_partition(store: &std::path::Path, writer: &Server, realm: &str) {
+    use custos_store::partitions::{PartitionSet, latest_binding};
+    let partition = custos_stage::wire::partition_for(realm, 3).unsigned_abs();
+    wait_for("a cross-partition checkpoint binding the realm's partition", || {
+        latest_binding(store, partition, u64::MAX).unwrap().is_some()
+    });
+    let log = writer.log.lock().unwrap().clone();
+    let prefix = format!("partition {partition}: this process writes its log");
+    let line = log
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .last()
+        .expect("the partition's node");
+    let url = line.rsplit("API on ").next().unwrap().trim_end_matches(')').to_owned();
+    let token = std::fs::read_to_string(PartitionSet::store_dir(store, partition).join("admin.token")).unwrap();
+    let bundle = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/evidence"))
+        .bearer_auth(token.trim())
+        .json(&json!({"realm": realm, "from": "2020-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(bundle.status().as_u16(), 200);
+    let path = store.join("bundle.tar");
+    std::fs::write(&path, bundle.bytes().unwrap()).unwrap();
+    let key = std::fs::read_to_string(PartitionSet::public_key_path(store)).unwrap();
+    let output = crate::support::run(&[
+        "evidence",
+        "verify",
+        path.to_str().unwrap(),
+        "--partitions-key",
+        key.trim(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{report:#}");
+    assert_eq!(report["partition"], json!([partition, 3]));
+    assert!(report["rows"]["findings.parquet"].as_u64().unwrap() >= 1, "{report:#}");
+    // Another key of the same name: the cross-partition checkpoint does not verify.
+    let set = PartitionSet::open(store).unwrap().unwrap();
+    let other = custos_store::checkpoint::NoteKey {
+        name: set.origin(),
+        public: AgentKey::from_seed(&[7; 32]).public_key(),
+    }
+    .verifier_string();
+    let output = crate::support::run(&["evidence", "verify", path.to_str().unwrap(), "--partitions-key", &other]);
+    assert_eq!(output.status.code(), Some(1), "{}", crate::support::stdout(&output));
+    assert!(crate::support::stdout(&output).contains("partitions.json"));
+}
+
 /// Every entry of `payload_type` in every partition's store: (partition, keyid, payload).
 fn stored(store: &std::path::Path, payload_type: &str) -> Vec<(u32, String, serde_json::Value)> {
     let mut rows = Vec::new();
@@ -998,6 +1052,7 @@ fn a_dead_detectors_partitions_move_to_the_other_detector() {
     }
     // Time for a doubled finding to show up, were there one.
     std::thread::sleep(Duration::from_secs(3));
+    evidence_from_a_partition(&store, &writer, &realms[1]);
     second.kill().unwrap();
     let _ = second.wait();
     responder_process.kill().unwrap();
