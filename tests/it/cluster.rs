@@ -667,8 +667,7 @@ fn evidence_from_a_partition(store: &std::path::Path, writer: &Server, realm: &s
     let prefix = format!("partition {partition}: this process writes its log");
     let line = log
         .lines()
-        .filter(|line| line.starts_with(&prefix))
-        .last()
+        .rfind(|line| line.starts_with(&prefix))
         .expect("the partition's node");
     let url = line.rsplit("API on ").next().unwrap().trim_end_matches(')').to_owned();
     let token = std::fs::read_to_string(PartitionSet::store_dir(store, partition).join("admin.token")).unwrap();
