@@ -743,7 +743,7 @@ fn stored(store: &std::path::Path, payload_type: &str) -> Vec<(u32, String, serd
 #[test]
 fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let mut broker = Broker::start(dir.path());
     let prefix = "parts-test";
     let store = dir.path().join("writers");
     let (mut stage, detector, responder, stage_log) = stage_process_with(
@@ -876,6 +876,24 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
         second.log.lock().unwrap().contains("partition 0: this process writes"),
         "the surviving writer took the dead one's partitions"
     );
+
+    // The broker dies and comes back: the partition writers and the ingest node resume by
+    // themselves (a request mixing the three realms is answered).
+    broker.restart();
+    let mut body = Vec::new();
+    for signer in [0, 2, 4] {
+        if !body.is_empty() {
+            body.push(b'\n');
+        }
+        body.extend_from_slice(&signed_lines(&mut signers[signer], 1));
+    }
+    wait_for("ingest to resume after the broker restart", || {
+        post_events(&survivor.url, &body).is_some_and(|results| {
+            results
+                .iter()
+                .all(|result| result["status"] == "accepted" || result["status"] == "duplicate")
+        })
+    });
 
     // A revocation through an ingest node goes to the agent's partition and is enforced.
     let revoked = reqwest::blocking::Client::new()
