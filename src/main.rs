@@ -130,6 +130,13 @@ struct ServeArgs {
     /// Run without the detector and the responder (ingest and store only).
     #[arg(long)]
     no_detect: bool,
+    /// Copy the sealed part of the store (segments, manifests, checkpoints up to the
+    /// sealed size; never keys or the WAL) to object storage every few seconds and at
+    /// stop: `file:///dir` or `s3://bucket/prefix` (S3 settings from the AWS_*
+    /// environment variables, such as AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP). `custos verify URL` checks the copy.
+    #[arg(long, value_name = "URL", env = "CUSTOS_OBJECT_STORE")]
+    object_store: Option<String>,
     /// Kafka bootstrap servers (`host:port,...`): the stages exchange the contract's
     /// records over topics instead of in-process channels.
     #[arg(long, value_name = "BROKERS", env = "CUSTOS_KAFKA")]
@@ -683,7 +690,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing("info");
-            cmd::serve::run(args.config(), args.pipeline(), args.limits(), args.cluster()).await?;
+            let archive = args.object_store.clone();
+            cmd::serve::run(args.config(), args.pipeline(), args.limits(), args.cluster(), archive).await?;
         }
         Command::Agent(command) => {
             init_tracing("warn");

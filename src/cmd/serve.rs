@@ -237,11 +237,56 @@ impl Node {
     }
 }
 
+/// Copies the sealed part of a store (or partition set) to object storage every few
+/// seconds, and once more when stopped (`--object-store`).
+pub(crate) struct Archiver {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Archiver {
+    /// Opens `url` at once (a bad URL stops the start) and starts copying `data`.
+    pub(crate) fn start(url: &str, data: std::path::PathBuf) -> anyhow::Result<Self> {
+        let mut archive =
+            custos_store::archive::Archive::open(url).with_context(|| format!("opening the object store `{url}`"))?;
+        eprintln!("copying the sealed store to {url}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("custos-archive".into())
+            .spawn(move || {
+                let sync = |archive: &mut custos_store::archive::Archive| match archive.sync(&data) {
+                    Ok(0) => {}
+                    Ok(files) => tracing::debug!(files, "copied to the object store"),
+                    Err(error) => tracing::warn!(%error, "copying to the object store failed; trying again"),
+                };
+                while !flag.load(Ordering::Relaxed) {
+                    sync(&mut archive);
+                    for _ in 0..20 {
+                        if flag.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+                sync(&mut archive);
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Copies what the stop sealed, then ends.
+    pub(crate) async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
 pub(crate) async fn run(
     config: custos_ingest::NodeConfig,
     mut pipeline: Option<PipelineConfig>,
     limits: custos_query::Limits,
     cluster: Option<Cluster>,
+    archive: Option<String>,
 ) -> anyhow::Result<()> {
     let data = config.data.clone();
     if let Some(cluster) = &cluster {
@@ -269,10 +314,11 @@ pub(crate) async fn run(
             }
         }
         if !cluster.writer || cluster.log_per_partition {
-            return run_without_store(config, pipeline, limits, cluster).await;
+            return run_without_store(config, pipeline, limits, cluster, archive).await;
         }
     }
     let node = Node::start_in(config, pipeline, Arc::new(Marks::default()), limits, cluster.as_ref()).await?;
+    let archiver = archive.map(|url| Archiver::start(&url, data.clone())).transpose()?;
     let running = &node.running;
     if let Some(token) = &running.admin_token {
         // Printed once, on the terminal only; it is stored hashed.
@@ -296,6 +342,9 @@ pub(crate) async fn run(
     wait_for_signal().await;
     eprintln!("stopping: draining requests, sealing the open segment, signing a final checkpoint");
     let closed = node.shutdown().await?;
+    if let Some(archiver) = archiver {
+        archiver.stop().await;
+    }
     match closed.unsealed {
         None => eprintln!("stopped cleanly ({} entries, all sealed)", closed.entries),
         Some(unsealed) => {
@@ -346,6 +395,7 @@ async fn run_without_store(
     pipeline: Option<PipelineConfig>,
     limits: custos_query::Limits,
     cluster: &Cluster,
+    archive: Option<String>,
 ) -> anyhow::Result<()> {
     let writers = cluster.writer && cluster.log_per_partition;
     if pipeline.is_none() && !cluster.ingest && !writers {
@@ -355,6 +405,10 @@ async fn run_without_store(
     let partitions = match writers {
         true => Some(PartitionWriters::start(config.clone(), limits, cluster.clone()).await?),
         false => None,
+    };
+    let archiver = match (writers, archive) {
+        (true, Some(url)) => Some(Archiver::start(&url, data.clone())?),
+        _ => None,
     };
     let edge = match cluster.ingest || writers {
         true => {
@@ -390,6 +444,9 @@ async fn run_without_store(
     if let Some(partitions) = partitions {
         eprintln!("stopping: sealing and checkpointing each partition's log");
         partitions.stop(&data).await;
+    }
+    if let Some(archiver) = archiver {
+        archiver.stop().await;
     }
     if let Some((pipeline, hooks)) = stages {
         eprintln!("stopping: the stages finish what they read and save their state");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use custos_store::verify::{Report, VerifyOptions, verify_store};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 #[command(after_help = "\
 Exits 0 when everything checks out, 1 on any mismatch (each printed with its file, row
 and log index), 2 when the store cannot be read at all.
@@ -17,7 +17,9 @@ Examples:
   custos verify ./writers --signatures    (a partition set: every partition's log, then
                                            the cross-partition checkpoints)")]
 pub(crate) struct VerifyArgs {
-    /// The data directory of a store.
+    /// The data directory of a store (or of a partition set), or a copy of one in object
+    /// storage (`s3://bucket/prefix`, `file:///dir`, as `serve --object-store` wrote it),
+    /// which is downloaded to a temporary directory first.
     pub(crate) data: PathBuf,
     /// Also verify every ed25519 signature (batched across all cores).
     #[arg(long)]
@@ -87,6 +89,26 @@ pub(crate) fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn verify_with_progress(args: &VerifyArgs, options: &VerifyOptions) -> anyhow::Result<Report> {
+    let text = args.data.to_string_lossy();
+    if text.starts_with("s3://") || text.starts_with("file://") {
+        let copy = tempfile::tempdir()?;
+        // A thread of its own: the object store client runs its own runtime.
+        let download = || -> anyhow::Result<usize> {
+            let archive = custos_store::archive::Archive::open(&text)?;
+            Ok(archive.download(copy.path())?)
+        };
+        let files = std::thread::scope(|scope| scope.spawn(download).join())
+            .map_err(|_| anyhow::anyhow!("downloading `{text}` failed"))??;
+        if !args.quiet && !args.json {
+            eprintln!("downloaded {files} objects from {text}");
+        }
+        anyhow::ensure!(files > 0, "`{text}` holds no objects: nothing to verify");
+        let local = VerifyArgs {
+            data: copy.path().to_owned(),
+            ..args.clone()
+        };
+        return verify_with_progress(&local, options);
+    }
     let bar = if args.quiet || args.json {
         indicatif::ProgressBar::hidden()
     } else {

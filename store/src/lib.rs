@@ -20,6 +20,7 @@
 //! - [`verify`]: the offline verifier behind `custos verify`.
 //! - [`partitions`]: a set of partition logs and the checkpoint that binds their heads.
 //! - [`keyfile`]: owner-only key files.
+//! - [`archive`]: the sealed part copied to object storage (a directory, S3), and back.
 //!
 //! The layout on disk is specified in `docs/store-format.md`.
 
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod archive;
 pub mod checkpoint;
 pub mod entry;
 pub mod keyfile;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `custos` binary: real processes, real signals, real files.
 
 mod access;
+mod archive;
 mod cli;
 mod cluster;
 mod console;

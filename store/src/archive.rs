@@ -1,0 +1,238 @@
+//! The sealed part of a store, copied to object storage, and read back to verify it.
+//!
+//! ```text
+//!  DATA/ (one store, or a partition set) ──sync every few seconds──▶ <url>/
+//!    store.json, partitions.json/.pub/.ndjson      as they are
+//!    logs/<id>/checkpoint.pub                      as it is
+//!    logs/<id>/segments/*.parquet(.seqs)           once each (sealed files never change)
+//!    logs/<id>/segments.ndjson                     after its segments
+//!    logs/<id>/checkpoints.ndjson                  lines up to the sealed size only
+//!  never copied: keys, tokens, the WAL, LOCK, caches, forensics
+//! ```
+//!
+//! The copy is a store without a WAL: `custos verify <url>` downloads it and checks it
+//! like any store. Uploads are ordered so that a reader never finds a manifest line
+//! whose segment is missing, nor a checkpoint beyond the sealed entries. `url` is
+//! `file:///dir` or `s3://bucket/prefix`; S3 settings (endpoint, region, credentials)
+//! come from the usual `AWS_*` environment variables.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt as _};
+
+use crate::log::{CheckpointLine, SegmentInfo, read_ndjson};
+use crate::{LogPaths, StoreError};
+
+/// An object store and the prefix the store's files go under.
+pub struct Archive {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    runtime: tokio::runtime::Runtime,
+    /// What was uploaded, by relative path: its length and modification time then.
+    uploaded: HashMap<String, (u64, Option<std::time::SystemTime>)>,
+}
+
+impl Archive {
+    /// Opens `url` (`file:///dir`, `s3://bucket/prefix`).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, &[])
+    }
+
+    /// [`Archive::open`], with S3 settings given as `AWS_*` names and values on top of
+    /// the environment's.
+    pub fn open_with(url: &str, settings: &[(&str, &str)]) -> Result<Self, StoreError> {
+        let parsed =
+            url::Url::parse(url).map_err(|error| StoreError::Internal(format!("`{url}` is not a URL: {error}")))?;
+        let (store, prefix): (Arc<dyn ObjectStore>, ObjectPath) = match parsed.scheme() {
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| StoreError::Internal(format!("`{url}` is not a local path")))?;
+                fs_err::create_dir_all(&dir)?;
+                (
+                    Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?),
+                    ObjectPath::default(),
+                )
+            }
+            "s3" => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+                for (name, value) in settings {
+                    let key: object_store::aws::AmazonS3ConfigKey = name.to_ascii_lowercase().parse()?;
+                    builder = builder.with_config(key, *value);
+                }
+                let store = builder.build()?;
+                (Arc::new(store), ObjectPath::from(parsed.path().trim_start_matches('/')))
+            }
+            other => {
+                return Err(StoreError::Internal(format!(
+                    "object store `{url}`: the scheme `{other}` is not supported (use file:// or s3://)"
+                )));
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| StoreError::Internal(format!("cannot start the upload runtime: {error}")))?;
+        Ok(Self {
+            store,
+            prefix,
+            runtime,
+            uploaded: HashMap::new(),
+        })
+    }
+
+    fn location(&self, relative: &str) -> ObjectPath {
+        relative
+            .split('/')
+            .fold(self.prefix.clone(), |path, part| path.clone().join(part))
+    }
+
+    /// Writes one object at `relative` under the prefix.
+    pub fn put(&mut self, relative: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let location = self.location(relative);
+        let store = self.store.clone();
+        self.runtime
+            .block_on(async move { store.put(&location, bytes.into()).await })?;
+        Ok(())
+    }
+
+    /// Uploads `file` (at `relative` under the prefix) if it changed since its last
+    /// upload; `contents` turns its bytes into what is uploaded. Answers whether it did.
+    fn sync_file(
+        &mut self,
+        file: &Path,
+        relative: &str,
+        contents: impl FnOnce(Vec<u8>) -> Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let Ok(metadata) = fs_err::metadata(file) else {
+            return Ok(false);
+        };
+        let stamp = (metadata.len(), metadata.modified().ok());
+        if self.uploaded.get(relative) == Some(&stamp) {
+            return Ok(false);
+        }
+        let bytes = fs_err::read(file)?;
+        self.put(relative, contents(bytes))?;
+        self.uploaded.insert(relative.to_owned(), stamp);
+        Ok(true)
+    }
+
+    /// Copies what changed in the store (or partition set) at `data`; answers how many
+    /// files were uploaded.
+    pub fn sync(&mut self, data: &Path) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for name in ["partitions.json", "partitions.pub", "partitions.ndjson"] {
+            count += usize::from(self.sync_file(&data.join(name), name, |bytes| bytes)?);
+        }
+        for (store, relative) in stores(data) {
+            count += self.sync_store(&store, &relative)?;
+        }
+        Ok(count)
+    }
+
+    fn sync_store(&mut self, store: &Path, relative: &str) -> Result<usize, StoreError> {
+        let join = |name: &str| match relative.is_empty() {
+            true => name.to_owned(),
+            false => format!("{relative}/{name}"),
+        };
+        let mut count = usize::from(self.sync_file(&store.join("store.json"), &join("store.json"), |bytes| bytes)?);
+        let Ok(info) = crate::StoreInfo::open(store, false) else {
+            return Ok(count);
+        };
+        for log_id in &info.logs {
+            let paths = LogPaths::new(store, log_id);
+            let base = join(&format!("logs/{log_id}"));
+            count += usize::from(self.sync_file(&paths.public_key, &format!("{base}/checkpoint.pub"), |bytes| bytes)?);
+            // Segments first (each once: sealed files never change), then the manifest.
+            let segments: Vec<SegmentInfo> = match paths.manifest.exists() {
+                true => read_ndjson(&paths.manifest)?,
+                false => Vec::new(),
+            };
+            for segment in &segments {
+                for file in [segment.file.clone(), format!("{}.seqs", segment.file)] {
+                    let relative = format!("{base}/segments/{file}");
+                    if !self.uploaded.contains_key(&relative) {
+                        count += usize::from(self.sync_file(&paths.segment_dir.join(&file), &relative, |bytes| bytes)?);
+                    }
+                }
+            }
+            let manifest_lines = segments.len();
+            count += usize::from(
+                self.sync_file(&paths.manifest, &format!("{base}/segments.ndjson"), |bytes| {
+                    // Only the lines whose segments were read above (one may have been sealed since).
+                    keep_lines(&bytes, manifest_lines, |_| true)
+                })?,
+            );
+            let sealed = segments.last().map_or(0, |segment| segment.end_index);
+            count +=
+                usize::from(
+                    self.sync_file(&paths.checkpoints, &format!("{base}/checkpoints.ndjson"), |bytes| {
+                        keep_lines(&bytes, usize::MAX, |line| {
+                            serde_json::from_slice::<CheckpointLine>(line).is_ok_and(|line| line.size <= sealed)
+                        })
+                    })?,
+                );
+        }
+        Ok(count)
+    }
+
+    /// Downloads everything under the prefix into `dir` (for `custos verify <url>`).
+    pub fn download(&self, dir: &Path) -> Result<usize, StoreError> {
+        use futures::TryStreamExt as _;
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        let objects: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(async { store.list(Some(&prefix)).try_collect().await })?;
+        for object in &objects {
+            let relative: Vec<&str> = object.location.as_ref().split('/').collect();
+            let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
+            let target: PathBuf = relative[skip..].iter().collect();
+            let target = dir.join(target);
+            if let Some(parent) = target.parent() {
+                fs_err::create_dir_all(parent)?;
+            }
+            let store = self.store.clone();
+            let location = object.location.clone();
+            let bytes = self
+                .runtime
+                .block_on(async move { store.get(&location).await?.bytes().await })?;
+            fs_err::write(&target, bytes)?;
+        }
+        Ok(objects.len())
+    }
+}
+
+/// The first `limit` lines of `bytes` that `keep` accepts (each with its newline); a
+/// torn last line is dropped.
+fn keep_lines(bytes: &[u8], limit: usize, keep: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in bytes.split_inclusive(|byte| *byte == b'\n').take(limit) {
+        if line.ends_with(b"\n") && keep(&line[..line.len() - 1]) {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
+/// The stores under `data`: itself, or each partition's store, with their paths
+/// relative to `data`.
+fn stores(data: &Path) -> Vec<(PathBuf, String)> {
+    if data.join("store.json").exists() {
+        return vec![(data.to_owned(), String::new())];
+    }
+    let Ok(Some(set)) = crate::partitions::PartitionSet::open(data) else {
+        return Vec::new();
+    };
+    (0..set.partitions)
+        .map(|partition| {
+            (
+                crate::partitions::PartitionSet::store_dir(data, partition),
+                format!("partitions/{partition}"),
+            )
+        })
+        .collect()
+}
