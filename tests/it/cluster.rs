@@ -293,26 +293,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
                     for signer in signers.iter_mut() {
                         let body = batch(signer, 5);
                         // Resend the same bytes until some node answers.
-                        let results = loop {
-                            if let Some(results) = post_events(&urls[target], &body) {
-                                break results;
-                            }
-                            target = 0;
-                            std::thread::sleep(Duration::from_millis(100));
-                        };
-                        for (line, result) in body.split(|byte| *byte == b'\n').zip(&results) {
-                            assert!(
-                                result["status"] == "accepted" || result["status"] == "duplicate",
-                                "round {round}: {result}"
-                            );
-                            let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
-                            let payload = base64_decode(envelope["payload"].as_str().unwrap());
-                            let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                            acknowledged.lock().unwrap().push((
-                                payload["agent"].as_str().unwrap().to_owned(),
-                                payload["seq"].as_u64().unwrap(),
-                            ));
-                        }
+                        deliver(urls, &mut target, &body, round, acknowledged);
                     }
                 }
             });
@@ -374,6 +355,44 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     assert!(!log.contains("panicked"), "{log}");
     let output = crate::support::run(&["verify", dir.path().join("writer").to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
+}
+
+/// Sends `body` (signed envelopes, one per line) to `urls[target]` until some ingest
+/// node answers, moving to the first node when one does not (a client's resend of the
+/// same bytes), and records every (agent, seq) it acknowledged, each `accepted` or
+/// `duplicate`.
+fn deliver(
+    urls: &[String],
+    target: &mut usize,
+    body: &[u8],
+    round: usize,
+    acknowledged: &std::sync::Mutex<Vec<(String, u64)>>,
+) {
+    let started = std::time::Instant::now();
+    let results = loop {
+        if let Some(results) = post_events(&urls[*target], body) {
+            break results;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "round {round}: no ingest node answered for two minutes"
+        );
+        *target = 0;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (line, result) in body.split(|byte| *byte == b'\n').zip(&results) {
+        assert!(
+            result["status"] == "accepted" || result["status"] == "duplicate",
+            "round {round}: {result}"
+        );
+        let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let payload = base64_decode(envelope["payload"].as_str().unwrap());
+        let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        acknowledged.lock().unwrap().push((
+            payload["agent"].as_str().unwrap().to_owned(),
+            payload["seq"].as_u64().unwrap(),
+        ));
+    }
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {
@@ -832,31 +851,7 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
                         }
                         body.extend_from_slice(&signed_lines(signer, 3));
                     }
-                    let started = std::time::Instant::now();
-                    let results = loop {
-                        if let Some(results) = post_events(&urls[target], &body) {
-                            break results;
-                        }
-                        assert!(
-                            started.elapsed() < Duration::from_secs(120),
-                            "round {round}: no ingest node answered for two minutes"
-                        );
-                        target = 0;
-                        std::thread::sleep(Duration::from_millis(100));
-                    };
-                    for (line, result) in body.split(|byte| *byte == b'\n').zip(&results) {
-                        assert!(
-                            result["status"] == "accepted" || result["status"] == "duplicate",
-                            "round {round}: {result}"
-                        );
-                        let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
-                        let payload = base64_decode(envelope["payload"].as_str().unwrap());
-                        let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                        acknowledged.lock().unwrap().push((
-                            payload["agent"].as_str().unwrap().to_owned(),
-                            payload["seq"].as_u64().unwrap(),
-                        ));
-                    }
+                    deliver(urls, &mut target, &body, round, acknowledged);
                 }
             });
         }
