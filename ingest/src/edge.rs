@@ -131,10 +131,11 @@ impl ControlView {
             Ok(verified) => {
                 let did = &verified.payload.agent;
                 let agents = self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(agent) = agents.get(did) {
+                let agent = agents.get(did);
+                if let Some(agent) = agent {
                     realm.clone_from(&agent.realm);
                 }
-                match agents.get(did) {
+                match agent {
                     None => refused(
                         Reason::UnknownAgent.code(),
                         format!("agent `{did}` is not enrolled"),

@@ -627,21 +627,14 @@ fn poison_through(url: &str, token: &str, realm: &str, seed: u8) -> String {
         .unwrap();
     assert_eq!(enrolled.status().as_u16(), 201, "{:?}", enrolled.text());
     let memory = format!("mem-{seed}");
-    let attack: Vec<u8> = [
-        json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
-        json!({"kind": "memory_read", "memory_id": memory}),
-        json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
-    ]
-    .iter()
-    .map(|object| {
-        signer
-            .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
-            .unwrap()
-            .to_json()
-    })
-    .collect::<Vec<_>>()
-    .join("\n")
-    .into_bytes();
+    let attack = crate::respond::signed_body(
+        &mut signer,
+        &[
+            json!({"kind": "memory_write", "memory_id": memory, "attrs": {"source_trust": "untrusted"}}),
+            json!({"kind": "memory_read", "memory_id": memory}),
+            json!({"kind": "credential_use", "target": "cred-db", "attrs": {"credential_owner": did}}),
+        ],
+    );
     wait_for("the ingest node to take the attack", || {
         post_events(url, &attack).is_some_and(|results| results.iter().all(|result| result["status"] != "rejected"))
     });

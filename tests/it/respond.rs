@@ -29,9 +29,9 @@ pub(crate) fn enroll(url: &str, token: &str, did: &str, realm: &str) {
     assert_eq!(status, 201, "{answer}");
 }
 
-/// Signs and sends payload objects (ts = now); returns one result per object.
-pub(crate) fn send(url: &str, signer: &mut Signer, objects: &[Value]) -> Vec<Value> {
-    let body = objects
+/// Payload objects signed (ts = now), one envelope per line: a `POST /v1/events` body.
+pub(crate) fn signed_body(signer: &mut Signer, objects: &[Value]) -> Vec<u8> {
+    objects
         .iter()
         .map(|object| {
             signer
@@ -41,7 +41,12 @@ pub(crate) fn send(url: &str, signer: &mut Signer, objects: &[Value]) -> Vec<Val
         })
         .collect::<Vec<_>>()
         .join("\n")
-        .into_bytes();
+        .into_bytes()
+}
+
+/// Signs and sends payload objects (ts = now); returns one result per object.
+pub(crate) fn send(url: &str, signer: &mut Signer, objects: &[Value]) -> Vec<Value> {
+    let body = signed_body(signer, objects);
     let (status, results) = post(url, "/v1/events", None, body).unwrap();
     assert_eq!(status, 200, "{results}");
     results.as_array().unwrap().clone()

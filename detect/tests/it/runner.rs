@@ -45,27 +45,9 @@ fn a_finding_without_a_receipt_is_sent_again_identically() {
 
     let agent = AgentKey::from_seed(&[10; 32]).did().to_owned();
     fanout.send(Committed::Replayed { next_index: 1 });
-    fanout.send(event(&agent, 0, Kind::MemoryWrite, 1, |payload| {
-        payload.memory_id = Some("mem-x".into());
-        payload.attrs = Some(
-            serde_json::json!({"source_trust": "untrusted"})
-                .as_object()
-                .unwrap()
-                .clone(),
-        );
-    }));
-    fanout.send(event(&agent, 1, Kind::MemoryRead, 2, |payload| {
-        payload.memory_id = Some("mem-x".into());
-    }));
-    fanout.send(event(&agent, 2, Kind::CredentialUse, 3, |payload| {
-        payload.target = Some("cred-db".into());
-        payload.attrs = Some(
-            serde_json::json!({"credential_owner": agent})
-                .as_object()
-                .unwrap()
-                .clone(),
-        );
-    }));
+    for record in attack(&agent, "eng", 1) {
+        fanout.send(record);
+    }
 
     let take = |intake: &mut custos_stage::embedded::ChannelIntake| {
         intake
