@@ -14,6 +14,7 @@ mod metrics;
 mod openapi;
 mod query;
 mod respond;
+mod sdk;
 mod stages;
 mod support;
 mod witness;
