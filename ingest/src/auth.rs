@@ -16,6 +16,9 @@ pub enum Role {
     Responder,
     Compliance,
     Auditor,
+    /// An OpenTelemetry collector or platform adapter bound to one realm: sends spans to
+    /// `POST /v1/traces`, reads nothing.
+    Collector,
 }
 
 /// A stored token: never the secret itself.
@@ -83,6 +86,7 @@ impl Role {
             Role::Responder => "responder",
             Role::Compliance => "compliance",
             Role::Auditor => "auditor",
+            Role::Collector => "collector",
         }
     }
 
@@ -93,8 +97,9 @@ impl Role {
             "responder" => Ok(Role::Responder),
             "compliance" => Ok(Role::Compliance),
             "auditor" => Ok(Role::Auditor),
+            "collector" => Ok(Role::Collector),
             other => Err(format!(
-                "`{other}` is not a role: use admin, analyst, responder, compliance or auditor"
+                "`{other}` is not a role: use admin, analyst, responder, compliance, auditor or collector"
             )),
         }
     }

@@ -37,6 +37,26 @@ pub(crate) struct AppState {
     pub(crate) rejects: Arc<crate::serve::RejectLimiter>,
     /// The witnesses' latest cosignatures.
     pub(crate) cosigned: crate::witness::Cosigned,
+    /// The adapters' keys, by (source, adapter name), opened on first use.
+    pub(crate) attestors: crate::attest::Attestors,
+}
+
+impl AppState {
+    /// The attestor of adapter `name` of `source`, opened (its root key made) on first use.
+    pub(crate) fn attestor(
+        &self,
+        source: &'static str,
+        name: &str,
+        realm: &str,
+    ) -> Result<Arc<crate::attest::Attestor>, ApiError> {
+        let mut attestors = self.attestors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(attestor) = attestors.get(&(source.to_owned(), name.to_owned())) {
+            return Ok(attestor.clone());
+        }
+        let attestor = Arc::new(crate::attest::Attestor::open(&self.config.data, source, name, realm)?);
+        attestors.insert((source.to_owned(), name.to_owned()), attestor.clone());
+        Ok(attestor)
+    }
 }
 
 /// Every route of the node's own API, declared once: served by [`router`] and described
@@ -105,6 +125,19 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 .errors(&[429])
             .body("application/json", r#"[{"payloadType":"application/vnd.custos.event+json","payload":"<base64>","signatures":[{"keyid":"did:key:z6Mk…","sig":"<base64>"}]}]"#),
             post(post_events),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/traces",
+                "ingest",
+                "OTLP/HTTP traces (protobuf or JSON, gzip or plain) from a collector: GenAI spans become events attested by the collector's enrolled key (docs/integrations.md)",
+            )
+                .returns("Record")
+                .errors(&[413, 415])
+                .roles(&[Role::Collector])
+                .body("application/json", r#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"planner"}}]},"scopeSpans":[{"spans":[{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":"00f067aa0ba902b7","name":"chat","kind":3,"startTimeUnixNano":"1768469400000000000","endTimeUnixNano":"1768469400250000000","attributes":[{"key":"gen_ai.operation.name","value":{"stringValue":"chat"}}]}]}]}]}"#),
+            post(crate::otlp::post_traces),
         ),
         (
             Endpoint::new("POST", "/v1/agents", "agents", "Enroll an agent key in a realm")
@@ -373,7 +406,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Authenticates the bearer token and checks its role.
-fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
     authorize_with(&state.tokens, headers, allowed)
 }
 
@@ -418,7 +451,7 @@ fn bearer(value: &str) -> Option<&str> {
         .filter(|secret| !secret.is_empty())
 }
 
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     state: &AppState,
     make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
 ) -> Result<T, ApiError> {
@@ -564,9 +597,20 @@ async fn post_events(
             return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
         }
     };
+    let results = ingest_raws(&state, raws, remote).await?;
+    Ok(answer_verdicts(&state.rejects, source, results))
+}
+
+/// Verifies envelopes and hands them to the writer: one verdict per envelope, in order
+/// (`POST /v1/events`, and the adapters' attested events).
+pub(crate) async fn ingest_raws(
+    state: &AppState,
+    raws: Vec<Vec<u8>>,
+    remote: String,
+) -> Result<Vec<custos_stage::Verdict>, ApiError> {
     let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
     let remote_for_refusals = remote.clone();
-    let ingested = ask(&state, |reply| Command::Ingest { items, remote, reply }).await?;
+    let ingested = ask(state, |reply| Command::Ingest { items, remote, reply }).await?;
     let mut results = ingested.results;
     if !ingested.lookups.is_empty() {
         let resolved = tokio::task::spawn_blocking(move || {
@@ -587,7 +631,7 @@ async fn post_events(
             refusals.extend(refusal);
         }
         if !refusals.is_empty() {
-            ask(&state, |reply| Command::Refusals {
+            ask(state, |reply| Command::Refusals {
                 refusals,
                 remote: remote_for_refusals,
                 reply,
@@ -595,7 +639,7 @@ async fn post_events(
             .await?;
         }
     }
-    Ok(answer_verdicts(&state.rejects, source, results))
+    Ok(results)
 }
 
 /// The answer to `POST /v1/events`: charges the sender for the items no enrolled key
@@ -623,7 +667,7 @@ fn unauthenticated(reason: &str) -> bool {
 }
 
 /// A body that cannot be split is still kept for forensics, as one rejected item.
-async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Result<(), ApiError> {
+pub(crate) async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Result<(), ApiError> {
     let rejection = Rejection::new(
         Reason::from_code(&record.reason).unwrap_or(Reason::Malformed),
         record.message.clone(),
@@ -1326,6 +1370,16 @@ async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: B
             format!(
                 "realm `{}` must be 1-64 characters of [A-Za-z0-9._-]",
                 realm.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    if role == Role::Collector && request.realms.len() != 1 {
+        return Err(ApiError::new(
+            400,
+            "bad_realm",
+            format!(
+                "a `collector` token is bound to exactly one realm (its attested agents are enrolled there); this request names {}",
+                request.realms.len()
             ),
         ));
     }

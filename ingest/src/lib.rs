@@ -32,11 +32,13 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+pub(crate) mod attest;
 pub mod auth;
 pub mod edge;
 pub mod forensics;
 mod http;
 mod lookup;
+mod otlp;
 pub use http::catalogue;
 pub mod metrics;
 pub mod openapi;
@@ -491,6 +493,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         stopping: stopping_rx,
         rejects,
         cosigned,
+        attestors: Arc::default(),
     };
     let mut router = http::router(state);
     if let Some(routes) = routes {

@@ -204,6 +204,19 @@ pub static HTTP_BODIES_REFUSED: LazyLock<prometheus::IntCounter> = LazyLock::new
 
 /// `POST /v1/events` requests answered 429: their source spent its budget of
 /// unauthenticated rejections.
+pub static OTLP_SPANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "custos_otlp_spans_total",
+                "Spans received on POST /v1/traces, by outcome: stored, rejected, ignored (not GenAI)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 pub static RATE_LIMITED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
     register(
         prometheus::IntCounter::new(

@@ -46,6 +46,7 @@ impl Scope {
                 &["events", "findings", "actions", "agents", "checkpoints"]
             }
             Role::Auditor => &["checkpoints"],
+            Role::Collector => &[],
         }
     }
 }

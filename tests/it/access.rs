@@ -203,17 +203,16 @@ fn every_documented_route_enforces_its_roles() {
     assert_eq!(response.status(), 200);
     let document: Value = response.json().unwrap();
     assert_eq!(document["openapi"], "3.1.0");
-    let roles = ["admin", "analyst", "responder", "compliance", "auditor"];
+    let roles = ["admin", "analyst", "responder", "compliance", "auditor", "collector"];
     let tokens: Vec<(&str, String)> = roles
         .iter()
         .map(|role| {
-            let (status, answer) = post(
-                &url,
-                "/v1/tokens",
-                Some(&admin),
-                json!({"role": role}).to_string().into_bytes(),
-            )
-            .unwrap();
+            // A collector token is bound to one realm.
+            let request = match *role {
+                "collector" => json!({"role": role, "realms": ["eng"]}),
+                _ => json!({"role": role}),
+            };
+            let (status, answer) = post(&url, "/v1/tokens", Some(&admin), request.to_string().into_bytes()).unwrap();
             assert_eq!(status, 201, "{answer}");
             (*role, answer["token"].as_str().unwrap().to_owned())
         })

@@ -1,0 +1,351 @@
+//! Attested events: what an adapter reports for agents that cannot sign (OpenTelemetry
+//! collectors, VaultysClaw), signed by keys the node holds for that adapter.
+//!
+//! ```text
+//!  adapter (collector token / webhook)        DATA/attest/<source>/<name>/
+//!        │ events grouped by the platform's       root.key  ── enrolled in the realm
+//!        ▼ name for each agent                    <did>.chain.json, <did>.pending.ndjson
+//!  root key ── delegation ─▶ agent key = blake3_keyed(root seed, name): a sub-agent
+//!        │                    of the root, so revoking the adapter revokes them all
+//!        ▼ signed envelopes (attrs custos.source, custos.attested_by)
+//!  the same verify + append path as POST /v1/events (verdicts per event)
+//! ```
+//!
+//! Each agent name gets its own key and hash chain, so baselines, findings and
+//! revocations stay per agent, and one misbehaving agent is revoked without silencing
+//! the adapter. The chain state is saved, and the signed envelopes kept as pending,
+//! before anything is submitted; pending envelopes are resent first (answered
+//! `duplicate` when already stored), so a crash never forks an attested chain.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use custos_event::{AgentKey, ChainState, Signer};
+use custos_stage::{Status, Verdict};
+use serde_json::{Map, Value};
+
+use crate::ApiError;
+use crate::http::AppState;
+
+/// The adapters' attestors by (source, adapter name), opened on first use.
+pub(crate) type Attestors = Arc<std::sync::Mutex<HashMap<(String, String), Arc<Attestor>>>>;
+
+/// Where an adapter's keys and chains live.
+pub(crate) fn dir(data: &Path, source: &str, name: &str) -> PathBuf {
+    data.join("attest").join(source).join(name)
+}
+
+/// One attested agent: its key and chain.
+struct Lane {
+    signer: Signer,
+    /// The root's delegation to it was answered (it is enrolled).
+    enrolled: bool,
+}
+
+/// The keys of one adapter instance (a collector token, the VaultysClaw receiver).
+pub(crate) struct Attestor {
+    dir: PathBuf,
+    source: &'static str,
+    realm: String,
+    root: AgentKey,
+    state: tokio::sync::Mutex<Lanes>,
+}
+
+#[derive(Default)]
+struct Lanes {
+    root_enrolled: bool,
+    lanes: HashMap<String, Lane>,
+}
+
+fn io(error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(503, "store_failed", format!("attestation state: {error}"))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temporary = path.with_extension("tmp");
+    let mut file = fs_err::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs_err::rename(&temporary, path)?;
+    fs_err::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// `chain`, taken past the last pending envelope when the process stopped after keeping
+/// it but before saving the chain (so its `seq` is never signed again).
+fn past_pending(chain: ChainState, pending: &Path) -> Result<ChainState, ApiError> {
+    use base64::Engine as _;
+    let text = match fs_err::read_to_string(pending) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(chain),
+        Err(error) => return Err(io(error)),
+    };
+    let Some(last) = text.lines().rfind(|line| !line.is_empty()) else {
+        return Ok(chain);
+    };
+    let payload = serde_json::from_str::<Value>(last)
+        .ok()
+        .and_then(|envelope| envelope["payload"].as_str().map(str::to_owned))
+        .and_then(|payload| base64::engine::general_purpose::STANDARD.decode(payload).ok())
+        .ok_or_else(|| io(format!("`{}` holds a line that is not an envelope", pending.display())))?;
+    let seq = serde_json::from_slice::<Value>(&payload)
+        .ok()
+        .and_then(|payload| payload["seq"].as_u64())
+        .ok_or_else(|| io(format!("`{}` holds an envelope without a seq", pending.display())))?;
+    if seq >= chain.next_seq {
+        return Ok(ChainState {
+            next_seq: seq + 1,
+            prev: Some(custos_event::blake3_hex(&payload)),
+        });
+    }
+    Ok(chain)
+}
+
+impl Attestor {
+    /// Opens (creating on first use) the adapter's root key under `DATA/attest/…`.
+    pub(crate) fn open(data: &Path, source: &'static str, name: &str, realm: &str) -> Result<Self, ApiError> {
+        let dir = dir(data, source, name);
+        fs_err::create_dir_all(&dir).map_err(io)?;
+        let path = dir.join("root.key");
+        let root = match custos_store::keyfile::read_key(&path) {
+            Ok(key) => key,
+            Err(custos_store::keyfile::KeyFileError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => {
+                let key = AgentKey::generate().map_err(|error| io(format!("{error:?}")))?;
+                custos_store::keyfile::write_key(&path, &key).map_err(io)?;
+                key
+            }
+            Err(error) => return Err(io(error)),
+        };
+        Ok(Self {
+            dir,
+            source,
+            realm: realm.to_owned(),
+            root,
+            state: tokio::sync::Mutex::new(Lanes::default()),
+        })
+    }
+
+    /// The key the adapter signs `name`'s events with.
+    pub(crate) fn agent_key(&self, name: &str) -> AgentKey {
+        let seed = blake3::keyed_hash(
+            &self.root.seed(),
+            format!("custos attested agent v1\0{name}").as_bytes(),
+        );
+        AgentKey::from_seed(seed.as_bytes())
+    }
+
+    fn chain_path(&self, did: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.chain.json", did.trim_start_matches("did:key:")))
+    }
+
+    fn pending_path(&self, did: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.pending.ndjson", did.trim_start_matches("did:key:")))
+    }
+
+    fn lane(&self, key: AgentKey) -> Result<Lane, ApiError> {
+        let did = key.did().to_owned();
+        let chain = match fs_err::read_to_string(self.chain_path(&did)) {
+            Ok(text) => serde_json::from_str::<ChainState>(&text).map_err(io)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => ChainState::default(),
+            Err(error) => return Err(io(error)),
+        };
+        let chain = past_pending(chain, &self.pending_path(&did))?;
+        let enrolled = self
+            .dir
+            .join(format!("{}.enrolled", did.trim_start_matches("did:key:")))
+            .exists();
+        Ok(Lane {
+            signer: Signer::resume(key, self.realm.clone(), chain),
+            enrolled,
+        })
+    }
+
+    /// Signs `objects` (payload members without agent, seq, prev, realm) as the root or
+    /// an agent's key, keeps them pending, submits them after whatever was pending, and
+    /// answers their verdicts (the resent ones' are dropped).
+    async fn sign_and_submit(
+        &self,
+        state: &AppState,
+        remote: &str,
+        lane: &mut Lane,
+        objects: Vec<Map<String, Value>>,
+    ) -> Result<Vec<Verdict>, ApiError> {
+        let did = lane.signer.did().to_owned();
+        let pending_path = self.pending_path(&did);
+        let mut raws: Vec<Vec<u8>> = match fs_err::read_to_string(&pending_path) {
+            Ok(text) => text
+                .lines()
+                .filter(|line| !line.is_empty())
+                .map(|line| line.as_bytes().to_vec())
+                .collect(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(io(error)),
+        };
+        // Per object: its place among the signed envelopes, or why it could not be signed.
+        let mut places: Vec<Result<usize, Verdict>> = Vec::with_capacity(objects.len());
+        for (index, mut object) in objects.into_iter().enumerate() {
+            let attrs = object.entry("attrs").or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(attrs) = attrs {
+                attrs.insert("custos.source".into(), Value::from(self.source));
+                attrs.insert("custos.attested_by".into(), Value::from(self.root.did()));
+            }
+            let shown = serde_json::to_vec(&object).unwrap_or_default();
+            match lane.signer.sign_object(object, chrono::Utc::now()) {
+                Ok(envelope) => {
+                    places.push(Ok(raws.len()));
+                    raws.push(envelope.to_json().into_bytes());
+                }
+                Err(message) => {
+                    // Kept for forensics like any refused input; its neighbours go on.
+                    let rejection = custos_event::Rejection::new(
+                        custos_event::Reason::BadPayload,
+                        format!("the adapter could not make an event of this input: {message}"),
+                    );
+                    let record = crate::forensics::RejectedRecord::new(&rejection, &shown, remote, None, None, None);
+                    crate::http::record_whole_request(state, record).await?;
+                    places.push(Err(Verdict {
+                        index,
+                        status: Status::Rejected,
+                        reason: Some("bad_payload".into()),
+                        message: Some(rejection.message),
+                        log_index: None,
+                        flags: Vec::new(),
+                        missing: None,
+                    }));
+                }
+            }
+        }
+        // Durable before submitting: what is signed, then the chain past it.
+        let lines: Vec<&str> = raws
+            .iter()
+            .map(|raw| std::str::from_utf8(raw).unwrap_or_default())
+            .collect();
+        write_atomic(&pending_path, lines.join("\n").as_bytes()).map_err(io)?;
+        let chain = serde_json::to_vec(lane.signer.chain()).map_err(io)?;
+        write_atomic(&self.chain_path(&did), &chain).map_err(io)?;
+        let verdicts = match raws.is_empty() {
+            true => Vec::new(),
+            false => crate::http::ingest_raws(state, raws, remote.to_owned()).await?,
+        };
+        fs_err::remove_file(&pending_path).or_else(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(io(error)),
+        })?;
+        Ok(places
+            .into_iter()
+            .enumerate()
+            .map(|(index, place)| match place {
+                Ok(at) => {
+                    let mut verdict = verdicts.get(at).cloned().unwrap_or_else(|| Verdict {
+                        index,
+                        status: Status::Rejected,
+                        reason: Some("internal".into()),
+                        message: Some("the writer gave no verdict for this event".into()),
+                        log_index: None,
+                        flags: Vec::new(),
+                        missing: None,
+                    });
+                    verdict.index = index;
+                    verdict
+                }
+                Err(verdict) => verdict,
+            })
+            .collect())
+    }
+
+    /// Attests each group's events as the agent its name derives; answers one verdict
+    /// per event, groups in order.
+    pub(crate) async fn attest(
+        &self,
+        state: &AppState,
+        remote: &str,
+        groups: Vec<(String, Vec<Map<String, Value>>)>,
+    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
+        let mut lanes = self.state.lock().await;
+        if !lanes.root_enrolled {
+            let labels = [
+                ("custos.source".to_owned(), self.source.to_owned()),
+                (
+                    "custos.adapter".to_owned(),
+                    self.dir.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                ),
+            ]
+            .into_iter()
+            .collect();
+            let enrolled = crate::http::ask(state, |reply| crate::sequencer::Command::Enroll {
+                did: self.root.did().to_owned(),
+                realm: self.realm.clone(),
+                labels,
+                by: format!("adapter:{}", self.source),
+                reply,
+            })
+            .await;
+            match enrolled {
+                Ok(_) => {}
+                Err(error) if error.error == "agent_exists" => {}
+                Err(error) => return Err(error),
+            }
+            lanes.root_enrolled = true;
+        }
+        let root_did = self.root.did().to_owned();
+        if !lanes.lanes.contains_key(&root_did) {
+            let lane = self.lane(self.root.clone())?;
+            lanes.lanes.insert(root_did.clone(), lane);
+        }
+        let mut answers = Vec::with_capacity(groups.len());
+        for (name, objects) in groups {
+            let key = self.agent_key(&name);
+            let did = key.did().to_owned();
+            if !lanes.lanes.contains_key(&did) {
+                let lane = self.lane(key)?;
+                lanes.lanes.insert(did.clone(), lane);
+            }
+            if !lanes.lanes[&did].enrolled {
+                // The root delegates to the agent key: the node enrolls it as the root's
+                // sub-agent, in the root's realm.
+                let mut delegation = Map::new();
+                delegation.insert("kind".into(), Value::from("delegation"));
+                delegation.insert("target".into(), Value::from(did.clone()));
+                delegation.insert(
+                    "attrs".into(),
+                    serde_json::json!({ "custos.attested_for": name.clone() }),
+                );
+                let root = lanes.lanes.get_mut(&root_did).expect("the root lane was added above");
+                let verdict = self.sign_and_submit(state, remote, root, vec![delegation]).await?;
+                if let Some(refused) = verdict.iter().find(|verdict| verdict.status == Status::Rejected) {
+                    return Err(ApiError::new(
+                        403,
+                        "adapter_refused",
+                        format!(
+                            "the adapter key {root_did} could not enroll the key for `{name}`: {} ({})",
+                            refused.reason.as_deref().unwrap_or("rejected"),
+                            refused.message.as_deref().unwrap_or("")
+                        ),
+                    ));
+                }
+                let marker = self
+                    .dir
+                    .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
+                write_atomic(&marker, b"").map_err(io)?;
+                if let Some(lane) = lanes.lanes.get_mut(&did) {
+                    lane.enrolled = true;
+                }
+            }
+            let objects = objects
+                .into_iter()
+                .map(|mut object| {
+                    if let Value::Object(attrs) = object.entry("attrs").or_insert_with(|| Value::Object(Map::new())) {
+                        attrs.insert("custos.attested_for".into(), Value::from(name.clone()));
+                    }
+                    object
+                })
+                .collect();
+            let lane = lanes.lanes.get_mut(&did).expect("added above");
+            answers.push(self.sign_and_submit(state, remote, lane, objects).await?);
+        }
+        Ok(answers)
+    }
+}
