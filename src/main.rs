@@ -366,15 +366,24 @@ enum AgentCommand {
     },
     /// Enroll an agent in a realm.
     #[command(
-        after_help = "Example:\n  custos agent enroll did:key:z6Mk… --realm eng --label team=payments --data ./store"
+        after_help = "Examples:\n  custos agent enroll did:key:z6Mk… --realm eng --label team=payments --data ./store\n  custos agent enroll did:lastid:agent:7f3a --source lastid --public-key <hex> --realm ops --data ./store"
     )]
     Enroll {
+        /// The agent's did:key, or with --source lastid a LastID agent identifier.
         did: String,
         #[arg(long)]
         realm: String,
         /// A label, `key=value`; repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// `lastid`: a LastID agent whose audit records the node verifies
+        /// (POST /v1/adapters/lastid/audit).
+        #[arg(long)]
+        source: Option<String>,
+        /// The LastID agent's ed25519 key (64 hex digits or base64), for a did:lastid
+        /// identifier, which does not carry it.
+        #[arg(long, requires = "source")]
+        public_key: Option<String>,
         #[command(flatten)]
         node: cmd::client::NodeArgs,
     },
@@ -701,8 +710,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     did,
                     realm,
                     labels,
+                    source,
+                    public_key,
                     node,
-                } => cmd::agent::enroll(&node, &did, &realm, labels).await?,
+                } => cmd::agent::enroll(&node, &did, &realm, labels, source, public_key).await?,
                 AgentCommand::Revoke { did, reason, node } => cmd::agent::revoke(&node, &did, reason).await?,
                 AgentCommand::List { json, node } => cmd::agent::list(&node, json).await?,
             }

@@ -29,6 +29,7 @@ pub mod chain;
 pub mod did;
 pub mod dsse;
 pub mod finding;
+pub mod lastid;
 pub mod observe;
 pub mod payload;
 pub mod reason;

@@ -39,11 +39,18 @@ pub enum Reason {
     ChainBroken,
     /// A `seq` at or below the head that is too old to compare with what was accepted.
     Replay,
+    /// A LastID record whose `integrity_hash` is not the blake3 of its signed core: its
+    /// content was altered (checked before the signature).
+    IntegrityMismatch,
+    /// A webhook delivery whose HMAC does not verify with the shared secret.
+    BadHmac,
+    /// A webhook delivery whose timestamp is outside the replay window.
+    StaleTimestamp,
 }
 
 impl Reason {
     /// Every reason, in documentation order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Malformed,
         Reason::BadBase64,
         Reason::WrongPayloadType,
@@ -59,6 +66,9 @@ impl Reason {
         Reason::ChainFork,
         Reason::ChainBroken,
         Reason::Replay,
+        Reason::IntegrityMismatch,
+        Reason::BadHmac,
+        Reason::StaleTimestamp,
     ];
 
     /// The stable machine-readable code.
@@ -79,6 +89,9 @@ impl Reason {
             Reason::ChainFork => "chain_fork",
             Reason::ChainBroken => "chain_broken",
             Reason::Replay => "replay",
+            Reason::IntegrityMismatch => "integrity_mismatch",
+            Reason::BadHmac => "bad_hmac",
+            Reason::StaleTimestamp => "stale_timestamp",
         }
     }
 

@@ -256,15 +256,16 @@ impl Attestor {
             .collect())
     }
 
-    /// Attests each group's events as the agent its name derives; answers one verdict
-    /// per event, groups in order.
-    pub(crate) async fn attest(
+    /// Makes sure the root is enrolled and `name`'s key is its enrolled sub-agent (the
+    /// root's delegation carries `extra` attrs); answers that key's did.
+    async fn ensure(
         &self,
+        lanes: &mut Lanes,
         state: &AppState,
         remote: &str,
-        groups: Vec<(String, Vec<Map<String, Value>>)>,
-    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
-        let mut lanes = self.state.lock().await;
+        name: &str,
+        extra: Map<String, Value>,
+    ) -> Result<String, ApiError> {
         if !lanes.root_enrolled {
             let labels = [
                 ("custos.source".to_owned(), self.source.to_owned()),
@@ -295,45 +296,76 @@ impl Attestor {
             let lane = self.lane(self.root.clone())?;
             lanes.lanes.insert(root_did.clone(), lane);
         }
+        let key = self.agent_key(name);
+        let did = key.did().to_owned();
+        if !lanes.lanes.contains_key(&did) {
+            let lane = self.lane(key)?;
+            lanes.lanes.insert(did.clone(), lane);
+        }
+        if lanes.lanes[&did].enrolled {
+            return Ok(did);
+        }
+        // The root delegates to the agent key: the node enrolls it as the root's
+        // sub-agent, in the root's realm.
+        let mut attrs = extra;
+        attrs.insert("custos.attested_for".into(), Value::from(name));
+        let mut delegation = Map::new();
+        delegation.insert("kind".into(), Value::from("delegation"));
+        delegation.insert("target".into(), Value::from(did.clone()));
+        delegation.insert("attrs".into(), Value::Object(attrs));
+        let root = lanes.lanes.get_mut(&root_did).expect("the root lane was added above");
+        let verdict = self.sign_and_submit(state, remote, root, vec![delegation]).await?;
+        if let Some(refused) = verdict.iter().find(|verdict| verdict.status == Status::Rejected) {
+            return Err(ApiError::new(
+                403,
+                "adapter_refused",
+                format!(
+                    "the adapter key {root_did} could not enroll the key for `{name}`: {} ({})",
+                    refused.reason.as_deref().unwrap_or("rejected"),
+                    refused.message.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+        let marker = self
+            .dir
+            .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
+        write_atomic(&marker, b"").map_err(io)?;
+        if let Some(lane) = lanes.lanes.get_mut(&did) {
+            lane.enrolled = true;
+        }
+        Ok(did)
+    }
+
+    /// Enrolls `name`'s key as the root's sub-agent now, the delegation carrying `extra`.
+    pub(crate) async fn enroll(
+        &self,
+        state: &AppState,
+        remote: &str,
+        name: &str,
+        extra: Map<String, Value>,
+    ) -> Result<String, ApiError> {
+        let mut lanes = self.state.lock().await;
+        self.ensure(&mut lanes, state, remote, name, extra).await
+    }
+
+    /// The adapter's root key (`custos.attested_by`).
+    pub(crate) fn root_did(&self) -> &str {
+        self.root.did()
+    }
+
+    /// Attests each group's events as the agent its name derives; answers one verdict
+    /// per event, groups in order. A group without events still sends what its agent
+    /// had pending.
+    pub(crate) async fn attest(
+        &self,
+        state: &AppState,
+        remote: &str,
+        groups: Vec<(String, Vec<Map<String, Value>>)>,
+    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
+        let mut lanes = self.state.lock().await;
         let mut answers = Vec::with_capacity(groups.len());
         for (name, objects) in groups {
-            let key = self.agent_key(&name);
-            let did = key.did().to_owned();
-            if !lanes.lanes.contains_key(&did) {
-                let lane = self.lane(key)?;
-                lanes.lanes.insert(did.clone(), lane);
-            }
-            if !lanes.lanes[&did].enrolled {
-                // The root delegates to the agent key: the node enrolls it as the root's
-                // sub-agent, in the root's realm.
-                let mut delegation = Map::new();
-                delegation.insert("kind".into(), Value::from("delegation"));
-                delegation.insert("target".into(), Value::from(did.clone()));
-                delegation.insert(
-                    "attrs".into(),
-                    serde_json::json!({ "custos.attested_for": name.clone() }),
-                );
-                let root = lanes.lanes.get_mut(&root_did).expect("the root lane was added above");
-                let verdict = self.sign_and_submit(state, remote, root, vec![delegation]).await?;
-                if let Some(refused) = verdict.iter().find(|verdict| verdict.status == Status::Rejected) {
-                    return Err(ApiError::new(
-                        403,
-                        "adapter_refused",
-                        format!(
-                            "the adapter key {root_did} could not enroll the key for `{name}`: {} ({})",
-                            refused.reason.as_deref().unwrap_or("rejected"),
-                            refused.message.as_deref().unwrap_or("")
-                        ),
-                    ));
-                }
-                let marker = self
-                    .dir
-                    .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
-                write_atomic(&marker, b"").map_err(io)?;
-                if let Some(lane) = lanes.lanes.get_mut(&did) {
-                    lane.enrolled = true;
-                }
-            }
+            let did = self.ensure(&mut lanes, state, remote, &name, Map::new()).await?;
             let objects = objects
                 .into_iter()
                 .map(|mut object| {
@@ -343,7 +375,7 @@ impl Attestor {
                     object
                 })
                 .collect();
-            let lane = lanes.lanes.get_mut(&did).expect("added above");
+            let lane = lanes.lanes.get_mut(&did).expect("ensure added it");
             answers.push(self.sign_and_submit(state, remote, lane, objects).await?);
         }
         Ok(answers)

@@ -429,6 +429,13 @@ async fn revoke(
 async fn enroll(State(state): State<EdgeState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
     let request = crate::http::EnrollRequest::parse(&body)?;
+    if request.source.is_some() || request.public_key.is_some() {
+        return Err(ApiError::new(
+            400,
+            "bad_source",
+            "platform adapters (source, public_key) are served by a node with its own store, not by an ingest node",
+        ));
+    }
     if let Some(realm) = state.view.realm_of(&request.did) {
         return Err(ApiError::new(
             409,

@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     pub(crate) cosigned: crate::witness::Cosigned,
     /// The adapters' keys, by (source, adapter name), opened on first use.
     pub(crate) attestors: crate::attest::Attestors,
+    /// The LastID adapter's enrollments and chains.
+    pub(crate) lastid: Arc<crate::lastid::LastId>,
 }
 
 impl AppState {
@@ -138,6 +140,18 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 .roles(&[Role::Collector])
                 .body("application/json", r#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"planner"}}]},"scopeSpans":[{"spans":[{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":"00f067aa0ba902b7","name":"chat","kind":3,"startTimeUnixNano":"1768469400000000000","endTimeUnixNano":"1768469400250000000","attributes":[{"key":"gen_ai.operation.name","value":{"stringValue":"chat"}}]}]}]}]}"#),
             post(crate::otlp::post_traces),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/adapters/lastid/audit",
+                "ingest",
+                "LastID audit records ({\"records\":[…]}): each verified by LastID's rules (integrity hash, signature, chain) and kept as an attested event; authenticated by each record's signature",
+            )
+                .returns("ItemResults")
+                .errors(&[413, 429])
+                .body("application/json", r#"{"records":[{"seq":0,"timestamp":"2026-12-04T10:00:00Z","agent_did":"did:lastid:agent:7f3a","event_type":"AgentToolInvoked","memory_id":null,"metadata":{"tool":"search"},"prev_hash":null,"integrity_hash":"<blake3 hex>","signature":"<base64>"}]}"#),
+            post(crate::lastid::post_audit),
         ),
         (
             Endpoint::new("POST", "/v1/agents", "agents", "Enroll an agent key in a realm")
@@ -695,6 +709,12 @@ pub(crate) struct EnrollRequest {
     pub realm: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `lastid`: a LastID agent, whose records the LastID adapter verifies.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The agent's ed25519 key (hex or base64), for identifiers that do not carry it.
+    #[serde(default)]
+    pub public_key: Option<String>,
 }
 
 impl EnrollRequest {
@@ -712,6 +732,35 @@ impl EnrollRequest {
 async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &[Role::Admin])?;
     let request = EnrollRequest::parse(&body)?;
+    match request.source.as_deref() {
+        Some("lastid") if !request.labels.is_empty() => {
+            return Err(ApiError::new(
+                400,
+                "bad_request",
+                "labels go on Custos agents; a LastID agent's enrollment takes did, realm, source and public_key",
+            ));
+        }
+        Some("lastid") => {
+            return crate::lastid::enroll(&state, &request.did, &request.realm, request.public_key.as_deref()).await;
+        }
+        Some(other) => {
+            return Err(ApiError::new(
+                400,
+                "bad_source",
+                format!(
+                    "source `{other}` is not one Custos verifies records of (lastid); omit it for a Custos agent key"
+                ),
+            ));
+        }
+        None if request.public_key.is_some() => {
+            return Err(ApiError::new(
+                400,
+                "bad_public_key",
+                "a Custos agent's key is its did:key; public_key goes with a source (lastid)",
+            ));
+        }
+        None => {}
+    }
     let by = format!("token:{}", caller.token_id);
     let record = ask(&state, |reply| Command::Enroll {
         did: request.did,

@@ -37,6 +37,7 @@ pub mod auth;
 pub mod edge;
 pub mod forensics;
 mod http;
+mod lastid;
 mod lookup;
 mod otlp;
 pub use http::catalogue;
@@ -482,6 +483,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             stopping_rx.clone(),
         ));
     }
+    let lastid = Arc::new(lastid::LastId::open(&config.data));
     let state = http::AppState {
         commands: commands.clone(),
         tokens,
@@ -494,6 +496,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         rejects,
         cosigned,
         attestors: Arc::default(),
+        lastid,
     };
     let mut router = http::router(state);
     if let Some(routes) = routes {

@@ -19,20 +19,31 @@ pub(crate) async fn enroll(
     did: &str,
     realm: &str,
     labels: Vec<(String, String)>,
+    source: Option<String>,
+    public_key: Option<String>,
 ) -> anyhow::Result<()> {
     let client = Client::from_args(node)?;
     let labels: serde_json::Map<String, serde_json::Value> =
         labels.into_iter().map(|(key, value)| (key, value.into())).collect();
-    let record = client
-        .post_json(
-            "/v1/agents",
-            &serde_json::json!({ "did": did, "realm": realm, "labels": labels }),
-        )
-        .await?;
-    println!(
-        "enrolled {did} in realm {realm} (log index {})",
-        record["enroll_log_index"]
-    );
+    let mut body = serde_json::json!({ "did": did, "realm": realm, "labels": labels });
+    if let Some(source) = source {
+        body["source"] = source.into();
+    }
+    if let Some(key) = public_key {
+        body["public_key"] = key.into();
+    }
+    let record = client.post_json("/v1/agents", &body).await?;
+    match record["source"].as_str() {
+        Some(source) => println!(
+            "enrolled {source} agent {did} in realm {realm}: its events are signed by {} (attested by {})",
+            record["custos_did"].as_str().unwrap_or("?"),
+            record["attested_by"].as_str().unwrap_or("?")
+        ),
+        None => println!(
+            "enrolled {did} in realm {realm} (log index {})",
+            record["enroll_log_index"]
+        ),
+    }
     Ok(())
 }
 

@@ -227,6 +227,8 @@ struct LogVerifier<'a> {
     /// Once entries are missing, later roots cannot be compared.
     broken_at: Option<u64>,
     keys: std::sync::Arc<custos_event::KeyCache>,
+    /// LastID agents' keys, from the enrollments logged before their records.
+    lastid_keys: HashMap<String, [u8; 32]>,
 }
 
 /// Rows per chunk handed from the reader thread to the checks: small enough that the
@@ -392,6 +394,7 @@ impl<'a> LogVerifier<'a> {
             expected_roots: BTreeMap::new(),
             broken_at: None,
             keys: std::sync::Arc::default(),
+            lastid_keys: HashMap::new(),
         }
     }
 
@@ -857,6 +860,9 @@ impl<'a> LogVerifier<'a> {
             );
         }
         self.chain(&entry, &prepared, file, row);
+        if self.options.signatures && memchr_lastid(entry.payload) {
+            self.lastid(&entry, file, row);
+        }
         self.tree.push(prepared.leaf);
         let size = self.tree.size();
         if let Some(roots) = self.expected_roots.get(&size)
@@ -880,6 +886,61 @@ impl<'a> LogVerifier<'a> {
                     ),
                 );
             }
+        }
+    }
+
+    /// An event the LastID adapter made: its enrollment's key is remembered; a record it
+    /// carries is checked again by LastID's rules (integrity hash, then signature), so a
+    /// record altered or forged by whoever held the adapter key is found.
+    fn lastid(&mut self, entry: &EntryRef<'_>, file: &str, row: u64) {
+        let Ok(payload) = serde_json::from_slice::<serde_json::Value>(entry.payload) else {
+            return;
+        };
+        let attrs = &payload["attrs"];
+        if attrs["custos.source"] != "lastid" {
+            return;
+        }
+        if let (Some(did), Some(key)) = (attrs["lastid.did"].as_str(), attrs["lastid.public_key"].as_str()) {
+            if let Some(key) = hex::decode(key).ok().and_then(|key| <[u8; 32]>::try_from(key).ok()) {
+                self.lastid_keys.insert(did.to_owned(), key);
+            }
+            return;
+        }
+        let Some(raw) = attrs["lastid.record"].as_str() else {
+            return;
+        };
+        let problem = match custos_event::lastid::Record::parse(raw.as_bytes()) {
+            Err(rejection) => Some(format!("the LastID record it carries does not parse: {rejection}")),
+            Ok(record) => {
+                let key = self
+                    .lastid_keys
+                    .get(&record.agent_did)
+                    .copied()
+                    .or_else(|| custos_event::lastid::key_of(&record.agent_did));
+                match key {
+                    None => Some(format!(
+                        "no enrollment of LastID agent `{}` precedes its record",
+                        record.agent_did
+                    )),
+                    Some(key) => match record.verify(&key) {
+                        Err(rejection) => Some(format!("{}: {}", rejection.reason, rejection.message)),
+                        Ok(()) if payload["seq"].as_u64() != Some(record.seq) => Some(format!(
+                            "the event's seq {} is not its record's seq {}",
+                            payload["seq"], record.seq
+                        )),
+                        Ok(()) if attrs["custos.attested_for"].as_str() != Some(record.agent_did.as_str()) => {
+                            Some(format!(
+                                "the event is attested for {} but its record is `{}`'s",
+                                attrs["custos.attested_for"], record.agent_did
+                            ))
+                        }
+                        Ok(()) => None,
+                    },
+                }
+            }
+        };
+        if let Some(detail) = problem {
+            self.problem("lastid_record", file, Some(row), Some(entry.log_index), detail);
         }
     }
 
@@ -1043,6 +1104,12 @@ impl<'a> LogVerifier<'a> {
         }
         Ok(count)
     }
+}
+
+/// Whether a payload may carry a LastID record (a cheap test before parsing it).
+fn memchr_lastid(payload: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"custos.source\":\"lastid\"";
+    payload.windows(NEEDLE.len()).any(|window| window == NEEDLE)
 }
 
 fn display(path: &Path) -> String {

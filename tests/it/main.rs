@@ -10,6 +10,7 @@ mod crash;
 mod eval;
 mod evidence;
 mod hardening;
+mod lastid;
 mod metrics;
 mod openapi;
 mod query;
