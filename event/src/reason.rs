@@ -71,6 +71,10 @@ impl Reason {
         Reason::StaleTimestamp,
     ];
 
+    /// Reasons only the platform adapters give (LastID records, VaultysClaw webhooks);
+    /// `POST /v1/events` gives every other one.
+    pub const ADAPTERS: [Reason; 3] = [Reason::IntegrityMismatch, Reason::BadHmac, Reason::StaleTimestamp];
+
     /// The stable machine-readable code.
     pub fn code(self) -> &'static str {
         match self {
