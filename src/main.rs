@@ -245,6 +245,24 @@ struct ServeArgs {
     /// cosigned more than this store holds stops the node: entries were removed.
     #[arg(long = "witness", value_name = "KEY@URL", value_parser = parse_witness)]
     witnesses: Vec<custos_ingest::witness::WitnessTarget>,
+    /// VaultysClaw webhook: the file holding the shared HMAC secret. Serves
+    /// POST /v1/adapters/vaultysclaw/webhook (docs/integrations.md).
+    #[arg(long, value_name = "PATH", requires = "vaultysclaw_realm")]
+    vaultysclaw_secret_file: Option<PathBuf>,
+    /// The realm VaultysClaw's agents are enrolled in (their events are attested by the
+    /// adapter's key, enrolled there).
+    #[arg(long, value_name = "REALM")]
+    vaultysclaw_realm: Option<String>,
+    /// VaultysClaw's base URL: its governance audit is pulled from it, and the
+    /// vaultysclaw.* playbook actions call it.
+    #[arg(long, value_name = "URL", requires_all = ["vaultysclaw_realm", "vaultysclaw_token_file"])]
+    vaultysclaw_url: Option<String>,
+    /// The file holding the bearer token for VaultysClaw's API.
+    #[arg(long, value_name = "PATH", requires = "vaultysclaw_url")]
+    vaultysclaw_token_file: Option<PathBuf>,
+    /// Seconds between two pulls of VaultysClaw's audit.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    vaultysclaw_poll_secs: u64,
     /// A SQL query (or REST read) running longer than this many seconds is stopped.
     #[arg(long, default_value_t = 30)]
     query_timeout_secs: u64,
@@ -285,6 +303,16 @@ impl ServeArgs {
         config.reject_rate_per_sec = self.reject_rate.max(0.0);
         config.reject_burst = self.reject_burst.max(1.0);
         config.witnesses = self.witnesses.clone();
+        config.vaultysclaw =
+            self.vaultysclaw_realm
+                .as_ref()
+                .map(|realm| custos_ingest::vaultysclaw::VaultysClawConfig {
+                    realm: realm.clone(),
+                    secret_file: self.vaultysclaw_secret_file.clone(),
+                    url: self.vaultysclaw_url.clone(),
+                    token_file: self.vaultysclaw_token_file.clone(),
+                    poll: std::time::Duration::from_secs(self.vaultysclaw_poll_secs),
+                });
         config
     }
 

@@ -53,6 +53,8 @@ pub(crate) struct PipelineConfig {
     /// the partition count when the writers keep one log per partition (each log then
     /// holds one unbroken chain per key, and log indexes are per log).
     pub(crate) chain_lanes: u32,
+    /// Agent platforms the responder's platform actions call (VaultysClaw).
+    pub(crate) platforms: custos_respond::platform::Platforms,
 }
 
 /// How the stages reach the log writer.
@@ -96,6 +98,7 @@ impl PipelineConfig {
             stages: Stages::ALL,
             detector_partitions: None,
             chain_lanes: 1,
+            platforms: custos_respond::platform::Platforms::default(),
         }
     }
 }
@@ -338,7 +341,8 @@ impl Pipeline {
                 }
             }),
         )
-        .with_lanes(config.chain_lanes);
+        .with_lanes(config.chain_lanes)
+        .with_platforms(config.platforms.clone());
         let detector_did = detector_stage.did().to_owned();
         let responder_did = responder_stage.did().to_owned();
         let (detector_requests, detector_inbox) = mpsc::channel();

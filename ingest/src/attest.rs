@@ -329,7 +329,7 @@ impl Attestor {
         let marker = self
             .dir
             .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
-        write_atomic(&marker, b"").map_err(io)?;
+        write_atomic(&marker, name.as_bytes()).map_err(io)?;
         if let Some(lane) = lanes.lanes.get_mut(&did) {
             lane.enrolled = true;
         }

@@ -41,6 +41,8 @@ pub(crate) struct AppState {
     pub(crate) attestors: crate::attest::Attestors,
     /// The LastID adapter's enrollments and chains.
     pub(crate) lastid: Arc<crate::lastid::LastId>,
+    /// The VaultysClaw adapter, when configured.
+    pub(crate) vaultysclaw: Option<Arc<crate::vaultysclaw::VaultysClaw>>,
 }
 
 impl AppState {
@@ -152,6 +154,18 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
                 .errors(&[413, 429])
                 .body("application/json", r#"{"records":[{"seq":0,"timestamp":"2026-12-04T10:00:00Z","agent_did":"did:lastid:agent:7f3a","event_type":"AgentToolInvoked","memory_id":null,"metadata":{"tool":"search"},"prev_hash":null,"integrity_hash":"<blake3 hex>","signature":"<base64>"}]}"#),
             post(crate::lastid::post_audit),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/adapters/vaultysclaw/webhook",
+                "ingest",
+                "VaultysClaw webhook deliveries ({event, occurredAt, data}); authenticated by X-VaultysClaw-Signature (HMAC-SHA256 of timestamp.body), refused outside a 5-minute window, deduplicated by X-VaultysClaw-Delivery",
+            )
+                .returns("Record")
+                .errors(&[404, 429])
+                .body("application/json", r#"{"event":"intent.completed","occurredAt":"2026-12-04T10:00:00Z","data":{"intentId":"i-1","agentDid":"did:vc:agent:1","action":"http.get","params":{"url":"https://example.com"},"status":"completed"}}"#),
+            post(crate::vaultysclaw::post_webhook),
         ),
         (
             Endpoint::new("POST", "/v1/agents", "agents", "Enroll an agent key in a realm")

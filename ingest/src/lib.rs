@@ -40,6 +40,7 @@ mod http;
 mod lastid;
 mod lookup;
 mod otlp;
+pub mod vaultysclaw;
 pub use http::catalogue;
 pub mod metrics;
 pub mod openapi;
@@ -273,6 +274,8 @@ pub struct NodeConfig {
     pub reject_burst: f64,
     /// Witnesses to submit checkpoints to (C2SP tlog-witness).
     pub witnesses: Vec<witness::WitnessTarget>,
+    /// The VaultysClaw adapter (webhook receiver, audit pull).
+    pub vaultysclaw: Option<vaultysclaw::VaultysClawConfig>,
 }
 
 impl NodeConfig {
@@ -293,6 +296,7 @@ impl NodeConfig {
             reject_rate_per_sec: 100.0,
             reject_burst: 2_000.0,
             witnesses: Vec::new(),
+            vaultysclaw: None,
         }
     }
 }
@@ -484,6 +488,20 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         ));
     }
     let lastid = Arc::new(lastid::LastId::open(&config.data));
+    let (vaultysclaw, vaultysclaw_token) = match &config.vaultysclaw {
+        Some(settings) => {
+            let adapter = vaultysclaw::VaultysClaw::open(&config.data, settings.clone())
+                .map_err(|error| NodeError::Stopped(format!("VaultysClaw settings: {error}")))?;
+            let token = match &settings.token_file {
+                Some(path) => Some(vaultysclaw::read_secret(path).map_err(|error| {
+                    NodeError::Stopped(format!("VaultysClaw token file `{}`: {error}", path.display()))
+                })?),
+                None => None,
+            };
+            (Some(Arc::new(adapter)), token)
+        }
+        None => (None, None),
+    };
     let state = http::AppState {
         commands: commands.clone(),
         tokens,
@@ -497,7 +515,11 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         cosigned,
         attestors: Arc::default(),
         lastid,
+        vaultysclaw: vaultysclaw.clone(),
     };
+    if let (Some(adapter), Some(token)) = (vaultysclaw, vaultysclaw_token) {
+        tokio::spawn(vaultysclaw::pull(state.clone(), adapter, token));
+    }
     let mut router = http::router(state);
     if let Some(routes) = routes {
         router = router.merge(routes(api));

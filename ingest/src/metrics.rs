@@ -217,6 +217,19 @@ pub static OTLP_SPANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static ADAPTER_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "custos_adapter_errors_total",
+                "Failed calls of a platform adapter to its platform (the VaultysClaw audit pull), by adapter",
+            ),
+            &["adapter"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 pub static RATE_LIMITED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
     register(
         prometheus::IntCounter::new(

@@ -373,7 +373,7 @@ fn enforcement_agent(enforcement: &Enforcement) -> Option<&str> {
         | Enforcement::QuarantineMemory { agent, .. }
         | Enforcement::RestoreMemory { agent, .. }
         | Enforcement::RevokeCredential { agent, .. } => Some(agent),
-        Enforcement::Webhook { .. } | Enforcement::None => None,
+        Enforcement::Webhook { .. } | Enforcement::Platform { .. } | Enforcement::None => None,
     }
 }
 
@@ -976,7 +976,7 @@ impl Sequencer {
                 }
                 (ControlAction::RevokeCredential, Some(credential.clone()))
             }
-            Enforcement::Webhook { .. } | Enforcement::None => return Ok(Vec::new()),
+            Enforcement::Webhook { .. } | Enforcement::Platform { .. } | Enforcement::None => return Ok(Vec::new()),
         };
         let log_index = self.control(
             action,

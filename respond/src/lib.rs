@@ -30,6 +30,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub mod platform;
 pub mod runner;
 pub mod webhook;
 
@@ -121,6 +122,15 @@ pub enum ActionSpec {
         #[serde(default = "default_retries")]
         retries: u32,
     },
+    /// Disconnect the finding's agent from VaultysClaw (`DELETE /api/agents/{did}`, its
+    /// record read first so an undo can restore it).
+    #[serde(rename = "vaultysclaw.disconnect_agent")]
+    VaultysclawDisconnectAgent {},
+    /// Delete a VaultysClaw policy (`DELETE /api/policies/{id}`, read first for undo).
+    #[serde(rename = "vaultysclaw.revoke_policy")]
+    VaultysclawRevokePolicy {
+        policy_id: String,
+    },
     /// Park the remaining actions until a responder approves or denies them.
     RequireApproval {
         #[serde(default = "default_expiry")]
@@ -148,6 +158,8 @@ impl ActionSpec {
             ActionSpec::QuarantineMemory { .. } => "quarantine_memory",
             ActionSpec::RevokeCredential { .. } => "revoke_credential",
             ActionSpec::Webhook { .. } => "webhook",
+            ActionSpec::VaultysclawDisconnectAgent {} => "vaultysclaw.disconnect_agent",
+            ActionSpec::VaultysclawRevokePolicy { .. } => "vaultysclaw.revoke_policy",
             ActionSpec::RequireApproval { .. } => "require_approval",
         }
     }
@@ -347,6 +359,10 @@ pub struct ActionRecord {
     /// On a `pending` record: the approval itself, so a restarted responder still has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// For a platform action: what the platform answered, and the object as it was
+    /// before (what an undo restores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Value>,
 }
 
 impl ActionRecord {
@@ -792,9 +808,18 @@ impl Responder {
             undoes: None,
             enforcement,
             approval: None,
+            platform: None,
         };
         self.push(record.clone());
         record
+    }
+
+    /// Replaces the remembered record with the same id (a platform action, once the
+    /// platform answered).
+    pub fn amend(&mut self, record: &ActionRecord) {
+        if let Some(known) = self.history.iter_mut().rev().find(|known| known.id == record.id) {
+            *known = record.clone();
+        }
     }
 
     /// Approves a pending approval: its remaining actions run now.
@@ -905,7 +930,11 @@ impl Responder {
             .ok_or_else(|| RespondError::NoAction(action_id.to_owned()))?;
         if !matches!(
             record.action.as_str(),
-            "revoke_agent" | "quarantine_agent" | "quarantine_memory"
+            "revoke_agent"
+                | "quarantine_agent"
+                | "quarantine_memory"
+                | "vaultysclaw.disconnect_agent"
+                | "vaultysclaw.revoke_policy"
         ) {
             return Err(RespondError::NotUndoable {
                 id: record.id,
@@ -977,7 +1006,14 @@ impl Responder {
             .find(|record| record.id == action_id)
             .cloned()
             .ok_or_else(|| RespondError::NoAction(action_id.to_owned()))?;
+        let platform = |operation: &str| Enforcement::Platform {
+            platform: "vaultysclaw".into(),
+            operation: operation.into(),
+            subject: original.target.clone(),
+        };
         let (action, enforcement) = match original.action.as_str() {
+            "vaultysclaw.disconnect_agent" => ("vaultysclaw.restore_agent", platform("restore_agent")),
+            "vaultysclaw.revoke_policy" => ("vaultysclaw.restore_policy", platform("restore_policy")),
             "quarantine_memory" => (
                 "restore_memory",
                 Enforcement::RestoreMemory {
@@ -1006,8 +1042,14 @@ impl Responder {
             enforcement,
         );
         record.undoes = Some(action_id.to_owned());
+        // What the platform had before the original action: what the undo puts back.
+        record.platform = original
+            .platform
+            .as_ref()
+            .map(|answer| json!({ "snapshot": answer["snapshot"].clone() }));
         if let Some(last) = self.history.back_mut() {
             last.undoes = Some(action_id.to_owned());
+            last.platform = record.platform.clone();
         }
         Ok(record)
     }
@@ -1056,6 +1098,22 @@ fn targets(spec: &ActionSpec, finding: &Finding) -> Vec<(String, Enforcement)> {
                 secret_env: secret_env.clone(),
                 timeout_ms: *timeout_ms,
                 retries: *retries,
+            },
+        )],
+        ActionSpec::VaultysclawDisconnectAgent {} => vec![(
+            agent.clone(),
+            Enforcement::Platform {
+                platform: "vaultysclaw".into(),
+                operation: "disconnect_agent".into(),
+                subject: agent,
+            },
+        )],
+        ActionSpec::VaultysclawRevokePolicy { policy_id } => vec![(
+            policy_id.clone(),
+            Enforcement::Platform {
+                platform: "vaultysclaw".into(),
+                operation: "revoke_policy".into(),
+                subject: policy_id.clone(),
             },
         )],
         ActionSpec::RequireApproval { .. } => Vec::new(),

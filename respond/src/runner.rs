@@ -126,6 +126,8 @@ pub struct ResponderStage {
     /// Where webhook threads send their failures.
     own: Sender<Request>,
     report: Box<dyn FnMut(Report<'_>) + Send>,
+    /// Agent platforms' APIs the platform actions call.
+    platforms: crate::platform::Platforms,
 }
 
 fn visible(realms: &[String], realm: &str) -> bool {
@@ -155,7 +157,14 @@ impl ResponderStage {
             held: Vec::new(),
             own,
             report,
+            platforms: crate::platform::Platforms::default(),
         }
+    }
+
+    /// The agent platforms whose APIs the `vaultysclaw.*` actions call.
+    pub fn with_platforms(mut self, platforms: crate::platform::Platforms) -> Self {
+        self.platforms = platforms;
+        self
     }
 
     /// Keeps one signing chain per partition of `lanes` (by the record's realm), for
@@ -371,7 +380,31 @@ impl ResponderStage {
     /// webhooks once their record is logged. Returns the records as written.
     fn carry_out(&mut self, records: Vec<ActionRecord>, submit: &dyn Submitter) -> Vec<Value> {
         let mut written = Vec::new();
-        for record in records {
+        for mut record in records {
+            // A platform action is done first, and logged with what the platform said.
+            if record.status == ActionStatus::Executed
+                && let Enforcement::Platform {
+                    platform,
+                    operation,
+                    subject,
+                } = record.enforcement.clone()
+            {
+                match self
+                    .platforms
+                    .carry_out(&platform, &operation, &subject, record.platform.as_ref())
+                {
+                    Ok(answer) => {
+                        record.reason = format!("{}; {platform} answered {}", record.reason, answer["status"]);
+                        record.platform = Some(answer);
+                    }
+                    Err(message) => {
+                        record.status = ActionStatus::Failed;
+                        record.reason = format!("{}; {platform} {operation} failed: {message}", record.reason);
+                        record.enforcement = Enforcement::None;
+                    }
+                }
+                self.responder.amend(&record);
+            }
             let (record, log_index) = self.log(record, submit);
             if let Some(log_index) = log_index
                 && record.status == ActionStatus::Executed

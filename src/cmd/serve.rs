@@ -289,6 +289,18 @@ pub(crate) async fn run(
     archive: Option<String>,
 ) -> anyhow::Result<()> {
     let data = config.data.clone();
+    if let (Some(pipeline), Some(settings)) = (&mut pipeline, &config.vaultysclaw)
+        && let (Some(url), Some(token_file)) = (&settings.url, &settings.token_file)
+    {
+        let token = custos_ingest::vaultysclaw::read_secret(token_file)
+            .map_err(|error| anyhow::anyhow!("--vaultysclaw-token-file `{}`: {error}", token_file.display()))?;
+        pipeline.platforms.vaultysclaw = Some(custos_respond::platform::VaultysClawTarget {
+            base_url: url.clone(),
+            token: token.0,
+            names: data.join("attest").join("vaultysclaw").join("vaultysclaw"),
+            timeout: std::time::Duration::from_secs(5),
+        });
+    }
     if let Some(cluster) = &cluster {
         let kafka = cluster.kafka.clone();
         let partitions = cluster.partitions;

@@ -193,6 +193,16 @@ pub enum Enforcement {
         credential: String,
         agent: String,
     },
+    /// A call to an agent platform's API (`vaultysclaw`: `disconnect_agent`,
+    /// `revoke_policy`, and their undos `restore_agent`, `restore_policy`), carried out by
+    /// the responder before it logs the record with the platform's answer; the writer
+    /// only logs it.
+    Platform {
+        platform: String,
+        operation: String,
+        /// The agent (its Custos did:key) or the platform object (a policy id).
+        subject: String,
+    },
     /// Carried out by the responder itself (an HTTP call); the writer only logs it.
     Webhook {
         url: String,
@@ -206,7 +216,10 @@ pub enum Enforcement {
 impl Enforcement {
     /// Whether the writer changes registry state for it (everything but webhooks and none).
     pub fn is_registry_change(&self) -> bool {
-        !matches!(self, Enforcement::Webhook { .. } | Enforcement::None)
+        !matches!(
+            self,
+            Enforcement::Webhook { .. } | Enforcement::Platform { .. } | Enforcement::None
+        )
     }
 }
 

@@ -18,4 +18,5 @@ mod respond;
 mod sdk;
 mod stages;
 mod support;
+mod vaultysclaw;
 mod witness;
