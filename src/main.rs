@@ -260,6 +260,13 @@ struct ServeArgs {
     /// The file holding the bearer token for VaultysClaw's API.
     #[arg(long, value_name = "PATH", requires = "vaultysclaw_url")]
     vaultysclaw_token_file: Option<PathBuf>,
+    /// LastID's operator webhook: the lastid.* playbook actions POST their signed
+    /// revocation recommendations to it (after approval), and record its answer.
+    #[arg(long, value_name = "URL")]
+    lastid_webhook: Option<String>,
+    /// The file holding the HMAC secret that signs those POSTs (`X-Custos-Signature`).
+    #[arg(long, value_name = "PATH", requires = "lastid_webhook")]
+    lastid_webhook_secret_file: Option<PathBuf>,
     /// Seconds between two pulls of VaultysClaw's audit.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     vaultysclaw_poll_secs: u64,
@@ -367,6 +374,14 @@ impl ServeArgs {
         config.detector.window_secs = self.window_secs.max(1);
         config.detector_queue = usize::try_from(self.detector_queue).unwrap_or(usize::MAX);
         config.stages = stages;
+        if let Some(url) = &self.lastid_webhook {
+            config.platforms.lastid = Some(custos_respond::platform::LastIdTarget {
+                url: url.clone(),
+                secret: Vec::new(),
+                names: self.data.join("attest").join("lastid"),
+                timeout: std::time::Duration::from_secs(5),
+            });
+        }
         Some(config)
     }
 }
@@ -728,7 +743,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             init_tracing("info");
             let archive = args.object_store.clone();
-            cmd::serve::run(args.config(), args.pipeline(), args.limits(), args.cluster(), archive).await?;
+            let lastid_secret = args.lastid_webhook_secret_file.clone();
+            cmd::serve::run(
+                args.config(),
+                args.pipeline(),
+                args.limits(),
+                args.cluster(),
+                archive,
+                lastid_secret,
+            )
+            .await?;
         }
         Command::Agent(command) => {
             init_tracing("warn");

@@ -18,6 +18,9 @@ pub const FINDING_PAYLOAD_TYPE: &str = "application/vnd.custos.finding+json";
 pub const ACTION_PAYLOAD_TYPE: &str = "application/vnd.custos.action+json";
 /// The signed revocation list served at `/v1/control/revocations` (not a log entry).
 pub const REVOCATIONS_PAYLOAD_TYPE: &str = "application/vnd.custos.revocations+json";
+/// A revocation the responder recommends to a platform whose operator must sign it
+/// (LastID), signed by the responder key.
+pub const RECOMMENDATION_PAYLOAD_TYPE: &str = "application/vnd.custos.recommendation+json";
 
 /// The DSSE pre-authentication encoding of `(payload_type, payload)`.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {

@@ -136,6 +136,17 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// Reads a secret or token file (a webhook's shared secret, a platform's API token),
+/// trimmed; refuses an empty one.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = fs_err::read_to_string(path).map_err(|error| error.to_string())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(format!("`{}` is empty", path.display()));
+    }
+    Ok(Secret(text.to_owned()))
+}
+
 pub fn hash_token(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }

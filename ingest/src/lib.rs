@@ -493,7 +493,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             let adapter = vaultysclaw::VaultysClaw::open(&config.data, settings.clone())
                 .map_err(|error| NodeError::Stopped(format!("VaultysClaw settings: {error}")))?;
             let token = match &settings.token_file {
-                Some(path) => Some(vaultysclaw::read_secret(path).map_err(|error| {
+                Some(path) => Some(auth::read_secret_file(path).map_err(|error| {
                     NodeError::Stopped(format!("VaultysClaw token file `{}`: {error}", path.display()))
                 })?),
                 None => None,

@@ -92,19 +92,13 @@ fn io(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(503, "store_failed", format!("VaultysClaw adapter state: {error}"))
 }
 
-/// Reads a secret or token file, trimmed; refuses an empty one.
-pub fn read_secret(path: &std::path::Path) -> Result<crate::auth::Secret, String> {
-    let text = fs_err::read_to_string(path).map_err(|error| error.to_string())?;
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(format!("`{}` is empty", path.display()));
-    }
-    Ok(crate::auth::Secret(text.to_owned()))
-}
-
 impl VaultysClaw {
     pub(crate) fn open(data: &std::path::Path, config: VaultysClawConfig) -> Result<Self, String> {
-        let secret = config.secret_file.as_deref().map(read_secret).transpose()?;
+        let secret = config
+            .secret_file
+            .as_deref()
+            .map(crate::auth::read_secret_file)
+            .transpose()?;
         let path = data.join("attest").join("vaultysclaw").join("seen.json");
         let mut seen: Seen = fs_err::read(&path)
             .ok()

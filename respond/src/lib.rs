@@ -131,6 +131,17 @@ pub enum ActionSpec {
     VaultysclawRevokePolicy {
         policy_id: String,
     },
+    /// Recommend that LastID's operator revoke the finding's agent: a recommendation
+    /// signed by the responder key, POSTed to the operator webhook (LastID accepts a
+    /// revocation only when its operator signs it, so put `require_approval` first).
+    #[serde(rename = "lastid.revoke_agent")]
+    LastidRevokeAgent {},
+    /// The same for the memories the agent wrote in the finding's window (or `memory_id`).
+    #[serde(rename = "lastid.quarantine_memory")]
+    LastidQuarantineMemory {
+        #[serde(default)]
+        memory_id: Option<String>,
+    },
     /// Park the remaining actions until a responder approves or denies them.
     RequireApproval {
         #[serde(default = "default_expiry")]
@@ -160,6 +171,8 @@ impl ActionSpec {
             ActionSpec::Webhook { .. } => "webhook",
             ActionSpec::VaultysclawDisconnectAgent {} => "vaultysclaw.disconnect_agent",
             ActionSpec::VaultysclawRevokePolicy { .. } => "vaultysclaw.revoke_policy",
+            ActionSpec::LastidRevokeAgent {} => "lastid.revoke_agent",
+            ActionSpec::LastidQuarantineMemory { .. } => "lastid.quarantine_memory",
             ActionSpec::RequireApproval { .. } => "require_approval",
         }
     }
@@ -1116,6 +1129,33 @@ fn targets(spec: &ActionSpec, finding: &Finding) -> Vec<(String, Enforcement)> {
                 subject: policy_id.clone(),
             },
         )],
+        ActionSpec::LastidRevokeAgent {} => vec![(
+            agent.clone(),
+            Enforcement::Platform {
+                platform: "lastid".into(),
+                operation: "revoke_agent".into(),
+                subject: agent,
+            },
+        )],
+        ActionSpec::LastidQuarantineMemory { memory_id } => {
+            let memories = match memory_id {
+                Some(memory) => vec![memory.clone()],
+                None => finding.memories.clone(),
+            };
+            memories
+                .into_iter()
+                .map(|memory| {
+                    (
+                        memory.clone(),
+                        Enforcement::Platform {
+                            platform: "lastid".into(),
+                            operation: "quarantine_memory".into(),
+                            subject: memory,
+                        },
+                    )
+                })
+                .collect()
+        }
         ActionSpec::RequireApproval { .. } => Vec::new(),
     }
 }

@@ -38,10 +38,68 @@ impl std::fmt::Debug for VaultysClawTarget {
     }
 }
 
+/// LastID's operator webhook (`custos serve --lastid-webhook URL`): it receives signed
+/// recommendations, and LastID's operator signs the revocation itself.
+#[derive(Clone)]
+pub struct LastIdTarget {
+    pub url: String,
+    /// HMAC secret for `X-Custos-Signature` (as the `webhook` action signs).
+    pub secret: Vec<u8>,
+    /// `DATA/attest/lastid`: each realm's `<did:key suffix>.enrolled` names the LastID
+    /// agent a Custos key stands for.
+    pub names: PathBuf,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for LastIdTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastIdTarget").field("url", &self.url).finish()
+    }
+}
+
+impl LastIdTarget {
+    /// The LastID agent the Custos key `did` stands for.
+    pub fn agent_did(&self, did: &str) -> Result<String, String> {
+        let file = format!("{}.enrolled", did.trim_start_matches("did:key:"));
+        let realms = std::fs::read_dir(&self.names).map_err(|_| format!("`{did}` is not a LastID agent's key"))?;
+        for realm in realms.flatten() {
+            if let Ok(name) = std::fs::read_to_string(realm.path().join(&file))
+                && !name.trim().is_empty()
+            {
+                return Ok(name.trim().to_owned());
+            }
+        }
+        Err(format!("`{did}` is not a LastID agent's key"))
+    }
+
+    /// POSTs `body` (the recommendation) to the operator webhook; answers what to record.
+    pub fn send(&self, body: &Value) -> Result<Value, String> {
+        let bytes = serde_json::to_vec(body).map_err(|error| error.to_string())?;
+        let response = reqwest::blocking::Client::builder()
+            .timeout(self.timeout)
+            .build()
+            .map_err(|error| error.to_string())?
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("x-custos-signature", crate::webhook::signature(&self.secret, &bytes))
+            .body(bytes)
+            .send()
+            .map_err(|error| format!("POST {}: {error}", self.url))?;
+        let status = response.status().as_u16();
+        let text: String = response.text().unwrap_or_default().chars().take(2000).collect();
+        if !(200..300).contains(&status) {
+            return Err(format!("the LastID operator webhook answered {status}: {text}"));
+        }
+        let answer = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
+        Ok(json!({ "url": self.url, "status": status, "response": answer }))
+    }
+}
+
 /// The platforms this responder may act on.
 #[derive(Clone, Debug, Default)]
 pub struct Platforms {
     pub vaultysclaw: Option<VaultysClawTarget>,
+    pub lastid: Option<LastIdTarget>,
 }
 
 /// A path segment with the characters that would change the URL's meaning escaped.
@@ -150,6 +208,7 @@ impl Platforms {
                         .to_owned()
                 })?
                 .carry_out(operation, subject, undo_of),
+            "lastid" => Err("LastID recommendations are signed by the responder: use Platforms::recommend".into()),
             other => Err(format!("no platform `{other}`")),
         }
     }

@@ -389,10 +389,13 @@ impl ResponderStage {
                     subject,
                 } = record.enforcement.clone()
             {
-                match self
-                    .platforms
-                    .carry_out(&platform, &operation, &subject, record.platform.as_ref())
-                {
+                let done = match platform.as_str() {
+                    "lastid" => self.recommend(&record, &operation, &subject),
+                    _ => self
+                        .platforms
+                        .carry_out(&platform, &operation, &subject, record.platform.as_ref()),
+                };
+                match done {
                     Ok(answer) => {
                         record.reason = format!("{}; {platform} answered {}", record.reason, answer["status"]);
                         record.platform = Some(answer);
@@ -440,6 +443,38 @@ impl ResponderStage {
         }
         self.sync();
         written
+    }
+
+    /// Sends LastID's operator a revocation recommendation signed by the responder key
+    /// (`application/vnd.custos.recommendation+json`); answers what to record.
+    fn recommend(&self, record: &ActionRecord, operation: &str, subject: &str) -> Result<Value, String> {
+        let target = self
+            .platforms
+            .lastid
+            .as_ref()
+            .ok_or("the LastID operator webhook is not configured (custos serve --lastid-webhook URL)")?;
+        let agent = target.agent_did(&record.agent)?;
+        let recommendation = json!({
+            "recommendation": operation,
+            "agent_did": agent,
+            "memory_id": (operation == "quarantine_memory").then_some(subject),
+            "custos_agent": record.agent,
+            "realm": record.realm,
+            "finding_id": record.finding_id,
+            "action_id": record.id,
+            "approved_by": record.by,
+            "reason": record.reason,
+            "issued_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "issuer": self.key.did(),
+        });
+        let bytes = serde_json::to_vec(&recommendation).map_err(|error| error.to_string())?;
+        let envelope = self
+            .key
+            .sign_envelope(custos_event::dsse::RECOMMENDATION_PAYLOAD_TYPE, bytes);
+        let body: Value = serde_json::from_str(&envelope.to_json()).map_err(|error| error.to_string())?;
+        let mut answer = target.send(&json!({ "recommendation": body }))?;
+        answer["operation"] = json!(operation);
+        Ok(answer)
     }
 
     /// Logs one record. When the writer cannot apply its enforcement, the record is

@@ -287,12 +287,13 @@ pub(crate) async fn run(
     limits: custos_query::Limits,
     cluster: Option<Cluster>,
     archive: Option<String>,
+    lastid_secret: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let data = config.data.clone();
     if let (Some(pipeline), Some(settings)) = (&mut pipeline, &config.vaultysclaw)
         && let (Some(url), Some(token_file)) = (&settings.url, &settings.token_file)
     {
-        let token = custos_ingest::vaultysclaw::read_secret(token_file)
+        let token = custos_ingest::auth::read_secret_file(token_file)
             .map_err(|error| anyhow::anyhow!("--vaultysclaw-token-file `{}`: {error}", token_file.display()))?;
         pipeline.platforms.vaultysclaw = Some(custos_respond::platform::VaultysClawTarget {
             base_url: url.clone(),
@@ -300,6 +301,14 @@ pub(crate) async fn run(
             names: data.join("attest").join("vaultysclaw").join("vaultysclaw"),
             timeout: std::time::Duration::from_secs(5),
         });
+    }
+    if let Some(pipeline) = &mut pipeline
+        && let Some(target) = &mut pipeline.platforms.lastid
+        && let Some(path) = &lastid_secret
+    {
+        let secret = custos_ingest::auth::read_secret_file(path)
+            .map_err(|error| anyhow::anyhow!("--lastid-webhook-secret-file `{}`: {error}", path.display()))?;
+        target.secret = secret.0.into_bytes();
     }
     if let Some(cluster) = &cluster {
         let kafka = cluster.kafka.clone();

@@ -300,3 +300,138 @@ fn rows_agent(url: &str, token: &str, lastid_did: &str) -> String {
         .map(|row| row["agent"].as_str().unwrap().to_owned())
         .unwrap()
 }
+
+/// A stand-in for LastID's operator webhook: it keeps every request's signature header
+/// and body (LastID's operator service cannot run here; the test says so).
+fn operator_webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/operator/recommendations", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let (mut length, mut signature) = (0, String::new());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+                let lower = header.to_ascii_lowercase();
+                if let Some(value) = lower.strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                if let Some(value) = lower.strip_prefix("x-custos-signature:") {
+                    signature = value.trim().to_owned();
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            sink.lock().unwrap().push((signature, body));
+            let answer = r#"{"queued":"op-42"}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn a_lastid_agent_is_recommended_for_revocation_after_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (webhook, received) = operator_webhook();
+    std::fs::write(dir.path().join("operator.secret"), "op-secret\n").unwrap();
+    let playbooks = crate::support::playbook_dir(
+        dir.path(),
+        "lastid.yml",
+        "name: lastid-operator\nmatch:\n  types: [credential_misuse]\nactions:\n  - require_approval: {}\n  - lastid.revoke_agent: {}\n",
+    );
+    let data = dir.path().join("store");
+    let server = Server::start_with(
+        &data,
+        &[
+            "--no-shipped-playbooks",
+            "--playbooks",
+            playbooks.to_str().unwrap(),
+            "--lastid-webhook",
+            &webhook,
+            "--lastid-webhook-secret-file",
+            dir.path().join("operator.secret").to_str().unwrap(),
+        ],
+    );
+    let (url, token) = (server.url.clone(), server.token());
+    let mut agent = LastIdAgent::new("did:lastid:agent:billing", [41; 32]);
+    let body = json!({"did": agent.did, "realm": "fin", "source": "lastid", "public_key": agent.public_key_hex()});
+    let (status, answer) = post(&url, "/v1/agents", Some(&token), body.to_string().into_bytes()).unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let records = [
+        agent.next("AgentToolInvoked", None, json!({"tool": "ledger.read"})),
+        agent.next(
+            "AgentCredentialInjected",
+            None,
+            json!({"credential": "cred-payroll", "credential_owner": "did:lastid:agent:payroll"}),
+        ),
+    ];
+    assert_eq!(statuses(&ship(&url, &records)), ["accepted", "accepted"]);
+
+    // The playbook asks first: LastID takes a revocation only when its operator signs it.
+    let mut approval = None;
+    let started = std::time::Instant::now();
+    while approval.is_none() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no approval was asked"
+        );
+        let (_, pending) = get(&url, "/v1/approvals", &token);
+        approval = pending["pending"][0]["id"].as_str().map(str::to_owned);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(received.lock().unwrap().is_empty(), "nothing is sent before approval");
+    let (status, answer) = post(
+        &url,
+        &format!("/v1/approvals/{}/approve", approval.unwrap()),
+        Some(&token),
+        Vec::new(),
+    )
+    .unwrap();
+    assert!((200..300).contains(&status), "{answer}");
+    let executed = answer["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|action| action["action"] == "lastid.revoke_agent")
+        .cloned()
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert_eq!(executed["status"], "executed", "{executed}");
+    assert_eq!(
+        executed["platform"]["status"], 202,
+        "the operator's answer is recorded: {executed}"
+    );
+    assert_eq!(executed["platform"]["response"]["queued"], "op-42");
+
+    // What the operator got: an HMAC-signed POST holding a recommendation the responder
+    // key signed, naming the LastID agent.
+    let (signature, body) = received.lock().unwrap()[0].clone();
+    assert_eq!(signature, custos_respond::webhook::signature(b"op-secret", &body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let envelope = body["recommendation"].to_string();
+    let decoded = custos_event::verify::decode_envelope(
+        envelope.as_bytes(),
+        65_536,
+        &[custos_event::dsse::RECOMMENDATION_PAYLOAD_TYPE],
+    )
+    .unwrap();
+    custos_event::verify::verify_one(&decoded.key, &decoded.envelope).unwrap();
+    let recommendation: Value = serde_json::from_slice(&decoded.envelope.payload).unwrap();
+    assert_eq!(recommendation["recommendation"], "revoke_agent");
+    assert_eq!(recommendation["agent_did"], agent.did.as_str());
+    assert_eq!(recommendation["issuer"], decoded.envelope.keyid.as_str());
+    server.stop();
+}
