@@ -303,7 +303,10 @@ fn rows_agent(url: &str, token: &str, lastid_did: &str) -> String {
 
 /// A stand-in for LastID's operator webhook: it keeps every request's signature header
 /// and body (LastID's operator service cannot run here; the test says so).
-fn operator_webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+/// Requests received: (the `X-Custos-Signature` header, the body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn operator_webhook() -> (String, Received) {
     use std::io::{BufRead as _, Read as _, Write as _};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/operator/recommendations", listener.local_addr().unwrap());
