@@ -191,6 +191,32 @@ fn hold_of(finding_type: &str) -> Option<(i64, i64)> {
     }
 }
 
+/// LastID records of other classes that must arrive after a class's last one before its
+/// silence is reported, and how many times its longest earlier silence that must be.
+pub const LASTID_SILENT_MIN: u32 = 25;
+pub const LASTID_SILENT_FACTOR: u32 = 3;
+/// Records of a class seen before its silence can count.
+pub const LASTID_SEEN_MIN: u32 = 2;
+
+/// One LastID agent's audit classes (`event_type`s).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LastIdClasses {
+    /// The classes its latest `ChainCheckpoint` said the policy records; `None` until one
+    /// says (every class seen then counts as on).
+    policy: Option<std::collections::BTreeSet<String>>,
+    classes: BTreeMap<String, ClassStat>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ClassStat {
+    seen: u32,
+    /// Records of other classes since this class's last one.
+    since: u32,
+    longest: u32,
+    last_index: Option<u64>,
+    reported: bool,
+}
+
 /// Per-kind arrival statistics, for audit gaps (a class of events that stops while the
 /// rest continues).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -244,6 +270,9 @@ pub struct AgentState {
     /// the call that pinned it), at most [`MAX_PINNED_TOOLS`].
     #[serde(default)]
     pins: Vec<(u32, u32, Option<u64>)>,
+    /// For a LastID agent: its audit policy and each event class's arrivals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lastid: Option<LastIdClasses>,
     /// The last few (seq, log index) pairs, so a fork of a recent seq cites the stored one.
     recent: Vec<(u64, u64)>,
     /// Events since the last tick, and exponentially decayed recent events and recent
@@ -584,6 +613,7 @@ impl Detector {
                     burst_secs: 0.0,
                     recent: Vec::new(),
                     pins: Vec::new(),
+                    lastid: None,
                     young: Vec::new(),
                     tick_events: 0,
                     recent_actual: 0.0,
@@ -631,6 +661,7 @@ impl Detector {
         }
         findings.extend(self.flow(&agent_did, observation));
         findings.extend(self.pin(&agent_did, observation));
+        findings.extend(self.lastid_classes(&agent_did, observation));
         findings.extend(self.count(&agent_did, observation));
         findings
     }
@@ -771,6 +802,94 @@ impl Detector {
             });
         }
         findings.into_iter().filter_map(|finding| self.hold(finding)).collect()
+    }
+
+    /// LastID audit classes: an event class the agent's signed audit policy switched on
+    /// (a `ChainCheckpoint` record's `metadata.audit_policy`, or else every class it has
+    /// reported) that stops while its other records keep arriving was switched off at
+    /// the source. Reported once per silence, as `audit_disabled`.
+    fn lastid_classes(&mut self, did: &str, observation: &Observation) -> Option<Finding> {
+        let payload = &observation.payload;
+        let attrs = payload.attrs.as_ref()?;
+        if attrs.get("custos.source").and_then(serde_json::Value::as_str) != Some("lastid") {
+            return None;
+        }
+        let class = attrs.get("lastid.event_type")?.as_str()?.to_owned();
+        let policy = (class == "ChainCheckpoint")
+            .then(|| attrs.get("lastid.record")?.as_str())
+            .flatten()
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok())
+            .and_then(|record| {
+                let policy = &record["metadata"]["audit_policy"];
+                let listed = policy.as_array().or_else(|| policy["event_types"].as_array())?;
+                Some(
+                    listed
+                        .iter()
+                        .filter_map(|name| name.as_str().map(str::to_owned))
+                        .collect::<std::collections::BTreeSet<_>>(),
+                )
+            });
+        let state = self.agents.get_mut(did)?;
+        let classes = state.lastid.get_or_insert_with(LastIdClasses::default);
+        if let Some(policy) = policy {
+            classes.policy = Some(policy);
+        }
+        let mut silenced = None;
+        for (name, stat) in classes.classes.iter_mut() {
+            if *name == class {
+                continue;
+            }
+            stat.since = stat.since.saturating_add(1);
+            let on = classes.policy.as_ref().is_none_or(|policy| policy.contains(name));
+            let quiet = stat.since >= LASTID_SILENT_MIN.max(LASTID_SILENT_FACTOR * stat.longest);
+            if on && !stat.reported && stat.seen >= LASTID_SEEN_MIN && quiet && silenced.is_none() {
+                stat.reported = true;
+                silenced = Some((name.clone(), stat.since, stat.last_index));
+            }
+        }
+        let stat = classes.classes.entry(class).or_default();
+        if stat.seen > 0 {
+            stat.longest = stat.longest.max(stat.since);
+        }
+        stat.seen = stat.seen.saturating_add(1);
+        stat.since = 0;
+        stat.reported = false;
+        stat.last_index = observation.log_index;
+        let (name, since, last_index) = silenced?;
+        let lastid_did = attrs
+            .get("custos.attested_for")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(did)
+            .to_owned();
+        Some(Finding {
+            id: String::new(),
+            agent: did.to_owned(),
+            realm: state.realm.clone(),
+            finding_type: "audit_disabled".into(),
+            score: 80,
+            severity: Severity::High,
+            confidence: 0.8,
+            learning: false,
+            window: Span {
+                start: payload.ts,
+                end: payload.ts,
+            },
+            explanation: vec![Contribution {
+                feature: format!("lastid:{name}"),
+                observed: 0.0,
+                expected: f64::from(since),
+                deviation: f64::from(since),
+            }],
+            evidence: last_index.into_iter().chain(observation.log_index).collect(),
+            rule_id: Some("custos-lastid-audit-off".into()),
+            title: format!(
+                "LastID agent {lastid_did} stopped recording {name} while its audit policy has it on: none in its last {since} records (audit switched off at the source?)"
+            ),
+            tags: vec!["attack.t1562".into(), "owasp.agentic.t8".into()],
+            dedup_key: format!("audit_disabled|{did}|{name}|{}", last_index.unwrap_or(0)),
+            memories: Vec::new(),
+            ts: payload.ts,
+        })
     }
 
     /// Tool pinning: the definition hash (`attrs.tool_hash`) a tool first reports is

@@ -438,3 +438,60 @@ fn a_lastid_agent_is_recommended_for_revocation_after_approval() {
     assert_eq!(recommendation["issuer"], decoded.envelope.keyid.as_str());
     server.stop();
 }
+
+#[test]
+fn a_class_the_policy_records_that_stops_arriving_is_an_audit_disabled_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-shipped-playbooks"]);
+    let (url, token) = (server.url.clone(), server.token());
+    let mut agent = LastIdAgent::new("did:lastid:agent:ops", [51; 32]);
+    let body = json!({"did": agent.did, "realm": "ops", "source": "lastid", "public_key": agent.public_key_hex()});
+    assert_eq!(
+        post(&url, "/v1/agents", Some(&token), body.to_string().into_bytes())
+            .unwrap()
+            .0,
+        201
+    );
+    // The operator-signed policy records tool calls and credential injections; file reads
+    // are not in it.
+    let mut records = vec![agent.next(
+        "ChainCheckpoint",
+        None,
+        json!({"audit_policy": ["AgentToolInvoked", "AgentCredentialInjected", "ChainCheckpoint"]}),
+    )];
+    for round in 0..12 {
+        records.push(agent.next("AgentToolInvoked", None, json!({"tool": "search"})));
+        records.push(agent.next("AgentFileRead", None, json!({"path": format!("/srv/{round}")})));
+        if round % 2 == 0 {
+            records.push(agent.next("AgentCredentialInjected", None, json!({"credential": "cred-api"})));
+        }
+    }
+    // File reads stop (not in the policy: nothing to say), and so do credential
+    // injections (in the policy: switched off at the source) while tool calls go on.
+    for _ in 0..40 {
+        records.push(agent.next("AgentToolInvoked", None, json!({"tool": "search"})));
+    }
+    assert!(
+        statuses(&ship(&url, &records))
+            .iter()
+            .all(|status| status == "accepted")
+    );
+    let started = std::time::Instant::now();
+    let found = loop {
+        let (_, answer) = get(&url, "/v1/findings?type=audit_disabled", &token);
+        let found = answer["findings"].as_array().unwrap().clone();
+        if !found.is_empty() || started.elapsed() > std::time::Duration::from_secs(30) {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["rule_id"], "custos-lastid-audit-off");
+    assert!(
+        found[0]["title"].as_str().unwrap().contains("AgentCredentialInjected"),
+        "{}",
+        found[0]
+    );
+    assert!(found[0]["title"].as_str().unwrap().contains(&agent.did), "{}", found[0]);
+    server.stop();
+}
