@@ -39,7 +39,7 @@ pub mod forensics;
 mod http;
 mod lastid;
 mod lookup;
-mod otlp;
+pub mod otlp;
 pub mod vaultysclaw;
 pub use http::catalogue;
 pub mod metrics;

@@ -259,6 +259,42 @@ fn agent_name(span: &SpanRecord, resource: &Map<String, Value>) -> String {
         .unwrap_or_else(|| "unknown_service".into())
 }
 
+/// Decodes an `ExportTraceServiceRequest` (protobuf or OTLP-JSON) and maps its spans:
+/// the events grouped by the agent each names, in order, with how many spans there were
+/// and how many were not GenAI operations. (The fuzz target `otlp` drives this.)
+#[allow(clippy::type_complexity)]
+pub fn events_of(bytes: &[u8], protobuf: bool) -> Result<(Vec<(String, Vec<Map<String, Value>>)>, i64, i64), String> {
+    let request = match protobuf {
+        true => ExportTraceServiceRequest::decode(bytes).map_err(|error| error.to_string())?,
+        false => serde_json::from_slice::<ExportTraceServiceRequest>(bytes).map_err(|error| error.to_string())?,
+    };
+    let mut groups: Vec<(String, Vec<Map<String, Value>>)> = Vec::new();
+    let (mut total, mut ignored) = (0_i64, 0_i64);
+    for resource_spans in &request.resource_spans {
+        let resource = resource_spans
+            .resource
+            .as_ref()
+            .map(|resource| attributes(&resource.attributes))
+            .unwrap_or_default();
+        for scope in &resource_spans.scope_spans {
+            for span in &scope.spans {
+                total += 1;
+                let record = span_record(span);
+                let Some(event) = map_span(&record) else {
+                    ignored += 1;
+                    continue;
+                };
+                let name = agent_name(&record, &resource);
+                match groups.iter_mut().find(|(group, _)| *group == name) {
+                    Some((_, events)) => events.push(event),
+                    None => groups.push((name, vec![event])),
+                }
+            }
+        }
+    }
+    Ok((groups, total, ignored))
+}
+
 /// Whether the request body is protobuf (else OTLP-JSON).
 fn is_protobuf(headers: &HeaderMap) -> Result<bool, ApiError> {
     let media = headers
@@ -345,12 +381,8 @@ pub(crate) async fn post_traces(
     let remote = remote.to_string();
     let protobuf = is_protobuf(&headers)?;
     let bytes = decoded_body(&headers, &body, state.config.max_request_bytes)?;
-    let request = match protobuf {
-        true => ExportTraceServiceRequest::decode(bytes.as_slice()).map_err(|error| error.to_string()),
-        false => serde_json::from_slice::<ExportTraceServiceRequest>(&bytes).map_err(|error| error.to_string()),
-    };
-    let request = match request {
-        Ok(request) => request,
+    let (groups, total, ignored) = match events_of(&bytes, protobuf) {
+        Ok(events) => events,
         Err(error) => {
             let message = format!("the body is not an OTLP ExportTraceServiceRequest: {error}");
             let rejection = custos_event::Rejection::new(custos_event::Reason::Malformed, message.clone());
@@ -359,30 +391,6 @@ pub(crate) async fn post_traces(
             return Err(ApiError::new(400, "bad_otlp", message));
         }
     };
-    let mut groups: Vec<(String, Vec<Map<String, Value>>)> = Vec::new();
-    let (mut total, mut ignored) = (0_i64, 0_i64);
-    for resource_spans in &request.resource_spans {
-        let resource = resource_spans
-            .resource
-            .as_ref()
-            .map(|resource| attributes(&resource.attributes))
-            .unwrap_or_default();
-        for scope in &resource_spans.scope_spans {
-            for span in &scope.spans {
-                total += 1;
-                let record = span_record(span);
-                let Some(event) = map_span(&record) else {
-                    ignored += 1;
-                    continue;
-                };
-                let name = agent_name(&record, &resource);
-                match groups.iter_mut().find(|(group, _)| *group == name) {
-                    Some((_, events)) => events.push(event),
-                    None => groups.push((name, vec![event])),
-                }
-            }
-        }
-    }
     let attestor = state.attestor("otlp", &caller.token_id, realm)?;
     let verdicts = attestor.attest(&state, &remote, groups).await?;
     let refused: Vec<&custos_stage::Verdict> = verdicts

@@ -23,7 +23,8 @@ export async function startNode() {
     child.stderr.setEncoding("utf8");
     child.stderr.on("data", (chunk) => {
       log += chunk;
-      const match = log.match(/custos serving on (\S+)/);
+      // A whole line: a chunk may end inside the address.
+      const match = log.match(/custos serving on (\S+)\s/);
       if (match) {
         clearTimeout(timer);
         found(match[1]);
