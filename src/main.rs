@@ -624,10 +624,12 @@ Examples:
   custos token create --role analyst --realm eng --ttl 30d --data ./store
   custos token create --role auditor --ttl 7d
   CUSTOS_TOKEN=$(custos token create --role responder --realm eng --realm ops)
+  custos token create --role collector --realm eng     # an OpenTelemetry collector
 
 Roles: admin (agents, tokens, everything), analyst (reads events, findings, actions),
 responder (an analyst who may approve, deny and undo), compliance (reads and exports
-evidence), auditor (checkpoints and proofs only). Realms limit every read; none means all.")]
+evidence), auditor (checkpoints and proofs only), collector (sends OTLP traces to
+POST /v1/traces; exactly one realm, reads nothing). Realms limit every read; none means all.")]
     Create {
         #[arg(long)]
         role: String,
