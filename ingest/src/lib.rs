@@ -17,6 +17,12 @@
 //!
 //!  stages ── Submission (findings; action records with their enforcement; control ops)
 //!         ──▶ Queue (the same command queue) ─▶ sequencer thread ─▶ receipts
+//!
+//!  platform adapters: POST /v1/traces (otlp), /v1/adapters/lastid/audit (lastid),
+//!  /v1/adapters/vaultysclaw/webhook + audit pull (vaultysclaw)
+//!        │ checked by the platform's own rules, mapped to event members
+//!        ▼
+//!  attest: signed by the adapter's per-agent keys ─▶ the same decode/verify/sequencer path
 //! ```
 //!
 //! Admin routes (`/v1/agents`, `/v1/rejected`, `/v1/checkpoints/latest`) and the stages'

@@ -16,6 +16,8 @@
 //!  ActionRecord (OCSF Remediation 7001) ─▶ signed by the responder key ─▶ Submission::Action
 //!        (runner::ResponderStage)            the log writer appends it and applies the
 //!                                            Enforcement it carries in the same group commit
+//!        │ platform actions (vaultysclaw.*, lastid.*): platform::Platforms calls the
+//!        ▼ platform first, and the record carries what it answered
 //! ```
 //!
 //! [`Responder`] only decides: it returns [`ActionRecord`]s. [`runner::ResponderStage`]
