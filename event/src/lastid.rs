@@ -69,7 +69,8 @@ pub struct Record {
     pub prev_hash: Option<String>,
     pub integrity_hash: String,
     pub signature: Vec<u8>,
-    core: Map<String, Value>,
+    /// The signed core, an object of the `CORE` members the record has.
+    core: Value,
 }
 
 fn bad(message: impl Into<String>) -> Rejection {
@@ -118,10 +119,11 @@ impl Record {
             Some(Value::String(id)) => Some(id.clone()),
             Some(_) => return Err(bad("`memory_id` must be a string or null")),
         };
-        let core: Map<String, Value> = CORE
-            .iter()
-            .filter_map(|name| object.get(*name).map(|value| ((*name).to_owned(), value.clone())))
-            .collect();
+        let core = Value::Object(
+            CORE.iter()
+                .filter_map(|name| object.get(*name).map(|value| ((*name).to_owned(), value.clone())))
+                .collect(),
+        );
         Ok(Record {
             seq,
             agent_did,
@@ -139,18 +141,17 @@ impl Record {
     /// The core's canonical bytes: compact, keys sorted, UTF-8.
     pub fn canonical(&self) -> Vec<u8> {
         let mut out = String::new();
-        write_canonical(&Value::Object(self.core.clone()), Style::COMPACT, &mut out);
+        write_canonical(&self.core, Style::COMPACT, &mut out);
         out.into_bytes()
     }
 
     /// LastID's checks of one record against the agent's ed25519 key: the integrity
     /// hash over the canonical core first, then the signature over the same bytes.
     pub fn verify(&self, public_key: &[u8; 32]) -> Result<(), Rejection> {
-        let core = Value::Object(self.core.clone());
         let mut matched = None;
         for style in Style::ALL {
             let mut text = String::new();
-            write_canonical(&core, style, &mut text);
+            write_canonical(&self.core, style, &mut text);
             if blake3::hash(text.as_bytes()).to_hex().as_str() == self.integrity_hash.to_ascii_lowercase() {
                 matched = Some(text);
                 break;
@@ -298,18 +299,23 @@ fn write_canonical(value: &Value, style: Style, out: &mut String) {
 /// Signs a record as a LastID agent would (for fixtures and tests): fills
 /// `integrity_hash` and `signature` from the other members.
 pub fn sign_record(core: &Map<String, Value>, seed: &[u8; 32]) -> Map<String, Value> {
-    use ed25519_dalek::Signer as _;
     let mut text = String::new();
     write_canonical(&Value::Object(core.clone()), Style::COMPACT, &mut text);
+    seal(core, text.as_bytes(), seed)
+}
+
+/// `core` with the integrity hash and signature of `bytes` (its serialisation).
+fn seal(core: &Map<String, Value>, bytes: &[u8], seed: &[u8; 32]) -> Map<String, Value> {
+    use ed25519_dalek::Signer as _;
     let key = ed25519_dalek::SigningKey::from_bytes(seed);
     let mut record = core.clone();
     record.insert(
         "integrity_hash".into(),
-        Value::from(blake3::hash(text.as_bytes()).to_hex().to_string()),
+        Value::from(blake3::hash(bytes).to_hex().to_string()),
     );
     record.insert(
         "signature".into(),
-        Value::from(base64::engine::general_purpose::STANDARD.encode(key.sign(text.as_bytes()).to_bytes())),
+        Value::from(base64::engine::general_purpose::STANDARD.encode(key.sign(bytes).to_bytes())),
     );
     record
 }
@@ -362,19 +368,9 @@ mod tests {
 
     #[test]
     fn pythons_default_spelling_is_recognised() {
-        use ed25519_dalek::Signer as _;
         // json.dumps(core, sort_keys=True): ", " and ": ", non-ASCII escaped.
         let text = r#"{"agent_did": "did:lastid:agent:a1", "event_type": "AgentMemoryWritten", "memory_id": "mem-\u00e9", "metadata": {"a": [true, null], "z": 1}, "prev_hash": null, "seq": 0, "timestamp": "2026-12-04T10:00:00Z"}"#;
-        let key = ed25519_dalek::SigningKey::from_bytes(&SEED);
-        let mut record = core(0, None);
-        record.insert(
-            "integrity_hash".into(),
-            Value::from(blake3::hash(text.as_bytes()).to_hex().to_string()),
-        );
-        record.insert(
-            "signature".into(),
-            Value::from(base64::engine::general_purpose::STANDARD.encode(key.sign(text.as_bytes()).to_bytes())),
-        );
+        let record = seal(&core(0, None), text.as_bytes(), &SEED);
         let parsed = Record::parse(&serde_json::to_vec(&record).unwrap()).unwrap();
         parsed.verify(&public()).unwrap();
     }

@@ -62,16 +62,6 @@ fn io(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(503, "store_failed", format!("attestation state: {error}"))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let temporary = path.with_extension("tmp");
-    let mut file = fs_err::File::create(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs_err::rename(&temporary, path)?;
-    fs_err::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
-}
-
 /// `chain`, taken past the last pending envelope when the process stopped after keeping
 /// it but before saving the chain (so its `seq` is never signed again).
 fn past_pending(chain: ChainState, pending: &Path) -> Result<ChainState, ApiError> {
@@ -204,8 +194,7 @@ impl Attestor {
                         custos_event::Reason::BadPayload,
                         format!("the adapter could not make an event of this input: {message}"),
                     );
-                    let record = crate::forensics::RejectedRecord::new(&rejection, &shown, remote, None, None, None);
-                    crate::http::record_whole_request(state, record).await?;
+                    crate::http::keep_rejected(state, &rejection, &shown, remote).await?;
                     places.push(Err(Verdict {
                         index,
                         status: Status::Rejected,
@@ -223,9 +212,9 @@ impl Attestor {
             .iter()
             .map(|raw| std::str::from_utf8(raw).unwrap_or_default())
             .collect();
-        write_atomic(&pending_path, lines.join("\n").as_bytes()).map_err(io)?;
+        custos_store::write_atomic(&pending_path, lines.join("\n").as_bytes()).map_err(io)?;
         let chain = serde_json::to_vec(lane.signer.chain()).map_err(io)?;
-        write_atomic(&self.chain_path(&did), &chain).map_err(io)?;
+        custos_store::write_atomic(&self.chain_path(&did), &chain).map_err(io)?;
         let verdicts = match raws.is_empty() {
             true => Vec::new(),
             false => crate::http::ingest_raws(state, raws, remote.to_owned()).await?,
@@ -329,7 +318,7 @@ impl Attestor {
         let marker = self
             .dir
             .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
-        write_atomic(&marker, name.as_bytes()).map_err(io)?;
+        custos_store::write_atomic(&marker, name.as_bytes()).map_err(io)?;
         if let Some(lane) = lanes.lanes.get_mut(&did) {
             lane.enrolled = true;
         }

@@ -694,6 +694,17 @@ fn unauthenticated(reason: &str) -> bool {
     )
 }
 
+/// Keeps an input an adapter refused (a LastID record, a webhook delivery, an OTLP body)
+/// for forensics, with its reason.
+pub(crate) async fn keep_rejected(
+    state: &AppState,
+    rejection: &Rejection,
+    raw: &[u8],
+    remote: &str,
+) -> Result<(), ApiError> {
+    record_whole_request(state, RejectedRecord::new(rejection, raw, remote, None, None, None)).await
+}
+
 /// A body that cannot be split is still kept for forensics, as one rejected item.
 pub(crate) async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Result<(), ApiError> {
     let rejection = Rejection::new(

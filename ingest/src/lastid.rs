@@ -86,15 +86,10 @@ impl LastId {
     }
 
     fn save(&self, table: &Table) -> Result<(), ApiError> {
-        use std::io::Write as _;
         if let Some(parent) = self.path.parent() {
             fs_err::create_dir_all(parent).map_err(io)?;
         }
-        let temporary = self.path.with_extension("tmp");
-        let mut file = fs_err::File::create(&temporary).map_err(io)?;
-        file.write_all(&serde_json::to_vec(table).map_err(io)?).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs_err::rename(&temporary, &self.path).map_err(io)
+        custos_store::write_atomic(&self.path, &serde_json::to_vec(table).map_err(io)?).map_err(io)
     }
 }
 
@@ -360,8 +355,7 @@ pub(crate) async fn post_audit(
         Ok(batch) => batch,
         Err(error) => {
             let rejection = Rejection::new(Reason::Malformed, format!("expected {{\"records\": [ … ]}}: {error}"));
-            let record = crate::forensics::RejectedRecord::new(&rejection, &body, &remote, None, None, None);
-            crate::http::record_whole_request(&state, record).await?;
+            crate::http::keep_rejected(&state, &rejection, &body, &remote).await?;
             state.rejects.charge(source, 1);
             return Err(ApiError::new(400, "malformed", rejection.message));
         }
@@ -416,8 +410,7 @@ pub(crate) async fn post_audit(
                 ) {
                     unverified += 1;
                 }
-                let kept = crate::forensics::RejectedRecord::new(&rejection, bytes, &remote, None, None, None);
-                crate::http::record_whole_request(&state, kept).await?;
+                crate::http::keep_rejected(&state, &rejection, bytes, &remote).await?;
                 verdicts[index] = Some(rejected(index, &rejection));
                 continue;
             }
@@ -438,8 +431,7 @@ pub(crate) async fn post_audit(
                 });
             }
             Step::Refused(rejection) => {
-                let kept = crate::forensics::RejectedRecord::new(&rejection, bytes, &remote, None, None, None);
-                crate::http::record_whole_request(&state, kept).await?;
+                crate::http::keep_rejected(&state, &rejection, bytes, &remote).await?;
                 verdicts[index] = Some(rejected(index, &rejection));
             }
             Step::Fresh => {
@@ -453,13 +445,19 @@ pub(crate) async fn post_audit(
     state.rejects.charge(source, unverified);
     // Sign each verified record's event as its agent's adapter key, seq for seq.
     let mut raws = Vec::new();
-    let mut placed = Vec::new();
+    // Per event sent: its record's place in `fresh`, and the event's payload digest.
+    let mut placed: Vec<(usize, Option<String>)> = Vec::new();
+    let mut keys: BTreeMap<String, (std::sync::Arc<crate::attest::Attestor>, custos_event::AgentKey)> = BTreeMap::new();
     let mut digests: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut digest_of: BTreeMap<usize, String> = BTreeMap::new();
-    for (index, record, before) in &fresh {
-        let enrolled = &table.agents[&record.agent_did];
-        let attestor = state.attestor("lastid", &enrolled.realm, &enrolled.realm)?;
-        let custos_did = attestor.enroll(&state, &remote, &record.agent_did, Map::new()).await?;
+    for (position, (index, record, before)) in fresh.iter().enumerate() {
+        let realm = table.agents[&record.agent_did].realm.clone();
+        if !keys.contains_key(&record.agent_did) {
+            let attestor = state.attestor("lastid", &realm, &realm)?;
+            attestor.enroll(&state, &remote, &record.agent_did, Map::new()).await?;
+            let key = attestor.agent_key(&record.agent_did);
+            keys.insert(record.agent_did.clone(), (attestor, key));
+        }
+        let (attestor, key) = &keys[&record.agent_did];
         let prev = digests
             .get(&record.agent_did)
             .cloned()
@@ -468,14 +466,12 @@ pub(crate) async fn post_audit(
             next_seq: record.seq,
             prev,
         };
-        let mut signer = Signer::resume(attestor.agent_key(&record.agent_did), enrolled.realm.clone(), chain);
-        debug_assert_eq!(signer.did(), custos_did);
+        let mut signer = Signer::resume(key.clone(), realm, chain);
         let raw = batch.records[*index].get();
         match signer.sign_object(event_of(record, raw, attestor.root_did()), chrono::Utc::now()) {
             Ok(envelope) => {
                 digests.insert(record.agent_did.clone(), signer.chain().prev.clone());
-                digest_of.insert(*index, signer.chain().prev.clone().unwrap_or_default());
-                placed.push(*index);
+                placed.push((position, signer.chain().prev.clone()));
                 raws.push(envelope.to_json().into_bytes());
             }
             Err(message) => {
@@ -494,8 +490,8 @@ pub(crate) async fn post_audit(
     // Only what the node stored moves an agent's chain on; a refused event leaves the
     // chain where it was before that record.
     let mut stopped: BTreeMap<String, Chain> = BTreeMap::new();
-    for (index, answer) in placed.iter().zip(answers) {
-        let (_, record, before) = fresh.iter().find(|(at, _, _)| at == index).expect("placed from fresh");
+    for ((position, digest), answer) in placed.into_iter().zip(answers) {
+        let (index, record, before) = &fresh[position];
         let mut verdict = answer;
         verdict.index = *index;
         let stored = verdict.status != Status::Rejected;
@@ -503,7 +499,7 @@ pub(crate) async fn post_audit(
         if stored && !stopped.contains_key(&record.agent_did) {
             chain.next_seq = record.seq + 1;
             chain.last_hash = Some(record.integrity_hash.clone());
-            chain.last_digest = digest_of.get(index).cloned();
+            chain.last_digest = digest;
             chain
                 .recent
                 .push_back((record.seq, record.integrity_hash.clone(), verdict.log_index));

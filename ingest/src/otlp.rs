@@ -386,8 +386,7 @@ pub(crate) async fn post_traces(
         Err(error) => {
             let message = format!("the body is not an OTLP ExportTraceServiceRequest: {error}");
             let rejection = custos_event::Rejection::new(custos_event::Reason::Malformed, message.clone());
-            let record = crate::forensics::RejectedRecord::new(&rejection, &bytes, &remote, None, None, None);
-            crate::http::record_whole_request(&state, record).await?;
+            crate::http::keep_rejected(&state, &rejection, &bytes, &remote).await?;
             return Err(ApiError::new(400, "bad_otlp", message));
         }
     };

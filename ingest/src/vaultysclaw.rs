@@ -114,15 +114,10 @@ impl VaultysClaw {
     }
 
     fn save(&self, seen: &Seen) -> Result<(), ApiError> {
-        use std::io::Write as _;
         if let Some(parent) = self.path.parent() {
             fs_err::create_dir_all(parent).map_err(io)?;
         }
-        let temporary = self.path.with_extension("tmp");
-        let mut file = fs_err::File::create(&temporary).map_err(io)?;
-        file.write_all(&serde_json::to_vec(seen).map_err(io)?).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs_err::rename(&temporary, &self.path).map_err(io)
+        custos_store::write_atomic(&self.path, &serde_json::to_vec(seen).map_err(io)?).map_err(io)
     }
 }
 
@@ -344,8 +339,7 @@ pub(crate) async fn post_webhook(
         }
     };
     if let Some(rejection) = refusal {
-        let kept = crate::forensics::RejectedRecord::new(&rejection, &body, &remote, None, None, None);
-        crate::http::record_whole_request(&state, kept).await?;
+        crate::http::keep_rejected(&state, &rejection, &body, &remote).await?;
         state.rejects.charge(source, 1);
         return Err(refuse(rejection.reason, rejection.message));
     }

@@ -307,40 +307,19 @@ fn rows_agent(url: &str, token: &str, lastid_did: &str) -> String {
 type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 
 fn operator_webhook() -> (String, Received) {
-    use std::io::{BufRead as _, Read as _, Write as _};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/operator/recommendations", listener.local_addr().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-            let (mut length, mut signature) = (0, String::new());
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
-                }
-                let lower = header.to_ascii_lowercase();
-                if let Some(value) = lower.strip_prefix("content-length:") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-                if let Some(value) = lower.strip_prefix("x-custos-signature:") {
-                    signature = value.trim().to_owned();
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            sink.lock().unwrap().push((signature, body));
-            let answer = r#"{"queued":"op-42"}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-                answer.len()
-            );
+            let Ok(stream) = stream else { continue };
+            let Some(request) = crate::support::Request::read(&stream) else {
+                continue;
+            };
+            let signature = request.header("x-custos-signature").unwrap_or_default().to_owned();
+            sink.lock().unwrap().push((signature, request.body));
+            crate::support::answer(stream, 202, r#"{"queued":"op-42"}"#);
         }
     });
     (url, seen)

@@ -173,3 +173,64 @@ pub(crate) fn playbook_dir(dir: &Path, file: &str, yaml: &str) -> PathBuf {
     std::fs::write(playbooks.join(file), yaml).unwrap();
     playbooks
 }
+
+/// One HTTP/1.1 request as a test's stand-in server reads it (for the platforms that
+/// cannot run here: their fakes answer one request per connection).
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    /// Header names in lowercase.
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Request {
+    pub(crate) fn read(stream: &std::net::TcpStream) -> Option<Request> {
+        use std::io::Read as _;
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let mut parts = line.split_whitespace();
+        let (method, path) = (parts.next()?.to_owned(), parts.next()?.to_owned());
+        let mut headers = Vec::new();
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        let length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        Some(Request {
+            method,
+            path,
+            headers,
+            body,
+        })
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Answers a stand-in server's request with a JSON body and closes the connection.
+pub(crate) fn answer(mut stream: std::net::TcpStream, status: u16, body: &str) {
+    use std::io::Write as _;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}

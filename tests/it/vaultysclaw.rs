@@ -7,15 +7,14 @@
 //! the playbook, the action records in the log.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::respond::get;
-use crate::support::{Server, playbook_dir, post};
+use crate::respond::{get, wait_for};
+use crate::support::{Request, Server, answer, playbook_dir, post};
 
 const TOKEN: &str = "vc-api-token";
 const SECRET: &str = "webhook-shared-secret";
@@ -33,40 +32,17 @@ fn start_fake(state: Arc<Mutex<Fake>>) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
+            let Ok(stream) = stream else { continue };
+            let Some(request) = Request::read(&stream) else {
                 continue;
-            }
-            let mut parts = line.split_whitespace();
-            let (method, path) = (
-                parts.next().unwrap_or("").to_owned(),
-                parts.next().unwrap_or("").to_owned(),
-            );
-            let (mut length, mut authorized) = (0, false);
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
-                }
-                let lower = header.to_ascii_lowercase();
-                if let Some(value) = lower.strip_prefix("content-length:") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-                if header.trim() == format!("authorization: Bearer {TOKEN}")
-                    || header.trim() == format!("Authorization: Bearer {TOKEN}")
-                {
-                    authorized = true;
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let (status, answer) = {
+            };
+            let authorized = request.header("authorization") == Some(format!("Bearer {TOKEN}").as_str());
+            let (method, path) = (request.method.as_str(), request.path.as_str());
+            let (status, body) = {
                 let mut fake = state.lock().unwrap();
                 fake.calls.push(format!("{method} {path}"));
                 let agent_path = path.strip_prefix("/api/agents/").map(|did| did.replace("%3A", ":"));
-                match (authorized, method.as_str(), agent_path) {
+                match (authorized, method, agent_path) {
                     (false, _, _) => (401, json!({"error": "unauthorized"})),
                     (true, "GET", _) if path.starts_with("/api/admin/governance/audit") => (200, fake.audit.clone()),
                     (true, "GET", Some(did)) => match fake.agents.get(&did) {
@@ -78,7 +54,7 @@ fn start_fake(state: Arc<Mutex<Fake>>) -> String {
                         None => (404, json!({"error": "not found"})),
                     },
                     (true, "POST", None) if path == "/api/agents" => {
-                        let agent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let agent: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
                         let did = agent["did"].as_str().unwrap_or_default().to_owned();
                         fake.agents.insert(did, agent.clone());
                         (201, agent)
@@ -86,12 +62,7 @@ fn start_fake(state: Arc<Mutex<Fake>>) -> String {
                     _ => (404, json!({"error": "no route"})),
                 }
             };
-            let text = answer.to_string();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            );
+            answer(stream, status, &body.to_string());
         }
     });
     url
@@ -112,17 +83,6 @@ fn deliver(url: &str, delivery: &str, timestamp: i64, secret: &str, body: &Value
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().unwrap_or(Value::Null))
-}
-
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn sql(url: &str, token: &str, text: &str) -> Vec<Value> {

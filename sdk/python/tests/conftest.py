@@ -55,6 +55,11 @@ class Node:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
 
+    def sql(self, text):
+        status, rows = self.call("POST", "/v1/sql", {"sql": text})
+        assert status == 200, rows
+        return rows
+
     def enroll(self, did, realm):
         status, answer = self.call("POST", "/v1/agents", {"did": did, "realm": realm})
         assert status == 201, answer

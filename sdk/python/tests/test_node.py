@@ -133,10 +133,7 @@ def test_otel_spans_become_events_signed_by_the_agent(node):
         with tracer.start_as_current_span("GET /health"):
             pass  # not GenAI: no event
     provider.force_flush()
-    status, answer = node.call("POST", "/v1/sql", {
-        "sql": f"SELECT kind, action, outcome, tokens_in, session FROM events WHERE agent = '{key.did}' ORDER BY seq"})
-    assert status == 200, answer
-    rows = answer
+    rows = node.sql(f"SELECT kind, action, outcome, tokens_in, session FROM events WHERE agent = '{key.did}' ORDER BY seq")
     assert [(r["kind"], r["action"], r["outcome"]) for r in rows] == [
         ("llm_call", "chat", "ok"), ("tool_call", "lookup", "error"), ("message_received", "invoke_agent", "ok")]
     assert rows[0]["tokens_in"] == 10 and rows[0]["session"] == "c-1"

@@ -22,12 +22,6 @@ def provider_for(node, token, service):
     return provider
 
 
-def sql(node, text):
-    status, rows = node.call("POST", "/v1/sql", {"sql": text})
-    assert status == 200, rows
-    return rows
-
-
 def post_json(node, token, body):
     req = urllib.request.Request(f"{node.url}/v1/traces", data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -60,7 +54,7 @@ def test_spans_land_as_attested_events_and_credential_misuse_is_found(node):
         pass
     provider.force_flush()
 
-    rows = sql(node, "SELECT agent, kind, action, tokens_in, session, memory_id, attrs FROM events "
+    rows = node.sql("SELECT agent, kind, action, tokens_in, session, memory_id, attrs FROM events "
                      "WHERE realm = 'eng' ORDER BY log_index")
     attested = [row for row in rows if row["kind"] != "delegation"]
     assert [(r["kind"], r["action"]) for r in attested] == [
@@ -108,7 +102,7 @@ def test_json_bodies_partial_success_and_refusals(node):
     assert "1 spans were not GenAI operations" in answer["partialSuccess"]["errorMessage"]
 
     # A revoked attested agent's spans are rejected and counted, not silently dropped.
-    rows = sql(node, "SELECT agent FROM events WHERE realm = 'ops' AND kind = 'llm_call'")
+    rows = node.sql("SELECT agent FROM events WHERE realm = 'ops' AND kind = 'llm_call'")
     status, revoked = node.call("POST", f"/v1/agents/{rows[0]['agent']}/revoke", {"reason": "test"})
     assert status == 200, revoked
     status, answer = post_json(node, token, body)
