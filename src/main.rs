@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod cmd;
 mod pipeline;
+mod reader;
 
 // Ingest and verify allocate many small buffers per event on every core; glibc malloc
 // spends a measurable share of CPU and page faults on them.

@@ -24,6 +24,7 @@
 //! The formats are specified in `docs/event-format.md`; the test vectors there are checked
 //! by this crate's tests.
 
+pub mod agent;
 pub mod batch;
 pub mod chain;
 pub mod did;

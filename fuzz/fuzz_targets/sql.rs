@@ -51,7 +51,7 @@ fn fixture() -> &'static Fixture {
                 ));
             }
         }
-        let view = custos_ingest::StoreView {
+        let view = custos_store::StoreView {
             segment_dir: std::env::temp_dir(),
             segments: Vec::new(),
             tail: vec![std::sync::Arc::from(entries)],
@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let fixture = fixture();
     let scope = custos_query::Scope {
-        role: custos_ingest::Role::Analyst,
+        role: custos_http::Role::Analyst,
         realms: vec!["eng".to_owned()],
     };
     let limits = custos_query::Limits {

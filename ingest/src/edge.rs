@@ -35,10 +35,12 @@ use custos_stage::{ControlOp, EventBatch, EventItem, ItemCheck, Submission, Subm
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::auth::{Role, Secret, Tokens};
-use crate::http::{RevokeRequest, answer_verdicts, authorize_with, metrics_answer, split_request, verify_request};
+use crate::http::{RevokeRequest, answer_verdicts, split_request, verify_request};
 use crate::sequencer::Item;
-use crate::{ApiError, NodeConfig, NodeError, serve};
+use crate::{NodeConfig, NodeError};
+use custos_http::auth::{Role, Secret, Tokens};
+use custos_http::metrics_answer;
+use custos_http::{ApiError, serve};
 
 /// The registry as the control topic tells it: each agent's latest status and realm.
 #[derive(Default)]
@@ -203,7 +205,7 @@ pub async fn start_edge(
     view: Arc<ControlView>,
     receipt_timeout: Duration,
 ) -> Result<Edge, NodeError> {
-    crate::metrics::init();
+    custos_http::metrics::init();
     fs_err::create_dir_all(&config.data)?;
     let (tokens, admin_token) = Tokens::open(&config.data)?;
     let (listener, addr) = crate::bind(config.listen).await?;
@@ -230,7 +232,7 @@ pub async fn start_edge(
         .route("/v1/agents/{did}/revoke", post(revoke))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
-        .layer(axum::middleware::from_fn(crate::http::json_errors));
+        .layer(axum::middleware::from_fn(custos_http::json_errors));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     tracing::info!(%addr, max_connections, "custos ingest node listening");
     let done = tokio::spawn(async move {
@@ -408,7 +410,7 @@ async fn revoke(
     Path(did): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin])?;
     let request = RevokeRequest::parse(&body)?;
     let realm = state
         .view
@@ -427,7 +429,7 @@ async fn revoke(
 /// `POST /v1/agents` through an ingest node: the enrollment goes to the writer of the
 /// realm's partition, which answers once it is durable.
 async fn enroll(State(state): State<EdgeState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let caller = authorize_with(&state.tokens, &headers, &[Role::Admin])?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin])?;
     let request = crate::http::EnrollRequest::parse(&body)?;
     if request.source.is_some() || request.public_key.is_some() {
         return Err(ApiError::new(

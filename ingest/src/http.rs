@@ -18,11 +18,12 @@ use custos_event::{EVENT_PAYLOAD_TYPE, KeyCache, Reason, Rejection, verify_signa
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::auth::{Caller, Role, Tokens};
-use crate::forensics::RejectedRecord;
-use crate::openapi::Endpoint;
+use crate::NodeConfig;
 use crate::sequencer::{Command, Item};
-use crate::{ApiError, NodeConfig};
+use custos_http::openapi::Endpoint;
+use custos_http::{ApiError, EVERYONE, READERS, guarded, metrics_answer};
+use custos_http::{Caller, Role, Tokens};
+use custos_store::forensics::RejectedRecord;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -34,7 +35,7 @@ pub(crate) struct AppState {
     pub(crate) changes: tokio::sync::broadcast::Sender<crate::StatusChange>,
     pub(crate) operations: Option<Arc<dyn crate::Operations>>,
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
-    pub(crate) rejects: Arc<crate::serve::RejectLimiter>,
+    pub(crate) rejects: Arc<custos_http::serve::RejectLimiter>,
     /// The witnesses' latest cosignatures.
     pub(crate) cosigned: crate::witness::Cosigned,
     /// The adapters' keys, by (source, adapter name), opened on first use.
@@ -341,90 +342,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every error answer as `{"error","message"}` JSON, as the API promises: the framework's
-/// own (an unknown route, a method a route does not take, a malformed path) included.
-pub(crate) async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let response = next.run(request).await;
-    let status = response.status();
-    let json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || json {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&text).trim().to_owned();
-    let (code, default) = match status {
-        StatusCode::NOT_FOUND => ("not_found", "there is no such route; GET /openapi.json lists them"),
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this route does not take this method"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "the request body is over its limit"),
-        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the node cannot take this request now"),
-        status if status.is_server_error() => ("internal", "the request failed inside the node"),
-        _ => ("bad_request", "the request is malformed"),
-    };
-    let body = ApiError::new(
-        status.as_u16(),
-        code,
-        if text.is_empty() { default.to_owned() } else { text },
-    );
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    Response::from_parts(parts, axum::body::Body::from(bytes))
-}
-
-/// `method` behind its endpoint's declared access: for a route with roles, the bearer
-/// token is checked before anything else of the request is read (so a caller without a
-/// valid token learns nothing from parameter or body errors), and the [`Caller`] is put
-/// in the request's extensions.
-pub(crate) fn guarded<S: Clone + Send + Sync + 'static>(
-    endpoint: &Endpoint,
-    method: MethodRouter<S>,
-    tokens: &Arc<std::sync::RwLock<Tokens>>,
-) -> MethodRouter<S> {
-    let crate::openapi::Access::Roles(roles) = endpoint.access else {
-        return method;
-    };
-    let tokens = tokens.clone();
-    method.layer(axum::middleware::from_fn(
-        move |mut request: axum::extract::Request, next: axum::middleware::Next| {
-            let tokens = tokens.clone();
-            async move {
-                match authorize_with(&tokens, request.headers(), roles) {
-                    Ok(caller) => {
-                        request.extensions_mut().insert(caller);
-                        next.run(request).await
-                    }
-                    Err(error) => error.into_response(),
-                }
-            }
-        },
-    ))
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let retry_after = self.retry_after;
-        let mut response = (status, Json(self)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        }
-        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
-            response = crate::serve::with_retry_after(response, retry_after.unwrap_or(1));
-        }
-        response
-    }
-}
-
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::SeqCst) {
         "ready\n".into_response()
@@ -435,48 +352,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Authenticates the bearer token and checks its role.
 pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
-    authorize_with(&state.tokens, headers, allowed)
-}
-
-pub(crate) fn authorize_with(
-    tokens: &std::sync::RwLock<Tokens>,
-    headers: &HeaderMap,
-    allowed: &[Role],
-) -> Result<Caller, ApiError> {
-    let secret = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(bearer)
-        .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
-    let caller = tokens
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .authenticate(secret.trim())
-        .ok_or_else(|| {
-            ApiError::new(
-                401,
-                "unauthenticated",
-                "the bearer token is unknown, expired or revoked",
-            )
-        })?;
-    if !allowed.contains(&caller.role) {
-        return Err(ApiError::new(
-            403,
-            "forbidden",
-            format!("role `{:?}` may not use this route", caller.role).to_lowercase(),
-        ));
-    }
-    Ok(caller)
-}
-
-/// The credentials of a `Bearer` authorization header; the scheme name is
-/// case-insensitive (RFC 7235) and may be followed by any run of spaces.
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, credentials) = value.trim_start().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| credentials.trim())
-        .filter(|secret| !secret.is_empty())
+    custos_http::authorize(&state.tokens, headers, allowed)
 }
 
 pub(crate) async fn ask<T>(
@@ -548,13 +424,13 @@ fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize, keys: &KeyCache) -> Vec<
 /// that cannot be split is answered as `Ok(Err(rejection))`: the caller keeps it for
 /// forensics and answers 400.
 pub(crate) fn split_request(
-    rejects: &crate::serve::RejectLimiter,
+    rejects: &custos_http::serve::RejectLimiter,
     config: &NodeConfig,
     source: std::net::IpAddr,
     body: &[u8],
 ) -> Result<Result<Vec<Vec<u8>>, Rejection>, ApiError> {
     if let Err(seconds) = rejects.check(source) {
-        crate::metrics::RATE_LIMITED.inc();
+        custos_http::metrics::RATE_LIMITED.inc();
         return Err(ApiError::new(
             429,
             "rate_limited",
@@ -597,7 +473,7 @@ pub(crate) async fn verify_request(
     // of each of a changing set of blocking threads faulting in fresh pages.
     let (sender, receiver) = oneshot::channel();
     rayon::spawn(move || {
-        let _timer = crate::metrics::VERIFY_SECONDS.start_timer();
+        let _timer = custos_http::metrics::VERIFY_SECONDS.start_timer();
         // A panic on a rayon thread would abort the process; caught, it drops `sender` and
         // the request fails alone.
         let staged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prestage(raws, max_event_bytes, &keys)));
@@ -673,7 +549,7 @@ pub(crate) async fn ingest_raws(
 /// The answer to `POST /v1/events`: charges the sender for the items no enrolled key
 /// vouched for, and lists the verdicts.
 pub(crate) fn answer_verdicts(
-    rejects: &crate::serve::RejectLimiter,
+    rejects: &custos_http::serve::RejectLimiter,
     source: std::net::IpAddr,
     verdicts: Vec<custos_stage::Verdict>,
 ) -> Response {
@@ -801,20 +677,6 @@ async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
 fn visible(caller: &Caller, realm: &str) -> bool {
     caller.realms.is_empty() || caller.realms.iter().any(|allowed| allowed == realm)
 }
-
-/// Roles that read events, findings, actions, agents and the control feed (auditors see
-/// checkpoints and proofs only). Agent platforms and memory stores reading the control
-/// feed hold realm-scoped analyst tokens.
-pub(crate) const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
-
-/// Checkpoints and proofs reveal hashes, never contents: every role may read them.
-pub(crate) const EVERYONE: [Role; 5] = [
-    Role::Admin,
-    Role::Analyst,
-    Role::Responder,
-    Role::Compliance,
-    Role::Auditor,
-];
 
 /// Filters and cursor of `GET /v1/agents`.
 #[derive(Deserialize, Default)]
@@ -964,9 +826,10 @@ async fn rejected(
     let limit = query.limit.unwrap_or(100).min(10_000);
     let files = ask(&state, |reply| Command::Rejected { reply }).await?;
     let reason = query.reason;
-    let records = tokio::task::spawn_blocking(move || crate::forensics::read_recent(&files, reason.as_deref(), limit))
-        .await
-        .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
+    let records =
+        tokio::task::spawn_blocking(move || custos_store::forensics::read_recent(&files, reason.as_deref(), limit))
+            .await
+            .map_err(|error| ApiError::new(500, "internal", error.to_string()))?;
     Ok(Json(serde_json::json!({ "rejected": records })).into_response())
 }
 
@@ -974,19 +837,6 @@ async fn rejected(
 /// `auditor` token: metrics carry counts and latencies, never contents).
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     metrics_answer(&state.tokens, &headers)
-}
-
-/// `GET /metrics` for any token holder.
-pub(crate) fn metrics_answer(tokens: &std::sync::RwLock<Tokens>, headers: &HeaderMap) -> Result<Response, ApiError> {
-    authorize_with(tokens, headers, &EVERYONE)?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(),
-    )
-        .into_response())
 }
 
 async fn checkpoint(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -1469,7 +1319,8 @@ async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: B
     }
     let expires_at = match &request.ttl {
         Some(ttl) => {
-            let seconds = crate::auth::parse_ttl(ttl).map_err(|message| ApiError::new(400, "bad_ttl", message))?;
+            let seconds =
+                custos_http::auth::parse_ttl(ttl).map_err(|message| ApiError::new(400, "bad_ttl", message))?;
             let at = i64::try_from(seconds)
                 .ok()
                 .and_then(chrono::Duration::try_seconds)
@@ -1483,7 +1334,7 @@ async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: B
     let secret = tokens
         .create(role, request.realms.clone(), expires_at.clone())
         .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
-    let id = crate::auth::hash_token(&secret.0)[..12].to_owned();
+    let id = custos_http::auth::hash_token(&secret.0)[..12].to_owned();
     tracing::info!(token = id, role = role.name(), by = caller.token_id, "token created");
     Ok((
         StatusCode::CREATED,

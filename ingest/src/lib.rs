@@ -35,34 +35,28 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 pub(crate) mod attest;
-pub mod auth;
 pub mod edge;
-pub mod forensics;
 mod http;
 mod lastid;
 mod lookup;
 pub mod otlp;
 pub mod vaultysclaw;
 pub use http::catalogue;
-pub mod metrics;
-pub mod openapi;
 pub mod registry;
 pub mod samples;
 pub mod sequencer;
-pub mod serve;
 mod state;
 pub mod witness;
 
-pub use auth::{Caller, Role, Secret, Tokens};
+pub use custos_http::ApiError;
+use custos_http::{Secret, Tokens, metrics, serve};
 pub use custos_stage::{Status, Verdict};
-pub use registry::{AgentRecord, AgentStatus, SubjectRecord};
-pub use sequencer::{
-    Closed, EvidenceProofs, ItemResultView, ListedAgent, RevocationList, StatusChange, StoreView, Unsealed,
-};
+use custos_store::forensics;
+use custos_store::{EvidenceProofs, StoreView};
+pub use sequencer::{Closed, ItemResultView, ListedAgent, RevocationList, StatusChange, Unsealed};
 
 /// The writer's command queue, made before the node starts so that stages can hold a
 /// [`Submitter`](custos_stage::Submitter) from the beginning; what they submit waits in
@@ -163,18 +157,9 @@ pub struct Api {
 }
 
 impl Api {
-    /// Authenticates the bearer token in `headers` and checks its role is in `allowed`.
-    pub fn authorize(&self, headers: &axum::http::HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
-        http::authorize_with(&self.tokens, headers, allowed)
-    }
-
-    /// `method` behind `endpoint`'s declared access (see [`http::guarded`]).
-    pub fn guarded<S: Clone + Send + Sync + 'static>(
-        &self,
-        endpoint: &openapi::Endpoint,
-        method: axum::routing::MethodRouter<S>,
-    ) -> axum::routing::MethodRouter<S> {
-        http::guarded(endpoint, method, &self.tokens)
+    /// The token table, for routes built outside this crate (the query API).
+    pub fn tokens(&self) -> custos_http::SharedTokens {
+        self.tokens.clone()
     }
 
     /// Whether the token `id` still authenticates (it exists, is not revoked, and has not
@@ -205,12 +190,12 @@ impl Api {
     }
 
     /// The latest signed checkpoint.
-    pub async fn checkpoint(&self) -> Result<sequencer::CheckpointView, ApiError> {
+    pub async fn checkpoint(&self) -> Result<custos_store::CheckpointView, ApiError> {
         self.ask(|reply| sequencer::Command::Checkpoint { reply }).await
     }
 
     /// Every enrolled agent.
-    pub async fn agents(&self) -> Result<Vec<AgentRecord>, ApiError> {
+    pub async fn agents(&self) -> Result<Vec<custos_event::agent::AgentRecord>, ApiError> {
         self.ask(|reply| sequencer::Command::Agents { reply }).await
     }
 
@@ -322,38 +307,9 @@ pub enum NodeError {
     Locked(String),
 }
 
-/// An error answer: HTTP status, stable code, sentence.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ApiError {
-    #[serde(skip)]
-    pub status: u16,
-    pub error: &'static str,
-    pub message: String,
-    /// Seconds a client should wait before retrying (`Retry-After`); 503 and 429
-    /// answers carry one (1 s unless set).
-    #[serde(skip)]
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    pub fn new(status: u16, error: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            error,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    /// This error with a `Retry-After` of `seconds`.
-    pub fn retry_after(mut self, seconds: u64) -> Self {
-        self.retry_after = Some(seconds);
-        self
-    }
-
-    pub(crate) fn store(error: &custos_store::StoreError) -> Self {
-        Self::new(503, "store_failed", format!("the store cannot accept writes: {error}"))
-    }
+/// The writer's store could not take the write.
+pub(crate) fn store_failed(error: &custos_store::StoreError) -> ApiError {
+    ApiError::new(503, "store_failed", format!("the store cannot accept writes: {error}"))
 }
 
 /// A running node.
@@ -499,7 +455,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             let adapter = vaultysclaw::VaultysClaw::open(&config.data, settings.clone())
                 .map_err(|error| NodeError::Stopped(format!("VaultysClaw settings: {error}")))?;
             let token = match &settings.token_file {
-                Some(path) => Some(auth::read_secret_file(path).map_err(|error| {
+                Some(path) => Some(custos_http::auth::read_secret_file(path).map_err(|error| {
                     NodeError::Stopped(format!("VaultysClaw token file `{}`: {error}", path.display()))
                 })?),
                 None => None,
@@ -533,7 +489,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     let bodies = Arc::new(serve::BodyBudget::new(http_limits.clone()));
     let router = router
         .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
-        .layer(axum::middleware::from_fn(http::json_errors));
+        .layer(axum::middleware::from_fn(custos_http::json_errors));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     tracing::info!(%addr, max_connections, descriptors, "custos node listening");
     let done = tokio::spawn(async move {

@@ -32,8 +32,8 @@ use prost::Message as _;
 use serde_json::{Map, Value};
 
 use crate::ApiError;
-use crate::auth::Role;
 use crate::http::AppState;
+use custos_http::auth::Role;
 
 /// One span, in the shape of `sdk/otel-mapping.json`'s cases.
 #[derive(Clone, Debug, PartialEq)]
@@ -397,13 +397,13 @@ pub(crate) async fn post_traces(
         .flatten()
         .filter(|verdict| verdict.status == custos_stage::Status::Rejected)
         .collect();
-    crate::metrics::OTLP_SPANS
+    custos_http::metrics::OTLP_SPANS
         .with_label_values(&["stored"])
         .inc_by((total - ignored - refused.len() as i64).max(0) as u64);
-    crate::metrics::OTLP_SPANS
+    custos_http::metrics::OTLP_SPANS
         .with_label_values(&["ignored"])
         .inc_by(ignored as u64);
-    crate::metrics::OTLP_SPANS
+    custos_http::metrics::OTLP_SPANS
         .with_label_values(&["rejected"])
         .inc_by(refused.len() as u64);
     let mut reasons: Vec<String> = Vec::new();

@@ -69,52 +69,7 @@ impl ControlAction {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentStatus {
-    Active,
-    Quarantined,
-    Revoked,
-}
-
-/// A memory or credential that a control entry acted on.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SubjectRecord {
-    pub id: String,
-    /// The agent that wrote the memory or owns the credential.
-    pub agent: String,
-    pub realm: String,
-    /// `quarantined` or `active` (restored) for memories; `revoked` for credentials.
-    pub status: String,
-    pub since: DateTime<Utc>,
-    pub log_index: u64,
-    pub reason: Option<String>,
-}
-
-/// What the registry knows of one agent.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct AgentRecord {
-    pub did: String,
-    pub realm: String,
-    pub labels: BTreeMap<String, String>,
-    pub parent: Option<String>,
-    pub children: Vec<String>,
-    pub status: AgentStatus,
-    pub enrolled_at: DateTime<Utc>,
-    pub enrolled_by: String,
-    pub enroll_log_index: u64,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub revoke_log_index: Option<u64>,
-    pub revoke_reason: Option<String>,
-    /// The control entry that last quarantined or reinstated the agent.
-    #[serde(default)]
-    pub status_log_index: Option<u64>,
-    /// Accepted events so far.
-    pub events: u64,
-    pub last_seq: Option<u64>,
-    pub last_log_index: Option<u64>,
-    pub last_ts: Option<DateTime<Utc>>,
-}
+pub(crate) use custos_event::agent::{AgentRecord, AgentStatus, SubjectRecord};
 
 /// The head of one agent's hash chain, with its recent (seq, digest, log index) triples
 /// so that a resent event is recognised as a duplicate and a different one at the same

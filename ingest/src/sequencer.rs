@@ -23,13 +23,13 @@ use custos_stage::{
     ActionHead, Answer, Appended, Committed, ControlOp, Enforcement, EventBatch, ItemCheck, Refused, Status,
     Submission, Verdict,
 };
-use custos_store::{Log, LogEntry};
+use custos_store::{CheckpointView, EvidenceProofs, Log, LogEntry, StoreView};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::forensics::{Forensics, RejectedRecord};
 use crate::registry::{AgentRecord, AgentStatus, ChainHead, ControlAction, ControlPayload, Registry, SubjectRecord};
 use crate::{ApiError, NodeConfig};
+use custos_store::forensics::{Forensics, RejectedRecord};
 
 /// An input after decoding and signature verification.
 #[derive(Debug)]
@@ -308,50 +308,6 @@ pub(crate) struct SequencerHooks {
     pub(crate) changes: Option<tokio::sync::broadcast::Sender<StatusChange>>,
 }
 
-/// The latest signed checkpoint.
-#[derive(Clone, Debug, Serialize)]
-pub struct CheckpointView {
-    pub log_id: String,
-    pub origin: String,
-    pub size: u64,
-    pub root: String,
-    pub note: String,
-    pub verifier_key: String,
-    /// The node key as a `did:key`: it signs control entries and the revocation list.
-    /// (`verifier_key` is the log key, which signs checkpoints.)
-    pub node_did: String,
-    /// Witnesses whose cosignature of this checkpoint is appended to `note`.
-    pub cosigned_by: usize,
-}
-
-/// What a query sees: the sealed segments in the manifest and every entry not yet in
-/// it, taken at one instant on the sequencer thread (so nothing is missed or doubled).
-#[derive(Clone, Debug)]
-pub struct StoreView {
-    pub segment_dir: std::path::PathBuf,
-    pub segments: Vec<custos_store::log::SegmentInfo>,
-    pub tail: Vec<Arc<[LogEntry]>>,
-    /// Entries in the log (the next log index).
-    pub size: u64,
-    pub checkpoints: std::path::PathBuf,
-}
-
-/// Inclusion proofs for an evidence bundle, against one freshly signed checkpoint.
-#[derive(Clone, Debug)]
-pub struct EvidenceProofs {
-    pub log_id: String,
-    pub origin: String,
-    /// The checkpoint every proof is against: its size and signed note.
-    pub size: u64,
-    pub note: String,
-    /// The log key's verifier string (it signs checkpoints).
-    pub verifier_key: String,
-    /// The node key (it signs control entries, revocation lists and bundle manifests).
-    pub node_did: String,
-    /// Per requested index, in order: the leaf hash and the inclusion path.
-    pub proofs: Vec<(u64, [u8; 32], Vec<[u8; 32]>)>,
-}
-
 /// A deferred answer, sent once the group is durable (or failed).
 type Deferred = Box<dyn FnOnce(Option<&ApiError>) + Send>;
 
@@ -627,7 +583,7 @@ impl Sequencer {
         tracing::error!(%error, "store write failed; refusing writes until the store can be written again");
         metrics::STORE_ERRORS.with_label_values(&["append"]).inc();
         self.failed = Some(Failure {
-            error: ApiError::store(error),
+            error: crate::store_failed(error),
             since: std::time::Instant::now(),
             next_try: std::time::Instant::now() + Duration::from_millis(500),
             attempts: 0,
@@ -693,7 +649,7 @@ impl Sequencer {
             Ok(()) => None,
             Err(error) => {
                 self.fail(&error);
-                Some(ApiError::store(&error))
+                Some(crate::store_failed(&error))
             }
         }
     }
@@ -1568,7 +1524,7 @@ impl Sequencer {
     /// Revokes `did` and its not-yet-revoked sub-agents, parents first. The root's entry
     /// names `root_cause` (a finding, say); each cascaded entry names the root's entry.
     fn evidence(&mut self, indexes: &[u64]) -> Result<EvidenceProofs, ApiError> {
-        self.log.checkpoint().map_err(|error| ApiError::store(&error))?;
+        self.log.checkpoint().map_err(|error| crate::store_failed(&error))?;
         let (checkpoint, note) = self
             .log
             .latest_checkpoint()

@@ -239,7 +239,7 @@ fn audit_segments(segment_dir: std::path::PathBuf, segments: Vec<custos_store::l
                 Err(error) => format!("cannot be read: {error}"),
             };
             damaged += 1;
-            crate::metrics::STORE_ERRORS.with_label_values(&["audit"]).inc();
+            custos_http::metrics::STORE_ERRORS.with_label_values(&["audit"]).inc();
             tracing::error!(
                 segment = info.file,
                 first_index = info.first_index,

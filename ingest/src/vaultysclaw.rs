@@ -59,7 +59,7 @@ pub struct VaultysClawConfig {
 /// What the running adapter holds.
 pub(crate) struct VaultysClaw {
     pub(crate) config: VaultysClawConfig,
-    secret: Option<crate::auth::Secret>,
+    secret: Option<custos_http::auth::Secret>,
     seen: tokio::sync::Mutex<Seen>,
     path: PathBuf,
 }
@@ -97,7 +97,7 @@ impl VaultysClaw {
         let secret = config
             .secret_file
             .as_deref()
-            .map(crate::auth::read_secret_file)
+            .map(custos_http::auth::read_secret_file)
             .transpose()?;
         let path = data.join("attest").join("vaultysclaw").join("seen.json");
         let mut seen: Seen = fs_err::read(&path)
@@ -410,7 +410,7 @@ pub(crate) async fn post_webhook(
 
 /// Pulls the governance audit every `poll` and attests what is new; runs until the
 /// node stops.
-pub(crate) async fn pull(state: AppState, adapter: std::sync::Arc<VaultysClaw>, token: crate::auth::Secret) {
+pub(crate) async fn pull(state: AppState, adapter: std::sync::Arc<VaultysClaw>, token: custos_http::auth::Secret) {
     let Some(url) = adapter.config.url.clone() else {
         return;
     };
@@ -425,7 +425,9 @@ pub(crate) async fn pull(state: AppState, adapter: std::sync::Arc<VaultysClaw>, 
     loop {
         if let Err(error) = pull_once(&state, &adapter, &client, &url, &token).await {
             tracing::warn!(error = %error, "VaultysClaw audit pull failed; retrying");
-            crate::metrics::ADAPTER_ERRORS.with_label_values(&["vaultysclaw"]).inc();
+            custos_http::metrics::ADAPTER_ERRORS
+                .with_label_values(&["vaultysclaw"])
+                .inc();
         }
         tokio::select! {
             _ = tokio::time::sleep(adapter.config.poll) => {}
@@ -439,7 +441,7 @@ async fn pull_once(
     adapter: &VaultysClaw,
     client: &reqwest::Client,
     url: &str,
-    token: &crate::auth::Secret,
+    token: &custos_http::auth::Secret,
 ) -> Result<usize, String> {
     let response = client
         .get(format!("{}/api/admin/governance/audit", url.trim_end_matches('/')))

@@ -237,7 +237,9 @@ pub(crate) async fn run(
                             size = checkpoint.size,
                             "a witness cosigned more entries than this log holds: entries were removed"
                         );
-                        crate::metrics::WITNESS_ROUNDS.with_label_values(&["behind"]).inc();
+                        custos_http::metrics::WITNESS_ROUNDS
+                            .with_label_values(&["behind"])
+                            .inc();
                         break;
                     }
                     Round::Behind(latest) => old = latest,
@@ -246,13 +248,17 @@ pub(crate) async fn run(
                             tracing::warn!(witness = target.key.name, %reason, "witness submission failed; retrying");
                         }
                         failing[position] = true;
-                        crate::metrics::WITNESS_ROUNDS.with_label_values(&["failed"]).inc();
+                        custos_http::metrics::WITNESS_ROUNDS
+                            .with_label_values(&["failed"])
+                            .inc();
                         break;
                     }
                 }
             }
             if !failing[position] && known[position] == checkpoint.size {
-                crate::metrics::WITNESS_ROUNDS.with_label_values(&["cosigned"]).inc();
+                custos_http::metrics::WITNESS_ROUNDS
+                    .with_label_values(&["cosigned"])
+                    .inc();
             }
         }
     }

@@ -29,8 +29,8 @@ fn asset(kind: &'static str, body: &'static str) -> impl IntoResponse {
 }
 
 /// The console's files, for the OpenAPI document.
-pub fn endpoints() -> Vec<custos_ingest::openapi::Endpoint> {
-    use custos_ingest::openapi::Endpoint;
+pub fn endpoints() -> Vec<custos_http::openapi::Endpoint> {
+    use custos_http::openapi::Endpoint;
     vec![
         Endpoint::new(
             "GET",

@@ -24,6 +24,7 @@ use datafusion::logical_expr::{col, lit};
 use serde::{Deserialize, Serialize};
 
 use crate::QueryError;
+use crate::source::Source;
 use crate::tables::{Scope, Sources};
 
 /// DSSE payload type of a bundle manifest.
@@ -227,9 +228,9 @@ fn hex32(hash: &Hash) -> String {
 
 /// For a store that is one partition of a set: the latest cross-partition checkpoint
 /// binding its head at or below `size`, with the consistency proof up to `size`.
-async fn partitions_file(api: &custos_ingest::Api, size: u64) -> Result<Option<PartitionsFile>, QueryError> {
+async fn partitions_file(api: &dyn Source, size: u64) -> Result<Option<PartitionsFile>, QueryError> {
     use custos_store::partitions::{PartitionSet, latest_binding};
-    let Some((data, set, partition)) = PartitionSet::of_store(&api.data) else {
+    let Some((data, set, partition)) = PartitionSet::of_store(api.data()) else {
         return Ok(None);
     };
     let binding = latest_binding(&data, partition, size)
@@ -261,7 +262,7 @@ async fn partitions_file(api: &custos_ingest::Api, size: u64) -> Result<Option<P
 
 /// Builds a bundle for `request` as `caller` sees it.
 pub async fn export(
-    api: &custos_ingest::Api,
+    api: &dyn Source,
     sources: &Sources,
     scope: &Scope,
     created_by: &str,

@@ -10,8 +10,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use custos_ingest::openapi::Endpoint;
-use custos_ingest::{Api, Caller, Role};
+use custos_http::openapi::Endpoint;
+use custos_http::{Caller, EVERYONE, READERS, Role, SharedTokens};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{col, lit};
 use serde::Deserialize;
@@ -19,12 +19,14 @@ use serde::Deserialize;
 use crate::QueryError;
 use crate::access::{AccessLog, AccessRecord};
 use crate::pool::QueryPool;
+use crate::source::Source;
 use crate::sql::{Format, Limits, collect, encode};
 use crate::tables::{Scope, Sources};
 
 #[derive(Clone)]
 struct QueryState {
-    api: Api,
+    api: Arc<dyn Source>,
+    tokens: SharedTokens,
     limits: Limits,
     access: Arc<AccessLog>,
     /// Held while a store verification runs: one at a time.
@@ -33,11 +35,15 @@ struct QueryState {
     pool: Arc<QueryPool>,
 }
 
-/// The query routes as a [`custos_ingest::Hooks::routes`] builder. Starts the query
-/// runtime (its own threads) now.
-pub fn routes(limits: Limits) -> Result<custos_ingest::RouteBuilder, QueryError> {
+/// Builds the query routes once the node's source is open (see [`routes`]).
+pub type Routes = Box<dyn FnOnce(Arc<dyn Source>, SharedTokens) -> Router + Send>;
+
+/// The query routes, to be built over a [`Source`] and the token table once the node is
+/// open; `others` are the node's other endpoints, for `GET /openapi.json`. Starts the
+/// query runtime (its own threads) now.
+pub fn routes(limits: Limits, others: Vec<Endpoint>) -> Result<Routes, QueryError> {
     let pool = QueryPool::new(&limits)?;
-    Ok(Box::new(move |api| router(api, limits, pool)))
+    Ok(Box::new(move |api, tokens| router(api, tokens, limits, pool, others)))
 }
 
 /// The query API's routes, declared once: served by [`router`], described by
@@ -110,10 +116,10 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
     ]
 }
 
-/// Every endpoint the node serves: ingest's, the query API's, the console's and the
-/// OpenAPI document's own.
-pub fn catalogue() -> Vec<Endpoint> {
-    let mut all = custos_ingest::catalogue();
+/// Every endpoint the node serves: `others` (ingest's), the query API's, the console's
+/// and the OpenAPI document's own.
+pub fn catalogue(others: Vec<Endpoint>) -> Vec<Endpoint> {
+    let mut all = others;
     all.extend(endpoints().into_iter().map(|(endpoint, _)| endpoint));
     all.extend(crate::console::endpoints());
     all.push(openapi_endpoint());
@@ -131,19 +137,26 @@ fn openapi_endpoint() -> Endpoint {
 }
 
 /// The query routes, to merge into the node's router.
-fn router(api: Api, limits: Limits, pool: Arc<QueryPool>) -> Router {
-    let access = Arc::new(AccessLog::new(&api.data));
-    let document = Arc::new(custos_ingest::openapi::document(
-        &catalogue(),
+fn router(
+    api: Arc<dyn Source>,
+    tokens: SharedTokens,
+    limits: Limits,
+    pool: Arc<QueryPool>,
+    others: Vec<Endpoint>,
+) -> Router {
+    let access = Arc::new(AccessLog::new(api.data()));
+    let document = Arc::new(custos_http::openapi::document(
+        &catalogue(others),
         env!("CARGO_PKG_VERSION"),
     ));
     endpoints()
         .into_iter()
         .fold(Router::new(), |router, (endpoint, method)| {
-            router.route(endpoint.path, api.guarded(&endpoint, method))
+            router.route(endpoint.path, custos_http::guarded(&endpoint, method, &tokens))
         })
         .with_state(QueryState {
             api,
+            tokens,
             limits,
             access,
             verifying: Arc::new(tokio::sync::Mutex::new(())),
@@ -168,7 +181,7 @@ async fn timed(request: axum::extract::Request, next: axum::middleware::Next) ->
         .map_or_else(|| "other".to_owned(), |path| path.as_str().to_owned());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    custos_ingest::metrics::QUERY_SECONDS
+    custos_http::metrics::QUERY_SECONDS
         .with_label_values(&[route.as_str(), response.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     response
@@ -192,14 +205,8 @@ impl IntoResponse for QueryError {
     }
 }
 
-const SQL_ROLES: [Role; 5] = [
-    Role::Admin,
-    Role::Analyst,
-    Role::Responder,
-    Role::Compliance,
-    Role::Auditor,
-];
-const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
+/// Every role may run SQL: what it sees is scoped by its role and realms.
+const SQL_ROLES: [Role; 5] = EVERYONE;
 
 fn scope(caller: &Caller) -> Scope {
     Scope {
@@ -210,7 +217,7 @@ fn scope(caller: &Caller) -> Scope {
 
 /// What `scope` may read, taken from the node at one instant. Rejected inputs are read
 /// only for the callers that see them (unscoped admins).
-async fn sources(api: &Api, scope: &Scope) -> Result<Sources, QueryError> {
+async fn sources(api: &dyn Source, scope: &Scope) -> Result<Sources, QueryError> {
     let view = api.view().await?;
     let agents = api.agents().await?;
     let rejected = if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
@@ -264,7 +271,7 @@ struct SqlRequest {
 
 /// `POST /v1/sql` with `{"sql": "..."}` (or the SQL as `text/plain`).
 async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
-    let caller = state.api.authorize(&headers, &SQL_ROLES)?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &SQL_ROLES)?;
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -324,7 +331,7 @@ async fn run_sql(
             "this node has no query process to run SQL in (`custos query-worker`)",
         )
     })?;
-    let sources = sources(&state.api, &scope(caller)).await?;
+    let sources = sources(state.api.as_ref(), &scope(caller)).await?;
     let scope = scope(caller);
     let limits = state.limits.clone();
     let sql = text.to_owned();
@@ -421,7 +428,7 @@ async fn events(
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, QueryError> {
-    let caller = state.api.authorize(&headers, &READERS)?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &READERS)?;
     let Query(query) = query.map_err(|error| {
         QueryError::new(
             400,
@@ -433,7 +440,7 @@ async fn events(
     let text = headers_free_query(&query);
     let slot = state.pool.admit(&caller.token_id)?;
     let answer = async {
-        let sources = sources(&state.api, &scope(&caller)).await?;
+        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
         let scope = scope(&caller);
         let limits = state.limits.clone();
         state
@@ -545,7 +552,7 @@ async fn ocsf(
     axum::extract::Path(class): axum::extract::Path<String>,
     query: Result<Query<OcsfQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, QueryError> {
-    let caller = state.api.authorize(&headers, &READERS)?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &READERS)?;
     let Query(query) = query.map_err(|error| {
         QueryError::new(
             400,
@@ -621,7 +628,7 @@ async fn ocsf(
     );
     let slot = state.pool.admit(&caller.token_id)?;
     let entries = async {
-        let sources = sources(&state.api, &scope(&caller)).await?;
+        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
         state
             .pool
             .read(state.limits.timeout, async move {
@@ -693,7 +700,7 @@ fn headers_free_query(query: &EventsQuery) -> String {
 /// `POST /v1/evidence` (compliance, admin): `{"realm","agent","from","to"}` → a bundle
 /// (`application/x-tar`).
 async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
-    let caller = state.api.authorize(&headers, &[Role::Admin, Role::Compliance])?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin, Role::Compliance])?;
     let text = String::from_utf8_lossy(&body).into_owned();
     let slot = state.pool.admit(&caller.token_id)?;
     let bundle = async {
@@ -704,7 +711,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
                 format!("expected {{\"realm\",\"agent\",\"from\",\"to\"}} with RFC 3339 times: {error}"),
             )
         })?;
-        let sources = sources(&state.api, &scope(&caller)).await?;
+        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
         let by = format!("token:{} ({})", caller.token_id, caller.role.name());
         let (api, scope) = (state.api.clone(), scope(&caller));
         // An export may be long; it runs on the query runtime, never past ten minutes
@@ -713,7 +720,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         state
             .pool
             .read(limit, async move {
-                crate::evidence::export(&api, &sources, &scope, &by, request).await
+                crate::evidence::export(api.as_ref(), &sources, &scope, &by, request).await
             })
             .await
     }
@@ -752,15 +759,15 @@ pub struct LastVerify {
     pub millis: u64,
 }
 
-fn last_verify_path(api: &Api) -> std::path::PathBuf {
-    api.data.join("verify-last.json")
+fn last_verify_path(api: &dyn Source) -> std::path::PathBuf {
+    api.data().join("verify-last.json")
 }
 
 /// `GET /v1/integrity` (every role): the latest checkpoint and the last verification.
 async fn integrity(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, QueryError> {
-    state.api.authorize(&headers, &SQL_ROLES)?;
+    custos_http::authorize(&state.tokens, &headers, &SQL_ROLES)?;
     let checkpoint = state.api.checkpoint().await?;
-    let path = last_verify_path(&state.api);
+    let path = last_verify_path(state.api.as_ref());
     let last: Option<LastVerify> = tokio::task::spawn_blocking(move || {
         std::fs::read(&path)
             .ok()
@@ -786,7 +793,7 @@ async fn verify_now(
     headers: HeaderMap,
     query: Result<Query<VerifyQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, QueryError> {
-    let caller = state.api.authorize(&headers, &[Role::Admin])?;
+    let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin])?;
     let Query(query) = query
         .map_err(|error| QueryError::new(400, "bad_request", format!("{error}; the only option is signatures")))?;
     let Ok(_running) = state.verifying.clone().try_lock_owned() else {
@@ -796,8 +803,8 @@ async fn verify_now(
             "a verification is already running; read GET /v1/integrity when it ends",
         ));
     };
-    let data = state.api.data.clone();
-    let path = last_verify_path(&state.api);
+    let data = state.api.data().to_path_buf();
+    let path = last_verify_path(state.api.as_ref());
     let by = format!("token:{} ({})", caller.token_id, caller.role.name());
     let outcome = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();

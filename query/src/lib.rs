@@ -3,7 +3,8 @@
 //! ```text
 //!  request (bearer token) ─▶ role + realms
 //!        │
-//!        ▼  one snapshot from the sequencer: manifest + unsealed tail, agents, rejected
+//!        ▼  one snapshot from the Source (source.rs; on a node, the writer's sequencer):
+//!        │  manifest + unsealed tail, agents, rejected
 //!  DataFusion session per request (memory pool, timeout, row cap; DDL/DML/SET refused)
 //!        │  tables = views over the log, each filtered on the caller's realms in its plan:
 //!        │    events | findings | actions   ◀── Parquet segments ∪ tail (Arrow, in memory)
@@ -26,11 +27,13 @@ mod morsels;
 pub mod ocsf;
 pub mod pool;
 pub mod shape;
+pub mod source;
 pub mod sql;
 pub mod tables;
 mod trunc;
 pub mod worker;
 
+pub use source::Source;
 pub use sql::{Answer, Format, Limits};
 pub use tables::{Scope, Sources};
 
@@ -59,7 +62,7 @@ impl QueryError {
 
 /// Counts a query refused for want of a slot.
 pub(crate) fn metrics_refused() {
-    custos_ingest::metrics::QUERIES_REFUSED.inc();
+    custos_http::metrics::QUERIES_REFUSED.inc();
 }
 
 impl std::fmt::Display for QueryError {
@@ -92,8 +95,8 @@ impl From<datafusion::error::DataFusionError> for QueryError {
     }
 }
 
-impl From<custos_ingest::ApiError> for QueryError {
-    fn from(error: custos_ingest::ApiError) -> Self {
+impl From<custos_http::ApiError> for QueryError {
+    fn from(error: custos_http::ApiError) -> Self {
         QueryError::new(error.status, error.error, error.message)
     }
 }

@@ -382,7 +382,7 @@ mod tests {
     fn request() -> Request {
         Request {
             sql: "SELECT 1".into(),
-            role: custos_ingest::Role::Admin,
+            role: custos_http::Role::Admin,
             realms: Vec::new(),
             format: "json".into(),
             timeout_ms: 1_000,

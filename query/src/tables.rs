@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use custos_event::{ACTION_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE};
-use custos_ingest::Role;
+use custos_http::Role;
 use datafusion::catalog::MemTable;
 use datafusion::catalog::view::ViewTable;
 use datafusion::config::TableParquetOptions;
@@ -53,9 +53,9 @@ impl Scope {
 
 /// Everything a query can read, taken from the node at one instant.
 pub struct Sources {
-    pub view: custos_ingest::StoreView,
-    pub agents: Vec<custos_ingest::AgentRecord>,
-    pub rejected: Vec<custos_ingest::forensics::RejectedRecord>,
+    pub view: custos_store::StoreView,
+    pub agents: Vec<custos_event::agent::AgentRecord>,
+    pub rejected: Vec<custos_store::forensics::RejectedRecord>,
     pub checkpoints: Vec<custos_store::log::CheckpointLine>,
     /// The unsealed tail already as rows of the segment schema (a query process gets it
     /// so); when absent, built from `view.tail`.
@@ -367,8 +367,8 @@ fn rfc3339(at: &chrono::DateTime<chrono::Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-impl From<&custos_ingest::AgentRecord> for AgentRow {
-    fn from(agent: &custos_ingest::AgentRecord) -> Self {
+impl From<&custos_event::agent::AgentRecord> for AgentRow {
+    fn from(agent: &custos_event::agent::AgentRecord) -> Self {
         Self {
             did: agent.did.clone(),
             realm: agent.realm.clone(),
@@ -447,8 +447,8 @@ struct RejectedRow {
     evidence: Option<String>,
 }
 
-impl From<&custos_ingest::forensics::RejectedRecord> for RejectedRow {
-    fn from(record: &custos_ingest::forensics::RejectedRecord) -> Self {
+impl From<&custos_store::forensics::RejectedRecord> for RejectedRow {
+    fn from(record: &custos_store::forensics::RejectedRecord) -> Self {
         Self {
             id: record.id,
             received_at: record.received_at.clone(),

@@ -29,7 +29,7 @@ use crate::tables::{Scope, Sources};
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Request {
     pub(crate) sql: String,
-    pub(crate) role: custos_ingest::Role,
+    pub(crate) role: custos_http::Role,
     pub(crate) realms: Vec<String>,
     pub(crate) format: String,
     pub(crate) timeout_ms: u64,
@@ -39,8 +39,8 @@ pub(crate) struct Request {
     pub(crate) segments: Vec<custos_store::log::SegmentInfo>,
     pub(crate) size: u64,
     pub(crate) checkpoints_path: PathBuf,
-    pub(crate) agents: Vec<custos_ingest::AgentRecord>,
-    pub(crate) rejected: Vec<custos_ingest::forensics::RejectedRecord>,
+    pub(crate) agents: Vec<custos_event::agent::AgentRecord>,
+    pub(crate) rejected: Vec<custos_store::forensics::RejectedRecord>,
     pub(crate) checkpoints: Vec<custos_store::log::CheckpointLine>,
 }
 
@@ -197,7 +197,7 @@ async fn run(
     let format = Format::from_name(&request.format)
         .ok_or_else(|| QueryError::internal(format!("an unknown format `{}`", request.format)))?;
     let sources = Sources {
-        view: custos_ingest::StoreView {
+        view: custos_store::StoreView {
             segment_dir: request.segment_dir,
             segments: request.segments,
             tail: Vec::new(),

@@ -98,11 +98,9 @@ impl Process {
     }
 
     fn token(&self) -> anyhow::Result<String> {
-        Ok(
-            fs_err::read_to_string(custos_ingest::auth::admin_token_path(&self.data))?
-                .trim()
-                .to_owned(),
-        )
+        Ok(fs_err::read_to_string(custos_http::auth::admin_token_path(&self.data))?
+            .trim()
+            .to_owned())
     }
 
     async fn ready(&self) -> anyhow::Result<()> {

@@ -52,7 +52,7 @@ pub(crate) async fn evidence(args: EvidenceArgs) -> anyhow::Result<()> {
 
     let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse()?);
     let hooks = custos_ingest::Hooks {
-        routes: Some(custos_query::http::routes(custos_query::Limits {
+        routes: Some(crate::reader::query_routes(custos_query::Limits {
             max_rows: 10_000_000,
             ..Default::default()
         })?),

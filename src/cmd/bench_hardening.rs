@@ -86,13 +86,13 @@ async fn node(data: &std::path::Path, queries: usize) -> anyhow::Result<(custos_
         ..Default::default()
     };
     let hooks = custos_ingest::Hooks {
-        routes: Some(custos_query::http::routes(limits)?),
+        routes: Some(crate::reader::query_routes(limits)?),
         ..Default::default()
     };
     let running = custos_ingest::start_with(config, hooks).await?;
     let token = match &running.admin_token {
         Some(secret) => secret.0.clone(),
-        None => fs_err::read_to_string(custos_ingest::auth::admin_token_path(data))?
+        None => fs_err::read_to_string(custos_http::auth::admin_token_path(data))?
             .trim()
             .to_owned(),
     };

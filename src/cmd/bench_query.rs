@@ -204,7 +204,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         tail_batch: None,
     };
     let scope = custos_query::tables::Scope {
-        role: custos_ingest::Role::Admin,
+        role: custos_http::Role::Admin,
         realms: Vec::new(),
     };
     let limits = custos_query::Limits {
@@ -448,7 +448,7 @@ fn duckdb_baseline(
 
 struct Generated {
     log: Log,
-    view: custos_ingest::StoreView,
+    view: custos_store::StoreView,
     size: u64,
     findings: u64,
     start: chrono::DateTime<Utc>,
@@ -590,7 +590,7 @@ impl Generated {
     /// The store in `log`, with what a query of it reads: its sealed segments and its tail.
     fn new(log: Log, findings: u64, start: chrono::DateTime<Utc>, sample_agent: String, reused: bool) -> Self {
         let paths = log.paths();
-        let view = custos_ingest::StoreView {
+        let view = custos_store::StoreView {
             segment_dir: paths.segment_dir.clone(),
             segments: log.segments().to_vec(),
             tail: log.tail(),

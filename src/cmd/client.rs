@@ -25,7 +25,7 @@ impl NodeArgs {
             return Ok(token.trim().to_owned());
         }
         if let Some(data) = &self.data {
-            let path = custos_ingest::auth::admin_token_path(data);
+            let path = custos_http::auth::admin_token_path(data);
             let token = fs_err::read_to_string(&path)
                 .with_context(|| format!("reading the admin token file next to the store (`{}`)", path.display()))?;
             return Ok(token.trim().to_owned());

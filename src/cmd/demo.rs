@@ -60,7 +60,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .admin_token
         .clone()
         .map(|secret| secret.0)
-        .or_else(|| fs_err::read_to_string(custos_ingest::auth::admin_token_path(&data)).ok())
+        .or_else(|| fs_err::read_to_string(custos_http::auth::admin_token_path(&data)).ok())
         .context("no admin token for the demo store")?;
     let url = format!("http://{}", running.addr);
     let admin = Client::new(&url, Some(token.trim().to_owned()));

@@ -187,7 +187,7 @@ impl Node {
         limits: custos_query::Limits,
         cluster: Option<&Cluster>,
     ) -> anyhow::Result<Self> {
-        let routes = custos_query::http::routes(limits)?;
+        let routes = crate::reader::query_routes(limits)?;
         let (pipeline, mut hooks) = match pipeline {
             Some(pipeline_config) => {
                 let (pipeline, hooks) = Pipeline::start(pipeline_config, marks)?;
@@ -293,7 +293,7 @@ pub(crate) async fn run(
     if let (Some(pipeline), Some(settings)) = (&mut pipeline, &config.vaultysclaw)
         && let (Some(url), Some(token_file)) = (&settings.url, &settings.token_file)
     {
-        let token = custos_ingest::auth::read_secret_file(token_file)
+        let token = custos_http::auth::read_secret_file(token_file)
             .map_err(|error| anyhow::anyhow!("--vaultysclaw-token-file `{}`: {error}", token_file.display()))?;
         pipeline.platforms.vaultysclaw = Some(custos_respond::platform::VaultysClawTarget {
             base_url: url.clone(),
@@ -306,7 +306,7 @@ pub(crate) async fn run(
         && let Some(target) = &mut pipeline.platforms.lastid
         && let Some(path) = &lastid_secret
     {
-        let secret = custos_ingest::auth::read_secret_file(path)
+        let secret = custos_http::auth::read_secret_file(path)
             .map_err(|error| anyhow::anyhow!("--lastid-webhook-secret-file `{}`: {error}", path.display()))?;
         target.secret = secret.0.into_bytes();
     }
@@ -345,7 +345,7 @@ pub(crate) async fn run(
         // Printed once, on the terminal only; it is stored hashed.
         eprintln!(
             "\nAdmin token (shown once; also saved owner-only in {}):\n\n  {}\n",
-            custos_ingest::auth::admin_token_path(&data).display(),
+            custos_http::auth::admin_token_path(&data).display(),
             token.0
         );
     }
@@ -654,7 +654,7 @@ impl Edge {
         if let Some(token) = &node.admin_token {
             eprintln!(
                 "\nAdmin token of this ingest node (shown once; also saved owner-only in {}):\n\n  {}\n",
-                custos_ingest::auth::admin_token_path(&data).display(),
+                custos_http::auth::admin_token_path(&data).display(),
                 token.0
             );
         }

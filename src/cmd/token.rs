@@ -10,9 +10,9 @@ pub(crate) async fn create(
     ttl: Option<String>,
 ) -> anyhow::Result<()> {
     // Check locally first so a typo is named before anything is sent.
-    custos_ingest::Role::parse(role).map_err(anyhow::Error::msg)?;
+    custos_http::Role::parse(role).map_err(anyhow::Error::msg)?;
     if let Some(ttl) = &ttl {
-        custos_ingest::auth::parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+        custos_http::auth::parse_ttl(ttl).map_err(anyhow::Error::msg)?;
     }
     let client = Client::from_args(node)?;
     let answer = client

@@ -95,19 +95,19 @@ pub(crate) async fn run(args: WitnessArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("witness key {vkey}");
     eprintln!("custos witness on http://{addr} (data {})", args.data.display());
-    let limits = custos_ingest::serve::HttpLimits {
+    let limits = custos_http::serve::HttpLimits {
         max_body_bytes: custos_store::witness::MAX_REQUEST_BYTES,
         body_budget_bytes: 16 * 1024 * 1024,
         ..Default::default()
     };
-    let descriptors = custos_ingest::serve::raise_descriptor_limit();
-    let connections = custos_ingest::serve::connection_limit(&limits, descriptors);
-    let bodies = Arc::new(custos_ingest::serve::BodyBudget::new(limits.clone()));
+    let descriptors = custos_http::serve::raise_descriptor_limit();
+    let connections = custos_http::serve::connection_limit(&limits, descriptors);
+    let bodies = Arc::new(custos_http::serve::BodyBudget::new(limits.clone()));
     let router = router.layer(axum::middleware::from_fn_with_state(
         bodies,
-        custos_ingest::serve::budget_bodies,
+        custos_http::serve::budget_bodies,
     ));
-    custos_ingest::serve::serve(listener, router, limits, connections, super::serve::wait_for_signal()).await;
+    custos_http::serve::serve(listener, router, limits, connections, super::serve::wait_for_signal()).await;
     eprintln!("witness stopped");
     Ok(())
 }

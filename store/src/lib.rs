@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub mod archive;
 pub mod checkpoint;
 pub mod entry;
+pub mod forensics;
 pub mod keyfile;
 pub mod log;
 pub mod merkle;
@@ -39,11 +40,13 @@ pub mod segment;
 pub mod seqindex;
 mod treecache;
 pub mod verify;
+pub mod view;
 pub mod wal;
 pub mod witness;
 
 pub use entry::LogEntry;
 pub use log::{Log, LogConfig, OpenMode, Recovery};
+pub use view::{CheckpointView, EvidenceProofs, StoreView};
 
 /// The id of the one log the embedded mode runs.
 pub const DEFAULT_LOG_ID: &str = "0";

@@ -159,10 +159,10 @@ async fn caches_speed_the_restart_and_catch_a_shortened_log() {
     let middle = edited.len() / 2;
     edited[middle] ^= 0x20;
     std::fs::write(&segment, &edited).unwrap();
-    let before = custos_ingest::metrics::STORE_ERRORS.with_label_values(&["audit"]).get();
+    let before = custos_http::metrics::STORE_ERRORS.with_label_values(&["audit"]).get();
     let node = Node::start_in(dir, config).await;
     let started = std::time::Instant::now();
-    while custos_ingest::metrics::STORE_ERRORS.with_label_values(&["audit"]).get() == before {
+    while custos_http::metrics::STORE_ERRORS.with_label_values(&["audit"]).get() == before {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "the audit never reported the edit"

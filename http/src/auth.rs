@@ -21,6 +21,35 @@ pub enum Role {
     Collector,
 }
 
+/// Roles that read events, findings, actions, agents and the control feed (auditors see
+/// checkpoints and proofs only). Agent platforms and memory stores reading the control
+/// feed hold realm-scoped analyst tokens.
+pub const READERS: [Role; 4] = [Role::Admin, Role::Analyst, Role::Responder, Role::Compliance];
+
+/// Checkpoints and proofs reveal hashes, never contents: every role may read them.
+pub const EVERYONE: [Role; 5] = [
+    Role::Admin,
+    Role::Analyst,
+    Role::Responder,
+    Role::Compliance,
+    Role::Auditor,
+];
+
+/// Writes a new file only its owner can read (the first admin token).
+fn write_owner_only(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = fs_err::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use fs_err::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
 /// A stored token: never the secret itself.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,7 +202,7 @@ impl Tokens {
             records: Vec::new(),
         };
         let secret = tokens.create(Role::Admin, Vec::new(), None)?;
-        custos_store::keyfile::write_private(&admin_token_path(data), format!("{}\n", secret.0).as_bytes())?;
+        write_owner_only(&admin_token_path(data), format!("{}\n", secret.0).as_bytes())?;
         Ok((tokens, Some(secret)))
     }
 

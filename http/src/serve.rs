@@ -434,7 +434,7 @@ pub async fn budget_bodies(
 }
 
 /// Answers `status` with `Retry-After` (seconds) on an error response.
-pub(crate) fn with_retry_after(mut response: Response, seconds: u64) -> Response {
+pub fn with_retry_after(mut response: Response, seconds: u64) -> Response {
     if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }
@@ -444,7 +444,7 @@ pub(crate) fn with_retry_after(mut response: Response, seconds: u64) -> Response
 /// Per-source budget for inputs rejected before any enrolled key vouched for them
 /// (malformed, bad signatures, unknown keys, ...): a token bucket per IP address. Junk
 /// from one source cannot fill the forensics store or crowd out others.
-pub(crate) struct RejectLimiter {
+pub struct RejectLimiter {
     rate: f64,
     burst: f64,
     buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, Instant)>>,
@@ -454,7 +454,7 @@ pub(crate) struct RejectLimiter {
 const MAX_SOURCES: usize = 65_536;
 
 impl RejectLimiter {
-    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+    pub fn new(rate: f64, burst: f64) -> Self {
         Self {
             rate: rate.max(0.0),
             burst: burst.max(1.0),
@@ -467,7 +467,7 @@ impl RejectLimiter {
     }
 
     /// `Err(seconds)` when `source` has spent its budget: the request is refused whole.
-    pub(crate) fn check(&self, source: std::net::IpAddr) -> Result<(), u64> {
+    pub fn check(&self, source: std::net::IpAddr) -> Result<(), u64> {
         let buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some((tokens, since)) = buckets.get(&source) else {
             return Ok(());
@@ -485,7 +485,7 @@ impl RejectLimiter {
     }
 
     /// Charges `count` unauthenticated rejections to `source`.
-    pub(crate) fn charge(&self, source: std::net::IpAddr, count: usize) {
+    pub fn charge(&self, source: std::net::IpAddr, count: usize) {
         if count == 0 {
             return;
         }
