@@ -97,6 +97,8 @@ Examples:
 Distributed (stages on Kafka topics; see docs/architecture.md):
   custos serve --data ./stages --kafka 127.0.0.1:9092 --roles detector,responder
   custos serve --data ./edge1 --kafka 127.0.0.1:9092 --roles ingest --listen 127.0.0.1:7610
+  custos serve --data ./query1 --kafka 127.0.0.1:9092 --roles query --listen 127.0.0.1:7620 \
+      --object-store file:///srv/custos-archive
   custos serve --data ./store --kafka 127.0.0.1:9092 --roles writer \
       --trust-detector did:key:z6Mk… --trust-responder did:key:z6Mk…
 
@@ -136,6 +138,7 @@ struct ServeArgs {
     /// stop: `file:///dir` or `s3://bucket/prefix` (S3 settings from the AWS_*
     /// environment variables, such as AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP). `custos verify URL` checks the copy.
+    /// With --roles query: where the query node reads the sealed store from.
     #[arg(long, value_name = "URL", env = "CUSTOS_OBJECT_STORE")]
     object_store: Option<String>,
     /// Kafka bootstrap servers (`host:port,...`): the stages exchange the contract's
@@ -168,8 +171,9 @@ struct ServeArgs {
     #[arg(long, value_delimiter = ',', requires = "log_per_partition")]
     prefer_partitions: Vec<i32>,
     /// With --kafka, the roles this process runs: writer (the log writer with ingest and
-    /// query), ingest (a stateless ingest node in front of the writer), detector,
-    /// responder. Without --kafka, one process runs them all.
+    /// query), ingest (a stateless ingest node in front of the writer), query (a
+    /// stateless query node; needs --object-store), detector, responder. Without
+    /// --kafka, one process runs them all.
     #[arg(
         long,
         value_delimiter = ',',
@@ -352,6 +356,7 @@ impl ServeArgs {
             partitions: self.kafka_partitions,
             writer: self.roles.contains(&Role::Writer),
             ingest: self.roles.contains(&Role::Ingest),
+            query: self.roles.contains(&Role::Query),
             writer_timeout: std::time::Duration::from_secs(self.writer_timeout_secs),
             log_per_partition: self.log_per_partition,
             partition: None,
@@ -395,6 +400,9 @@ enum Role {
     /// A stateless ingest node: verifies signatures, checks the registry from the
     /// control topic, and hands events to the writer (`POST /v1/events`, revocations).
     Ingest,
+    /// A stateless query node: the query API over the sealed store read from
+    /// --object-store and the unsealed tail read from the committed topic.
+    Query,
     Detector,
     Responder,
 }

@@ -440,6 +440,7 @@ impl Pipeline {
         let hooks = Hooks {
             publish: Some(fanout),
             replay_from,
+            publish_entries: false,
             queue: Some(queue),
             system_signers: signers,
             operations: Some(Arc::new(Ops {

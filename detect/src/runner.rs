@@ -233,7 +233,7 @@ impl DetectorStage {
                     self.held.extend(found);
                 }
             }
-            Committed::Finding { log_index, payload } => {
+            Committed::Finding { log_index, payload, .. } => {
                 self.chains.follow(&payload);
                 if let Some((finding, _)) = Finding::from_payload(&payload) {
                     if !self.replayed {

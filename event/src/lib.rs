@@ -52,7 +52,7 @@ pub const OCSF_VERSION: &str = "1.3.0";
 pub fn ocsf_metadata() -> serde_json::Value {
     serde_json::json!({ "product": { "name": "Custos", "vendor_name": "Custos" }, "version": OCSF_VERSION })
 }
-pub use observe::{Observation, Signal};
+pub use observe::{Observation, Signal, SignedEntry};
 pub use payload::{Kind, Outcome, Payload};
 pub use reason::{Reason, Rejection};
 pub use sign::{AgentKey, ChainLanes, ChainState, Signer, partition_of};

@@ -18,6 +18,42 @@ pub struct Observation {
     pub ingest_ts: DateTime<Utc>,
     pub payload: Payload,
     pub signal: Signal,
+    /// The appended entry as signed, when the writer publishes entries for readers that
+    /// rebuild the log's rows (query nodes on the committed topic); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Box<SignedEntry>>,
+}
+
+/// An appended entry as its signer sent it and as the writer stamped it: with its log
+/// index and payload type, everything a row of the log holds (`custos_store::LogEntry`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEntry {
+    /// The signer's `did:key`.
+    pub keyid: String,
+    /// The ed25519 signature over the DSSE pre-authentication encoding (base64 on the wire).
+    #[serde(with = "base64_bytes")]
+    pub sig: Vec<u8>,
+    /// The signed payload bytes, exactly (base64 on the wire).
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+    /// Microseconds since the Unix epoch at which the writer accepted the entry.
+    pub ingest_ts_us: i64,
+}
+
+/// Bytes as standard base64 in JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
 }
 
 /// What ingest decided about the event.

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod metrics;
 pub mod openapi;
 pub mod serve;
+pub mod tokens;
 
 pub use auth::{Caller, EVERYONE, READERS, Role, Secret, Tokens};
 

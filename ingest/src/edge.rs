@@ -196,14 +196,19 @@ impl Edge {
     }
 }
 
-/// Serves `POST /v1/events` (and revocations, health, metrics) on `config.listen`,
-/// handing every request to the writer through `submitter` and waiting up to
-/// `receipt_timeout` for its answer. `config.data` holds the node's token table only.
+/// More routes for an ingest node, built over its token table (a query node's API, for
+/// `--roles ingest,query`).
+pub type ExtraRoutes = Box<dyn FnOnce(custos_http::SharedTokens) -> Router + Send>;
+
+/// Serves `POST /v1/events` (and revocations, health, metrics, and `extra`) on
+/// `config.listen`, handing every request to the writer through `submitter` and waiting
+/// up to `receipt_timeout` for its answer. `config.data` holds the node's token table only.
 pub async fn start_edge(
     config: NodeConfig,
     submitter: Arc<dyn Submitter>,
     view: Arc<ControlView>,
     receipt_timeout: Duration,
+    extra: Option<ExtraRoutes>,
 ) -> Result<Edge, NodeError> {
     custos_http::metrics::init();
     fs_err::create_dir_all(&config.data)?;
@@ -223,14 +228,19 @@ pub async fn start_edge(
         receipt_timeout,
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
-    let router = Router::new()
+    let tokens = state.tokens.clone();
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/events", post(post_events))
         .route("/v1/agents", post(enroll))
         .route("/v1/agents/{did}/revoke", post(revoke))
-        .with_state(state)
+        .with_state(state);
+    if let Some(extra) = extra {
+        router = router.merge(extra(tokens));
+    }
+    let router = router
         .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
         .layer(axum::middleware::from_fn(custos_http::json_errors));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -224,24 +224,6 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
             get(consistency),
         ),
         (
-            Endpoint::new("POST", "/v1/tokens", "tokens", "Create an API token; the secret is shown once")
-                .returns("TokenCreated")
-                .roles(ADMIN)
-                .body("application/json", r#"{"role":"analyst","realms":["eng"],"ttl":"30d"}"#)
-                .answer(201, "application/json"),
-            post(create_token),
-        ),
-        (
-            Endpoint::new("GET", "/v1/tokens", "tokens", "Every token (ids, roles, realms; never secrets)")
-                .returns("Tokens").roles(ADMIN),
-            get(list_tokens),
-        ),
-        (
-            Endpoint::new("POST", "/v1/tokens/{id}/revoke", "tokens", "Revoke a token")
-                .returns("TokenRevoked").roles(ADMIN),
-            post(revoke_token),
-        ),
-        (
             Endpoint::new(
                 "GET",
                 "/v1/control/revocations",
@@ -327,7 +309,9 @@ pub(crate) fn endpoints() -> Vec<(Endpoint, MethodRouter<AppState>)> {
 
 /// The node's own endpoints, for the OpenAPI document.
 pub fn catalogue() -> Vec<Endpoint> {
-    endpoints().into_iter().map(|(endpoint, _)| endpoint).collect()
+    let mut all: Vec<Endpoint> = endpoints().into_iter().map(|(endpoint, _)| endpoint).collect();
+    all.extend(custos_http::tokens::catalogue());
+    all
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -338,8 +322,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .fold(Router::new(), |router, (endpoint, method)| {
             router.route(endpoint.path, guarded(&endpoint, method, &tokens))
         })
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+        .merge(custos_http::tokens::router(&tokens))
+        .layer(DefaultBodyLimit::max(limit))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -1261,117 +1246,4 @@ async fn consistency(
     })
     .await?;
     Ok(Json(proof).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenRequest {
-    role: String,
-    #[serde(default)]
-    realms: Vec<String>,
-    /// A lifetime such as `30d`; none means no expiry.
-    ttl: Option<String>,
-}
-
-async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &[Role::Admin])?;
-    let request: TokenRequest = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(
-            400,
-            "bad_request",
-            format!("expected {{\"role\",\"realms\",\"ttl\"}}: {error}"),
-        )
-    })?;
-    let role = Role::parse(&request.role).map_err(|message| ApiError::new(400, "bad_role", message))?;
-    if let Some(realm) = request
-        .realms
-        .iter()
-        .find(|realm| !custos_event::payload::valid_realm(realm))
-    {
-        return Err(ApiError::new(
-            400,
-            "bad_realm",
-            format!(
-                "realm `{}` must be 1-64 characters of [A-Za-z0-9._-]",
-                realm.chars().take(80).collect::<String>()
-            ),
-        ));
-    }
-    if role == Role::Collector && request.realms.len() != 1 {
-        return Err(ApiError::new(
-            400,
-            "bad_realm",
-            format!(
-                "a `collector` token is bound to exactly one realm (its attested agents are enrolled there); this request names {}",
-                request.realms.len()
-            ),
-        ));
-    }
-    if matches!(role, Role::Admin | Role::Auditor) && !request.realms.is_empty() {
-        return Err(ApiError::new(
-            400,
-            "bad_realm",
-            format!(
-                "a `{}` token is not scoped to realms (an admin manages every realm; an auditor reads checkpoints and proofs, which have none); use analyst, responder or compliance for realm-scoped access",
-                role.name()
-            ),
-        ));
-    }
-    let expires_at = match &request.ttl {
-        Some(ttl) => {
-            let seconds =
-                custos_http::auth::parse_ttl(ttl).map_err(|message| ApiError::new(400, "bad_ttl", message))?;
-            let at = i64::try_from(seconds)
-                .ok()
-                .and_then(chrono::Duration::try_seconds)
-                .and_then(|lifetime| chrono::Utc::now().checked_add_signed(lifetime))
-                .ok_or_else(|| ApiError::new(400, "bad_ttl", format!("`{ttl}` is too long")))?;
-            Some(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        }
-        None => None,
-    };
-    let mut tokens = state.tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let secret = tokens
-        .create(role, request.realms.clone(), expires_at.clone())
-        .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
-    let id = custos_http::auth::hash_token(&secret.0)[..12].to_owned();
-    tracing::info!(token = id, role = role.name(), by = caller.token_id, "token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({
-            "id": id,
-            "token": secret.0,
-            "role": role.name(),
-            "realms": request.realms,
-            "expires_at": expires_at,
-        })),
-    )
-        .into_response())
-}
-
-async fn list_tokens(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&state, &headers, &[Role::Admin])?;
-    let tokens = state
-        .tokens
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .list();
-    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
-}
-
-async fn revoke_token(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let caller = authorize(&state, &headers, &[Role::Admin])?;
-    let mut tokens = state.tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let found = tokens
-        .revoke(&id)
-        .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
-    if !found {
-        return Err(ApiError::new(404, "no_such_token", format!("there is no token `{id}`")));
-    }
-    tracing::info!(token = id, by = caller.token_id, "token revoked");
-    Ok(Json(serde_json::json!({ "id": id, "revoked": true })).into_response())
 }

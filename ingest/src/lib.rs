@@ -46,6 +46,7 @@ pub mod otlp;
 pub mod vaultysclaw;
 pub use http::catalogue;
 pub mod registry;
+pub mod replica;
 pub mod samples;
 pub mod sequencer;
 mod state;
@@ -128,6 +129,10 @@ pub struct Hooks {
     /// At start, events from this log index on are replayed to `publish` (findings and
     /// action records always are). Use the detector snapshot's next index.
     pub replay_from: u64,
+    /// Committed records carry each appended entry as signed (keyid, signature, payload
+    /// bytes, ingest time), so a reader of the committed topic can rebuild the log's rows
+    /// (query nodes). Off in the embedded mode, where nothing reads them.
+    pub publish_entries: bool,
     /// The writer's queue, when stages were given submitters into it before the start.
     pub queue: Option<Queue>,
     /// System keys (`did:key` → the one payload type each may append), such as the
@@ -375,6 +380,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     let Hooks {
         publish,
         replay_from,
+        publish_entries,
         queue,
         system_signers,
         operations,
@@ -389,6 +395,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         replay_from,
         signers: system_signers,
         changes: Some(changes.clone()),
+        entries: publish_entries,
     };
     fs_err::create_dir_all(&config.data)?;
     // One writer per store: an OS lock, released by the kernel if the process dies.

@@ -306,6 +306,8 @@ pub(crate) struct SequencerHooks {
     /// `did:key` → the one payload type it may submit (findings, action records).
     pub(crate) signers: BTreeMap<String, String>,
     pub(crate) changes: Option<tokio::sync::broadcast::Sender<StatusChange>>,
+    /// Committed records carry the entry as signed (for query nodes).
+    pub(crate) entries: bool,
 }
 
 /// A deferred answer, sent once the group is durable (or failed).
@@ -392,7 +394,13 @@ impl Sequencer {
             node_chain,
             store_id,
             system,
-        } = crate::state::load(&config, &node_key, hooks.publish.as_ref(), hooks.replay_from)?;
+        } = crate::state::load(
+            &config,
+            &node_key,
+            hooks.publish.as_ref(),
+            hooks.replay_from,
+            hooks.entries,
+        )?;
         let forensics = Forensics::open(
             &config.data.join("rejected"),
             config.rejected_max_records,
@@ -611,7 +619,7 @@ impl Sequencer {
         // A seal in flight finishes (or goes back to the open entries) before the log is
         // read again from disk.
         let _ = self.log.settle();
-        match crate::state::load(&self.config, &self.node_key, None, 0) {
+        match crate::state::load(&self.config, &self.node_key, None, 0, false) {
             Ok(loaded) => {
                 self.log = loaded.log;
                 self.registry = loaded.registry;
@@ -854,20 +862,29 @@ impl Sequencer {
         }
         let log_index = self.next_index(entries);
         self.system.record(&envelope.keyid, seq, digest, log_index);
-        if self.hooks.publish.is_some() {
-            let payload = envelope.payload.clone();
-            self.observed.push(if payload_type == FINDING_PAYLOAD_TYPE {
-                Committed::Finding { log_index, payload }
-            } else {
-                Committed::Action { log_index, payload }
-            });
-        }
+        let payload = self.hooks.publish.is_some().then(|| envelope.payload.clone());
         entries.push(LogEntry::from_envelope(
             envelope,
             log_index,
             Utc::now().timestamp_micros(),
             None,
         ));
+        if let Some(payload) = payload {
+            let entry = self.entry_of(entries);
+            self.observed.push(if payload_type == FINDING_PAYLOAD_TYPE {
+                Committed::Finding {
+                    log_index,
+                    payload,
+                    entry,
+                }
+            } else {
+                Committed::Action {
+                    log_index,
+                    payload,
+                    entry,
+                }
+            });
+        }
         Ok((log_index, true))
     }
 
@@ -1151,6 +1168,7 @@ impl Sequencer {
                 signal: Signal::Rejected {
                     reason: refusal.rejection.reason.code().to_owned(),
                 },
+                entry: None,
             })));
         }
         self.reject(
@@ -1236,11 +1254,13 @@ impl Sequencer {
             gap,
         ));
         if self.hooks.publish.is_some() {
+            let entry = self.entry_of(entries);
             self.observed.push(Committed::Event(Box::new(Observation {
                 log_index: Some(log_index),
                 ingest_ts: now,
                 payload,
                 signal: Signal::Accepted { gap },
+                entry,
             })));
         }
         if let Some(child) = child {
@@ -1436,12 +1456,7 @@ impl Sequencer {
         let bytes = serde_json::to_vec(&payload).expect("a control payload serialises");
         self.node_chain.advance(&bytes);
         let log_index = self.next_index(entries);
-        if self.hooks.publish.is_some() {
-            self.observed.push(Committed::Control {
-                log_index,
-                payload: bytes.clone(),
-            });
-        }
+        let published = self.hooks.publish.is_some().then(|| bytes.clone());
         let envelope = self.node_key.sign_envelope(CONTROL_PAYLOAD_TYPE, bytes);
         self.registry.apply_control(&payload, log_index);
         if let Some(event) = payload.action.change_name() {
@@ -1462,7 +1477,24 @@ impl Sequencer {
             payload.ts.timestamp_micros(),
             None,
         ));
+        if let Some(payload) = published {
+            let entry = self.entry_of(entries);
+            self.observed.push(Committed::Control {
+                log_index,
+                payload,
+                entry,
+            });
+        }
         log_index
+    }
+
+    /// The entry just appended to `entries`, for the committed record, when the writer
+    /// publishes entries (`Hooks::publish_entries`).
+    fn entry_of(&self, entries: &[LogEntry]) -> Option<Box<custos_event::SignedEntry>> {
+        if !self.hooks.entries {
+            return None;
+        }
+        entries.last().map(crate::state::signed_entry)
     }
 
     fn enroll(

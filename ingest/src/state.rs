@@ -90,6 +90,7 @@ pub(crate) fn load(
     node_key: &AgentKey,
     feed: Option<&Fanout>,
     replay_from: u64,
+    with_entries: bool,
 ) -> Result<Loaded, NodeError> {
     let info = custos_store::StoreInfo::open(&config.data, true)?;
     let snapshot = match Snapshot::read(&config.data, &info.store_id, node_key) {
@@ -155,16 +156,27 @@ pub(crate) fn load(
                         .unwrap_or_default(),
                     payload,
                     signal: Signal::Accepted { gap: entry.gap },
+                    entry: with_entries.then(|| signed_entry(entry)),
                 })))
             }
             (None, FINDING_PAYLOAD_TYPE) => feed.send(Committed::Finding {
                 log_index: entry.log_index,
                 payload: entry.payload.clone(),
+                entry: with_entries.then(|| signed_entry(entry)),
             }),
             (None, ACTION_PAYLOAD_TYPE) => feed.send(Committed::Action {
                 log_index: entry.log_index,
                 payload: entry.payload.clone(),
+                entry: with_entries.then(|| signed_entry(entry)),
             }),
+            // Readers of entries (query nodes) need every entry the bridge never published.
+            (None, CONTROL_PAYLOAD_TYPE) if with_entries && entry.log_index >= replay_from => {
+                feed.send(Committed::Control {
+                    log_index: entry.log_index,
+                    payload: entry.payload.clone(),
+                    entry: Some(signed_entry(entry)),
+                })
+            }
             _ => {}
         }
     };
@@ -455,8 +467,18 @@ pub(crate) fn write_snapshot(
     fs_err::rename(&temporary, &path)
 }
 
+/// `entry` as the committed topic carries it for readers that rebuild rows.
+pub(crate) fn signed_entry(entry: &LogEntry) -> Box<custos_event::SignedEntry> {
+    Box::new(custos_event::SignedEntry {
+        keyid: entry.keyid.clone(),
+        sig: entry.sig.to_vec(),
+        payload: entry.payload.clone(),
+        ingest_ts_us: entry.ingest_ts_us,
+    })
+}
+
 /// Rebuilds state from one stored entry; returns an event's parsed payload.
-fn fold_entry(
+pub(crate) fn fold_entry(
     entry: &LogEntry,
     node_did: &str,
     registry: &mut Registry,

@@ -803,7 +803,7 @@ async fn verify_now(
             "a verification is already running; read GET /v1/integrity when it ends",
         ));
     };
-    let data = state.api.data().to_path_buf();
+    let data = state.api.store_dir().to_path_buf();
     let path = last_verify_path(state.api.as_ref());
     let by = format!("token:{} ({})", caller.token_id, caller.role.name());
     let outcome = tokio::task::spawn_blocking(move || {

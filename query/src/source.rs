@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  query routes ──▶ dyn Source ──┬─▶ the log writer (custos_ingest::Api, in the same process)
-//!                                └─▶ any other reader of one log that can take a snapshot
+//!                                └─▶ a query node's replica (custos_ingest::replica: sealed
+//!                                    segments from object storage, the tail from Kafka)
 //! ```
 //!
 //! The query crate knows nothing of the writer: the binary hands it a [`Source`] and the
@@ -27,6 +28,11 @@ pub trait Source: Send + Sync + 'static {
     /// The node's data directory: the access log and the last verification live there,
     /// and a partitioned store is found from it.
     fn data(&self) -> &Path;
+    /// The store on disk `POST /v1/integrity/verify` checks: the data directory itself
+    /// on a writer, the local copy of the sealed store on a query node.
+    fn store_dir(&self) -> &Path {
+        self.data()
+    }
     /// The sealed segments and the unsealed tail, at one instant.
     fn view(&self) -> Pending<'_, StoreView>;
     /// Every enrolled agent.

@@ -220,7 +220,7 @@ impl ResponderStage {
     /// Handles one committed record.
     pub fn committed(&mut self, record: Committed, submit: &dyn Submitter) {
         match record {
-            Committed::Finding { log_index, payload } => match serde_json::from_slice::<Finding>(&payload) {
+            Committed::Finding { log_index, payload, .. } => match serde_json::from_slice::<Finding>(&payload) {
                 Ok(finding) if self.replayed => {
                     let records = self.responder.on_finding(&finding, Utc::now());
                     self.carry_out(records, submit);
@@ -232,7 +232,7 @@ impl ResponderStage {
                 }
                 Err(error) => tracing::error!(%error, log_index, "the responder cannot read a finding payload"),
             },
-            Committed::Action { log_index, payload } => {
+            Committed::Action { log_index, payload, .. } => {
                 self.chains.follow(&payload);
                 if self.replayed {
                     // Our own record coming back (reported when its receipt came).

@@ -406,6 +406,7 @@ fn memory_in_this_process(agents: usize) -> anyhow::Result<serde_json::Value> {
                     ingest_ts: at,
                     payload,
                     signal: Signal::Accepted { gap: None },
+                    entry: None,
                 });
             }
             progress.inc(1);

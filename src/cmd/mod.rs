@@ -13,6 +13,7 @@ pub(crate) mod emit;
 pub(crate) mod evidence;
 pub(crate) mod fleet;
 pub(crate) mod proof;
+pub(crate) mod query_node;
 pub(crate) mod respond;
 pub(crate) mod serve;
 pub(crate) mod sim;

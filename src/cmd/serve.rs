@@ -19,6 +19,9 @@ pub(crate) struct Cluster {
     pub(crate) writer: bool,
     /// Whether this process runs a stateless ingest node (when it is not the writer).
     pub(crate) ingest: bool,
+    /// Whether this process runs a stateless query node (when it is not the writer): the
+    /// sealed store from `--object-store`, the tail from the committed topic.
+    pub(crate) query: bool,
     /// How long an ingest node waits for the writer's answer.
     pub(crate) writer_timeout: std::time::Duration,
     /// One log per partition (`--log-per-partition`): the writer process writes the logs
@@ -64,6 +67,8 @@ impl Bridges {
         // needs replaying to the bridge (findings and actions always come, and are skipped
         // below `from`).
         hooks.replay_from = from;
+        // Query nodes rebuild the unsealed tail's rows from the committed topic.
+        hooks.publish_entries = true;
         let mut committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
         let mut publisher =
             custos_stage::kafka::KafkaPublisher::new(kafka, partition).context("connecting to Kafka")?;
@@ -136,7 +141,7 @@ fn publish_control(
             Ok(None) => continue,
             Err(_) => return,
         };
-        let custos_stage::Committed::Control { log_index, payload } = record else {
+        let custos_stage::Committed::Control { log_index, payload, .. } = record else {
             continue;
         };
         if log_index < from {
@@ -419,18 +424,33 @@ async fn run_without_store(
     archive: Option<String>,
 ) -> anyhow::Result<()> {
     let writers = cluster.writer && cluster.log_per_partition;
-    if pipeline.is_none() && !cluster.ingest && !writers {
-        anyhow::bail!("--roles names no role this process can run (writer, ingest, detector or responder)");
+    if pipeline.is_none() && !cluster.ingest && !cluster.query && !writers {
+        anyhow::bail!("--roles names no role this process can run (writer, ingest, query, detector or responder)");
     }
+    let query = match (cluster.query, &archive) {
+        (false, _) => None,
+        (true, None) => anyhow::bail!(
+            "--roles query reads the sealed store from object storage: give --object-store URL \
+             (where the writers copy it with the same flag)"
+        ),
+        (true, Some(_)) if writers => anyhow::bail!(
+            "--roles query with --log-per-partition is not supported yet: a query node reads one log; \
+             query each partition's writer"
+        ),
+        (true, Some(url)) => Some(
+            super::query_node::QueryNode::start(config.data.clone(), url, &cluster.kafka, config.chain_window).await?,
+        ),
+    };
     let data = config.data.clone();
     let partitions = match writers {
-        true => Some(PartitionWriters::start(config.clone(), limits, cluster.clone()).await?),
+        true => Some(PartitionWriters::start(config.clone(), limits.clone(), cluster.clone()).await?),
         false => None,
     };
-    let archiver = match (writers, archive) {
+    let archiver = match (writers, archive.filter(|_| query.is_none())) {
         (true, Some(url)) => Some(Archiver::start(&url, data.clone())?),
         _ => None,
     };
+    let config_for_query = config.clone();
     let edge = match cluster.ingest || writers {
         true => {
             let mut config = config;
@@ -438,9 +458,20 @@ async fn run_without_store(
                 // The partition stores are under DATA; this node's token table beside them.
                 config.data = config.data.join("edge");
             }
-            Some(Edge::start(config, cluster).await?)
+            let extra = query.as_ref().map(|node| node.routes(limits.clone())).transpose()?;
+            Some(Edge::start(config, cluster, extra).await?)
         }
         false => None,
+    };
+    let (query_stop, query_stop_wait) = tokio::sync::oneshot::channel::<()>();
+    let query_server = match (&query, &edge) {
+        (Some(node), None) => Some(
+            node.serve(&config_for_query, limits.clone(), async move {
+                let _ = query_stop_wait.await;
+            })
+            .await?,
+        ),
+        _ => None,
     };
     let stages = match pipeline {
         Some(config) => {
@@ -461,6 +492,13 @@ async fn run_without_store(
     if let Some(edge) = edge {
         eprintln!("stopping: the ingest node answers what it holds");
         edge.stop().await;
+    }
+    let _ = query_stop.send(());
+    if let Some(server) = query_server {
+        let _ = server.await;
+    }
+    if let Some(node) = query {
+        node.stop().await;
     }
     if let Some(partitions) = partitions {
         eprintln!("stopping: sealing and checkpointing each partition's log");
@@ -633,7 +671,11 @@ struct Edge {
 }
 
 impl Edge {
-    async fn start(config: custos_ingest::NodeConfig, cluster: &Cluster) -> anyhow::Result<Self> {
+    async fn start(
+        config: custos_ingest::NodeConfig,
+        cluster: &Cluster,
+        extra: Option<custos_ingest::edge::ExtraRoutes>,
+    ) -> anyhow::Result<Self> {
         let kafka = &cluster.kafka;
         let data = config.data.clone();
         let view = Arc::new(custos_ingest::edge::ControlView::new());
@@ -650,7 +692,8 @@ impl Edge {
                 .await?
                 .context("connecting to Kafka")?
         };
-        let node = custos_ingest::edge::start_edge(config, Arc::new(submitter), view, cluster.writer_timeout).await?;
+        let node =
+            custos_ingest::edge::start_edge(config, Arc::new(submitter), view, cluster.writer_timeout, extra).await?;
         if let Some(token) = &node.admin_token {
             eprintln!(
                 "\nAdmin token of this ingest node (shown once; also saved owner-only in {}):\n\n  {}\n",

@@ -286,6 +286,7 @@ impl Admission {
                 ingest_ts: verified.payload.ts,
                 payload: verified.payload,
                 signal,
+                entry: None,
             });
         Ok(Admitted { ts, observation })
     }

@@ -259,11 +259,24 @@ pub enum Committed {
     /// `None` and `signal` names the reason).
     Event(Box<Observation>),
     /// A finding entry.
-    Finding { log_index: u64, payload: Vec<u8> },
+    Finding {
+        log_index: u64,
+        payload: Vec<u8>,
+        /// The entry as signed, when the writer publishes entries (query nodes).
+        entry: Option<Box<custos_event::SignedEntry>>,
+    },
     /// A responder action record.
-    Action { log_index: u64, payload: Vec<u8> },
+    Action {
+        log_index: u64,
+        payload: Vec<u8>,
+        entry: Option<Box<custos_event::SignedEntry>>,
+    },
     /// A control entry (node-signed: enrollment, revocation, quarantine, ...).
-    Control { log_index: u64, payload: Vec<u8> },
+    Control {
+        log_index: u64,
+        payload: Vec<u8>,
+        entry: Option<Box<custos_event::SignedEntry>>,
+    },
     /// Start-up replay of the log has reached `next_index`; live records follow.
     Replayed { next_index: u64 },
 }

@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use custos_event::{ACTION_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, Observation};
+use custos_event::{ACTION_PAYLOAD_TYPE, Envelope, FINDING_PAYLOAD_TYPE, Observation, SignedEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::{Appended, Committed, ControlOp, EventBatch, EventItem, ItemCheck, Refused, Submission};
@@ -102,14 +102,20 @@ pub enum WireCommitted {
     Finding {
         log_index: u64,
         payload: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<Box<SignedEntry>>,
     },
     Action {
         log_index: u64,
         payload: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<Box<SignedEntry>>,
     },
     Control {
         log_index: u64,
         payload: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<Box<SignedEntry>>,
     },
     Replayed {
         next_index: u64,
@@ -236,17 +242,32 @@ pub fn encode_committed(record: &Committed) -> Result<Vec<u8>, String> {
         Committed::Event(observation) => WireCommitted::Event {
             observation: observation.clone(),
         },
-        Committed::Finding { log_index, payload } => WireCommitted::Finding {
+        Committed::Finding {
+            log_index,
+            payload,
+            entry,
+        } => WireCommitted::Finding {
             log_index: *log_index,
             payload: STANDARD.encode(payload),
+            entry: entry.clone(),
         },
-        Committed::Action { log_index, payload } => WireCommitted::Action {
+        Committed::Action {
+            log_index,
+            payload,
+            entry,
+        } => WireCommitted::Action {
             log_index: *log_index,
             payload: STANDARD.encode(payload),
+            entry: entry.clone(),
         },
-        Committed::Control { log_index, payload } => WireCommitted::Control {
+        Committed::Control {
+            log_index,
+            payload,
+            entry,
+        } => WireCommitted::Control {
             log_index: *log_index,
             payload: STANDARD.encode(payload),
+            entry: entry.clone(),
         },
         Committed::Replayed { next_index } => WireCommitted::Replayed {
             next_index: *next_index,
@@ -288,17 +309,32 @@ pub fn decode_committed(bytes: &[u8]) -> Result<Vec<Committed>, String> {
                 .collect());
         }
         WireCommitted::Event { observation } => Committed::Event(observation),
-        WireCommitted::Finding { log_index, payload } => Committed::Finding {
+        WireCommitted::Finding {
+            log_index,
+            payload,
+            entry,
+        } => Committed::Finding {
             log_index,
             payload: self::bytes(&payload)?,
+            entry,
         },
-        WireCommitted::Action { log_index, payload } => Committed::Action {
+        WireCommitted::Action {
+            log_index,
+            payload,
+            entry,
+        } => Committed::Action {
             log_index,
             payload: self::bytes(&payload)?,
+            entry,
         },
-        WireCommitted::Control { log_index, payload } => Committed::Control {
+        WireCommitted::Control {
+            log_index,
+            payload,
+            entry,
+        } => Committed::Control {
             log_index,
             payload: self::bytes(&payload)?,
+            entry,
         },
         WireCommitted::Replayed { next_index } => Committed::Replayed { next_index },
     }])

@@ -179,6 +179,48 @@ impl Archive {
         Ok(count)
     }
 
+    /// Brings `dir` up to date with the copy (for a query node): segment files once (they
+    /// never change), other files whenever their size changed; segments before the
+    /// manifests that list them. Each file is replaced whole (written aside, then
+    /// renamed), so a reader never sees a torn one. Answers how many files it wrote.
+    pub fn refresh(&self, dir: &Path) -> Result<usize, StoreError> {
+        use futures::TryStreamExt as _;
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        let mut objects: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(async { store.list(Some(&prefix)).try_collect().await })?;
+        let sealed = |name: &str| name.ends_with(".parquet") || name.ends_with(".parquet.seqs");
+        objects.sort_by_key(|object| !sealed(object.location.as_ref()));
+        let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
+        let mut written = 0;
+        for object in &objects {
+            let relative: PathBuf = object.location.as_ref().split('/').skip(skip).collect();
+            let target = dir.join(relative);
+            let here = fs_err::metadata(&target).ok().map(|metadata| metadata.len());
+            if here == Some(object.size) {
+                continue;
+            }
+            if here.is_some() && sealed(object.location.as_ref()) {
+                return Err(StoreError::Tamper(format!(
+                    "`{}` changed size in the object store; sealed files never change",
+                    object.location
+                )));
+            }
+            if let Some(parent) = target.parent() {
+                fs_err::create_dir_all(parent)?;
+            }
+            let store = self.store.clone();
+            let location = object.location.clone();
+            let bytes = self
+                .runtime
+                .block_on(async move { store.get(&location).await?.bytes().await })?;
+            crate::write_atomic(&target, &bytes)?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
     /// Downloads everything under the prefix into `dir` (for `custos verify <url>`).
     pub fn download(&self, dir: &Path) -> Result<usize, StoreError> {
         use futures::TryStreamExt as _;

@@ -14,6 +14,7 @@ mod lastid;
 mod metrics;
 mod openapi;
 mod query;
+mod query_node;
 mod respond;
 mod sdk;
 mod stages;

@@ -50,6 +50,7 @@ impl Feed {
             ingest_ts: at,
             payload,
             signal: Signal::Accepted { gap: None },
+            entry: None,
         })
     }
 
@@ -66,6 +67,7 @@ impl Feed {
             ingest_ts: at,
             payload,
             signal,
+            entry: None,
         })
     }
 }

@@ -20,6 +20,7 @@ fn event(agent: &str, seq: u64, kind: Kind, index: u64, fill: impl FnOnce(&mut P
         ingest_ts: Utc::now(),
         payload,
         signal: Signal::Accepted { gap: None },
+        entry: None,
     }))
 }
 

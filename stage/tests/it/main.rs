@@ -21,7 +21,18 @@ fn observation() -> Observation {
         ingest_ts: Utc::now(),
         payload,
         signal: Signal::Accepted { gap: Some((1, 2)) },
+        entry: None,
     }
+}
+
+/// An entry as signed: the signature and payload are bytes (base64 on the wire).
+fn signed(payload: Vec<u8>) -> Box<custos_event::SignedEntry> {
+    Box::new(custos_event::SignedEntry {
+        keyid: "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK".into(),
+        sig: (0..64).collect(),
+        payload,
+        ingest_ts_us: 1_796_000_000_123_456,
+    })
 }
 
 #[test]
@@ -31,14 +42,17 @@ fn every_committed_record_round_trips_through_its_wire_form() {
         Committed::Finding {
             log_index: 10,
             payload: b"{\"agent\":\"did:key:a\",\"seq\":0}".to_vec(),
+            entry: None,
         },
         Committed::Action {
             log_index: 11,
             payload: vec![0, 255, 10],
+            entry: Some(signed(vec![0, 255, 10])),
         },
         Committed::Control {
             log_index: 12,
             payload: b"{}".to_vec(),
+            entry: Some(signed(b"{}".to_vec())),
         },
         Committed::Replayed { next_index: 13 },
     ];
@@ -49,6 +63,7 @@ fn every_committed_record_round_trips_through_its_wire_form() {
     // A run of one agent's events is one record and comes back in order.
     let mut second = observation();
     second.log_index = second.log_index.map(|index| index + 1);
+    second.entry = Some(signed(b"{\"seq\":4}".to_vec()));
     let run = [observation(), second];
     let bytes = wire::encode_events(&run).unwrap();
     let decoded = wire::decode_committed(&bytes).unwrap();
@@ -61,7 +76,8 @@ fn every_committed_record_round_trips_through_its_wire_form() {
     assert_eq!(
         wire::committed_key(&Committed::Finding {
             log_index: 0,
-            payload: b"{\"agent\":\"did:key:a\"}".to_vec()
+            payload: b"{\"agent\":\"did:key:a\"}".to_vec(),
+            entry: None,
         }),
         "did:key:a"
     );
@@ -172,6 +188,7 @@ fn the_fanout_filters_and_a_bounded_subscriber_holds_the_writer_back() {
         sender.send(Committed::Finding {
             log_index: 1,
             payload: b"{}".to_vec(),
+            entry: None,
         })
     });
     std::thread::sleep(Duration::from_millis(100));

@@ -1,0 +1,383 @@
+//! A read-only copy of one log, for a stateless query node (`--roles query`).
+//!
+//! ```text
+//!  object store ──Archive::refresh──▶ DATA/replica/ (a store without WAL: sealed segments,
+//!        │                              manifest, checkpoints; disposable)
+//!        ▼
+//!  Replica::refresh_sealed: new segments ─▶ registry fold (entries not folded from the tail)
+//!                                         ─▶ tail entries below the sealed end dropped
+//!  committed topic (every partition, from its start) ─▶ Replica::apply
+//!        └─▶ entries as signed (the writer publishes them) ─▶ tail, by log index ─▶ fold
+//!
+//!  view(): the sealed segments + the tail's unbroken run after them
+//! ```
+//!
+//! The view is always a prefix of the log: an entry that has not arrived yet (the topic's
+//! partitions are read independently) hides the entries after it until it does, so a
+//! cursor (`after=`) never skips an entry that comes late. Nothing here writes to the
+//! log; the node holds no key, and its state is rebuilt from the object store and the
+//! topic at every start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use custos_event::agent::AgentRecord;
+use custos_event::{
+    ACTION_PAYLOAD_TYPE, CONTROL_PAYLOAD_TYPE, ChainState, EVENT_PAYLOAD_TYPE, FINDING_PAYLOAD_TYPE, Signal,
+    SignedEntry,
+};
+use custos_stage::Committed;
+use custos_store::log::{CheckpointLine, SegmentInfo, read_ndjson};
+use custos_store::{CheckpointView, LogEntry, LogPaths, StoreError, StoreView};
+
+use crate::registry::Registry;
+
+/// One log as a query node sees it.
+pub struct Replica {
+    /// The local copy of the sealed store.
+    store: PathBuf,
+    paths: LogPaths,
+    registry: Registry,
+    node_chain: ChainState,
+    /// The key that signs control entries: the first control entry's signer.
+    node_did: Option<String>,
+    segments: Vec<SegmentInfo>,
+    sealed_end: u64,
+    tail: BTreeMap<u64, LogEntry>,
+    /// Tail entries already folded into the registry.
+    folded: BTreeSet<u64>,
+    /// Committed records without their entry (a writer that does not publish them).
+    bare: u64,
+}
+
+impl Replica {
+    /// A replica of the store copied into `store` (the default log).
+    pub fn new(store: PathBuf, chain_window: usize) -> Self {
+        let paths = LogPaths::new(&store, custos_store::DEFAULT_LOG_ID);
+        Self {
+            store,
+            paths,
+            registry: Registry::new(chain_window),
+            node_chain: ChainState::default(),
+            node_did: None,
+            segments: Vec::new(),
+            sealed_end: 0,
+            tail: BTreeMap::new(),
+            folded: BTreeSet::new(),
+            bare: 0,
+        }
+    }
+
+    /// The local copy.
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    /// Takes in the segments the local copy's manifest lists beyond those already taken
+    /// (only lines whose files are all here: a manifest may arrive before a segment).
+    /// Answers how many were new.
+    pub fn refresh_sealed(&mut self) -> Result<usize, StoreError> {
+        let lines: Vec<SegmentInfo> = match self.paths.manifest.exists() {
+            true => read_ndjson(&self.paths.manifest)?,
+            false => return Ok(0),
+        };
+        let mut taken = 0;
+        for line in lines.into_iter().skip(self.segments.len()) {
+            let file = self.paths.segment_dir.join(&line.file);
+            if !file.exists() {
+                break;
+            }
+            if line.first_index != self.sealed_end {
+                return Err(StoreError::Tamper(format!(
+                    "segment `{}` starts at log index {}, but the segments before it end at {}",
+                    line.file, line.first_index, self.sealed_end
+                )));
+            }
+            let entries = custos_store::segment::read_types(&file, &[CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE])
+                .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", line.file)))?;
+            for entry in &entries {
+                if !self.folded.contains(&entry.log_index) {
+                    self.fold(entry);
+                }
+            }
+            self.sealed_end = line.end_index;
+            self.segments.push(line);
+            taken += 1;
+        }
+        if taken > 0 {
+            let sealed_end = self.sealed_end;
+            self.tail = self.tail.split_off(&sealed_end);
+            self.folded = self.folded.split_off(&sealed_end);
+            self.registry.sealed_end = sealed_end;
+            self.registry.prune(sealed_end);
+        }
+        Ok(taken)
+    }
+
+    /// Takes one committed record: its entry joins the tail (once: a record read again
+    /// after a rebalance or a writer's replay changes nothing).
+    pub fn apply(&mut self, record: &Committed) {
+        let (log_index, payload_type, entry, gap) = match record {
+            Committed::Event(observation) => {
+                let Some(log_index) = observation.log_index else {
+                    return;
+                };
+                let gap = match &observation.signal {
+                    Signal::Accepted { gap } => *gap,
+                    Signal::Rejected { .. } => return,
+                };
+                (log_index, EVENT_PAYLOAD_TYPE, observation.entry.as_deref(), gap)
+            }
+            Committed::Finding { log_index, entry, .. } => (*log_index, FINDING_PAYLOAD_TYPE, entry.as_deref(), None),
+            Committed::Action { log_index, entry, .. } => (*log_index, ACTION_PAYLOAD_TYPE, entry.as_deref(), None),
+            Committed::Control { log_index, entry, .. } => (*log_index, CONTROL_PAYLOAD_TYPE, entry.as_deref(), None),
+            Committed::Replayed { .. } => return,
+        };
+        let Some(entry) = entry else {
+            self.bare += 1;
+            if self.bare == 1 {
+                tracing::warn!(
+                    log_index,
+                    "a committed record without its entry: the writer does not publish entries (it needs --kafka); \
+                     this node shows such entries once their segment is sealed"
+                );
+            }
+            return;
+        };
+        if log_index < self.sealed_end || self.tail.contains_key(&log_index) {
+            return;
+        }
+        let Some(entry) = log_entry(entry, log_index, payload_type, gap) else {
+            tracing::warn!(log_index, "a committed entry whose signature is not 64 bytes; skipped");
+            return;
+        };
+        self.fold(&entry);
+        self.folded.insert(log_index);
+        self.tail.insert(log_index, entry);
+    }
+
+    fn fold(&mut self, entry: &LogEntry) {
+        if entry.payload_type == CONTROL_PAYLOAD_TYPE && self.node_did.is_none() {
+            self.node_did = Some(entry.keyid.clone());
+        }
+        let node_did = self.node_did.clone().unwrap_or_default();
+        crate::state::fold_entry(entry, &node_did, &mut self.registry, &mut self.node_chain);
+    }
+
+    /// The sealed segments and the tail's unbroken run after them.
+    pub fn view(&self) -> StoreView {
+        let mut next = self.sealed_end;
+        let mut run = Vec::new();
+        for (index, entry) in self.tail.range(self.sealed_end..) {
+            if *index != next {
+                break;
+            }
+            run.push(entry.clone());
+            next += 1;
+        }
+        StoreView {
+            segment_dir: self.paths.segment_dir.clone(),
+            segments: self.segments.clone(),
+            tail: vec![Arc::from(run)],
+            size: next,
+            checkpoints: self.paths.checkpoints.clone(),
+        }
+    }
+
+    /// Entries waiting for one before them (not in the view yet).
+    pub fn waiting(&self) -> usize {
+        let visible = self.view_end();
+        self.tail.range(visible..).count()
+    }
+
+    fn view_end(&self) -> u64 {
+        let mut next = self.sealed_end;
+        for index in self.tail.range(self.sealed_end..).map(|(index, _)| *index) {
+            if index != next {
+                break;
+            }
+            next += 1;
+        }
+        next
+    }
+
+    /// Every agent the log enrolled, as folded so far.
+    pub fn agents(&self) -> Vec<AgentRecord> {
+        self.registry.agents.values().cloned().collect()
+    }
+
+    /// The latest checkpoint in the copy (it covers sealed entries only).
+    pub fn checkpoint(&self) -> Result<Option<CheckpointView>, StoreError> {
+        if !self.paths.checkpoints.exists() {
+            return Ok(None);
+        }
+        let Some(line) = read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?.pop() else {
+            return Ok(None);
+        };
+        let body = line.note.split("\n\n").next().unwrap_or_default();
+        let checkpoint = custos_store::checkpoint::Checkpoint::parse_body(&format!("{body}\n"))
+            .map_err(|error| StoreError::Tamper(format!("the latest checkpoint: {error}")))?;
+        let verifier_key = fs_err::read_to_string(&self.paths.public_key)
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_default();
+        Ok(Some(CheckpointView {
+            log_id: self.paths.log_id.clone(),
+            origin: checkpoint.origin,
+            size: checkpoint.size,
+            root: hex::encode(checkpoint.root),
+            note: line.note,
+            verifier_key,
+            node_did: self.node_did.clone().unwrap_or_default(),
+            cosigned_by: 0,
+        }))
+    }
+}
+
+/// A committed entry as the log's row.
+fn log_entry(entry: &SignedEntry, log_index: u64, payload_type: &str, gap: Option<(u64, u64)>) -> Option<LogEntry> {
+    Some(LogEntry {
+        log_index,
+        ingest_ts_us: entry.ingest_ts_us,
+        payload_type: payload_type.to_owned(),
+        keyid: entry.keyid.clone(),
+        sig: entry.sig.as_slice().try_into().ok()?,
+        payload_blake3: *blake3::hash(&entry.payload).as_bytes(),
+        payload: entry.payload.clone(),
+        gap,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custos_event::{AgentKey, Observation, Payload};
+
+    /// A committed event at `log_index`, signed by `key`, with its entry.
+    fn event(key: &AgentKey, log_index: u64, seq: u64) -> Committed {
+        let prev = (seq > 0).then(|| "ab".repeat(32));
+        let payload_json = serde_json::json!({
+            "agent": key.did(), "seq": seq, "prev": prev, "ts": "2026-12-04T10:00:00Z", "realm": "eng",
+            "kind": "tool_call", "action": "search"
+        });
+        let bytes = serde_json::to_vec(&payload_json).unwrap();
+        let envelope = key.sign_envelope(EVENT_PAYLOAD_TYPE, bytes.clone());
+        Committed::Event(Box::new(Observation {
+            log_index: Some(log_index),
+            ingest_ts: chrono::Utc::now(),
+            payload: Payload::parse(&bytes).unwrap(),
+            signal: Signal::Accepted { gap: None },
+            entry: Some(Box::new(SignedEntry {
+                keyid: envelope.keyid.clone(),
+                sig: envelope.sig.to_vec(),
+                payload: bytes,
+                ingest_ts_us: 1_796_000_000_000_000 + log_index as i64,
+            })),
+        }))
+    }
+
+    fn indexes(replica: &Replica) -> Vec<u64> {
+        replica
+            .view()
+            .tail
+            .iter()
+            .flat_map(|chunk| chunk.iter().map(|entry| entry.log_index))
+            .collect()
+    }
+
+    #[test]
+    fn the_view_is_a_prefix_of_the_log_whatever_order_entries_arrive_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::new(dir.path().to_owned(), 8);
+        let key = AgentKey::from_seed(&[7; 32]);
+        // 1 and 2 arrive before 0 (another partition of the topic is behind).
+        replica.apply(&event(&key, 1, 1));
+        replica.apply(&event(&key, 2, 2));
+        assert!(indexes(&replica).is_empty(), "nothing after a missing entry shows");
+        assert_eq!(replica.view().size, 0);
+        assert_eq!(replica.waiting(), 2);
+        replica.apply(&event(&key, 0, 0));
+        assert_eq!(indexes(&replica), [0, 1, 2]);
+        assert_eq!(replica.view().size, 3);
+        // Read again (a rebalance, a writer's replay): nothing changes.
+        replica.apply(&event(&key, 1, 1));
+        assert_eq!(indexes(&replica), [0, 1, 2]);
+    }
+
+    #[test]
+    fn rows_are_rebuilt_byte_for_byte_and_bad_or_bare_records_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::new(dir.path().to_owned(), 8);
+        let key = AgentKey::from_seed(&[8; 32]);
+        let record = event(&key, 0, 0);
+        replica.apply(&record);
+        let Committed::Event(observation) = &record else {
+            unreachable!()
+        };
+        let signed = observation.entry.as_ref().unwrap();
+        let row = replica.view().tail[0][0].clone();
+        assert_eq!(row.payload, signed.payload);
+        assert_eq!(row.sig.to_vec(), signed.sig);
+        assert_eq!(row.keyid, key.did());
+        assert_eq!(row.payload_blake3, *blake3::hash(&signed.payload).as_bytes());
+        assert_eq!(row.ingest_ts_us, signed.ingest_ts_us);
+        assert_eq!(row.payload_type, EVENT_PAYLOAD_TYPE);
+        // A signature of the wrong length, a record without its entry, a refused event:
+        // none becomes a row.
+        let mut short = event(&key, 1, 1);
+        if let Committed::Event(observation) = &mut short {
+            observation.entry.as_mut().unwrap().sig.truncate(10);
+        }
+        replica.apply(&short);
+        let mut bare = event(&key, 1, 1);
+        if let Committed::Event(observation) = &mut bare {
+            observation.entry = None;
+        }
+        replica.apply(&bare);
+        let mut refused = event(&key, 1, 1);
+        if let Committed::Event(observation) = &mut refused {
+            observation.log_index = None;
+            observation.signal = Signal::Rejected {
+                reason: "replay".into(),
+            };
+        }
+        replica.apply(&refused);
+        assert_eq!(indexes(&replica), [0]);
+        // The right one still lands.
+        replica.apply(&event(&key, 1, 1));
+        assert_eq!(indexes(&replica), [0, 1]);
+    }
+
+    #[test]
+    fn control_entries_fold_into_the_agents_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::new(dir.path().to_owned(), 8);
+        let node = AgentKey::from_seed(&[9; 32]);
+        let agent = AgentKey::from_seed(&[10; 32]);
+        let control = |action: &str, seq: u64| {
+            let payload = serde_json::to_vec(&serde_json::json!({
+                "kind": "control", "action": action, "seq": seq, "prev": null,
+                "ts": "2026-12-04T10:00:00Z", "agent": agent.did(), "realm": "eng", "by": "token:t"
+            }))
+            .unwrap();
+            let envelope = node.sign_envelope(CONTROL_PAYLOAD_TYPE, payload.clone());
+            Committed::Control {
+                log_index: seq,
+                payload: payload.clone(),
+                entry: Some(Box::new(SignedEntry {
+                    keyid: envelope.keyid,
+                    sig: envelope.sig.to_vec(),
+                    payload,
+                    ingest_ts_us: 0,
+                })),
+            }
+        };
+        replica.apply(&control("enroll", 0));
+        assert_eq!(replica.agents()[0].status, custos_event::agent::AgentStatus::Active);
+        replica.apply(&control("revoke", 1));
+        let agents = replica.agents();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].status, custos_event::agent::AgentStatus::Revoked);
+        assert_eq!(agents[0].realm, "eng");
+    }
+}

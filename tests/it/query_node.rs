@@ -1,0 +1,208 @@
+//! A stateless query node (`--roles query`) against a real writer and a real tansu
+//! broker: the sealed store comes from the object store the writer copies it to, the
+//! unsealed tail from the committed topic. Its answers are the writer's, row for row
+//! (every column, signatures and payload bytes included), scoped by its own tokens; it
+//! follows new events and revocations; killed with SIGKILL and started on an empty
+//! directory, it rebuilds the same answers.
+
+use std::time::{Duration, Instant};
+
+use custos_event::{AgentKey, Signer};
+use serde_json::{Value, json};
+
+use crate::hardening::signed_lines;
+use crate::respond::{enroll, get, wait_for};
+use crate::stages::Broker;
+use crate::support::{Server, post};
+
+const PREFIX: &str = "query-node-test";
+
+/// SQL rows as JSON; `None` on any answer but 200 (the node may not be ready yet).
+fn rows(url: &str, token: &str, sql: &str) -> Option<Vec<Value>> {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/sql"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(json!({ "sql": sql }).to_string())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .ok()?;
+    (response.status().as_u16() == 200).then(|| response.json().ok())?
+}
+
+fn query_node(data: &std::path::Path, brokers: &str, archive: &str) -> Server {
+    Server::start_with(
+        data,
+        &[
+            "--kafka",
+            brokers,
+            "--kafka-prefix",
+            PREFIX,
+            "--roles",
+            "query",
+            "--object-store",
+            archive,
+        ],
+    )
+}
+
+const ALL_EVENTS: &str = "SELECT * FROM events ORDER BY log_index";
+const ALL_AGENTS: &str = "SELECT did, realm, status, events, last_seq, last_log_index FROM agents ORDER BY did";
+
+/// Waits until the query node answers `sql` exactly as the writer does.
+fn same_answer(writer: (&str, &str), node: (&str, &str), sql: &str) -> Vec<Value> {
+    let expected = rows(writer.0, writer.1, sql).expect("the writer answers");
+    let started = Instant::now();
+    loop {
+        let answer = rows(node.0, node.1, sql);
+        if answer.as_ref() == Some(&expected) {
+            return expected;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the query node never gave the writer's answer to `{sql}`: {} rows there, {} on the writer",
+            answer.map_or(0, |rows| rows.len()),
+            expected.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            PREFIX,
+            "--roles",
+            "writer",
+            "--object-store",
+            &archive,
+        ],
+    );
+    let token = writer.token();
+    let url = writer.url.clone();
+    // Two realms; enough events for sealed segments (500 entries each) and a tail.
+    let mut signers: Vec<Signer> = (0..4u8)
+        .map(|n| {
+            let realm = if n % 2 == 0 { "eng" } else { "ops" };
+            let key = AgentKey::from_seed(&[140 + n; 32]);
+            enroll(&url, &token, key.did(), realm);
+            Signer::new(key, realm)
+        })
+        .collect();
+    for _ in 0..3 {
+        for signer in &mut signers {
+            let (status, answer) = post(&url, "/v1/events", None, signed_lines(signer, 110)).unwrap();
+            assert_eq!(status, 200, "{answer}");
+        }
+    }
+    let sealed = dir.path().join("archive/logs/0/segments.ndjson");
+    wait_for("the writer to copy sealed segments to the object store", || {
+        std::fs::read_to_string(&sealed).is_ok_and(|text| text.lines().count() >= 2)
+    });
+
+    let node_dir = dir.path().join("query");
+    let node = query_node(&node_dir, &broker.addr, &archive);
+    let node_token = node.token();
+    wait_for("the query node to be ready", || {
+        reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
+    });
+    let events = same_answer((&url, &token), (&node.url, &node_token), ALL_EVENTS);
+    assert!(events.len() > 1_300, "{} rows", events.len());
+    same_answer((&url, &token), (&node.url, &node_token), ALL_AGENTS);
+
+    // Realm scoping holds on the query node with its own realm-scoped token.
+    let (status, created) = post(
+        &node.url,
+        "/v1/tokens",
+        Some(&node_token),
+        json!({"role": "analyst", "realms": ["eng"]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let analyst = created["token"].as_str().unwrap().to_owned();
+    let scoped = rows(&node.url, &analyst, "SELECT DISTINCT realm FROM events").unwrap();
+    assert_eq!(scoped, vec![json!({"realm": "eng"})]);
+    let count = |url: &str, token: &str, sql: &str| rows(url, token, sql).unwrap()[0]["n"].clone();
+    assert_eq!(
+        count(&node.url, &analyst, "SELECT count(*) AS n FROM events"),
+        count(&url, &token, "SELECT count(*) AS n FROM events WHERE realm = 'eng'")
+    );
+    let (status, _) = get(&node.url, "/v1/events?realm=ops", &analyst);
+    assert!(status == 403 || status == 200, "{status}");
+    if status == 200 {
+        assert!(
+            get(&node.url, "/v1/events?realm=ops", &analyst).1["events"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    // New events and a revocation reach the query node through the topic.
+    let started = Instant::now();
+    let (status, answer) = post(&url, "/v1/events", None, signed_lines(&mut signers[0], 1)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let index = answer[0]["log_index"].as_u64().unwrap();
+    wait_for("the new event on the query node", || {
+        rows(
+            &node.url,
+            &node_token,
+            &format!("SELECT log_index FROM events WHERE log_index = {index}"),
+        )
+        .is_some_and(|rows| rows.len() == 1)
+    });
+    eprintln!(
+        "freshness: visible on the query node {:?} after the writer's answer",
+        started.elapsed()
+    );
+    let revoked = signers[1].did().to_owned();
+    let (status, answer) = post(
+        &url,
+        &format!("/v1/agents/{revoked}/revoke"),
+        Some(&token),
+        json!({"reason": "test"}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    wait_for("the revocation on the query node", || {
+        rows(
+            &node.url,
+            &node_token,
+            &format!("SELECT status FROM agents WHERE did = '{revoked}'"),
+        )
+        .is_some_and(|rows| rows == vec![json!({"status": "revoked"})])
+    });
+
+    // Evidence bundles are signed by the writer's node key: the query node says so.
+    let (status, answer) = post(
+        &node.url,
+        "/v1/evidence",
+        Some(&node_token),
+        json!({"realm": "eng", "agent": null, "from": "2020-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 501, "{answer}");
+    assert_eq!(answer["error"], "writer_only");
+
+    // Stateless: SIGKILL it, throw its copy away, start it again: the same answers.
+    node.kill();
+    std::fs::remove_dir_all(node_dir.join("replica")).unwrap();
+    let node = query_node(&node_dir, &broker.addr, &archive);
+    same_answer((&url, &token), (&node.url, &node_token), ALL_EVENTS);
+    same_answer((&url, &token), (&node.url, &node_token), ALL_AGENTS);
+    let log = node.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    writer.stop();
+    drop(broker);
+}
