@@ -1,8 +1,9 @@
-"""Runs the `stages`, `writer` and `ingest` command lines of deploy/compose.yaml against a
-local tansu broker: the same arguments, with the broker address, data directories and
-listen addresses replaced by local ones. The writer must become ready (/readyz 200)
-trusting the keys the stage process printed, the ingest node ready once it has read the
-control topic, and all must stop cleanly on SIGTERM."""
+"""Runs the `stages`, `writer`, `ingest` and `query` command lines of deploy/compose.yaml
+against a local tansu broker: the same arguments, with the broker address, data
+directories, the shared archive volume and listen addresses replaced by local ones. The
+writer must become ready (/readyz 200) trusting the keys the stage process printed, the
+ingest node ready once it has read the control topic, the query node ready once it has
+read the archive and the committed topic, and all must stop cleanly on SIGTERM."""
 
 import os
 import re
@@ -52,6 +53,7 @@ def main():
                 args = compose["services"][service]["command"]
                 out = []
                 for arg in args:
+                    arg = arg.replace("/var/lib/custos-archive", os.path.join(tmp, "archive"))
                     arg = arg.replace("kafka:9092", broker).replace("/var/lib/custos", data)
                     out.append(arg.replace("0.0.0.0:7600", listen))
                 return out
@@ -87,12 +89,17 @@ def main():
             print("compose-commands: custos " + " ".join(ingest_args), file=sys.stderr)
             ingest = subprocess.Popen([binary] + ingest_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait("the ingest node's /readyz", lambda: ready(ingest_listen))
-            for name, process in (("ingest", ingest), ("writer", writer), ("stages", stages)):
+            query_listen = f"127.0.0.1:{free_port()}"
+            query_args = local("query", os.path.join(tmp, "query"), query_listen)
+            print("compose-commands: custos " + " ".join(query_args), file=sys.stderr)
+            query = subprocess.Popen([binary] + query_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait("the query node's /readyz", lambda: ready(query_listen))
+            for name, process in (("query", query), ("ingest", ingest), ("writer", writer), ("stages", stages)):
                 process.send_signal(signal.SIGTERM)
                 code = process.wait(timeout=120)
                 if code != 0:
                     sys.exit(f"compose-commands: the {name} service exited with {code}")
-            print("compose-commands: the services started, the writer and the ingest node were ready, all stopped cleanly",
+            print("compose-commands: the services started, the writer, the ingest node and the query node were ready, all stopped cleanly",
                   file=sys.stderr)
         finally:
             tansu_process.kill()
