@@ -8,6 +8,8 @@
 //!  1 ingest   broker + writer + 1 ingest node             the ingest node
 //!  2 ingest   broker + writer + 2 ingest nodes            both, half the connections each
 //!  half load  the same, paced at half the 2-ingest peak   both (p99 acknowledgement)
+//!  freshness  + a query node (object store + committed     the writer; the query node is
+//!             topic)                                      polled until each event shows
 //! ```
 //!
 //! Every phase signs fresh agents' events up front and checks each answer is
@@ -251,6 +253,49 @@ pub(crate) async fn drive(
     Ok((latencies, started.elapsed()))
 }
 
+/// Events sent one at a time for the freshness phase.
+const FRESHNESS_PROBES: usize = 50;
+
+/// For each of `probes` events (one agent, sent one at a time to the writer): the time
+/// from the writer's acknowledgement until the query node lists it.
+async fn freshness(admin: &Client, query: &Process, probes: usize) -> anyhow::Result<Vec<Duration>> {
+    let key = custos_event::AgentKey::from_seed(&[0xf5; 32]);
+    admin
+        .post_json("/v1/agents", &serde_json::json!({ "did": key.did(), "realm": "fresh" }))
+        .await
+        .context("enrolling the freshness agent")?;
+    let mut signer = custos_event::Signer::new(key, "fresh");
+    let reader = Client::new(&query.url, Some(query.token()?));
+    let mut measured = Vec::with_capacity(probes);
+    for probe in 0..probes {
+        let object = serde_json::json!({"kind": "tool_call", "action": format!("probe-{probe}")});
+        let envelope = signer
+            .sign_object(object.as_object().cloned().unwrap_or_default(), chrono::Utc::now())
+            .map_err(|error| anyhow::anyhow!("signing a probe: {error}"))?;
+        let answer = admin.send_events(envelope.to_json().into_bytes()).await?;
+        let acknowledged = Instant::now();
+        let index = answer
+            .first()
+            .and_then(|result| result.log_index)
+            .context("the writer did not accept a freshness probe")?;
+        loop {
+            let page = reader
+                .get(&format!("/v1/events?realm=fresh&after={}&limit=1", index.saturating_sub(1)))
+                .await?;
+            if page["events"][0]["log_index"] == index {
+                break;
+            }
+            anyhow::ensure!(
+                acknowledged.elapsed() < Duration::from_secs(60),
+                "log index {index} never showed on the query node"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        measured.push(acknowledged.elapsed());
+    }
+    Ok(measured)
+}
+
 /// A phase's events from `agents` fresh agents (seed `seed`), enrolled at `admin`.
 async fn prepare(args: &ClusterArgs, seed: u64, admin: &Client) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
     let (mut agents, mut rng) = fleet(args.agents.max(1), seed);
@@ -295,7 +340,7 @@ pub(crate) async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
 async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     let connections = args.connections.max(1);
     // 1. Embedded: one process, no Kafka.
-    eprintln!("[1/4] embedded: one `custos serve` process, {} events…", args.events);
+    eprintln!("[1/5] embedded: one `custos serve` process, {} events…", args.events);
     let embedded = {
         let node = Process::serve(&scratch.join("embedded"), &["--no-detect"])?;
         let admin = Client::new(&node.url, Some(node.token()?));
@@ -316,9 +361,10 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
     kafka.prefix = prefix.clone();
     let cluster_args = ["--kafka", &broker.addr, "--kafka-prefix", &prefix];
+    let archive = format!("file://{}", scratch.join("archive").display());
     let writer = Process::serve(
         &scratch.join("writer"),
-        &[&cluster_args[..], &["--roles", "writer"]].concat(),
+        &[&cluster_args[..], &["--roles", "writer", "--object-store", &archive]].concat(),
     )?;
     let admin = Client::new(&writer.url, Some(writer.token()?));
     // Every phase's agents are enrolled before the ingest nodes start.
@@ -332,14 +378,14 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     first.ready().await?;
     second.ready().await?;
 
-    eprintln!("[2/4] broker + writer + 1 ingest node…");
+    eprintln!("[2/5] broker + writer + 1 ingest node…");
     let (latencies, elapsed) = drive(std::slice::from_ref(&first.url), one, None).await?;
     let one = Phase {
         events: args.events,
         elapsed,
         latencies,
     };
-    eprintln!("[3/4] broker + writer + 2 ingest nodes…");
+    eprintln!("[3/5] broker + writer + 2 ingest nodes…");
     let urls = [first.url.clone(), second.url.clone()];
     let (latencies, elapsed) = drive(&urls, two, None).await?;
     let two = Phase {
@@ -352,7 +398,7 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     let requests_per_sec = peak / 2.0 / args.batch.max(1) as f64;
     let pace = Duration::from_secs_f64(connections as f64 / requests_per_sec.max(1e-3));
     eprintln!(
-        "[4/4] half of the peak ({:.0} events/s): one request per connection every {:.1} ms…",
+        "[4/5] half of the peak ({:.0} events/s): one request per connection every {:.1} ms…",
         peak / 2.0,
         pace.as_secs_f64() * 1e3
     );
@@ -362,7 +408,16 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         elapsed,
         latencies,
     };
-    drop((first, second, writer, broker));
+    drop((first, second));
+    eprintln!("[5/5] a query node: how long until an acknowledged event shows there…");
+    let query = Process::serve(
+        &scratch.join("query"),
+        &[&cluster_args[..], &["--roles", "query", "--object-store", &archive]].concat(),
+    )?;
+    query.ready().await?;
+    let mut fresh = freshness(&admin, &query, FRESHNESS_PROBES).await?;
+    fresh.sort();
+    drop((query, writer, broker));
 
     let result = serde_json::json!({
         "agents": args.agents,
@@ -377,6 +432,12 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         "half_load": half.json(),
         "one_ingest_ratio": one.rate() / embedded.rate(),
         "two_ingest_ratio": two.rate() / embedded.rate(),
+        "query_node_freshness_ms": {
+            "probes": fresh.len(),
+            "p50": percentile(&fresh, 0.50).as_secs_f64() * 1e3,
+            "p99": percentile(&fresh, 0.99).as_secs_f64() * 1e3,
+            "max": fresh.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        },
     });
     println!(
         "custos bench cluster: {} events per phase from {} agents, batch {}, {connections} connections",
@@ -398,6 +459,13 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         "  distributed / embedded: {:.2} (1 ingest), {:.2} (2 ingest)   goal >= 0.50; p99 at half load goal < 50 ms",
         one.rate() / embedded.rate(),
         two.rate() / embedded.rate()
+    );
+    println!(
+        "  query node freshness ({} events): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms   goal < 1000 ms",
+        fresh.len(),
+        percentile(&fresh, 0.50).as_secs_f64() * 1e3,
+        percentile(&fresh, 0.99).as_secs_f64() * 1e3,
+        fresh.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);

@@ -574,6 +574,10 @@ fn bench_cluster_reports_every_phase() {
     }
     let ratio = json["two_ingest_ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{json}");
+    let fresh = &json["query_node_freshness_ms"];
+    assert_eq!(fresh["probes"], 50, "{json}");
+    assert!(fresh["p50"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(fresh["max"].as_f64().unwrap() >= fresh["p99"].as_f64().unwrap(), "{json}");
 }
 
 /// An ingest process on topics with `prefix`.
