@@ -10,6 +10,7 @@
 //!        │                                          │
 //!        └──── verdict per item ◀── receipt ────────┘  (answered only once durable)
 //!  POST /v1/agents/{did}/revoke ─▶ Submission::Control ─▶ log writer
+//!  /v1/tokens (admin): the node's own token table
 //! ```
 //!
 //! The node keeps nothing that matters: refused items travel to the writer in the
@@ -236,7 +237,8 @@ pub async fn start_edge(
         .route("/v1/events", post(post_events))
         .route("/v1/agents", post(enroll))
         .route("/v1/agents/{did}/revoke", post(revoke))
-        .with_state(state);
+        .with_state(state)
+        .merge(custos_http::tokens::router(&tokens));
     if let Some(extra) = extra {
         router = router.merge(extra(tokens));
     }

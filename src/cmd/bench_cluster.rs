@@ -280,7 +280,10 @@ async fn freshness(admin: &Client, query: &Process, probes: usize) -> anyhow::Re
             .context("the writer did not accept a freshness probe")?;
         loop {
             let page = reader
-                .get(&format!("/v1/events?realm=fresh&after={}&limit=1", index.saturating_sub(1)))
+                .get(&format!(
+                    "/v1/events?realm=fresh&after={}&limit=1",
+                    index.saturating_sub(1)
+                ))
                 .await?;
             if page["events"][0]["log_index"] == index {
                 break;

@@ -179,24 +179,48 @@ impl Archive {
         Ok(count)
     }
 
-    /// Brings `dir` up to date with the copy (for a query node): segment files once (they
-    /// never change), other files whenever their size changed; segments before the
-    /// manifests that list them. Each file is replaced whole (written aside, then
-    /// renamed), so a reader never sees a torn one. Answers how many files it wrote.
-    pub fn refresh(&self, dir: &Path) -> Result<usize, StoreError> {
+    /// Every object under the prefix, with where it goes under `dir`: sealed files
+    /// (segments and their seq indexes) first.
+    fn listing(&self, dir: &Path) -> Result<Vec<(object_store::ObjectMeta, PathBuf)>, StoreError> {
         use futures::TryStreamExt as _;
         let store = self.store.clone();
         let prefix = self.prefix.clone();
         let mut objects: Vec<object_store::ObjectMeta> = self
             .runtime
             .block_on(async { store.list(Some(&prefix)).try_collect().await })?;
-        let sealed = |name: &str| name.ends_with(".parquet") || name.ends_with(".parquet.seqs");
         objects.sort_by_key(|object| !sealed(object.location.as_ref()));
         let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
+        Ok(objects
+            .into_iter()
+            .map(|object| {
+                let relative: PathBuf = object.location.as_ref().split('/').skip(skip).collect();
+                let target = dir.join(relative);
+                (object, target)
+            })
+            .collect())
+    }
+
+    /// Copies one object to `target`, replacing it whole (written aside, then renamed).
+    fn fetch(&self, object: &object_store::ObjectMeta, target: &Path) -> Result<(), StoreError> {
+        if let Some(parent) = target.parent() {
+            fs_err::create_dir_all(parent)?;
+        }
+        let store = self.store.clone();
+        let location = object.location.clone();
+        let bytes = self
+            .runtime
+            .block_on(async move { store.get(&location).await?.bytes().await })?;
+        crate::write_atomic(target, &bytes)?;
+        Ok(())
+    }
+
+    /// Brings `dir` up to date with the copy (for a query node): segment files once (they
+    /// never change), other files whenever their size changed; segments before the
+    /// manifests that list them, so a reader never sees a torn file or a listed segment
+    /// that is missing. Answers how many files it wrote.
+    pub fn refresh(&self, dir: &Path) -> Result<usize, StoreError> {
         let mut written = 0;
-        for object in &objects {
-            let relative: PathBuf = object.location.as_ref().split('/').skip(skip).collect();
-            let target = dir.join(relative);
+        for (object, target) in self.listing(dir)? {
             let here = fs_err::metadata(&target).ok().map(|metadata| metadata.len());
             if here == Some(object.size) {
                 continue;
@@ -207,15 +231,7 @@ impl Archive {
                     object.location
                 )));
             }
-            if let Some(parent) = target.parent() {
-                fs_err::create_dir_all(parent)?;
-            }
-            let store = self.store.clone();
-            let location = object.location.clone();
-            let bytes = self
-                .runtime
-                .block_on(async move { store.get(&location).await?.bytes().await })?;
-            crate::write_atomic(&target, &bytes)?;
+            self.fetch(&object, &target)?;
             written += 1;
         }
         Ok(written)
@@ -223,29 +239,17 @@ impl Archive {
 
     /// Downloads everything under the prefix into `dir` (for `custos verify <url>`).
     pub fn download(&self, dir: &Path) -> Result<usize, StoreError> {
-        use futures::TryStreamExt as _;
-        let store = self.store.clone();
-        let prefix = self.prefix.clone();
-        let objects: Vec<object_store::ObjectMeta> = self
-            .runtime
-            .block_on(async { store.list(Some(&prefix)).try_collect().await })?;
-        for object in &objects {
-            let relative: Vec<&str> = object.location.as_ref().split('/').collect();
-            let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
-            let target: PathBuf = relative[skip..].iter().collect();
-            let target = dir.join(target);
-            if let Some(parent) = target.parent() {
-                fs_err::create_dir_all(parent)?;
-            }
-            let store = self.store.clone();
-            let location = object.location.clone();
-            let bytes = self
-                .runtime
-                .block_on(async move { store.get(&location).await?.bytes().await })?;
-            fs_err::write(&target, bytes)?;
+        let listing = self.listing(dir)?;
+        for (object, target) in &listing {
+            self.fetch(object, target)?;
         }
-        Ok(objects.len())
+        Ok(listing.len())
     }
+}
+
+/// A sealed file (a segment or its seq index): written once, never changed.
+fn sealed(name: &str) -> bool {
+    name.ends_with(".parquet") || name.ends_with(".parquet.seqs")
 }
 
 /// The first `limit` lines of `bytes` that `keep` accepts (each with its newline); a
@@ -277,4 +281,37 @@ fn stores(data: &Path) -> Vec<(PathBuf, String)> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_copies_what_changed_and_refuses_a_changed_segment() {
+        let source = tempfile::tempdir().unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        let segments = source.path().join("logs/0/segments");
+        fs_err::create_dir_all(&segments).unwrap();
+        fs_err::write(segments.join("000.parquet"), b"segment").unwrap();
+        fs_err::write(source.path().join("logs/0/segments.ndjson"), b"{}\n").unwrap();
+        let archive = Archive::open(&format!("file://{}", source.path().display())).unwrap();
+        assert_eq!(archive.refresh(copy.path()).unwrap(), 2);
+        assert_eq!(
+            fs_err::read(copy.path().join("logs/0/segments/000.parquet")).unwrap(),
+            b"segment"
+        );
+        // Nothing changed: nothing is copied again.
+        assert_eq!(archive.refresh(copy.path()).unwrap(), 0);
+        // The manifest grew: it alone is copied.
+        fs_err::write(source.path().join("logs/0/segments.ndjson"), b"{}\n{}\n").unwrap();
+        assert_eq!(archive.refresh(copy.path()).unwrap(), 1);
+        // A sealed file that changed is tampering, named.
+        fs_err::write(segments.join("000.parquet"), b"segment, rewritten").unwrap();
+        let error = archive.refresh(copy.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("000.parquet") && error.contains("never change"),
+            "{error}"
+        );
+    }
 }

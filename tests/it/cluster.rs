@@ -577,7 +577,10 @@ fn bench_cluster_reports_every_phase() {
     let fresh = &json["query_node_freshness_ms"];
     assert_eq!(fresh["probes"], 50, "{json}");
     assert!(fresh["p50"].as_f64().unwrap() > 0.0, "{json}");
-    assert!(fresh["max"].as_f64().unwrap() >= fresh["p99"].as_f64().unwrap(), "{json}");
+    assert!(
+        fresh["max"].as_f64().unwrap() >= fresh["p99"].as_f64().unwrap(),
+        "{json}"
+    );
 }
 
 /// An ingest process on topics with `prefix`.

@@ -3,7 +3,8 @@
 //! unsealed tail from the committed topic. Its answers are the writer's, row for row
 //! (every column, signatures and payload bytes included), scoped by its own tokens; it
 //! follows new events and revocations; killed with SIGKILL and started on an empty
-//! directory, it rebuilds the same answers.
+//! directory, it rebuilds the same answers. With `--roles ingest,query` one listener
+//! takes events and answers SQL.
 
 use std::time::{Duration, Instant};
 
@@ -202,6 +203,30 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     same_answer((&url, &token), (&node.url, &node_token), ALL_EVENTS);
     same_answer((&url, &token), (&node.url, &node_token), ALL_AGENTS);
     let log = node.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // `--roles ingest,query`: one listener takes events and answers SQL.
+    let both_dir = dir.path().join("ingest-query");
+    let both = Server::start_with(
+        &both_dir,
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            PREFIX,
+            "--roles",
+            "ingest,query",
+            "--object-store",
+            &archive,
+        ],
+    );
+    let both_token = both.token();
+    wait_for("the ingest node to know the agents", || {
+        let (status, answer) = post(&both.url, "/v1/events", None, signed_lines(&mut signers[2], 1)).unwrap();
+        status == 200 && answer[0]["status"] == "accepted"
+    });
+    same_answer((&url, &token), (&both.url, &both_token), ALL_EVENTS);
+    let log = both.stop();
     assert!(!log.contains("panicked"), "{log}");
     writer.stop();
     drop(broker);
