@@ -4,7 +4,8 @@
 //!  object store ──Archive::refresh──▶ DATA/replica/ (a store without WAL: sealed segments,
 //!        │                              manifest, checkpoints; disposable)
 //!        ▼
-//!  Replica::refresh_sealed: new segments ─▶ registry fold (entries not folded from the tail)
+//!  Replica::refresh_sealed: new segments ─▶ manifest signature (log key) + blake3 checked
+//!                                         ─▶ registry fold (entries not folded from the tail)
 //!                                         ─▶ tail entries below the sealed end dropped
 //!  committed topic (every partition, from its start) ─▶ Replica::apply
 //!        └─▶ entries as signed (the writer publishes them) ─▶ tail, by log index ─▶ fold
@@ -49,6 +50,8 @@ pub struct Replica {
     folded: BTreeSet<u64>,
     /// Committed records without their entry (a writer that does not publish them).
     bare: u64,
+    /// The log key, as first read from the copy (`checkpoint.pub`); it may never change.
+    log_key: Option<custos_store::checkpoint::NoteKey>,
 }
 
 impl Replica {
@@ -66,6 +69,7 @@ impl Replica {
             tail: BTreeMap::new(),
             folded: BTreeSet::new(),
             bare: 0,
+            log_key: None,
         }
     }
 
@@ -88,6 +92,7 @@ impl Replica {
             if !file.exists() {
                 break;
             }
+            self.check(&line, &file)?;
             if line.first_index != self.sealed_end {
                 return Err(StoreError::Tamper(format!(
                     "segment `{}` starts at log index {}, but the segments before it end at {}",
@@ -113,6 +118,37 @@ impl Replica {
             self.registry.prune(sealed_end);
         }
         Ok(taken)
+    }
+
+    /// A manifest line is signed by the log key (the key first seen, which may never
+    /// change) and names its segment's blake3; a copy that fails either is tampered with.
+    fn check(&mut self, line: &SegmentInfo, file: &Path) -> Result<(), StoreError> {
+        let text = fs_err::read_to_string(&self.paths.public_key)?;
+        let key = custos_store::checkpoint::NoteKey::parse_verifier(&text)
+            .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?;
+        match &self.log_key {
+            Some(known) if *known != key => {
+                return Err(StoreError::Tamper(
+                    "`checkpoint.pub` in the object store changed: the log key is not the one first read".into(),
+                ));
+            }
+            Some(_) => {}
+            None => self.log_key = Some(key.clone()),
+        }
+        if !line.signature_valid(&self.paths.log_id, &key) {
+            return Err(StoreError::Tamper(format!(
+                "the manifest line for segment `{}` is not signed by the log key",
+                line.file
+            )));
+        }
+        let digest = blake3::hash(&fs_err::read(file)?).to_hex().to_string();
+        if digest != line.blake3 {
+            return Err(StoreError::Tamper(format!(
+                "segment `{}` has blake3 {digest}, its signed manifest line says {}",
+                line.file, line.blake3
+            )));
+        }
+        Ok(())
     }
 
     /// Takes one committed record: its entry joins the tail (once: a record read again

@@ -4,7 +4,7 @@
 //! (every column, signatures and payload bytes included), scoped by its own tokens; it
 //! follows new events and revocations; killed with SIGKILL and started on an empty
 //! directory, it rebuilds the same answers. With `--roles ingest,query` one listener
-//! takes events and answers SQL.
+//! takes events and answers SQL. A segment changed in the object store is refused, named.
 
 use std::time::{Duration, Instant};
 
@@ -229,5 +229,36 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let log = both.stop();
     assert!(!log.contains("panicked"), "{log}");
     writer.stop();
+
+    // A segment changed in the object store (same size, one byte): a query node starting
+    // from it refuses, naming the segment.
+    let segments = dir.path().join("archive/logs/0/segments");
+    let segment = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|extension| extension == "parquet"))
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&segment, bytes).unwrap();
+    let output = crate::support::custos()
+        .args(["serve", "--data"])
+        .arg(dir.path().join("query-tampered"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            PREFIX,
+        ])
+        .args(["--roles", "query", "--object-store", &archive])
+        .output()
+        .unwrap();
+    let stderr = crate::support::stderr(&output);
+    assert!(!output.status.success(), "{stderr}");
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(stderr.contains(name) && stderr.contains("blake3"), "{stderr}");
     drop(broker);
 }
