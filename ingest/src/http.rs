@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::NodeConfig;
-use crate::sequencer::{Command, Item};
+use crate::sequencer::{Command, ErrorKind, Item, WriterError};
 use custos_http::openapi::Endpoint;
 use custos_http::{ApiError, EVERYONE, READERS, guarded, metrics_answer};
 use custos_http::{Caller, Role, Tokens};
@@ -342,16 +342,25 @@ pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, allowed: &[Role])
 
 pub(crate) async fn ask<T>(
     state: &AppState,
-    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+    make: impl FnOnce(oneshot::Sender<Result<T, WriterError>>) -> Command,
 ) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
-    state
-        .commands
-        .send(make(reply))
-        .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
+    state.commands.send(make(reply)).map_err(|_| WriterError::stopping())?;
+    Ok(answer.await.map_err(|_| WriterError::stopping())??)
+}
+
+/// The writer's refusals as HTTP answers: the status is chosen here, at the edge.
+impl From<WriterError> for ApiError {
+    fn from(error: WriterError) -> Self {
+        let status = match error.kind {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        };
+        ApiError::new(status, error.code, error.message)
+    }
 }
 
 /// Splits a body into envelopes: a JSON array, or NDJSON (one envelope per line).

@@ -178,15 +178,13 @@ impl Api {
 
     async fn ask<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> sequencer::Command,
+        make: impl FnOnce(oneshot::Sender<Result<T, sequencer::WriterError>>) -> sequencer::Command,
     ) -> Result<T, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(make(reply))
-            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| ApiError::new(503, "stopping", "the node is shutting down"))?
+            .map_err(|_| sequencer::WriterError::stopping())?;
+        Ok(answer.await.map_err(|_| sequencer::WriterError::stopping())??)
     }
 
     /// The sealed segments and the unsealed tail, at one instant.
@@ -313,8 +311,12 @@ pub enum NodeError {
 }
 
 /// The writer's store could not take the write.
-pub(crate) fn store_failed(error: &custos_store::StoreError) -> ApiError {
-    ApiError::new(503, "store_failed", format!("the store cannot accept writes: {error}"))
+pub(crate) fn store_failed(error: &custos_store::StoreError) -> sequencer::WriterError {
+    sequencer::WriterError::new(
+        sequencer::ErrorKind::Unavailable,
+        "store_failed",
+        format!("the store cannot accept writes: {error}"),
+    )
 }
 
 /// A running node.

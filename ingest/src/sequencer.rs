@@ -27,8 +27,8 @@ use custos_store::{CheckpointView, EvidenceProofs, Log, LogEntry, StoreView};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::NodeConfig;
 use crate::registry::{AgentRecord, AgentStatus, ChainHead, ControlAction, ControlPayload, Registry, SubjectRecord};
-use crate::{ApiError, NodeConfig};
 use custos_store::forensics::{Forensics, RejectedRecord};
 
 /// An input after decoding and signature verification.
@@ -86,7 +86,53 @@ pub struct Revoked {
     pub log_indexes: Vec<u64>,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+type Reply<T> = oneshot::Sender<Result<T, WriterError>>;
+
+/// What kind of failure a writer's answer is. The HTTP edge picks the status
+/// (`impl From<WriterError> for custos_http::ApiError`); the stages see `Refused`, where
+/// only [`ErrorKind::Unavailable`] is worth retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is wrong (a malformed DID, a bad realm, a bad proof request).
+    Invalid,
+    /// What it names does not exist (an agent, a log index, a checkpoint).
+    NotFound,
+    /// It contradicts the log's state (an agent already enrolled elsewhere, already revoked).
+    Conflict,
+    /// The writer cannot take it now (the store refuses writes, the node is stopping).
+    Unavailable,
+    /// A fault inside the writer.
+    Internal,
+}
+
+/// A writer's refusal: its kind, a stable code and a sentence. No HTTP in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterError {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl WriterError {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The writer is stopping: its queue is closed.
+    pub fn stopping() -> Self {
+        Self::new(ErrorKind::Unavailable, "stopping", "the node is shutting down")
+    }
+}
+
+impl std::fmt::Display for WriterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
 
 /// Work for the sequencer.
 pub enum Command {
@@ -200,7 +246,7 @@ pub struct Unsealed {
 
 /// The store refused a write; writes are refused until it takes one again.
 struct Failure {
-    error: ApiError,
+    error: WriterError,
     since: std::time::Instant,
     next_try: std::time::Instant,
     attempts: u32,
@@ -233,7 +279,7 @@ impl Command {
     }
 
     /// Answers the command with `error` without doing it.
-    fn refuse(self, error: ApiError) -> Deferred {
+    fn refuse(self, error: WriterError) -> Deferred {
         match self {
             Command::Ingest { reply, .. } => defer(reply, Err(error)),
             Command::Refusals { reply, .. } => defer(reply, Err(error)),
@@ -311,10 +357,10 @@ pub(crate) struct SequencerHooks {
 }
 
 /// A deferred answer, sent once the group is durable (or failed).
-type Deferred = Box<dyn FnOnce(Option<&ApiError>) + Send>;
+type Deferred = Box<dyn FnOnce(Option<&WriterError>) + Send>;
 
-fn defer<T: Send + 'static>(reply: Reply<T>, value: Result<T, ApiError>) -> Deferred {
-    Box::new(move |failure: Option<&ApiError>| {
+fn defer<T: Send + 'static>(reply: Reply<T>, value: Result<T, WriterError>) -> Deferred {
+    Box::new(move |failure: Option<&WriterError>| {
         let _ = reply.send(match failure {
             Some(error) => Err(error.clone()),
             None => value,
@@ -337,7 +383,7 @@ fn enforcement_agent(enforcement: &Enforcement) -> Option<&str> {
 
 /// A stage's answer, deferred like the others; a failed group refuses it (retryable).
 fn defer_answer(answer: Answer, value: Result<Appended, Refused>) -> Deferred {
-    Box::new(move |failure: Option<&ApiError>| {
+    Box::new(move |failure: Option<&WriterError>| {
         answer.send(match failure {
             Some(error) => Err(refused(error)),
             None => value,
@@ -347,11 +393,11 @@ fn defer_answer(answer: Answer, value: Result<Appended, Refused>) -> Deferred {
 
 /// A writer error as the contract's refusal (the HTTP status stays at the edge; 503s are
 /// the ones worth retrying).
-fn refused(error: &ApiError) -> Refused {
+fn refused(error: &WriterError) -> Refused {
     Refused {
-        code: error.error.to_owned(),
+        code: error.code.to_owned(),
         message: error.message.clone(),
-        retryable: error.status == 503,
+        retryable: error.kind == ErrorKind::Unavailable,
     }
 }
 
@@ -640,7 +686,7 @@ impl Sequencer {
     }
 
     /// Makes the group durable. Returns the error every request in it must get, if any.
-    fn commit(&mut self, entries: Vec<LogEntry>) -> Option<ApiError> {
+    fn commit(&mut self, entries: Vec<LogEntry>) -> Option<WriterError> {
         if let Err(error) = self.forensics.flush() {
             tracing::error!(%error, "could not persist rejected input for forensics");
         }
@@ -718,7 +764,13 @@ impl Sequencer {
                 });
                 defer(
                     reply,
-                    view.ok_or_else(|| ApiError::new(404, "no_checkpoint", "no checkpoint has been signed yet")),
+                    view.ok_or_else(|| {
+                        WriterError::new(
+                            ErrorKind::NotFound,
+                            "no_checkpoint",
+                            "no checkpoint has been signed yet",
+                        )
+                    }),
                 )
             }
             Command::Submit { submission, answer } => {
@@ -753,7 +805,11 @@ impl Sequencer {
             Command::Consistency { from, to, reply } => defer(reply, self.consistency(from, to)),
             Command::Shutdown { reply } => defer(
                 reply,
-                Err(ApiError::new(500, "internal", "shutdown is handled by the loop")),
+                Err(WriterError::new(
+                    ErrorKind::Internal,
+                    "internal",
+                    "shutdown is handled by the loop",
+                )),
             ),
         }
     }
@@ -895,13 +951,13 @@ impl Sequencer {
         cause: Option<u64>,
         reason: Option<String>,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<Vec<u64>, ApiError> {
+    ) -> Result<Vec<u64>, WriterError> {
         let Some(agent) = enforcement_agent(op).map(str::to_owned) else {
             return Ok(Vec::new());
         };
         let Some(record) = self.registry.agents.get(&agent) else {
-            return Err(ApiError::new(
-                404,
+            return Err(WriterError::new(
+                ErrorKind::NotFound,
                 "unknown_agent",
                 format!("agent `{agent}` is not enrolled"),
             ));
@@ -967,7 +1023,7 @@ impl Sequencer {
     }
 
     /// The revocation list as of the entries queued so far, signed by the node key.
-    fn revocations(&self, entries: &[LogEntry]) -> Result<Envelope, ApiError> {
+    fn revocations(&self, entries: &[LogEntry]) -> Result<Envelope, WriterError> {
         let listed = |status: AgentStatus| {
             self.registry
                 .agents
@@ -1004,8 +1060,13 @@ impl Sequencer {
                 .collect(),
             revoked_credentials: self.registry.credentials.values().cloned().collect(),
         };
-        let bytes = serde_json::to_vec(&list)
-            .map_err(|error| ApiError::new(500, "internal", format!("cannot encode the revocation list: {error}")))?;
+        let bytes = serde_json::to_vec(&list).map_err(|error| {
+            WriterError::new(
+                ErrorKind::Internal,
+                "internal",
+                format!("cannot encode the revocation list: {error}"),
+            )
+        })?;
         Ok(self.node_key.sign_envelope(REVOCATIONS_PAYLOAD_TYPE, bytes))
     }
 
@@ -1504,19 +1565,19 @@ impl Sequencer {
         labels: BTreeMap<String, String>,
         by: String,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<AgentRecord, ApiError> {
+    ) -> Result<AgentRecord, WriterError> {
         custos_event::public_key_from_did(&did)
-            .map_err(|error| ApiError::new(400, "bad_did", format!("cannot enroll: {error}")))?;
+            .map_err(|error| WriterError::new(ErrorKind::Invalid, "bad_did", format!("cannot enroll: {error}")))?;
         if !custos_event::payload::valid_realm(&realm) {
-            return Err(ApiError::new(
-                400,
+            return Err(WriterError::new(
+                ErrorKind::Invalid,
                 "bad_realm",
                 format!("realm `{realm}` must be 1-64 characters of [A-Za-z0-9._-]"),
             ));
         }
         if let Some(existing) = self.registry.agents.get(&did) {
-            return Err(ApiError::new(
-                409,
+            return Err(WriterError::new(
+                ErrorKind::Conflict,
                 "agent_exists",
                 format!(
                     "agent `{did}` is already enrolled in realm `{}` (status {:?})",
@@ -1540,7 +1601,7 @@ impl Sequencer {
             .agents
             .get(&did)
             .cloned()
-            .ok_or_else(|| ApiError::new(500, "internal", "enrolled agent vanished"))
+            .ok_or_else(|| WriterError::new(ErrorKind::Internal, "internal", "enrolled agent vanished"))
     }
 
     fn revoke(
@@ -1549,28 +1610,34 @@ impl Sequencer {
         reason: Option<String>,
         by: String,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<Revoked, ApiError> {
+    ) -> Result<Revoked, WriterError> {
         self.revoke_with_cause(did, reason, by, None, entries)
     }
 
     /// Revokes `did` and its not-yet-revoked sub-agents, parents first. The root's entry
     /// names `root_cause` (a finding, say); each cascaded entry names the root's entry.
-    fn evidence(&mut self, indexes: &[u64]) -> Result<EvidenceProofs, ApiError> {
+    fn evidence(&mut self, indexes: &[u64]) -> Result<EvidenceProofs, WriterError> {
         self.log.checkpoint().map_err(|error| crate::store_failed(&error))?;
-        let (checkpoint, note) = self
-            .log
-            .latest_checkpoint()
-            .cloned()
-            .ok_or_else(|| ApiError::new(404, "no_checkpoint", "the log is empty: nothing to prove"))?;
+        let (checkpoint, note) = self.log.latest_checkpoint().cloned().ok_or_else(|| {
+            WriterError::new(
+                ErrorKind::NotFound,
+                "no_checkpoint",
+                "the log is empty: nothing to prove",
+            )
+        })?;
         let tree = self.log.tree();
         let mut proofs = Vec::with_capacity(indexes.len());
         for &index in indexes {
-            let leaf = tree
-                .leaf(index)
-                .ok_or_else(|| ApiError::new(404, "no_such_entry", format!("there is no log index {index}")))?;
+            let leaf = tree.leaf(index).ok_or_else(|| {
+                WriterError::new(
+                    ErrorKind::NotFound,
+                    "no_such_entry",
+                    format!("there is no log index {index}"),
+                )
+            })?;
             let path = self.log.inclusion_proof(index, checkpoint.size).map_err(|error| {
-                ApiError::new(
-                    400,
+                WriterError::new(
+                    ErrorKind::Invalid,
                     "bad_proof_request",
                     format!("log index {index} in a tree of size {}: {error}", checkpoint.size),
                 )
@@ -1594,20 +1661,24 @@ impl Sequencer {
             .map_or(self.log.next_index(), |(checkpoint, _)| checkpoint.size)
     }
 
-    fn inclusion(&self, index: u64, size: Option<u64>) -> Result<serde_json::Value, ApiError> {
+    fn inclusion(&self, index: u64, size: Option<u64>) -> Result<serde_json::Value, WriterError> {
         let size = size.unwrap_or_else(|| self.signed_size());
         let proof_error = |error: custos_store::merkle::ProofError| {
-            ApiError::new(
-                400,
+            WriterError::new(
+                ErrorKind::Invalid,
                 "bad_proof_request",
                 format!("log index {index} in a tree of size {size}: {error}"),
             )
         };
         let proof = self.log.inclusion_proof(index, size).map_err(proof_error)?;
         let tree = self.log.tree();
-        let leaf = tree
-            .leaf(index)
-            .ok_or_else(|| ApiError::new(404, "no_such_entry", format!("there is no log index {index}")))?;
+        let leaf = tree.leaf(index).ok_or_else(|| {
+            WriterError::new(
+                ErrorKind::NotFound,
+                "no_such_entry",
+                format!("there is no log index {index}"),
+            )
+        })?;
         let root = tree.root_at(size).map_err(proof_error)?;
         Ok(serde_json::json!({
             "log_id": self.log.log_id(),
@@ -1620,9 +1691,13 @@ impl Sequencer {
         }))
     }
 
-    fn consistency(&self, from: u64, to: u64) -> Result<serde_json::Value, ApiError> {
+    fn consistency(&self, from: u64, to: u64) -> Result<serde_json::Value, WriterError> {
         let proof_error = |error: custos_store::merkle::ProofError| {
-            ApiError::new(400, "bad_proof_request", format!("sizes {from} to {to}: {error}"))
+            WriterError::new(
+                ErrorKind::Invalid,
+                "bad_proof_request",
+                format!("sizes {from} to {to}: {error}"),
+            )
         };
         let proof = self.log.consistency_proof(from, to).map_err(proof_error)?;
         let tree = self.log.tree();
@@ -1648,17 +1723,17 @@ impl Sequencer {
         by: String,
         root_cause: Option<u64>,
         entries: &mut Vec<LogEntry>,
-    ) -> Result<Revoked, ApiError> {
+    ) -> Result<Revoked, WriterError> {
         let Some(record) = self.registry.agents.get(did) else {
-            return Err(ApiError::new(
-                404,
+            return Err(WriterError::new(
+                ErrorKind::NotFound,
                 "unknown_agent",
                 format!("agent `{did}` is not enrolled"),
             ));
         };
         if record.status == AgentStatus::Revoked {
-            return Err(ApiError::new(
-                409,
+            return Err(WriterError::new(
+                ErrorKind::Conflict,
                 "already_revoked",
                 format!("agent `{did}` is already revoked"),
             ));
