@@ -87,12 +87,17 @@ impl Replica {
             false => return Ok(0),
         };
         let mut taken = 0;
+        let mut key = None;
         for line in lines.into_iter().skip(self.segments.len()) {
             let file = self.paths.segment_dir.join(&line.file);
             if !file.exists() {
                 break;
             }
-            self.check(&line, &file)?;
+            let key = match &key {
+                Some(key) => key,
+                None => key.insert(self.log_key()?),
+            };
+            check(&self.paths.log_id, key, &line, &file)?;
             if line.first_index != self.sealed_end {
                 return Err(StoreError::Tamper(format!(
                     "segment `{}` starts at log index {}, but the segments before it end at {}",
@@ -120,35 +125,19 @@ impl Replica {
         Ok(taken)
     }
 
-    /// A manifest line is signed by the log key (the key first seen, which may never
-    /// change) and names its segment's blake3; a copy that fails either is tampered with.
-    fn check(&mut self, line: &SegmentInfo, file: &Path) -> Result<(), StoreError> {
+    /// The log key in the copy (`checkpoint.pub`): the one first read, which may never
+    /// change.
+    fn log_key(&mut self) -> Result<custos_store::checkpoint::NoteKey, StoreError> {
         let text = fs_err::read_to_string(&self.paths.public_key)?;
         let key = custos_store::checkpoint::NoteKey::parse_verifier(&text)
             .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?;
         match &self.log_key {
-            Some(known) if *known != key => {
-                return Err(StoreError::Tamper(
-                    "`checkpoint.pub` in the object store changed: the log key is not the one first read".into(),
-                ));
-            }
-            Some(_) => {}
-            None => self.log_key = Some(key.clone()),
+            Some(known) if *known != key => Err(StoreError::Tamper(
+                "`checkpoint.pub` in the object store changed: the log key is not the one first read".into(),
+            )),
+            Some(_) => Ok(key),
+            None => Ok(self.log_key.insert(key).clone()),
         }
-        if !line.signature_valid(&self.paths.log_id, &key) {
-            return Err(StoreError::Tamper(format!(
-                "the manifest line for segment `{}` is not signed by the log key",
-                line.file
-            )));
-        }
-        let digest = blake3::hash(&fs_err::read(file)?).to_hex().to_string();
-        if digest != line.blake3 {
-            return Err(StoreError::Tamper(format!(
-                "segment `{}` has blake3 {digest}, its signed manifest line says {}",
-                line.file, line.blake3
-            )));
-        }
-        Ok(())
     }
 
     /// Takes one committed record: its entry joins the tail (once: a record read again
@@ -203,30 +192,27 @@ impl Replica {
 
     /// The sealed segments and the tail's unbroken run after them.
     pub fn view(&self) -> StoreView {
-        let mut next = self.sealed_end;
-        let mut run = Vec::new();
-        for (index, entry) in self.tail.range(self.sealed_end..) {
-            if *index != next {
-                break;
-            }
-            run.push(entry.clone());
-            next += 1;
-        }
+        let end = self.view_end();
+        let run: Vec<LogEntry> = self
+            .tail
+            .range(self.sealed_end..end)
+            .map(|(_, entry)| entry.clone())
+            .collect();
         StoreView {
             segment_dir: self.paths.segment_dir.clone(),
             segments: self.segments.clone(),
             tail: vec![Arc::from(run)],
-            size: next,
+            size: end,
             checkpoints: self.paths.checkpoints.clone(),
         }
     }
 
     /// Entries waiting for one before them (not in the view yet).
     pub fn waiting(&self) -> usize {
-        let visible = self.view_end();
-        self.tail.range(visible..).count()
+        self.tail.range(self.view_end()..).count()
     }
 
+    /// The end of the sealed segments and the tail's unbroken run after them.
     fn view_end(&self) -> u64 {
         let mut next = self.sealed_end;
         for index in self.tail.range(self.sealed_end..).map(|(index, _)| *index) {
@@ -268,6 +254,30 @@ impl Replica {
             cosigned_by: 0,
         }))
     }
+}
+
+/// A manifest line is signed by the log key and names its segment's blake3; a copy that
+/// fails either is tampered with.
+fn check(
+    log_id: &str,
+    key: &custos_store::checkpoint::NoteKey,
+    line: &SegmentInfo,
+    file: &Path,
+) -> Result<(), StoreError> {
+    if !line.signature_valid(log_id, key) {
+        return Err(StoreError::Tamper(format!(
+            "the manifest line for segment `{}` is not signed by the log key",
+            line.file
+        )));
+    }
+    let digest = blake3::hash(&fs_err::read(file)?).to_hex().to_string();
+    if digest != line.blake3 {
+        return Err(StoreError::Tamper(format!(
+            "segment `{}` has blake3 {digest}, its signed manifest line says {}",
+            line.file, line.blake3
+        )));
+    }
+    Ok(())
 }
 
 /// A committed entry as the log's row.

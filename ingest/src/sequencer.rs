@@ -393,6 +393,15 @@ fn defer_answer(answer: Answer, value: Result<Appended, Refused>) -> Deferred {
 
 /// A writer error as the contract's refusal (the HTTP status stays at the edge; 503s are
 /// the ones worth retrying).
+/// No entry at `index` (a proof request beyond the log).
+fn no_such_entry(index: u64) -> WriterError {
+    WriterError::new(
+        ErrorKind::NotFound,
+        "no_such_entry",
+        format!("there is no log index {index}"),
+    )
+}
+
 fn refused(error: &WriterError) -> Refused {
     Refused {
         code: error.code.to_owned(),
@@ -1628,13 +1637,7 @@ impl Sequencer {
         let tree = self.log.tree();
         let mut proofs = Vec::with_capacity(indexes.len());
         for &index in indexes {
-            let leaf = tree.leaf(index).ok_or_else(|| {
-                WriterError::new(
-                    ErrorKind::NotFound,
-                    "no_such_entry",
-                    format!("there is no log index {index}"),
-                )
-            })?;
+            let leaf = tree.leaf(index).ok_or_else(|| no_such_entry(index))?;
             let path = self.log.inclusion_proof(index, checkpoint.size).map_err(|error| {
                 WriterError::new(
                     ErrorKind::Invalid,
@@ -1672,13 +1675,7 @@ impl Sequencer {
         };
         let proof = self.log.inclusion_proof(index, size).map_err(proof_error)?;
         let tree = self.log.tree();
-        let leaf = tree.leaf(index).ok_or_else(|| {
-            WriterError::new(
-                ErrorKind::NotFound,
-                "no_such_entry",
-                format!("there is no log index {index}"),
-            )
-        })?;
+        let leaf = tree.leaf(index).ok_or_else(|| no_such_entry(index))?;
         let root = tree.root_at(size).map_err(proof_error)?;
         Ok(serde_json::json!({
             "log_id": self.log.log_id(),
