@@ -25,11 +25,51 @@ impl JsonGet {
 
 fn extract(text: &[u8], key: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(text).ok()?;
-    match value.get(key)? {
+    text_of(value.get(key)?)
+}
+
+/// A JSON value as a text column shows it: strings unquoted, anything else as compact
+/// JSON, null as NULL.
+pub(crate) fn text_of(value: &serde_json::Value) -> Option<String> {
+    match value {
         serde_json::Value::Null => None,
         serde_json::Value::String(text) => Some(text.clone()),
         other => Some(other.to_string()),
     }
+}
+
+/// Hands `each` every row of a text or binary column (any layout the engine may pass:
+/// scans read strings as views), `None` for a null row. `function` names the caller in
+/// the error for any other column type.
+pub(crate) fn for_each_bytes(
+    function: &str,
+    array: &ArrayRef,
+    mut each: impl FnMut(Option<&[u8]>),
+) -> datafusion::common::Result<()> {
+    match array.data_type() {
+        DataType::Binary => {
+            let array = array.as_binary::<i32>();
+            (0..array.len()).for_each(|row| each(array.is_valid(row).then(|| array.value(row))));
+        }
+        DataType::Utf8 => {
+            let array = array.as_string::<i32>();
+            (0..array.len()).for_each(|row| each(array.is_valid(row).then(|| array.value(row).as_bytes())));
+        }
+        DataType::Utf8View => {
+            let array = array.as_string_view();
+            (0..array.len()).for_each(|row| each(array.is_valid(row).then(|| array.value(row).as_bytes())));
+        }
+        DataType::BinaryView => {
+            let array = array.as_binary_view();
+            (0..array.len()).for_each(|row| each(array.is_valid(row).then(|| array.value(row))));
+        }
+        other => {
+            return Err(DataFusionError::Execution(format!(
+                "{function} reads a binary or text column, not {other}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl ScalarUDFImpl for JsonGet {
@@ -55,41 +95,12 @@ impl ScalarUDFImpl for JsonGet {
         };
         let array: ArrayRef = payload.to_array(args.number_rows)?;
         let mut out = StringBuilder::with_capacity(array.len(), array.len() * 8);
-        let mut push = |bytes: Option<&[u8]>| match bytes.and_then(|bytes| extract(bytes, &key)) {
-            Some(text) => out.append_value(text),
-            None => out.append_null(),
-        };
-        match array.data_type() {
-            DataType::Binary => {
-                let array = array.as_binary::<i32>();
-                for row in 0..array.len() {
-                    push(array.is_valid(row).then(|| array.value(row)));
-                }
+        for_each_bytes("json_get", &array, |bytes| {
+            match bytes.and_then(|bytes| extract(bytes, &key)) {
+                Some(text) => out.append_value(text),
+                None => out.append_null(),
             }
-            DataType::Utf8 => {
-                let array = array.as_string::<i32>();
-                for row in 0..array.len() {
-                    push(array.is_valid(row).then(|| array.value(row).as_bytes()));
-                }
-            }
-            DataType::Utf8View => {
-                let array = array.as_string_view();
-                for row in 0..array.len() {
-                    push(array.is_valid(row).then(|| array.value(row).as_bytes()));
-                }
-            }
-            DataType::BinaryView => {
-                let array = array.as_binary_view();
-                for row in 0..array.len() {
-                    push(array.is_valid(row).then(|| array.value(row)));
-                }
-            }
-            other => {
-                return Err(DataFusionError::Execution(format!(
-                    "json_get reads a binary or text column, not {other}"
-                )));
-            }
-        }
+        })?;
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }

@@ -26,6 +26,7 @@ mod json;
 mod morsels;
 pub mod ocsf;
 pub mod pool;
+mod records;
 pub mod shape;
 pub mod source;
 pub mod sql;

@@ -12,7 +12,7 @@ pub fn render(entries: &[LogEntry]) -> Vec<Value> {
 
 fn render_one(entry: &LogEntry) -> Option<Value> {
     let mut value = match entry.payload_type.as_str() {
-        EVENT_PAYLOAD_TYPE => event(&serde_json::from_slice(&entry.payload).ok()?),
+        EVENT_PAYLOAD_TYPE => event(&custos_event::Payload::parse(&entry.payload).ok()?),
         FINDING_PAYLOAD_TYPE => custos_detect::Finding::from_payload(&entry.payload)?.0.ocsf(),
         ACTION_PAYLOAD_TYPE => serde_json::from_slice::<custos_respond::ActionRecord>(&entry.payload)
             .ok()?
@@ -28,24 +28,21 @@ fn render_one(entry: &LogEntry) -> Option<Value> {
 }
 
 /// An agent event as OCSF API Activity (class 6003).
-pub fn event(payload: &Value) -> Value {
-    let kind = payload["kind"].as_str().unwrap_or_default();
-    let (activity_id, activity_name) = match kind {
-        "file_read" | "memory_read" | "tool_result" | "message_received" => (2, "Read"),
-        "file_write" | "memory_write" | "policy_change" => (3, "Update"),
-        "memory_delete" => (4, "Delete"),
-        "delegation" => (1, "Create"),
+pub fn event(payload: &custos_event::Payload) -> Value {
+    use custos_event::{Kind, Outcome};
+    let kind = payload.kind.as_str();
+    let (activity_id, activity_name) = match payload.kind {
+        Kind::FileRead | Kind::MemoryRead | Kind::ToolResult | Kind::MessageReceived => (2, "Read"),
+        Kind::FileWrite | Kind::MemoryWrite | Kind::PolicyChange => (3, "Update"),
+        Kind::MemoryDelete => (4, "Delete"),
+        Kind::Delegation => (1, "Create"),
         _ => (99, "Other"),
     };
-    let (status_id, status) = match payload["outcome"].as_str() {
-        Some("ok") => (1, "Success"),
-        Some("denied" | "error") => (2, "Failure"),
-        _ => (0, "Unknown"),
+    let (status_id, status) = match payload.outcome {
+        Some(Outcome::Ok) => (1, "Success"),
+        Some(Outcome::Denied | Outcome::Error) => (2, "Failure"),
+        None => (0, "Unknown"),
     };
-    let time = payload["ts"]
-        .as_str()
-        .and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok())
-        .map_or(0, |ts| ts.timestamp_millis());
     json!({
         "class_uid": 6003,
         "class_name": "API Activity",
@@ -54,25 +51,25 @@ pub fn event(payload: &Value) -> Value {
         "activity_id": activity_id,
         "activity_name": activity_name,
         "type_uid": 600_300 + activity_id,
-        "time": time,
+        "time": payload.ts.timestamp_millis(),
         "severity_id": 1,
         "status_id": status_id,
         "status": status,
-        "actor": {"user": {"uid": payload["agent"], "type": "AI agent"}, "session": {"uid": payload["session"]}},
-        "api": {"operation": payload["action"], "service": {"name": kind}},
-        "resources": [{"uid": payload["target"]}],
+        "actor": {"user": {"uid": payload.agent, "type": "AI agent"}, "session": {"uid": payload.session}},
+        "api": {"operation": payload.action, "service": {"name": kind}},
+        "resources": [{"uid": payload.target}],
         "metadata": custos_event::ocsf_metadata(),
         "unmapped": {
-            "realm": payload["realm"],
+            "realm": payload.realm,
             "kind": kind,
-            "seq": payload["seq"],
-            "memory_id": payload["memory_id"],
-            "bytes_in": payload["bytes_in"],
-            "bytes_out": payload["bytes_out"],
-            "tokens_in": payload["tokens_in"],
-            "tokens_out": payload["tokens_out"],
-            "trace_id": payload["trace_id"],
-            "span_id": payload["span_id"],
+            "seq": payload.seq,
+            "memory_id": payload.memory_id,
+            "bytes_in": payload.bytes_in,
+            "bytes_out": payload.bytes_out,
+            "tokens_in": payload.tokens_in,
+            "tokens_out": payload.tokens_out,
+            "trace_id": payload.trace_id,
+            "span_id": payload.span_id,
         },
     })
 }

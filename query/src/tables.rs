@@ -18,12 +18,13 @@ use datafusion::config::TableParquetOptions;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::provider_as_source;
+use datafusion::functions::core::expr_fn::get_field;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, cast, col, lit};
 use datafusion::prelude::SessionContext;
 use serde::Serialize;
 
 use crate::QueryError;
-use crate::json::JsonGet;
+use crate::records::RecordColumns;
 
 /// Who is asking: the role decides which tables exist, the realms which rows.
 #[derive(Clone, Debug)]
@@ -76,15 +77,14 @@ impl Sources {
 /// Registers the caller's tables in `ctx`.
 pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) -> Result<(), QueryError> {
     let tables = scope.tables();
-    let json_get = ScalarUDF::from(JsonGet::new());
     if tables.contains(&"events") {
         let log = log_plan(sources, true).await?;
         let realm = realm_filter(scope);
         let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
         ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
-        let findings = view(&log, FINDING_PAYLOAD_TYPE, realm.clone(), finding_columns(&json_get))?;
+        let findings = view(&log, FINDING_PAYLOAD_TYPE, realm.clone(), finding_columns())?;
         ctx.register_table("findings", Arc::new(ViewTable::new(findings, None)))?;
-        let actions = view(&log, ACTION_PAYLOAD_TYPE, realm, action_columns(&json_get))?;
+        let actions = view(&log, ACTION_PAYLOAD_TYPE, realm, action_columns())?;
         ctx.register_table("actions", Arc::new(ViewTable::new(actions, None)))?;
     }
     if tables.contains(&"agents") {
@@ -258,49 +258,60 @@ fn event_columns() -> Vec<Expr> {
     .collect()
 }
 
-fn field(json_get: &ScalarUDF, key: &str) -> Expr {
-    json_get.call(vec![col("payload"), lit(key)])
+/// A view's record struct: one decode of `payload` per row through the record's type
+/// (the planner computes the repeated expression once).
+fn record(columns: RecordColumns) -> Expr {
+    ScalarUDF::from(columns).call(vec![col("payload")])
 }
 
-fn finding_columns(json_get: &ScalarUDF) -> Vec<Expr> {
+/// One text field of a record struct, as a column of that name.
+fn field(record: &Expr, name: &str) -> Expr {
+    get_field(record.clone(), name).alias(name)
+}
+
+fn finding_columns() -> Vec<Expr> {
+    let finding = record(RecordColumns::finding());
+    let field = |name| field(&finding, name);
     vec![
         col("log_index"),
         col("ts"),
-        field(json_get, "id").alias("id"),
+        field("id"),
         col("agent"),
         col("realm"),
         col("action").alias("type"),
-        cast(field(json_get, "score"), DataType::Int32).alias("score"),
-        field(json_get, "severity").alias("severity"),
-        cast(field(json_get, "confidence"), DataType::Float64).alias("confidence"),
-        field(json_get, "learning").alias("learning"),
-        field(json_get, "title").alias("title"),
-        field(json_get, "rule_id").alias("rule_id"),
-        field(json_get, "tags").alias("tags"),
-        field(json_get, "evidence").alias("evidence"),
-        field(json_get, "explanation").alias("explanation"),
-        field(json_get, "window").alias("window"),
+        cast(get_field(finding.clone(), "score"), DataType::Int32).alias("score"),
+        field("severity"),
+        cast(get_field(finding.clone(), "confidence"), DataType::Float64).alias("confidence"),
+        field("learning"),
+        field("title"),
+        field("rule_id"),
+        field("tags"),
+        field("evidence"),
+        field("explanation"),
+        field("window"),
         col("keyid"),
         col("payload"),
     ]
 }
 
-fn action_columns(json_get: &ScalarUDF) -> Vec<Expr> {
+fn action_columns() -> Vec<Expr> {
+    let action = record(RecordColumns::action());
+    let field = |name| field(&action, name);
     vec![
         col("log_index"),
         col("ts"),
-        field(json_get, "id").alias("id"),
-        field(json_get, "playbook").alias("playbook"),
-        field(json_get, "finding_id").alias("finding_id"),
+        field("id"),
+        field("playbook"),
+        field("finding_id"),
         col("agent"),
         col("realm"),
         col("action"),
         col("target"),
-        field(json_get, "status").alias("status"),
-        field(json_get, "reason").alias("reason"),
-        field(json_get, "by").alias("by"),
-        field(json_get, "approval_id").alias("approval_id"),
-        field(json_get, "undoes").alias("undoes"),
+        field("status"),
+        field("reason"),
+        field("by"),
+        field("approval_id"),
+        field("undoes"),
         col("keyid"),
         col("payload"),
     ]

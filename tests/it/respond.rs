@@ -734,6 +734,56 @@ fn rest_lists_filter_and_page() {
             .all(|a| a["agent"] == culprits[2].as_str())
     );
 
+    // The SQL views read the same records: each finding's and action's columns equal
+    // what the REST lists (the records' own readers) say.
+    let rows = |query: &str| -> Vec<Value> {
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/sql"))
+            .bearer_auth(&token)
+            .header("accept", "application/json")
+            .json(&json!({ "sql": query }))
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{query}");
+        response.json().unwrap()
+    };
+    let (_, listed) = get(&url, "/v1/findings?type=credential_misuse", &token);
+    let listed = listed["findings"].as_array().unwrap();
+    let viewed = rows(
+        "SELECT id, score, severity, title, rule_id, evidence, tags, learning, confidence FROM findings \
+         WHERE type = 'credential_misuse' ORDER BY log_index",
+    );
+    assert_eq!(viewed.len(), listed.len(), "{viewed:?}");
+    for row in &viewed {
+        let finding = listed
+            .iter()
+            .find(|finding| finding["id"] == row["id"])
+            .unwrap_or_else(|| panic!("{row} is not listed"));
+        assert_eq!(row["score"], finding["score"], "{row}");
+        assert_eq!(
+            row["confidence"].as_f64().map(|c| c as f32),
+            finding["confidence"].as_f64().map(|c| c as f32)
+        );
+        for text in ["severity", "title", "rule_id"] {
+            assert_eq!(row[text], finding[text], "{text}: {row}");
+        }
+        for json in ["evidence", "tags"] {
+            let column: Value = serde_json::from_str(row[json].as_str().unwrap()).unwrap();
+            assert_eq!(column, finding[json], "{json}: {row}");
+        }
+        assert_eq!(row["learning"], finding["learning"].to_string(), "{row}");
+    }
+    let viewed = rows(
+        "SELECT id, playbook, status, \"by\", agent FROM actions WHERE action = 'revoke_agent' ORDER BY log_index",
+    );
+    assert_eq!(viewed.len(), 3, "{viewed:?}");
+    for row in &viewed {
+        assert_eq!(row["playbook"], "revoke-misuse", "{row}");
+        assert_eq!(row["status"], "executed", "{row}");
+        assert_eq!(row["by"], "playbook:revoke-misuse", "{row}");
+        assert!(culprits.iter().any(|culprit| row["agent"] == culprit.as_str()), "{row}");
+    }
+
     // Agents: by realm and status, paged by enrollment.
     let (_, answer) = get(&url, "/v1/agents?realm=eng&status=active", &token);
     let active: Vec<&str> = answer["agents"]
