@@ -101,6 +101,8 @@ Distributed (stages on Kafka topics; see docs/architecture.md):
       --object-store file:///srv/custos-archive
   custos serve --data ./store --kafka 127.0.0.1:9092 --roles writer \
       --trust-detector did:key:z6Mk… --trust-responder did:key:z6Mk…
+  custos serve --data ./edge1 --kafka broker-1:9093 --roles ingest \
+      --kafka-config-file /etc/custos/kafka.properties    # TLS / SASL settings
 
 On first start the node creates the store, prints an admin token once, and writes it
 owner-only to DATA/admin.token for CLI use on this host. SIGTERM or Ctrl-C stops
@@ -141,6 +143,12 @@ struct ServeArgs {
     /// With --roles query: where the query node reads the sealed store from.
     #[arg(long, value_name = "URL", env = "CUSTOS_OBJECT_STORE")]
     object_store: Option<String>,
+    /// With --roles query: the writer's checkpoint verifier key you trust (the text of its
+    /// DATA/logs/0/checkpoint.pub, as `custos verify --log-key` takes it). The node then
+    /// refuses an object store signed by any other key, instead of trusting the key it
+    /// reads there first.
+    #[arg(long, value_name = "KEY", env = "CUSTOS_LOG_KEY", requires = "kafka")]
+    log_key: Option<String>,
     /// Kafka bootstrap servers (`host:port,...`): the stages exchange the contract's
     /// records over topics instead of in-process channels.
     #[arg(long, value_name = "BROKERS", env = "CUSTOS_KAFKA")]
@@ -148,6 +156,20 @@ struct ServeArgs {
     /// Topic name prefix (`PREFIX.submissions`, `PREFIX.committed`, ...).
     #[arg(long, default_value = "custos", requires = "kafka")]
     kafka_prefix: String,
+    /// A connection setting for the Kafka clients, `KEY=VALUE`, repeatable: TLS
+    /// (`security.protocol=ssl`, `ssl.ca.location=/etc/custos/ca.pem`, client certificates
+    /// with `ssl.certificate.location` and `ssl.key.location`) and SASL
+    /// (`security.protocol=sasl_ssl`, `sasl.mechanism=SCRAM-SHA-512`, `sasl.username=...`).
+    /// Only security.protocol, ssl.*, sasl.*, enable.ssl.certificate.verification and
+    /// client.id are taken. Put passwords in --kafka-config-file instead: a command line
+    /// is visible to every local user.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", requires = "kafka")]
+    kafka_settings: Vec<String>,
+    /// A file of the same settings, one `key=value` per line (`#` comments), read before
+    /// --kafka-config: the place for `sasl.password` and `ssl.key.password`. Keep it
+    /// owner-only (the node warns when others may read it).
+    #[arg(long, value_name = "PATH", env = "CUSTOS_KAFKA_CONFIG_FILE", requires = "kafka")]
+    kafka_config_file: Option<PathBuf>,
     /// Partitions of the topics when this process creates them.
     #[arg(long, default_value_t = 3, requires = "kafka", value_parser = clap::value_parser!(i32).range(1..=1024))]
     kafka_partitions: i32,
@@ -340,10 +362,35 @@ impl ServeArgs {
         }
     }
 
-    fn cluster(&self) -> Option<cmd::serve::Cluster> {
-        let brokers = self.kafka.clone()?;
+    fn cluster(&self) -> anyhow::Result<Option<cmd::serve::Cluster>> {
+        let Some(brokers) = self.kafka.clone() else {
+            return Ok(None);
+        };
         let mut kafka = custos_stage::kafka::KafkaConfig::new(brokers);
         kafka.prefix = self.kafka_prefix.clone();
+        if let Some(path) = &self.kafka_config_file {
+            let text = fs_err::read_to_string(path)?;
+            warn_if_others_read(path);
+            kafka
+                .set_properties(&text, &path.display().to_string())
+                .map_err(anyhow::Error::msg)?;
+        }
+        for setting in &self.kafka_settings {
+            let Some((key, value)) = setting.split_once('=') else {
+                anyhow::bail!("--kafka-config `{setting}` is not KEY=VALUE");
+            };
+            kafka
+                .set(key, value)
+                .map_err(|error| anyhow::anyhow!("--kafka-config: {error}"))?;
+        }
+        kafka.check()?;
+        let log_key = match &self.log_key {
+            Some(text) => Some(
+                custos_store::checkpoint::NoteKey::parse_verifier(text.trim())
+                    .map_err(|error| anyhow::anyhow!("--log-key `{}`: {error}", text.trim()))?,
+            ),
+            None => None,
+        };
         let mut trust = std::collections::BTreeMap::new();
         for did in &self.trust_detector {
             trust.insert(did.clone(), custos_event::FINDING_PAYLOAD_TYPE.to_owned());
@@ -351,7 +398,7 @@ impl ServeArgs {
         for did in &self.trust_responder {
             trust.insert(did.clone(), custos_event::ACTION_PAYLOAD_TYPE.to_owned());
         }
-        Some(cmd::serve::Cluster {
+        Ok(Some(cmd::serve::Cluster {
             kafka,
             partitions: self.kafka_partitions,
             writer: self.roles.contains(&Role::Writer),
@@ -362,7 +409,8 @@ impl ServeArgs {
             partition: None,
             preferred: self.prefer_partitions.clone(),
             trust,
-        })
+            log_key,
+        }))
     }
 
     fn pipeline(&self) -> Option<pipeline::PipelineConfig> {
@@ -749,6 +797,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// A settings file with secrets in it should be owner-only; say so when it is not.
+fn warn_if_others_read(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o044 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            "the Kafka settings file may be read by other users; make it owner-only (chmod 600) if it holds a password"
+        );
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
@@ -759,7 +820,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.config(),
                 args.pipeline(),
                 args.limits(),
-                args.cluster(),
+                args.cluster()?,
                 archive,
                 lastid_secret,
             )

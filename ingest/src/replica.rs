@@ -50,7 +50,8 @@ pub struct Replica {
     folded: BTreeSet<u64>,
     /// Committed records without their entry (a writer that does not publish them).
     bare: u64,
-    /// The log key, as first read from the copy (`checkpoint.pub`); it may never change.
+    /// The log key, as pinned or as first read from the copy (`checkpoint.pub`); it may
+    /// never change.
     log_key: Option<custos_store::checkpoint::NoteKey>,
 }
 
@@ -71,6 +72,12 @@ impl Replica {
             bare: 0,
             log_key: None,
         }
+    }
+
+    /// Trusts `key` as the log key instead of the first one read from the copy: a copy
+    /// whose `checkpoint.pub` differs, or whose segments another key signed, is refused.
+    pub fn pin_log_key(&mut self, key: custos_store::checkpoint::NoteKey) {
+        self.log_key = Some(key);
     }
 
     /// The local copy.
@@ -133,7 +140,7 @@ impl Replica {
             .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?;
         match &self.log_key {
             Some(known) if *known != key => Err(StoreError::Tamper(
-                "`checkpoint.pub` in the object store changed: the log key is not the one first read".into(),
+                "`checkpoint.pub` in the object store is not the log key this node trusts (pinned with --log-key, or the one it read first)".into(),
             )),
             Some(_) => Ok(key),
             None => Ok(self.log_key.insert(key).clone()),

@@ -47,10 +47,15 @@ impl QueryNode {
         url: &str,
         kafka: &KafkaConfig,
         chain_window: usize,
+        log_key: Option<custos_store::checkpoint::NoteKey>,
     ) -> anyhow::Result<Self> {
         let store = data.join("replica");
         fs_err::create_dir_all(&store)?;
-        let replica = Arc::new(Mutex::new(Replica::new(store.clone(), chain_window)));
+        let mut replica = Replica::new(store.clone(), chain_window);
+        if let Some(key) = log_key {
+            replica.pin_log_key(key);
+        }
+        let replica = Arc::new(Mutex::new(replica));
         let stop = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let (first, loaded) = std::sync::mpsc::channel::<anyhow::Result<usize>>();

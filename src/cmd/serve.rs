@@ -34,6 +34,9 @@ pub(crate) struct Cluster {
     pub(crate) preferred: Vec<i32>,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
+    /// A query node's pinned checkpoint verifier key (`--log-key`): the object store's
+    /// segments must be signed by it.
+    pub(crate) log_key: Option<custos_store::checkpoint::NoteKey>,
 }
 
 /// Where the writer records the highest log index it has published to Kafka.
@@ -438,7 +441,14 @@ async fn run_without_store(
              query each partition's writer"
         ),
         (true, Some(url)) => Some(
-            super::query_node::QueryNode::start(config.data.clone(), url, &cluster.kafka, config.chain_window).await?,
+            super::query_node::QueryNode::start(
+                config.data.clone(),
+                url,
+                &cluster.kafka,
+                config.chain_window,
+                cluster.log_key.clone(),
+            )
+            .await?,
         ),
     };
     let data = config.data.clone();

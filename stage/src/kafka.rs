@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::wire;
 use crate::{Answer, Committed, Intake, Publish, Receipt, Refused, StageError, Submission, Submitter, Subscription};
 
-/// Where the cluster is and what its topics are called.
-#[derive(Clone, Debug)]
+/// Where the cluster is, how to reach it and what its topics are called.
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port[,host:port...]`.
     pub brokers: String,
@@ -46,7 +46,39 @@ pub struct KafkaConfig {
     pub prefix: String,
     /// How long a produce may take before it counts as failed.
     pub produce_timeout: Duration,
+    /// Connection settings handed to librdkafka as they are: TLS (`security.protocol`,
+    /// `ssl.*`) and SASL (`sasl.*`). Only those keys are taken ([`KafkaConfig::set`]):
+    /// the others decide delivery and offsets, which Custos sets itself.
+    settings: Vec<(String, String)>,
 }
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: Vec<String> = self
+            .settings
+            .iter()
+            .map(|(key, value)| format!("{key}={}", if secret(key) { "<redacted>" } else { value }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("prefix", &self.prefix)
+            .field("produce_timeout", &self.produce_timeout)
+            .field("settings", &settings)
+            .finish()
+    }
+}
+
+/// Whether a setting's value is a secret: never shown in logs, errors or `Debug`.
+fn secret(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".pem") && key.contains("key")
+        || key == "sasl.oauthbearer.config"
+}
+
+/// The librdkafka settings `--kafka-config` takes: how to connect and authenticate.
+const SETTING_PREFIXES: [&str; 3] = ["ssl.", "sasl.", "ssl_"];
+const SETTING_KEYS: [&str; 3] = ["security.protocol", "enable.ssl.certificate.verification", "client.id"];
 
 impl KafkaConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
@@ -54,7 +86,77 @@ impl KafkaConfig {
             brokers: brokers.into(),
             prefix: "custos".into(),
             produce_timeout: Duration::from_secs(30),
+            settings: Vec::new(),
         }
+    }
+
+    /// Adds a connection setting (a later one for the same key wins). Taken:
+    /// `security.protocol`, `ssl.*`, `sasl.*`, `enable.ssl.certificate.verification`
+    /// and `client.id`. Any other key is refused, named in the error: delivery,
+    /// offsets and group settings are Custos's own.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let key = key.trim();
+        let taken = SETTING_KEYS.contains(&key) || SETTING_PREFIXES.iter().any(|prefix| key.starts_with(prefix));
+        if !taken {
+            return Err(format!(
+                "Kafka setting `{key}` is not one Custos passes on: only security.protocol, ssl.*, \
+                 sasl.*, enable.ssl.certificate.verification and client.id are (delivery, offsets \
+                 and groups are set by Custos)"
+            ));
+        }
+        if key == "security.protocol"
+            && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&value.to_ascii_lowercase().as_str())
+        {
+            return Err(format!(
+                "Kafka setting security.protocol=`{value}` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl"
+            ));
+        }
+        if key.starts_with("sasl.kerberos") || key == "sasl.mechanism" && value.eq_ignore_ascii_case("GSSAPI") {
+            return Err(format!(
+                "Kafka setting `{key}`: GSSAPI (Kerberos) is not built in; use PLAIN, SCRAM-SHA-256, \
+                 SCRAM-SHA-512 or OAUTHBEARER"
+            ));
+        }
+        self.settings.retain(|(old, _)| old != key);
+        self.settings.push((key.to_owned(), value.to_owned()));
+        Ok(())
+    }
+
+    /// Reads `key=value` lines (Java client.properties style: `#` and `!` comments, blank
+    /// lines skipped) from `text` into the settings; `origin` names the file in errors.
+    pub fn set_properties(&mut self, text: &str, origin: &str) -> Result<(), String> {
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=').or_else(|| line.split_once(':')) else {
+                return Err(format!(
+                    "{origin}:{}: expected key=value, found `{}`",
+                    number + 1,
+                    redact_line(line)
+                ));
+            };
+            self.set(key, value.trim())
+                .map_err(|error| format!("{origin}:{}: {error}", number + 1))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the settings to librdkafka once, without connecting, so that a bad value or
+    /// an unreadable certificate is reported at start. A secret value never appears in
+    /// the error (librdkafka quotes the value it refuses).
+    pub fn check(&self) -> Result<(), StageError> {
+        let created: Result<BaseConsumer, KafkaError> = self.client().create();
+        created.map(drop).map_err(|error| {
+            let mut text = error.to_string();
+            for (key, value) in &self.settings {
+                if secret(key) && !value.is_empty() {
+                    text = text.replace(value.as_str(), "<redacted>");
+                }
+            }
+            StageError::Kafka(format!("the settings were refused: {text}"))
+        })
     }
 
     pub fn submissions(&self) -> String {
@@ -84,6 +186,9 @@ impl KafkaConfig {
             .set("bootstrap.servers", &self.brokers)
             // librdkafka logs through stderr by default; keep it to real problems.
             .set("log_level", "3");
+        for (key, value) in &self.settings {
+            config.set(key, value);
+        }
         config
     }
 
@@ -101,6 +206,15 @@ impl KafkaConfig {
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
             .map_err(kafka)
+    }
+}
+
+/// A properties line for an error message: its value hidden when it may be a secret.
+fn redact_line(line: &str) -> String {
+    if secret(&line.to_ascii_lowercase()) {
+        "<a line naming a secret, value not shown>".into()
+    } else {
+        line.chars().take(120).collect()
     }
 }
 

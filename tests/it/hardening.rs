@@ -812,7 +812,8 @@ fn computed_values_count_against_the_query_memory_limit() {
     let url = server.url.clone();
     let pid = server.child.id();
     let before = rss(pid);
-    let started = Instant::now();
+    // Stopped by the memory limit (413 query_memory), not by the query timeout (which
+    // answers 408 query_timeout): no wall-clock bound needed.
     let (status, body, _) = sql_as(
         &url,
         &admin,
@@ -821,7 +822,6 @@ fn computed_values_count_against_the_query_memory_limit() {
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"], "query_memory", "{body}");
     assert!(body["message"].as_str().unwrap().contains("512 MiB"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(30));
     let grown = rss(pid).saturating_sub(before);
     assert!(
         grown < 128 * 1024 * 1024,

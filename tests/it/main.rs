@@ -10,6 +10,7 @@ mod crash;
 mod eval;
 mod evidence;
 mod hardening;
+mod kafka_tls;
 mod lastid;
 mod metrics;
 mod openapi;

@@ -110,8 +110,24 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
         std::fs::read_to_string(&sealed).is_ok_and(|text| text.lines().count() >= 2)
     });
 
+    // The first node pins the writer's log key, as an operator would (`--log-key`).
+    let log_key = std::fs::read_to_string(dir.path().join("writer/logs/0/checkpoint.pub")).unwrap();
     let node_dir = dir.path().join("query");
-    let node = query_node(&node_dir, &broker.addr, &archive);
+    let node = Server::start_with(
+        &node_dir,
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            PREFIX,
+            "--roles",
+            "query",
+            "--object-store",
+            &archive,
+            "--log-key",
+            log_key.trim(),
+        ],
+    );
     let node_token = node.token();
     wait_for("the query node to be ready", || {
         reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
@@ -259,6 +275,29 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let stderr = crate::support::stderr(&output);
     assert!(!output.status.success(), "{stderr}");
     let name = segment.file_name().unwrap().to_str().unwrap();
+    // A node pinned to another key refuses the copy before reading any segment.
+    let stranger = custos_store::checkpoint::NoteKey {
+        name: "custos/stranger".into(),
+        public: AgentKey::from_seed(&[9; 32]).public_key(),
+    };
+    let pinned = crate::support::custos()
+        .args(["serve", "--data"])
+        .arg(dir.path().join("query-pinned"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            PREFIX,
+        ])
+        .args(["--roles", "query", "--object-store", &archive, "--log-key"])
+        .arg(stranger.verifier_string())
+        .output()
+        .unwrap();
+    let refused = crate::support::stderr(&pinned);
+    assert!(!pinned.status.success(), "{refused}");
+    assert!(refused.contains("log key this node trusts"), "{refused}");
     assert!(stderr.contains(name) && stderr.contains("blake3"), "{stderr}");
     drop(broker);
 }
