@@ -77,7 +77,7 @@ fn secret(key: &str) -> bool {
 }
 
 /// The librdkafka settings `--kafka-config` takes: how to connect and authenticate.
-const SETTING_PREFIXES: [&str; 3] = ["ssl.", "sasl.", "ssl_"];
+const SETTING_PREFIXES: [&str; 2] = ["ssl.", "sasl."];
 const SETTING_KEYS: [&str; 3] = ["security.protocol", "enable.ssl.certificate.verification", "client.id"];
 
 impl KafkaConfig {

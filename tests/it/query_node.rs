@@ -258,20 +258,25 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&segment, bytes).unwrap();
-    let output = crate::support::custos()
-        .args(["serve", "--data"])
-        .arg(dir.path().join("query-tampered"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--kafka",
-            &broker.addr,
-            "--kafka-prefix",
-            PREFIX,
-        ])
-        .args(["--roles", "query", "--object-store", &archive])
-        .output()
-        .unwrap();
+    // A query node that must fail at start: its output.
+    let refused_node = |name: &str, extra: &[&str]| {
+        crate::support::custos()
+            .args(["serve", "--data"])
+            .arg(dir.path().join(name))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--kafka",
+                &broker.addr,
+                "--kafka-prefix",
+                PREFIX,
+            ])
+            .args(["--roles", "query", "--object-store", &archive])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = refused_node("query-tampered", &[]);
     let stderr = crate::support::stderr(&output);
     assert!(!output.status.success(), "{stderr}");
     let name = segment.file_name().unwrap().to_str().unwrap();
@@ -280,21 +285,7 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
         name: "custos/stranger".into(),
         public: AgentKey::from_seed(&[9; 32]).public_key(),
     };
-    let pinned = crate::support::custos()
-        .args(["serve", "--data"])
-        .arg(dir.path().join("query-pinned"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--kafka",
-            &broker.addr,
-            "--kafka-prefix",
-            PREFIX,
-        ])
-        .args(["--roles", "query", "--object-store", &archive, "--log-key"])
-        .arg(stranger.verifier_string())
-        .output()
-        .unwrap();
+    let pinned = refused_node("query-pinned", &["--log-key", &stranger.verifier_string()]);
     let refused = crate::support::stderr(&pinned);
     assert!(!pinned.status.success(), "{refused}");
     assert!(refused.contains("log key this node trusts"), "{refused}");
