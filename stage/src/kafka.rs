@@ -235,6 +235,7 @@ fn transient(error: &KafkaError) {
 /// Creates the topics (a topic that exists already is fine). The control topic is
 /// compacted: it keeps the latest record per key (agent, memory, credential).
 pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageError> {
+    reach(config)?;
     let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka)?;
     let names = [
         (config.submissions(), false),
@@ -266,6 +267,80 @@ pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageE
         }
     }
     Ok(())
+}
+
+/// How long a node waits at start for the brokers to answer.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client context that keeps the most telling error librdkafka reported: a refused
+/// password or a failed TLS handshake is kept over the "all brokers are down" that
+/// follows it. (librdkafka logs each failure itself, through `tracing`.)
+#[derive(Default)]
+struct Watched {
+    last: Mutex<Option<(rdkafka::types::RDKafkaErrorCode, String)>>,
+}
+
+impl Watched {
+    fn last(&self) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ClientContext for Watched {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode::AllBrokersDown;
+        let code = error
+            .rdkafka_error_code()
+            .unwrap_or(rdkafka::types::RDKafkaErrorCode::Fail);
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if code != AllBrokersDown || last.is_none() {
+            *last = Some((code, format!("{error}: {reason}")));
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Watched {}
+
+/// Waits up to [`REACH_TIMEOUT`] for the brokers to answer a metadata request, so that
+/// a wrong address, password or certificate is named at start instead of the node
+/// waiting on its topics without a word. The error carries what librdkafka last said.
+pub fn reach(config: &KafkaConfig) -> Result<(), StageError> {
+    let client: BaseConsumer<Watched> = config.client().create_with_context(Watched::default()).map_err(kafka)?;
+    let started = Instant::now();
+    loop {
+        let error = match client.fetch_metadata(None, Duration::from_secs(1)) {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        // Errors and logs reach the context only when the client's queue is polled.
+        let _ = client.poll(Duration::from_millis(100));
+        let last = client.context().last();
+        // A refused password or certificate will not mend by waiting.
+        let settled = matches!(
+            last,
+            Some((
+                rdkafka::types::RDKafkaErrorCode::Authentication | rdkafka::types::RDKafkaErrorCode::SSL,
+                _
+            ))
+        );
+        if settled || started.elapsed() >= REACH_TIMEOUT {
+            let why = last.map_or_else(
+                || error.to_string(),
+                |(_, last)| format!("{error}; the client said: {last}"),
+            );
+            let waited = match settled {
+                true => String::new(),
+                false => format!(" within {} s", REACH_TIMEOUT.as_secs()),
+            };
+            return Err(StageError::Kafka(format!(
+                "cannot reach the Kafka brokers `{}`{waited}: {why}",
+                config.brokers
+            )));
+        }
+    }
 }
 
 /// Calls each record's delivery callback once the broker acknowledged it (or refused it).

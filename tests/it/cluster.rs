@@ -176,7 +176,7 @@ fn sql(url: &str, token: &str, query: &str) -> Vec<serde_json::Value> {
 
 /// POSTs `body` to `/v1/events`; `None` when the node could not be reached or answered
 /// anything but 200 (a client resends).
-fn post_events(url: &str, body: &[u8]) -> Option<Vec<serde_json::Value>> {
+pub(crate) fn post_events(url: &str, body: &[u8]) -> Option<Vec<serde_json::Value>> {
     let response = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/events"))
         .header("content-type", "application/x-ndjson")

@@ -31,6 +31,8 @@ pub(crate) struct Broker {
     child: Child,
     pub(crate) addr: String,
     dir: PathBuf,
+    /// Extra `tansu broker` arguments, kept for a restart.
+    extra: Vec<String>,
 }
 
 /// Where `scripts/test` installs tansu (or `CUSTOS_TANSU`).
@@ -55,22 +57,45 @@ impl Broker {
             .local_addr()
             .unwrap()
             .port();
-        Self::start_at(dir, format!("127.0.0.1:{port}"))
+        Self::start_at(dir, format!("127.0.0.1:{port}"), &[])
+    }
+
+    /// A broker that requires SASL/SCRAM-SHA-512: `user` is created on an open broker
+    /// first (tansu keeps credentials in its storage), which is then restarted with
+    /// `--authentication` on the same address and storage.
+    pub(crate) fn start_authenticated(dir: &Path, user: &str, password: &str) -> Self {
+        let mut open = Self::start(dir);
+        let created = Command::new(tansu())
+            .args(["user", "create", user, password, "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://{}", open.addr))
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let _ = open.child.kill();
+        let _ = open.child.wait();
+        let started = Self::start_at(dir, open.addr.clone(), &["--authentication".to_owned()]);
+        std::mem::forget(open);
+        started
     }
 
     /// SIGKILLs the broker and starts it again on the same address and storage.
     pub(crate) fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let started = Self::start_at(&self.dir.clone(), self.addr.clone());
+        let started = Self::start_at(&self.dir.clone(), self.addr.clone(), &self.extra.clone());
         let old = std::mem::replace(self, started);
         std::mem::forget(old);
     }
 
-    fn start_at(dir: &Path, addr: String) -> Self {
+    fn start_at(dir: &Path, addr: String, extra: &[String]) -> Self {
         let url = format!("tcp://{addr}");
         let child = Command::new(tansu())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(extra)
             // tansu reads the SQLite path relative to its working directory.
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(dir)
@@ -90,6 +115,7 @@ impl Broker {
             child,
             addr,
             dir: dir.to_owned(),
+            extra: extra.to_vec(),
         }
     }
 }
