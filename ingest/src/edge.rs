@@ -30,7 +30,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use custos_event::{KeyCache, Reason};
 use custos_stage::{ControlOp, EventBatch, EventItem, ItemCheck, Submission, Submitter, Verdict};
 use serde::Deserialize;
@@ -41,6 +41,7 @@ use crate::sequencer::Item;
 use crate::{NodeConfig, NodeError};
 use custos_http::auth::{Role, Secret, Tokens};
 use custos_http::metrics_answer;
+use custos_http::openapi::Endpoint;
 use custos_http::{ApiError, serve};
 
 /// The registry as the control topic tells it: each agent's latest status and realm.
@@ -230,17 +231,26 @@ pub async fn start_edge(
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
     let tokens = state.tokens.clone();
-    let mut router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/events", post(post_events))
-        .route("/v1/agents", post(enroll))
-        .route("/v1/agents/{did}/revoke", post(revoke))
+    let mut router = endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (endpoint, method)| {
+            router.route(endpoint.path, custos_http::guarded(&endpoint, method, &tokens))
+        })
         .with_state(state)
         .merge(custos_http::tokens::router(&tokens));
-    if let Some(extra) = extra {
-        router = router.merge(extra(tokens));
+    match extra {
+        // The query routes bring `GET /openapi.json`, listing these routes too.
+        Some(extra) => router = router.merge(extra(tokens)),
+        None => {
+            let document = Arc::new(custos_http::openapi::document(&catalogue(), env!("CARGO_PKG_VERSION")));
+            router = router.route(
+                "/openapi.json",
+                get(move || {
+                    let document = document.clone();
+                    async move { Json(document.as_ref().clone()) }
+                }),
+            );
+        }
     }
     let router = router
         .layer(axum::middleware::from_fn_with_state(bodies, serve::budget_bodies))
@@ -259,6 +269,115 @@ pub async fn start_edge(
         shutdown: Some(shutdown_tx),
         done,
     })
+}
+
+/// An ingest node's routes, declared once: served by [`start_edge`], described by
+/// `GET /openapi.json`.
+fn endpoints() -> Vec<(Endpoint, MethodRouter<EdgeState>)> {
+    const ADMIN: &[Role] = &[Role::Admin];
+    vec![
+        (
+            Endpoint::new("GET", "/healthz", "health", "Liveness: 200 while the process runs").answer(200, "text/plain"),
+            get(|| async { "ok\n" }),
+        ),
+        (
+            Endpoint::new(
+                "GET",
+                "/readyz",
+                "health",
+                "Readiness: 200 once the registry was read from the control topic, else 503",
+            )
+            .answer(200, "text/plain"),
+            get(readyz),
+        ),
+        (
+            Endpoint::new("GET", "/metrics", "operations", "Prometheus metrics (docs/metrics.md)")
+                .roles(&custos_http::EVERYONE)
+                .answer(200, "text/plain"),
+            get(metrics),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/events",
+                "ingest",
+                "Ingest DSSE envelopes (JSON array or NDJSON), answered per item once the log writer made them durable",
+            )
+            .returns("ItemResults")
+            .errors(&[429, 503]),
+            post(post_events),
+        ),
+        (
+            Endpoint::new("POST", "/v1/agents", "registry", "Enroll a Custos agent (through the log writer)")
+                .returns("Record")
+                .errors(&[409, 503])
+                .roles(ADMIN)
+                .body("application/json", r#"{"did":"did:key:z6Mk…","realm":"eng","labels":{}}"#),
+            post(enroll),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/agents/{did}/revoke",
+                "registry",
+                "Revoke an agent (through the log writer); every ingest node refuses its events once the control topic says so",
+            )
+            .returns("Record")
+            .errors(&[404, 503])
+            .roles(ADMIN),
+            post(revoke),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/traces",
+                "ingest",
+                "Not served by an ingest node: OTLP traces are attested with keys a node with its own store holds (501 writer_only)",
+            )
+            .errors(&[501]),
+            post(|| async { adapter_refused("OTLP traces") }),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/adapters/lastid/audit",
+                "adapters",
+                "Not served by an ingest node (501 writer_only)",
+            )
+            .errors(&[501]),
+            post(|| async { adapter_refused("LastID audit records") }),
+        ),
+        (
+            Endpoint::new(
+                "POST",
+                "/v1/adapters/vaultysclaw/webhook",
+                "adapters",
+                "Not served by an ingest node (501 writer_only)",
+            )
+            .errors(&[501]),
+            post(|| async { adapter_refused("VaultysClaw webhooks") }),
+        ),
+    ]
+}
+
+/// The ingest node's endpoints with the token routes, for `GET /openapi.json`.
+pub fn catalogue() -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = endpoints().into_iter().map(|(endpoint, _)| endpoint).collect();
+    endpoints.extend(custos_http::tokens::catalogue());
+    endpoints
+}
+
+/// The adapters attest what they receive with keys and hash chains kept in a node's
+/// store, which an ingest node does not have.
+fn adapter_refused(what: &str) -> ApiError {
+    ApiError::new(
+        501,
+        "writer_only",
+        format!(
+            "{what} are not taken by an ingest node (--roles ingest): the adapter signs them with keys kept in a \
+             node's own store; send them to the API of a node that holds the log (--roles writer)"
+        ),
+    )
 }
 
 async fn readyz(State(state): State<EdgeState>) -> Response {

@@ -33,6 +33,7 @@ use super::fleet::fleet;
 Examples:
   custos bench cluster                      # starts tansu from ~/.cache/custos-tools (scripts/test installs it)
   custos bench cluster --kafka 127.0.0.1:9092 --events 100000 --json
+  custos bench cluster --broker-storage memory   # a broker that acknowledges without writing to disk
   CUSTOS_TANSU=/opt/tansu/bin/tansu custos bench cluster --agents 500")]
 pub(crate) struct ClusterArgs {
     /// Distinct agents per phase.
@@ -54,9 +55,38 @@ pub(crate) struct ClusterArgs {
     /// The tansu binary, when --kafka is not given.
     #[arg(long, env = "CUSTOS_TANSU")]
     tansu: Option<PathBuf>,
+    /// The started tansu's storage: `sqlite` (a file, committed on every produce; what
+    /// the tests use, as it survives a broker restart) or `memory` (nothing written to
+    /// disk; closer to a Kafka broker, which acknowledges from the page cache).
+    #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
+    broker_storage: BrokerStorage,
     /// Print the result as JSON too.
     #[arg(long)]
     json: bool,
+}
+
+/// The storage engine of the tansu broker the bench starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BrokerStorage {
+    Sqlite,
+    Memory,
+}
+
+impl BrokerStorage {
+    fn engine(self) -> &'static str {
+        match self {
+            // tansu reads the SQLite path relative to its working directory.
+            Self::Sqlite => "sqlite://tansu.db",
+            Self::Memory => "memory://tansu/",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Sqlite => "tansu (SQLite storage)",
+            Self::Memory => "tansu (in-memory storage)",
+        }
+    }
 }
 
 /// A `custos serve` child process, killed when dropped.
@@ -160,8 +190,7 @@ impl Broker {
         fs_err::create_dir_all(dir)?;
         let child = Command::new(&tansu)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            // tansu reads the SQLite path relative to its working directory.
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", args.broker_storage.engine()])
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -428,7 +457,7 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         "batch": args.batch,
         "connections": connections,
         "cores": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
-        "broker": if args.kafka.is_some() { "given" } else { "tansu (SQLite storage)" },
+        "broker": if args.kafka.is_some() { "given" } else { args.broker_storage.describe() },
         "embedded": embedded.json(),
         "one_ingest": one.json(),
         "two_ingest": two.json(),
@@ -443,8 +472,11 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         },
     });
     println!(
-        "custos bench cluster: {} events per phase from {} agents, batch {}, {connections} connections",
-        args.events, args.agents, args.batch
+        "custos bench cluster: {} events per phase from {} agents, batch {}, {connections} connections, broker {}",
+        args.events,
+        args.agents,
+        args.batch,
+        result["broker"].as_str().unwrap_or_default()
     );
     let line = |name: &str, phase: &Phase| {
         println!(

@@ -83,10 +83,13 @@ impl QueryNode {
         })
     }
 
-    /// The query routes over the replica, to merge into a listener with its token table.
-    pub(crate) fn routes(&self, limits: custos_query::Limits) -> anyhow::Result<custos_ingest::edge::ExtraRoutes> {
-        let mut others = health_endpoints();
-        others.extend(custos_http::tokens::catalogue());
+    /// The query routes over the replica, to merge into a listener with its token table;
+    /// `others` are the listener's other endpoints, for `GET /openapi.json`.
+    pub(crate) fn routes(
+        &self,
+        limits: custos_query::Limits,
+        others: Vec<custos_http::openapi::Endpoint>,
+    ) -> anyhow::Result<custos_ingest::edge::ExtraRoutes> {
         let routes = custos_query::http::routes(limits, others)?;
         let source = self.source.clone();
         Ok(Box::new(move |tokens| routes(source, tokens)))
@@ -110,6 +113,8 @@ impl QueryNode {
             );
         }
         let tokens: custos_http::SharedTokens = Arc::new(std::sync::RwLock::new(tokens));
+        let mut others = health_endpoints();
+        others.extend(custos_http::tokens::catalogue());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on `{}`", config.listen))?;
@@ -125,7 +130,7 @@ impl QueryNode {
             .route("/metrics", get(metrics))
             .with_state((self.ready.clone(), tokens.clone()))
             .merge(custos_http::tokens::router(&tokens))
-            .merge(self.routes(limits)?(tokens))
+            .merge(self.routes(limits, others)?(tokens))
             .layer(axum::middleware::from_fn_with_state(
                 bodies,
                 custos_http::serve::budget_bodies,

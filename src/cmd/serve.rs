@@ -468,7 +468,10 @@ async fn run_without_store(
                 // The partition stores are under DATA; this node's token table beside them.
                 config.data = config.data.join("edge");
             }
-            let extra = query.as_ref().map(|node| node.routes(limits.clone())).transpose()?;
+            let extra = query
+                .as_ref()
+                .map(|node| node.routes(limits.clone(), custos_ingest::edge::catalogue()))
+                .transpose()?;
             Some(Edge::start(config, cluster, extra).await?)
         }
         false => None,

@@ -243,6 +243,28 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     }
     let probe = probes[0].clone();
 
+    // The node describes its own routes, and refuses the adapters by name: they attest
+    // with keys kept in a store, which an ingest node does not have.
+    let document: serde_json::Value = reqwest::blocking::get(format!("{}/openapi.json", first.url))
+        .unwrap()
+        .json()
+        .unwrap();
+    for path in ["/v1/events", "/v1/agents/{did}/revoke", "/v1/tokens", "/v1/traces"] {
+        assert!(document["paths"][path].is_object(), "{path} not in {document}");
+    }
+    for path in [
+        "/v1/traces",
+        "/v1/adapters/lastid/audit",
+        "/v1/adapters/vaultysclaw/webhook",
+    ] {
+        let (status, answer) = crate::support::post(&first.url, path, None, b"{}".to_vec()).unwrap();
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (501, Some("writer_only")),
+            "{path}: {answer}"
+        );
+    }
+
     // One ingest node answers a mixed request item by item, as the writer's own API does.
     let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(
         json!({"kind": "tool_call"}).as_object().unwrap().clone(),
