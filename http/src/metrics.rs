@@ -70,6 +70,23 @@ pub static WAL_FSYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+/// An ingest node's hand-over to the log writer, by `step`: `submit` (until the broker
+/// acknowledged the submission) and `receipt` (from then until the writer's durable
+/// answer arrived).
+pub static WRITER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register(
+        HistogramVec::new(
+            HistogramOpts::new(
+                "custos_ingest_writer_seconds",
+                "An ingest node's hand-over of one submission to the log writer, by step",
+            )
+            .buckets(buckets()),
+            &["step"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Entries in the Merkle log.
 pub static TREE_SIZE: LazyLock<IntGauge> = LazyLock::new(|| {
     register(IntGauge::new("custos_log_tree_size", "Entries in the Merkle log").expect("valid metric"))
@@ -272,6 +289,9 @@ pub fn init() {
     LazyLock::force(&REJECTS);
     LazyLock::force(&VERIFY_SECONDS);
     LazyLock::force(&WAL_FSYNC_SECONDS);
+    for step in ["submit", "receipt"] {
+        WRITER_SECONDS.with_label_values(&[step]);
+    }
     LazyLock::force(&TREE_SIZE);
     LazyLock::force(&CHECKPOINT_SIZE);
     LazyLock::force(&CHECKPOINT_AGE);

@@ -400,10 +400,22 @@ async fn metrics(State(state): State<EdgeState>, headers: HeaderMap) -> Result<R
 async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stage::Appended, ApiError> {
     let submitter = state.submitter.clone();
     let timeout = state.receipt_timeout;
-    let outcome =
-        tokio::task::spawn_blocking(move || submitter.submit(submission).map(|receipt| receipt.wait(timeout)))
-            .await
-            .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let steps = &custos_http::metrics::WRITER_SECONDS;
+        let started = std::time::Instant::now();
+        let receipt = submitter.submit(submission)?;
+        let submitted = std::time::Instant::now();
+        steps
+            .with_label_values(&["submit"])
+            .observe((submitted - started).as_secs_f64());
+        let answer = receipt.wait(timeout);
+        steps
+            .with_label_values(&["receipt"])
+            .observe(submitted.elapsed().as_secs_f64());
+        Ok::<_, custos_stage::StageError>(answer)
+    })
+    .await
+    .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
     match outcome {
         Ok(Ok(appended)) => Ok(appended),
         Ok(Err(refused)) if refused.retryable => Err(ApiError::new(

@@ -135,6 +135,37 @@ impl Process {
             .to_owned())
     }
 
+    /// The sum and count of `custos_ingest_writer_seconds` per step (`submit`,
+    /// `receipt`) on this ingest node so far.
+    async fn writer_steps(&self) -> anyhow::Result<Steps> {
+        let text = reqwest::Client::new()
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(self.token()?)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let mut steps = Steps::default();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("custos_ingest_writer_seconds_") else {
+                continue;
+            };
+            let Some((name, value)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or_default();
+            match name {
+                r#"sum{step="submit"}"# => steps.submit.0 = value,
+                r#"count{step="submit"}"# => steps.submit.1 = value,
+                r#"sum{step="receipt"}"# => steps.receipt.0 = value,
+                r#"count{step="receipt"}"# => steps.receipt.1 = value,
+                _ => {}
+            }
+        }
+        Ok(steps)
+    }
+
     async fn ready(&self) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
@@ -217,6 +248,28 @@ impl Drop for Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// An ingest node's hand-over to the writer: (seconds, submissions) per step.
+#[derive(Clone, Copy, Default)]
+struct Steps {
+    submit: (f64, f64),
+    receipt: (f64, f64),
+}
+
+impl Steps {
+    /// The mean milliseconds of each step between `before` and `self`.
+    fn mean_since(&self, before: &Steps) -> (f64, f64) {
+        let mean = |now: (f64, f64), then: (f64, f64)| {
+            let count = now.1 - then.1;
+            if count > 0.0 {
+                (now.0 - then.0) / count * 1e3
+            } else {
+                0.0
+            }
+        };
+        (mean(self.submit, before.submit), mean(self.receipt, before.receipt))
     }
 }
 
@@ -411,7 +464,9 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     second.ready().await?;
 
     eprintln!("[2/5] broker + writer + 1 ingest node…");
+    let before = first.writer_steps().await?;
     let (latencies, elapsed) = drive(std::slice::from_ref(&first.url), one, None).await?;
+    let one_steps = first.writer_steps().await?.mean_since(&before);
     let one = Phase {
         events: args.events,
         elapsed,
@@ -434,7 +489,9 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         peak / 2.0,
         pace.as_secs_f64() * 1e3
     );
+    let before = first.writer_steps().await?;
     let (latencies, elapsed) = drive(&urls, half, Some(pace)).await?;
+    let half_steps = first.writer_steps().await?.mean_since(&before);
     let half = Phase {
         events: args.events,
         elapsed,
@@ -462,6 +519,10 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         "one_ingest": one.json(),
         "two_ingest": two.json(),
         "half_load": half.json(),
+        "writer_handover_ms": {
+            "one_ingest": {"submit": one_steps.0, "receipt": one_steps.1},
+            "half_load": {"submit": half_steps.0, "receipt": half_steps.1},
+        },
         "one_ingest_ratio": one.rate() / embedded.rate(),
         "two_ingest_ratio": two.rate() / embedded.rate(),
         "query_node_freshness_ms": {
@@ -494,6 +555,10 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         "  distributed / embedded: {:.2} (1 ingest), {:.2} (2 ingest)   goal >= 0.50; p99 at half load goal < 50 ms",
         one.rate() / embedded.rate(),
         two.rate() / embedded.rate()
+    );
+    println!(
+        "  hand-over to the writer, mean per submission (first ingest node): submit {:.1} ms + receipt {:.1} ms; at half load {:.1} + {:.1} ms",
+        one_steps.0, one_steps.1, half_steps.0, half_steps.1
     );
     println!(
         "  query node freshness ({} events): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms   goal < 1000 ms",

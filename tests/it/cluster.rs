@@ -596,6 +596,13 @@ fn bench_cluster_reports_every_phase() {
     }
     let ratio = json["two_ingest_ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{json}");
+    // The ingest node's own account of where its hand-over time went (its metrics).
+    for phase in ["one_ingest", "half_load"] {
+        for step in ["submit", "receipt"] {
+            let mean = json["writer_handover_ms"][phase][step].as_f64().unwrap();
+            assert!(mean > 0.0 && mean.is_finite(), "{phase} {step}: {json}");
+        }
+    }
     let fresh = &json["query_node_freshness_ms"];
     assert_eq!(fresh["probes"], 50, "{json}");
     assert!(fresh["p50"].as_f64().unwrap() > 0.0, "{json}");
