@@ -504,6 +504,9 @@ impl KafkaSubmitter {
         // no receipt of ours can come before the position.
         assign_all(&consumer, &config.receipts(), |_, high| Offset::Offset(high))?;
         let partitions = partition_count(consumer.client(), &config.submissions())?;
+        // The producer learns the submissions topic's leaders now, not on the first
+        // request (which would otherwise wait for it).
+        partition_count(sender.producer.client(), &config.submissions())?;
         let waiting: Waiting = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let receipts = {
