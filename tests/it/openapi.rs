@@ -28,6 +28,12 @@ fn schemathesis() -> PathBuf {
 }
 
 fn fuzz(url: &str, token: &str, who: &str) {
+    fuzz_except(url, token, who, &[]);
+}
+
+/// [`fuzz`], leaving out `paths` too.
+fn fuzz_except(url: &str, token: &str, who: &str, paths: &[&str]) {
+    let excluded = paths.iter().flat_map(|path| ["--exclude-path", path]);
     let output = Command::new(schemathesis())
         .current_dir(std::env::temp_dir())
         .args(["run", &format!("{url}/openapi.json")])
@@ -37,6 +43,7 @@ fn fuzz(url: &str, token: &str, who: &str) {
         // leave every later request a 401) are tested elsewhere.
         .args(["--exclude-path", "/v1/control/stream"])
         .args(["--exclude-path", "/v1/tokens/{id}/revoke"])
+        .args(excluded)
         .args(["--max-examples", "25", "--request-timeout", "60", "--seed", "20261204"])
         .output()
         .unwrap();
@@ -80,6 +87,50 @@ fn an_openapi_fuzzer_finds_no_server_error_and_no_answer_off_schema() {
     assert_eq!(response.status(), 200);
     let log = server.stop();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The same fuzzer against a stateless ingest node (`--roles ingest`) in front of a
+/// writer, through a real broker: what it declares is what it answers, and nothing it is
+/// sent makes it fail. (Its adapter routes answer 501 `writer_only` by design; that is
+/// checked in `cluster.rs`.)
+#[test]
+fn an_openapi_fuzzer_finds_nothing_on_an_ingest_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = crate::stages::Broker::start(dir.path());
+    let cluster = ["--kafka", broker.addr.as_str(), "--kafka-prefix", "fuzz-edge"];
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &[&cluster[..], &["--roles", "writer"]].concat(),
+    );
+    let edge = Server::start_with(
+        &dir.path().join("edge"),
+        &[&cluster[..], &["--roles", "ingest"]].concat(),
+    );
+    let key = AgentKey::generate().unwrap();
+    enroll(&writer.url, &writer.token(), key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let probe = crate::hardening::signed_lines(&mut signer, 1);
+    crate::respond::wait_for("the ingest node to learn the agent", || {
+        crate::cluster::post_events(&edge.url, &probe).is_some_and(|results| results[0]["status"] == "accepted")
+    });
+
+    fuzz_except(
+        &edge.url,
+        &edge.token(),
+        "the admin of an ingest node",
+        &[
+            "/v1/traces",
+            "/v1/adapters/lastid/audit",
+            "/v1/adapters/vaultysclaw/webhook",
+        ],
+    );
+
+    let response = reqwest::blocking::get(format!("{}/healthz", edge.url)).unwrap();
+    assert_eq!(response.status(), 200);
+    let log = edge.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(writer);
+    drop(broker);
 }
 
 /// The document is complete: every JSON answer has a schema, every route declares the
