@@ -133,6 +133,53 @@ fn an_openapi_fuzzer_finds_nothing_on_an_ingest_node() {
     drop(broker);
 }
 
+/// And against a stateless query node (`--roles query`: sealed segments from the object
+/// store, the tail from the committed topic). Its evidence route answers 501
+/// `writer_only` by design (bundles are signed by the writer's node key; checked in
+/// `query_node.rs`).
+#[test]
+fn an_openapi_fuzzer_finds_nothing_on_a_query_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = crate::stages::Broker::start(dir.path());
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let cluster = ["--kafka", broker.addr.as_str(), "--kafka-prefix", "fuzz-query"];
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &[&cluster[..], &["--roles", "writer", "--object-store", &archive]].concat(),
+    );
+    let key = AgentKey::generate().unwrap();
+    enroll(&writer.url, &writer.token(), key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let objects: Vec<_> = (0..40)
+        .map(|index| json!({"kind": "tool_call", "action": "http.get", "target": format!("https://api.example.com/{index}")}))
+        .collect();
+    send(&writer.url, &mut signer, &objects);
+    let query = Server::start_with(
+        &dir.path().join("query"),
+        &[&cluster[..], &["--roles", "query", "--object-store", &archive]].concat(),
+    );
+    let token = query.token();
+    crate::respond::wait_for("the query node to list the events", || {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/v1/events?limit=100", query.url))
+            .bearer_auth(&token)
+            .send()
+            .ok()
+            .and_then(|response| response.json::<serde_json::Value>().ok())
+            .and_then(|page| page["events"].as_array().map(Vec::len))
+            .is_some_and(|count| count >= 40)
+    });
+
+    fuzz_except(&query.url, &token, "the admin of a query node", &["/v1/evidence"]);
+
+    let response = reqwest::blocking::get(format!("{}/healthz", query.url)).unwrap();
+    assert_eq!(response.status(), 200);
+    let log = query.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(writer);
+    drop(broker);
+}
+
 /// The document is complete: every JSON answer has a schema, every route declares the
 /// errors it may answer, and the list routes declare their filters.
 #[test]
