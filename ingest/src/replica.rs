@@ -80,6 +80,11 @@ impl Replica {
         self.log_key = Some(key);
     }
 
+    /// When the last segment taken in was sealed (RFC 3339), if any was.
+    pub fn last_sealed_at(&self) -> Option<&str> {
+        self.segments.last().map(|segment| segment.sealed_at.as_str())
+    }
+
     /// The local copy.
     pub fn store(&self) -> &Path {
         &self.store

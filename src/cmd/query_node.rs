@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  --object-store URL ──every 500 ms──▶ Archive::refresh ─▶ DATA/replica/ ─▶ Replica::refresh_sealed
-//!  --kafka: committed topic, every partition from its start ───────────────▶ Replica::apply
+//!  --kafka: committed topic, every partition from shortly before the last seal ─▶ Replica::apply
 //!                                                                              │
 //!  HTTP (own tokens in DATA/tokens.json, /v1/tokens): /v1/sql, /v1/events, /v1/ocsf, console ◀┘ ReplicaSource
 //! ```
@@ -231,13 +231,42 @@ fn follow_sealed(
     }
 }
 
-/// Reads the committed topic from its beginning into the replica, then follows it.
+/// How long before the last sealed segment was sealed the committed topic is read from:
+/// the entries after that segment were all published later than its last entry's
+/// append, and a segment seals within seconds of its last entry.
+const TAIL_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// Where a query node starts reading the committed topic: [`TAIL_MARGIN`] before its
+/// last sealed segment was sealed (what comes earlier is in the segments), or the
+/// topic's beginning when nothing is sealed yet.
+fn tail_start(replica: &Mutex<Replica>) -> Option<i64> {
+    let replica = replica.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let sealed_at = chrono::DateTime::parse_from_rfc3339(replica.last_sealed_at()?).ok()?;
+    Some((sealed_at.with_timezone(&chrono::Utc) - TAIL_MARGIN).timestamp_millis())
+}
+
+/// Reads the committed topic into the replica from where the sealed segments leave off
+/// (or its beginning), then follows it. Should a record stamped before the start belong
+/// after the sealed end after all, the replica's view stops before it until the segment
+/// holding it is sealed and read: late, never wrong.
 fn follow_tail(kafka: &KafkaConfig, replica: &Mutex<Replica>, stop: &AtomicBool, ready: &AtomicBool) {
+    let start = tail_start(replica);
+    match start {
+        Some(at_ms) => tracing::info!(
+            from = %chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default().to_rfc3339(),
+            "reading the committed topic from shortly before the last sealed segment"
+        ),
+        None => tracing::info!("reading the committed topic from its beginning (nothing sealed yet)"),
+    }
     let mut subscription = loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        match custos_stage::kafka::KafkaSubscription::from_beginning(kafka) {
+        let opened = match start {
+            Some(at_ms) => custos_stage::kafka::KafkaSubscription::from_time(kafka, at_ms),
+            None => custos_stage::kafka::KafkaSubscription::from_beginning(kafka),
+        };
+        match opened {
             Ok(subscription) => break subscription,
             Err(error) => {
                 tracing::warn!(%error, "opening the committed topic; trying again");

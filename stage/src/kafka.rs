@@ -502,7 +502,7 @@ impl KafkaSubmitter {
             .map_err(kafka)?;
         // Start at each partition's current end, found before the first submission, so
         // no receipt of ours can come before the position.
-        assign_all(&consumer, &config.receipts(), |_, high| Offset::Offset(high))?;
+        assign_all(&consumer, &config.receipts(), |_, _, high| Offset::Offset(high))?;
         let partitions = partition_count(consumer.client(), &config.submissions())?;
         // The producer learns the submissions topic's leaders now, not on the first
         // request (which would otherwise wait for it).
@@ -670,8 +670,54 @@ impl KafkaSubscription {
     pub fn from_beginning(config: &KafkaConfig) -> Result<Self, StageError> {
         let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
         let topic = config.committed();
-        assign_all(&consumer, &topic, |low, _| Offset::Offset(low))?;
+        assign_all(&consumer, &topic, |_, low, _| Offset::Offset(low))?;
         Ok(Self::reading(consumer, topic))
+    }
+
+    /// Every partition from its first record stamped at or after `at_ms` (milliseconds
+    /// since the epoch), outside any group: for a reader that has everything before that
+    /// from elsewhere (a query node, from the sealed segments in the object store). A
+    /// partition without such a record starts at its end; a broker that cannot say
+    /// starts it at its beginning.
+    pub fn from_time(config: &KafkaConfig, at_ms: i64) -> Result<Self, StageError> {
+        let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
+        let topic = config.committed();
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..partition_count(consumer.client(), &topic)? {
+            wanted
+                .add_partition_offset(&topic, partition, Offset::Offset(at_ms))
+                .map_err(kafka)?;
+        }
+        let found = consumer
+            .offsets_for_times(wanted, Duration::from_secs(10))
+            .map_err(kafka)?;
+        // Some brokers (tansu) answer offset 0 rather than the end when no record is that
+        // late: a partition whose last record is older starts at its end.
+        // (Its end as seen then: a record that came since is read.)
+        let last = last_stamps(config, &topic)?;
+        let starts = std::sync::Mutex::new(HashMap::new());
+        assign_all(&consumer, &topic, |partition, low, high| {
+            let older = last
+                .get(&partition)
+                .filter(|(stamp, _)| stamp.is_none_or(|stamp| stamp < at_ms))
+                .map(|(_, end)| *end);
+            let start = match found.find_partition(&topic, partition).map(|element| element.offset()) {
+                _ if older.is_some() => older.unwrap_or(high).clamp(low, high),
+                Some(Offset::Offset(offset)) => offset.clamp(low, high),
+                Some(Offset::End) => high,
+                _ => low,
+            };
+            starts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(partition, start);
+            Offset::Offset(start)
+        })?;
+        let mut subscription = Self::reading(consumer, topic);
+        // Where each partition starts, so that the replay ends at the topic's end even
+        // when nothing comes after the start.
+        subscription.read = starts.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(subscription)
     }
 
     fn reading(consumer: BaseConsumer, topic: String) -> Self {
@@ -1126,7 +1172,7 @@ impl Lease {
             .map_err(kafka)?;
         // A few hundred records cover well over LEASE_TTL of history (about one record
         // per contender per second).
-        assign_all(&consumer, &topic, |low, high| Offset::Offset(low.max(high - 500)))?;
+        assign_all(&consumer, &topic, |_, low, high| Offset::Offset(low.max(high - 500)))?;
         Ok(Self {
             consumer,
             sender: Sender::new(config)?,
@@ -1186,10 +1232,47 @@ impl Lease {
 
 /// Assigns every partition of `topic` to `consumer` at the offset `start(low, high)`
 /// picks from its watermarks; answers the watermarks.
+/// Per partition of `topic`: the timestamp (ms) of its last record (none when it is
+/// empty; a record without a timestamp counts as late), and its end then.
+fn last_stamps(config: &KafkaConfig, topic: &str) -> Result<HashMap<i32, (Option<i64>, i64)>, StageError> {
+    let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
+    let marks = assign_all(&consumer, topic, |_, low, high| Offset::Offset((high - 1).max(low)))?;
+    let mut waiting: std::collections::HashSet<i32> = marks
+        .iter()
+        .filter(|(_, (low, high))| high > low)
+        .map(|(partition, _)| *partition)
+        .collect();
+    let mut stamps: HashMap<i32, (Option<i64>, i64)> = marks
+        .iter()
+        .map(|(partition, (_, high))| (*partition, (None, *high)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StageError::Kafka(format!(
+                "could not read the last record of `{topic}` partitions {waiting:?} within 10 s"
+            )));
+        }
+        match consumer.poll(left) {
+            Some(Ok(message)) if waiting.remove(&message.partition()) => {
+                if let Some((stamp, _)) = stamps.get_mut(&message.partition()) {
+                    *stamp = Some(message.timestamp().to_millis().unwrap_or(i64::MAX));
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => transient(&error),
+        }
+    }
+    Ok(stamps)
+}
+
+/// Assigns every partition of `topic` to `consumer`, each at `start(partition, low,
+/// high)` (its watermarks); answers the watermarks.
 fn assign_all(
     consumer: &BaseConsumer,
     topic: &str,
-    start: impl Fn(i64, i64) -> Offset,
+    start: impl Fn(i32, i64, i64) -> Offset,
 ) -> Result<HashMap<i32, (i64, i64)>, StageError> {
     let partitions = partition_count(consumer.client(), topic)?;
     let mut assignment = TopicPartitionList::new();
@@ -1200,7 +1283,7 @@ fn assign_all(
             .map_err(kafka)?;
         marks.insert(partition, (low, high));
         assignment
-            .add_partition_offset(topic, partition, start(low, high))
+            .add_partition_offset(topic, partition, start(partition, low, high))
             .map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
@@ -1263,7 +1346,7 @@ impl ControlFeed {
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
             .map_err(kafka)?;
-        let marks = assign_all(&consumer, &config.control(), |low, _| Offset::Offset(low))?;
+        let marks = assign_all(&consumer, &config.control(), |_, low, _| Offset::Offset(low))?;
         let behind = marks
             .into_iter()
             .filter(|(_, (low, high))| high > low)

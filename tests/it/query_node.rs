@@ -132,6 +132,10 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     wait_for("the query node to be ready", || {
         reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
     });
+    // Segments were sealed before it started: it reads the topic from shortly before
+    // the last one, not from the topic's beginning.
+    let log = node.log.lock().unwrap().clone();
+    assert!(log.contains("shortly before the last sealed segment"), "{log}");
     let events = same_answer((&url, &token), (&node.url, &node_token), ALL_EVENTS);
     assert!(events.len() > 1_300, "{} rows", events.len());
     same_answer((&url, &token), (&node.url, &node_token), ALL_AGENTS);

@@ -620,3 +620,60 @@ fn a_redelivered_submission_is_appended_once() {
     let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
+
+/// A reader that starts from a time (a query node, after the sealed segments) gets what
+/// was published from then on, then the end of its replay; what came before is left.
+#[test]
+fn a_reader_from_a_time_skips_what_came_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let mut config = KafkaConfig::new(broker.addr.clone());
+    config.prefix = "from-time".into();
+    kafka::create_topics(&config, 3).unwrap();
+    let mut publisher = kafka::KafkaPublisher::new(&config, None).unwrap();
+    let mut publish = |indexes: std::ops::Range<u64>| {
+        for log_index in indexes {
+            custos_stage::Publish::publish(
+                &mut publisher,
+                custos_stage::Committed::Control {
+                    log_index,
+                    payload: b"{}".to_vec(),
+                    entry: None,
+                },
+            )
+            .unwrap();
+        }
+        custos_stage::Publish::flush(&mut publisher).unwrap();
+    };
+    publish(0..6);
+    std::thread::sleep(Duration::from_millis(1500));
+    let from = chrono::Utc::now().timestamp_millis();
+    std::thread::sleep(Duration::from_millis(100));
+    publish(6..9);
+
+    let read = |mut reader: kafka::KafkaSubscription| {
+        let mut indexes = Vec::new();
+        let started = Instant::now();
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no end of replay; read {indexes:?}"
+            );
+            match reader.recv(Duration::from_millis(200)).unwrap() {
+                Some(custos_stage::Committed::Replayed { .. }) => break,
+                Some(record) => indexes.push(record.log_index().unwrap()),
+                None => {}
+            }
+        }
+        indexes.sort_unstable();
+        indexes
+    };
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_time(&config, from).unwrap()),
+        vec![6, 7, 8]
+    );
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_beginning(&config).unwrap()),
+        (0..9).collect::<Vec<u64>>()
+    );
+}
