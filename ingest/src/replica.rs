@@ -249,12 +249,20 @@ impl Replica {
         let Some(line) = read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?.pop() else {
             return Ok(None);
         };
-        let body = line.note.split("\n\n").next().unwrap_or_default();
-        let checkpoint = custos_store::checkpoint::Checkpoint::parse_body(&format!("{body}\n"))
-            .map_err(|error| StoreError::Tamper(format!("the latest checkpoint: {error}")))?;
-        let verifier_key = fs_err::read_to_string(&self.paths.public_key)
-            .map(|text| text.trim().to_owned())
-            .unwrap_or_default();
+        // Served only once it verifies with the log key this node trusts (pinned, or the
+        // one it read first), and with that key: never the copy's word for either.
+        let key = match &self.log_key {
+            Some(key) => key.clone(),
+            None => custos_store::checkpoint::NoteKey::parse_verifier(&fs_err::read_to_string(&self.paths.public_key)?)
+                .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?,
+        };
+        let checkpoint = custos_store::checkpoint::verify_checkpoint(&line.note, &key).map_err(|error| {
+            StoreError::Tamper(format!(
+                "the latest checkpoint in the object store (size {}) does not verify with the log key: {error}",
+                line.size
+            ))
+        })?;
+        let verifier_key = key.verifier_string();
         Ok(Some(CheckpointView {
             log_id: self.paths.log_id.clone(),
             origin: checkpoint.origin,
@@ -341,6 +349,71 @@ mod tests {
             .iter()
             .flat_map(|chunk| chunk.iter().map(|entry| entry.log_index))
             .collect()
+    }
+
+    /// The latest checkpoint is served only when it verifies with the trusted log key,
+    /// and with that key as its verifier.
+    #[test]
+    fn a_checkpoint_is_served_only_when_the_trusted_key_signed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_key = AgentKey::from_seed(&[21; 32]);
+        let trusted = custos_store::checkpoint::NoteKey {
+            name: "custos/test".into(),
+            public: log_key.public_key(),
+        };
+        let paths = LogPaths::new(dir.path(), custos_store::DEFAULT_LOG_ID);
+        fs_err::create_dir_all(paths.checkpoints.parent().unwrap()).unwrap();
+        fs_err::write(&paths.public_key, format!("{}\n", trusted.verifier_string())).unwrap();
+        let checkpoint = custos_store::checkpoint::Checkpoint {
+            origin: "custos/test".into(),
+            size: 7,
+            root: [3; 32],
+        };
+        let write = |note: &str| {
+            let line = CheckpointLine {
+                size: 7,
+                note: note.to_owned(),
+            };
+            fs_err::write(
+                &paths.checkpoints,
+                format!("{}\n", serde_json::to_string(&line).unwrap()),
+            )
+            .unwrap();
+        };
+        let signed = custos_store::checkpoint::sign_note(&checkpoint.body(), "custos/test", &log_key);
+        write(&signed);
+        let mut replica = Replica::new(dir.path().to_owned(), 64);
+        let view = replica.checkpoint().unwrap().unwrap();
+        assert_eq!(
+            (view.size, view.verifier_key.as_str()),
+            (7, trusted.verifier_string().as_str())
+        );
+
+        // A size changed after signing: refused as tampering, naming the size.
+        write(&signed.replacen("\n7\n", "\n9\n", 1));
+        let error = replica.checkpoint().unwrap_err().to_string();
+        assert!(error.contains("does not verify"), "{error}");
+
+        // Signed by another key (with a `checkpoint.pub` to match) while this node trusts
+        // the first: refused too.
+        let stranger = AgentKey::from_seed(&[22; 32]);
+        let stranger_key = custos_store::checkpoint::NoteKey {
+            name: "custos/test".into(),
+            public: stranger.public_key(),
+        };
+        fs_err::write(&paths.public_key, format!("{}\n", stranger_key.verifier_string())).unwrap();
+        write(&custos_store::checkpoint::sign_note(
+            &checkpoint.body(),
+            "custos/test",
+            &stranger,
+        ));
+        assert!(
+            replica.checkpoint().is_ok(),
+            "unpinned, the copy's key is the one it has"
+        );
+        replica.pin_log_key(trusted);
+        let error = replica.checkpoint().unwrap_err().to_string();
+        assert!(error.contains("does not verify"), "{error}");
     }
 
     #[test]
