@@ -177,7 +177,15 @@ struct EdgeState {
     keys: Arc<KeyCache>,
     rejects: Arc<serve::RejectLimiter>,
     receipt_timeout: Duration,
+    /// Submissions waiting for the writer's answer, each on a blocking thread: bounded,
+    /// so that a writer that stops answering makes new requests fail fast instead of
+    /// queueing behind the blocking pool.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Submissions an ingest node waits on at once, at most (tokio's blocking pool has 512
+/// threads).
+const MAX_IN_FLIGHT: usize = 256;
 
 /// A running ingest node.
 pub struct Edge {
@@ -228,6 +236,7 @@ pub async fn start_edge(
         config: Arc::new(config),
         keys: Arc::new(KeyCache::default()),
         receipt_timeout,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
     let tokens = state.tokens.clone();
@@ -398,9 +407,18 @@ async fn metrics(State(state): State<EdgeState>, headers: HeaderMap) -> Result<R
 
 /// Hands `submission` to the writer and waits for its durable answer.
 async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stage::Appended, ApiError> {
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            503,
+            "busy",
+            format!("the ingest node already waits on {MAX_IN_FLIGHT} answers from the log writer; send it again"),
+        )
+        .retry_after(1));
+    };
     let submitter = state.submitter.clone();
     let timeout = state.receipt_timeout;
     let outcome = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let steps = &custos_http::metrics::WRITER_SECONDS;
         let started = std::time::Instant::now();
         let receipt = submitter.submit(submission)?;

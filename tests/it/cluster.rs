@@ -1112,3 +1112,74 @@ fn a_dead_detectors_partitions_move_to_the_other_detector() {
     let output = crate::support::run(&["verify", store.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
+
+/// A writer that stops answering (SIGSTOP): an ingest node waits on at most 256 answers
+/// at once, refuses what comes beyond at once with 503 `busy` instead of queueing it,
+/// answers the ones it waited on 503 `writer_unavailable` at its timeout, stays healthy
+/// throughout, and takes events again as soon as the writer is back.
+#[test]
+fn an_ingest_node_bounds_what_it_waits_on_from_a_stalled_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let cluster = ["--kafka", broker.addr.as_str(), "--kafka-prefix", "stall-test"];
+    let writer = Server::start_with(
+        &dir.path().join("writer"),
+        &[&cluster[..], &["--roles", "writer"]].concat(),
+    );
+    let edge = Server::start_with(
+        &dir.path().join("edge"),
+        &[&cluster[..], &["--roles", "ingest", "--writer-timeout-secs", "10"]].concat(),
+    );
+    let key = AgentKey::from_seed(&[77; 32]);
+    enroll(&writer.url, &writer.token(), key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let probe = signed_lines(&mut signer, 1);
+    wait_for("the ingest node to take the agent's events", || {
+        post_events(&edge.url, &probe).is_some_and(|results| results[0]["status"] != "rejected")
+    });
+
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &writer.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(300));
+    let requests: Vec<_> = (0..300)
+        .map(|_| {
+            let (url, start) = (edge.url.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let (status, answer) = crate::support::post(&url, "/v1/events", None, b"{x".to_vec()).unwrap();
+                (status, answer["error"].as_str().unwrap_or_default().to_owned())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let health = reqwest::blocking::Client::new()
+        .get(format!("{}/healthz", edge.url))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let answers: Vec<(u16, String)> = requests.into_iter().map(|thread| thread.join().unwrap()).collect();
+    let count = |code: &str| {
+        answers
+            .iter()
+            .filter(|(status, error)| *status == 503 && error == code)
+            .count()
+    };
+    assert_eq!(count("busy") + count("writer_unavailable"), 300, "{answers:?}");
+    assert!(count("busy") >= 300 - 256, "{answers:?}");
+    assert!(count("writer_unavailable") > 0, "{answers:?}");
+
+    signal("-CONT");
+    let fresh = signed_lines(&mut signer, 1);
+    wait_for("the ingest node to take events again", || {
+        post_events(&edge.url, &fresh).is_some_and(|results| results[0]["status"] == "accepted")
+    });
+    drop(writer);
+    drop(broker);
+}
