@@ -332,6 +332,18 @@ fn schemas() -> Value {
     })
 }
 
+/// `GET /openapi.json`: the document for `endpoints`, built once and served as it is.
+pub fn route<S: Clone + Send + Sync + 'static>(
+    endpoints: &[Endpoint],
+    version: &str,
+) -> axum::routing::MethodRouter<S> {
+    let document = std::sync::Arc::new(document(endpoints, version));
+    axum::routing::get(move || {
+        let document = document.clone();
+        async move { axum::Json(document.as_ref().clone()) }
+    })
+}
+
 /// The OpenAPI 3.1 document for `endpoints`.
 pub fn document(endpoints: &[Endpoint], version: &str) -> Value {
     let mut paths = Map::new();

@@ -251,13 +251,9 @@ pub async fn start_edge(
         // The query routes bring `GET /openapi.json`, listing these routes too.
         Some(extra) => router = router.merge(extra(tokens)),
         None => {
-            let document = Arc::new(custos_http::openapi::document(&catalogue(), env!("CARGO_PKG_VERSION")));
             router = router.route(
                 "/openapi.json",
-                get(move || {
-                    let document = document.clone();
-                    async move { Json(document.as_ref().clone()) }
-                }),
+                custos_http::openapi::route(&catalogue(), env!("CARGO_PKG_VERSION")),
             );
         }
     }

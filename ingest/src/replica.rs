@@ -140,9 +140,7 @@ impl Replica {
     /// The log key in the copy (`checkpoint.pub`): the one first read, which may never
     /// change.
     fn log_key(&mut self) -> Result<custos_store::checkpoint::NoteKey, StoreError> {
-        let text = fs_err::read_to_string(&self.paths.public_key)?;
-        let key = custos_store::checkpoint::NoteKey::parse_verifier(&text)
-            .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?;
+        let key = self.copy_key()?;
         match &self.log_key {
             Some(known) if *known != key => Err(StoreError::Tamper(
                 "`checkpoint.pub` in the object store is not the log key this node trusts (pinned with --log-key, or the one it read first)".into(),
@@ -150,6 +148,13 @@ impl Replica {
             Some(_) => Ok(key),
             None => Ok(self.log_key.insert(key).clone()),
         }
+    }
+
+    /// The key the copy's `checkpoint.pub` names.
+    fn copy_key(&self) -> Result<custos_store::checkpoint::NoteKey, StoreError> {
+        let text = fs_err::read_to_string(&self.paths.public_key)?;
+        custos_store::checkpoint::NoteKey::parse_verifier(&text)
+            .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))
     }
 
     /// Takes one committed record: its entry joins the tail (once: a record read again
@@ -253,8 +258,7 @@ impl Replica {
         // one it read first), and with that key: never the copy's word for either.
         let key = match &self.log_key {
             Some(key) => key.clone(),
-            None => custos_store::checkpoint::NoteKey::parse_verifier(&fs_err::read_to_string(&self.paths.public_key)?)
-                .map_err(|error| StoreError::Tamper(format!("`checkpoint.pub` in the copy: {error}")))?,
+            None => self.copy_key()?,
         };
         let checkpoint = custos_store::checkpoint::verify_checkpoint(&line.note, &key).map_err(|error| {
             StoreError::Tamper(format!(

@@ -145,10 +145,7 @@ fn router(
     others: Vec<Endpoint>,
 ) -> Router {
     let access = Arc::new(AccessLog::new(api.data()));
-    let document = Arc::new(custos_http::openapi::document(
-        &catalogue(others),
-        env!("CARGO_PKG_VERSION"),
-    ));
+    let document = custos_http::openapi::route(&catalogue(others), env!("CARGO_PKG_VERSION"));
     endpoints()
         .into_iter()
         .fold(Router::new(), |router, (endpoint, method)| {
@@ -164,13 +161,7 @@ fn router(
         })
         .layer(axum::middleware::from_fn(timed))
         .merge(crate::console::router())
-        .route(
-            openapi_endpoint().path,
-            get(move || {
-                let document = document.clone();
-                async move { Json(document.as_ref().clone()) }
-            }),
-        )
+        .route(openapi_endpoint().path, document)
 }
 
 /// Records each query route's latency by route pattern and HTTP status (both closed sets).

@@ -695,7 +695,7 @@ impl KafkaSubscription {
         // late: a partition whose last record is older starts at its end.
         // (Its end as seen then: a record that came since is read.)
         let last = last_stamps(config, &topic)?;
-        let starts = std::sync::Mutex::new(HashMap::new());
+        let mut starts = HashMap::new();
         assign_all(&consumer, &topic, |partition, low, high| {
             let older = last
                 .get(&partition)
@@ -707,16 +707,13 @@ impl KafkaSubscription {
                 Some(Offset::End) => high,
                 _ => low,
             };
-            starts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(partition, start);
+            starts.insert(partition, start);
             Offset::Offset(start)
         })?;
         let mut subscription = Self::reading(consumer, topic);
         // Where each partition starts, so that the replay ends at the topic's end even
         // when nothing comes after the start.
-        subscription.read = starts.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        subscription.read = starts;
         Ok(subscription)
     }
 
@@ -1272,7 +1269,7 @@ fn last_stamps(config: &KafkaConfig, topic: &str) -> Result<HashMap<i32, (Option
 fn assign_all(
     consumer: &BaseConsumer,
     topic: &str,
-    start: impl Fn(i32, i64, i64) -> Offset,
+    mut start: impl FnMut(i32, i64, i64) -> Offset,
 ) -> Result<HashMap<i32, (i64, i64)>, StageError> {
     let partitions = partition_count(consumer.client(), topic)?;
     let mut assignment = TopicPartitionList::new();
