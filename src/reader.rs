@@ -62,11 +62,12 @@ pub(crate) fn query_routes(limits: custos_query::Limits) -> anyhow::Result<custo
     let routes = custos_query::http::routes(limits, custos_ingest::catalogue())?;
     Ok(Box::new(move |api: custos_ingest::Api| {
         let tokens = api.tokens();
-        routes(Arc::new(WriterSource(api)), tokens)
+        routes(custos_query::source::Logs::one(Arc::new(WriterSource(api))), tokens)
     }))
 }
 
-/// A query node's replica, as the query routes read it. It holds no key and no
+/// A query node's replica (of one log, or of one partition's log in a partition set),
+/// as the query routes read it. It holds no key and no
 /// forensics: evidence bundles (signed by the writer's node key) and rejected inputs are
 /// the writer's to serve.
 pub(crate) struct ReplicaSource {

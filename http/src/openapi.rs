@@ -31,6 +31,9 @@ pub struct Endpoint {
     pub access: Access,
     /// Query parameters: (name, description).
     pub query: &'static [(&'static str, &'static str)],
+    /// Optional request headers besides `Authorization`, each a partition number (0 to
+    /// 1023): (name, description).
+    pub headers: &'static [(&'static str, &'static str)],
     /// Request body media type and an example body.
     pub body: Option<(&'static str, &'static str)>,
     /// Success status and media type of the answer.
@@ -51,6 +54,7 @@ impl Endpoint {
             summary,
             access: Access::Public,
             query: &[],
+            headers: &[],
             body: None,
             answer: (200, "application/json"),
             returns: None,
@@ -77,6 +81,12 @@ impl Endpoint {
 
     pub const fn query(mut self, query: &'static [(&'static str, &'static str)]) -> Self {
         self.query = query;
+        self
+    }
+
+    /// Optional partition-number headers (see [`Endpoint::headers`]).
+    pub const fn headers(mut self, headers: &'static [(&'static str, &'static str)]) -> Self {
+        self.headers = headers;
         self
     }
 
@@ -356,6 +366,9 @@ pub fn document(endpoints: &[Endpoint], version: &str) -> Value {
             .collect();
         parameters.extend(endpoint.query.iter().map(|(name, description)| {
             json!({"name": name, "in": "query", "required": false, "description": description, "schema": parameter_schema(endpoint.path, name)})
+        }));
+        parameters.extend(endpoint.headers.iter().map(|(name, description)| {
+            json!({"name": name, "in": "header", "required": false, "description": description, "schema": {"type": "integer", "minimum": 0, "maximum": 1023}})
         }));
         let (status, media) = endpoint.answer;
         let mut responses = Map::new();

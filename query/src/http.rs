@@ -19,13 +19,13 @@ use serde::Deserialize;
 use crate::QueryError;
 use crate::access::{AccessLog, AccessRecord};
 use crate::pool::QueryPool;
-use crate::source::Source;
+use crate::source::{Logs, PARTITION_HEADER, Source};
 use crate::sql::{Format, Limits, collect, encode};
 use crate::tables::{Scope, Sources};
 
 #[derive(Clone)]
 struct QueryState {
-    api: Arc<dyn Source>,
+    logs: Arc<Logs>,
     tokens: SharedTokens,
     limits: Limits,
     access: Arc<AccessLog>,
@@ -36,7 +36,7 @@ struct QueryState {
 }
 
 /// Builds the query routes once the node's source is open (see [`routes`]).
-pub type Routes = Box<dyn FnOnce(Arc<dyn Source>, SharedTokens) -> Router + Send>;
+pub type Routes = Box<dyn FnOnce(Logs, SharedTokens) -> Router + Send>;
 
 /// The query routes, to be built over a [`Source`] and the token table once the node is
 /// open; `others` are the node's other endpoints, for `GET /openapi.json`. Starts the
@@ -45,6 +45,13 @@ pub fn routes(limits: Limits, others: Vec<Endpoint>) -> Result<Routes, QueryErro
     let pool = QueryPool::new(&limits)?;
     Ok(Box::new(move |api, tokens| router(api, tokens, limits, pool, others)))
 }
+
+/// The header of every route that reads one log: which partition's, on a node over a
+/// partition set ([`Logs::pick`]).
+const PARTITION: &[(&str, &str)] = &[(
+    PARTITION_HEADER,
+    "on a node over a partition set (--log-per-partition): the partition whose log to read; by default the partition of the realm asked about, or of the caller's realms (ignored on a node with one log); the answer names it in the same header",
+)];
 
 /// The query API's routes, declared once: served by [`router`], described by
 /// `GET /openapi.json`.
@@ -55,6 +62,7 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
                 .returns("Rows")
                 .errors(&[429])
                 .roles(&SQL_ROLES)
+                .headers(PARTITION)
                 .body("application/json", r#"{"sql":"SELECT kind, count(*) FROM events GROUP BY kind"}"#),
             post(sql),
         ),
@@ -63,6 +71,7 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
                 .returns("EventPage")
                 .errors(&[429])
                 .roles(&READERS)
+                .headers(PARTITION)
                 .query(&[
                     ("agent", "the signer's did:key"),
                     ("realm", "realm name"),
@@ -81,6 +90,7 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
                 .returns("Rows")
                 .errors(&[429])
                 .roles(&READERS)
+                .headers(PARTITION)
                 .query(&[
                     ("realm", "realm name"),
                     ("agent", "the agent's did:key"),
@@ -96,13 +106,14 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
             Endpoint::new("POST", "/v1/evidence", "evidence", "Export an evidence bundle (docs/evidence-format.md)")
                 .errors(&[429])
                 .roles(&[Role::Admin, Role::Compliance])
+                .headers(PARTITION)
                 .body("application/json", r#"{"realm":"eng","agent":null,"from":"2026-11-01T00:00:00Z","to":"2026-11-22T00:00:00Z"}"#)
                 .answer(200, "application/x-tar"),
             post(evidence),
         ),
         (
             Endpoint::new("GET", "/v1/integrity", "proofs", "The latest checkpoint and the last store verification")
-                .returns("Integrity").roles(&SQL_ROLES),
+                .returns("Integrity").roles(&SQL_ROLES).headers(PARTITION),
             get(integrity),
         ),
         (
@@ -137,14 +148,8 @@ fn openapi_endpoint() -> Endpoint {
 }
 
 /// The query routes, to merge into the node's router.
-fn router(
-    api: Arc<dyn Source>,
-    tokens: SharedTokens,
-    limits: Limits,
-    pool: Arc<QueryPool>,
-    others: Vec<Endpoint>,
-) -> Router {
-    let access = Arc::new(AccessLog::new(api.data()));
+fn router(logs: Logs, tokens: SharedTokens, limits: Limits, pool: Arc<QueryPool>, others: Vec<Endpoint>) -> Router {
+    let access = Arc::new(AccessLog::new(logs.data()));
     let document = custos_http::openapi::route(&catalogue(others), env!("CARGO_PKG_VERSION"));
     endpoints()
         .into_iter()
@@ -152,7 +157,7 @@ fn router(
             router.route(endpoint.path, custos_http::guarded(&endpoint, method, &tokens))
         })
         .with_state(QueryState {
-            api,
+            logs: Arc::new(logs),
             tokens,
             limits,
             access,
@@ -198,6 +203,30 @@ impl IntoResponse for QueryError {
 
 /// Every role may run SQL: what it sees is scoped by its role and realms.
 const SQL_ROLES: [Role; 5] = EVERYONE;
+
+/// The log `caller`'s request reads ([`Logs::pick`]): the partition named in the
+/// request's headers, or that of `realm`, or of the caller's realms.
+fn pick(
+    state: &QueryState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    realm: Option<&str>,
+) -> Result<(Option<u32>, Arc<dyn Source>), QueryError> {
+    let named = headers
+        .get(PARTITION_HEADER)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()));
+    Ok(state.logs.pick(named.as_deref(), realm, &caller.realms)?)
+}
+
+/// `response`, saying which partition's log answered (on a node over a partition set).
+fn answered_by(partition: Option<u32>, mut response: Response) -> Response {
+    if let Some(partition) = partition {
+        response
+            .headers_mut()
+            .insert(PARTITION_HEADER, header::HeaderValue::from(partition));
+    }
+    response
+}
 
 fn scope(caller: &Caller) -> Scope {
     Scope {
@@ -286,8 +315,9 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
             ),
         ));
     }
+    let (partition, api) = pick(&state, &caller, &headers, None)?;
     let slot = state.pool.admit(&caller.token_id)?;
-    let answer = run_sql(&state, &caller, &text, format).await;
+    let answer = run_sql(&state, api.as_ref(), &caller, &text, format).await;
     drop(slot);
     record(
         &state,
@@ -297,20 +327,24 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
         &answer.as_ref().map(|(rows, _, _)| *rows).map_err(Clone::clone),
     );
     let (rows, content_type, body) = answer?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::HeaderName::from_static("x-custos-rows"), rows.to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(answered_by(
+        partition,
+        (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::HeaderName::from_static("x-custos-rows"), rows.to_string()),
+            ],
+            body,
+        )
+            .into_response(),
+    ))
 }
 
 /// Runs SQL in a query process: the node hands it the caller's scope and what it may
 /// read, and relays its answer.
 async fn run_sql(
     state: &QueryState,
+    api: &dyn Source,
     caller: &Caller,
     text: &str,
     format: Format,
@@ -322,7 +356,7 @@ async fn run_sql(
             "this node has no query process to run SQL in (`custos query-worker`)",
         )
     })?;
-    let sources = sources(state.api.as_ref(), &scope(caller)).await?;
+    let sources = sources(api, &scope(caller)).await?;
     let scope = scope(caller);
     let limits = state.limits.clone();
     let sql = text.to_owned();
@@ -429,9 +463,10 @@ async fn events(
     })?;
     let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
     let text = headers_free_query(&query);
+    let (partition, api) = pick(&state, &caller, &headers, query.realm.as_deref())?;
     let slot = state.pool.admit(&caller.token_id)?;
     let answer = async {
-        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
+        let sources = sources(api.as_ref(), &scope(&caller)).await?;
         let scope = scope(&caller);
         let limits = state.limits.clone();
         state
@@ -461,7 +496,10 @@ async fn events(
     } else {
         None
     };
-    Ok(Json(serde_json::json!({ "events": rows, "next": next })).into_response())
+    Ok(answered_by(
+        partition,
+        Json(serde_json::json!({ "events": rows, "next": next })).into_response(),
+    ))
 }
 
 /// The plan and run of `GET /v1/events`, on the query runtime.
@@ -617,9 +655,10 @@ async fn ocsf(
         "class={class} realm={:?} agent={:?} after={:?}",
         query.realm, query.agent, query.after
     );
+    let (partition, api) = pick(&state, &caller, &headers, query.realm.as_deref())?;
     let slot = state.pool.admit(&caller.token_id)?;
     let entries = async {
-        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
+        let sources = sources(api.as_ref(), &scope(&caller)).await?;
         state
             .pool
             .read(state.limits.timeout, async move {
@@ -654,7 +693,7 @@ async fn ocsf(
             serde_json::to_vec(&objects).map_err(|error| QueryError::internal(error.to_string()))?,
         )
     };
-    let mut response = ([(header::CONTENT_TYPE, kind)], body).into_response();
+    let mut response = answered_by(partition, ([(header::CONTENT_TYPE, kind)], body).into_response());
     if let Some(next) = next
         && let Ok(value) = header::HeaderValue::from_str(&next.to_string())
     {
@@ -694,6 +733,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
     let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin, Role::Compliance])?;
     let text = String::from_utf8_lossy(&body).into_owned();
     let slot = state.pool.admit(&caller.token_id)?;
+    let mut partition = None;
     let bundle = async {
         let request: crate::evidence::ExportRequest = serde_json::from_slice(&body).map_err(|error| {
             QueryError::new(
@@ -702,9 +742,11 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
                 format!("expected {{\"realm\",\"agent\",\"from\",\"to\"}} with RFC 3339 times: {error}"),
             )
         })?;
-        let sources = sources(state.api.as_ref(), &scope(&caller)).await?;
+        let api;
+        (partition, api) = pick(&state, &caller, &headers, Some(&request.realm))?;
+        let sources = sources(api.as_ref(), &scope(&caller)).await?;
         let by = format!("token:{} ({})", caller.token_id, caller.role.name());
-        let (api, scope) = (state.api.clone(), scope(&caller));
+        let scope = scope(&caller);
         // An export may be long; it runs on the query runtime, never past ten minutes
         // (or the query timeout, when that is longer).
         let limit = state.limits.timeout.max(std::time::Duration::from_secs(600));
@@ -723,17 +765,20 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         .map_err(Clone::clone);
     record(&state, &caller, "/v1/evidence", &text, &rows);
     let bundle = bundle?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
-            (
-                header::HeaderName::from_static("x-custos-rows"),
-                rows.unwrap_or(0).to_string(),
-            ),
-        ],
-        bundle.tar,
-    )
-        .into_response())
+    Ok(answered_by(
+        partition,
+        (
+            [
+                (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+                (
+                    header::HeaderName::from_static("x-custos-rows"),
+                    rows.unwrap_or(0).to_string(),
+                ),
+            ],
+            bundle.tar,
+        )
+            .into_response(),
+    ))
 }
 
 /// The outcome of the last store verification run through the API, kept in
@@ -750,15 +795,16 @@ pub struct LastVerify {
     pub millis: u64,
 }
 
-fn last_verify_path(api: &dyn Source) -> std::path::PathBuf {
-    api.data().join("verify-last.json")
+fn last_verify_path(logs: &Logs) -> std::path::PathBuf {
+    logs.data().join("verify-last.json")
 }
 
 /// `GET /v1/integrity` (every role): the latest checkpoint and the last verification.
 async fn integrity(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, QueryError> {
-    custos_http::authorize(&state.tokens, &headers, &SQL_ROLES)?;
-    let checkpoint = state.api.checkpoint().await?;
-    let path = last_verify_path(state.api.as_ref());
+    let caller = custos_http::authorize(&state.tokens, &headers, &SQL_ROLES)?;
+    let (partition, api) = pick(&state, &caller, &headers, None)?;
+    let checkpoint = api.checkpoint().await?;
+    let path = last_verify_path(&state.logs);
     let last: Option<LastVerify> = tokio::task::spawn_blocking(move || {
         std::fs::read(&path)
             .ok()
@@ -766,7 +812,10 @@ async fn integrity(State(state): State<QueryState>, headers: HeaderMap) -> Resul
     })
     .await
     .map_err(|error| QueryError::internal(error.to_string()))?;
-    Ok(Json(serde_json::json!({ "checkpoint": checkpoint, "last_verify": last })).into_response())
+    Ok(answered_by(
+        partition,
+        Json(serde_json::json!({ "checkpoint": checkpoint, "last_verify": last })).into_response(),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -794,8 +843,8 @@ async fn verify_now(
             "a verification is already running; read GET /v1/integrity when it ends",
         ));
     };
-    let data = state.api.store_dir().to_path_buf();
-    let path = last_verify_path(state.api.as_ref());
+    let data = state.logs.store_dir().to_path_buf();
+    let path = last_verify_path(&state.logs);
     let by = format!("token:{} ({})", caller.token_id, caller.role.name());
     let outcome = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();

@@ -8,10 +8,15 @@
 //!
 //! The query crate knows nothing of the writer: the binary hands it a [`Source`] and the
 //! token table, so `custos-query` builds on `custos-http` and `custos-store` only.
+//!
+//! A query node over a partition set (`--log-per-partition`) has one source per
+//! partition: [`Logs`] holds them and picks the one each request reads
+//! ([`Logs::pick`]), since a log index names an entry only within its partition's log.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use custos_event::Envelope;
 use custos_event::agent::AgentRecord;
@@ -47,4 +52,113 @@ pub trait Source: Send + Sync + 'static {
     fn evidence_proofs(&self, indexes: Vec<u64>) -> Pending<'_, EvidenceProofs>;
     /// Signs `bytes` as `payload_type` with the node key.
     fn sign(&self, payload_type: &'static str, bytes: Vec<u8>) -> Pending<'_, Envelope>;
+}
+
+/// The header a caller names a partition with, on a node over a partition set; the
+/// answer carries it back, saying which partition's log answered.
+pub const PARTITION_HEADER: &str = "x-custos-partition";
+
+/// The logs a node's query routes read: one, or one per partition of a partition set.
+pub struct Logs {
+    /// The node's data directory (the access log, the last verification).
+    data: PathBuf,
+    /// The store (or the partition set) `POST /v1/integrity/verify` checks.
+    store: PathBuf,
+    /// One source, or the partitions' in partition order.
+    parts: Vec<Arc<dyn Source>>,
+    set: bool,
+}
+
+impl Logs {
+    /// A node with one log.
+    pub fn one(source: Arc<dyn Source>) -> Self {
+        Self {
+            data: source.data().to_path_buf(),
+            store: source.store_dir().to_path_buf(),
+            parts: vec![source],
+            set: false,
+        }
+    }
+
+    /// A node over a partition set: `parts[p]` reads partition `p`'s log; `store` holds
+    /// the whole set.
+    pub fn partitions(data: PathBuf, store: PathBuf, parts: Vec<Arc<dyn Source>>) -> Self {
+        Self {
+            data,
+            store,
+            parts,
+            set: true,
+        }
+    }
+
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        &self.store
+    }
+
+    /// How many partitions' logs there are, on a node over a partition set.
+    pub fn partition_count(&self) -> Option<u32> {
+        self.set.then_some(self.parts.len() as u32)
+    }
+
+    /// The log a request reads, and its partition on a partition set. In order: the
+    /// partition the request names (`named`, from [`PARTITION_HEADER`]), the partition
+    /// of the realm it asks about (`realm`), the one partition holding every realm the
+    /// caller is limited to. Anything else is ambiguous and refused with
+    /// `partition_required`: an answer merged from several logs would have cursors
+    /// (log indexes) that mean nothing.
+    pub fn pick(
+        &self,
+        named: Option<&str>,
+        realm: Option<&str>,
+        caller_realms: &[String],
+    ) -> Result<(Option<u32>, Arc<dyn Source>), ApiError> {
+        if !self.set {
+            return Ok((None, self.parts[0].clone()));
+        }
+        let count = self.parts.len() as u32;
+        let partition = if let Some(named) = named {
+            named
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|partition| *partition < count)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        400,
+                        "bad_partition",
+                        format!(
+                            "{PARTITION_HEADER} `{}` is not a partition of this set: give 0 to {}",
+                            named.chars().take(32).collect::<String>(),
+                            count - 1
+                        ),
+                    )
+                })?
+        } else if let Some(realm) = realm.filter(|realm| !realm.is_empty()) {
+            custos_event::partition_of(realm, count)
+        } else {
+            let mut partitions = caller_realms
+                .iter()
+                .map(|realm| custos_event::partition_of(realm, count));
+            match (partitions.next(), count) {
+                (_, 1) => 0,
+                (Some(first), _) if partitions.all(|partition| partition == first) => first,
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        "partition_required",
+                        format!(
+                            "this node serves a partition set of {count} logs (one per partition, each with its own log \
+                             indexes); name one with the {PARTITION_HEADER} header (0 to {}) or ask about one realm",
+                            count - 1
+                        ),
+                    ));
+                }
+            }
+        };
+        Ok((Some(partition), self.parts[partition as usize].clone()))
+    }
 }

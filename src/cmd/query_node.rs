@@ -9,9 +9,14 @@
 //! ```
 //!
 //! With `--roles ingest,query` the query routes join the ingest node's listener.
+//!
+//! Over a partition set (`--log-per-partition`) there is one replica per partition:
+//! `DATA/replica/partitions/<p>/`, its tail from partition `p` of the committed topic
+//! alone (where that partition's writer publishes), and each request reads the one
+//! partition `custos_query::source::Logs::pick` chooses.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,69 +35,134 @@ use crate::reader::ReplicaSource;
 /// How often the object store is read for new segments and checkpoints.
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
-/// The replica and the threads that keep it current.
+/// The replicas and the threads that keep them current.
 pub(crate) struct QueryNode {
-    source: Arc<ReplicaSource>,
-    /// The sealed part was read once and the committed topic up to its end at start.
-    ready: Arc<AtomicBool>,
+    /// One replica, or one per partition of a partition set (in partition order).
+    parts: Vec<Arc<ReplicaSource>>,
+    /// Whether the object store holds a partition set (`--log-per-partition`).
+    set: bool,
+    data: PathBuf,
+    /// The local copy of the whole object store.
+    store: PathBuf,
+    /// How many replicas have read the committed topic up to its end at start (after
+    /// the sealed part was read once): the node is ready when all have.
+    caught_up: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl QueryNode {
     /// Reads the sealed store at `url` into `DATA/replica` (waiting for that first copy),
-    /// then follows the object store and the committed topic.
+    /// then follows the object store and the committed topic. With `partitions`, the
+    /// store is a partition set of that many logs, each followed on its own partition.
     pub(crate) async fn start(
         data: PathBuf,
         url: &str,
         kafka: &KafkaConfig,
         chain_window: usize,
         log_key: Option<custos_store::checkpoint::NoteKey>,
+        partitions: Option<u32>,
     ) -> anyhow::Result<Self> {
         let store = data.join("replica");
         fs_err::create_dir_all(&store)?;
-        let mut replica = Replica::new(store.clone(), chain_window);
-        if let Some(key) = log_key {
-            replica.pin_log_key(key);
-        }
-        let replica = Arc::new(Mutex::new(replica));
+        let logs: Vec<(Option<i32>, PathBuf)> = match partitions {
+            None => vec![(None, store.clone())],
+            Some(count) => (0..count)
+                .map(|partition| {
+                    (
+                        Some(partition as i32),
+                        custos_store::partitions::PartitionSet::store_dir(&store, partition),
+                    )
+                })
+                .collect(),
+        };
+        let replicas: Vec<Arc<Mutex<Replica>>> = logs
+            .iter()
+            .map(|(_, dir)| {
+                let mut replica = Replica::new(dir.clone(), chain_window);
+                if let Some(key) = &log_key {
+                    replica.pin_log_key(key.clone());
+                }
+                Arc::new(Mutex::new(replica))
+            })
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let ready = Arc::new(AtomicBool::new(false));
+        let caught_up = Arc::new(AtomicUsize::new(0));
         let (first, loaded) = std::sync::mpsc::channel::<anyhow::Result<usize>>();
         let sealed = {
-            let (url, store, replica, stop) = (url.to_owned(), store.clone(), replica.clone(), stop.clone());
+            let (url, store, replicas, stop) = (url.to_owned(), store.clone(), replicas.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("custos-replica-sealed".into())
-                .spawn(move || follow_sealed(&url, &store, &replica, &stop, first))?
+                .spawn(move || follow_sealed(&url, &store, partitions, &replicas, &stop, first))?
         };
         let segments = tokio::task::spawn_blocking(move || loaded.recv())
             .await?
             .context("the object store reader stopped")??;
-        eprintln!("query node: {segments} sealed segments read from {url}");
-        let tail = {
-            let (kafka, replica, stop, ready) = (kafka.clone(), replica.clone(), stop.clone(), ready.clone());
-            std::thread::Builder::new()
-                .name("custos-replica-tail".into())
-                .spawn(move || follow_tail(&kafka, &replica, &stop, &ready))?
-        };
+        match partitions {
+            None => eprintln!("query node: {segments} sealed segments read from {url}"),
+            Some(count) => {
+                eprintln!("query node: {segments} sealed segments of a partition set of {count} logs read from {url}")
+            }
+        }
+        let mut threads = vec![sealed];
+        for ((partition, _), replica) in logs.iter().zip(&replicas) {
+            let (kafka, replica, stop, caught_up) = (kafka.clone(), replica.clone(), stop.clone(), caught_up.clone());
+            let partition = *partition;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(match partition {
+                        Some(partition) => format!("custos-replica-tail-{partition}"),
+                        None => "custos-replica-tail".into(),
+                    })
+                    .spawn(move || follow_tail(&kafka, partition, &replica, &stop, &caught_up))?,
+            );
+        }
+        let parts = logs
+            .into_iter()
+            .zip(replicas)
+            .map(|((_, store), replica)| {
+                Arc::new(ReplicaSource {
+                    replica,
+                    data: data.clone(),
+                    store,
+                })
+            })
+            .collect();
         Ok(Self {
-            source: Arc::new(ReplicaSource { replica, data, store }),
-            ready,
+            parts,
+            set: partitions.is_some(),
+            data,
+            store,
+            caught_up,
             stop,
-            threads: vec![sealed, tail],
+            threads,
         })
     }
 
-    /// The query routes over the replica, to merge into a listener with its token table;
-    /// `others` are the listener's other endpoints, for `GET /openapi.json`.
+    /// What the query routes read: the replica, or the partitions' replicas.
+    fn logs(&self) -> custos_query::source::Logs {
+        use custos_query::source::Logs;
+        let parts: Vec<Arc<dyn custos_query::Source>> = self
+            .parts
+            .iter()
+            .map(|part| part.clone() as Arc<dyn custos_query::Source>)
+            .collect();
+        match self.set {
+            false => Logs::one(parts[0].clone()),
+            true => Logs::partitions(self.data.clone(), self.store.clone(), parts),
+        }
+    }
+
+    /// The query routes over the replicas, to merge into a listener with its token
+    /// table; `others` are the listener's other endpoints, for `GET /openapi.json`.
     pub(crate) fn routes(
         &self,
         limits: custos_query::Limits,
         others: Vec<custos_http::openapi::Endpoint>,
     ) -> anyhow::Result<custos_ingest::edge::ExtraRoutes> {
         let routes = custos_query::http::routes(limits, others)?;
-        let source = self.source.clone();
-        Ok(Box::new(move |tokens| routes(source, tokens)))
+        let logs = self.logs();
+        Ok(Box::new(move |tokens| routes(logs, tokens)))
     }
 
     /// Serves the query API alone on `listen` (`--roles query` without `ingest`), with
@@ -128,7 +198,7 @@ impl QueryNode {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
-            .with_state((self.ready.clone(), tokens.clone()))
+            .with_state((self.caught_up.clone(), self.parts.len(), tokens.clone()))
             .merge(custos_http::tokens::router(&tokens))
             .merge(self.routes(limits, others)?(tokens))
             .layer(axum::middleware::from_fn_with_state(
@@ -171,10 +241,11 @@ fn health_endpoints() -> Vec<custos_http::openapi::Endpoint> {
     ]
 }
 
-type HealthState = (Arc<AtomicBool>, custos_http::SharedTokens);
+/// How many replicas caught up, of how many, and the token table.
+type HealthState = (Arc<AtomicUsize>, usize, custos_http::SharedTokens);
 
-async fn readyz(State((ready, _)): State<HealthState>) -> Response {
-    if ready.load(Ordering::SeqCst) {
+async fn readyz(State((caught_up, of, _)): State<HealthState>) -> Response {
+    if caught_up.load(Ordering::SeqCst) >= of {
         "ready\n".into_response()
     } else {
         (
@@ -185,28 +256,35 @@ async fn readyz(State((ready, _)): State<HealthState>) -> Response {
     }
 }
 
-async fn metrics(State((_, tokens)): State<HealthState>, headers: HeaderMap) -> Response {
+async fn metrics(State((_, _, tokens)): State<HealthState>, headers: HeaderMap) -> Response {
     match custos_http::metrics_answer(&tokens, &headers) {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-/// Copies new sealed files from the object store and hands them to the replica: once
-/// at once (answered on `first`), then every [`REFRESH_EVERY`].
+/// Copies new sealed files from the object store and hands them to the replicas: once
+/// at once (answered on `first`), then every [`REFRESH_EVERY`]. `partitions` is the set's
+/// size the node expects, or `None` for one log; a copy of the other kind is refused.
 fn follow_sealed(
     url: &str,
     store: &std::path::Path,
-    replica: &Mutex<Replica>,
+    partitions: Option<u32>,
+    replicas: &[Arc<Mutex<Replica>>],
     stop: &AtomicBool,
     first: std::sync::mpsc::Sender<anyhow::Result<usize>>,
 ) {
     let refresh = |archive: &custos_store::archive::Archive| -> anyhow::Result<usize> {
         archive.refresh(store)?;
-        Ok(replica
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .refresh_sealed()?)
+        same_layout(store, partitions)?;
+        let mut segments = 0;
+        for replica in replicas {
+            segments += replica
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .refresh_sealed()?;
+        }
+        Ok(segments)
     };
     let archive = match custos_store::archive::Archive::open(url) {
         Ok(archive) => archive,
@@ -231,6 +309,28 @@ fn follow_sealed(
     }
 }
 
+/// Whether the copy at `store` is what the node was started for: a partition set of
+/// `partitions` logs, or one log (`None`). An empty copy is either.
+fn same_layout(store: &std::path::Path, partitions: Option<u32>) -> anyhow::Result<()> {
+    let set = custos_store::partitions::PartitionSet::open(store)?;
+    match (set, partitions) {
+        (Some(set), None) => anyhow::bail!(
+            "the object store holds a partition set of {} logs (partitions.json): start the query node with \
+             --log-per-partition",
+            set.partitions
+        ),
+        (Some(set), Some(count)) if set.partitions != count => anyhow::bail!(
+            "the object store holds a partition set of {} logs, but the submissions topic has {count} partitions",
+            set.partitions
+        ),
+        (None, Some(_)) if store.join("store.json").exists() => anyhow::bail!(
+            "the object store holds one log (store.json), not a partition set: start the query node without \
+             --log-per-partition"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// How long before the last sealed segment was sealed the committed topic is read from:
 /// the entries after that segment were all published later than its last entry's
 /// append, and a segment seals within seconds of its last entry.
@@ -245,26 +345,38 @@ fn tail_start(replica: &Mutex<Replica>) -> Option<i64> {
     Some((sealed_at.with_timezone(&chrono::Utc) - TAIL_MARGIN).timestamp_millis())
 }
 
-/// Reads the committed topic into the replica from where the sealed segments leave off
-/// (or its beginning), then follows it. Should a record stamped before the start belong
-/// after the sealed end after all, the replica's view stops before it until the segment
-/// holding it is sealed and read: late, never wrong.
-fn follow_tail(kafka: &KafkaConfig, replica: &Mutex<Replica>, stop: &AtomicBool, ready: &AtomicBool) {
+/// Reads the committed topic (its partition `partition` alone, for one partition's log)
+/// into the replica from where the sealed segments leave off (or its beginning), then
+/// follows it. Should a record stamped before the start belong after the sealed end
+/// after all, the replica's view stops before it until the segment holding it is sealed
+/// and read: late, never wrong. Counts itself in `caught_up` once it has read to the
+/// ends it saw at start.
+fn follow_tail(
+    kafka: &KafkaConfig,
+    partition: Option<i32>,
+    replica: &Mutex<Replica>,
+    stop: &AtomicBool,
+    caught_up: &AtomicUsize,
+) {
     let start = tail_start(replica);
     match start {
         Some(at_ms) => tracing::info!(
+            ?partition,
             from = %chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default().to_rfc3339(),
             "reading the committed topic from shortly before the last sealed segment"
         ),
-        None => tracing::info!("reading the committed topic from its beginning (nothing sealed yet)"),
+        None => tracing::info!(
+            ?partition,
+            "reading the committed topic from its beginning (nothing sealed yet)"
+        ),
     }
     let mut subscription = loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
         let opened = match start {
-            Some(at_ms) => custos_stage::kafka::KafkaSubscription::from_time(kafka, at_ms),
-            None => custos_stage::kafka::KafkaSubscription::from_beginning(kafka),
+            Some(at_ms) => custos_stage::kafka::KafkaSubscription::from_time(kafka, at_ms, partition),
+            None => custos_stage::kafka::KafkaSubscription::from_beginning_of(kafka, partition),
         };
         match opened {
             Ok(subscription) => break subscription,
@@ -274,11 +386,14 @@ fn follow_tail(kafka: &KafkaConfig, replica: &Mutex<Replica>, stop: &AtomicBool,
             }
         }
     };
+    let mut counted = false;
     while !stop.load(Ordering::Relaxed) {
         match subscription.recv(Duration::from_millis(100)) {
             Ok(Some(custos_stage::Committed::Replayed { .. })) => {
-                ready.store(true, Ordering::SeqCst);
-                tracing::info!("query node caught up with the committed topic");
+                if !std::mem::replace(&mut counted, true) {
+                    caught_up.fetch_add(1, Ordering::SeqCst);
+                }
+                tracing::info!(?partition, "query node caught up with the committed topic");
             }
             Ok(Some(record)) => replica
                 .lock()

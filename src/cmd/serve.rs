@@ -252,9 +252,14 @@ pub(crate) struct Archiver {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// The partitions of a set a writer process holds, shared with its archiver.
+type Held = Arc<std::sync::Mutex<std::collections::BTreeSet<u32>>>;
+
 impl Archiver {
-    /// Opens `url` at once (a bad URL stops the start) and starts copying `data`.
-    pub(crate) fn start(url: &str, data: std::path::PathBuf) -> anyhow::Result<Self> {
+    /// Opens `url` at once (a bad URL stops the start) and starts copying `data`: of a
+    /// partition set, with `held`, only the partitions this process writes
+    /// (`Archive::sync_held`).
+    pub(crate) fn start(url: &str, data: std::path::PathBuf, held: Option<Held>) -> anyhow::Result<Self> {
         let mut archive =
             custos_store::archive::Archive::open(url).with_context(|| format!("opening the object store `{url}`"))?;
         eprintln!("copying the sealed store to {url}");
@@ -263,10 +268,15 @@ impl Archiver {
         let thread = std::thread::Builder::new()
             .name("custos-archive".into())
             .spawn(move || {
-                let sync = |archive: &mut custos_store::archive::Archive| match archive.sync(&data) {
-                    Ok(0) => {}
-                    Ok(files) => tracing::debug!(files, "copied to the object store"),
-                    Err(error) => tracing::warn!(%error, "copying to the object store failed; trying again"),
+                let sync = |archive: &mut custos_store::archive::Archive| {
+                    let held = held
+                        .as_ref()
+                        .map(|held| held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
+                    match archive.sync_held(&data, held.as_ref()) {
+                        Ok(0) => {}
+                        Ok(files) => tracing::debug!(files, "copied to the object store"),
+                        Err(error) => tracing::warn!(%error, "copying to the object store failed; trying again"),
+                    }
                 };
                 while !flag.load(Ordering::Relaxed) {
                     sync(&mut archive);
@@ -347,7 +357,9 @@ pub(crate) async fn run(
         }
     }
     let node = Node::start_in(config, pipeline, Arc::new(Marks::default()), limits, cluster.as_ref()).await?;
-    let archiver = archive.map(|url| Archiver::start(&url, data.clone())).transpose()?;
+    let archiver = archive
+        .map(|url| Archiver::start(&url, data.clone(), None))
+        .transpose()?;
     let running = &node.running;
     if let Some(token) = &running.admin_token {
         // Printed once, on the terminal only; it is stored hashed.
@@ -437,27 +449,44 @@ async fn run_without_store(
              (where the writers copy it with the same flag)"
         ),
         (true, Some(_)) if writers => anyhow::bail!(
-            "--roles query with --log-per-partition is not supported yet: a query node reads one log; \
-             query each partition's writer"
+            "--roles query and --log-per-partition writers run in separate processes (each partition's \
+             writer serves its own log's API): start the query node alone with --roles query --log-per-partition"
         ),
-        (true, Some(url)) => Some(
-            super::query_node::QueryNode::start(
-                config.data.clone(),
-                url,
-                &cluster.kafka,
-                config.chain_window,
-                cluster.log_key.clone(),
+        (true, Some(_)) if cluster.log_per_partition && cluster.log_key.is_some() => anyhow::bail!(
+            "--log-key pins one log's key, and a partition set has one per partition: omit it with \
+             --log-per-partition (each partition's key is the one first read from the object store)"
+        ),
+        (true, Some(url)) => {
+            let partitions = match cluster.log_per_partition {
+                false => None,
+                true => {
+                    let kafka = cluster.kafka.clone();
+                    let count = tokio::task::spawn_blocking(move || custos_stage::kafka::submission_partitions(&kafka))
+                        .await?
+                        .context("reading the submissions topic's partitions")?;
+                    Some(count.unsigned_abs())
+                }
+            };
+            Some(
+                super::query_node::QueryNode::start(
+                    config.data.clone(),
+                    url,
+                    &cluster.kafka,
+                    config.chain_window,
+                    cluster.log_key.clone(),
+                    partitions,
+                )
+                .await?,
             )
-            .await?,
-        ),
+        }
     };
     let data = config.data.clone();
     let partitions = match writers {
         true => Some(PartitionWriters::start(config.clone(), limits.clone(), cluster.clone()).await?),
         false => None,
     };
-    let archiver = match (writers, archive.filter(|_| query.is_none())) {
-        (true, Some(url)) => Some(Archiver::start(&url, data.clone())?),
+    let archiver = match (&partitions, archive.filter(|_| query.is_none())) {
+        (Some(partitions), Some(url)) => Some(Archiver::start(&url, data.clone(), Some(partitions.held.clone()))?),
         _ => None,
     };
     let config_for_query = config.clone();
@@ -541,6 +570,9 @@ pub(crate) fn partition_dir(data: &std::path::Path, partition: i32) -> std::path
 /// writer group's committed offset. So a surviving writer takes over a dead one's
 /// partitions within seconds.
 struct PartitionWriters {
+    /// The partitions this process has written since it started (what its archiver
+    /// copies to the object store).
+    held: Held,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::collections::BTreeMap<i32, Node>>,
     set: custos_store::partitions::PartitionSet,
@@ -566,6 +598,8 @@ impl PartitionWriters {
             .context("opening the partition set")?;
         let (stop, mut stopping) = tokio::sync::watch::channel(false);
         let bound = set.clone();
+        let held = Held::default();
+        let holding = held.clone();
         let task = tokio::spawn(async move {
             let mut nodes = std::collections::BTreeMap::new();
             let mut claims = custos_stage::claim::Claims::new(
@@ -602,6 +636,10 @@ impl PartitionWriters {
                     match Node::start_in(config, None, Arc::new(Marks::default()), limits.clone(), Some(&this)).await {
                         Ok(node) => {
                             claims.taken(partition.unsigned_abs());
+                            holding
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(partition.unsigned_abs());
                             eprintln!(
                                 "partition {partition}: this process writes its log (node key {}; its store's API on http://{})",
                                 node.running.node_did, node.running.addr
@@ -625,7 +663,7 @@ impl PartitionWriters {
             }
             nodes
         });
-        Ok(Self { stop, task, set })
+        Ok(Self { held, stop, task, set })
     }
 
     /// Signs a cross-partition checkpoint when partition 0 is written here (one signer

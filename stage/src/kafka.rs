@@ -668,9 +668,15 @@ impl KafkaSubscription {
     /// it): for a reader that rebuilds its state from the whole log at each start and
     /// never acknowledges, such as the responder.
     pub fn from_beginning(config: &KafkaConfig) -> Result<Self, StageError> {
+        Self::from_beginning_of(config, None)
+    }
+
+    /// As [`KafkaSubscription::from_beginning`], of partition `only` alone when given
+    /// (a query node's replica of one partition's log, `--log-per-partition`).
+    pub fn from_beginning_of(config: &KafkaConfig, only: Option<i32>) -> Result<Self, StageError> {
         let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
         let topic = config.committed();
-        assign_all(&consumer, &topic, |_, low, _| Offset::Offset(low))?;
+        assign_some(&consumer, &topic, only, |_, low, _| Offset::Offset(low))?;
         Ok(Self::reading(consumer, topic))
     }
 
@@ -678,12 +684,13 @@ impl KafkaSubscription {
     /// since the epoch), outside any group: for a reader that has everything before that
     /// from elsewhere (a query node, from the sealed segments in the object store). A
     /// partition without such a record starts at its end; a broker that cannot say
-    /// starts it at its beginning.
-    pub fn from_time(config: &KafkaConfig, at_ms: i64) -> Result<Self, StageError> {
+    /// starts it at its beginning. With `only`, partition `only` alone.
+    pub fn from_time(config: &KafkaConfig, at_ms: i64, only: Option<i32>) -> Result<Self, StageError> {
         let consumer = config.consumer(&format!("{}.reader.{}", config.prefix, origin()))?;
         let topic = config.committed();
         let mut wanted = TopicPartitionList::new();
-        for partition in 0..partition_count(consumer.client(), &topic)? {
+        let count = partition_count(consumer.client(), &topic)?;
+        for partition in (0..count).filter(|partition| only.is_none_or(|only| only == *partition)) {
             wanted
                 .add_partition_offset(&topic, partition, Offset::Offset(at_ms))
                 .map_err(kafka)?;
@@ -696,7 +703,7 @@ impl KafkaSubscription {
         // (Its end as seen then: a record that came since is read.)
         let last = last_stamps(config, &topic)?;
         let mut starts = HashMap::new();
-        assign_all(&consumer, &topic, |partition, low, high| {
+        assign_some(&consumer, &topic, only, |partition, low, high| {
             let older = last
                 .get(&partition)
                 .filter(|(stamp, _)| stamp.is_none_or(|stamp| stamp < at_ms))
@@ -1269,12 +1276,28 @@ fn last_stamps(config: &KafkaConfig, topic: &str) -> Result<HashMap<i32, (Option
 fn assign_all(
     consumer: &BaseConsumer,
     topic: &str,
+    start: impl FnMut(i32, i64, i64) -> Offset,
+) -> Result<HashMap<i32, (i64, i64)>, StageError> {
+    assign_some(consumer, topic, None, start)
+}
+
+/// As [`assign_all`], of partition `only` alone when given (an error when the topic has
+/// no such partition).
+fn assign_some(
+    consumer: &BaseConsumer,
+    topic: &str,
+    only: Option<i32>,
     mut start: impl FnMut(i32, i64, i64) -> Offset,
 ) -> Result<HashMap<i32, (i64, i64)>, StageError> {
     let partitions = partition_count(consumer.client(), topic)?;
+    if let Some(only) = only.filter(|only| !(0..partitions).contains(only)) {
+        return Err(StageError::Kafka(format!(
+            "topic `{topic}` has {partitions} partitions; there is no partition {only}"
+        )));
+    }
     let mut assignment = TopicPartitionList::new();
     let mut marks = HashMap::new();
-    for partition in 0..partitions {
+    for partition in (0..partitions).filter(|partition| only.is_none_or(|only| only == *partition)) {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .map_err(kafka)?;

@@ -123,11 +123,29 @@ impl Archive {
     /// Copies what changed in the store (or partition set) at `data`; answers how many
     /// files were uploaded.
     pub fn sync(&mut self, data: &Path) -> Result<usize, StoreError> {
+        self.sync_held(data, None)
+    }
+
+    /// As [`Archive::sync`]; of a partition set, with `held`, only the partitions in it
+    /// (those this process writes), and the set's own files only with partition 0 (whose
+    /// writer signs the cross-partition checkpoints). So writer processes sharing a set
+    /// never upload one file from two states: a stale manifest or checkpoint list can
+    /// never replace a newer one.
+    pub fn sync_held(
+        &mut self,
+        data: &Path,
+        held: Option<&std::collections::BTreeSet<u32>>,
+    ) -> Result<usize, StoreError> {
         let mut count = 0;
-        for name in ["partitions.json", "partitions.pub", "partitions.ndjson"] {
-            count += usize::from(self.sync_file(&data.join(name), name, |bytes| bytes)?);
+        if held.is_none_or(|held| held.contains(&0)) {
+            for name in ["partitions.json", "partitions.pub", "partitions.ndjson"] {
+                count += usize::from(self.sync_file(&data.join(name), name, |bytes| bytes)?);
+            }
         }
-        for (store, relative) in stores(data) {
+        for (store, relative, partition) in stores(data) {
+            if partition.is_some_and(|partition| held.is_some_and(|held| !held.contains(&partition))) {
+                continue;
+            }
             count += self.sync_store(&store, &relative)?;
         }
         Ok(count)
@@ -266,9 +284,9 @@ fn keep_lines(bytes: &[u8], limit: usize, keep: impl Fn(&[u8]) -> bool) -> Vec<u
 
 /// The stores under `data`: itself, or each partition's store, with their paths
 /// relative to `data`.
-fn stores(data: &Path) -> Vec<(PathBuf, String)> {
+fn stores(data: &Path) -> Vec<(PathBuf, String, Option<u32>)> {
     if data.join("store.json").exists() {
-        return vec![(data.to_owned(), String::new())];
+        return vec![(data.to_owned(), String::new(), None)];
     }
     let Ok(Some(set)) = crate::partitions::PartitionSet::open(data) else {
         return Vec::new();
@@ -278,6 +296,7 @@ fn stores(data: &Path) -> Vec<(PathBuf, String)> {
             (
                 crate::partitions::PartitionSet::store_dir(data, partition),
                 format!("partitions/{partition}"),
+                Some(partition),
             )
         })
         .collect()
@@ -286,6 +305,33 @@ fn stores(data: &Path) -> Vec<(PathBuf, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Of a partition set, a writer uploads only the partitions it holds, and the set's
+    /// own files only with partition 0.
+    #[test]
+    fn a_writer_uploads_only_the_partitions_it_holds() {
+        let data = tempfile::tempdir().unwrap();
+        let bucket = tempfile::tempdir().unwrap();
+        crate::partitions::PartitionSet::open_or_create(data.path(), 2).unwrap();
+        for partition in 0..2 {
+            let store = crate::partitions::PartitionSet::store_dir(data.path(), partition);
+            fs_err::create_dir_all(&store).unwrap();
+            fs_err::write(store.join("store.json"), format!("partition {partition}")).unwrap();
+        }
+        let url = format!("file://{}", bucket.path().display());
+        let mut second = Archive::open(&url).unwrap();
+        assert_eq!(second.sync_held(data.path(), Some(&[1].into())).unwrap(), 1);
+        assert!(bucket.path().join("partitions/1/store.json").exists());
+        assert!(!bucket.path().join("partitions/0/store.json").exists());
+        assert!(!bucket.path().join("partitions.json").exists());
+        let mut first = Archive::open(&url).unwrap();
+        assert_eq!(first.sync_held(data.path(), Some(&[0].into())).unwrap(), 2);
+        assert!(bucket.path().join("partitions.json").exists());
+        assert!(bucket.path().join("partitions/0/store.json").exists());
+        // Without a held set (one process writes them all): everything.
+        let mut all = Archive::open(&format!("file://{}", bucket.path().join("all").display())).unwrap();
+        assert_eq!(all.sync(data.path()).unwrap(), 3);
+    }
 
     #[test]
     fn refresh_copies_what_changed_and_refuses_a_changed_segment() {

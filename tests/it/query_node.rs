@@ -5,6 +5,7 @@
 //! follows new events and revocations; killed with SIGKILL and started on an empty
 //! directory, it rebuilds the same answers. With `--roles ingest,query` one listener
 //! takes events and answers SQL. A segment changed in the object store is refused, named.
+//! Over a partition set (`--log-per-partition`), each partition answers as its writer.
 
 use std::time::{Duration, Instant};
 
@@ -20,16 +21,30 @@ const PREFIX: &str = "query-node-test";
 
 /// SQL rows as JSON; `None` on any answer but 200 (the node may not be ready yet).
 fn rows(url: &str, token: &str, sql: &str) -> Option<Vec<Value>> {
-    let response = reqwest::blocking::Client::new()
+    let (status, _, body) = sql_in(url, token, sql, None)?;
+    (status == 200).then(|| serde_json::from_value(body).ok())?
+}
+
+/// `POST /v1/sql`, naming `partition` when given: the status, the partition the answer
+/// says it came from, and the body; `None` when the node does not answer.
+fn sql_in(url: &str, token: &str, sql: &str, partition: Option<u32>) -> Option<(u16, Option<String>, Value)> {
+    let mut request = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/sql"))
         .bearer_auth(token)
         .header("content-type", "application/json")
         .header("accept", "application/json")
         .body(json!({ "sql": sql }).to_string())
-        .timeout(Duration::from_secs(60))
-        .send()
-        .ok()?;
-    (response.status().as_u16() == 200).then(|| response.json().ok())?
+        .timeout(Duration::from_secs(60));
+    if let Some(partition) = partition {
+        request = request.header("x-custos-partition", partition.to_string());
+    }
+    let response = request.send().ok()?;
+    let status = response.status().as_u16();
+    let answered = response
+        .headers()
+        .get("x-custos-partition")
+        .map(|value| value.to_str().unwrap().to_owned());
+    Some((status, answered, response.json().ok()?))
 }
 
 fn query_node(data: &std::path::Path, brokers: &str, archive: &str) -> Server {
@@ -295,4 +310,263 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     assert!(refused.contains("log key this node trusts"), "{refused}");
     assert!(stderr.contains(name) && stderr.contains("blake3"), "{stderr}");
     drop(broker);
+}
+
+/// Posts `body` to an ingest node until every event in it is stored (an ingest node
+/// learns an enrollment from the control topic, so the first tries may be refused).
+fn stored_through(url: &str, body: &[u8]) {
+    wait_for("the ingest node to store the batch", || {
+        let (status, answer) = post(url, "/v1/events", None, body.to_vec()).unwrap();
+        status == 200
+            && answer
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|result| result["status"] == "accepted" || result["status"] == "duplicate")
+    });
+}
+
+/// The API of the node writing partition `partition`'s log in one of the
+/// `--log-per-partition` writer processes (printed as it takes the partition), and that
+/// store's admin token.
+fn partition_api(writers: &[&Server], store: &std::path::Path, partition: u32) -> (String, String) {
+    let prefix = format!("partition {partition}: this process writes its log");
+    let holder = || {
+        writers
+            .iter()
+            .map(|writer| writer.log.lock().unwrap().clone())
+            .find(|log| log.lines().any(|line| line.starts_with(&prefix)))
+    };
+    wait_for("the partition's node", || holder().is_some());
+    let log = holder().unwrap();
+    let line = log.lines().rfind(|line| line.starts_with(&prefix)).unwrap();
+    let url = line.rsplit("API on ").next().unwrap().trim_end_matches(')').to_owned();
+    let token = std::fs::read_to_string(
+        custos_store::partitions::PartitionSet::store_dir(store, partition).join("admin.token"),
+    )
+    .unwrap();
+    (url, token.trim().to_owned())
+}
+
+/// A query node over a partition set (`--log-per-partition`) written by two writer
+/// processes (partitions 0 and 1, and 2), each copying only its own partitions to the
+/// object store: a replica per partition, each fed by its own partition of the
+/// committed topic. Every partition answers on it as that partition's writer does, row
+/// for row. A request reads the partition it
+/// names, else that of the realm it asks about, else that of its caller's realm, and
+/// the answer says which; an admin's bare SQL is refused as ambiguous, since log
+/// indexes repeat across partitions. New events reach the right replica. A query node
+/// started as if the store were one log refuses the set, naming the flag.
+#[test]
+fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let prefix = "query-parts-test";
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let store = dir.path().join("writers");
+    let writer_of = |partitions: &str| {
+        Server::start_with(
+            &store,
+            &[
+                "--kafka",
+                &broker.addr,
+                "--kafka-prefix",
+                prefix,
+                "--roles",
+                "writer",
+                "--log-per-partition",
+                "--prefer-partitions",
+                partitions,
+                "--object-store",
+                &archive,
+            ],
+        )
+    };
+    let writer = writer_of("0,1");
+    let other = writer_of("2");
+    let token = std::fs::read_to_string(store.join("edge/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // One realm on each partition.
+    let realms: Vec<String> = (0..3)
+        .map(|partition| {
+            (0..)
+                .map(|n| format!("realm-{n}"))
+                .find(|realm| custos_stage::wire::partition_for(realm, 3) == partition)
+                .unwrap()
+        })
+        .collect();
+    let mut signers: Vec<Signer> = realms
+        .iter()
+        .enumerate()
+        .map(|(n, realm)| {
+            let key = AgentKey::from_seed(&[150 + n as u8; 32]);
+            enroll(&writer.url, &token, key.did(), realm);
+            Signer::new(key, realm)
+        })
+        .collect();
+    // Partitions 0 and 2 (one per writer process) get a sealed segment (500 entries)
+    // and a tail; partition 1 a tail only.
+    for (n, signer) in signers.iter_mut().enumerate() {
+        for _ in 0..if n == 1 { 1 } else { 6 } {
+            stored_through(&writer.url, &signed_lines(signer, 110));
+        }
+    }
+    for partition in [0, 2] {
+        let sealed = dir
+            .path()
+            .join(format!("archive/partitions/{partition}/logs/0/segments.ndjson"));
+        wait_for("each writer to copy its partition's sealed segment", || {
+            std::fs::read_to_string(&sealed).is_ok_and(|text| text.lines().count() >= 1)
+        });
+    }
+
+    let node = Server::start_with(
+        &dir.path().join("query"),
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            prefix,
+            "--roles",
+            "query",
+            "--log-per-partition",
+            "--object-store",
+            &archive,
+        ],
+    );
+    let node_token = node.token();
+    wait_for("the query node to be ready", || {
+        reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
+    });
+    assert!(
+        node.log.lock().unwrap().contains("a partition set of 3 logs"),
+        "{}",
+        node.log.lock().unwrap()
+    );
+
+    // Each partition, named, answers as its writer does.
+    for partition in 0..3u32 {
+        let (url, partition_token) = partition_api(&[&writer, &other], &store, partition);
+        for sql in [ALL_EVENTS, ALL_AGENTS] {
+            let expected = rows(&url, &partition_token, sql).expect("the partition's writer answers");
+            assert!(!expected.is_empty(), "partition {partition}: {sql}");
+            wait_for("the query node's partition to answer as its writer", || {
+                sql_in(&node.url, &node_token, sql, Some(partition)).is_some_and(|(status, answered, body)| {
+                    status == 200 && answered == Some(partition.to_string()) && body == json!(expected)
+                })
+            });
+        }
+    }
+    let (_, _, events) = sql_in(&node.url, &node_token, ALL_EVENTS, Some(0)).unwrap();
+    assert_eq!(
+        events.as_array().unwrap().len(),
+        660,
+        "partition 0 holds its realm's events"
+    );
+
+    // An admin naming no partition and no realm: refused as ambiguous; a bad partition
+    // is named.
+    let (status, _, answer) = sql_in(&node.url, &node_token, "SELECT count(*) AS n FROM events", None).unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (400, Some("partition_required")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"].as_str().unwrap().contains("x-custos-partition"),
+        "{answer}"
+    );
+    let (status, _, answer) = sql_in(&node.url, &node_token, "SELECT 1", Some(7)).unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (400, Some("bad_partition")),
+        "{answer}"
+    );
+    assert!(answer["message"].as_str().unwrap().contains("`7`"), "{answer}");
+
+    // A token limited to one realm reads that realm's partition without naming it.
+    let (status, created) = post(
+        &node.url,
+        "/v1/tokens",
+        Some(&node_token),
+        json!({"role": "analyst", "realms": [realms[1]]})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let analyst = created["token"].as_str().unwrap().to_owned();
+    let (status, answered, body) = sql_in(
+        &node.url,
+        &analyst,
+        "SELECT realm, count(*) AS n FROM events GROUP BY realm",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(answered.as_deref(), Some("1"));
+    assert_eq!(body, json!([{"realm": realms[1], "n": 110}]));
+
+    // REST: the realm asked about picks the partition.
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/events?realm={}&limit=1000", node.url, realms[2]))
+        .bearer_auth(&node_token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["x-custos-partition"], "2");
+    let page: Value = response.json().unwrap();
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 660);
+    assert!(events.iter().all(|event| event["realm"] == realms[2].as_str()));
+
+    // A new event reaches its partition's replica through the committed topic.
+    stored_through(&writer.url, &signed_lines(&mut signers[2], 1));
+    wait_for("the new event on the query node", || {
+        sql_in(&node.url, &node_token, "SELECT count(*) AS n FROM events", Some(2))
+            .is_some_and(|(status, _, body)| status == 200 && body == json!([{"n": 661}]))
+    });
+    let log = node.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The same object store read as one log: refused, naming the flag.
+    let output = crate::support::custos()
+        .args(["serve", "--data"])
+        .arg(dir.path().join("query-one-log"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            prefix,
+        ])
+        .args(["--roles", "query", "--object-store", &archive])
+        .output()
+        .unwrap();
+    let stderr = crate::support::stderr(&output);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("partition set of 3 logs") && stderr.contains("--log-per-partition"),
+        "{stderr}"
+    );
+    // Each writer took its preferred partitions, so each copied its own.
+    assert!(
+        other
+            .log
+            .lock()
+            .unwrap()
+            .contains("partition 2: this process writes its log")
+    );
+    assert!(
+        !other
+            .log
+            .lock()
+            .unwrap()
+            .contains("partition 0: this process writes its log")
+    );
+    writer.stop();
+    other.stop();
 }

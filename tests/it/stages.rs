@@ -623,6 +623,7 @@ fn a_redelivered_submission_is_appended_once() {
 
 /// A reader that starts from a time (a query node, after the sealed segments) gets what
 /// was published from then on, then the end of its replay; what came before is left.
+/// One partition can be read alone.
 #[test]
 fn a_reader_from_a_time_skips_what_came_before() {
     let dir = tempfile::tempdir().unwrap();
@@ -630,7 +631,8 @@ fn a_reader_from_a_time_skips_what_came_before() {
     let mut config = KafkaConfig::new(broker.addr.clone());
     config.prefix = "from-time".into();
     kafka::create_topics(&config, 3).unwrap();
-    let mut publisher = kafka::KafkaPublisher::new(&config, None).unwrap();
+    // 0..9 on partition 0; 100..103 on partition 2; partition 1 stays empty.
+    let mut publisher = kafka::KafkaPublisher::new(&config, Some(0)).unwrap();
     let mut publish = |indexes: std::ops::Range<u64>| {
         for log_index in indexes {
             custos_stage::Publish::publish(
@@ -650,6 +652,21 @@ fn a_reader_from_a_time_skips_what_came_before() {
     let from = chrono::Utc::now().timestamp_millis();
     std::thread::sleep(Duration::from_millis(100));
     publish(6..9);
+    // Partition 2 alone (a query node's replica of one partition's log): 100..103,
+    // published after `from`.
+    let mut on_two = kafka::KafkaPublisher::new(&config, Some(2)).unwrap();
+    for log_index in 100..103 {
+        custos_stage::Publish::publish(
+            &mut on_two,
+            custos_stage::Committed::Control {
+                log_index,
+                payload: b"{}".to_vec(),
+                entry: None,
+            },
+        )
+        .unwrap();
+    }
+    custos_stage::Publish::flush(&mut on_two).unwrap();
 
     let read = |mut reader: kafka::KafkaSubscription| {
         let mut indexes = Vec::new();
@@ -669,11 +686,33 @@ fn a_reader_from_a_time_skips_what_came_before() {
         indexes
     };
     assert_eq!(
-        read(kafka::KafkaSubscription::from_time(&config, from).unwrap()),
-        vec![6, 7, 8]
+        read(kafka::KafkaSubscription::from_time(&config, from, None).unwrap()),
+        vec![6, 7, 8, 100, 101, 102]
     );
     assert_eq!(
         read(kafka::KafkaSubscription::from_beginning(&config).unwrap()),
+        (0..9).chain(100..103).collect::<Vec<u64>>()
+    );
+    // One partition: only its records, from the time or from its beginning.
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_time(&config, from, Some(2)).unwrap()),
+        vec![100, 101, 102]
+    );
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_time(&config, from, Some(0)).unwrap()),
+        vec![6, 7, 8]
+    );
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_beginning_of(&config, Some(0)).unwrap()),
         (0..9).collect::<Vec<u64>>()
     );
+    assert_eq!(
+        read(kafka::KafkaSubscription::from_time(&config, from, Some(1)).unwrap()),
+        Vec::<u64>::new(),
+        "an empty partition ends its replay at once"
+    );
+    let missing = kafka::KafkaSubscription::from_beginning_of(&config, Some(3))
+        .err()
+        .expect("partition 3 of 3 is refused");
+    assert!(missing.to_string().contains("no partition 3"), "{missing}");
 }
