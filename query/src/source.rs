@@ -162,3 +162,115 @@ impl Logs {
         Ok((Some(partition), self.parts[partition as usize].clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log that only knows its number: `pick` is tested on which one it hands out.
+    struct Numbered(u32, PathBuf);
+
+    impl Source for Numbered {
+        fn data(&self) -> &Path {
+            &self.1
+        }
+        fn view(&self) -> Pending<'_, StoreView> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn agents(&self) -> Pending<'_, Vec<AgentRecord>> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn rejected(&self, _: Option<String>, _: usize) -> Pending<'_, Vec<RejectedRecord>> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn checkpoint(&self) -> Pending<'_, CheckpointView> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn consistency(&self, _: u64, _: u64) -> Pending<'_, serde_json::Value> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn evidence_proofs(&self, _: Vec<u64>) -> Pending<'_, EvidenceProofs> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+        fn sign(&self, _: &'static str, _: Vec<u8>) -> Pending<'_, Envelope> {
+            Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
+        }
+    }
+
+    fn set(count: u32) -> Logs {
+        let parts = (0..count)
+            .map(|n| Arc::new(Numbered(n, PathBuf::from(format!("/p/{n}")))) as Arc<dyn Source>)
+            .collect();
+        Logs::partitions("/node".into(), "/node/replica".into(), parts)
+    }
+
+    /// Which partition `pick` chose, and that it handed out that partition's log.
+    fn chosen(logs: &Logs, named: Option<&str>, realm: Option<&str>, realms: &[&str]) -> Result<u32, String> {
+        let realms: Vec<String> = realms.iter().map(|realm| (*realm).to_owned()).collect();
+        match logs.pick(named, realm, &realms) {
+            Ok((Some(partition), source)) => {
+                assert_eq!(source.data(), Path::new(&format!("/p/{partition}")));
+                Ok(partition)
+            }
+            Ok((None, _)) => Err("no partition".into()),
+            Err(error) => Err(format!("{} {}: {}", error.status, error.error, error.message)),
+        }
+    }
+
+    /// A realm on partition `partition` of `count`.
+    fn realm_on(partition: u32, count: u32) -> String {
+        (0..)
+            .map(|n| format!("realm-{n}"))
+            .find(|realm| custos_event::partition_of(realm, count) == partition)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_named_partition_wins_then_the_realm_then_the_callers_realms() {
+        let logs = set(3);
+        let (zero, one, two) = (realm_on(0, 3), realm_on(1, 3), realm_on(2, 3));
+        assert_eq!(chosen(&logs, Some("2"), Some(&zero), &[&one]), Ok(2));
+        assert_eq!(chosen(&logs, Some(" 1 "), None, &[]), Ok(1));
+        assert_eq!(chosen(&logs, None, Some(&two), &[&one]), Ok(2));
+        assert_eq!(chosen(&logs, None, Some(""), &[&one]), Ok(1));
+        assert_eq!(chosen(&logs, None, None, &[&one]), Ok(1));
+        // Two realms on one partition are still one partition.
+        let also_one = (0..)
+            .map(|n| format!("other-{n}"))
+            .find(|realm| custos_event::partition_of(realm, 3) == 1)
+            .unwrap();
+        assert_eq!(chosen(&logs, None, None, &[&one, &also_one]), Ok(1));
+    }
+
+    #[test]
+    fn an_ambiguous_or_bad_partition_is_refused_with_a_reason() {
+        let logs = set(3);
+        let (zero, one) = (realm_on(0, 3), realm_on(1, 3));
+        let unscoped = chosen(&logs, None, None, &[]).unwrap_err();
+        assert!(unscoped.starts_with("400 partition_required"), "{unscoped}");
+        assert!(
+            unscoped.contains("x-custos-partition") && unscoped.contains("0 to 2"),
+            "{unscoped}"
+        );
+        let spread = chosen(&logs, None, None, &[&zero, &one]).unwrap_err();
+        assert!(spread.starts_with("400 partition_required"), "{spread}");
+        for bad in ["3", "-1", "one", "", "99999999999999999999"] {
+            let refused = chosen(&logs, Some(bad), None, &[]).unwrap_err();
+            assert!(refused.starts_with("400 bad_partition"), "{bad}: {refused}");
+        }
+        let long = "9".repeat(500);
+        let refused = chosen(&logs, Some(&long), None, &[]).unwrap_err();
+        assert!(refused.len() < 200, "the echoed value is cut: {refused}");
+    }
+
+    #[test]
+    fn one_partition_or_one_log_needs_no_choice() {
+        assert_eq!(chosen(&set(1), None, None, &[]), Ok(0));
+        let one = Logs::one(Arc::new(Numbered(0, PathBuf::from("/writer"))));
+        let (partition, source) = one.pick(Some("7"), Some("any"), &[]).unwrap();
+        assert_eq!(partition, None, "a node with one log ignores the header");
+        assert_eq!(source.data(), Path::new("/writer"));
+        assert_eq!(one.partition_count(), None);
+        assert_eq!(set(3).partition_count(), Some(3));
+    }
+}
