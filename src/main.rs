@@ -146,9 +146,17 @@ struct ServeArgs {
     /// With --roles query: the writer's checkpoint verifier key you trust (the text of its
     /// DATA/logs/0/checkpoint.pub, as `custos verify --log-key` takes it). The node then
     /// refuses an object store signed by any other key, instead of trusting the key it
-    /// reads there first.
-    #[arg(long, value_name = "KEY", env = "CUSTOS_LOG_KEY", requires = "kafka")]
-    log_key: Option<String>,
+    /// reads there first. With --log-per-partition: one key per partition, in partition
+    /// order, comma-separated or the flag repeated (each DATA/partitions/<p>/logs/0/
+    /// checkpoint.pub of the writers' DATA).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "CUSTOS_LOG_KEY",
+        requires = "kafka",
+        value_delimiter = ','
+    )]
+    log_key: Vec<String>,
     /// Kafka bootstrap servers (`host:port,...`): the stages exchange the contract's
     /// records over topics instead of in-process channels.
     #[arg(long, value_name = "BROKERS", env = "CUSTOS_KAFKA")]
@@ -384,13 +392,14 @@ impl ServeArgs {
                 .map_err(|error| anyhow::anyhow!("--kafka-config: {error}"))?;
         }
         kafka.check()?;
-        let log_key = match &self.log_key {
-            Some(text) => Some(
+        let log_key = self
+            .log_key
+            .iter()
+            .map(|text| {
                 custos_store::checkpoint::NoteKey::parse_verifier(text.trim())
-                    .map_err(|error| anyhow::anyhow!("--log-key `{}`: {error}", text.trim()))?,
-            ),
-            None => None,
-        };
+                    .map_err(|error| anyhow::anyhow!("--log-key `{}`: {error}", text.trim()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut trust = std::collections::BTreeMap::new();
         for did in &self.trust_detector {
             trust.insert(did.clone(), custos_event::FINDING_PAYLOAD_TYPE.to_owned());

@@ -167,12 +167,12 @@ impl Logs {
 mod tests {
     use super::*;
 
-    /// A log that only knows its number: `pick` is tested on which one it hands out.
-    struct Numbered(u32, PathBuf);
+    /// A log that only knows its directory: `pick` is tested on which one it hands out.
+    struct Numbered(PathBuf);
 
     impl Source for Numbered {
         fn data(&self) -> &Path {
-            &self.1
+            &self.0
         }
         fn view(&self) -> Pending<'_, StoreView> {
             Box::pin(async { Err(ApiError::new(500, "unused", "unused")) })
@@ -199,7 +199,7 @@ mod tests {
 
     fn set(count: u32) -> Logs {
         let parts = (0..count)
-            .map(|n| Arc::new(Numbered(n, PathBuf::from(format!("/p/{n}")))) as Arc<dyn Source>)
+            .map(|n| Arc::new(Numbered(PathBuf::from(format!("/p/{n}")))) as Arc<dyn Source>)
             .collect();
         Logs::partitions("/node".into(), "/node/replica".into(), parts)
     }
@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn one_partition_or_one_log_needs_no_choice() {
         assert_eq!(chosen(&set(1), None, None, &[]), Ok(0));
-        let one = Logs::one(Arc::new(Numbered(0, PathBuf::from("/writer"))));
+        let one = Logs::one(Arc::new(Numbered(PathBuf::from("/writer"))));
         let (partition, source) = one.pick(Some("7"), Some("any"), &[]).unwrap();
         assert_eq!(partition, None, "a node with one log ignores the header");
         assert_eq!(source.data(), Path::new("/writer"));

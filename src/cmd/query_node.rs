@@ -60,7 +60,7 @@ impl QueryNode {
         url: &str,
         kafka: &KafkaConfig,
         chain_window: usize,
-        log_key: Option<custos_store::checkpoint::NoteKey>,
+        log_keys: Vec<custos_store::checkpoint::NoteKey>,
         partitions: Option<u32>,
     ) -> anyhow::Result<Self> {
         let store = data.join("replica");
@@ -78,9 +78,11 @@ impl QueryNode {
         };
         let replicas: Vec<Arc<Mutex<Replica>>> = logs
             .iter()
-            .map(|(_, dir)| {
+            .enumerate()
+            .map(|(position, (_, dir))| {
                 let mut replica = Replica::new(dir.clone(), chain_window);
-                if let Some(key) = &log_key {
+                // One key per log, in partition order (serve checked the count).
+                if let Some(key) = log_keys.get(position) {
                     replica.pin_log_key(key.clone());
                 }
                 Arc::new(Mutex::new(replica))

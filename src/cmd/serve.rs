@@ -34,9 +34,10 @@ pub(crate) struct Cluster {
     pub(crate) preferred: Vec<i32>,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
-    /// A query node's pinned checkpoint verifier key (`--log-key`): the object store's
-    /// segments must be signed by it.
-    pub(crate) log_key: Option<custos_store::checkpoint::NoteKey>,
+    /// A query node's pinned checkpoint verifier keys (`--log-key`): the object store's
+    /// segments must be signed by them. One for one log; one per partition, in partition
+    /// order, over a partition set.
+    pub(crate) log_key: Vec<custos_store::checkpoint::NoteKey>,
 }
 
 /// Where the writer records the highest log index it has published to Kafka.
@@ -452,10 +453,6 @@ async fn run_without_store(
             "--roles query and --log-per-partition writers run in separate processes (each partition's \
              writer serves its own log's API): start the query node alone with --roles query --log-per-partition"
         ),
-        (true, Some(_)) if cluster.log_per_partition && cluster.log_key.is_some() => anyhow::bail!(
-            "--log-key pins one log's key, and a partition set has one per partition: omit it with \
-             --log-per-partition (each partition's key is the one first read from the object store)"
-        ),
         (true, Some(url)) => {
             let partitions = match cluster.log_per_partition {
                 false => None,
@@ -467,6 +464,7 @@ async fn run_without_store(
                     Some(count.unsigned_abs())
                 }
             };
+            pinned_keys(&cluster.log_key, partitions)?;
             Some(
                 super::query_node::QueryNode::start(
                     config.data.clone(),
@@ -555,6 +553,33 @@ async fn run_without_store(
             tokio::task::spawn_blocking(drain).await?;
         }
         tokio::task::spawn_blocking(move || pipeline.join()).await?;
+    }
+    Ok(())
+}
+
+/// Checks a query node's `--log-key` list against what it reads: at most one key for one
+/// log; none or one per partition over a partition set of `partitions`, all different.
+fn pinned_keys(keys: &[custos_store::checkpoint::NoteKey], partitions: Option<u32>) -> anyhow::Result<()> {
+    match partitions {
+        None if keys.len() > 1 => anyhow::bail!(
+            "--log-key names {} keys, but a query node over one log takes one (a partition set, \
+             --log-per-partition, takes one per partition)",
+            keys.len()
+        ),
+        Some(count) if !keys.is_empty() && keys.len() != count as usize => anyhow::bail!(
+            "--log-key names {} keys, but the set has {count} partitions: give one per partition, in \
+             partition order (each DATA/partitions/<p>/logs/0/checkpoint.pub of the writers)",
+            keys.len()
+        ),
+        _ => {}
+    }
+    for (position, key) in keys.iter().enumerate() {
+        if keys[..position].contains(key) {
+            anyhow::bail!(
+                "--log-key names `{}` twice: every partition's log has its own key",
+                key.name
+            );
+        }
     }
     Ok(())
 }
@@ -789,5 +814,38 @@ fn follow_control(kafka: &KafkaConfig, view: &custos_ingest::edge::ControlView, 
             view.set_loaded();
             tracing::info!("registry view loaded from the control topic");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use custos_store::checkpoint::NoteKey;
+
+    fn key(name: &str, seed: u8) -> NoteKey {
+        NoteKey {
+            name: name.into(),
+            public: custos_event::AgentKey::from_seed(&[seed; 32]).public_key(),
+        }
+    }
+
+    /// A query node's pinned keys: one for one log; none or one per partition for a set,
+    /// never one twice; each refusal names the count or the key.
+    #[test]
+    fn pinned_keys_match_the_logs_they_pin() {
+        let (a, b, c) = (key("custos/a/0", 1), key("custos/b/0", 2), key("custos/c/0", 3));
+        assert!(super::pinned_keys(&[], None).is_ok());
+        assert!(super::pinned_keys(std::slice::from_ref(&a), None).is_ok());
+        let two = super::pinned_keys(&[a.clone(), b.clone()], None)
+            .unwrap_err()
+            .to_string();
+        assert!(two.contains("names 2 keys") && two.contains("takes one"), "{two}");
+        assert!(super::pinned_keys(&[], Some(3)).is_ok());
+        assert!(super::pinned_keys(&[a.clone(), b.clone(), c.clone()], Some(3)).is_ok());
+        let short = super::pinned_keys(&[a.clone(), b.clone()], Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("3 partitions"), "{short}");
+        let twice = super::pinned_keys(&[a.clone(), b, a], Some(3)).unwrap_err().to_string();
+        assert!(twice.contains("custos/a/0") && twice.contains("twice"), "{twice}");
     }
 }

@@ -422,6 +422,14 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         });
     }
 
+    // Pinned: each partition's log key, in partition order, as an operator would.
+    let keys: Vec<String> = (0..3)
+        .map(|partition| {
+            let path =
+                custos_store::partitions::PartitionSet::store_dir(&store, partition).join("logs/0/checkpoint.pub");
+            std::fs::read_to_string(path).unwrap().trim().to_owned()
+        })
+        .collect();
     let node = Server::start_with(
         &dir.path().join("query"),
         &[
@@ -434,6 +442,8 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
             "--log-per-partition",
             "--object-store",
             &archive,
+            "--log-key",
+            &keys.join(","),
         ],
     );
     let node_token = node.token();
@@ -531,25 +541,44 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     let log = node.stop();
     assert!(!log.contains("panicked"), "{log}");
 
+    // Query nodes that must refuse at start: their error output.
+    let refused = |name: &str, extra: &[&str]| {
+        let output = crate::support::custos()
+            .args(["serve", "--data"])
+            .arg(dir.path().join(name))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--kafka",
+                &broker.addr,
+                "--kafka-prefix",
+                prefix,
+            ])
+            .args(["--roles", "query", "--object-store", &archive])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = crate::support::stderr(&output);
+        assert!(!output.status.success(), "{stderr}");
+        stderr
+    };
     // The same object store read as one log: refused, naming the flag.
-    let output = crate::support::custos()
-        .args(["serve", "--data"])
-        .arg(dir.path().join("query-one-log"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--kafka",
-            &broker.addr,
-            "--kafka-prefix",
-            prefix,
-        ])
-        .args(["--roles", "query", "--object-store", &archive])
-        .output()
-        .unwrap();
-    let stderr = crate::support::stderr(&output);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = refused("query-one-log", &[]);
     assert!(
         stderr.contains("partition set of 3 logs") && stderr.contains("--log-per-partition"),
+        "{stderr}"
+    );
+    // Partition 0's and 2's keys swapped: a log signed by a key not pinned for it.
+    let swapped = [keys[2].clone(), keys[1].clone(), keys[0].clone()].join(",");
+    let stderr = refused("query-swapped", &["--log-per-partition", "--log-key", &swapped]);
+    assert!(stderr.contains("log key this node trusts"), "{stderr}");
+    // Two keys for three partitions: refused before anything is read.
+    let stderr = refused(
+        "query-short",
+        &["--log-per-partition", "--log-key", &keys[..2].join(",")],
+    );
+    assert!(
+        stderr.contains("names 2 keys") && stderr.contains("3 partitions"),
         "{stderr}"
     );
     // Each writer took its preferred partitions, so each copied its own.
