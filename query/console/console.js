@@ -5,7 +5,14 @@
 
 const $ = (selector) => document.querySelector(selector);
 let token = sessionStorage.getItem("custos-token");
+// On a query node over a partition set: the partition whose log to read (sent as the
+// X-Custos-Partition header); empty lets the node choose from the token's realm.
+let partition = sessionStorage.getItem("custos-partition") || "";
 let stream = null;
+// Whether this node holds the log (a writer, or one process): it then serves the agents,
+// findings, actions and control routes. A query node serves the query API alone, and the
+// console reads the same facts through SQL there.
+let writer = true;
 
 function el(tag, text, attrs) {
   const node = document.createElement(tag);
@@ -20,7 +27,7 @@ function short(did) {
 
 async function api(path, options) {
   const init = Object.assign({ headers: {} }, options || {});
-  init.headers = Object.assign({ Authorization: "Bearer " + token }, init.headers);
+  init.headers = Object.assign({ Authorization: "Bearer " + token }, partition ? { "X-Custos-Partition": partition } : {}, init.headers);
   const response = await fetch(path, init);
   const text = await response.text();
   let body = null;
@@ -40,6 +47,24 @@ async function sql(query) {
     headers: { "content-type": "application/json", accept: "application/json" },
     body: JSON.stringify({ sql: query }),
   });
+}
+
+// A SQL string literal.
+function quote(text) {
+  return "'" + String(text).replace(/'/g, "''") + "'";
+}
+
+// A JSON text column (findings' evidence and explanation), parsed; `fallback` when absent.
+function parsed(text, fallback) {
+  if (text === null || text === undefined || text === "") return fallback;
+  if (typeof text !== "string") return text;
+  try { return JSON.parse(text); } catch (_) { return fallback; }
+}
+
+// Findings as GET /v1/findings gives them, from the findings table (query nodes).
+async function findingsBySql(where, limit) {
+  const rows = await sql(`SELECT id, ts, agent, realm, type, score, severity, confidence, learning, title, rule_id, evidence, explanation FROM findings${where} ORDER BY ts DESC LIMIT ${limit}`);
+  return rows.map((row) => Object.assign({}, row, { evidence: parsed(row.evidence, []), explanation: parsed(row.explanation, []) }));
 }
 
 function table(rows) {
@@ -71,7 +96,11 @@ function table(rows) {
 
 const views = {
   async fleet() {
-    const [agents, findings] = await Promise.all([api("/v1/agents?limit=100000"), api("/v1/findings?limit=10000")]);
+    const [agents, findings] = writer
+      ? await Promise.all([api("/v1/agents?limit=100000"), api("/v1/findings?limit=10000")])
+      // One query after the other: a token runs two at most at once.
+      : [{ agents: await sql("SELECT did, realm, status, events, last_ts FROM agents ORDER BY did") },
+        { findings: await sql("SELECT agent, max(score) AS score FROM findings GROUP BY agent") }];
     const risk = {};
     for (const finding of findings.findings) risk[finding.agent] = Math.max(risk[finding.agent] || 0, finding.score);
     const body = $("#fleet-table tbody");
@@ -91,7 +120,7 @@ const views = {
   },
 
   async agent(did) {
-    const agent = await api("/v1/agents/" + encodeURIComponent(did));
+    const agent = writer ? await api("/v1/agents/" + encodeURIComponent(did)) : await agentBySql(did);
     $("#agent-did").textContent = agent.did;
     const facts = $("#agent-facts");
     facts.replaceChildren();
@@ -112,7 +141,7 @@ const views = {
         .map(([name, stat]) => `${name} ≈ ${Number(stat.expected).toFixed(1)}`).join(", ");
       fact("expected per window", expected || "nothing yet");
     } else {
-      fact("baseline", "not known to the detector yet");
+      fact("baseline", writer ? "not known to the detector yet" : "kept by the detector; ask the log writer's node");
     }
     const list = (selector, items, render) => {
       const node = $(selector);
@@ -125,7 +154,7 @@ const views = {
   },
 
   async findings() {
-    const answer = await api("/v1/findings?limit=500");
+    const answer = writer ? await api("/v1/findings?limit=500") : { findings: await findingsBySql("", 500) };
     const list = $("#findings-list");
     list.replaceChildren();
     const findings = answer.findings.slice().sort((a, b) => b.ts.localeCompare(a.ts));
@@ -144,11 +173,14 @@ const views = {
   },
 
   async actions() {
-    const [approvals, actions] = await Promise.all([api("/v1/approvals"), api("/v1/actions?limit=200")]);
+    const [approvals, actions] = writer
+      ? await Promise.all([api("/v1/approvals"), api("/v1/actions?limit=200")])
+      : [{ pending: [] }, { actions: await sql("SELECT ts, action, agent, status, playbook, reason FROM actions ORDER BY ts DESC LIMIT 200") }];
     const list = $("#pending-list");
     list.replaceChildren();
     $("#actions-error").textContent = "";
-    if (approvals.pending.length === 0) list.append(el("li", "nothing is waiting for approval"));
+    if (!writer) list.append(el("li", "approvals are decided on the log writer's node (this is a query node)", { class: "query-node-note" }));
+    else if (approvals.pending.length === 0) list.append(el("li", "nothing is waiting for approval"));
     for (const approval of approvals.pending) {
       const item = el("li", null, { "data-id": approval.id, class: "approval" });
       const what = (approval.remaining || []).map((spec) => Object.keys(spec)[0] || JSON.stringify(spec)).join(", ");
@@ -194,6 +226,28 @@ const views = {
     fact("last verify", last ? `${last.ok ? "OK" : "FAILED"} at ${last.at}: ${last.entries} entries, ${last.problems} problem(s)${last.first_problem ? " — " + last.first_problem : ""}` : "never run on this node");
   },
 };
+
+// One agent as GET /v1/agents/{did} gives it, from the SQL tables (query nodes): no
+// baseline (the detector keeps it), `children` as a count.
+async function agentBySql(did) {
+  // One query after the other: a token runs two at most at once.
+  const agents = await sql(`SELECT did, realm, status, parent, children, labels, enrolled_at, enrolled_by, revoke_reason, events, last_ts FROM agents WHERE did = ${quote(did)}`);
+  const findings = await findingsBySql(` WHERE agent = ${quote(did)}`, 20);
+  const actions = await sql(`SELECT ts, action, status, playbook FROM actions WHERE agent = ${quote(did)} ORDER BY ts DESC LIMIT 20`);
+  if (agents.length === 0) {
+    const error = new Error(`404 unknown_agent: no agent ${did} in what this token may read`);
+    error.status = 404;
+    throw error;
+  }
+  const agent = agents[0];
+  return Object.assign({}, agent, {
+    children: agent.children ? [`${agent.children} sub-agent(s)`] : [],
+    labels: parsed(agent.labels, {}),
+    baseline: null,
+    recent_findings: findings,
+    recent_actions: actions,
+  });
+}
 
 async function openFinding(finding) {
   $("#finding-detail").hidden = false;
@@ -263,6 +317,8 @@ async function runSql() {
 async function live() {
   if (stream) stream.abort();
   stream = new AbortController();
+  // A query node has no control stream: views refresh when opened.
+  if (!writer) return;
   $("#live").hidden = false;
   const state = $("#live-state");
   try {
@@ -327,6 +383,8 @@ async function show() {
 function signOut(reason) {
   token = null;
   sessionStorage.removeItem("custos-token");
+  sessionStorage.removeItem("custos-partition");
+  partition = "";
   if (stream) stream.abort();
   $("#nav").hidden = true;
   $("#live").hidden = true;
@@ -335,14 +393,43 @@ function signOut(reason) {
   $("#signin-error").textContent = reason || "";
 }
 
-async function signIn(candidate) {
-  token = candidate;
+// Whether the node serves the log writer's routes, from its public route catalogue.
+async function holdsTheLog() {
   try {
-    const checkpoint = await api("/v1/checkpoints/latest");
+    const response = await fetch("/openapi.json");
+    const catalogue = await response.json();
+    const findings = catalogue.paths && catalogue.paths["/v1/findings"];
+    return Boolean(findings && findings.get);
+  } catch (_) {
+    return true;
+  }
+}
+
+async function signIn(candidate, chosen) {
+  token = candidate;
+  partition = (chosen || "").trim();
+  try {
+    writer = await holdsTheLog();
+    let whoami;
+    if (writer) {
+      const checkpoint = await api("/v1/checkpoints/latest");
+      whoami = `node ${short(checkpoint.node_did)} · tree size ${checkpoint.size}`;
+    } else {
+      // The token is checked by the integrity route; a log with nothing sealed yet has
+      // no checkpoint there (404), which is no reason to refuse it.
+      let size = "nothing sealed yet";
+      try {
+        size = "tree size " + (await api("/v1/integrity")).checkpoint.size;
+      } catch (error) {
+        if (error.status !== 404) throw error;
+      }
+      whoami = `query node${partition ? " · partition " + partition : ""} · ${size}`;
+    }
     sessionStorage.setItem("custos-token", token);
+    if (partition) sessionStorage.setItem("custos-partition", partition);
     $("#signin-view").hidden = true;
     $("#nav").hidden = false;
-    $("#whoami").textContent = `node ${short(checkpoint.node_did)} · tree size ${checkpoint.size}`;
+    $("#whoami").textContent = whoami;
     live();
     await show();
   } catch (error) {
@@ -351,7 +438,7 @@ async function signIn(candidate) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("#signin").addEventListener("submit", (event) => { event.preventDefault(); signIn($("#token").value.trim()); });
+  $("#signin").addEventListener("submit", (event) => { event.preventDefault(); signIn($("#token").value.trim(), $("#partition").value); });
   $("#signout").addEventListener("click", () => signOut());
   $("#events-form").addEventListener("submit", (event) => { event.preventDefault(); searchEvents(false); });
   $("#events-more").addEventListener("click", () => searchEvents(true));
@@ -367,5 +454,5 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   window.addEventListener("hashchange", show);
-  if (token) signIn(token); else signOut();
+  if (token) signIn(token, partition); else signOut();
 });

@@ -382,3 +382,164 @@ fn the_console_is_static_and_locked_down() {
     let integrity: Value = response.json().unwrap();
     assert_eq!(integrity["last_verify"]["ok"], true, "{integrity}");
 }
+
+/// The console served by a stateless query node (`--roles query`), which has no agents,
+/// findings or approvals routes: it finds that out from the node's `/openapi.json` and
+/// reads the same facts through SQL. Sign in, see the fleet and an agent's page, a
+/// revocation made on the writer, the note that approvals are the writer's, and the
+/// store's checkpoint.
+#[test]
+fn the_console_on_a_query_node_reads_through_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = crate::stages::Broker::start(dir.path());
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let cluster = |name: &str, roles: &str| {
+        Server::start_with(
+            &dir.path().join(name),
+            &[
+                "--kafka",
+                &broker.addr,
+                "--kafka-prefix",
+                "console-query",
+                "--roles",
+                roles,
+                "--object-store",
+                &archive,
+            ],
+        )
+    };
+    let writer = cluster("writer", "writer");
+    let (url, admin) = (writer.url.clone(), writer.token());
+    let mut dids = Vec::new();
+    for seed in 60..63u8 {
+        let key = AgentKey::from_seed(&[seed; 32]);
+        enroll(&url, &admin, key.did(), "eng");
+        dids.push(key.did().to_owned());
+        let mut signer = Signer::new(key, "eng");
+        // 3 × 200 events: a sealed segment (500 entries), so a checkpoint reaches the
+        // object store.
+        for _ in 0..2 {
+            let objects: Vec<Value> = (0..100)
+                .map(|i| json!({"kind": "tool_call", "action": "search", "target": format!("doc{i}")}))
+                .collect();
+            send(&url, &mut signer, &objects);
+        }
+    }
+    let sealed = dir.path().join("archive/logs/0/segments.ndjson");
+    wait_for("a sealed segment in the object store", || sealed.exists());
+    let node = cluster("query", "query");
+    let node_admin = node.token();
+    wait_for("the query node to be ready", || {
+        reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
+    });
+
+    let driver = Driver::start();
+    let profile = dir.path().join("chromium");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = browser(&driver, &profile).await;
+        client.goto(&node.url).await.unwrap();
+        client
+            .find(Locator::Id("token"))
+            .await
+            .unwrap()
+            .send_keys(&node_admin)
+            .await
+            .unwrap();
+        client
+            .find(Locator::Id("signin-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let whoami = eventually("signed in", || async {
+            text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
+        })
+        .await;
+        assert!(
+            whoami.contains("query node") && whoami.contains("tree size"),
+            "{whoami}"
+        );
+
+        // The fleet, from the agents table.
+        eventually("the fleet table", || async {
+            let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
+            (rows.len() == 3).then_some(())
+        })
+        .await;
+        let events_cell = format!("#fleet-table tr[data-did='{}'] td:nth-child(5)", dids[0]);
+        assert_eq!(text_of(&client, &events_cell).await.as_deref(), Some("200"));
+
+        // An agent's page, from the SQL tables: no baseline here, said so.
+        let link = format!("#fleet-table tr[data-did='{}'] a", dids[0]);
+        client.find(Locator::Css(&link)).await.unwrap().click().await.unwrap();
+        let facts = eventually("the agent's page", || async {
+            text_of(&client, "#agent-facts")
+                .await
+                .filter(|text| text.contains("kept by the detector"))
+        })
+        .await;
+        assert!(facts.contains("eng") && facts.contains("active"), "{facts}");
+
+        // Approvals are the writer's; the page says so instead of failing.
+        client
+            .find(Locator::Css("a[href='#actions']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the note on approvals", || async {
+            text_of(&client, "#pending-list li.query-node-note").await
+        })
+        .await;
+        assert!(
+            client.find(Locator::Css("#actions-view .view-error")).await.is_err(),
+            "the actions view failed"
+        );
+
+        // A revocation on the writer shows in the fleet view of the query node.
+        let (target, revoked, token) = (url.clone(), dids[1].clone(), admin.clone());
+        let (status, answer) = tokio::task::spawn_blocking(move || {
+            post(
+                &target,
+                &format!("/v1/agents/{revoked}/revoke"),
+                Some(&token),
+                json!({"reason": "console test"}).to_string().into_bytes(),
+            )
+            .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let status_cell = format!("#fleet-table tr[data-did='{}'] td.status", dids[1]);
+        eventually("the revocation on the query node's fleet view", || async {
+            client.goto(&format!("{}/#fleet", node.url)).await.ok()?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            text_of(&client, &status_cell).await.filter(|text| text == "revoked")
+        })
+        .await;
+
+        // The store's checkpoint, as the query node holds it.
+        client
+            .find(Locator::Css("a[href='#integrity']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the tree size", || async {
+            text_of(&client, "#integrity-tree-size")
+                .await
+                .filter(|text| text.parse::<u64>().is_ok_and(|size| size >= 500))
+        })
+        .await;
+        client.close().await.unwrap();
+    });
+    node.stop();
+    writer.stop();
+}
