@@ -538,6 +538,9 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         sql_in(&node.url, &node_token, "SELECT count(*) AS n FROM events", Some(2))
             .is_some_and(|(status, _, body)| status == 200 && body == json!([{"n": 661}]))
     });
+    // The console on this node: an admin names a partition at sign-in and sees that
+    // partition's fleet; without one, the refusal says why.
+    console_on_a_partition(&node.url, &node_token, signers[2].did(), dir.path());
     let log = node.stop();
     assert!(!log.contains("panicked"), "{log}");
 
@@ -598,4 +601,60 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     );
     writer.stop();
     other.stop();
+}
+
+/// Signs in to the console at `url` with `token`: without a partition, the sign-in is
+/// refused with `partition_required`; with partition 2, the fleet is that partition's
+/// (`did` alone) and the header says so.
+fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Path) {
+    use crate::console::{Driver, browser, eventually, text_of};
+    use fantoccini::Locator;
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = browser(&driver, &dir.join("chromium")).await;
+        client.goto(url).await.unwrap();
+        let sign_in = |partition: &'static str| {
+            let client = client.clone();
+            async move {
+                let field = client.find(Locator::Id("token")).await.unwrap();
+                field.clear().await.unwrap();
+                field.send_keys(token).await.unwrap();
+                let field = client.find(Locator::Id("partition")).await.unwrap();
+                field.clear().await.unwrap();
+                field.send_keys(partition).await.unwrap();
+                client
+                    .find(Locator::Id("signin-button"))
+                    .await
+                    .unwrap()
+                    .click()
+                    .await
+                    .unwrap();
+            }
+        };
+        sign_in("").await;
+        eventually("the refusal without a partition", || async {
+            text_of(&client, "#signin-error")
+                .await
+                .filter(|text| text.contains("partition_required"))
+        })
+        .await;
+        sign_in("2").await;
+        let whoami = eventually("signed in", || async {
+            text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
+        })
+        .await;
+        assert!(whoami.contains("partition 2"), "{whoami}");
+        let row = eventually("partition 2's fleet", || async {
+            let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
+            (rows.len() == 1).then_some(())?;
+            rows[0].attr("data-did").await.ok().flatten()
+        })
+        .await;
+        assert_eq!(row, did);
+        client.close().await.unwrap();
+    });
 }
