@@ -538,6 +538,17 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         sql_in(&node.url, &node_token, "SELECT count(*) AS n FROM events", Some(2))
             .is_some_and(|(status, _, body)| status == 200 && body == json!([{"n": 661}]))
     });
+    // Verifying the store from the page or the API checks the whole copied set.
+    let verified = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/integrity/verify", node.url))
+        .bearer_auth(&node_token)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    let verified: Value = verified.json().unwrap();
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(verified["entries"].as_u64().unwrap() >= 1_000, "{verified}");
+
     // The console on this node: an admin names a partition at sign-in and sees that
     // partition's fleet; without one, the refusal says why.
     console_on_a_partition(&node.url, &node_token, signers[2].did(), dir.path());
