@@ -612,6 +612,18 @@ fn bench_cluster_reports_every_phase() {
     );
 }
 
+/// A realm on each of `count` partitions, in partition order (`realm-<n>` names).
+pub(crate) fn realms_per_partition(count: i32) -> Vec<String> {
+    (0..count)
+        .map(|partition| {
+            (0..)
+                .map(|n| format!("realm-{n}"))
+                .find(|realm| custos_stage::wire::partition_for(realm, count) == partition)
+                .unwrap()
+        })
+        .collect()
+}
+
 /// An ingest process on topics with `prefix`.
 fn ingest_on(dir: &std::path::Path, name: &str, brokers: &str, prefix: &str) -> Server {
     Server::start_with(
@@ -1056,14 +1068,7 @@ fn a_dead_detectors_partitions_move_to_the_other_detector() {
             && second.contains("partition 2 is detected here")
             && !second.contains("partition 0 is detected here")
     });
-    let realms: Vec<String> = (0..3)
-        .map(|partition| {
-            (0..)
-                .map(|n| format!("realm-{n}"))
-                .find(|realm| custos_stage::wire::partition_for(realm, 3) == partition)
-                .unwrap()
-        })
-        .collect();
+    let realms = realms_per_partition(3);
     let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
     kafka.prefix = prefix.into();
     let logs = [&first_log, &second_log, &responder_log, &writer.log];

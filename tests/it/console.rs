@@ -97,6 +97,28 @@ where
     }
 }
 
+/// Clicks the element `css` selects.
+pub(crate) async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|error| panic!("no `{css}` to click: {error}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Fills the sign-in form with `token` (and `partition`, for a query node over a
+/// partition set) and submits it.
+pub(crate) async fn sign_in(client: &Client, token: &str, partition: &str) {
+    for (id, value) in [("token", token), ("partition", partition)] {
+        let field = client.find(Locator::Id(id)).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(value).await.unwrap();
+    }
+    click(client, "#signin-button").await;
+}
+
 pub(crate) async fn text_of(client: &Client, css: &str) -> Option<String> {
     let element = client.find(Locator::Css(css)).await.ok()?;
     element.text().await.ok()
@@ -174,13 +196,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
             .send_keys("cus_wrong")
             .await
             .unwrap();
-        client
-            .find(Locator::Id("signin-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#signin-button").await;
         eventually("the refusal", || async {
             text_of(&client, "#signin-error")
                 .await
@@ -190,13 +206,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         let field = client.find(Locator::Id("token")).await.unwrap();
         field.clear().await.unwrap();
         field.send_keys(&responder).await.unwrap();
-        client
-            .find(Locator::Id("signin-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#signin-button").await;
 
         // Fleet overview: every agent, the culprit at the top by risk.
         let first_row = eventually("the fleet table", || async {
@@ -223,13 +233,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         assert!(recent.contains("critical") || recent.contains("high"), "{recent}");
 
         // Findings timeline: open the finding, see its explanation and evidence events.
-        client
-            .find(Locator::Css("a[href='#findings']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#findings']").await;
         let open = eventually("a finding in the timeline", || async {
             client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
         })
@@ -250,13 +254,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         assert!(!title.is_empty());
 
         // Pending actions: approve the revocation.
-        client
-            .find(Locator::Css("a[href='#actions']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#actions']").await;
         let approve = eventually("the approve button", || async {
             client
                 .find(Locator::Css("#pending-list li.approval button.approve"))
@@ -273,13 +271,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         .await;
 
         // The agent's status changes in the fleet view, and the live feed saw it.
-        client
-            .find(Locator::Css("a[href='#fleet']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#fleet']").await;
         eventually("the agent to show as revoked", || async {
             text_of(&client, &status_cell).await.filter(|text| text == "revoked")
         })
@@ -293,26 +285,14 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
 
         // Store integrity: the checkpoint, and a verification run from the page is refused
         // to a responder (admin only) with the reason shown.
-        client
-            .find(Locator::Css("a[href='#integrity']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#integrity']").await;
         eventually("the tree size", || async {
             text_of(&client, "#integrity-tree-size")
                 .await
                 .filter(|text| text.parse::<u64>().is_ok_and(|size| size > 60))
         })
         .await;
-        client
-            .find(Locator::Id("verify-now"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#verify-now").await;
         eventually("the refusal", || async {
             text_of(&client, "#integrity-error")
                 .await
@@ -321,20 +301,8 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         .await;
 
         // SQL box: results as a table.
-        client
-            .find(Locator::Css("a[href='#sql']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        client
-            .find(Locator::Id("sql-run"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#sql']").await;
+        click(&client, "#sql-run").await;
         let table = eventually("SQL results", || async {
             text_of(&client, "#sql-result table")
                 .await
@@ -442,20 +410,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
     runtime.block_on(async {
         let client = browser(&driver, &profile).await;
         client.goto(&node.url).await.unwrap();
-        client
-            .find(Locator::Id("token"))
-            .await
-            .unwrap()
-            .send_keys(&node_admin)
-            .await
-            .unwrap();
-        client
-            .find(Locator::Id("signin-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        sign_in(&client, &node_admin, "").await;
         let whoami = eventually("signed in", || async {
             text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
         })
@@ -486,13 +441,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
         assert!(facts.contains("eng") && facts.contains("active"), "{facts}");
 
         // Approvals are the writer's; the page says so instead of failing.
-        client
-            .find(Locator::Css("a[href='#actions']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#actions']").await;
         eventually("the note on approvals", || async {
             text_of(&client, "#pending-list li.query-node-note").await
         })
@@ -516,22 +465,19 @@ fn the_console_on_a_query_node_reads_through_sql() {
         .await
         .unwrap();
         assert_eq!(status, 200, "{answer}");
+        // A query node has no live panel: the page is reloaded (the token stays in the
+        // tab's session) until the fleet view shows it.
+        click(&client, "a[href='#fleet']").await;
         let status_cell = format!("#fleet-table tr[data-did='{}'] td.status", dids[1]);
         eventually("the revocation on the query node's fleet view", || async {
-            client.goto(&format!("{}/#fleet", node.url)).await.ok()?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            client.refresh().await.ok()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
             text_of(&client, &status_cell).await.filter(|text| text == "revoked")
         })
         .await;
 
         // The store's checkpoint, as the query node holds it.
-        client
-            .find(Locator::Css("a[href='#integrity']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "a[href='#integrity']").await;
         eventually("the tree size", || async {
             text_of(&client, "#integrity-tree-size")
                 .await

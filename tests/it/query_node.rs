@@ -277,39 +277,34 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&segment, bytes).unwrap();
-    // A query node that must fail at start: its output.
-    let refused_node = |name: &str, extra: &[&str]| {
-        crate::support::custos()
-            .args(["serve", "--data"])
-            .arg(dir.path().join(name))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--kafka",
-                &broker.addr,
-                "--kafka-prefix",
-                PREFIX,
-            ])
-            .args(["--roles", "query", "--object-store", &archive])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let output = refused_node("query-tampered", &[]);
-    let stderr = crate::support::stderr(&output);
-    assert!(!output.status.success(), "{stderr}");
+    let refused =
+        |name: &str, extra: &[&str]| refused_query_node(&dir.path().join(name), &broker.addr, PREFIX, &archive, extra);
+    let stderr = refused("query-tampered", &[]);
     let name = segment.file_name().unwrap().to_str().unwrap();
     // A node pinned to another key refuses the copy before reading any segment.
     let stranger = custos_store::checkpoint::NoteKey {
         name: "custos/stranger".into(),
         public: AgentKey::from_seed(&[9; 32]).public_key(),
     };
-    let pinned = refused_node("query-pinned", &["--log-key", &stranger.verifier_string()]);
-    let refused = crate::support::stderr(&pinned);
-    assert!(!pinned.status.success(), "{refused}");
-    assert!(refused.contains("log key this node trusts"), "{refused}");
+    let pinned = refused("query-pinned", &["--log-key", &stranger.verifier_string()]);
+    assert!(pinned.contains("log key this node trusts"), "{pinned}");
     assert!(stderr.contains(name) && stderr.contains("blake3"), "{stderr}");
     drop(broker);
+}
+
+/// A query node (`--roles query`) on `archive` that must stop at start: its error output.
+fn refused_query_node(data: &std::path::Path, brokers: &str, prefix: &str, archive: &str, extra: &[&str]) -> String {
+    let output = crate::support::custos()
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0", "--kafka", brokers, "--kafka-prefix", prefix])
+        .args(["--roles", "query", "--object-store", archive])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = crate::support::stderr(&output);
+    assert!(!output.status.success(), "{stderr}");
+    stderr
 }
 
 /// Posts `body` to an ingest node until every event in it is stored (an ingest node
@@ -389,14 +384,7 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         .trim()
         .to_owned();
     // One realm on each partition.
-    let realms: Vec<String> = (0..3)
-        .map(|partition| {
-            (0..)
-                .map(|n| format!("realm-{n}"))
-                .find(|realm| custos_stage::wire::partition_for(realm, 3) == partition)
-                .unwrap()
-        })
-        .collect();
+    let realms = crate::cluster::realms_per_partition(3);
     let mut signers: Vec<Signer> = realms
         .iter()
         .enumerate()
@@ -555,27 +543,8 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     let log = node.stop();
     assert!(!log.contains("panicked"), "{log}");
 
-    // Query nodes that must refuse at start: their error output.
-    let refused = |name: &str, extra: &[&str]| {
-        let output = crate::support::custos()
-            .args(["serve", "--data"])
-            .arg(dir.path().join(name))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--kafka",
-                &broker.addr,
-                "--kafka-prefix",
-                prefix,
-            ])
-            .args(["--roles", "query", "--object-store", &archive])
-            .args(extra)
-            .output()
-            .unwrap();
-        let stderr = crate::support::stderr(&output);
-        assert!(!output.status.success(), "{stderr}");
-        stderr
-    };
+    let refused =
+        |name: &str, extra: &[&str]| refused_query_node(&dir.path().join(name), &broker.addr, prefix, &archive, extra);
     // The same object store read as one log: refused, naming the flag.
     let stderr = refused("query-one-log", &[]);
     assert!(
@@ -618,7 +587,7 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
 /// refused with `partition_required`; with partition 2, the fleet is that partition's
 /// (`did` alone) and the header says so.
 fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Path) {
-    use crate::console::{Driver, browser, eventually, text_of};
+    use crate::console::{Driver, browser, eventually, sign_in, text_of};
     use fantoccini::Locator;
     let driver = Driver::start();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -628,32 +597,14 @@ fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Pa
     runtime.block_on(async {
         let client = browser(&driver, &dir.join("chromium")).await;
         client.goto(url).await.unwrap();
-        let sign_in = |partition: &'static str| {
-            let client = client.clone();
-            async move {
-                let field = client.find(Locator::Id("token")).await.unwrap();
-                field.clear().await.unwrap();
-                field.send_keys(token).await.unwrap();
-                let field = client.find(Locator::Id("partition")).await.unwrap();
-                field.clear().await.unwrap();
-                field.send_keys(partition).await.unwrap();
-                client
-                    .find(Locator::Id("signin-button"))
-                    .await
-                    .unwrap()
-                    .click()
-                    .await
-                    .unwrap();
-            }
-        };
-        sign_in("").await;
+        sign_in(&client, token, "").await;
         eventually("the refusal without a partition", || async {
             text_of(&client, "#signin-error")
                 .await
                 .filter(|text| text.contains("partition_required"))
         })
         .await;
-        sign_in("2").await;
+        sign_in(&client, token, "2").await;
         let whoami = eventually("signed in", || async {
             text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
         })
