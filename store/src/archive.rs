@@ -33,6 +33,10 @@ pub struct Archive {
     runtime: tokio::runtime::Runtime,
     /// What was uploaded, by relative path: its length and modification time then.
     uploaded: HashMap<String, (u64, Option<std::time::SystemTime>)>,
+    /// The sealed files (segments, seq indexes) already in the object store when this
+    /// process first synced, by relative path, with their sizes: a restarted writer
+    /// does not upload them again.
+    present: Option<HashMap<String, u64>>,
 }
 
 impl Archive {
@@ -81,6 +85,7 @@ impl Archive {
             prefix,
             runtime,
             uploaded: HashMap::new(),
+            present: None,
         })
     }
 
@@ -172,9 +177,17 @@ impl Archive {
             for segment in &segments {
                 for file in [segment.file.clone(), format!("{}.seqs", segment.file)] {
                     let relative = format!("{base}/segments/{file}");
-                    if !self.uploaded.contains_key(&relative) {
-                        count += usize::from(self.sync_file(&paths.segment_dir.join(&file), &relative, |bytes| bytes)?);
+                    if self.uploaded.contains_key(&relative) {
+                        continue;
                     }
+                    let local = paths.segment_dir.join(&file);
+                    if self.already_there(&relative, &local)? {
+                        let stamp =
+                            fs_err::metadata(&local).map(|metadata| (metadata.len(), metadata.modified().ok()))?;
+                        self.uploaded.insert(relative, stamp);
+                        continue;
+                    }
+                    count += usize::from(self.sync_file(&local, &relative, |bytes| bytes)?);
                 }
             }
             let manifest_lines = segments.len();
@@ -197,15 +210,44 @@ impl Archive {
         Ok(count)
     }
 
-    /// Every object under the prefix, with where it goes under `dir`: sealed files
-    /// (segments and their seq indexes) first.
-    fn listing(&self, dir: &Path) -> Result<Vec<(object_store::ObjectMeta, PathBuf)>, StoreError> {
+    /// Whether the sealed file `local` is in the object store at `relative` already, whole
+    /// (an upload is atomic, and a sealed file never changes: the same size is the same
+    /// file; should it not be, a reader finds its blake3 differs from the signed
+    /// manifest line). The store is listed once, at the first sync.
+    fn already_there(&mut self, relative: &str, local: &Path) -> Result<bool, StoreError> {
+        if self.present.is_none() {
+            let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
+            let present = self
+                .list()?
+                .into_iter()
+                .filter(|object| sealed(object.location.as_ref()))
+                .map(|object| {
+                    let relative: Vec<&str> = object.location.as_ref().split('/').skip(skip).collect();
+                    (relative.join("/"), object.size)
+                })
+                .collect();
+            self.present = Some(present);
+        }
+        let Some(size) = self.present.as_ref().and_then(|present| present.get(relative)) else {
+            return Ok(false);
+        };
+        Ok(fs_err::metadata(local).is_ok_and(|metadata| metadata.len() == *size))
+    }
+
+    /// Every object under the prefix.
+    fn list(&self) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         use futures::TryStreamExt as _;
         let store = self.store.clone();
         let prefix = self.prefix.clone();
-        let mut objects: Vec<object_store::ObjectMeta> = self
+        Ok(self
             .runtime
-            .block_on(async { store.list(Some(&prefix)).try_collect().await })?;
+            .block_on(async { store.list(Some(&prefix)).try_collect().await })?)
+    }
+
+    /// Every object under the prefix, with where it goes under `dir`: sealed files
+    /// (segments and their seq indexes) first.
+    fn listing(&self, dir: &Path) -> Result<Vec<(object_store::ObjectMeta, PathBuf)>, StoreError> {
+        let mut objects = self.list()?;
         objects.sort_by_key(|object| !sealed(object.location.as_ref()));
         let skip = self.prefix.as_ref().split('/').filter(|part| !part.is_empty()).count();
         Ok(objects

@@ -195,3 +195,55 @@ fn the_sealed_store_is_copied_to_s3_and_the_copy_verifies() {
         "{report:#}"
     );
 }
+
+/// A writer restarted on its data directory does not upload its sealed segments again:
+/// they are in the object store already (listed once at its first sync), so only the
+/// files that grow (manifest, checkpoints) are copied.
+#[test]
+fn a_restarted_writer_does_not_upload_its_sealed_segments_again() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let archive_dir = dir.path().join("archive");
+    let archive = format!("file://{}", archive_dir.display());
+    let data = dir.path().join("store");
+    let start = || Server::start_with(&data, &["--object-store", &archive]);
+    let node = start();
+    let token = node.token();
+    let key = AgentKey::from_seed(&[77; 32]);
+    enroll(&node.url, &token, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    for _ in 0..6 {
+        let (status, answer) =
+            crate::support::post(&node.url, "/v1/events", None, signed_lines(&mut signer, 100)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    let manifest = archive_dir.join("logs/0/segments.ndjson");
+    crate::respond::wait_for("a sealed segment in the object store", || manifest.exists());
+    node.stop();
+    let segments: Vec<(PathBuf, u64)> = std::fs::read_dir(archive_dir.join("logs/0/segments"))
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let inode = std::fs::metadata(&path).unwrap().ino();
+            (path, inode)
+        })
+        .collect();
+    assert!(segments.len() >= 2, "a segment and its seq index: {segments:?}");
+    let manifest_inode = std::fs::metadata(&manifest).unwrap().ino();
+
+    let node = start();
+    // The restarted archiver copies the manifest again (it does not know it is there)...
+    crate::respond::wait_for("the restarted archiver's first copy", || {
+        std::fs::metadata(&manifest).is_ok_and(|metadata| metadata.ino() != manifest_inode)
+    });
+    // ...but no sealed file: each is the same file as before the restart.
+    for (path, inode) in &segments {
+        assert_eq!(
+            std::fs::metadata(path).unwrap().ino(),
+            *inode,
+            "{} was uploaded again",
+            path.display()
+        );
+    }
+    node.stop();
+}
