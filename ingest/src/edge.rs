@@ -177,14 +177,14 @@ struct EdgeState {
     keys: Arc<KeyCache>,
     rejects: Arc<serve::RejectLimiter>,
     receipt_timeout: Duration,
-    /// Submissions waiting for the writer's answer, each on a blocking thread: bounded,
-    /// so that a writer that stops answering makes new requests fail fast instead of
-    /// queueing behind the blocking pool.
+    /// Submissions waiting for the writer's answer: bounded, so that a writer that stops
+    /// answering makes new requests fail fast instead of piling up requests, bodies and
+    /// connections.
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// Submissions an ingest node waits on at once, at most (tokio's blocking pool has 512
-/// threads).
+/// Submissions an ingest node waits on at once, at most: each holds its request's body
+/// and connection until the writer answers.
 const MAX_IN_FLIGHT: usize = 256;
 
 /// A running ingest node.
@@ -413,23 +413,30 @@ async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stag
     };
     let submitter = state.submitter.clone();
     let timeout = state.receipt_timeout;
-    let outcome = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let steps = &custos_http::metrics::WRITER_SECONDS;
-        let started = std::time::Instant::now();
-        let receipt = submitter.submit(submission)?;
-        let submitted = std::time::Instant::now();
-        steps
-            .with_label_values(&["submit"])
-            .observe((submitted - started).as_secs_f64());
-        let answer = receipt.wait(timeout);
-        steps
-            .with_label_values(&["receipt"])
-            .observe(submitted.elapsed().as_secs_f64());
-        Ok::<_, custos_stage::StageError>(answer)
-    })
-    .await
-    .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
+    let steps = &custos_http::metrics::WRITER_SECONDS;
+    // Handing over may block briefly (a full producer queue): on a blocking thread. The
+    // wait for the writer's answer holds no thread.
+    let started = std::time::Instant::now();
+    let receipt = tokio::task::spawn_blocking(move || submitter.submit(submission))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", format!("the submit task failed: {error}")))?;
+    let submitted = std::time::Instant::now();
+    steps
+        .with_label_values(&["submit"])
+        .observe((submitted - started).as_secs_f64());
+    let outcome = match receipt {
+        Ok(receipt) => {
+            let answer = tokio::time::timeout(timeout, receipt.answered())
+                .await
+                .unwrap_or_else(|_| Err(custos_stage::timed_out(timeout)));
+            steps
+                .with_label_values(&["receipt"])
+                .observe(submitted.elapsed().as_secs_f64());
+            Ok(answer)
+        }
+        Err(error) => Err(error),
+    };
+    drop(permit);
     match outcome {
         Ok(Ok(appended)) => Ok(appended),
         Ok(Err(refused)) if refused.retryable => Err(ApiError::new(

@@ -25,6 +25,7 @@
 //! log per partition, [`claim`] decides which process runs a partition's stateful
 //! stage (its writer, its detector): the holder of the partition's lock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use custos_event::{Envelope, Observation};
@@ -345,8 +346,68 @@ impl Refused {
     }
 }
 
-/// The writer's eventual answer to a submission.
-pub struct Receipt(std::sync::mpsc::Receiver<Result<Appended, Refused>>);
+/// The writer's eventual answer to a submission: waited for by a thread
+/// ([`Receipt::wait`]) or by a task ([`Receipt::answered`]), which then holds no thread.
+pub struct Receipt(Arc<Slot>);
+
+/// Where an [`Answer`] leaves the writer's answer for its [`Receipt`].
+#[derive(Default)]
+struct Slot {
+    state: std::sync::Mutex<SlotState>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    answer: Option<Result<Appended, Refused>>,
+    /// The answer can no longer come (the writer dropped it unanswered).
+    closed: bool,
+    /// The task waiting in [`Receipt::answered`].
+    waker: Option<std::task::Waker>,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the answer (or, with `None`, closes the slot) once, waking whoever waits.
+    fn settle(&self, answer: Option<Result<Appended, Refused>>) {
+        let waker = {
+            let mut state = self.lock();
+            if state.answer.is_some() || state.closed {
+                return;
+            }
+            match answer {
+                Some(answer) => state.answer = Some(answer),
+                None => state.closed = true,
+            }
+            state.waker.take()
+        };
+        self.ready.notify_all();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// The answer if it came; `Some(Err(stopped))` once it never can.
+    fn take(state: &mut SlotState) -> Option<Result<Appended, Refused>> {
+        match state.answer.take() {
+            Some(answer) => Some(answer),
+            None if state.closed => Some(Err(stopped())),
+            None => None,
+        }
+    }
+}
+
+/// Closes the slot when an answer is dropped without being sent.
+struct Unanswered(Arc<Slot>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.settle(None);
+    }
+}
 
 /// How the writer answers one submission: in process, a channel; over Kafka, a record on
 /// the receipts topic.
@@ -371,35 +432,65 @@ impl std::fmt::Debug for Answer {
 
 /// A receipt and the answer that resolves it.
 pub fn receipt() -> (Answer, Receipt) {
-    let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+    let slot = Arc::new(Slot::default());
+    let guard = Unanswered(slot.clone());
     let answer = Answer::new(move |answer| {
         // The submitter may have stopped waiting; the entry is in the log either way.
-        let _ = sender.try_send(answer);
+        guard.0.settle(Some(answer));
     });
-    (answer, Receipt(receiver))
+    (answer, Receipt(slot))
 }
 
 impl Receipt {
-    /// Waits up to `timeout` for the answer.
+    /// Waits up to `timeout` for the answer, holding the calling thread.
     pub fn wait(&self, timeout: Duration) -> Result<Appended, Refused> {
-        match self.0.recv_timeout(timeout) {
-            Ok(answer) => answer,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Refused::retryable(
-                "writer_timeout",
-                format!("the log writer did not answer within {} ms", timeout.as_millis()),
-            )),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(stopped()),
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = self.0.lock();
+        loop {
+            if let Some(answer) = Slot::take(&mut state) {
+                return answer;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(timed_out(timeout));
+            }
+            state = self
+                .0
+                .ready
+                .wait_timeout(state, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
+    }
+
+    /// The answer, for a task to await: it holds no thread while it waits. Bound it
+    /// with the runtime's timer; [`timed_out`] is the refusal to answer then.
+    pub fn answered(self) -> impl std::future::Future<Output = Result<Appended, Refused>> + Send {
+        std::future::poll_fn(move |context| {
+            let mut state = self.0.lock();
+            match Slot::take(&mut state) {
+                Some(answer) => std::task::Poll::Ready(answer),
+                None => {
+                    state.waker = Some(context.waker().clone());
+                    std::task::Poll::Pending
+                }
+            }
+        })
     }
 
     /// The answer if it has come, without waiting.
     pub fn try_take(&self) -> Option<Result<Appended, Refused>> {
-        match self.0.try_recv() {
-            Ok(answer) => Some(answer),
-            Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(stopped())),
-        }
+        Slot::take(&mut self.0.lock())
     }
+}
+
+/// The refusal of a submission whose answer did not come within `timeout`: retryable,
+/// since the writer may still append it (a resend is answered `duplicate`).
+pub fn timed_out(timeout: Duration) -> Refused {
+    Refused::retryable(
+        "writer_timeout",
+        format!("the log writer did not answer within {} ms", timeout.as_millis()),
+    )
 }
 
 fn stopped() -> Refused {

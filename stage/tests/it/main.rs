@@ -294,3 +294,47 @@ fn a_submission_goes_to_the_partition_of_its_realm() {
     assert_eq!(wire::submission_key(&batch), "eng");
     assert_eq!(wire::submission_key(&revoke), "eng");
 }
+
+/// A receipt is answered to a waiting thread or to an awaiting task (which holds no
+/// thread); an answer dropped unsent is `stopping`, one that never comes times out, both
+/// retryable.
+#[test]
+fn a_receipt_is_answered_to_a_thread_or_a_task() {
+    let appended = || custos_stage::Appended::entries(vec![7]);
+    // A thread, answered from another thread.
+    let (answer, receipt) = custos_stage::receipt();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        answer.send(Ok(appended()));
+    });
+    assert_eq!(receipt.wait(Duration::from_secs(30)).unwrap().log_indexes, vec![7]);
+    sender.join().unwrap();
+    // Nothing comes: a retryable timeout.
+    let (_answer, receipt) = custos_stage::receipt();
+    let late = receipt.wait(Duration::from_millis(20)).unwrap_err();
+    assert!(late.retryable && late.code == "writer_timeout", "{late:?}");
+    assert!(receipt.try_take().is_none());
+    // The answer is dropped unsent (a writer that stopped): `stopping`, not a hang.
+    let (answer, receipt) = custos_stage::receipt();
+    drop(answer);
+    let stopped = receipt.wait(Duration::from_secs(30)).unwrap_err();
+    assert!(stopped.retryable && stopped.code == "stopping", "{stopped:?}");
+
+    // A task: woken by the answer, sent after it began waiting.
+    let (answer, receipt) = custos_stage::receipt();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        answer.send(Ok(appended()));
+    });
+    let answered = futures::executor::block_on(receipt.answered()).unwrap();
+    assert_eq!(answered.log_indexes, vec![7]);
+    sender.join().unwrap();
+    let (answer, receipt) = custos_stage::receipt();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        drop(answer);
+    });
+    let stopped = futures::executor::block_on(receipt.answered()).unwrap_err();
+    assert_eq!(stopped.code, "stopping");
+    sender.join().unwrap();
+}
