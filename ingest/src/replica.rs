@@ -5,6 +5,8 @@
 //!        │                              manifest, checkpoints; disposable)
 //!        ▼
 //!  Replica::refresh_sealed: new segments ─▶ manifest signature (log key) + blake3 checked
+//!                                         ─▶ leaves into a Merkle frontier; every checkpoint
+//!                                            up to the sealed end: signature + root checked
 //!                                         ─▶ registry fold (entries not folded from the tail)
 //!                                         ─▶ tail entries below the sealed end dropped
 //!  committed topic (every partition, from its start) ─▶ Replica::apply
@@ -30,6 +32,7 @@ use custos_event::{
 };
 use custos_stage::Committed;
 use custos_store::log::{CheckpointLine, SegmentInfo, read_ndjson};
+use custos_store::merkle::Frontier;
 use custos_store::{CheckpointView, LogEntry, LogPaths, StoreError, StoreView};
 
 use crate::registry::Registry;
@@ -53,6 +56,14 @@ pub struct Replica {
     /// The log key, as pinned or as first read from the copy (`checkpoint.pub`); it may
     /// never change.
     log_key: Option<custos_store::checkpoint::NoteKey>,
+    /// The tree over the sealed segments' leaves (its size is `sealed_end`), and as it was
+    /// at each taken segment's start (parallel to `segments`): what checkpoint roots are
+    /// checked against, in O(log n) memory each.
+    frontier: Frontier,
+    starts: Vec<Frontier>,
+    /// The size of the latest checkpoint in the copy whose signature and root were
+    /// checked against the segments: the one served.
+    checked: u64,
 }
 
 impl Replica {
@@ -71,6 +82,9 @@ impl Replica {
             folded: BTreeSet::new(),
             bare: 0,
             log_key: None,
+            frontier: Frontier::default(),
+            starts: Vec::new(),
+            checked: 0,
         }
     }
 
@@ -91,9 +105,16 @@ impl Replica {
     }
 
     /// Takes in the segments the local copy's manifest lists beyond those already taken
-    /// (only lines whose files are all here: a manifest may arrive before a segment).
-    /// Answers how many were new.
+    /// (only lines whose files are all here: a manifest may arrive before a segment), then
+    /// checks the copy's checkpoints up to the sealed end against them. Answers how many
+    /// segments were new.
     pub fn refresh_sealed(&mut self) -> Result<usize, StoreError> {
+        let taken = self.take_segments()?;
+        self.check_heads()?;
+        Ok(taken)
+    }
+
+    fn take_segments(&mut self) -> Result<usize, StoreError> {
         let lines: Vec<SegmentInfo> = match self.paths.manifest.exists() {
             true => read_ndjson(&self.paths.manifest)?,
             false => return Ok(0),
@@ -109,12 +130,18 @@ impl Replica {
                 Some(key) => key,
                 None => key.insert(self.log_key()?),
             };
-            check(&self.paths.log_id, key, &line, &file)?;
+            let bytes = fs_err::read(&file)?;
+            check(&self.paths.log_id, key, &line, &bytes)?;
             if line.first_index != self.sealed_end {
                 return Err(StoreError::Tamper(format!(
                     "segment `{}` starts at log index {}, but the segments before it end at {}",
                     line.file, line.first_index, self.sealed_end
                 )));
+            }
+            let leaves = leaves_of(&line, bytes)?;
+            self.starts.push(self.frontier.clone());
+            for leaf in leaves {
+                self.frontier.push(leaf);
             }
             let entries = custos_store::segment::read_types(&file, &[CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE])
                 .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", line.file)))?;
@@ -135,6 +162,72 @@ impl Replica {
             self.registry.prune(sealed_end);
         }
         Ok(taken)
+    }
+
+    /// Checks every checkpoint of the copy beyond the last one checked, up to the sealed
+    /// end: signed by the log key, and its root the one the segments' leaves give at its
+    /// size. A checkpoint whose root differs is tampering (or a writer that signed a head
+    /// its own segments do not make), named with its size and segment.
+    fn check_heads(&mut self) -> Result<(), StoreError> {
+        if !self.paths.checkpoints.exists() {
+            return Ok(());
+        }
+        let lines: Vec<CheckpointLine> = read_ndjson(&self.paths.checkpoints)?;
+        let pending: Vec<CheckpointLine> = lines
+            .into_iter()
+            .filter(|line| line.size > self.checked && line.size <= self.sealed_end)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let key = self.log_key()?;
+        // A segment read again for the checkpoints inside it: (its position, its leaves).
+        let mut read: Option<(usize, Vec<custos_store::merkle::Hash>)> = None;
+        for line in pending {
+            let checkpoint = custos_store::checkpoint::verify_checkpoint(&line.note, &key).map_err(|error| {
+                StoreError::Tamper(format!(
+                    "the checkpoint of size {} in the object store does not verify with the log key: {error}",
+                    line.size
+                ))
+            })?;
+            if checkpoint.size != line.size {
+                return Err(StoreError::Tamper(format!(
+                    "a checkpoints line says size {}, its signed note {}",
+                    line.size, checkpoint.size
+                )));
+            }
+            // The segment holding the checkpoint's last entry, and the tree at its start.
+            let position = self
+                .segments
+                .partition_point(|segment| segment.end_index < checkpoint.size);
+            let segment = &self.segments[position];
+            let root = if checkpoint.size == segment.end_index {
+                self.starts.get(position + 1).unwrap_or(&self.frontier).root()
+            } else {
+                if read.as_ref().is_none_or(|(at, _)| *at != position) {
+                    let bytes = fs_err::read(self.paths.segment_dir.join(&segment.file))?;
+                    read = Some((position, leaves_of(segment, bytes)?));
+                }
+                let leaves = read.as_ref().map_or(&[][..], |(_, leaves)| leaves.as_slice());
+                let mut tree = self.starts[position].clone();
+                for leaf in &leaves[..(checkpoint.size - segment.first_index) as usize] {
+                    tree.push(*leaf);
+                }
+                tree.root()
+            };
+            if root != checkpoint.root {
+                return Err(StoreError::Tamper(format!(
+                    "the checkpoint of size {} in the object store has root {}, but the sealed segments give {} \
+                     (segment `{}`)",
+                    checkpoint.size,
+                    hex::encode(checkpoint.root),
+                    hex::encode(root),
+                    segment.file
+                )));
+            }
+            self.checked = checkpoint.size;
+        }
+        Ok(())
     }
 
     /// The log key in the copy (`checkpoint.pub`): the one first read, which may never
@@ -248,10 +341,14 @@ impl Replica {
 
     /// The latest checkpoint in the copy (it covers sealed entries only).
     pub fn checkpoint(&self) -> Result<Option<CheckpointView>, StoreError> {
-        if !self.paths.checkpoints.exists() {
+        if !self.paths.checkpoints.exists() || self.checked == 0 {
             return Ok(None);
         }
-        let Some(line) = read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?.pop() else {
+        // The latest checkpoint whose root was checked against the segments.
+        let Some(line) = read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?
+            .into_iter()
+            .rfind(|line| line.size == self.checked)
+        else {
             return Ok(None);
         };
         // Served only once it verifies with the log key this node trusts (pinned, or the
@@ -286,7 +383,7 @@ fn check(
     log_id: &str,
     key: &custos_store::checkpoint::NoteKey,
     line: &SegmentInfo,
-    file: &Path,
+    bytes: &[u8],
 ) -> Result<(), StoreError> {
     if !line.signature_valid(log_id, key) {
         return Err(StoreError::Tamper(format!(
@@ -294,7 +391,7 @@ fn check(
             line.file
         )));
     }
-    let digest = blake3::hash(&fs_err::read(file)?).to_hex().to_string();
+    let digest = blake3::hash(bytes).to_hex().to_string();
     if digest != line.blake3 {
         return Err(StoreError::Tamper(format!(
             "segment `{}` has blake3 {digest}, its signed manifest line says {}",
@@ -302,6 +399,22 @@ fn check(
         )));
     }
     Ok(())
+}
+
+/// The Merkle leaves of a segment's rows, as many as its manifest line says it holds.
+fn leaves_of(line: &SegmentInfo, bytes: Vec<u8>) -> Result<Vec<custos_store::merkle::Hash>, StoreError> {
+    let leaves = custos_store::segment::leaf_hashes(bytes)
+        .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", line.file)))?;
+    if leaves.len() as u64 != line.end_index - line.first_index {
+        return Err(StoreError::Tamper(format!(
+            "segment `{}` holds {} entries, its signed manifest line says log indexes {} to {}",
+            line.file,
+            leaves.len(),
+            line.first_index,
+            line.end_index
+        )));
+    }
+    Ok(leaves)
 }
 
 /// A committed entry as the log's row.
@@ -355,69 +468,138 @@ mod tests {
             .collect()
     }
 
-    /// The latest checkpoint is served only when it verifies with the trusted log key,
-    /// and with that key as its verifier.
+    /// A closed store of `count` events: segments of 10 entries, a checkpoint every 4.
+    fn sealed_store(dir: &Path, count: usize) {
+        let info = custos_store::StoreInfo::open(dir, true).unwrap();
+        let config = custos_store::LogConfig {
+            segment_max_entries: 10,
+            checkpoint_every: 4,
+            checkpoint_interval: std::time::Duration::from_secs(3600),
+            seal_retry: std::time::Duration::ZERO,
+        };
+        let mut log = custos_store::Log::open(
+            dir,
+            &info.store_id,
+            custos_store::DEFAULT_LOG_ID,
+            config,
+            custos_store::OpenMode::ReadWrite,
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut signer = custos_event::Signer::new(AgentKey::from_seed(&[5; 32]), "eng");
+        for position in 0..count {
+            let mut payload = Payload::new(custos_event::Kind::ToolCall, chrono::Utc::now());
+            payload.action = Some("search".into());
+            let entry = LogEntry::from_envelope(
+                signer.sign(payload),
+                log.next_index(),
+                1_700_000_000_000_000 + position as i64,
+                None,
+            );
+            log.append(vec![entry]).unwrap();
+            log.maintain().unwrap();
+        }
+        log.close().unwrap();
+    }
+
+    /// The store's checkpoints, with the one of `size` replaced by `note`.
+    fn replace_checkpoint(paths: &LogPaths, size: u64, note: &str) {
+        let lines: Vec<CheckpointLine> = read_ndjson(&paths.checkpoints).unwrap();
+        assert!(
+            lines.iter().any(|line| line.size == size),
+            "no checkpoint of size {size}"
+        );
+        let text: String = lines
+            .into_iter()
+            .map(|line| {
+                let line = match line.size == size {
+                    true => CheckpointLine {
+                        size,
+                        note: note.to_owned(),
+                    },
+                    false => line,
+                };
+                serde_json::to_string(&line).unwrap() + "\n"
+            })
+            .collect();
+        fs_err::write(&paths.checkpoints, text).unwrap();
+    }
+
+    /// Every checkpoint up to the sealed end is checked against the segments' leaves; the
+    /// latest is served, only while it verifies with the trusted log key.
     #[test]
-    fn a_checkpoint_is_served_only_when_the_trusted_key_signed_it() {
+    fn checkpoints_are_checked_against_the_segments_and_served_signed() {
         let dir = tempfile::tempdir().unwrap();
-        let log_key = AgentKey::from_seed(&[21; 32]);
-        let trusted = custos_store::checkpoint::NoteKey {
-            name: "custos/test".into(),
-            public: log_key.public_key(),
-        };
+        sealed_store(dir.path(), 25);
         let paths = LogPaths::new(dir.path(), custos_store::DEFAULT_LOG_ID);
-        fs_err::create_dir_all(paths.checkpoints.parent().unwrap()).unwrap();
-        fs_err::write(&paths.public_key, format!("{}\n", trusted.verifier_string())).unwrap();
-        let checkpoint = custos_store::checkpoint::Checkpoint {
-            origin: "custos/test".into(),
-            size: 7,
-            root: [3; 32],
-        };
-        let write = |note: &str| {
-            let line = CheckpointLine {
-                size: 7,
-                note: note.to_owned(),
-            };
-            fs_err::write(
-                &paths.checkpoints,
-                format!("{}\n", serde_json::to_string(&line).unwrap()),
-            )
-            .unwrap();
-        };
-        let signed = custos_store::checkpoint::sign_note(&checkpoint.body(), "custos/test", &log_key);
-        write(&signed);
+        let trusted = custos_store::checkpoint::NoteKey::parse_verifier(
+            fs_err::read_to_string(&paths.public_key).unwrap().trim(),
+        )
+        .unwrap();
         let mut replica = Replica::new(dir.path().to_owned(), 64);
+        assert_eq!(replica.refresh_sealed().unwrap(), 3);
         let view = replica.checkpoint().unwrap().unwrap();
         assert_eq!(
             (view.size, view.verifier_key.as_str()),
-            (7, trusted.verifier_string().as_str())
+            (25, trusted.verifier_string().as_str())
         );
 
-        // A size changed after signing: refused as tampering, naming the size.
-        write(&signed.replacen("\n7\n", "\n9\n", 1));
+        // The served note changed after signing (its size): refused, named.
+        let lines: Vec<CheckpointLine> = read_ndjson(&paths.checkpoints).unwrap();
+        let last = lines.last().unwrap().note.clone();
+        replace_checkpoint(&paths, 25, &last.replacen("\n25\n", "\n9\n", 1));
         let error = replica.checkpoint().unwrap_err().to_string();
         assert!(error.contains("does not verify"), "{error}");
-
-        // Signed by another key (with a `checkpoint.pub` to match) while this node trusts
-        // the first: refused too.
+        // Signed by another key: refused too (the node keeps the key it read first).
         let stranger = AgentKey::from_seed(&[22; 32]);
-        let stranger_key = custos_store::checkpoint::NoteKey {
-            name: "custos/test".into(),
-            public: stranger.public_key(),
-        };
-        fs_err::write(&paths.public_key, format!("{}\n", stranger_key.verifier_string())).unwrap();
-        write(&custos_store::checkpoint::sign_note(
-            &checkpoint.body(),
-            "custos/test",
-            &stranger,
-        ));
-        assert!(
-            replica.checkpoint().is_ok(),
-            "unpinned, the copy's key is the one it has"
+        let body = custos_store::checkpoint::verify_checkpoint(&last, &trusted)
+            .unwrap()
+            .body();
+        replace_checkpoint(
+            &paths,
+            25,
+            &custos_store::checkpoint::sign_note(&body, &trusted.name, &stranger),
         );
-        replica.pin_log_key(trusted);
         let error = replica.checkpoint().unwrap_err().to_string();
         assert!(error.contains("does not verify"), "{error}");
+    }
+
+    /// A checkpoint signed by the log key itself (a writer that lies, or its stolen key)
+    /// whose root the segments do not give: refused, naming its size and segment, in the
+    /// middle of a segment and at a segment's end.
+    #[test]
+    fn a_signed_checkpoint_whose_root_the_segments_do_not_give_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        sealed_store(dir.path(), 25);
+        let paths = LogPaths::new(dir.path(), custos_store::DEFAULT_LOG_ID);
+        let log_key = custos_store::keyfile::read_key(&paths.key).unwrap();
+        let trusted = custos_store::checkpoint::NoteKey::parse_verifier(
+            fs_err::read_to_string(&paths.public_key).unwrap().trim(),
+        )
+        .unwrap();
+        let original = fs_err::read(&paths.checkpoints).unwrap();
+        let segments: Vec<SegmentInfo> = read_ndjson(&paths.manifest).unwrap();
+        for (size, segment) in [(12, &segments[1].file), (20, &segments[1].file)] {
+            fs_err::write(&paths.checkpoints, &original).unwrap();
+            let forged = custos_store::checkpoint::Checkpoint {
+                origin: trusted.name.clone(),
+                size,
+                root: [9; 32],
+            };
+            replace_checkpoint(
+                &paths,
+                size,
+                &custos_store::checkpoint::sign_note(&forged.body(), &trusted.name, &log_key),
+            );
+            let mut replica = Replica::new(dir.path().to_owned(), 64);
+            let error = replica.refresh_sealed().unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("checkpoint of size {size}")) && error.contains(segment.as_str()),
+                "{error}"
+            );
+            // What was checked before it is still served; nothing after it.
+            assert!(replica.checkpoint().unwrap().is_some_and(|view| view.size < size));
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _};
 
 use crate::log::{CheckpointLine, SegmentInfo, read_ndjson};
+use crate::partitions::CrossCheckpoint;
 use crate::{LogPaths, StoreError};
 
 /// An object store and the prefix the store's files go under.
@@ -37,6 +38,8 @@ pub struct Archive {
     /// process first synced, by relative path, with their sizes: a restarted writer
     /// does not upload them again.
     present: Option<HashMap<String, u64>>,
+    /// How many lines of `partitions.ndjson` the copy holds.
+    cross_lines: usize,
 }
 
 impl Archive {
@@ -86,6 +89,7 @@ impl Archive {
             runtime,
             uploaded: HashMap::new(),
             present: None,
+            cross_lines: 0,
         })
     }
 
@@ -142,8 +146,9 @@ impl Archive {
         held: Option<&std::collections::BTreeSet<u32>>,
     ) -> Result<usize, StoreError> {
         let mut count = 0;
-        if held.is_none_or(|held| held.contains(&0)) {
-            for name in ["partitions.json", "partitions.pub", "partitions.ndjson"] {
+        let binds = held.is_none_or(|held| held.contains(&0));
+        if binds {
+            for name in ["partitions.json", "partitions.pub"] {
                 count += usize::from(self.sync_file(&data.join(name), name, |bytes| bytes)?);
             }
         }
@@ -153,7 +158,79 @@ impl Archive {
             }
             count += self.sync_store(&store, &relative)?;
         }
+        if binds {
+            count += usize::from(self.sync_cross_checkpoints(data)?);
+        }
         Ok(count)
+    }
+
+    /// Copies the cross-partition checkpoints (`partitions.ndjson`) whose every bound
+    /// head is in the copy already: its partition's checkpoint of that size (whoever
+    /// copies that partition). So a copy never binds a head it does not hold, and
+    /// `custos verify` of the copy finds nothing missing that is merely not copied yet.
+    /// Answers whether it uploaded.
+    fn sync_cross_checkpoints(&mut self, data: &Path) -> Result<bool, StoreError> {
+        use crate::partitions::{CrossLine, PartitionSet, verify_cross_checkpoint};
+        let path = PartitionSet::checkpoints_path(data);
+        let Ok(bytes) = fs_err::read(&path) else {
+            return Ok(false);
+        };
+        let key_text = fs_err::read_to_string(PartitionSet::public_key_path(data))?;
+        let key = crate::checkpoint::NoteKey::parse_verifier(key_text.trim())
+            .map_err(|error| StoreError::Tamper(format!("`partitions.pub`: {error}")))?;
+        let lines: Vec<CrossCheckpoint> = bytes
+            .split_inclusive(|byte| *byte == b'\n')
+            .filter(|line| line.ends_with(b"\n"))
+            .map_while(|line| {
+                let line: CrossLine = serde_json::from_slice(line).ok()?;
+                verify_cross_checkpoint(&line.note, &key).ok()
+            })
+            .collect();
+        if lines.len() <= self.cross_lines {
+            return Ok(false);
+        }
+        // What the copy holds of each partition: its largest copied checkpoint.
+        let partitions = lines.iter().map(|line| line.heads.len()).max().unwrap_or(0);
+        let copied = (0..partitions)
+            .map(|partition| self.copied_checkpoint_size(partition))
+            .collect::<Result<Vec<u64>, StoreError>>()?;
+        let covered = lines
+            .iter()
+            .take_while(|line| {
+                line.heads.iter().all(|head| {
+                    head.size == 0
+                        || copied
+                            .get(head.partition as usize)
+                            .is_some_and(|size| head.size <= *size)
+                })
+            })
+            .count();
+        if covered <= self.cross_lines {
+            return Ok(false);
+        }
+        self.put("partitions.ndjson", keep_lines(&bytes, covered, |_| true))?;
+        self.cross_lines = covered;
+        Ok(true)
+    }
+
+    /// The largest checkpoint size of partition `partition` in the copy (0 for none).
+    fn copied_checkpoint_size(&self, partition: usize) -> Result<u64, StoreError> {
+        let location = self.location(&format!("partitions/{partition}/logs/0/checkpoints.ndjson"));
+        let store = self.store.clone();
+        let fetched = self
+            .runtime
+            .block_on(async move { store.get(&location).await?.bytes().await });
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            Err(object_store::Error::NotFound { .. }) => return Ok(0),
+            Err(error) => return Err(error.into()),
+        };
+        Ok(bytes
+            .split(|byte| *byte == b'\n')
+            .filter_map(|line| serde_json::from_slice::<CheckpointLine>(line).ok())
+            .map(|line| line.size)
+            .max()
+            .unwrap_or(0))
     }
 
     fn sync_store(&mut self, store: &Path, relative: &str) -> Result<usize, StoreError> {

@@ -45,6 +45,44 @@ pub enum ProofError {
     RootMismatch,
 }
 
+/// The right edge of a Merkle tree: the roots of its perfect subtrees, largest (leftmost)
+/// first. Enough to append leaves and compute the RFC 9162 root in O(log n) memory, for a
+/// reader that checks roots as it goes and never proves an inclusion.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontier {
+    size: u64,
+    peaks: Vec<Hash>,
+}
+
+impl Frontier {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf hash (not the leaf bytes).
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = leaf;
+        let mut size = self.size;
+        // Each trailing 1 bit of the size is a perfect subtree the new leaf completes.
+        while size & 1 == 1 {
+            if let Some(left) = self.peaks.pop() {
+                node = node_hash(&left, &node);
+            }
+            size >>= 1;
+        }
+        self.peaks.push(node);
+        self.size += 1;
+    }
+
+    /// The tree head's root: the peaks folded from the right, `H(p0, H(p1, … p_last))`.
+    pub fn root(&self) -> Hash {
+        match self.peaks.split_last() {
+            None => empty_root(),
+            Some((last, rest)) => rest.iter().rev().fold(*last, |right, left| node_hash(left, &right)),
+        }
+    }
+}
+
 /// An append-only Merkle tree over leaf hashes.
 #[derive(Clone, Debug, Default)]
 pub struct Tree {

@@ -204,3 +204,23 @@ proptest! {
         }
     }
 }
+
+/// The frontier (O(log n) memory) gives the same root as the full tree and the RFC 9162
+/// definition at every size, including 0 and the powers of two and their neighbours.
+#[test]
+fn the_frontier_root_is_the_tree_root_at_every_size() {
+    let leaves: Vec<Vec<u8>> = (0..300u32).map(|n| n.to_le_bytes().to_vec()).collect();
+    let mut tree = Tree::new();
+    let mut frontier = custos_store::merkle::Frontier::default();
+    assert_eq!(frontier.root(), empty_root());
+    for (count, leaf) in leaves.iter().enumerate() {
+        tree.push(leaf_hash(leaf));
+        frontier.push(leaf_hash(leaf));
+        let size = count as u64 + 1;
+        assert_eq!(frontier.size(), size);
+        assert_eq!(frontier.root(), tree.root(), "size {size}");
+        if size <= 70 {
+            assert_eq!(frontier.root(), naive_root(&leaves[..count + 1]), "size {size}");
+        }
+    }
+}
