@@ -117,6 +117,11 @@ struct ServeArgs {
     /// Seal a Parquet segment after this many entries.
     #[arg(long, default_value_t = 100_000)]
     segment_max_entries: usize,
+    /// Seal the open segment once its oldest entry is this many seconds old, however
+    /// few entries it holds (0: by --segment-max-entries only). A quiet log's entries
+    /// then reach object storage, and a query node's tail on Kafka stays short.
+    #[arg(long, default_value_t = 600)]
+    seal_after_secs: u64,
     /// Sign a checkpoint after this many new entries.
     #[arg(long, default_value_t = 1_000)]
     checkpoint_every: u64,
@@ -334,6 +339,8 @@ impl ServeArgs {
         config.max_future_skew = std::time::Duration::from_secs(self.max_future_skew_secs);
         config.max_age = std::time::Duration::from_secs(self.max_age_secs);
         config.log.segment_max_entries = self.segment_max_entries;
+        config.log.seal_after =
+            (self.seal_after_secs > 0).then(|| std::time::Duration::from_secs(self.seal_after_secs));
         config.log.checkpoint_every = self.checkpoint_every;
         config.log.checkpoint_interval = std::time::Duration::from_millis(self.checkpoint_interval_ms);
         config.max_request_bytes = usize::try_from(self.max_request_mib * 1024 * 1024).unwrap_or(usize::MAX);

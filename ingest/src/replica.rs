@@ -476,6 +476,7 @@ mod tests {
             checkpoint_every: 4,
             checkpoint_interval: std::time::Duration::from_secs(3600),
             seal_retry: std::time::Duration::ZERO,
+            seal_after: None,
         };
         let mut log = custos_store::Log::open(
             dir,

@@ -36,6 +36,10 @@ pub struct LogConfig {
     /// After a seal failed (a full disk, no descriptor left), the pause before the next
     /// try: a try rewrites a whole segment.
     pub seal_retry: Duration,
+    /// Seal the open segment once its first entry is this old, however few entries it
+    /// holds (`None`: by size only), so a quiet log's entries still reach a sealed
+    /// segment (object storage, the Kafka retention a query node relies on).
+    pub seal_after: Option<Duration>,
 }
 
 impl Default for LogConfig {
@@ -45,6 +49,7 @@ impl Default for LogConfig {
             checkpoint_every: 1_000,
             checkpoint_interval: Duration::from_secs(1),
             seal_retry: Duration::from_secs(5),
+            seal_after: None,
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct Log {
     /// take a snapshot of the tail without copying it.
     open: Vec<Arc<[LogEntry]>>,
     open_len: usize,
+    /// When the oldest open entry came (or was recovered): for `seal_after`.
+    open_since: Option<Instant>,
     wal: Option<WalWriter>,
     wal_files: Vec<PathBuf>,
     manifest: Vec<SegmentInfo>,
@@ -266,6 +273,7 @@ impl Log {
             sealed_end: 0,
             open: Vec::new(),
             open_len: 0,
+            open_since: None,
             wal: None,
             wal_files: Vec::new(),
             manifest: Vec::new(),
@@ -426,6 +434,7 @@ impl Log {
             if !recovered.is_empty() {
                 self.open_len += recovered.len();
                 self.open.push(Arc::from(recovered));
+                self.open_since.get_or_insert_with(Instant::now);
             }
             if let Some(problem) = found.problem {
                 if !(problem.at_tail && position == last_file) {
@@ -624,6 +633,9 @@ impl Log {
             self.tree.push(entry.leaf_hash());
         }
         self.open_len += entries.len();
+        if !entries.is_empty() {
+            self.open_since.get_or_insert_with(Instant::now);
+        }
         self.open.push(Arc::from(entries));
         Ok(())
     }
@@ -632,7 +644,13 @@ impl Log {
     pub fn maintain(&mut self) -> Result<(), StoreError> {
         self.finish_seal(false)?;
         let waiting = self.seal_retry_at.is_some_and(|at| Instant::now() < at);
-        if self.open_len >= self.config.segment_max_entries && !waiting {
+        let old = self.open_len > 0
+            && self
+                .config
+                .seal_after
+                .zip(self.open_since)
+                .is_some_and(|(after, since)| since.elapsed() >= after);
+        if (self.open_len >= self.config.segment_max_entries || old) && !waiting {
             // A failed seal is retried, but not at every tick: it rewrites a whole segment.
             self.seal_retry_at = Some(Instant::now() + self.config.seal_retry);
             self.start_seal()?;
@@ -702,6 +720,7 @@ impl Log {
         self.wal = Some(writer);
         let entries = std::mem::take(&mut self.open);
         self.open_len = 0;
+        self.open_since = None;
         let old_wal = std::mem::replace(&mut self.wal_files, vec![next]);
         self.sealing = Some(Sealing {
             handle,
@@ -762,6 +781,7 @@ impl Log {
                 open.append(&mut self.open);
                 self.open_len = open.iter().map(|chunk| chunk.len()).sum();
                 self.open = open;
+                self.open_since.get_or_insert_with(Instant::now);
                 let mut wal_files = old_wal;
                 wal_files.append(&mut self.wal_files);
                 self.wal_files = wal_files;

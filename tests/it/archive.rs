@@ -247,3 +247,33 @@ fn a_restarted_writer_does_not_upload_its_sealed_segments_again() {
     }
     node.stop();
 }
+
+/// `--seal-after-secs`: a quiet log (ten events, far below `--segment-max-entries`)
+/// seals within seconds, so its entries reach the object store, and the copy verifies.
+#[test]
+fn a_quiet_log_reaches_the_object_store_after_seal_after_secs() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive_dir = dir.path().join("archive");
+    let archive = format!("file://{}", archive_dir.display());
+    let node = Server::start_with(
+        &dir.path().join("store"),
+        &["--object-store", &archive, "--seal-after-secs", "1"],
+    );
+    let token = node.token();
+    let key = AgentKey::from_seed(&[78; 32]);
+    enroll(&node.url, &token, key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let (status, answer) = crate::support::post(&node.url, "/v1/events", None, signed_lines(&mut signer, 10)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let manifest = archive_dir.join("logs/0/segments.ndjson");
+    crate::respond::wait_for("the quiet log's segment in the object store", || {
+        std::fs::read_to_string(&manifest).is_ok_and(|text| {
+            text.lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .any(|line| line["end_index"].as_u64().is_some_and(|end| end >= 11))
+        })
+    });
+    let output = custos().args(["verify", &archive]).output().unwrap();
+    assert!(output.status.success(), "{}", crate::support::stdout(&output));
+    node.stop();
+}

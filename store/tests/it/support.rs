@@ -49,6 +49,7 @@ pub(crate) fn config(segment_max_entries: usize) -> LogConfig {
         checkpoint_interval: std::time::Duration::from_secs(3600),
         // Tests run maintenance by hand: a failed seal may be tried again at once.
         seal_retry: std::time::Duration::ZERO,
+        seal_after: None,
     }
 }
 

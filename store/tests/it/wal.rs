@@ -158,3 +158,57 @@ fn checkpoints_follow_the_interval_as_well_as_the_count() {
     assert_eq!(checkpoint.size, 2);
     custos_store::checkpoint::verify_checkpoint(&note, log.note_key()).unwrap();
 }
+
+/// With `seal_after`, a quiet log seals its few open entries once the oldest is that old;
+/// without it, only the entry count seals. A log reopened with open entries in its WAL
+/// counts their age from the reopening.
+#[test]
+fn a_quiet_log_seals_after_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = custos_store::StoreInfo::open(dir.path(), true).unwrap();
+    let config = |seal_after| custos_store::LogConfig {
+        segment_max_entries: 1_000,
+        seal_after,
+        seal_retry: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let open = |seal_after| {
+        custos_store::Log::open(
+            dir.path(),
+            &info.store_id,
+            "0",
+            config(seal_after),
+            custos_store::OpenMode::ReadWrite,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let mut signers = crate::support::signers();
+    // By size only: three entries stay open however long they wait.
+    let mut log = open(None);
+    append_events(&mut log, &mut signers, 3);
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    log.maintain().unwrap();
+    log.settle().unwrap();
+    assert_eq!((log.segments().len(), log.open_len()), (0, 3));
+    drop(log);
+
+    // Reopened with a 50 ms bound: the recovered entries are young at first, then sealed.
+    let mut log = open(Some(std::time::Duration::from_millis(50)));
+    assert_eq!(log.open_len(), 3);
+    log.maintain().unwrap();
+    log.settle().unwrap();
+    assert_eq!(log.segments().len(), 0, "recovered entries age from the reopening");
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    log.maintain().unwrap();
+    log.settle().unwrap();
+    assert_eq!((log.segments().len(), log.sealed_end()), (1, 3));
+    // The next entry starts a new clock.
+    append_events(&mut log, &mut signers, 1);
+    log.settle().unwrap();
+    assert_eq!(log.segments().len(), 1, "a fresh entry is not old yet");
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    log.maintain().unwrap();
+    log.settle().unwrap();
+    assert_eq!((log.segments().len(), log.sealed_end()), (2, 4));
+}
