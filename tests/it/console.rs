@@ -78,6 +78,22 @@ pub(crate) async fn browser(driver: &Driver, profile: &std::path::Path) -> Clien
         .expect("a WebDriver session in headless Chromium")
 }
 
+/// Opens `url` in a fresh headless Chromium (profile in `profile`) and runs `drive` on
+/// it, then closes the browser.
+pub(crate) fn in_browser(url: &str, profile: &std::path::Path, drive: impl AsyncFnOnce(Client)) {
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = browser(&driver, profile).await;
+        client.goto(url).await.unwrap();
+        drive(client.clone()).await;
+        client.close().await.unwrap();
+    });
+}
+
 /// Polls `check` until it yields a value, failing after a minute with `what`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -178,16 +194,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         answer["pending"].as_array().is_some_and(|pending| !pending.is_empty())
     });
 
-    let driver = Driver::start();
-    let profile = dir.path().join("chromium");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = browser(&driver, &profile).await;
-        client.goto(&url).await.unwrap();
-
+    in_browser(&url, &dir.path().join("chromium"), async |client| {
         // A wrong token is refused with a message; the right one signs in.
         client
             .find(Locator::Id("token"))
@@ -310,8 +317,6 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         })
         .await;
         assert!(table.contains("60"), "{table}");
-
-        client.close().await.unwrap();
     });
     let (_, agent) = crate::respond::get(&url, &format!("/v1/agents/{did}"), &admin);
     assert_eq!(agent["status"], "revoked");
@@ -401,15 +406,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
         reqwest::blocking::get(format!("{}/readyz", node.url)).is_ok_and(|response| response.status() == 200)
     });
 
-    let driver = Driver::start();
-    let profile = dir.path().join("chromium");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = browser(&driver, &profile).await;
-        client.goto(&node.url).await.unwrap();
+    in_browser(&node.url, &dir.path().join("chromium"), async |client| {
         sign_in(&client, &node_admin, "").await;
         let whoami = eventually("signed in", || async {
             text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
@@ -484,7 +481,6 @@ fn the_console_on_a_query_node_reads_through_sql() {
                 .filter(|text| text.parse::<u64>().is_ok_and(|size| size >= 500))
         })
         .await;
-        client.close().await.unwrap();
     });
     node.stop();
     writer.stop();

@@ -597,16 +597,9 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
 /// refused with `partition_required`; with partition 2, the fleet is that partition's
 /// (`did` alone) and the header says so.
 fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Path) {
-    use crate::console::{Driver, browser, eventually, sign_in, text_of};
+    use crate::console::{eventually, in_browser, sign_in, text_of};
     use fantoccini::Locator;
-    let driver = Driver::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = browser(&driver, &dir.join("chromium")).await;
-        client.goto(url).await.unwrap();
+    in_browser(url, &dir.join("chromium"), async |client| {
         sign_in(&client, token, "").await;
         eventually("the refusal without a partition", || async {
             text_of(&client, "#signin-error")
@@ -627,6 +620,5 @@ fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Pa
         })
         .await;
         assert_eq!(row, did);
-        client.close().await.unwrap();
     });
 }
