@@ -109,12 +109,26 @@ impl Replica {
     /// checks the copy's checkpoints up to the sealed end against them. Answers how many
     /// segments were new.
     pub fn refresh_sealed(&mut self) -> Result<usize, StoreError> {
-        let taken = self.take_segments()?;
-        self.check_heads()?;
+        // The checkpoints to check, read first: those inside a segment taken now are
+        // checked with its leaves in hand; those that come later re-read their segment.
+        let heads = self.unchecked_heads()?;
+        let taken = self.take_segments(&heads)?;
+        self.check_heads(&heads, None)?;
         Ok(taken)
     }
 
-    fn take_segments(&mut self) -> Result<usize, StoreError> {
+    /// The copy's checkpoints beyond the last one checked.
+    fn unchecked_heads(&self) -> Result<Vec<CheckpointLine>, StoreError> {
+        if !self.paths.checkpoints.exists() {
+            return Ok(Vec::new());
+        }
+        Ok(read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?
+            .into_iter()
+            .filter(|line| line.size > self.checked)
+            .collect())
+    }
+
+    fn take_segments(&mut self, heads: &[CheckpointLine]) -> Result<usize, StoreError> {
         let lines: Vec<SegmentInfo> = match self.paths.manifest.exists() {
             true => read_ndjson(&self.paths.manifest)?,
             false => return Ok(0),
@@ -140,8 +154,8 @@ impl Replica {
             }
             let leaves = leaves_of(&line, bytes)?;
             self.starts.push(self.frontier.clone());
-            for leaf in leaves {
-                self.frontier.push(leaf);
+            for leaf in &leaves {
+                self.frontier.push(*leaf);
             }
             let entries = custos_store::segment::read_types(&file, &[CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE])
                 .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", line.file)))?;
@@ -152,6 +166,7 @@ impl Replica {
             }
             self.sealed_end = line.end_index;
             self.segments.push(line);
+            self.check_heads(heads, Some(&leaves))?;
             taken += 1;
         }
         if taken > 0 {
@@ -164,25 +179,28 @@ impl Replica {
         Ok(taken)
     }
 
-    /// Checks every checkpoint of the copy beyond the last one checked, up to the sealed
+    /// Checks the checkpoints of `heads` beyond the last one checked, up to the sealed
     /// end: signed by the log key, and its root the one the segments' leaves give at its
-    /// size. A checkpoint whose root differs is tampering (or a writer that signed a head
-    /// its own segments do not make), named with its size and segment.
-    fn check_heads(&mut self) -> Result<(), StoreError> {
-        if !self.paths.checkpoints.exists() {
-            return Ok(());
-        }
-        let lines: Vec<CheckpointLine> = read_ndjson(&self.paths.checkpoints)?;
-        let pending: Vec<CheckpointLine> = lines
-            .into_iter()
+    /// size. `last` holds the last taken segment's leaves, when at hand; another
+    /// segment is read again. A checkpoint whose root differs is tampering (or a writer
+    /// that signed a head its own segments do not make), named with its size and segment.
+    fn check_heads(
+        &mut self,
+        heads: &[CheckpointLine],
+        last: Option<&[custos_store::merkle::Hash]>,
+    ) -> Result<(), StoreError> {
+        let pending: Vec<&CheckpointLine> = heads
+            .iter()
             .filter(|line| line.size > self.checked && line.size <= self.sealed_end)
             .collect();
         if pending.is_empty() {
             return Ok(());
         }
         let key = self.log_key()?;
-        // A segment read again for the checkpoints inside it: (its position, its leaves).
-        let mut read: Option<(usize, Vec<custos_store::merkle::Hash>)> = None;
+        // The leaves of the segment the checkpoints inside it are checked with: (its
+        // position, its leaves).
+        let mut read: Option<(usize, std::borrow::Cow<'_, [custos_store::merkle::Hash]>)> =
+            last.map(|leaves| (self.segments.len() - 1, std::borrow::Cow::Borrowed(leaves)));
         for line in pending {
             let checkpoint = custos_store::checkpoint::verify_checkpoint(&line.note, &key).map_err(|error| {
                 StoreError::Tamper(format!(
@@ -206,9 +224,9 @@ impl Replica {
             } else {
                 if read.as_ref().is_none_or(|(at, _)| *at != position) {
                     let bytes = fs_err::read(self.paths.segment_dir.join(&segment.file))?;
-                    read = Some((position, leaves_of(segment, bytes)?));
+                    read = Some((position, std::borrow::Cow::Owned(leaves_of(segment, bytes)?)));
                 }
-                let leaves = read.as_ref().map_or(&[][..], |(_, leaves)| leaves.as_slice());
+                let leaves = read.as_ref().map_or(&[][..], |(_, leaves)| leaves.as_ref());
                 let mut tree = self.starts[position].clone();
                 for leaf in &leaves[..(checkpoint.size - segment.first_index) as usize] {
                     tree.push(*leaf);
