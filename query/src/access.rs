@@ -21,6 +21,9 @@ pub struct AccessRecord<'a> {
     pub rows: usize,
     /// `ok`, or the error code.
     pub outcome: &'a str,
+    /// On a node over a partition set: the partition whose log was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// An append-only NDJSON file, one line per call, flushed per line.

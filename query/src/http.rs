@@ -265,7 +265,13 @@ async fn sources(api: &dyn Source, scope: &Scope) -> Result<Sources, QueryError>
     })
 }
 
-fn record(state: &QueryState, caller: &Caller, route: &str, query: &str, result: &Result<usize, QueryError>) {
+fn record(
+    state: &QueryState,
+    caller: &Caller,
+    (route, partition): (&str, Option<u32>),
+    query: &str,
+    result: &Result<usize, QueryError>,
+) {
     let (rows, outcome) = match result {
         Ok(rows) => (*rows, "ok"),
         Err(error) => (0, error.error),
@@ -279,6 +285,7 @@ fn record(state: &QueryState, caller: &Caller, route: &str, query: &str, result:
         query,
         rows,
         outcome,
+        partition,
     });
     tracing::info!(token = caller.token_id, route, rows, outcome, "query");
 }
@@ -322,7 +329,7 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
     record(
         &state,
         &caller,
-        "/v1/sql",
+        ("/v1/sql", partition),
         &text,
         &answer.as_ref().map(|(rows, _, _)| *rows).map_err(Clone::clone),
     );
@@ -481,7 +488,7 @@ async fn events(
     record(
         &state,
         &caller,
-        "/v1/events",
+        ("/v1/events", partition),
         &text,
         &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
     );
@@ -671,7 +678,7 @@ async fn ocsf(
     record(
         &state,
         &caller,
-        "/v1/ocsf",
+        ("/v1/ocsf", partition),
         &text,
         &entries.as_ref().map(Vec::len).map_err(Clone::clone),
     );
@@ -763,7 +770,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         .as_ref()
         .map(|bundle| bundle.manifest.counts.values().sum::<u64>() as usize)
         .map_err(Clone::clone);
-    record(&state, &caller, "/v1/evidence", &text, &rows);
+    record(&state, &caller, ("/v1/evidence", partition), &text, &rows);
     let bundle = bundle?;
     Ok(answered_by(
         partition,

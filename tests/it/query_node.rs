@@ -519,6 +519,14 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     let events = page["events"].as_array().unwrap();
     assert_eq!(events.len(), 660);
     assert!(events.iter().all(|event| event["realm"] == realms[2].as_str()));
+    // The access log says which partition each read went to.
+    let access = std::fs::read_to_string(dir.path().join("query/access.ndjson")).unwrap();
+    let last: Value = serde_json::from_str(access.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["route"].as_str(), last["partition"].as_u64()),
+        (Some("/v1/events"), Some(2)),
+        "{last}"
+    );
 
     // A new event reaches its partition's replica through the committed topic.
     stored_through(&writer.url, &signed_lines(&mut signers[2], 1));
