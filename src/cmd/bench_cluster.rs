@@ -97,7 +97,8 @@ struct Process {
 }
 
 impl Process {
-    /// Starts `custos serve --data DATA ARGS...` and waits for its address.
+    /// Starts `custos serve --data DATA ARGS...` and waits for its address. Its log goes
+    /// to `DATA.log` beside its data directory (kept when the bench fails).
     fn serve(data: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--data"])
@@ -109,14 +110,20 @@ impl Process {
             .spawn()
             .context("starting custos serve")?;
         let stderr = child.stderr.take().context("no stderr")?;
+        if let Some(parent) = data.parent() {
+            fs_err::create_dir_all(parent)?;
+        }
+        let mut log = fs_err::File::create(data.with_extension("log"))?;
         let (found, address) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            use std::io::Write as _;
             // Read it all, so a full pipe never blocks the child.
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.strip_prefix("custos serving on ") {
                     let _ = found.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
                 }
+                let _ = writeln!(log, "{line}");
             }
         });
         let url = address
@@ -418,7 +425,16 @@ async fn control_holds(kafka: &custos_stage::kafka::KafkaConfig, count: usize) -
 pub(crate) async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let scratch = super::scratch_dir("custos-bench-cluster")?;
     let result = run(&args, &scratch).await;
-    fs_err::remove_dir_all(&scratch).ok();
+    match &result {
+        Ok(()) => {
+            fs_err::remove_dir_all(&scratch).ok();
+        }
+        // What the processes said is what explains a failure: kept.
+        Err(_) => eprintln!(
+            "the processes' logs are kept in {}/*.log (and their data beside them)",
+            scratch.display()
+        ),
+    }
     result
 }
 
