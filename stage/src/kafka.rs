@@ -924,18 +924,28 @@ impl Intake for KafkaIntake {
                 Ok((origin, ticket, submission)) => {
                     let sender = self.sender.clone();
                     let topic = self.receipts.clone();
-                    let answer =
-                        Answer::new(move |outcome: Result<crate::Appended, Refused>| {
-                            match wire::encode_receipt(&origin, ticket, outcome) {
-                                Ok(bytes) => {
-                                    let sent = sender.send_then(&topic, &origin, None, &bytes, Box::new(|_| {}));
-                                    if let Err(error) = sent {
-                                        tracing::warn!(%error, "could not send a receipt; the submitter times out");
+                    let answer = Answer::new(move |outcome: Result<crate::Appended, Refused>| {
+                        match wire::encode_receipt(&origin, ticket, outcome) {
+                            Ok(bytes) => {
+                                // A receipt the broker never took is said, not dropped in
+                                // silence: its submitter waits out its timeout and resends.
+                                let lost = Box::new(move |delivered: Result<(), String>| {
+                                    if let Err(error) = delivered {
+                                        tracing::warn!(
+                                            error,
+                                            ticket,
+                                            "a receipt was not delivered; the submitter times out and resends"
+                                        );
                                     }
+                                });
+                                let sent = sender.send_then(&topic, &origin, None, &bytes, lost);
+                                if let Err(error) = sent {
+                                    tracing::warn!(%error, ticket, "could not send a receipt; the submitter times out");
                                 }
-                                Err(error) => tracing::error!(error, "could not encode a receipt"),
                             }
-                        });
+                            Err(error) => tracing::error!(error, "could not encode a receipt"),
+                        }
+                    });
                     return Ok(Some((submission, answer)));
                 }
                 Err(error) => tracing::error!(
