@@ -64,6 +64,10 @@ pub struct Replica {
     /// The size of the latest checkpoint in the copy whose signature and root were
     /// checked against the segments: the one served.
     checked: u64,
+    /// The copy's checkpoints beyond `checked`, as last read, and the length of
+    /// `checkpoints.ndjson` then: the file is read again only once it changed.
+    heads: Vec<CheckpointLine>,
+    heads_len: u64,
 }
 
 impl Replica {
@@ -85,6 +89,8 @@ impl Replica {
             frontier: Frontier::default(),
             starts: Vec::new(),
             checked: 0,
+            heads: Vec::new(),
+            heads_len: 0,
         }
     }
 
@@ -111,21 +117,34 @@ impl Replica {
     pub fn refresh_sealed(&mut self) -> Result<usize, StoreError> {
         // The checkpoints to check, read first: those inside a segment taken now are
         // checked with its leaves in hand; those that come later re-read their segment.
-        let heads = self.unchecked_heads()?;
-        let taken = self.take_segments(&heads)?;
-        self.check_heads(&heads, None)?;
-        Ok(taken)
+        self.read_heads()?;
+        let heads = std::mem::take(&mut self.heads);
+        let result = self
+            .take_segments(&heads)
+            .and_then(|taken| self.check_heads(&heads, None).map(|()| taken));
+        // Those still unchecked (beyond the sealed end, or refused) wait for next time.
+        let checked = self.checked;
+        self.heads = heads.into_iter().filter(|line| line.size > checked).collect();
+        result
     }
 
-    /// The copy's checkpoints beyond the last one checked.
-    fn unchecked_heads(&self) -> Result<Vec<CheckpointLine>, StoreError> {
-        if !self.paths.checkpoints.exists() {
-            return Ok(Vec::new());
+    /// Reads the copy's checkpoints beyond the last one checked into `heads`, when the
+    /// file changed since it was last read.
+    fn read_heads(&mut self) -> Result<(), StoreError> {
+        let len = fs_err::metadata(&self.paths.checkpoints).map_or(0, |metadata| metadata.len());
+        if len == self.heads_len {
+            return Ok(());
         }
-        Ok(read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?
-            .into_iter()
-            .filter(|line| line.size > self.checked)
-            .collect())
+        let checked = self.checked;
+        self.heads = match len {
+            0 => Vec::new(),
+            _ => read_ndjson::<CheckpointLine>(&self.paths.checkpoints)?
+                .into_iter()
+                .filter(|line| line.size > checked)
+                .collect(),
+        };
+        self.heads_len = len;
+        Ok(())
     }
 
     fn take_segments(&mut self, heads: &[CheckpointLine]) -> Result<usize, StoreError> {

@@ -178,15 +178,18 @@ impl Archive {
         let key_text = fs_err::read_to_string(PartitionSet::public_key_path(data))?;
         let key = crate::checkpoint::NoteKey::parse_verifier(key_text.trim())
             .map_err(|error| StoreError::Tamper(format!("`partitions.pub`: {error}")))?;
+        // Only the lines after those already copied are read (and their signatures
+        // checked): the file grows by a line a second while heads move.
         let lines: Vec<CrossCheckpoint> = bytes
             .split_inclusive(|byte| *byte == b'\n')
             .filter(|line| line.ends_with(b"\n"))
+            .skip(self.cross_lines)
             .map_while(|line| {
                 let line: CrossLine = serde_json::from_slice(line).ok()?;
                 verify_cross_checkpoint(&line.note, &key).ok()
             })
             .collect();
-        if lines.len() <= self.cross_lines {
+        if lines.is_empty() {
             return Ok(false);
         }
         // What the copy holds of each partition: its largest copied checkpoint.
@@ -194,7 +197,7 @@ impl Archive {
         let copied = (0..partitions)
             .map(|partition| self.copied_checkpoint_size(partition))
             .collect::<Result<Vec<u64>, StoreError>>()?;
-        let covered = lines
+        let newly = lines
             .iter()
             .take_while(|line| {
                 line.heads.iter().all(|head| {
@@ -205,9 +208,10 @@ impl Archive {
                 })
             })
             .count();
-        if covered <= self.cross_lines {
+        if newly == 0 {
             return Ok(false);
         }
+        let covered = self.cross_lines + newly;
         self.put("partitions.ndjson", keep_lines(&bytes, covered, |_| true))?;
         self.cross_lines = covered;
         Ok(true)
