@@ -1,8 +1,9 @@
 #![no_main]
 //! SQL text from any caller → the query path a query process runs: the shape bounds,
 //! planning (DataFusion's parser, planner and optimiser with Custos's rules), and
-//! execution within small limits over a realm-scoped view of a real log. Must never
-//! panic, overflow its stack or hang: an error answer is fine.
+//! execution within small limits over a realm-scoped view of two partitions' real logs
+//! (as on a query node over a partition set). Must never panic, overflow its stack or
+//! hang: an error answer is fine.
 //!
 //! Functions that only make big values (`repeat`, `lpad`, `rpad`, …) and table functions
 //! that only make many rows (`generate_series`, `range`) are skipped: in a node, what they
@@ -14,7 +15,8 @@ use libfuzzer_sys::fuzz_target;
 
 struct Fixture {
     runtime: tokio::runtime::Runtime,
-    sources: custos_query::Sources,
+    /// Two partitions' logs, one realm each (a query node over a partition set).
+    logs: Vec<custos_query::Sources>,
     /// The did:key of the agent in realm `ops`.
     ops: String,
 }
@@ -28,9 +30,11 @@ fn fixture() -> &'static Fixture {
             .enable_all()
             .build()
             .expect("a runtime");
-        // A tail of real signed entries in two realms: events of two agents.
-        let mut entries = Vec::new();
-        for (seed, realm) in [(1u8, "eng"), (2u8, "ops")] {
+        // Tails of real signed entries in two realms, one partition each: events of two
+        // agents.
+        let mut logs = Vec::new();
+        for (partition, (seed, realm)) in [(1u8, "eng"), (2u8, "ops")].into_iter().enumerate() {
+            let mut entries = Vec::new();
             let mut signer =
                 custos_event::Signer::new(custos_event::AgentKey::from_seed(&[seed; 32]), realm);
             for index in 0..20u64 {
@@ -50,24 +54,25 @@ fn fixture() -> &'static Fixture {
                     None,
                 ));
             }
-        }
-        let view = custos_store::StoreView {
-            segment_dir: std::env::temp_dir(),
-            segments: Vec::new(),
-            tail: vec![std::sync::Arc::from(entries)],
-            size: 40,
-            checkpoints: std::env::temp_dir().join("no-checkpoints"),
-        };
-        Fixture {
-            runtime,
-            ops: custos_event::AgentKey::from_seed(&[2; 32]).did().to_owned(),
-            sources: custos_query::Sources {
-                view,
+            logs.push(custos_query::Sources {
+                partition: Some(partition as u32),
+                view: custos_store::StoreView {
+                    segment_dir: std::env::temp_dir(),
+                    segments: Vec::new(),
+                    size: entries.len() as u64,
+                    tail: vec![std::sync::Arc::from(entries)],
+                    checkpoints: std::env::temp_dir().join("no-checkpoints"),
+                },
                 agents: Vec::new(),
                 rejected: Vec::new(),
                 checkpoints: Vec::new(),
                 tail_batch: None,
-            },
+            });
+        }
+        Fixture {
+            runtime,
+            ops: custos_event::AgentKey::from_seed(&[2; 32]).did().to_owned(),
+            logs,
         }
     })
 }
@@ -95,10 +100,10 @@ fuzz_target!(|data: &[u8]| {
         ..Default::default()
     };
     let sql = sql.to_owned();
-    let sources = &fixture.sources;
+    let logs = fixture.logs.as_slice();
     let ops = fixture.ops.as_str();
     let work = fixture.runtime.spawn(async move {
-        let answer = custos_query::sql::run(&sql, sources, &scope, &limits).await;
+        let answer = custos_query::sql::run(&sql, logs, &scope, &limits).await;
         if let Ok(answer) = &answer {
             // The analyst's token sees realm `eng` only: the `ops` agent's did:key may
             // appear in no answer, in any format (dictionaries included).

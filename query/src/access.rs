@@ -24,6 +24,9 @@ pub struct AccessRecord<'a> {
     /// On a node over a partition set: the partition whose log was read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<u32>,
+    /// ... or the partitions, when a SQL query read several.
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    pub partitions: &'a [u32],
 }
 
 /// An append-only NDJSON file, one line per call, flushed per line.

@@ -53,6 +53,12 @@ const PARTITION: &[(&str, &str)] = &[(
     "on a node over a partition set (--log-per-partition): the partition whose log to read; by default the partition of the realm asked about, or of the caller's realms (ignored on a node with one log); the answer names it in the same header",
 )];
 
+/// The same header on `POST /v1/sql`, which may read several partitions ([`Logs::spanned`]).
+const SQL_PARTITION: &[(&str, &str)] = &[(
+    PARTITION_HEADER,
+    "on a node over a partition set (--log-per-partition): the one partition to read; by default every partition of the caller's realms, each row saying its own in a `partition` column (ignored on a node with one log); the answer names the partitions read, comma-separated, in the same header",
+)];
+
 /// The query API's routes, declared once: served by [`router`], described by
 /// `GET /openapi.json`.
 fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
@@ -62,7 +68,7 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<QueryState>)> {
                 .returns("Rows")
                 .errors(&[429])
                 .roles(&SQL_ROLES)
-                .headers(PARTITION)
+                .headers(SQL_PARTITION)
                 .body("application/json", r#"{"sql":"SELECT kind, count(*) FROM events GROUP BY kind"}"#),
             post(sql),
         ),
@@ -218,12 +224,14 @@ fn pick(
     Ok(state.logs.pick(named.as_deref(), realm, &caller.realms)?)
 }
 
-/// `response`, saying which partition's log answered (on a node over a partition set).
-fn answered_by(partition: Option<u32>, mut response: Response) -> Response {
-    if let Some(partition) = partition {
-        response
-            .headers_mut()
-            .insert(PARTITION_HEADER, header::HeaderValue::from(partition));
+/// `response`, saying which partitions' logs answered (on a node over a partition set;
+/// several, comma-separated, only for SQL).
+fn answered_by(partitions: &[u32], mut response: Response) -> Response {
+    if !partitions.is_empty() {
+        let named = partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        if let Ok(value) = header::HeaderValue::from_str(&named) {
+            response.headers_mut().insert(PARTITION_HEADER, value);
+        }
     }
     response
 }
@@ -237,7 +245,7 @@ fn scope(caller: &Caller) -> Scope {
 
 /// What `scope` may read, taken from the node at one instant. Rejected inputs are read
 /// only for the callers that see them (unscoped admins).
-async fn sources(api: &dyn Source, scope: &Scope) -> Result<Sources, QueryError> {
+async fn sources(api: &dyn Source, scope: &Scope, partition: Option<u32>) -> Result<Sources, QueryError> {
     let view = api.view().await?;
     let agents = api.agents().await?;
     let rejected = if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
@@ -257,6 +265,7 @@ async fn sources(api: &dyn Source, scope: &Scope) -> Result<Sources, QueryError>
     .map_err(|error| QueryError::internal(error.to_string()))?
     .map_err(|error| QueryError::internal(format!("reading checkpoints: {error}")))?;
     Ok(Sources {
+        partition,
         view,
         agents,
         rejected,
@@ -268,7 +277,7 @@ async fn sources(api: &dyn Source, scope: &Scope) -> Result<Sources, QueryError>
 fn record(
     state: &QueryState,
     caller: &Caller,
-    (route, partition): (&str, Option<u32>),
+    (route, partitions): (&str, &[u32]),
     query: &str,
     result: &Result<usize, QueryError>,
 ) {
@@ -285,7 +294,8 @@ fn record(
         query,
         rows,
         outcome,
-        partition,
+        partition: (partitions.len() == 1).then(|| partitions[0]),
+        partitions: if partitions.len() > 1 { partitions } else { &[] },
     });
     tracing::info!(token = caller.token_id, route, rows, outcome, "query");
 }
@@ -322,20 +332,24 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
             ),
         ));
     }
-    let (partition, api) = pick(&state, &caller, &headers, None)?;
+    let named = headers
+        .get(PARTITION_HEADER)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()));
+    let logs = state.logs.spanned(named.as_deref(), &caller.realms)?;
+    let partitions: Vec<u32> = logs.iter().filter_map(|(partition, _)| *partition).collect();
     let slot = state.pool.admit(&caller.token_id)?;
-    let answer = run_sql(&state, api.as_ref(), &caller, &text, format).await;
+    let answer = run_sql(&state, &logs, &caller, &text, format).await;
     drop(slot);
     record(
         &state,
         &caller,
-        ("/v1/sql", partition),
+        ("/v1/sql", &partitions),
         &text,
         &answer.as_ref().map(|(rows, _, _)| *rows).map_err(Clone::clone),
     );
     let (rows, content_type, body) = answer?;
     Ok(answered_by(
-        partition,
+        &partitions,
         (
             [
                 (header::CONTENT_TYPE, content_type),
@@ -348,10 +362,10 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
 }
 
 /// Runs SQL in a query process: the node hands it the caller's scope and what it may
-/// read, and relays its answer.
+/// read of each log in `logs`, and relays its answer.
 async fn run_sql(
     state: &QueryState,
-    api: &dyn Source,
+    logs: &[crate::source::PartitionLog],
     caller: &Caller,
     text: &str,
     format: Format,
@@ -363,15 +377,42 @@ async fn run_sql(
             "this node has no query process to run SQL in (`custos query-worker`)",
         )
     })?;
-    let sources = sources(api, &scope(caller)).await?;
+    let mut read = Vec::with_capacity(logs.len());
+    for (partition, api) in logs {
+        read.push(sources(api.as_ref(), &scope(caller), *partition).await?);
+    }
     let scope = scope(caller);
     let limits = state.limits.clone();
     let sql = text.to_owned();
-    // The tail becomes Arrow IPC on the query runtime, not on the one serving ingest.
-    let (request, tail) = state
+    // The tails become Arrow IPC on the query runtime, not on the one serving ingest.
+    let (request, tails) = state
         .pool
         .read(limits.timeout, async move {
-            let tail = crate::worker::tail_ipc(&sources.tail_batch()?)?;
+            let mut tails = Vec::with_capacity(read.len());
+            let mut logs = Vec::with_capacity(read.len());
+            for sources in read {
+                tails.push(crate::worker::tail_ipc(&sources.tail_batch()?)?);
+                logs.push(crate::worker::LogRequest {
+                    partition: sources.partition,
+                    segment_dir: sources.view.segment_dir.clone(),
+                    segments: sources.view.segments.clone(),
+                    size: sources.view.size,
+                    checkpoints_path: sources.view.checkpoints.clone(),
+                    // Scoped here too: a query process never receives rows its caller may
+                    // not see.
+                    agents: sources
+                        .agents
+                        .into_iter()
+                        .filter(|agent| scope.sees(&agent.realm))
+                        .collect(),
+                    rejected: if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
+                        sources.rejected
+                    } else {
+                        Vec::new()
+                    },
+                    checkpoints: sources.checkpoints,
+                });
+            }
             let request = crate::worker::Request {
                 sql,
                 role: scope.role,
@@ -380,27 +421,12 @@ async fn run_sql(
                 timeout_ms: u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX),
                 memory_bytes: limits.memory_bytes,
                 max_rows: limits.max_rows,
-                segment_dir: sources.view.segment_dir.clone(),
-                segments: sources.view.segments.clone(),
-                size: sources.view.size,
-                checkpoints_path: sources.view.checkpoints.clone(),
-                // Scoped here too: a query process never receives rows its caller may not see.
-                agents: sources
-                    .agents
-                    .into_iter()
-                    .filter(|agent| scope.sees(&agent.realm))
-                    .collect(),
-                rejected: if scope.tables().contains(&"rejected") && scope.realms.is_empty() {
-                    sources.rejected
-                } else {
-                    Vec::new()
-                },
-                checkpoints: sources.checkpoints,
+                logs,
             };
-            Ok((request, tail))
+            Ok((request, tails))
         })
         .await?;
-    let (reply, body) = state.pool.sql(&program, &request, tail, &state.limits).await?;
+    let (reply, body) = state.pool.sql(&program, &request, tails, &state.limits).await?;
     if reply.status != 200 {
         return Err(QueryError::new(reply.status, stable_code(&reply.error), reply.message));
     }
@@ -473,7 +499,7 @@ async fn events(
     let (partition, api) = pick(&state, &caller, &headers, query.realm.as_deref())?;
     let slot = state.pool.admit(&caller.token_id)?;
     let answer = async {
-        let sources = sources(api.as_ref(), &scope(&caller)).await?;
+        let sources = sources(api.as_ref(), &scope(&caller), None).await?;
         let scope = scope(&caller);
         let limits = state.limits.clone();
         state
@@ -488,7 +514,7 @@ async fn events(
     record(
         &state,
         &caller,
-        ("/v1/events", partition),
+        ("/v1/events", partition.as_slice()),
         &text,
         &answer.as_ref().map(|answer| answer.rows).map_err(Clone::clone),
     );
@@ -504,7 +530,7 @@ async fn events(
         None
     };
     Ok(answered_by(
-        partition,
+        partition.as_slice(),
         Json(serde_json::json!({ "events": rows, "next": next })).into_response(),
     ))
 }
@@ -518,7 +544,7 @@ async fn filtered_events(
     limit: usize,
 ) -> Result<crate::sql::Answer, QueryError> {
     {
-        let ctx = crate::sql::session(&sources, &scope, &limits).await?;
+        let ctx = crate::sql::session(std::slice::from_ref(&sources), &scope, &limits).await?;
         let mut frame = ctx.table("events").await?;
         for (name, value) in [
             ("agent", &query.agent),
@@ -665,7 +691,7 @@ async fn ocsf(
     let (partition, api) = pick(&state, &caller, &headers, query.realm.as_deref())?;
     let slot = state.pool.admit(&caller.token_id)?;
     let entries = async {
-        let sources = sources(api.as_ref(), &scope(&caller)).await?;
+        let sources = sources(api.as_ref(), &scope(&caller), None).await?;
         state
             .pool
             .read(state.limits.timeout, async move {
@@ -678,7 +704,7 @@ async fn ocsf(
     record(
         &state,
         &caller,
-        ("/v1/ocsf", partition),
+        ("/v1/ocsf", partition.as_slice()),
         &text,
         &entries.as_ref().map(Vec::len).map_err(Clone::clone),
     );
@@ -700,7 +726,10 @@ async fn ocsf(
             serde_json::to_vec(&objects).map_err(|error| QueryError::internal(error.to_string()))?,
         )
     };
-    let mut response = answered_by(partition, ([(header::CONTENT_TYPE, kind)], body).into_response());
+    let mut response = answered_by(
+        partition.as_slice(),
+        ([(header::CONTENT_TYPE, kind)], body).into_response(),
+    );
     if let Some(next) = next
         && let Ok(value) = header::HeaderValue::from_str(&next.to_string())
     {
@@ -751,7 +780,7 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         })?;
         let api;
         (partition, api) = pick(&state, &caller, &headers, Some(&request.realm))?;
-        let sources = sources(api.as_ref(), &scope(&caller)).await?;
+        let sources = sources(api.as_ref(), &scope(&caller), None).await?;
         let by = format!("token:{} ({})", caller.token_id, caller.role.name());
         let scope = scope(&caller);
         // An export may be long; it runs on the query runtime, never past ten minutes
@@ -770,10 +799,10 @@ async fn evidence(State(state): State<QueryState>, headers: HeaderMap, body: Byt
         .as_ref()
         .map(|bundle| bundle.manifest.counts.values().sum::<u64>() as usize)
         .map_err(Clone::clone);
-    record(&state, &caller, ("/v1/evidence", partition), &text, &rows);
+    record(&state, &caller, ("/v1/evidence", partition.as_slice()), &text, &rows);
     let bundle = bundle?;
     Ok(answered_by(
-        partition,
+        partition.as_slice(),
         (
             [
                 (header::CONTENT_TYPE, "application/x-tar".to_owned()),
@@ -820,7 +849,7 @@ async fn integrity(State(state): State<QueryState>, headers: HeaderMap) -> Resul
     .await
     .map_err(|error| QueryError::internal(error.to_string()))?;
     Ok(answered_by(
-        partition,
+        partition.as_slice(),
         Json(serde_json::json!({ "checkpoint": checkpoint, "last_verify": last })).into_response(),
     ))
 }

@@ -136,12 +136,13 @@ impl QueryPool {
         }
     }
 
-    /// Runs one SQL request in a query process.
+    /// Runs one SQL request in a query process; `tails`: each of its logs' unsealed
+    /// tail, in the order of `request.logs`.
     pub(crate) async fn sql(
         &self,
         program: &WorkerProgram,
         request: &Request,
-        tail: Vec<u8>,
+        tails: Vec<Vec<u8>>,
         limits: &Limits,
     ) -> Result<(Reply, Vec<u8>), QueryError> {
         let request = serde_json::to_vec(request).map_err(|error| QueryError::internal(error.to_string()))?;
@@ -170,9 +171,12 @@ impl QueryPool {
         };
         let cap = limits.memory_bytes.saturating_add(PROCESS_OVERHEAD_BYTES);
         let write = async move {
-            let mut frames = Vec::with_capacity(16 + request.len() + tail.len());
+            let mut frames =
+                Vec::with_capacity(8 * (1 + tails.len()) + request.len() + tails.iter().map(Vec::len).sum::<usize>());
             crate::worker::write_frame(&mut frames, &request)?;
-            crate::worker::write_frame(&mut frames, &tail)?;
+            for tail in &tails {
+                crate::worker::write_frame(&mut frames, tail)?;
+            }
             stdin.write_all(&frames).await?;
             stdin.shutdown().await
         };
@@ -388,13 +392,16 @@ mod tests {
             timeout_ms: 1_000,
             memory_bytes: 16 << 20,
             max_rows: 10,
-            segment_dir: PathBuf::new(),
-            segments: Vec::new(),
-            size: 0,
-            checkpoints_path: PathBuf::new(),
-            agents: Vec::new(),
-            rejected: Vec::new(),
-            checkpoints: Vec::new(),
+            logs: vec![crate::worker::LogRequest {
+                partition: None,
+                segment_dir: PathBuf::new(),
+                segments: Vec::new(),
+                size: 0,
+                checkpoints_path: PathBuf::new(),
+                agents: Vec::new(),
+                rejected: Vec::new(),
+                checkpoints: Vec::new(),
+            }],
         }
     }
 

@@ -58,6 +58,9 @@ pub trait Source: Send + Sync + 'static {
 /// answer carries it back, saying which partition's log answered.
 pub const PARTITION_HEADER: &str = "x-custos-partition";
 
+/// A log and, on a partition set, its partition.
+pub type PartitionLog = (Option<u32>, Arc<dyn Source>);
+
 /// The logs a node's query routes read: one, or one per partition of a partition set.
 pub struct Logs {
     /// The node's data directory (the access log, the last verification).
@@ -161,6 +164,31 @@ impl Logs {
         };
         Ok((Some(partition), self.parts[partition as usize].clone()))
     }
+
+    /// The logs a SQL query reads, with their partitions on a partition set: the one the
+    /// request names (`named`), else every partition holding one of the caller's realms
+    /// (every partition for a caller limited to none). A SQL answer needs no cursor, so
+    /// it may span partitions: its rows say whose log they came from (`partition`).
+    pub fn spanned(&self, named: Option<&str>, caller_realms: &[String]) -> Result<Vec<PartitionLog>, ApiError> {
+        if !self.set || named.is_some() {
+            return Ok(vec![self.pick(named, None, caller_realms)?]);
+        }
+        let count = self.parts.len() as u32;
+        let mut partitions: Vec<u32> = if caller_realms.is_empty() {
+            (0..count).collect()
+        } else {
+            caller_realms
+                .iter()
+                .map(|realm| custos_event::partition_of(realm, count))
+                .collect()
+        };
+        partitions.sort_unstable();
+        partitions.dedup();
+        Ok(partitions
+            .into_iter()
+            .map(|partition| (Some(partition), self.parts[partition as usize].clone()))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +289,35 @@ mod tests {
         let long = "9".repeat(500);
         let refused = chosen(&logs, Some(&long), None, &[]).unwrap_err();
         assert!(refused.len() < 200, "the echoed value is cut: {refused}");
+    }
+
+    /// The partitions `spanned` chose, checking it handed out each one's log.
+    fn spanned(logs: &Logs, named: Option<&str>, realms: &[&str]) -> Result<Vec<Option<u32>>, String> {
+        let realms: Vec<String> = realms.iter().map(|realm| (*realm).to_owned()).collect();
+        let spanned = logs
+            .spanned(named, &realms)
+            .map_err(|error| format!("{} {}: {}", error.status, error.error, error.message))?;
+        for (partition, source) in &spanned {
+            if let Some(partition) = partition {
+                assert_eq!(source.data(), Path::new(&format!("/p/{partition}")));
+            }
+        }
+        Ok(spanned.into_iter().map(|(partition, _)| partition).collect())
+    }
+
+    #[test]
+    fn sql_spans_the_partitions_of_the_callers_realms_unless_one_is_named() {
+        let logs = set(3);
+        let (zero, two) = (realm_on(0, 3), realm_on(2, 3));
+        assert_eq!(spanned(&logs, None, &[]), Ok(vec![Some(0), Some(1), Some(2)]));
+        assert_eq!(spanned(&logs, None, &[&two, &zero, &two]), Ok(vec![Some(0), Some(2)]));
+        assert_eq!(spanned(&logs, None, &[&two]), Ok(vec![Some(2)]));
+        assert_eq!(spanned(&logs, Some("1"), &[&two]), Ok(vec![Some(1)]));
+        let refused = spanned(&logs, Some("3"), &[]).unwrap_err();
+        assert!(refused.starts_with("400 bad_partition"), "{refused}");
+        let one = Logs::one(Arc::new(Numbered(PathBuf::from("/writer"))));
+        assert_eq!(spanned(&one, Some("7"), &[]), Ok(vec![None]));
+        assert_eq!(spanned(&one, None, &[&zero, &two]), Ok(vec![None]));
     }
 
     #[test]

@@ -57,8 +57,9 @@ pub struct Answer {
     pub rows: usize,
 }
 
-/// A session holding only the caller's tables, with a memory pool of its own.
-pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Result<SessionContext, QueryError> {
+/// A session holding only the caller's tables (over one log, or several partitions'),
+/// with a memory pool of its own.
+pub async fn session(logs: &[Sources], scope: &Scope, limits: &Limits) -> Result<SessionContext, QueryError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(2)
@@ -80,7 +81,7 @@ pub async fn session(sources: &Sources, scope: &Scope, limits: &Limits) -> Resul
         crate::trunc::DateTruncUtc::new(),
     ));
     ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(crate::json::JsonGet::new()));
-    register(&ctx, sources, scope).await?;
+    register(&ctx, logs, scope).await?;
     Ok(ctx)
 }
 
@@ -105,12 +106,13 @@ fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
 const FIRST_PUSHDOWN: &str = "FilterPushdown";
 
 /// Plans and runs `sql` as the caller: statements that define, change or copy data,
-/// and `SET`, are refused before planning finishes.
-pub async fn run(sql: &str, sources: &Sources, scope: &Scope, limits: &Limits) -> Result<Answer, QueryError> {
+/// and `SET`, are refused before planning finishes. `logs`: one log, or the partitions'
+/// a query over a partition set reads.
+pub async fn run(sql: &str, logs: &[Sources], scope: &Scope, limits: &Limits) -> Result<Answer, QueryError> {
     if sql.trim().is_empty() {
         return Err(QueryError::new(400, "bad_sql", "the query is empty"));
     }
-    let ctx = session(sources, scope, limits).await?;
+    let ctx = session(logs, scope, limits).await?;
     let options = datafusion::execution::context::SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)

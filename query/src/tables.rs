@@ -5,6 +5,11 @@
 //! raw log itself is never registered, so no SQL (joins, subqueries, CTEs,
 //! `information_schema`) can reach an unfiltered row. `agents` and `rejected` are built
 //! from already-filtered rows.
+//!
+//! On a node over a partition set, one query may read several partitions' logs
+//! ([`Sources`] per partition): each table is then the union of theirs, and every table
+//! has a `partition` column saying whose log a row came from (a log index names an entry
+//! only within its partition's log).
 
 use std::sync::Arc;
 
@@ -52,8 +57,11 @@ impl Scope {
     }
 }
 
-/// Everything a query can read, taken from the node at one instant.
+/// Everything a query can read of one log, taken from the node at one instant.
 pub struct Sources {
+    /// On a node over a partition set: the partition whose log this is. Its rows then
+    /// carry it in a `partition` column.
+    pub partition: Option<u32>,
     pub view: custos_store::StoreView,
     pub agents: Vec<custos_event::agent::AgentRecord>,
     pub rejected: Vec<custos_store::forensics::RejectedRecord>,
@@ -74,43 +82,80 @@ impl Sources {
     }
 }
 
-/// Registers the caller's tables in `ctx`.
-pub async fn register(ctx: &SessionContext, sources: &Sources, scope: &Scope) -> Result<(), QueryError> {
+/// Registers the caller's tables in `ctx`, over one log or the union of several
+/// partitions' (`logs` in partition order).
+pub async fn register(ctx: &SessionContext, logs: &[Sources], scope: &Scope) -> Result<(), QueryError> {
     let tables = scope.tables();
+    // A partition column on every table as soon as one log is a partition's, so that a
+    // set's tables have the same columns whichever partitions a query reads.
+    let set = logs.iter().any(|log| log.partition.is_some());
+    let columns = |mut columns: Vec<Expr>| {
+        if set {
+            columns.push(col(PARTITION));
+        }
+        columns
+    };
     if tables.contains(&"events") {
-        let log = log_plan(sources, true).await?;
+        let log = union_plan(logs).await?;
         let realm = realm_filter(scope);
-        let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), event_columns())?;
+        let events = view(&log, EVENT_PAYLOAD_TYPE, realm.clone(), columns(event_columns()))?;
         ctx.register_table("events", Arc::new(ViewTable::new(events, None)))?;
-        let findings = view(&log, FINDING_PAYLOAD_TYPE, realm.clone(), finding_columns())?;
+        let findings = view(&log, FINDING_PAYLOAD_TYPE, realm.clone(), columns(finding_columns()))?;
         ctx.register_table("findings", Arc::new(ViewTable::new(findings, None)))?;
-        let actions = view(&log, ACTION_PAYLOAD_TYPE, realm, action_columns())?;
+        let actions = view(&log, ACTION_PAYLOAD_TYPE, realm, columns(action_columns()))?;
         ctx.register_table("actions", Arc::new(ViewTable::new(actions, None)))?;
     }
     if tables.contains(&"agents") {
-        let rows: Vec<AgentRow> = sources
-            .agents
-            .iter()
-            .filter(|agent| scope.sees(&agent.realm))
-            .map(AgentRow::from)
-            .collect();
-        ctx.register_table("agents", memory_table(agent_schema(), &rows)?)?;
+        let table = memory_table(agent_schema(), logs, set, |log| {
+            log.agents
+                .iter()
+                .filter(|agent| scope.sees(&agent.realm))
+                .map(AgentRow::from)
+                .collect::<Vec<_>>()
+        })?;
+        ctx.register_table("agents", table)?;
     }
     if tables.contains(&"checkpoints") {
-        let rows: Vec<CheckpointRow> = sources.checkpoints.iter().map(CheckpointRow::from).collect();
-        ctx.register_table("checkpoints", memory_table(checkpoint_schema(), &rows)?)?;
+        let table = memory_table(checkpoint_schema(), logs, set, |log| {
+            log.checkpoints.iter().map(CheckpointRow::from).collect::<Vec<_>>()
+        })?;
+        ctx.register_table("checkpoints", table)?;
     }
     if tables.contains(&"rejected") {
         // Rejected inputs are not verified, so their realm is unknown: only an unscoped
         // admin sees them.
-        let rows: Vec<RejectedRow> = if scope.realms.is_empty() {
-            sources.rejected.iter().map(RejectedRow::from).collect()
-        } else {
-            Vec::new()
-        };
-        ctx.register_table("rejected", memory_table(rejected_schema(), &rows)?)?;
+        let table = memory_table(rejected_schema(), logs, set, |log| {
+            if scope.realms.is_empty() {
+                log.rejected.iter().map(RejectedRow::from).collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            }
+        })?;
+        ctx.register_table("rejected", table)?;
     }
     Ok(())
+}
+
+/// The column naming a row's partition, on a node over a partition set.
+pub const PARTITION: &str = "partition";
+
+/// Every log of `logs`, one after the other; each partition's rows with their
+/// `partition` column.
+async fn union_plan(logs: &[Sources]) -> Result<LogicalPlan, QueryError> {
+    let mut builder: Option<LogicalPlanBuilder> = None;
+    for log in logs {
+        let mut plan = log_plan(log, true).await?;
+        if let Some(partition) = log.partition {
+            let mut columns: Vec<Expr> = plan.schema().columns().into_iter().map(Expr::Column).collect();
+            columns.push(lit(partition).alias(PARTITION));
+            plan = LogicalPlanBuilder::from(plan).project(columns)?.build()?;
+        }
+        builder = Some(match builder {
+            None => LogicalPlanBuilder::from(plan),
+            Some(builder) => builder.union(plan)?,
+        });
+    }
+    Ok(builder.ok_or_else(|| QueryError::internal("no log to read"))?.build()?)
 }
 
 /// The whole log: sealed Parquet segments, then the unsealed tail from memory.
@@ -317,18 +362,42 @@ fn action_columns() -> Vec<Expr> {
     ]
 }
 
-fn memory_table<T: Serialize>(schema: SchemaRef, rows: &[T]) -> Result<Arc<MemTable>, QueryError> {
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .build_decoder()
-        .map_err(|error| QueryError::internal(error.to_string()))?;
-    decoder
-        .serialize(rows)
-        .map_err(|error| QueryError::internal(error.to_string()))?;
-    let batch = decoder
-        .flush()
-        .map_err(|error| QueryError::internal(error.to_string()))?
-        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
-    Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+/// A table of `rows` from each log; with `set`, each log's rows carry its partition.
+fn memory_table<T: Serialize>(
+    schema: SchemaRef,
+    logs: &[Sources],
+    set: bool,
+    rows: impl Fn(&Sources) -> Vec<T>,
+) -> Result<Arc<MemTable>, QueryError> {
+    let error = |error: arrow::error::ArrowError| QueryError::internal(error.to_string());
+    let table_schema = if set {
+        let mut fields: Vec<Field> = schema.fields().iter().map(|field| field.as_ref().clone()).collect();
+        fields.push(Field::new(PARTITION, DataType::UInt32, false));
+        Arc::new(Schema::new(fields))
+    } else {
+        schema.clone()
+    };
+    let mut batches = Vec::with_capacity(logs.len());
+    for log in logs {
+        let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+            .build_decoder()
+            .map_err(error)?;
+        decoder.serialize(&rows(log)).map_err(error)?;
+        let batch = decoder
+            .flush()
+            .map_err(error)?
+            .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
+        let batch = if set {
+            let partition = arrow::array::UInt32Array::from(vec![log.partition.unwrap_or_default(); batch.num_rows()]);
+            let mut columns = batch.columns().to_vec();
+            columns.push(Arc::new(partition));
+            RecordBatch::try_new(table_schema.clone(), columns).map_err(error)?
+        } else {
+            batch
+        };
+        batches.push(batch);
+    }
+    Ok(Arc::new(MemTable::try_new(table_schema, vec![batches])?))
 }
 
 fn timestamp() -> DataType {
@@ -473,6 +542,146 @@ impl From<&custos_store::forensics::RejectedRecord> for RejectedRow {
             input_encoding: record.input_encoding.clone(),
             truncated: record.truncated,
             evidence: record.evidence.as_ref().map(|value| value.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Tables over several partitions' logs: the union, the `partition` column, and realm
+    //! scope across it. Real signed entries in each log's tail.
+
+    use super::*;
+    use crate::sql::{Limits, run};
+
+    /// A log of `events` events by one agent of `realm`, as partition `partition`'s.
+    fn log(partition: Option<u32>, realm: &str, seed: u8, events: u64) -> Sources {
+        let key = custos_event::AgentKey::from_seed(&[seed; 32]);
+        let did = key.did().to_owned();
+        let mut signer = custos_event::Signer::new(key, realm);
+        let entries: Vec<custos_store::LogEntry> = (0..events)
+            .map(|index| {
+                let payload = custos_event::Payload::new(
+                    custos_event::Kind::ALL[0],
+                    chrono::DateTime::from_timestamp(1_800_000_000 + index as i64, 0).unwrap(),
+                );
+                // Each log numbers its own entries from 0.
+                custos_store::LogEntry::from_envelope(signer.sign(payload), index, 1_800_000_000_000_000, None)
+            })
+            .collect();
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        Sources {
+            partition,
+            view: custos_store::StoreView {
+                segment_dir: std::env::temp_dir(),
+                segments: Vec::new(),
+                tail: vec![Arc::from(entries)],
+                size: events,
+                checkpoints: std::env::temp_dir().join("no-checkpoints"),
+            },
+            agents: vec![custos_event::agent::AgentRecord {
+                did,
+                realm: realm.to_owned(),
+                labels: Default::default(),
+                parent: None,
+                children: Vec::new(),
+                status: custos_event::agent::AgentStatus::Active,
+                enrolled_at: at,
+                enrolled_by: "test".into(),
+                enroll_log_index: 0,
+                revoked_at: None,
+                revoke_log_index: None,
+                revoke_reason: None,
+                status_log_index: None,
+                events,
+                last_seq: None,
+                last_log_index: None,
+                last_ts: None,
+            }],
+            rejected: Vec::new(),
+            checkpoints: Vec::new(),
+            tail_batch: None,
+        }
+    }
+
+    async fn rows(sql: &str, logs: &[Sources], realms: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+        let scope = Scope {
+            role: Role::Analyst,
+            realms: realms.iter().map(|realm| (*realm).to_owned()).collect(),
+        };
+        let answer = run(sql, logs, &scope, &Limits::default())
+            .await
+            .map_err(|error| error.message)?;
+        let json = crate::sql::encode(&answer, crate::sql::Format::Json).map_err(|error| error.message)?;
+        Ok(serde_json::from_slice(&json).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_set_reads_as_one_table_with_each_rows_partition() {
+        let logs = [log(Some(0), "eng", 1, 3), log(Some(2), "ops", 2, 5)];
+        let by_partition = "SELECT partition, realm, count(*) AS n, min(log_index) AS first FROM events \
+                            GROUP BY partition, realm ORDER BY partition";
+        assert_eq!(
+            rows(by_partition, &logs, &[]).await.unwrap(),
+            vec![
+                serde_json::json!({"partition": 0, "realm": "eng", "n": 3, "first": 0}),
+                serde_json::json!({"partition": 2, "realm": "ops", "n": 5, "first": 0}),
+            ]
+        );
+        // Agents carry their partition too, so a join can name an entry by both.
+        let joined = "SELECT a.partition, count(*) AS n FROM events e JOIN agents a \
+                      ON e.agent = a.did AND e.partition = a.partition GROUP BY a.partition ORDER BY a.partition";
+        assert_eq!(
+            rows(joined, &logs, &[]).await.unwrap(),
+            vec![
+                serde_json::json!({"partition": 0, "n": 3}),
+                serde_json::json!({"partition": 2, "n": 5}),
+            ]
+        );
+        assert_eq!(
+            rows("SELECT count(*) AS n FROM events WHERE partition = 2", &logs, &[])
+                .await
+                .unwrap(),
+            vec![serde_json::json!({"n": 5})]
+        );
+        // The checkpoints table has the column even with no rows.
+        assert_eq!(
+            rows("SELECT count(partition) AS n FROM checkpoints", &logs, &[])
+                .await
+                .unwrap(),
+            vec![serde_json::json!({"n": 0})]
+        );
+    }
+
+    #[tokio::test]
+    async fn realm_scope_holds_across_the_partitions_read() {
+        let logs = [log(Some(0), "eng", 1, 3), log(Some(1), "ops", 2, 5)];
+        for sql in [
+            "SELECT realm, partition FROM events",
+            "SELECT realm, partition FROM agents",
+            "SELECT realm, partition FROM events UNION ALL SELECT realm, partition FROM agents",
+        ] {
+            let seen = rows(sql, &logs, &["eng"]).await.unwrap();
+            assert!(!seen.is_empty(), "{sql}");
+            assert!(
+                seen.iter().all(|row| row["realm"] == "eng" && row["partition"] == 0),
+                "{sql}: {seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn one_log_has_no_partition_column() {
+        let logs = [log(None, "eng", 1, 3)];
+        assert_eq!(
+            rows("SELECT count(*) AS n FROM events", &logs, &[]).await.unwrap(),
+            vec![serde_json::json!({"n": 3})]
+        );
+        for table in ["events", "agents", "checkpoints"] {
+            let refused = rows(&format!("SELECT partition FROM {table}"), &logs, &[])
+                .await
+                .unwrap_err();
+            assert!(refused.contains("partition"), "{table}: {refused}");
         }
     }
 }

@@ -12,9 +12,11 @@
 //! ```
 //!
 //! Frames on both pipes are `u64le(length) ‖ bytes`. The request carries everything the
-//! query may read, already scoped by the node: the caller's role and realms, the sealed
-//! segments, the unsealed tail, and (for the roles that see them) agents, checkpoints and
-//! rejected inputs. The process reads the segment files itself and writes nothing.
+//! query may read, already scoped by the node: the caller's role and realms and, for each
+//! log it reads (one, or several partitions' on a node over a partition set), the sealed
+//! segments and (for the roles that see them) agents, checkpoints and rejected inputs.
+//! Each log's unsealed tail follows as a frame of its own, in the same order. The process
+//! reads the segment files itself and writes nothing.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -25,7 +27,7 @@ use crate::QueryError;
 use crate::sql::{Format, Limits};
 use crate::tables::{Scope, Sources};
 
-/// What the node sends a query process (then the tail as a second frame).
+/// What the node sends a query process (then each log's tail, a frame each).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Request {
     pub(crate) sql: String,
@@ -35,6 +37,13 @@ pub(crate) struct Request {
     pub(crate) timeout_ms: u64,
     pub(crate) memory_bytes: usize,
     pub(crate) max_rows: usize,
+    pub(crate) logs: Vec<LogRequest>,
+}
+
+/// One log a query reads: all but its tail.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct LogRequest {
+    pub(crate) partition: Option<u32>,
     pub(crate) segment_dir: PathBuf,
     pub(crate) segments: Vec<custos_store::log::SegmentInfo>,
     pub(crate) size: u64,
@@ -116,13 +125,9 @@ const STACK_BYTES: usize = 64 * 1024 * 1024;
 pub fn main() -> std::process::ExitCode {
     lower_priority();
     let mut input = std::io::stdin().lock();
-    let request = read_frame(&mut input).and_then(|bytes| {
-        let tail = read_frame(&mut input)?;
-        Ok((bytes, tail))
-    });
-    let (reply, body) = match request {
-        Ok((request, tail)) => answer(&request, &tail),
-        Err(error) => failure(QueryError::internal(format!("reading the request: {error}"))),
+    let (reply, body) = match read_request(&mut input) {
+        Ok((request, tails)) => answer(request, &tails),
+        Err(error) => failure(error),
     };
     let mut output = std::io::stdout().lock();
     let written = serde_json::to_vec(&reply)
@@ -149,13 +154,25 @@ fn failure(error: QueryError) -> (Reply, Vec<u8>) {
     )
 }
 
-fn answer(request: &[u8], tail: &[u8]) -> (Reply, Vec<u8>) {
-    let request: Request = match serde_json::from_slice(request) {
-        Ok(request) => request,
-        Err(error) => return failure(QueryError::internal(format!("an unreadable request: {error}"))),
-    };
-    let tail = match tail_from_ipc(tail) {
-        Ok(tail) => tail,
+/// The request, then its logs' tails.
+fn read_request(input: &mut impl Read) -> Result<(Request, Vec<Vec<u8>>), QueryError> {
+    let reading = |error: std::io::Error| QueryError::internal(format!("reading the request: {error}"));
+    let request: Request = serde_json::from_slice(&read_frame(input).map_err(reading)?)
+        .map_err(|error| QueryError::internal(format!("an unreadable request: {error}")))?;
+    let tails = (0..request.logs.len())
+        .map(|_| read_frame(input))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(reading)?;
+    Ok((request, tails))
+}
+
+fn answer(request: Request, tails: &[Vec<u8>]) -> (Reply, Vec<u8>) {
+    let tails = match tails
+        .iter()
+        .map(|tail| tail_from_ipc(tail))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(tails) => tails,
         Err(error) => return failure(error),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -169,7 +186,7 @@ fn answer(request: &[u8], tail: &[u8]) -> (Reply, Vec<u8>) {
         Err(error) => return failure(QueryError::internal(format!("starting the query runtime: {error}"))),
     };
     // Spawned, so planning runs on a worker thread with the large stack.
-    let work = runtime.spawn(async move { run(request, tail).await });
+    let work = runtime.spawn(async move { run(request, tails).await });
     let outcome = runtime
         .block_on(work)
         .unwrap_or_else(|error| Err(QueryError::internal(format!("the query task failed: {error}"))));
@@ -191,24 +208,30 @@ fn answer(request: &[u8], tail: &[u8]) -> (Reply, Vec<u8>) {
 
 async fn run(
     request: Request,
-    tail: Option<arrow::array::RecordBatch>,
+    tails: Vec<Option<arrow::array::RecordBatch>>,
 ) -> Result<(usize, &'static str, Vec<u8>), QueryError> {
     crate::shape::check(&request.sql)?;
     let format = Format::from_name(&request.format)
         .ok_or_else(|| QueryError::internal(format!("an unknown format `{}`", request.format)))?;
-    let sources = Sources {
-        view: custos_store::StoreView {
-            segment_dir: request.segment_dir,
-            segments: request.segments,
-            tail: Vec::new(),
-            size: request.size,
-            checkpoints: request.checkpoints_path,
-        },
-        agents: request.agents,
-        rejected: request.rejected,
-        checkpoints: request.checkpoints,
-        tail_batch: tail,
-    };
+    let logs: Vec<Sources> = request
+        .logs
+        .into_iter()
+        .zip(tails)
+        .map(|(log, tail)| Sources {
+            partition: log.partition,
+            view: custos_store::StoreView {
+                segment_dir: log.segment_dir,
+                segments: log.segments,
+                tail: Vec::new(),
+                size: log.size,
+                checkpoints: log.checkpoints_path,
+            },
+            agents: log.agents,
+            rejected: log.rejected,
+            checkpoints: log.checkpoints,
+            tail_batch: tail,
+        })
+        .collect();
     let scope = Scope {
         role: request.role,
         realms: request.realms,
@@ -219,7 +242,7 @@ async fn run(
         max_rows: request.max_rows,
         ..Limits::default()
     };
-    let answer = crate::sql::run(&request.sql, &sources, &scope, &limits).await?;
+    let answer = crate::sql::run(&request.sql, &logs, &scope, &limits).await?;
     let body = crate::sql::encode(&answer, format)?;
     Ok((answer.rows, format.content_type(), body))
 }

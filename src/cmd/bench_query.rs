@@ -197,6 +197,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         queries.retain(|(name, _)| args.only.iter().any(|only| only == name));
     }
     let sources = custos_query::tables::Sources {
+        partition: None,
         view: generated.view.clone(),
         agents: Vec::new(),
         rejected: Vec::new(),
@@ -215,9 +216,14 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
     };
     if args.explain {
         for (name, sql) in &queries {
-            let answer = custos_query::sql::run(&format!("EXPLAIN ANALYZE {sql}"), &sources, &scope, &limits)
-                .await
-                .map_err(|error| anyhow::anyhow!("{name}: {}", error.message))?;
+            let answer = custos_query::sql::run(
+                &format!("EXPLAIN ANALYZE {sql}"),
+                std::slice::from_ref(&sources),
+                &scope,
+                &limits,
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("{name}: {}", error.message))?;
             eprintln!("== {name}");
             for batch in &answer.batches {
                 let plans =
@@ -237,7 +243,7 @@ pub(crate) async fn query(args: QueryArgs) -> anyhow::Result<()> {
         let mut plain = Vec::new();
         for run in 0..=args.runs {
             let started = Instant::now();
-            let answer = custos_query::sql::run(sql, &sources, &scope, &limits)
+            let answer = custos_query::sql::run(sql, std::slice::from_ref(&sources), &scope, &limits)
                 .await
                 .map_err(|error| anyhow::anyhow!("{name}: {}", error.message))?;
             if run > 0 {

@@ -349,8 +349,9 @@ fn partition_api(writers: &[&Server], store: &std::path::Path, partition: u32) -
 /// committed topic. Every partition answers on it as that partition's writer does, row
 /// for row. A request reads the partition it
 /// names, else that of the realm it asks about, else that of its caller's realm, and
-/// the answer says which; an admin's bare SQL is refused as ambiguous, since log
-/// indexes repeat across partitions. New events reach the right replica. A query node
+/// the answer says which. SQL naming none reads every partition of its caller's realms,
+/// each row saying its partition (log indexes repeat across partitions); REST reads
+/// with a cursor need one partition. New events reach the right replica. A query node
 /// started as if the store were one log refuses the set, naming the flag.
 #[test]
 fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
@@ -444,15 +445,24 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         node.log.lock().unwrap()
     );
 
-    // Each partition, named, answers as its writer does.
+    // Each partition, named, answers as its writer does, each row saying its partition.
     for partition in 0..3u32 {
         let (url, partition_token) = partition_api(&[&writer, &other], &store, partition);
+        let (_, _, every) = sql_in(&node.url, &node_token, "SELECT * FROM events", Some(partition)).unwrap();
+        assert!(
+            every
+                .as_array()
+                .is_some_and(|rows| rows.iter().all(|row| row["partition"] == partition)),
+            "partition {partition}: {every}"
+        );
         for sql in [ALL_EVENTS, ALL_AGENTS] {
             let expected = rows(&url, &partition_token, sql).expect("the partition's writer answers");
             assert!(!expected.is_empty(), "partition {partition}: {sql}");
             wait_for("the query node's partition to answer as its writer", || {
                 sql_in(&node.url, &node_token, sql, Some(partition)).is_some_and(|(status, answered, body)| {
-                    status == 200 && answered == Some(partition.to_string()) && body == json!(expected)
+                    status == 200
+                        && answered == Some(partition.to_string())
+                        && without_partition(&body, partition) == json!(expected)
                 })
             });
         }
@@ -464,18 +474,73 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
         "partition 0 holds its realm's events"
     );
 
-    // An admin naming no partition and no realm: refused as ambiguous; a bad partition
-    // is named.
-    let (status, _, answer) = sql_in(&node.url, &node_token, "SELECT count(*) AS n FROM events", None).unwrap();
+    // An admin naming no partition: SQL reads every partition's log, each row saying
+    // whose it is; a bad partition is named.
+    let (status, answered, body) = sql_in(
+        &node.url,
+        &node_token,
+        "SELECT partition, realm, count(*) AS n, min(log_index) AS first FROM events \
+         GROUP BY partition, realm ORDER BY partition",
+        None,
+    )
+    .unwrap();
+    assert_eq!((status, answered.as_deref()), (200, Some("0,1,2")), "{body}");
+    let first = body[0]["first"].clone();
     assert_eq!(
-        (status, answer["error"].as_str()),
-        (400, Some("partition_required")),
-        "{answer}"
+        body,
+        json!([
+            {"partition": 0, "realm": realms[0], "n": 660, "first": first},
+            {"partition": 1, "realm": realms[1], "n": 110, "first": first},
+            {"partition": 2, "realm": realms[2], "n": 660, "first": first},
+        ]),
+        "each partition's log has its own log indexes, from the same start"
     );
-    assert!(
-        answer["message"].as_str().unwrap().contains("x-custos-partition"),
-        "{answer}"
+    // Joins, filters on the partition and every table span the set.
+    let (status, _, body) = sql_in(
+        &node.url,
+        &node_token,
+        "SELECT a.partition, a.realm, count(*) AS n FROM events e JOIN agents a \
+         ON e.agent = a.did AND e.partition = a.partition \
+         WHERE e.partition <> 1 GROUP BY a.partition, a.realm ORDER BY a.partition",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!([
+            {"partition": 0, "realm": realms[0], "n": 660},
+            {"partition": 2, "realm": realms[2], "n": 660},
+        ])
     );
+    // The checkpoints table is each partition's own, side by side.
+    let (_, _, body) = sql_in(
+        &node.url,
+        &node_token,
+        "SELECT partition, max(size) AS size FROM checkpoints GROUP BY partition ORDER BY partition",
+        None,
+    )
+    .unwrap();
+    // The access log names the partitions a query read.
+    let access = std::fs::read_to_string(dir.path().join("query/access.ndjson")).unwrap();
+    let last: Value = serde_json::from_str(access.lines().last().unwrap()).unwrap();
+    assert_eq!(last["partitions"], json!([0, 1, 2]), "{last}");
+    let one_by_one: Vec<Value> = (0..3u32)
+        .filter_map(|partition| {
+            let (_, _, body) = sql_in(
+                &node.url,
+                &node_token,
+                "SELECT max(size) AS size FROM checkpoints HAVING count(*) > 0",
+                Some(partition),
+            )
+            .unwrap();
+            body.as_array()?
+                .first()
+                .map(|row| json!({"partition": partition, "size": row["size"]}))
+        })
+        .collect();
+    assert!(!one_by_one.is_empty());
+    assert_eq!(body, json!(one_by_one));
     let (status, _, answer) = sql_in(&node.url, &node_token, "SELECT 1", Some(7)).unwrap();
     assert_eq!(
         (status, answer["error"].as_str()),
@@ -506,6 +571,33 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(answered.as_deref(), Some("1"));
     assert_eq!(body, json!([{"realm": realms[1], "n": 110}]));
+    // One limited to two realms reads their two partitions, and nothing of the third.
+    let (status, created) = post(
+        &node.url,
+        "/v1/tokens",
+        Some(&node_token),
+        json!({"role": "analyst", "realms": [realms[2], realms[0]]})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let two_realms = created["token"].as_str().unwrap().to_owned();
+    let (status, answered, body) = sql_in(
+        &node.url,
+        &two_realms,
+        "SELECT partition, count(*) AS n FROM events GROUP BY partition ORDER BY partition",
+        None,
+    )
+    .unwrap();
+    assert_eq!((status, answered.as_deref()), (200, Some("0,2")), "{body}");
+    assert_eq!(body, json!([{"partition": 0, "n": 660}, {"partition": 2, "n": 660}]));
+    let (_, _, body) = sql_in(&node.url, &two_realms, "SELECT count(*) AS n FROM agents", Some(1)).unwrap();
+    assert_eq!(
+        body,
+        json!([{"n": 0}]),
+        "partition 1, named, shows none of its other realm"
+    );
 
     // REST: the realm asked about picks the partition.
     let response = reqwest::blocking::Client::new()
@@ -599,6 +691,20 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     assert!(output.status.success(), "{report:#}");
     assert_eq!(report["partitions"]["partitions"], 3, "{report:#}");
     assert!(report["partitions"]["checkpoints"].as_u64().unwrap() >= 1, "{report:#}");
+}
+
+/// `rows` (SQL rows as JSON) without their `partition` column, checking it says
+/// `partition` in every row that has it (`SELECT *` has it; a query naming its columns
+/// has it only when it names it).
+fn without_partition(rows: &Value, partition: u32) -> Value {
+    let mut rows = rows.clone();
+    for row in rows.as_array_mut().into_iter().flatten() {
+        let row = row.as_object_mut().unwrap();
+        if let Some(named) = row.remove("partition") {
+            assert_eq!(named, json!(partition), "{row:?}");
+        }
+    }
+    rows
 }
 
 /// Signs in to the console at `url` with `token`: without a partition, the sign-in is
