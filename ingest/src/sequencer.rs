@@ -434,7 +434,14 @@ pub(crate) struct Sequencer {
     store_id: String,
     /// Recent entries of the system signers, to answer a redelivered submission once.
     system: crate::state::SystemChains,
+    /// Agents' keys as decoded from their did:key, for ingest nodes' batches: decoding
+    /// an envelope decompresses its key's point, which costs more than the rest of the
+    /// writer's work on an event.
+    keys: custos_event::KeyCache,
 }
+
+/// Agents' keys the writer keeps decoded (about 100 bytes each).
+const WRITER_KEY_CACHE: usize = 1 << 16;
 
 impl Sequencer {
     pub(crate) fn open(
@@ -479,6 +486,7 @@ impl Sequencer {
             observed: Vec::new(),
             changes: Vec::new(),
             checkpoint_seen: (0, std::time::Instant::now()),
+            keys: custos_event::KeyCache::new(WRITER_KEY_CACHE),
         })
     }
 
@@ -1169,13 +1177,19 @@ impl Sequencer {
     /// second signature check, and every item is answered, old-seq lookups included
     /// (resolved on this thread: they are rare, a client resending far behind its head).
     fn ingest_submitted(&mut self, batch: EventBatch, entries: &mut Vec<LogEntry>) -> Appended {
+        let keys = &self.keys;
         let items = batch
             .items
             .into_iter()
             .map(|item| {
                 let decode = |raw: &[u8]| {
-                    custos_event::verify::decode_envelope(raw, usize::MAX, &[custos_event::EVENT_PAYLOAD_TYPE])
-                        .and_then(|decoded| custos_event::verify::check_event(decoded.envelope))
+                    custos_event::verify::decode_envelope_cached(
+                        raw,
+                        usize::MAX,
+                        &[custos_event::EVENT_PAYLOAD_TYPE],
+                        Some(keys),
+                    )
+                    .and_then(|decoded| custos_event::verify::check_event(decoded.envelope))
                 };
                 let (outcome, refused) = match item.check {
                     ItemCheck::Verified => (decode(&item.raw), None),
