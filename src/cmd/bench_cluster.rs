@@ -287,6 +287,61 @@ struct Phase {
     latencies: Vec<Duration>,
 }
 
+/// CPU seconds (user and system) process `pid` has used so far, from `/proc`; `None`
+/// where there is no `/proc` or the process is gone.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The fields after the command name (which may hold spaces, in parentheses): state
+    // is field 3, utime 14 and stime 15, in clock ticks.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// Where a phase's CPU time went: CPU seconds per process, read before and after.
+struct CpuUse {
+    names: Vec<&'static str>,
+    pids: Vec<Option<u32>>,
+    start: Vec<Option<f64>>,
+}
+
+impl CpuUse {
+    /// `pids`: `None` is this process (the bench's client).
+    fn start(processes: &[(&'static str, Option<u32>)]) -> Self {
+        Self {
+            names: processes.iter().map(|(name, _)| *name).collect(),
+            pids: processes.iter().map(|(_, pid)| *pid).collect(),
+            start: processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect(),
+        }
+    }
+
+    /// CPU seconds per 10 000 events of `events`, per process, since [`CpuUse::start`].
+    fn per_10k(&self, events: usize) -> Vec<(&'static str, f64)> {
+        self.names
+            .iter()
+            .zip(&self.pids)
+            .zip(&self.start)
+            .filter_map(|((name, pid), start)| {
+                let used = cpu_seconds(*pid)? - (*start)?;
+                Some((*name, used * 10_000.0 / events.max(1) as f64))
+            })
+            .collect()
+    }
+}
+
+fn cpu_line(shares: &[(&'static str, f64)]) -> String {
+    let total: f64 = shares.iter().map(|(_, seconds)| seconds).sum();
+    let parts: Vec<String> = shares
+        .iter()
+        .map(|(name, seconds)| format!("{name} {seconds:.2}"))
+        .collect();
+    format!("{} = {total:.2} s", parts.join(" + "))
+}
+
 impl Phase {
     fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
@@ -446,13 +501,18 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         let node = Process::serve(&scratch.join("embedded"), &["--no-detect"])?;
         let admin = Client::new(&node.url, Some(node.token()?));
         let bodies = prepare(args, 101, &admin).await?;
+        let cpu = CpuUse::start(&[("node", Some(node.child.id())), ("client", None)]);
         let (latencies, elapsed) = drive(std::slice::from_ref(&node.url), bodies, None).await?;
-        Phase {
-            events: args.events,
-            elapsed,
-            latencies,
-        }
+        (
+            Phase {
+                events: args.events,
+                elapsed,
+                latencies,
+            },
+            cpu.per_10k(args.events),
+        )
     };
+    let (embedded, embedded_cpu) = embedded;
 
     let broker = Broker::start(args, &scratch.join("broker"))?;
     let prefix = format!(
@@ -481,7 +541,14 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
 
     eprintln!("[2/5] broker + writer + 1 ingest node…");
     let before = first.writer_steps().await?;
+    let cpu = CpuUse::start(&[
+        ("broker", broker.child.as_ref().map(Child::id)),
+        ("writer", Some(writer.child.id())),
+        ("ingest", Some(first.child.id())),
+        ("client", None),
+    ]);
     let (latencies, elapsed) = drive(std::slice::from_ref(&first.url), one, None).await?;
+    let one_cpu = cpu.per_10k(args.events);
     let one_steps = first.writer_steps().await?.mean_since(&before);
     let one = Phase {
         events: args.events,
@@ -539,6 +606,10 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
             "one_ingest": {"submit": one_steps.0, "receipt": one_steps.1},
             "half_load": {"submit": half_steps.0, "receipt": half_steps.1},
         },
+        "cpu_seconds_per_10k_events": {
+            "embedded": embedded_cpu.iter().map(|(name, seconds)| (name.to_string(), serde_json::json!(seconds))).collect::<serde_json::Map<_, _>>(),
+            "one_ingest": one_cpu.iter().map(|(name, seconds)| (name.to_string(), serde_json::json!(seconds))).collect::<serde_json::Map<_, _>>(),
+        },
         "one_ingest_ratio": one.rate() / embedded.rate(),
         "two_ingest_ratio": two.rate() / embedded.rate(),
         "query_node_freshness_ms": {
@@ -577,13 +648,27 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         one_steps.0, one_steps.1, half_steps.0, half_steps.1
     );
     println!(
+        "  CPU seconds per 10 000 events: embedded {}; Kafka, 1 ingest node {}",
+        cpu_line(&embedded_cpu),
+        cpu_line(&one_cpu)
+    );
+    println!(
         "  query node freshness ({} events): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms   goal < 1000 ms",
         fresh.len(),
         percentile(&fresh, 0.50).as_secs_f64() * 1e3,
         percentile(&fresh, 0.99).as_secs_f64() * 1e3,
         fresh.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
+    // A late receipt is survived by sending the submission again; say how often.
+    let resent: usize = ["ingest-1", "ingest-2"]
+        .iter()
+        .filter_map(|name| std::fs::read_to_string(scratch.join(name).with_extension("log")).ok())
+        .map(|log| log.matches("the submission is sent again").count())
+        .sum();
+    println!("  submissions sent again by the ingest nodes for a late receipt: {resent}");
     if args.json {
+        let mut result = result;
+        result["submissions_sent_again"] = serde_json::json!(resent);
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
     Ok(())

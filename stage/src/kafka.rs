@@ -473,7 +473,29 @@ fn origin() -> String {
     hex::encode(bytes)
 }
 
-type Waiting = Arc<Mutex<HashMap<u64, Answer>>>;
+/// A submission waiting for its receipt.
+struct Waiter {
+    answer: Answer,
+    /// The record as sent, sent again as it is when no receipt comes
+    /// ([`RESEND_AFTER`]).
+    record: Vec<u8>,
+    key: String,
+    partition: i32,
+    sent: Instant,
+    resends: usize,
+}
+
+type Waiting = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// How long after its first send a submission without a receipt is sent again, as it is
+/// (same origin and ticket). A receipt the broker lost then costs seconds, not the
+/// ingest node's whole timeout: the writer answers a ticket it already answered with the
+/// same receipt ([`KafkaIntake`]), and one it never saw as new.
+pub const RESEND_AFTER: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(15)];
+
+/// A waiter is forgotten this long after its first send (whoever waited gave up long
+/// before, at `--writer-timeout-secs`); its receipt, should it still come, is ignored.
+const FORGET_AFTER: Duration = Duration::from_secs(120);
 
 /// Submits to the submissions topic and matches the writer's receipts to tickets.
 pub struct KafkaSubmitter {
@@ -513,9 +535,13 @@ impl KafkaSubmitter {
             let waiting = waiting.clone();
             let stop = stop.clone();
             let origin = origin.clone();
+            let resend = Resend {
+                sender: sender.clone(),
+                topic: config.submissions(),
+            };
             std::thread::Builder::new()
                 .name("custos-receipts".into())
-                .spawn(move || read_receipts(&consumer, &origin, &waiting, &stop))
+                .spawn(move || read_receipts(&consumer, &origin, &waiting, &stop, &resend))
                 .map_err(|error| StageError::Kafka(format!("cannot start the receipts thread: {error}")))?
         };
         Ok(Self {
@@ -531,8 +557,54 @@ impl KafkaSubmitter {
     }
 }
 
-fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop: &AtomicBool) {
+/// Where the receipts thread sends a submission again.
+struct Resend {
+    sender: Sender,
+    topic: String,
+}
+
+impl Resend {
+    /// Sends again every waiter [`RESEND_AFTER`] says is due, and forgets those past
+    /// [`FORGET_AFTER`].
+    fn due(&self, waiting: &Waiting) {
+        let mut waiting = waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiting.retain(|_, waiter| waiter.sent.elapsed() < FORGET_AFTER);
+        for (ticket, waiter) in waiting.iter_mut() {
+            let Some(after) = RESEND_AFTER.get(waiter.resends) else {
+                continue;
+            };
+            if waiter.sent.elapsed() < *after {
+                continue;
+            }
+            waiter.resends += 1;
+            tracing::warn!(
+                ticket,
+                after_secs = after.as_secs(),
+                "no receipt from the log writer: the submission is sent again"
+            );
+            let ticket = *ticket;
+            let lost = Box::new(move |delivered: Result<(), String>| {
+                if let Err(error) = delivered {
+                    tracing::warn!(error, ticket, "a submission sent again was not delivered");
+                }
+            });
+            if let Err(error) = self
+                .sender
+                .send_then(&self.topic, &waiter.key, Some(waiter.partition), &waiter.record, lost)
+            {
+                tracing::warn!(%error, ticket, "could not send a submission again");
+            }
+        }
+    }
+}
+
+fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop: &AtomicBool, resend: &Resend) {
+    let mut checked = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if checked.elapsed() >= Duration::from_millis(500) {
+            resend.due(waiting);
+            checked = Instant::now();
+        }
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
@@ -548,11 +620,11 @@ fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop:
         }
         match wire::decode_receipt(message.payload().unwrap_or_default()) {
             Ok(record) => {
-                let answer = waiting
+                let waiter = waiting
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&record.ticket);
-                if let Some(answer) = answer {
+                if let Some(Waiter { answer, .. }) = waiter {
                     answer.send(match record.outcome {
                         wire::Outcome::Appended(appended) => Ok(appended),
                         wire::Outcome::Refused(refused) => Err(refused),
@@ -578,12 +650,22 @@ impl Submitter for KafkaSubmitter {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let bytes = wire::encode_submission(&self.origin, ticket, &submission).map_err(StageError::Kafka)?;
         let (answer, receipt) = crate::receipt();
+        let key = wire::submission_key(&submission);
+        let partition = wire::partition_for(&key, self.partitions);
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(ticket, answer);
-        let key = wire::submission_key(&submission);
-        let partition = wire::partition_for(&key, self.partitions);
+            .insert(
+                ticket,
+                Waiter {
+                    answer,
+                    record: bytes.clone(),
+                    key: key.clone(),
+                    partition,
+                    sent: Instant::now(),
+                    resends: 0,
+                },
+            );
         if let Err(error) = self
             .sender
             .send(&self.config.submissions(), &key, Some(partition), &bytes)
@@ -872,6 +954,42 @@ pub struct KafkaIntake {
     receipts: String,
     sender: Sender,
     positions: Positions,
+    answered: Arc<Mutex<Answered>>,
+}
+
+/// The receipts this writer sent last, by (origin, ticket): a submission that comes
+/// again (its submitter had no receipt after [`RESEND_AFTER`], or the group delivered it
+/// again) is answered with the same receipt, not appended again (which would answer its
+/// events `duplicate` where the lost receipt said `accepted`).
+#[derive(Default)]
+struct Answered {
+    receipts: HashMap<(String, u64), Arc<[u8]>>,
+    order: std::collections::VecDeque<(String, u64)>,
+    bytes: usize,
+}
+
+/// The receipts [`Answered`] keeps at most, in bytes (a receipt of 256 events is about
+/// 20 KiB; this keeps the last few thousand submissions, several seconds at full load).
+const ANSWERED_BYTES: usize = 32 << 20;
+
+impl Answered {
+    /// Keeps the first receipt of a ticket (a copy read in the same batch as the first,
+    /// and so appended again, is answered `duplicate`: that answer is not the one kept).
+    fn keep(&mut self, origin: String, ticket: u64, receipt: Arc<[u8]>) {
+        let key = (origin, ticket);
+        if self.receipts.contains_key(&key) {
+            return;
+        }
+        self.bytes += receipt.len();
+        self.receipts.insert(key.clone(), receipt);
+        self.order.push_back(key);
+        while self.bytes > ANSWERED_BYTES {
+            let Some(oldest) = self.order.pop_front() else { break };
+            if let Some(dropped) = self.receipts.remove(&oldest) {
+                self.bytes -= dropped.len();
+            }
+        }
+    }
 }
 
 impl KafkaIntake {
@@ -900,6 +1018,7 @@ impl KafkaIntake {
             receipts: config.receipts(),
             sender: Sender::new(config)?,
             positions: Positions::default(),
+            answered: Arc::default(),
         })
     }
 }
@@ -924,11 +1043,37 @@ impl Intake for KafkaIntake {
                 Ok((origin, ticket, submission)) => {
                     let sender = self.sender.clone();
                     let topic = self.receipts.clone();
+                    let again = self
+                        .answered
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .receipts
+                        .get(&(origin.clone(), ticket))
+                        .cloned();
+                    if let Some(receipt) = again {
+                        tracing::warn!(
+                            origin,
+                            ticket,
+                            "a submission came again after it was answered (its receipt was lost on the way, or \
+                             the group delivered it again): the same receipt is sent again"
+                        );
+                        let sent = sender.send_then(&topic, &origin, None, &receipt, Box::new(|_| ()));
+                        if let Err(error) = sent {
+                            tracing::warn!(%error, ticket, "could not send a receipt again");
+                        }
+                        continue;
+                    }
+                    let answered = self.answered.clone();
                     let answer = Answer::new(move |outcome: Result<crate::Appended, Refused>| {
                         match wire::encode_receipt(&origin, ticket, outcome) {
                             Ok(bytes) => {
+                                let bytes: Arc<[u8]> = Arc::from(bytes);
+                                answered
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .keep(origin.clone(), ticket, bytes.clone());
                                 // A receipt the broker never took is said, not dropped in
-                                // silence: its submitter waits out its timeout and resends.
+                                // silence: its submitter sends the submission again.
                                 let lost = Box::new(move |delivered: Result<(), String>| {
                                     if let Err(error) = delivered {
                                         tracing::warn!(

@@ -716,3 +716,118 @@ fn a_reader_from_a_time_skips_what_came_before() {
         .expect("partition 3 of 3 is refused");
     assert!(missing.to_string().contains("no partition 3"), "{missing}");
 }
+
+/// An empty events batch: what the writer would answer with no verdicts.
+fn empty_batch() -> custos_stage::Submission {
+    custos_stage::Submission::Events(custos_stage::EventBatch {
+        remote: "127.0.0.1".into(),
+        realm: "eng".into(),
+        items: Vec::new(),
+    })
+}
+
+/// The writer's intake reading `config`'s submissions, the next one within `within`.
+fn next_submission(
+    intake: &mut kafka::KafkaIntake,
+    within: Duration,
+) -> Option<(custos_stage::Submission, custos_stage::Answer)> {
+    use custos_stage::Intake as _;
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(taken) = intake.recv(Duration::from_millis(200)).unwrap() {
+            return Some(taken);
+        }
+    }
+    None
+}
+
+/// A submission whose receipt never comes is sent again after
+/// `kafka::RESEND_AFTER[0]` (5 s), as it was: the ingest node waiting for it has its
+/// answer then, not at its 30 s timeout. Here the writer loses its first answer.
+#[test]
+fn a_submission_without_a_receipt_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let mut config = KafkaConfig::new(broker.addr.clone());
+    config.prefix = "resend".into();
+    kafka::create_topics(&config, 3).unwrap();
+    let mut intake = kafka::KafkaIntake::new(&config).unwrap();
+    let submitter = kafka::KafkaSubmitter::new(&config).unwrap();
+    let receipt = submitter.submit(empty_batch()).unwrap();
+    let (first, lost) = next_submission(&mut intake, Duration::from_secs(30)).expect("the submission");
+    assert!(matches!(first, custos_stage::Submission::Events(_)));
+    drop(lost);
+    let (again, answer) =
+        next_submission(&mut intake, Duration::from_secs(20)).expect("the same submission, sent again");
+    assert!(matches!(again, custos_stage::Submission::Events(ref batch) if batch.realm == "eng"));
+    let appended = custos_stage::Appended::entries(vec![41]);
+    answer.send(Ok(appended.clone()));
+    assert_eq!(receipt.wait(Duration::from_secs(20)), Ok(appended));
+    assert!(
+        next_submission(&mut intake, Duration::from_secs(7)).is_none(),
+        "an answered submission is not sent again"
+    );
+}
+
+/// A submission that comes to the writer again after it was answered (its receipt lost
+/// on the way) is answered with the same receipt, not handed to the log a second time.
+#[test]
+fn a_submission_answered_before_gets_the_same_receipt() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let mut config = KafkaConfig::new(broker.addr.clone());
+    config.prefix = "answered".into();
+    kafka::create_topics(&config, 3).unwrap();
+    let mut intake = kafka::KafkaIntake::new(&config).unwrap();
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    let record = custos_stage::wire::encode_submission("someone", 7, &empty_batch()).unwrap();
+    let send = || {
+        producer
+            .send(
+                BaseRecord::to(&config.submissions())
+                    .key("eng")
+                    .partition(0)
+                    .payload(&record),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    send();
+    let (_, answer) = next_submission(&mut intake, Duration::from_secs(30)).expect("the submission");
+    answer.send(Ok(custos_stage::Appended::entries(vec![5])));
+    send();
+    assert!(
+        next_submission(&mut intake, Duration::from_secs(5)).is_none(),
+        "the copy never reaches the log"
+    );
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", "answered-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&config.receipts()]).unwrap();
+    let mut receipts = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receipts.len() < 2 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200))
+            && message.key() == Some(b"someone".as_slice())
+        {
+            receipts.push(message.payload().unwrap().to_vec());
+        }
+    }
+    assert_eq!(receipts.len(), 2, "one receipt per copy");
+    assert_eq!(receipts[0], receipts[1], "the same receipt");
+    let decoded = custos_stage::wire::decode_receipt(&receipts[1]).unwrap();
+    assert_eq!(decoded.ticket, 7);
+    assert!(matches!(
+        decoded.outcome,
+        custos_stage::wire::Outcome::Appended(ref appended) if appended.log_indexes == [5]
+    ));
+}
