@@ -6,7 +6,8 @@
 const $ = (selector) => document.querySelector(selector);
 let token = sessionStorage.getItem("custos-token");
 // On a query node over a partition set: the partition whose log to read (sent as the
-// X-Custos-Partition header); empty lets the node choose from the token's realm.
+// X-Custos-Partition header); empty lets the node choose from the token's realm, and SQL
+// (the fleet, findings, actions and agent pages) then reads every partition.
 let partition = sessionStorage.getItem("custos-partition") || "";
 let stream = null;
 // Whether this node holds the log (a writer, or one process): it then serves the agents,
@@ -33,9 +34,13 @@ async function api(path, options) {
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
   if (!response.ok) {
-    const message = body && body.message ? body.message : text;
-    const error = new Error(response.status + " " + (body && body.error ? body.error : "") + ": " + message);
+    let message = body && body.message ? body.message : text;
+    const code = body && body.error ? body.error : "";
+    // The console sends the partition chosen at sign-in as the header the node asks for.
+    if (code === "partition_required") message += " (in the console: sign out, and sign in naming a partition)";
+    const error = new Error(response.status + " " + code + ": " + message);
     error.status = response.status;
+    error.code = code;
     throw error;
   }
   return body;
@@ -266,7 +271,8 @@ async function openFinding(finding) {
   const indexes = (finding.evidence || []).filter((index) => Number.isInteger(index)).slice(0, 200);
   if (indexes.length === 0) return;
   try {
-    const rows = await sql(`SELECT log_index, ts, kind, action, target, outcome FROM events WHERE log_index IN (${indexes.join(",")}) ORDER BY log_index`);
+    // The agent too: over a partition set, log indexes repeat from one partition to the next.
+    const rows = await sql(`SELECT log_index, ts, kind, action, target, outcome FROM events WHERE agent = ${quote(finding.agent)} AND log_index IN (${indexes.join(",")}) ORDER BY log_index`);
     for (const event of rows) {
       const row = el("tr", null, { class: "evidence-row" });
       [event.log_index, event.ts, event.kind, event.action, event.target, event.outcome].forEach((value) => row.append(el("td", value)));
@@ -421,7 +427,10 @@ async function signIn(candidate, chosen) {
       try {
         size = "tree size " + (await api("/v1/integrity")).checkpoint.size;
       } catch (error) {
-        if (error.status !== 404) throw error;
+        // A partition set and no partition named: the token was accepted (the node checks
+        // it first); SQL reads every partition, the one-log pages need a partition.
+        if (error.code === "partition_required") size = "every partition";
+        else if (error.status !== 404) throw error;
       }
       whoami = `query node${partition ? " · partition " + partition : ""} · ${size}`;
     }

@@ -665,10 +665,19 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
         .filter_map(|name| std::fs::read_to_string(scratch.join(name).with_extension("log")).ok())
         .map(|log| log.matches("the submission is sent again").count())
         .sum();
-    println!("  submissions sent again by the ingest nodes for a late receipt: {resent}");
+    // ... and of those, how many the writer had answered already (their receipt was
+    // lost between the writer and the ingest node; the others never reached the writer,
+    // or its answer was never sent).
+    let answered_before = std::fs::read_to_string(scratch.join("writer").with_extension("log"))
+        .map(|log| log.matches("a submission came again after it was answered").count())
+        .unwrap_or_default();
+    println!(
+        "  submissions sent again by the ingest nodes for a late receipt: {resent} ({answered_before} of them answered before by the writer)"
+    );
     if args.json {
         let mut result = result;
         result["submissions_sent_again"] = serde_json::json!(resent);
+        result["submissions_answered_before"] = serde_json::json!(answered_before);
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
     Ok(())

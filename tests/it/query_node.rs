@@ -639,8 +639,8 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     assert_eq!(verified["ok"], true, "{verified}");
     assert!(verified["entries"].as_u64().unwrap() >= 1_000, "{verified}");
 
-    // The console on this node: an admin names a partition at sign-in and sees that
-    // partition's fleet; without one, the refusal says why.
+    // The console on this node: an admin without a partition sees every partition's
+    // fleet; naming one at sign-in, that partition's.
     console_on_a_partition(&node.url, &node_token, signers[2].did(), dir.path());
     let log = node.stop();
     assert!(!log.contains("panicked"), "{log}");
@@ -707,26 +707,42 @@ fn without_partition(rows: &Value, partition: u32) -> Value {
     rows
 }
 
-/// Signs in to the console at `url` with `token`: without a partition, the sign-in is
-/// refused with `partition_required`; with partition 2, the fleet is that partition's
-/// (`did` alone) and the header says so.
+/// Signs in to the console at `url` with `token`: without a partition, the fleet is
+/// every partition's (read through SQL, which spans the set) and the integrity page,
+/// which reads one log, says to name one; with partition 2, the fleet is that
+/// partition's (`did` alone) and the header says so.
 fn console_on_a_partition(url: &str, token: &str, did: &str, dir: &std::path::Path) {
-    use crate::console::{eventually, in_browser, sign_in, text_of};
+    use crate::console::{click, eventually, in_browser, sign_in, text_of};
     use fantoccini::Locator;
     in_browser(url, &dir.join("chromium"), async |client| {
         sign_in(&client, token, "").await;
-        eventually("the refusal without a partition", || async {
-            text_of(&client, "#signin-error")
+        let whoami = eventually("signed in without a partition", || async {
+            text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
+        })
+        .await;
+        assert!(whoami.contains("every partition"), "{whoami}");
+        eventually("every partition's fleet", || async {
+            let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
+            (rows.len() == 3).then_some(())
+        })
+        .await;
+        click(&client, "a[href='#integrity']").await;
+        let refused = eventually("the integrity page's refusal", || async {
+            text_of(&client, "#integrity-view .view-error")
                 .await
                 .filter(|text| text.contains("partition_required"))
         })
         .await;
+        assert!(refused.contains("sign in naming a partition"), "{refused}");
+        click(&client, "#signout").await;
         sign_in(&client, token, "2").await;
-        let whoami = eventually("signed in", || async {
-            text_of(&client, "#whoami").await.filter(|text| !text.is_empty())
+        eventually("signed in to partition 2", || async {
+            text_of(&client, "#whoami")
+                .await
+                .filter(|text| text.contains("partition 2"))
         })
         .await;
-        assert!(whoami.contains("partition 2"), "{whoami}");
+        click(&client, "a[href='#fleet']").await;
         let row = eventually("partition 2's fleet", || async {
             let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
             (rows.len() == 1).then_some(())?;
