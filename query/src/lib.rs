@@ -1,14 +1,16 @@
 //! Custos query: realm-scoped SQL and REST over everything the node has logged.
 //!
 //! ```text
-//!  request (bearer token) ─▶ role + realms
+//!  request (bearer token) ─▶ role + realms (+ X-Custos-Partition on a partition set)
 //!        │
-//!        ▼  one snapshot from the Source (source.rs; on a node, the writer's sequencer):
+//!        ▼  one snapshot from each Source read (source.rs; on a node, the writer's
+//!        │  sequencer; SQL over a partition set: every partition of the caller's realms):
 //!        │  manifest + unsealed tail, agents, rejected
 //!  DataFusion session per request (memory pool, timeout, row cap; DDL/DML/SET refused)
 //!        │  tables = views over the log, each filtered on the caller's realms in its plan:
 //!        │    events | findings | actions   ◀── Parquet segments ∪ tail (Arrow, in memory)
 //!        │    agents | checkpoints | rejected ◀── built from already-scoped rows
+//!        │  (several partitions: each table the union of theirs, with a `partition` column)
 //!        ▼
 //!  JSON | NDJSON | CSV | Arrow IPC | Parquet (Accept header) ─▶ access log (who, what, rows)
 //! ```

@@ -588,9 +588,9 @@ impl Resend {
                     tracing::warn!(error, ticket, "a submission sent again was not delivered");
                 }
             });
-            if let Err(error) = self
-                .sender
-                .send_then(&self.topic, &waiter.key, Some(waiter.partition), &waiter.record, lost)
+            if let Err(error) =
+                self.sender
+                    .send_then(&self.topic, &waiter.key, Some(waiter.partition), &waiter.record, lost)
             {
                 tracing::warn!(%error, ticket, "could not send a submission again");
             }
@@ -1068,10 +1068,11 @@ impl Intake for KafkaIntake {
                         match wire::encode_receipt(&origin, ticket, outcome) {
                             Ok(bytes) => {
                                 let bytes: Arc<[u8]> = Arc::from(bytes);
-                                answered
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .keep(origin.clone(), ticket, bytes.clone());
+                                answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keep(
+                                    origin.clone(),
+                                    ticket,
+                                    bytes.clone(),
+                                );
                                 // A receipt the broker never took is said, not dropped in
                                 // silence: its submitter sends the submission again.
                                 let lost = Box::new(move |delivered: Result<(), String>| {
