@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, core::Collector};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, core::Collector};
 
 fn register<T: Collector + Clone + 'static>(metric: T) -> T {
     // A name registered twice is a programming error caught by the metrics test.
@@ -82,6 +82,18 @@ pub static WRITER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
             )
             .buckets(buckets()),
             &["step"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Submissions an ingest node sent to the log writer again because their receipt was
+/// late (`custos_stage::kafka::RESEND_AFTER`): each is a request that waited seconds.
+pub static RESUBMITTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "custos_ingest_resubmitted_total",
+            "Submissions an ingest node sent to the log writer again for a late receipt",
         )
         .expect("valid metric"),
     )
@@ -292,6 +304,7 @@ pub fn init() {
     for step in ["submit", "receipt"] {
         WRITER_SECONDS.with_label_values(&[step]);
     }
+    LazyLock::force(&RESUBMITTED);
     LazyLock::force(&TREE_SIZE);
     LazyLock::force(&CHECKPOINT_SIZE);
     LazyLock::force(&CHECKPOINT_AGE);

@@ -398,6 +398,12 @@ async fn readyz(State(state): State<EdgeState>) -> Response {
 }
 
 async fn metrics(State(state): State<EdgeState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // Counted by the transport; brought up to date when scraped.
+    let resubmitted = state.submitter.resubmitted();
+    let shown = custos_http::metrics::RESUBMITTED.get();
+    if resubmitted > shown {
+        custos_http::metrics::RESUBMITTED.inc_by(resubmitted - shown);
+    }
     metrics_answer(&state.tokens, &headers)
 }
 

@@ -508,6 +508,8 @@ pub struct KafkaSubmitter {
     waiting: Waiting,
     stop: Arc<AtomicBool>,
     receipts: Option<std::thread::JoinHandle<()>>,
+    /// Submissions sent again for a late receipt.
+    resubmitted: Arc<AtomicU64>,
 }
 
 impl KafkaSubmitter {
@@ -531,6 +533,7 @@ impl KafkaSubmitter {
         partition_count(sender.producer.client(), &config.submissions())?;
         let waiting: Waiting = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let resubmitted = Arc::new(AtomicU64::new(0));
         let receipts = {
             let waiting = waiting.clone();
             let stop = stop.clone();
@@ -538,6 +541,7 @@ impl KafkaSubmitter {
             let resend = Resend {
                 sender: sender.clone(),
                 topic: config.submissions(),
+                count: resubmitted.clone(),
             };
             std::thread::Builder::new()
                 .name("custos-receipts".into())
@@ -553,6 +557,7 @@ impl KafkaSubmitter {
             waiting,
             stop,
             receipts: Some(receipts),
+            resubmitted,
         })
     }
 }
@@ -561,6 +566,8 @@ impl KafkaSubmitter {
 struct Resend {
     sender: Sender,
     topic: String,
+    /// How many were sent again so far.
+    count: Arc<AtomicU64>,
 }
 
 impl Resend {
@@ -577,6 +584,7 @@ impl Resend {
                 continue;
             }
             waiter.resends += 1;
+            self.count.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 ticket,
                 after_secs = after.as_secs(),
@@ -677,6 +685,10 @@ impl Submitter for KafkaSubmitter {
             return Err(error);
         }
         Ok(receipt)
+    }
+
+    fn resubmitted(&self) -> u64 {
+        self.resubmitted.load(Ordering::Relaxed)
     }
 }
 

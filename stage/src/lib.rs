@@ -518,6 +518,12 @@ pub trait Submitter: Send + Sync {
     /// refused. Returns when the transport has taken it (queued in process, or
     /// acknowledged by the broker).
     fn submit(&self, submission: Submission) -> Result<Receipt, StageError>;
+
+    /// Submissions sent again so far because their receipt was late (a transport that
+    /// cannot lose one sends none).
+    fn resubmitted(&self) -> u64 {
+        0
+    }
 }
 
 /// Where a stage reads what the writer committed, in log order.

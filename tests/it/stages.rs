@@ -763,6 +763,11 @@ fn a_submission_without_a_receipt_is_sent_again() {
     let appended = custos_stage::Appended::entries(vec![41]);
     answer.send(Ok(appended.clone()));
     assert_eq!(receipt.wait(Duration::from_secs(20)), Ok(appended));
+    assert_eq!(
+        submitter.resubmitted(),
+        1,
+        "counted for custos_ingest_resubmitted_total"
+    );
     assert!(
         next_submission(&mut intake, Duration::from_secs(7)).is_none(),
         "an answered submission is not sent again"
