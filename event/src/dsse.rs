@@ -99,10 +99,13 @@ impl Envelope {
 pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
     use base64::engine::DecodePaddingMode;
     use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-    let config = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
-    let standard = GeneralPurpose::new(&base64::alphabet::STANDARD, config);
-    let url_safe = GeneralPurpose::new(&base64::alphabet::URL_SAFE, config);
-    standard.decode(text).ok().or_else(|| url_safe.decode(text).ok())
+    // Built at compile time: building an engine fills its decode tables, and both were
+    // built on every call (twice per envelope), which showed in ingest profiles.
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    static STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CONFIG);
+    static URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, CONFIG);
+    STANDARD.decode(text).ok().or_else(|| URL_SAFE.decode(text).ok())
 }
 
 #[cfg(test)]

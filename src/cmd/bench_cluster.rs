@@ -541,12 +541,16 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
 
     eprintln!("[2/5] broker + writer + 1 ingest node…");
     let before = first.writer_steps().await?;
-    let cpu = CpuUse::start(&[
-        ("broker", broker.child.as_ref().map(Child::id)),
+    // A broker given with --kafka is not ours to measure.
+    let mut processes = vec![
         ("writer", Some(writer.child.id())),
         ("ingest", Some(first.child.id())),
         ("client", None),
-    ]);
+    ];
+    if let Some(child) = &broker.child {
+        processes.insert(0, ("broker", Some(child.id())));
+    }
+    let cpu = CpuUse::start(&processes);
     let (latencies, elapsed) = drive(std::slice::from_ref(&first.url), one, None).await?;
     let one_cpu = cpu.per_10k(args.events);
     let one_steps = first.writer_steps().await?.mean_since(&before);

@@ -574,32 +574,42 @@ impl Resend {
     /// Sends again every waiter [`RESEND_AFTER`] says is due, and forgets those past
     /// [`FORGET_AFTER`].
     fn due(&self, waiting: &Waiting) {
-        let mut waiting = waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        waiting.retain(|_, waiter| waiter.sent.elapsed() < FORGET_AFTER);
-        for (ticket, waiter) in waiting.iter_mut() {
-            let Some(after) = RESEND_AFTER.get(waiter.resends) else {
-                continue;
-            };
-            if waiter.sent.elapsed() < *after {
-                continue;
+        // Taken out under the lock and sent after it: a send may wait on a full producer
+        // queue, and submitters and receipts need the lock meanwhile.
+        let mut due = Vec::new();
+        {
+            let mut waiting = waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            waiting.retain(|_, waiter| waiter.sent.elapsed() < FORGET_AFTER);
+            for (ticket, waiter) in waiting.iter_mut() {
+                let Some(after) = RESEND_AFTER.get(waiter.resends) else {
+                    continue;
+                };
+                if waiter.sent.elapsed() < *after {
+                    continue;
+                }
+                waiter.resends += 1;
+                due.push((
+                    *ticket,
+                    *after,
+                    waiter.key.clone(),
+                    waiter.partition,
+                    waiter.record.clone(),
+                ));
             }
-            waiter.resends += 1;
+        }
+        for (ticket, after, key, partition, record) in due {
             self.count.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 ticket,
                 after_secs = after.as_secs(),
                 "no receipt from the log writer: the submission is sent again"
             );
-            let ticket = *ticket;
             let lost = Box::new(move |delivered: Result<(), String>| {
                 if let Err(error) = delivered {
                     tracing::warn!(error, ticket, "a submission sent again was not delivered");
                 }
             });
-            if let Err(error) =
-                self.sender
-                    .send_then(&self.topic, &waiter.key, Some(waiter.partition), &waiter.record, lost)
-            {
+            if let Err(error) = self.sender.send_then(&self.topic, &key, Some(partition), &record, lost) {
                 tracing::warn!(%error, ticket, "could not send a submission again");
             }
         }
