@@ -359,8 +359,8 @@ fn the_console_is_static_and_locked_down() {
 /// The console served by a stateless query node (`--roles query`), which has no agents,
 /// findings or approvals routes: it finds that out from the node's `/openapi.json` and
 /// reads the same facts through SQL. Sign in, see the fleet and an agent's page, a
-/// revocation made on the writer, the note that approvals are the writer's, and the
-/// store's checkpoint.
+/// finding of the detector with its evidence events, a revocation made on the writer,
+/// the note that approvals are the writer's, and the store's checkpoint.
 #[test]
 fn the_console_on_a_query_node_reads_through_sql() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,7 +381,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
             ],
         )
     };
-    let writer = cluster("writer", "writer");
+    let writer = cluster("writer", "writer,detector");
     let (url, admin) = (writer.url.clone(), writer.token());
     let mut dids = Vec::new();
     for seed in 60..63u8 {
@@ -398,6 +398,22 @@ fn the_console_on_a_query_node_reads_through_sql() {
             send(&url, &mut signer, &objects);
         }
     }
+    // An agent using a credential it does not own: the detector's finding.
+    let culprit = AgentKey::from_seed(&[69; 32]);
+    enroll(&url, &admin, culprit.did(), "eng");
+    let mut signer = Signer::new(culprit, "eng");
+    let results = send(
+        &url,
+        &mut signer,
+        &[json!({"kind": "credential_use", "target": "cred-prod", "attrs": {"credential_owner": "did:key:z6MkOwner"}})],
+    );
+    assert_eq!(results[0]["status"], "accepted", "{results:?}");
+    wait_for("the detector's finding on the writer", || {
+        let (_, answer) = crate::respond::get(&url, "/v1/findings", &admin);
+        answer["findings"]
+            .as_array()
+            .is_some_and(|findings| !findings.is_empty())
+    });
     let sealed = dir.path().join("archive/logs/0/segments.ndjson");
     wait_for("a sealed segment in the object store", || sealed.exists());
     let node = cluster("query", "query");
@@ -420,7 +436,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
         // The fleet, from the agents table.
         eventually("the fleet table", || async {
             let rows = client.find_all(Locator::Css("#fleet-table tbody tr")).await.ok()?;
-            (rows.len() == 3).then_some(())
+            (rows.len() == 4).then_some(())
         })
         .await;
         let events_cell = format!("#fleet-table tr[data-did='{}'] td:nth-child(5)", dids[0]);
@@ -436,6 +452,22 @@ fn the_console_on_a_query_node_reads_through_sql() {
         })
         .await;
         assert!(facts.contains("eng") && facts.contains("active"), "{facts}");
+
+        // The detector's finding, from the findings table, and its evidence events.
+        click(&client, "a[href='#findings']").await;
+        let open = eventually("a finding in the timeline", || async {
+            client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
+        })
+        .await;
+        open.click().await.unwrap();
+        let evidence = eventually("the finding's evidence events", || async {
+            text_of(&client, "#finding-evidence tbody tr.evidence-row").await
+        })
+        .await;
+        assert!(
+            evidence.contains("credential_use") && evidence.contains("cred-prod"),
+            "{evidence}"
+        );
 
         // Approvals are the writer's; the page says so instead of failing.
         click(&client, "a[href='#actions']").await;
