@@ -77,9 +77,46 @@ impl Sources {
         if let Some(batch) = &self.tail_batch {
             return Ok(batch.clone());
         }
-        let tail: Vec<&custos_store::LogEntry> = self.view.tail.iter().flat_map(|chunk| chunk.iter()).collect();
-        custos_store::segment::batch(tail).map_err(|error| QueryError::internal(error.to_string()))
+        let batches = self
+            .view
+            .tail
+            .iter()
+            .filter(|chunk| !chunk.is_empty())
+            .map(chunk_rows)
+            .collect::<Result<Vec<_>, _>>()?;
+        match batches.as_slice() {
+            [] => custos_store::segment::batch(std::iter::empty())
+                .map_err(|error| QueryError::internal(error.to_string())),
+            [one] => Ok(one.clone()),
+            [first, ..] => arrow::compute::concat_batches(&first.schema(), &batches)
+                .map_err(|error| QueryError::internal(format!("joining the tail's chunks: {error}"))),
+        }
     }
+}
+
+/// The rows of the unsealed tail's chunks, each made once. A chunk is immutable and
+/// shared (`Arc<[LogEntry]>`), and making its rows decodes every payload: done for the
+/// whole tail (up to two segments' worth of entries) on every query, it made each read
+/// cost in proportion to the tail, and held back query-node freshness on a long log.
+/// An entry lives while its chunk does: the `Weak` both keeps the chunk's address from
+/// being reused and tells when the chunk is gone (its rows are then dropped).
+type ChunkRows = std::collections::HashMap<usize, (std::sync::Weak<[custos_store::LogEntry]>, RecordBatch)>;
+
+static CHUNK_ROWS: std::sync::LazyLock<std::sync::Mutex<ChunkRows>> = std::sync::LazyLock::new(Default::default);
+
+fn chunk_rows(chunk: &Arc<[custos_store::LogEntry]>) -> Result<RecordBatch, QueryError> {
+    let key = Arc::as_ptr(chunk).cast::<custos_store::LogEntry>() as usize;
+    let lock = || CHUNK_ROWS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((kept, rows)) = lock().get(&key)
+        && kept.upgrade().is_some_and(|alive| Arc::ptr_eq(&alive, chunk))
+    {
+        return Ok(rows.clone());
+    }
+    let rows = custos_store::segment::batch(chunk.iter()).map_err(|error| QueryError::internal(error.to_string()))?;
+    let mut cache = lock();
+    cache.retain(|_, (kept, _)| kept.strong_count() > 0);
+    cache.insert(key, (Arc::downgrade(chunk), rows.clone()));
+    Ok(rows)
 }
 
 /// Registers the caller's tables in `ctx`, over one log or the union of several
@@ -668,6 +705,36 @@ mod tests {
                 "{sql}: {seen:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_tails_rows_are_made_once_per_chunk_and_dropped_with_it() {
+        let whole = log(None, "eng", 7, 6);
+        let entries: Vec<custos_store::LogEntry> = whole.view.tail[0].to_vec();
+        let first: Arc<[custos_store::LogEntry]> = Arc::from(&entries[..2]);
+        let second: Arc<[custos_store::LogEntry]> = Arc::from(&entries[2..]);
+        let key = |chunk: &Arc<[custos_store::LogEntry]>| Arc::as_ptr(chunk).cast::<custos_store::LogEntry>() as usize;
+        let cached = |chunk: &Arc<[custos_store::LogEntry]>| CHUNK_ROWS.lock().unwrap().contains_key(&key(chunk));
+        let split = Sources {
+            view: custos_store::StoreView {
+                tail: vec![first.clone(), Arc::from(Vec::new()), second.clone()],
+                ..whole.view.clone()
+            },
+            ..log(None, "eng", 7, 0)
+        };
+        let expected = custos_store::segment::batch(entries.iter()).unwrap();
+        assert_eq!(split.tail_batch().unwrap(), expected, "chunk by chunk, the same rows");
+        assert!(cached(&first) && cached(&second));
+        assert_eq!(split.tail_batch().unwrap(), expected, "and again, from the kept rows");
+        let gone = key(&first);
+        drop((split, first));
+        let third: Arc<[custos_store::LogEntry]> = Arc::from(&entries[..1]);
+        chunk_rows(&third).unwrap();
+        assert!(
+            !CHUNK_ROWS.lock().unwrap().contains_key(&gone),
+            "a dropped chunk's rows are dropped"
+        );
+        assert!(cached(&second) && cached(&third));
     }
 
     #[tokio::test]
