@@ -68,7 +68,15 @@ pub struct Replica {
     /// `checkpoints.ndjson` then: the file is read again only once it changed.
     heads: Vec<CheckpointLine>,
     heads_len: u64,
+    /// The view's tail as shared immutable chunks, from `sealed_end` on: each view adds
+    /// only what came since the last one, so a view costs no copy of the tail and the
+    /// query side keeps each chunk's rows (`custos_query::tables`) instead of making
+    /// them for the whole tail on every read.
+    chunks: std::sync::Mutex<Vec<Arc<[LogEntry]>>>,
 }
+
+/// Past this many chunks the view's tail is joined into one (a copy of the tail, once).
+const MAX_CHUNKS: usize = 64;
 
 impl Replica {
     /// A replica of the store copied into `store` (the default log).
@@ -91,6 +99,7 @@ impl Replica {
             checked: 0,
             heads: Vec::new(),
             heads_len: 0,
+            chunks: std::sync::Mutex::default(),
         }
     }
 
@@ -340,18 +349,51 @@ impl Replica {
     /// The sealed segments and the tail's unbroken run after them.
     pub fn view(&self) -> StoreView {
         let end = self.view_end();
-        let run: Vec<LogEntry> = self
-            .tail
-            .range(self.sealed_end..end)
-            .map(|(_, entry)| entry.clone())
-            .collect();
         StoreView {
             segment_dir: self.paths.segment_dir.clone(),
             segments: self.segments.clone(),
-            tail: vec![Arc::from(run)],
+            tail: self.tail_chunks(end),
             size: end,
             checkpoints: self.paths.checkpoints.clone(),
         }
+    }
+
+    /// The tail from `sealed_end` to `end` as chunks: those of the last view still above
+    /// the sealed end (one cut by it is made again), then one of what came since. Entries
+    /// in the unbroken run never change, so a chunk made once stays right.
+    fn tail_chunks(&self, end: u64) -> Vec<Arc<[LogEntry]>> {
+        let mut chunks = self.chunks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sealed = self.sealed_end;
+        chunks.retain(|chunk| chunk.last().is_some_and(|entry| entry.log_index >= sealed));
+        if let Some(first) = chunks.first_mut()
+            && first.first().is_some_and(|entry| entry.log_index < sealed)
+        {
+            *first = first
+                .iter()
+                .filter(|entry| entry.log_index >= sealed)
+                .cloned()
+                .collect();
+        }
+        let starts_right = chunks
+            .first()
+            .and_then(|chunk| chunk.first())
+            .is_none_or(|entry| entry.log_index == sealed);
+        let mut covered = chunks
+            .last()
+            .and_then(|chunk| chunk.last())
+            .map_or(sealed, |entry| entry.log_index + 1);
+        if !starts_right || covered > end {
+            chunks.clear();
+            covered = sealed;
+        }
+        if end > covered {
+            chunks.push(self.tail.range(covered..end).map(|(_, entry)| entry.clone()).collect());
+        }
+        if chunks.len() > MAX_CHUNKS {
+            let joined: Arc<[LogEntry]> = chunks.iter().flat_map(|chunk| chunk.iter().cloned()).collect();
+            *chunks = vec![joined];
+        }
+        chunks.clone()
     }
 
     /// Entries waiting for one before them (not in the view yet).
@@ -672,6 +714,40 @@ mod tests {
         // Read again (a rebalance, a writer's replay): nothing changes.
         replica.apply(&event(&key, 1, 1));
         assert_eq!(indexes(&replica), [0, 1, 2]);
+    }
+
+    #[test]
+    fn each_view_adds_only_what_came_since_and_drops_what_was_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::new(dir.path().to_owned(), 64);
+        let key = AgentKey::from_seed(&[9; 32]);
+        for index in 0..27 {
+            replica.apply(&event(&key, index, index));
+        }
+        let before = replica.view().tail;
+        assert_eq!(before.len(), 1);
+        replica.apply(&event(&key, 27, 27));
+        let after = replica.view().tail;
+        assert_eq!(after.len(), 2);
+        assert!(
+            Arc::ptr_eq(&before[0], &after[0]),
+            "the chunk made before is shared, not copied"
+        );
+        assert_eq!(indexes(&replica), (0..28).collect::<Vec<_>>());
+        // Sealed segments now cover 0..25: the chunk they cut is made again from 25 on,
+        // the one above them kept.
+        sealed_store(dir.path(), 25);
+        assert_eq!(replica.refresh_sealed().unwrap(), 3);
+        assert_eq!(indexes(&replica), [25, 26, 27]);
+        let sealed = replica.view().tail;
+        assert!(Arc::ptr_eq(&sealed[1], &after[1]));
+        // A view after every new entry: past MAX_CHUNKS chunks they are joined.
+        let end = 28 + MAX_CHUNKS as u64 + 5;
+        for index in 28..end {
+            replica.apply(&event(&key, index, index));
+            assert!(replica.view().tail.len() <= MAX_CHUNKS);
+        }
+        assert_eq!(indexes(&replica), (25..end).collect::<Vec<_>>());
     }
 
     #[test]
