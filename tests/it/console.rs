@@ -124,6 +124,20 @@ pub(crate) async fn click(client: &Client, css: &str) {
         .unwrap();
 }
 
+/// Opens the first finding of the findings timeline; answers its evidence events' text.
+async fn open_a_finding(client: &Client) -> String {
+    click(client, "a[href='#findings']").await;
+    let open = eventually("a finding in the timeline", || async {
+        client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
+    })
+    .await;
+    open.click().await.unwrap();
+    eventually("the finding's evidence events", || async {
+        text_of(client, "#finding-evidence tbody tr.evidence-row").await
+    })
+    .await
+}
+
 /// Fills the sign-in form with `token` (and `partition`, for a query node over a
 /// partition set) and submits it.
 pub(crate) async fn sign_in(client: &Client, token: &str, partition: &str) {
@@ -240,16 +254,7 @@ fn sign_in_open_a_finding_approve_and_see_the_agent_revoked() {
         assert!(recent.contains("critical") || recent.contains("high"), "{recent}");
 
         // Findings timeline: open the finding, see its explanation and evidence events.
-        click(&client, "a[href='#findings']").await;
-        let open = eventually("a finding in the timeline", || async {
-            client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
-        })
-        .await;
-        open.click().await.unwrap();
-        let evidence = eventually("the finding's evidence events", || async {
-            text_of(&client, "#finding-evidence tbody tr.evidence-row").await
-        })
-        .await;
+        let evidence = open_a_finding(&client).await;
         assert!(evidence.contains("credential_use"), "{evidence}");
         assert!(
             evidence.contains("<img src=x onerror=alert(1)>cred-prod"),
@@ -454,16 +459,7 @@ fn the_console_on_a_query_node_reads_through_sql() {
         assert!(facts.contains("eng") && facts.contains("active"), "{facts}");
 
         // The detector's finding, from the findings table, and its evidence events.
-        click(&client, "a[href='#findings']").await;
-        let open = eventually("a finding in the timeline", || async {
-            client.find(Locator::Css("#findings-list a.open-finding")).await.ok()
-        })
-        .await;
-        open.click().await.unwrap();
-        let evidence = eventually("the finding's evidence events", || async {
-            text_of(&client, "#finding-evidence tbody tr.evidence-row").await
-        })
-        .await;
+        let evidence = open_a_finding(&client).await;
         assert!(
             evidence.contains("credential_use") && evidence.contains("cred-prod"),
             "{evidence}"
