@@ -218,10 +218,16 @@ fn pick(
     headers: &HeaderMap,
     realm: Option<&str>,
 ) -> Result<(Option<u32>, Arc<dyn Source>), QueryError> {
-    let named = headers
+    Ok(state
+        .logs
+        .pick(named_partition(headers).as_deref(), realm, &caller.realms)?)
+}
+
+/// The partition a request names in its [`PARTITION_HEADER`], as sent.
+fn named_partition(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    headers
         .get(PARTITION_HEADER)
-        .map(|value| String::from_utf8_lossy(value.as_bytes()));
-    Ok(state.logs.pick(named.as_deref(), realm, &caller.realms)?)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()))
 }
 
 /// `response`, saying which partitions' logs answered (on a node over a partition set;
@@ -332,10 +338,9 @@ async fn sql(State(state): State<QueryState>, headers: HeaderMap, body: Bytes) -
             ),
         ));
     }
-    let named = headers
-        .get(PARTITION_HEADER)
-        .map(|value| String::from_utf8_lossy(value.as_bytes()));
-    let logs = state.logs.spanned(named.as_deref(), &caller.realms)?;
+    let logs = state
+        .logs
+        .spanned(named_partition(&headers).as_deref(), &caller.realms)?;
     let partitions: Vec<u32> = logs.iter().filter_map(|(partition, _)| *partition).collect();
     let slot = state.pool.admit(&caller.token_id)?;
     let answer = run_sql(&state, &logs, &caller, &text, format).await;

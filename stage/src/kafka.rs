@@ -478,7 +478,7 @@ struct Waiter {
     answer: Answer,
     /// The record as sent, sent again as it is when no receipt comes
     /// ([`RESEND_AFTER`]).
-    record: Vec<u8>,
+    record: Arc<Vec<u8>>,
     key: String,
     partition: i32,
     sent: Instant,
@@ -666,7 +666,8 @@ impl Drop for KafkaSubmitter {
 impl Submitter for KafkaSubmitter {
     fn submit(&self, submission: Submission) -> Result<Receipt, StageError> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let bytes = wire::encode_submission(&self.origin, ticket, &submission).map_err(StageError::Kafka)?;
+        // Shared with the waiter (kept for a resend), not copied.
+        let bytes = Arc::new(wire::encode_submission(&self.origin, ticket, &submission).map_err(StageError::Kafka)?);
         let (answer, receipt) = crate::receipt();
         let key = wire::submission_key(&submission);
         let partition = wire::partition_for(&key, self.partitions);
@@ -677,7 +678,7 @@ impl Submitter for KafkaSubmitter {
                 ticket,
                 Waiter {
                     answer,
-                    record: bytes.clone(),
+                    record: Arc::clone(&bytes),
                     key: key.clone(),
                     partition,
                     sent: Instant::now(),
@@ -686,7 +687,7 @@ impl Submitter for KafkaSubmitter {
             );
         if let Err(error) = self
             .sender
-            .send(&self.config.submissions(), &key, Some(partition), &bytes)
+            .send(&self.config.submissions(), &key, Some(partition), bytes.as_slice())
         {
             self.waiting
                 .lock()
