@@ -318,14 +318,15 @@ pub fn reach(config: &KafkaConfig) -> Result<(), StageError> {
         // Errors and logs reach the context only when the client's queue is polled.
         let _ = client.poll(Duration::from_millis(100));
         let last = client.context().last();
-        // A refused password or certificate will not mend by waiting.
-        let settled = matches!(
-            last,
-            Some((
-                rdkafka::types::RDKafkaErrorCode::Authentication | rdkafka::types::RDKafkaErrorCode::SSL,
-                _
-            ))
-        );
+        // A refused password or certificate will not mend by waiting. A broker that
+        // refuses the client's certificate (or its lack of one) in TLS 1.3 does so with
+        // an alert after the handshake, which librdkafka reports as a transport failure
+        // naming the alert.
+        let settled = match &last {
+            Some((rdkafka::types::RDKafkaErrorCode::Authentication | rdkafka::types::RDKafkaErrorCode::SSL, _)) => true,
+            Some((_, said)) => said.contains("SSL alert number"),
+            None => false,
+        };
         if settled || started.elapsed() >= REACH_TIMEOUT {
             let why = last.map_or_else(
                 || error.to_string(),

@@ -82,6 +82,22 @@ impl Broker {
         started
     }
 
+    /// A broker that listens on a port of its own but tells clients (in its metadata)
+    /// to connect to `advertised`, where something else forwards to it: `addr` is its
+    /// own listener.
+    pub(crate) fn start_behind(dir: &Path, advertised: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_at(
+            dir,
+            format!("127.0.0.1:{port}"),
+            &["--advertised-listener-url".to_owned(), format!("tcp://{advertised}")],
+        )
+    }
+
     /// SIGKILLs the broker and starts it again on the same address and storage.
     pub(crate) fn restart(&mut self) {
         let _ = self.child.kill();
@@ -91,10 +107,15 @@ impl Broker {
         std::mem::forget(old);
     }
 
+    /// `extra` may name the advertised listener; without it clients are sent to `addr`.
     fn start_at(dir: &Path, addr: String, extra: &[String]) -> Self {
         let url = format!("tcp://{addr}");
-        let child = Command::new(tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        let mut command = Command::new(tansu());
+        command.args(["broker", "--listener-url", &url]);
+        if !extra.iter().any(|arg| arg == "--advertised-listener-url") {
+            command.args(["--advertised-listener-url", &url]);
+        }
+        let child = command
             .args(extra)
             // tansu reads the SQLite path relative to its working directory.
             .args(["--storage-engine", "sqlite://tansu.db"])
