@@ -63,6 +63,10 @@ pub(crate) struct ClusterArgs {
     /// Print the result as JSON too.
     #[arg(long)]
     json: bool,
+    /// Keep the scratch directory (every process's log and data, the path printed)
+    /// after a run that succeeded too; a failed run always keeps it.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// The storage engine of the tansu broker the bench starts.
@@ -481,6 +485,10 @@ pub(crate) async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let scratch = super::scratch_dir("custos-bench-cluster")?;
     let result = run(&args, &scratch).await;
     match &result {
+        Ok(()) if args.keep => eprintln!(
+            "the processes' logs are kept in {}/*.log (and their data beside them)",
+            scratch.display()
+        ),
         Ok(()) => {
             fs_err::remove_dir_all(&scratch).ok();
         }
@@ -672,16 +680,25 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     // ... and of those, how many the writer had answered already (their receipt was
     // lost between the writer and the ingest node; the others never reached the writer,
     // or its answer was never sent).
-    let answered_before = std::fs::read_to_string(scratch.join("writer").with_extension("log"))
-        .map(|log| log.matches("a submission came again after it was answered").count())
-        .unwrap_or_default();
+    // ... and how often the broker handed the writer a record past offsets not read yet
+    // (tansu's in-memory storage does; see `custos_stage::kafka`), which it then read
+    // again, or gave up.
+    let writer_log = std::fs::read_to_string(scratch.join("writer").with_extension("log")).unwrap_or_default();
+    let answered_before = writer_log
+        .matches("a submission came again after it was answered")
+        .count();
+    let gaps = writer_log.matches("reading the partition again").count();
+    let skipped = writer_log.matches("offsets skipped").count();
     println!(
         "  submissions sent again by the ingest nodes for a late receipt: {resent} ({answered_before} of them answered before by the writer)"
     );
+    println!("  offset gaps the broker handed the writer: {gaps}, of which given up: {skipped}");
     if args.json {
         let mut result = result;
         result["submissions_sent_again"] = serde_json::json!(resent);
         result["submissions_answered_before"] = serde_json::json!(answered_before);
+        result["submission_offset_gaps"] = serde_json::json!(gaps);
+        result["submission_offset_gaps_given_up"] = serde_json::json!(skipped);
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
     Ok(())

@@ -232,6 +232,106 @@ fn transient(error: &KafkaError) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
+/// How many times a partition is read again from offsets the broker skipped before they
+/// are given up (each costs a fetch).
+const READ_AGAIN: u32 = 20;
+
+/// Offsets a broker handed out records past, read again before they are given up.
+///
+/// A Kafka broker leaves no gap in these topics (none is compacted or written in
+/// transactions), but tansu 0.6's in-memory storage can: it raises a partition's high
+/// watermark for a produce before it stores that batch, so a fetch in between gets the
+/// batches after it and never that one. A reader handed offset 12 when 10 came next seeks
+/// back to 10 and reads again (up to [`READ_AGAIN`] times) rather than skip 10 and 11
+/// for good; then it takes 12 and says what it skipped.
+#[derive(Default)]
+struct Gaps {
+    /// Per partition: the offset after the last record taken.
+    next: HashMap<i32, i64>,
+    /// Per partition: the first skipped offset being read again, and how often it was.
+    again: HashMap<i32, (i64, u32)>,
+}
+
+/// What to do with a record at an offset, given those taken before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Take it: it is the next one (or the first, or one read again).
+    Next,
+    /// Leave it and read the partition again from this offset.
+    ReadAgain(i64),
+    /// Take it: the offsets `first..=last` before it never came.
+    Skipped { first: i64, last: i64 },
+}
+
+impl Gaps {
+    fn seen(&mut self, partition: i32, offset: i64) -> Seen {
+        let next = self.next.get(&partition).copied();
+        match next {
+            Some(next) if offset > next => {
+                let again = self.again.entry(partition).or_insert((next, 0));
+                if again.0 != next {
+                    *again = (next, 0);
+                }
+                if again.1 < READ_AGAIN {
+                    again.1 += 1;
+                    return Seen::ReadAgain(next);
+                }
+                self.again.remove(&partition);
+                self.next.insert(partition, offset + 1);
+                Seen::Skipped {
+                    first: next,
+                    last: offset - 1,
+                }
+            }
+            _ => {
+                self.again.remove(&partition);
+                self.next.insert(partition, offset + 1);
+                Seen::Next
+            }
+        }
+    }
+
+    /// Whether the record at `partition`/`offset` is to be left because `consumer` was
+    /// sent back to offsets it skipped (the record comes again after them).
+    fn read_again(&mut self, consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> bool {
+        match self.seen(partition, offset) {
+            Seen::Next => false,
+            Seen::ReadAgain(first) => {
+                if self.again.get(&partition).is_some_and(|(_, tries)| *tries == 1) {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset,
+                        first,
+                        "the broker handed out a record past offsets not read yet: reading the partition again from \
+                         the first of them"
+                    );
+                }
+                match consumer.seek(topic, partition, Offset::Offset(first), Duration::from_secs(1)) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, topic, partition, first, "could not read a partition again");
+                        self.again.remove(&partition);
+                        self.next.insert(partition, offset + 1);
+                        false
+                    }
+                }
+            }
+            Seen::Skipped { first, last } => {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    first,
+                    last,
+                    "offsets skipped: the broker handed out a record past offsets that never came, read again {READ_AGAIN} \
+                     times"
+                );
+                false
+            }
+        }
+    }
+}
+
 /// Creates the topics (a topic that exists already is fine). The control topic is
 /// compacted: it keeps the latest record per key (agent, memory, credential).
 pub fn create_topics(config: &KafkaConfig, partitions: i32) -> Result<(), StageError> {
@@ -539,6 +639,7 @@ impl KafkaSubmitter {
             let waiting = waiting.clone();
             let stop = stop.clone();
             let origin = origin.clone();
+            let topic = config.receipts();
             let resend = Resend {
                 sender: sender.clone(),
                 topic: config.submissions(),
@@ -546,7 +647,7 @@ impl KafkaSubmitter {
             };
             std::thread::Builder::new()
                 .name("custos-receipts".into())
-                .spawn(move || read_receipts(&consumer, &origin, &waiting, &stop, &resend))
+                .spawn(move || read_receipts(&consumer, &topic, &origin, &waiting, &stop, &resend))
                 .map_err(|error| StageError::Kafka(format!("cannot start the receipts thread: {error}")))?
         };
         Ok(Self {
@@ -617,8 +718,16 @@ impl Resend {
     }
 }
 
-fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop: &AtomicBool, resend: &Resend) {
+fn read_receipts(
+    consumer: &BaseConsumer,
+    topic: &str,
+    origin: &str,
+    waiting: &Waiting,
+    stop: &AtomicBool,
+    resend: &Resend,
+) {
     let mut checked = Instant::now();
+    let mut gaps = Gaps::default();
     while !stop.load(Ordering::Relaxed) {
         if checked.elapsed() >= Duration::from_millis(500) {
             resend.due(waiting);
@@ -634,6 +743,9 @@ fn read_receipts(consumer: &BaseConsumer, origin: &str, waiting: &Waiting, stop:
                 continue;
             }
         };
+        if gaps.read_again(consumer, topic, message.partition(), message.offset()) {
+            continue;
+        }
         if message.key() != Some(origin.as_bytes()) {
             continue;
         }
@@ -748,6 +860,7 @@ pub struct KafkaSubscription {
     /// counts as read only once all of it was handed out.
     pending: std::collections::VecDeque<Committed>,
     pending_at: Option<(i32, i64)>,
+    gaps: Gaps,
 }
 
 impl KafkaSubscription {
@@ -840,6 +953,7 @@ impl KafkaSubscription {
             replayed: false,
             pending: std::collections::VecDeque::new(),
             pending_at: None,
+            gaps: Gaps::default(),
         }
     }
 
@@ -938,6 +1052,9 @@ impl Subscription for KafkaSubscription {
                 }
             };
             let (partition, offset) = (message.partition(), message.offset());
+            if self.gaps.read_again(&self.consumer, &self.topic, partition, offset) {
+                continue;
+            }
             match wire::decode_committed(message.payload().unwrap_or_default()) {
                 Ok(records) => {
                     self.pending = records.into();
@@ -979,6 +1096,7 @@ pub struct KafkaIntake {
     sender: Sender,
     positions: Positions,
     answered: Arc<Mutex<Answered>>,
+    gaps: Gaps,
 }
 
 /// The receipts this writer sent last, by (origin, ticket): a submission that comes
@@ -1043,6 +1161,7 @@ impl KafkaIntake {
             sender: Sender::new(config)?,
             positions: Positions::default(),
             answered: Arc::default(),
+            gaps: Gaps::default(),
         })
     }
 }
@@ -1062,6 +1181,12 @@ impl Intake for KafkaIntake {
                     return Ok(None);
                 }
             };
+            if self
+                .gaps
+                .read_again(&self.consumer, &self.topic, message.partition(), message.offset())
+            {
+                continue;
+            }
             self.positions.read(message.partition(), message.offset());
             match wire::decode_submission(message.payload().unwrap_or_default()) {
                 Ok((origin, ticket, submission)) => {
@@ -1600,4 +1725,59 @@ pub fn read_control(config: &KafkaConfig, timeout: Duration) -> Result<HashMap<S
         }
     }
     Ok(latest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Gaps, READ_AGAIN, Seen};
+
+    /// In order, nothing is read again; the first record of a partition sets where it
+    /// starts, and each partition is its own.
+    #[test]
+    fn records_in_order_are_taken() {
+        let mut gaps = Gaps::default();
+        assert_eq!(gaps.seen(0, 40), Seen::Next);
+        assert_eq!(gaps.seen(1, 7), Seen::Next);
+        assert_eq!(gaps.seen(0, 41), Seen::Next);
+        assert_eq!(gaps.seen(1, 8), Seen::Next);
+        // A record read again (a seek, a redelivery) is taken too.
+        assert_eq!(gaps.seen(0, 30), Seen::Next);
+        assert_eq!(gaps.seen(0, 31), Seen::Next);
+    }
+
+    /// A record past offsets not read yet sends the reader back to the first of them;
+    /// when they come, everything is taken in order and nothing is said skipped.
+    #[test]
+    fn a_gap_that_fills_is_read_in_order() {
+        let mut gaps = Gaps::default();
+        assert_eq!(gaps.seen(2, 9), Seen::Next);
+        assert_eq!(gaps.seen(2, 12), Seen::ReadAgain(10));
+        assert_eq!(gaps.seen(2, 12), Seen::ReadAgain(10));
+        assert_eq!(gaps.seen(2, 10), Seen::Next);
+        assert_eq!(gaps.seen(2, 11), Seen::Next);
+        assert_eq!(gaps.seen(2, 12), Seen::Next);
+        // Another gap later starts its own count.
+        for _ in 0..READ_AGAIN {
+            assert_eq!(gaps.seen(2, 20), Seen::ReadAgain(13));
+        }
+        assert_eq!(gaps.seen(2, 13), Seen::Next);
+        assert_eq!(gaps.seen(2, 14), Seen::Next);
+    }
+
+    /// A gap that never fills is given up after READ_AGAIN reads: the record after it is
+    /// taken, the skipped range said, and the next gap is read again afresh.
+    #[test]
+    fn a_gap_that_never_fills_is_given_up() {
+        let mut gaps = Gaps::default();
+        assert_eq!(gaps.seen(0, 0), Seen::Next);
+        for _ in 0..READ_AGAIN {
+            assert_eq!(gaps.seen(0, 3), Seen::ReadAgain(1));
+        }
+        assert_eq!(gaps.seen(0, 3), Seen::Skipped { first: 1, last: 2 });
+        assert_eq!(gaps.seen(0, 4), Seen::Next);
+        assert_eq!(gaps.seen(0, 6), Seen::ReadAgain(5));
+        // The gap moved on when part of it came: its count starts again.
+        assert_eq!(gaps.seen(0, 5), Seen::Next);
+        assert_eq!(gaps.seen(0, 8), Seen::ReadAgain(6));
+    }
 }
