@@ -291,13 +291,34 @@ impl Gaps {
         }
     }
 
+    /// Takes the record at `partition`/`offset` as the next, whatever came before.
+    fn forget(&mut self, partition: i32, offset: i64) {
+        self.again.remove(&partition);
+        self.next.insert(partition, offset + 1);
+    }
+
     /// Whether the record at `partition`/`offset` is to be left because `consumer` was
     /// sent back to offsets it skipped (the record comes again after them).
     fn read_again(&mut self, consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> bool {
         match self.seen(partition, offset) {
             Seen::Next => false,
             Seen::ReadAgain(first) => {
-                if self.again.get(&partition).is_some_and(|(_, tries)| *tries == 1) {
+                let new = self.again.get(&partition).is_some_and(|(_, tries)| *tries == 1);
+                // A group member whose partition went to another member and came back
+                // starts again where the group committed, past what it read before:
+                // not a gap. Its readers only ever commit what they read, so a committed
+                // offset past `first` was someone else's.
+                if new && committed_past(consumer, topic, partition, first) {
+                    tracing::info!(
+                        topic,
+                        partition,
+                        offset,
+                        "the partition was read elsewhere since this reader last had it: reading on from there"
+                    );
+                    self.forget(partition, offset);
+                    return false;
+                }
+                if new {
                     tracing::warn!(
                         topic,
                         partition,
@@ -311,8 +332,7 @@ impl Gaps {
                     Ok(()) => true,
                     Err(error) => {
                         tracing::warn!(%error, topic, partition, first, "could not read a partition again");
-                        self.again.remove(&partition);
-                        self.next.insert(partition, offset + 1);
+                        self.forget(partition, offset);
                         false
                     }
                 }
@@ -330,6 +350,22 @@ impl Gaps {
             }
         }
     }
+}
+
+/// Whether `consumer`'s group has committed a position on `partition` past `offset`
+/// (asked of the broker; `false` when it cannot say).
+fn committed_past(consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> bool {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    consumer
+        .committed_offsets(list, Duration::from_secs(5))
+        .ok()
+        .and_then(|committed| {
+            committed
+                .find_partition(topic, partition)
+                .map(|element| element.offset())
+        })
+        .is_some_and(|committed| matches!(committed, Offset::Offset(committed) if committed > offset))
 }
 
 /// Creates the topics (a topic that exists already is fine). The control topic is
