@@ -75,6 +75,42 @@ fn kafka_settings_are_checked_at_start_and_secrets_stay_hidden() {
     );
 }
 
+/// A writer and a stateless ingest node on `brokers` with the connection `settings`,
+/// shown to work end to end: the topics, an enrollment through the control topic, and
+/// five events accepted through the ingest node (a submission and its receipt).
+fn writer_and_ingest_node(dir: &Path, brokers: &str, settings: &str) -> (Server, Server) {
+    let node = |name: &str, roles: &str| {
+        Server::start_with(
+            &dir.join(name),
+            &[
+                "--kafka",
+                brokers,
+                "--kafka-prefix",
+                "settings-test",
+                "--roles",
+                roles,
+                "--kafka-config-file",
+                settings,
+            ],
+        )
+    };
+    let writer = node("writer", "writer");
+    let ingest = node("ingest", "ingest");
+    let key = AgentKey::from_seed(&[61; 32]);
+    enroll(&writer.url, &writer.token(), key.did(), "eng");
+    let mut signer = Signer::new(key, "eng");
+    let probe = signed_lines(&mut signer, 1);
+    wait_for("the ingest node to learn the agent from the control topic", || {
+        post_events(&ingest.url, &probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
+    });
+    let results = post_events(&ingest.url, &signed_lines(&mut signer, 5)).expect("the ingest node answers");
+    assert_eq!(results.len(), 5);
+    for result in &results {
+        assert_eq!(result["status"], "accepted", "{result}");
+    }
+    (writer, ingest)
+}
+
 const SASL_PASSWORD: &str = "Scram-pass-41x";
 
 /// A settings file for SCRAM-SHA-512 as `password`, owner-only.
@@ -101,35 +137,7 @@ fn nodes_authenticate_to_a_broker_that_requires_sasl() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start_authenticated(dir.path(), "custos", SASL_PASSWORD);
     let settings = sasl_settings(dir.path(), "sasl.properties", SASL_PASSWORD);
-    let node = |name: &str, roles: &str| {
-        Server::start_with(
-            &dir.path().join(name),
-            &[
-                "--kafka",
-                &broker.addr,
-                "--kafka-prefix",
-                "sasl-test",
-                "--roles",
-                roles,
-                "--kafka-config-file",
-                &settings,
-            ],
-        )
-    };
-    let writer = node("writer", "writer");
-    let ingest = node("ingest", "ingest");
-    let key = AgentKey::from_seed(&[61; 32]);
-    enroll(&writer.url, &writer.token(), key.did(), "eng");
-    let mut signer = Signer::new(key, "eng");
-    let probe = signed_lines(&mut signer, 1);
-    wait_for("the ingest node to learn the agent from the control topic", || {
-        post_events(&ingest.url, &probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
-    });
-    let results = post_events(&ingest.url, &signed_lines(&mut signer, 5)).expect("the ingest node answers");
-    assert_eq!(results.len(), 5);
-    for result in &results {
-        assert_eq!(result["status"], "accepted", "{result}");
-    }
+    let _nodes = writer_and_ingest_node(dir.path(), &broker.addr, &settings);
 
     let wrong = "Not-the-pass-9";
     let refused = custos()
@@ -363,35 +371,7 @@ fn nodes_reach_a_broker_over_tls_with_client_certificates() {
     let broker = Broker::start_behind(dir.path(), &advertised);
     let tls = Terminator::start(dir.path(), listener, broker.addr.clone());
     let settings = tls_settings(dir.path(), "tls.properties", "ca.pem", true);
-    let node = |name: &str, roles: &str| {
-        Server::start_with(
-            &dir.path().join(name),
-            &[
-                "--kafka",
-                &tls.addr,
-                "--kafka-prefix",
-                "tls-test",
-                "--roles",
-                roles,
-                "--kafka-config-file",
-                &settings,
-            ],
-        )
-    };
-    let writer = node("writer", "writer");
-    let ingest = node("ingest", "ingest");
-    let key = AgentKey::from_seed(&[67; 32]);
-    enroll(&writer.url, &writer.token(), key.did(), "eng");
-    let mut signer = Signer::new(key, "eng");
-    let probe = signed_lines(&mut signer, 1);
-    wait_for("the ingest node to learn the agent from the control topic", || {
-        post_events(&ingest.url, &probe).is_some_and(|results| results[0]["reason"] != "unknown_agent")
-    });
-    let results = post_events(&ingest.url, &signed_lines(&mut signer, 5)).expect("the ingest node answers");
-    assert_eq!(results.len(), 5);
-    for result in &results {
-        assert_eq!(result["status"], "accepted", "{result}");
-    }
+    let (writer, ingest) = writer_and_ingest_node(dir.path(), &tls.addr, &settings);
     // The writer, the ingest node and their consumers each connected through TLS.
     assert!(
         tls.handshakes.load(Ordering::SeqCst) >= 2,
