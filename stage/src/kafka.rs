@@ -1457,6 +1457,7 @@ pub struct Lease {
     id: String,
     last_sent: Option<Instant>,
     log: LeaseLog,
+    gaps: Gaps,
 }
 
 /// What a contender knows of a lease.
@@ -1525,6 +1526,7 @@ impl Lease {
             id: origin(),
             last_sent: None,
             log: LeaseLog::default(),
+            gaps: Gaps::default(),
         })
     }
 
@@ -1553,6 +1555,12 @@ impl Lease {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.consumer.poll(left) {
+                // Every contender must apply the same records in the same order (a
+                // record skipped by one would give it another holder).
+                Some(Ok(message))
+                    if self
+                        .gaps
+                        .read_again(&self.consumer, &self.topic, message.partition(), message.offset()) => {}
                 Some(Ok(message)) => {
                     if let Ok(record) = serde_json::from_slice::<LeaseRecord>(message.payload().unwrap_or_default()) {
                         self.log.apply(&record.holder, record.at_ms);
