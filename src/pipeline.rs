@@ -123,7 +123,10 @@ fn wait_for_lease(lease: &mut custos_stage::kafka::Lease, inbox: &mpsc::Receiver
     eprintln!("responder: standby, waiting for the lease (one active responder per cluster)");
     loop {
         if lease.state(Duration::from_millis(200)) == custos_stage::kafka::LeaseState::Held {
-            eprintln!("responder: active (holds the lease)");
+            eprintln!(
+                "responder: active (holds the lease, tenure {})",
+                lease.epoch().map_or_else(|| "?".to_owned(), |epoch| epoch.to_string())
+            );
             return true;
         }
         match inbox.try_recv() {
@@ -426,7 +429,17 @@ impl Pipeline {
                                 }
                             }
                         };
+                        // Every action record carries this tenure: once a standby took over
+                        // and acted, the writer refuses what this process still sends.
+                        let Some(lease_epoch) = lease.epoch() else {
+                            eprintln!("responder: lost the lease while connecting; exiting");
+                            std::process::exit(75);
+                        };
                         keep_lease(lease);
+                        let submit = custos_stage::Fenced {
+                            inner: submit,
+                            lease_epoch,
+                        };
                         responder_stage.run(&mut feed, &submit, responder_inbox)
                     })?
                 }

@@ -438,6 +438,10 @@ pub(crate) struct Sequencer {
     /// an envelope decompresses its key's point, which costs more than the rest of the
     /// writer's work on an event.
     keys: custos_event::KeyCache,
+    /// The latest responder lease tenure an action was appended under: an action made
+    /// under an earlier one comes from a responder that lost the lease (in memory; see
+    /// `docs/architecture.md`, "One active responder").
+    lease_epoch: u64,
 }
 
 /// Agents' keys the writer keeps decoded (about 100 bytes each).
@@ -487,6 +491,7 @@ impl Sequencer {
             changes: Vec::new(),
             checkpoint_seen: (0, std::time::Instant::now()),
             keys: custos_event::KeyCache::new(WRITER_KEY_CACHE),
+            lease_epoch: 0,
         })
     }
 
@@ -836,10 +841,10 @@ impl Sequencer {
         match submission {
             Submission::Events(batch) => Ok(self.ingest_submitted(batch, entries)),
             Submission::Finding(envelope) => {
-                let (log_index, _) = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, entries)?;
+                let (log_index, _) = self.append_signed(envelope, FINDING_PAYLOAD_TYPE, None, entries)?;
                 Ok(Appended::entries(vec![log_index]))
             }
-            Submission::Action(envelope) => self.append_action(envelope, entries),
+            Submission::Action { envelope, lease_epoch } => self.append_action(envelope, lease_epoch, entries),
             Submission::Control(ControlOp::Revoke { agent, by, reason, .. }) => self
                 .revoke(&agent, reason, by, entries)
                 .map(|revoked| Appended::entries(revoked.log_indexes))
@@ -860,7 +865,12 @@ impl Sequencer {
     /// then the control entries, each naming the record's log index as its cause. An
     /// enforcement the registry cannot apply (an agent never enrolled) refuses the
     /// whole submission, so no record claims an effect that did not happen.
-    fn append_action(&mut self, envelope: Envelope, entries: &mut Vec<LogEntry>) -> Result<Appended, Refused> {
+    fn append_action(
+        &mut self,
+        envelope: Envelope,
+        lease_epoch: Option<u64>,
+        entries: &mut Vec<LogEntry>,
+    ) -> Result<Appended, Refused> {
         let head = ActionHead::parse(&envelope.payload).map_err(|message| Refused::new("malformed_action", message))?;
         if let Some(enforcement) = head.to_apply()
             && let Some(agent) = enforcement_agent(enforcement)
@@ -871,7 +881,7 @@ impl Sequencer {
                 format!("agent `{agent}` is not enrolled; the action's enforcement cannot be applied"),
             ));
         }
-        let (log_index, fresh) = self.append_signed(envelope, ACTION_PAYLOAD_TYPE, entries)?;
+        let (log_index, fresh) = self.append_signed(envelope, ACTION_PAYLOAD_TYPE, lease_epoch, entries)?;
         let mut log_indexes = vec![log_index];
         // A redelivered record's enforcement was applied with its first append.
         if fresh && let Some(enforcement) = head.to_apply() {
@@ -892,10 +902,13 @@ impl Sequencer {
     /// Queues an entry signed by a system key that may append `payload_type`. Answers its
     /// log index and whether it is new: a payload the key already appended at that `seq`
     /// (a redelivered submission) answers the first append's index and is not appended.
+    /// A new entry made under a responder lease tenure (`lease_epoch`) earlier than one
+    /// already appended under is refused `stale_responder`.
     fn append_signed(
         &mut self,
         envelope: Envelope,
         payload_type: &str,
+        lease_epoch: Option<u64>,
         entries: &mut Vec<LogEntry>,
     ) -> Result<(u64, bool), Refused> {
         let allowed = self.hooks.signers.get(&envelope.keyid).ok_or_else(|| {
@@ -932,6 +945,19 @@ impl Sequencer {
                     ),
                 ));
             }
+        }
+        if let Some(epoch) = lease_epoch {
+            if epoch < self.lease_epoch {
+                return Err(Refused::new(
+                    "stale_responder",
+                    format!(
+                        "this action was made under responder lease tenure {epoch}, and an action made under \
+                         tenure {} was appended since: its responder no longer holds the lease",
+                        self.lease_epoch
+                    ),
+                ));
+            }
+            self.lease_epoch = epoch;
         }
         let log_index = self.next_index(entries);
         self.system.record(&envelope.keyid, seq, digest, log_index);

@@ -512,7 +512,10 @@ impl ResponderStage {
         let answer = loop {
             attempts += 1;
             let answer = submit
-                .submit(Submission::Action(envelope.clone()))
+                .submit(Submission::Action {
+                    envelope: envelope.clone(),
+                    lease_epoch: None,
+                })
                 .map_err(|error| Refused::retryable("transport", error.to_string()))
                 .and_then(|receipt| receipt.wait(RECEIPT_WAIT));
             match answer {

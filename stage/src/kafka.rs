@@ -1477,16 +1477,24 @@ pub enum LeaseState {
 #[derive(Debug, Default)]
 pub struct LeaseLog {
     pub holder: Option<(String, i64)>,
+    /// The holder's tenure: the offset of the record that made it the holder. A later
+    /// tenure always has a larger one (its first record comes after the last record of
+    /// the tenure before), whoever reads the log.
+    pub epoch: Option<u64>,
 }
 
 impl LeaseLog {
-    /// Takes the next record of the lease log: `holder` wrote it at `at_ms`.
-    pub fn apply(&mut self, holder: &str, at_ms: i64) {
+    /// Takes the next record of the lease log: `holder` wrote it at `at_ms`, and it is
+    /// at `offset`.
+    pub fn apply(&mut self, holder: &str, at_ms: i64, offset: u64) {
         let ttl = LEASE_TTL.as_millis() as i64;
         match &mut self.holder {
             Some((current, last)) if current == holder => *last = (*last).max(at_ms),
             Some((_, last)) if at_ms - *last <= ttl => {}
-            _ => self.holder = Some((holder.to_owned(), at_ms)),
+            _ => {
+                self.holder = Some((holder.to_owned(), at_ms));
+                self.epoch = Some(offset);
+            }
         }
     }
 }
@@ -1533,6 +1541,15 @@ impl Lease {
     /// Renews (or claims) once a second, reads what came for up to `timeout`, and answers
     /// whether this process holds the lease now (see [`LeaseState`]). Call it at least
     /// every second.
+    /// This process's tenure (`LeaseLog::epoch`) while the log says it holds the lease:
+    /// what its submissions carry so that the writer fences it once another took over.
+    pub fn epoch(&self) -> Option<u64> {
+        match &self.log.holder {
+            Some((holder, _)) if *holder == self.id => self.log.epoch,
+            _ => None,
+        }
+    }
+
     pub fn state(&mut self, timeout: Duration) -> LeaseState {
         if self
             .last_sent
@@ -1563,7 +1580,8 @@ impl Lease {
                         .read_again(&self.consumer, &self.topic, message.partition(), message.offset()) => {}
                 Some(Ok(message)) => {
                     if let Ok(record) = serde_json::from_slice::<LeaseRecord>(message.payload().unwrap_or_default()) {
-                        self.log.apply(&record.holder, record.at_ms);
+                        self.log
+                            .apply(&record.holder, record.at_ms, message.offset().max(0).unsigned_abs());
                     }
                 }
                 Some(Err(error)) => tracing::debug!(%error, "lease: waiting for the brokers"),

@@ -48,7 +48,13 @@ pub enum Submission {
     /// A responder action record, signed by the responder's system key. When its status
     /// is `executed` and it carries an enforcement, the writer applies the enforcement in
     /// the same append (see [`ActionHead`]).
-    Action(Envelope),
+    Action {
+        envelope: Envelope,
+        /// The responder lease tenure it was made under (`kafka::Lease::epoch`), when
+        /// responders contend for one: the writer refuses an action from an earlier
+        /// tenure than one it already appended an action from (`stale_responder`).
+        lease_epoch: Option<u64>,
+    },
     /// A control operation asked by an operator or another stage.
     Control(ControlOp),
 }
@@ -523,6 +529,29 @@ pub trait Submitter: Send + Sync {
     /// cannot lose one sends none).
     fn resubmitted(&self) -> u64 {
         0
+    }
+}
+
+/// A submitter that stamps the action records it passes on with the responder lease
+/// tenure they are made under: what fences a responder that lost the lease.
+pub struct Fenced<S> {
+    pub inner: S,
+    pub lease_epoch: u64,
+}
+
+impl<S: Submitter> Submitter for Fenced<S> {
+    fn submit(&self, submission: Submission) -> Result<Receipt, StageError> {
+        self.inner.submit(match submission {
+            Submission::Action { envelope, .. } => Submission::Action {
+                envelope,
+                lease_epoch: Some(self.lease_epoch),
+            },
+            other => other,
+        })
+    }
+
+    fn resubmitted(&self) -> u64 {
+        self.inner.resubmitted()
     }
 }
 

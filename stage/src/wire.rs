@@ -42,6 +42,9 @@ pub enum WireSubmission {
     },
     Action {
         envelope: String,
+        /// The responder lease tenure the action was made under, when responders contend.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_epoch: Option<u64>,
     },
     Control {
         op: ControlOp,
@@ -153,8 +156,9 @@ pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> 
         Submission::Finding(envelope) => WireSubmission::Finding {
             envelope: envelope.to_json(),
         },
-        Submission::Action(envelope) => WireSubmission::Action {
+        Submission::Action { envelope, lease_epoch } => WireSubmission::Action {
             envelope: envelope.to_json(),
+            lease_epoch: *lease_epoch,
         },
         Submission::Control(op) => WireSubmission::Control { op: op.clone() },
     };
@@ -179,7 +183,13 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
             items: items.into_iter().map(event_item).collect::<Result<_, _>>()?,
         }),
         WireSubmission::Finding { envelope: json } => Submission::Finding(envelope(&json, FINDING_PAYLOAD_TYPE)?),
-        WireSubmission::Action { envelope: json } => Submission::Action(envelope(&json, ACTION_PAYLOAD_TYPE)?),
+        WireSubmission::Action {
+            envelope: json,
+            lease_epoch,
+        } => Submission::Action {
+            envelope: envelope(&json, ACTION_PAYLOAD_TYPE)?,
+            lease_epoch,
+        },
         WireSubmission::Control { op } => Submission::Control(op),
     };
     Ok((record.origin, record.ticket, submission))
@@ -378,7 +388,7 @@ pub fn submission_key(submission: &Submission) -> String {
     }
     match submission {
         Submission::Events(batch) => batch.realm.clone(),
-        Submission::Finding(envelope) | Submission::Action(envelope) => realm_of(&envelope.payload),
+        Submission::Finding(envelope) | Submission::Action { envelope, .. } => realm_of(&envelope.payload),
         Submission::Control(ControlOp::Enroll { realm, .. } | ControlOp::Revoke { realm, .. }) => realm.clone(),
     }
 }

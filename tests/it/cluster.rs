@@ -569,6 +569,41 @@ fn one_responder_acts_and_a_standby_takes_over() {
     // The new responder read the first attack's action back and did not act again.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(actions(&one).len(), 1);
+
+    // The first responder, had it only been cut off, would still send what it made under
+    // its tenure: the writer refuses it now that the second has acted under a later one.
+    let tenure = |log: &std::sync::Arc<std::sync::Mutex<String>>| -> u64 {
+        let log = log.lock().unwrap();
+        let at = log.find("holds the lease, tenure ").expect("the tenure is said") + "holds the lease, tenure ".len();
+        log[at..].split(')').next().unwrap().parse().unwrap()
+    };
+    let (old, new) = (tenure(&first_log), tenure(&second_log));
+    assert!(new > old, "tenures {old} then {new}");
+    let key = custos_store::keyfile::read_key(&dir.path().join("responder-1").join("responder.key")).unwrap();
+    let payload = serde_json::to_vec(&serde_json::json!({"id": "late", "agent": two, "realm": "eng",
+        "status": "executed", "enforcement": {"op": "reinstate_agent", "agent": two}, "by": "responder",
+        "reason": "made before the lease was lost", "kind": "action", "seq": 1_000_000}))
+    .unwrap();
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = prefix.to_owned();
+    let submitter = custos_stage::kafka::KafkaSubmitter::new(&kafka).unwrap();
+    let late = custos_stage::Submitter::submit(
+        &submitter,
+        custos_stage::Submission::Action {
+            envelope: key.sign_envelope(custos_event::ACTION_PAYLOAD_TYPE, payload),
+            lease_epoch: Some(old),
+        },
+    )
+    .unwrap()
+    .wait(Duration::from_secs(60))
+    .unwrap_err();
+    assert_eq!(late.code, "stale_responder", "{late:?}");
+    assert_eq!(
+        get(&url, &format!("/v1/agents/{two}"), &token).1["status"],
+        "revoked",
+        "the late reinstatement was not applied"
+    );
+    drop(submitter);
     for child in [&mut second, &mut detector] {
         child.kill().unwrap();
         child.wait().unwrap();

@@ -642,6 +642,76 @@ fn a_redelivered_submission_is_appended_once() {
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
 }
 
+/// An action record made under an earlier responder lease tenure than one the writer
+/// already appended an action from is refused `stale_responder` (a responder that lost
+/// the lease while cut off, still acting): nothing is appended for it. The same tenure
+/// goes on, a later one takes over, a redelivery of an action appended before is still
+/// answered with its first append, and an action without a tenure (one process) is
+/// never fenced.
+#[test]
+fn an_action_from_an_earlier_lease_tenure_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = AgentKey::from_seed(&[47; 32]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let queue = custos_ingest::Queue::new();
+    let submit = queue.submitter();
+    let mut signers = std::collections::BTreeMap::new();
+    signers.insert(key.did().to_owned(), ACTION_PAYLOAD_TYPE.to_owned());
+    let hooks = custos_ingest::Hooks {
+        publish: Some(Fanout::new()),
+        queue: Some(queue),
+        system_signers: signers,
+        ..Default::default()
+    };
+    let config = custos_ingest::NodeConfig::new(dir.path().join("node"), "127.0.0.1:0".parse().unwrap());
+    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    // The responder's chain: each action at the next seq, after the one before.
+    let chain = std::cell::RefCell::new((0u64, None::<String>));
+    let action = |lease_epoch: Option<u64>| {
+        let (seq, prev) = chain.borrow().clone();
+        let payload = serde_json::to_vec(&json!({"id": format!("a-{seq}"), "agent": "did:key:x", "realm": "eng",
+            "status": "executed", "enforcement": {"op": "none"}, "by": "responder", "reason": "test",
+            "kind": "action", "seq": seq, "prev": prev}))
+        .unwrap();
+        let submission = custos_stage::Submission::Action {
+            envelope: key.sign_envelope(ACTION_PAYLOAD_TYPE, payload.clone()),
+            lease_epoch,
+        };
+        (submission, (seq + 1, Some(blake3::hash(&payload).to_hex().to_string())))
+    };
+    let wait = |submission| submit.submit(submission).unwrap().wait(Duration::from_secs(30));
+    // Submits the next action; the chain moves on only when it was appended.
+    let next = |lease_epoch: Option<u64>| {
+        let (submission, after) = action(lease_epoch);
+        let answer = wait(submission);
+        if answer.is_ok() {
+            *chain.borrow_mut() = after;
+        }
+        answer
+    };
+    let (first, _) = action(Some(10));
+    let appended = next(Some(10)).unwrap();
+    next(Some(10)).expect("the same tenure goes on");
+    next(Some(14)).expect("a later tenure takes over");
+    let stale = next(Some(10)).unwrap_err();
+    assert_eq!(stale.code, "stale_responder", "{stale:?}");
+    assert!(
+        stale.message.contains("tenure 10") && stale.message.contains("14"),
+        "{}",
+        stale.message
+    );
+    assert_eq!(
+        wait(first).unwrap(),
+        appended,
+        "a redelivery is answered with its first append, fenced or not"
+    );
+    // The refused action was not appended: the next one follows the one before it.
+    let later = next(Some(14)).unwrap();
+    assert_eq!(later.log_indexes[0], appended.log_indexes[0] + 3);
+    next(None).expect("an action without a tenure is not fenced");
+    runtime.block_on(running.shutdown()).unwrap();
+}
+
 /// A reader that starts from a time (a query node, after the sealed segments) gets what
 /// was published from then on, then the end of its replay; what came before is left.
 /// One partition can be read alone.

@@ -90,8 +90,18 @@ fn submissions_round_trip_and_bad_records_are_named() {
         custos_event::FINDING_PAYLOAD_TYPE,
         b"{\"agent\":\"did:key:b\"}".to_vec(),
     );
+    let action = key.sign_envelope(custos_event::ACTION_PAYLOAD_TYPE, b"{\"agent\":\"did:key:b\"}".to_vec());
     for submission in [
         Submission::Finding(envelope.clone()),
+        // The lease tenure travels with an action record, and its absence too.
+        Submission::Action {
+            envelope: action.clone(),
+            lease_epoch: Some(7),
+        },
+        Submission::Action {
+            envelope: action,
+            lease_epoch: None,
+        },
         Submission::Control(ControlOp::Revoke {
             agent: "did:key:b".into(),
             realm: "eng".into(),
@@ -132,7 +142,15 @@ fn submissions_round_trip_and_bad_records_are_named() {
         assert_eq!(decoded, submission);
     }
     // A finding envelope may not travel as an action record.
-    let bytes = wire::encode_submission("o", 1, &Submission::Action(envelope)).unwrap();
+    let bytes = wire::encode_submission(
+        "o",
+        1,
+        &Submission::Action {
+            envelope,
+            lease_epoch: None,
+        },
+    )
+    .unwrap();
     let error = wire::decode_submission(&bytes).unwrap_err();
     assert!(
         error.contains("payloadType") || error.contains("payload type"),
@@ -253,17 +271,21 @@ fn the_lease_goes_to_the_first_claim_after_the_holder_lapses() {
     use custos_stage::kafka::{LEASE_TTL, LeaseLog};
     let ttl = LEASE_TTL.as_millis() as i64;
     let mut log = LeaseLog::default();
-    log.apply("a", 1_000);
-    log.apply("b", 1_001);
+    log.apply("a", 1_000, 10);
+    log.apply("b", 1_001, 11);
     assert_eq!(log.holder, Some(("a".into(), 1_000)), "the first record wins");
-    log.apply("a", 1_000 + ttl);
-    log.apply("b", 1_000 + ttl + 10);
+    assert_eq!(log.epoch, Some(10), "a's tenure starts at its record");
+    log.apply("a", 1_000 + ttl, 12);
+    log.apply("b", 1_000 + ttl + 10, 13);
     assert_eq!(log.holder.as_ref().unwrap().0, "a", "renewed in time");
+    assert_eq!(log.epoch, Some(10), "a renewal is the same tenure");
     // a stops renewing: b's next record after the TTL takes it, and a's late record does not.
-    log.apply("b", 1_000 + 2 * ttl + 1);
+    log.apply("b", 1_000 + 2 * ttl + 1, 14);
     assert_eq!(log.holder, Some(("b".into(), 1_000 + 2 * ttl + 1)));
-    log.apply("a", 1_000 + 2 * ttl + 2);
+    assert_eq!(log.epoch, Some(14), "b's tenure is later than a's");
+    log.apply("a", 1_000 + 2 * ttl + 2, 15);
     assert_eq!(log.holder.as_ref().unwrap().0, "b");
+    assert_eq!(log.epoch, Some(14));
 }
 
 #[test]
