@@ -439,9 +439,29 @@ pub(crate) struct Sequencer {
     /// writer's work on an event.
     keys: custos_event::KeyCache,
     /// The latest responder lease tenure an action was appended under: an action made
-    /// under an earlier one comes from a responder that lost the lease (in memory; see
-    /// `docs/architecture.md`, "One active responder").
+    /// under an earlier one comes from a responder that lost the lease (kept in
+    /// `DATA/responder-tenure` across restarts; see `docs/architecture.md`, "One active
+    /// responder").
     lease_epoch: u64,
+}
+
+/// Where the writer keeps the latest responder lease tenure it appended an action under.
+const TENURE_FILE: &str = "responder-tenure";
+
+/// The tenure recorded at `path`; 0 when there is none (a file that does not read as a
+/// number is said, and fences nothing until the next action).
+fn read_tenure(path: &std::path::Path) -> u64 {
+    match fs_err::read_to_string(path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::error!(path = %path.display(), "the responder lease tenure file is not a number; ignored");
+            0
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => {
+            tracing::error!(%error, "could not read the responder lease tenure; ignored");
+            0
+        }
+    }
 }
 
 /// Agents' keys the writer keeps decoded (about 100 bytes each).
@@ -467,6 +487,7 @@ impl Sequencer {
             hooks.replay_from,
             hooks.entries,
         )?;
+        let lease_epoch = read_tenure(&config.data.join(TENURE_FILE));
         let forensics = Forensics::open(
             &config.data.join("rejected"),
             config.rejected_max_records,
@@ -491,7 +512,7 @@ impl Sequencer {
             changes: Vec::new(),
             checkpoint_seen: (0, std::time::Instant::now()),
             keys: custos_event::KeyCache::new(WRITER_KEY_CACHE),
-            lease_epoch: 0,
+            lease_epoch,
         })
     }
 
@@ -956,6 +977,14 @@ impl Sequencer {
                         self.lease_epoch
                     ),
                 ));
+            }
+            if epoch > self.lease_epoch {
+                // Durable before the action is: a restarted writer still fences the
+                // tenure before (a failure is said, and the tenure held in memory).
+                let path = self.config.data.join(TENURE_FILE);
+                if let Err(error) = custos_store::write_atomic(&path, format!("{epoch}\n").as_bytes()) {
+                    tracing::error!(%error, "could not record the responder lease tenure");
+                }
             }
             self.lease_epoch = epoch;
         }

@@ -1477,23 +1477,24 @@ pub enum LeaseState {
 #[derive(Debug, Default)]
 pub struct LeaseLog {
     pub holder: Option<(String, i64)>,
-    /// The holder's tenure: the offset of the record that made it the holder. A later
-    /// tenure always has a larger one (its first record comes after the last record of
-    /// the tenure before), whoever reads the log.
+    /// The holder's tenure: the time (`at_ms`) of the record that made it the holder. A
+    /// later tenure always has a larger one, whoever reads the log and whatever the
+    /// clocks: its first record is stamped more than the TTL after the last record of
+    /// the tenure before. It survives the lease topic being made again (a recreated
+    /// Kafka cluster), which offsets would not.
     pub epoch: Option<u64>,
 }
 
 impl LeaseLog {
-    /// Takes the next record of the lease log: `holder` wrote it at `at_ms`, and it is
-    /// at `offset`.
-    pub fn apply(&mut self, holder: &str, at_ms: i64, offset: u64) {
+    /// Takes the next record of the lease log: `holder` wrote it at `at_ms`.
+    pub fn apply(&mut self, holder: &str, at_ms: i64) {
         let ttl = LEASE_TTL.as_millis() as i64;
         match &mut self.holder {
             Some((current, last)) if current == holder => *last = (*last).max(at_ms),
             Some((_, last)) if at_ms - *last <= ttl => {}
             _ => {
                 self.holder = Some((holder.to_owned(), at_ms));
-                self.epoch = Some(offset);
+                self.epoch = Some(at_ms.max(0).unsigned_abs());
             }
         }
     }
@@ -1580,8 +1581,7 @@ impl Lease {
                         .read_again(&self.consumer, &self.topic, message.partition(), message.offset()) => {}
                 Some(Ok(message)) => {
                     if let Ok(record) = serde_json::from_slice::<LeaseRecord>(message.payload().unwrap_or_default()) {
-                        self.log
-                            .apply(&record.holder, record.at_ms, message.offset().max(0).unsigned_abs());
+                        self.log.apply(&record.holder, record.at_ms);
                     }
                 }
                 Some(Err(error)) => tracing::debug!(%error, "lease: waiting for the brokers"),

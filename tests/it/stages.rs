@@ -653,18 +653,25 @@ fn an_action_from_an_earlier_lease_tenure_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = AgentKey::from_seed(&[47; 32]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let queue = custos_ingest::Queue::new();
-    let submit = queue.submitter();
-    let mut signers = std::collections::BTreeMap::new();
-    signers.insert(key.did().to_owned(), ACTION_PAYLOAD_TYPE.to_owned());
-    let hooks = custos_ingest::Hooks {
-        publish: Some(Fanout::new()),
-        queue: Some(queue),
-        system_signers: signers,
-        ..Default::default()
+    let start = || {
+        let queue = custos_ingest::Queue::new();
+        let submit = queue.submitter();
+        let mut signers = std::collections::BTreeMap::new();
+        signers.insert(key.did().to_owned(), ACTION_PAYLOAD_TYPE.to_owned());
+        let hooks = custos_ingest::Hooks {
+            publish: Some(Fanout::new()),
+            queue: Some(queue),
+            system_signers: signers,
+            ..Default::default()
+        };
+        let config = custos_ingest::NodeConfig::new(dir.path().join("node"), "127.0.0.1:0".parse().unwrap());
+        (
+            runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap(),
+            submit,
+        )
     };
-    let config = custos_ingest::NodeConfig::new(dir.path().join("node"), "127.0.0.1:0".parse().unwrap());
-    let running = runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap();
+    let (running, submit) = start();
+    let submit = std::cell::RefCell::new(submit);
     // The responder's chain: each action at the next seq, after the one before.
     let chain = std::cell::RefCell::new((0u64, None::<String>));
     let action = |lease_epoch: Option<u64>| {
@@ -679,7 +686,10 @@ fn an_action_from_an_earlier_lease_tenure_is_refused() {
         };
         (submission, (seq + 1, Some(blake3::hash(&payload).to_hex().to_string())))
     };
-    let wait = |submission| submit.submit(submission).unwrap().wait(Duration::from_secs(30));
+    let wait = |submission| {
+        let receipt = submit.borrow().submit(submission).unwrap();
+        receipt.wait(Duration::from_secs(30))
+    };
     // Submits the next action; the chain moves on only when it was appended.
     let next = |lease_epoch: Option<u64>| {
         let (submission, after) = action(lease_epoch);
@@ -709,6 +719,13 @@ fn an_action_from_an_earlier_lease_tenure_is_refused() {
     let later = next(Some(14)).unwrap();
     assert_eq!(later.log_indexes[0], appended.log_indexes[0] + 3);
     next(None).expect("an action without a tenure is not fenced");
+    runtime.block_on(running.shutdown()).unwrap();
+    // A restarted writer still fences the earlier tenure.
+    let (running, restarted) = start();
+    *submit.borrow_mut() = restarted;
+    let stale = next(Some(13)).unwrap_err();
+    assert_eq!(stale.code, "stale_responder", "{stale:?}");
+    next(Some(14)).expect("the latest tenure goes on");
     runtime.block_on(running.shutdown()).unwrap();
 }
 
