@@ -34,6 +34,7 @@ Examples:
   custos bench cluster                      # starts tansu from ~/.cache/custos-tools (scripts/test installs it)
   custos bench cluster --kafka 127.0.0.1:9092 --events 100000 --json
   custos bench cluster --broker-storage memory   # a broker that acknowledges without writing to disk
+  custos bench cluster --events 200000 --keep    # keep every process's log and data afterwards
   CUSTOS_TANSU=/opt/tansu/bin/tansu custos bench cluster --agents 500")]
 pub(crate) struct ClusterArgs {
     /// Distinct agents per phase.
