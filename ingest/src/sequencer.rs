@@ -968,25 +968,7 @@ impl Sequencer {
             }
         }
         if let Some(epoch) = lease_epoch {
-            if epoch < self.lease_epoch {
-                return Err(Refused::new(
-                    "stale_responder",
-                    format!(
-                        "this action was made under responder lease tenure {epoch}, and an action made under \
-                         tenure {} was appended since: its responder no longer holds the lease",
-                        self.lease_epoch
-                    ),
-                ));
-            }
-            if epoch > self.lease_epoch {
-                // Durable before the action is: a restarted writer still fences the
-                // tenure before (a failure is said, and the tenure held in memory).
-                let path = self.config.data.join(TENURE_FILE);
-                if let Err(error) = custos_store::write_atomic(&path, format!("{epoch}\n").as_bytes()) {
-                    tracing::error!(%error, "could not record the responder lease tenure");
-                }
-            }
-            self.lease_epoch = epoch;
+            self.take_tenure(epoch)?;
         }
         let log_index = self.next_index(entries);
         self.system.record(&envelope.keyid, seq, digest, log_index);
@@ -1014,6 +996,31 @@ impl Sequencer {
             });
         }
         Ok((log_index, true))
+    }
+
+    /// Refuses a new action made under responder lease tenure `epoch` when an action of
+    /// a later tenure was appended already (`stale_responder`); otherwise makes `epoch`
+    /// the latest, recorded before the action is durable so a restarted writer still
+    /// fences the tenure before it (a failure to record it is said; it is held in memory).
+    fn take_tenure(&mut self, epoch: u64) -> Result<(), Refused> {
+        if epoch < self.lease_epoch {
+            return Err(Refused::new(
+                "stale_responder",
+                format!(
+                    "this action was made under responder lease tenure {epoch}, and an action made under \
+                     tenure {} was appended since: its responder no longer holds the lease",
+                    self.lease_epoch
+                ),
+            ));
+        }
+        if epoch > self.lease_epoch {
+            let path = self.config.data.join(TENURE_FILE);
+            if let Err(error) = custos_store::write_atomic(&path, format!("{epoch}\n").as_bytes()) {
+                tracing::error!(%error, "could not record the responder lease tenure");
+            }
+            self.lease_epoch = epoch;
+        }
+        Ok(())
     }
 
     fn enforce(

@@ -572,6 +572,31 @@ fn the_stages_work_on_kafka_topics_of_a_real_broker() {
     suite(Transport::Kafka(config));
 }
 
+/// A writer on `data` that trusts `key` to append `payload_type` entries, and a
+/// submitter into its queue (the embedded transport).
+fn queue_writer(
+    runtime: &tokio::runtime::Runtime,
+    data: &Path,
+    key: &AgentKey,
+    payload_type: &str,
+) -> (custos_ingest::Running, custos_ingest::QueueSubmitter) {
+    let queue = custos_ingest::Queue::new();
+    let submit = queue.submitter();
+    let mut signers = std::collections::BTreeMap::new();
+    signers.insert(key.did().to_owned(), payload_type.to_owned());
+    let hooks = custos_ingest::Hooks {
+        publish: Some(Fanout::new()),
+        queue: Some(queue),
+        system_signers: signers,
+        ..Default::default()
+    };
+    let config = custos_ingest::NodeConfig::new(data.to_owned(), "127.0.0.1:0".parse().unwrap());
+    (
+        runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap(),
+        submit,
+    )
+}
+
 /// Kafka redelivers a submission after a crash: the writer answers it with the first
 /// append, and refuses another payload at a seq already used (a fork), whatever the
 /// transport.
@@ -582,23 +607,7 @@ fn a_redelivered_submission_is_appended_once() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let data = dir.path().join("node");
     // The writer, trusting `key` for findings, and a submitter into its queue.
-    let start = || {
-        let queue = custos_ingest::Queue::new();
-        let submit = queue.submitter();
-        let mut signers = std::collections::BTreeMap::new();
-        signers.insert(key.did().to_owned(), FINDING_PAYLOAD_TYPE.to_owned());
-        let hooks = custos_ingest::Hooks {
-            publish: Some(Fanout::new()),
-            queue: Some(queue),
-            system_signers: signers,
-            ..Default::default()
-        };
-        let config = custos_ingest::NodeConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
-        (
-            runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap(),
-            submit,
-        )
-    };
+    let start = || queue_writer(&runtime, &data, &key, FINDING_PAYLOAD_TYPE);
     let (running, submit) = start();
     let bytes = |seq: u64, title: &str, prev: Option<String>| {
         serde_json::to_vec(&json!({"id": format!("f-{seq}"), "agent": "did:key:x", "realm": "eng",
@@ -653,23 +662,8 @@ fn an_action_from_an_earlier_lease_tenure_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = AgentKey::from_seed(&[47; 32]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let start = || {
-        let queue = custos_ingest::Queue::new();
-        let submit = queue.submitter();
-        let mut signers = std::collections::BTreeMap::new();
-        signers.insert(key.did().to_owned(), ACTION_PAYLOAD_TYPE.to_owned());
-        let hooks = custos_ingest::Hooks {
-            publish: Some(Fanout::new()),
-            queue: Some(queue),
-            system_signers: signers,
-            ..Default::default()
-        };
-        let config = custos_ingest::NodeConfig::new(dir.path().join("node"), "127.0.0.1:0".parse().unwrap());
-        (
-            runtime.block_on(custos_ingest::start_with(config, hooks)).unwrap(),
-            submit,
-        )
-    };
+    let data = dir.path().join("node");
+    let start = || queue_writer(&runtime, &data, &key, ACTION_PAYLOAD_TYPE);
     let (running, submit) = start();
     let submit = std::cell::RefCell::new(submit);
     // The responder's chain: each action at the next seq, after the one before.
