@@ -454,6 +454,7 @@ impl Pipeline {
             publish: Some(fanout),
             replay_from,
             publish_entries: false,
+            adapters: None,
             queue: Some(queue),
             system_signers: signers,
             operations: Some(Arc::new(Ops {

@@ -268,7 +268,13 @@ impl Tokens {
 
     /// The caller a bearer secret belongs to, if it is valid, unexpired and unrevoked.
     pub fn authenticate(&self, secret: &str) -> Option<Caller> {
-        let digest = hash_token(secret);
+        self.authenticate_sha256(&hash_token(secret))
+    }
+
+    /// [`Tokens::authenticate`] by the secret's hash (lowercase hex SHA-256): how the
+    /// writer's node authenticates an adapter request an ingest node passed on, which
+    /// carries the hash, never the token.
+    pub fn authenticate_sha256(&self, digest: &str) -> Option<Caller> {
         let record = self
             .records
             .iter()

@@ -150,15 +150,26 @@ pub fn guarded<S: Clone + Send + Sync + 'static>(
 
 /// Authenticates the bearer token in `headers` and checks its role is in `allowed`.
 pub fn authorize(tokens: &RwLock<Tokens>, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
-    let secret = headers
+    let digest = bearer_sha256(headers)
+        .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
+    authorize_sha256(tokens, &digest, allowed)
+}
+
+/// The lowercase hex SHA-256 of the `Authorization: Bearer` token in `headers`, if any.
+pub fn bearer_sha256(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(bearer)
-        .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
+        .map(|secret| crate::auth::hash_token(secret.trim()))
+}
+
+/// [`authorize`] by the token's hash ([`bearer_sha256`]), as an ingest node passes it on.
+pub fn authorize_sha256(tokens: &RwLock<Tokens>, digest: &str, allowed: &[Role]) -> Result<Caller, ApiError> {
     let caller = tokens
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .authenticate(secret.trim())
+        .authenticate_sha256(digest)
         .ok_or_else(|| {
             ApiError::new(
                 401,

@@ -10,6 +10,8 @@
 //!        │                                          │
 //!        └──── verdict per item ◀── receipt ────────┘  (answered only once durable)
 //!  POST /v1/agents/{did}/revoke ─▶ Submission::Control ─▶ log writer
+//!  POST /v1/traces, /v1/adapters/… ─▶ Submission::Adapter (whole; token as SHA-256)
+//!        ─▶ the writer's node serves it as its own API ─▶ its answer, given back as is
 //!  /v1/tokens (admin): the node's own token table
 //! ```
 //!
@@ -187,6 +189,15 @@ struct EdgeState {
 /// and connection until the writer answers.
 const MAX_IN_FLIGHT: usize = 256;
 
+/// The envelope bytes of one `Submission::Events` at most: in base64 with the record's
+/// JSON, well under the 1 000 000 bytes a Kafka client sends in one record by default
+/// (`message.max.bytes`). A larger request becomes several submissions.
+const SUBMISSION_RAW_BYTES: usize = 512 * 1024;
+
+/// A refused item travels with at most this many of its bytes (the writer keeps 64 KiB
+/// of it for forensics).
+const REFUSED_RAW_BYTES: usize = 128 * 1024;
+
 /// A running ingest node.
 pub struct Edge {
     pub addr: SocketAddr,
@@ -243,7 +254,13 @@ pub async fn start_edge(
     let mut router = endpoints()
         .into_iter()
         .fold(Router::new(), |router, (endpoint, method)| {
-            router.route(endpoint.path, custos_http::guarded(&endpoint, method, &tokens))
+            // An adapter's token is checked by the writer's node, against its own table
+            // (by the token's hash): this node's table does not hold collector tokens.
+            let method = match custos_stage::ADAPTER_ROUTES.contains(&endpoint.path) {
+                true => method,
+                false => custos_http::guarded(&endpoint, method, &tokens),
+            };
+            router.route(endpoint.path, method)
         })
         .with_state(state)
         .merge(custos_http::tokens::router(&tokens));
@@ -337,30 +354,34 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<EdgeState>)> {
                 "POST",
                 "/v1/traces",
                 "ingest",
-                "Not served by an ingest node: OTLP traces are attested with keys a node with its own store holds (501 writer_only)",
+                "OTLP/HTTP traces from a collector, passed on whole to the writer's node, which attests them with the collector's keys and answers as its own API does (the token is passed on as its SHA-256 and must be one of the writer's collector tokens)",
             )
-            .errors(&[501]),
-            post(|| async { adapter_refused("OTLP traces") }),
+            .returns("Record")
+            .errors(&[413, 415, 429, 501, 503])
+            .roles(&[Role::Collector]),
+            post(forward_adapter),
         ),
         (
             Endpoint::new(
                 "POST",
                 "/v1/adapters/lastid/audit",
                 "adapters",
-                "Not served by an ingest node (501 writer_only)",
+                "LastID audit records, passed on whole to the writer's node (which holds the LastID enrollments and chains) and answered as there",
             )
-            .errors(&[501]),
-            post(|| async { adapter_refused("LastID audit records") }),
+            .returns("ItemResults")
+            .errors(&[413, 429, 501, 503]),
+            post(forward_adapter),
         ),
         (
             Endpoint::new(
                 "POST",
                 "/v1/adapters/vaultysclaw/webhook",
                 "adapters",
-                "Not served by an ingest node (501 writer_only)",
+                "VaultysClaw webhook deliveries, passed on whole to the writer's node (which holds the webhook secret and the deliveries seen) and answered as there",
             )
-            .errors(&[501]),
-            post(|| async { adapter_refused("VaultysClaw webhooks") }),
+            .returns("Record")
+            .errors(&[404, 429, 501, 503]),
+            post(forward_adapter),
         ),
     ]
 }
@@ -372,17 +393,89 @@ pub fn catalogue() -> Vec<Endpoint> {
     endpoints
 }
 
-/// The adapters attest what they receive with keys and hash chains kept in a node's
-/// store, which an ingest node does not have.
-fn adapter_refused(what: &str) -> ApiError {
-    ApiError::new(
-        501,
-        "writer_only",
-        format!(
-            "{what} are not taken by an ingest node (--roles ingest): the adapter signs them with keys kept in a \
-             node's own store; send them to the API of a node that holds the log (--roles writer)"
-        ),
-    )
+/// An adapter route: the request is passed on whole to the writer's node
+/// (`Submission::Adapter`), which holds the adapters' keys, chains and tables, and its
+/// answer is given back as it is. Only the adapters' own headers cross, and the bearer
+/// token only as its SHA-256.
+async fn forward_adapter(
+    State(state): State<EdgeState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let source = remote.ip();
+    if let Err(seconds) = state.rejects.check(source) {
+        return Err(ApiError::new(
+            429,
+            "rate_limited",
+            format!("{source} sent too many refused requests; retry in {seconds} s"),
+        )
+        .retry_after(seconds));
+    }
+    let route = uri.path().to_owned();
+    let token_sha256 = custos_http::bearer_sha256(&headers);
+    if route == "/v1/traces" && token_sha256.is_none() {
+        // Refused here: without a token the writer could only refuse it too.
+        state.rejects.charge(source, 1);
+        return Err(ApiError::new(
+            401,
+            "unauthenticated",
+            "send `Authorization: Bearer <token>` (a collector token of the writer's node)",
+        ));
+    }
+    let adapter_headers = custos_stage::ADAPTER_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?.to_str().ok()?;
+            Some(((*name).to_owned(), value.to_owned()))
+        })
+        .collect();
+    let request = custos_stage::AdapterRequest {
+        route,
+        remote: remote.to_string(),
+        headers: adapter_headers,
+        token_sha256,
+        body: body.to_vec(),
+    };
+    let appended = submit(&state, Submission::Adapter(request)).await?;
+    let reply = appended.reply.ok_or_else(|| {
+        ApiError::new(
+            500,
+            "internal",
+            "the log writer answered the adapter request without a reply",
+        )
+    })?;
+    // A refused credential costs the source here too, so it cannot keep the brokers busy.
+    if matches!(reply.status, 401 | 403) {
+        state.rejects.charge(source, 1);
+    }
+    adapter_answer(reply)
+}
+
+/// The writer's node's answer to an adapter request, as an HTTP response.
+fn adapter_answer(reply: custos_stage::AdapterReply) -> Result<Response, ApiError> {
+    use base64::Engine as _;
+    let malformed = |what: String| {
+        ApiError::new(
+            502,
+            "bad_writer_reply",
+            format!("the log writer's answer to the adapter request is malformed: {what}"),
+        )
+    };
+    let status = StatusCode::from_u16(reply.status).map_err(|_| malformed(format!("status {}", reply.status)))?;
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(&reply.body)
+        .map_err(|error| malformed(format!("body: {error}")))?;
+    let content_type = axum::http::HeaderValue::try_from(reply.content_type.as_str())
+        .map_err(|_| malformed(format!("content type `{}`", reply.content_type)))?;
+    let mut response = (status, [(axum::http::header::CONTENT_TYPE, content_type)], body).into_response();
+    if let Some(seconds) = reply.retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
+    Ok(response)
 }
 
 async fn readyz(State(state): State<EdgeState>) -> Response {
@@ -460,6 +553,7 @@ async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stag
             "unknown_agent" => ApiError::new(404, "unknown_agent", refused.message),
             "bad_did" => ApiError::new(400, "bad_did", refused.message),
             "bad_realm" => ApiError::new(400, "bad_realm", refused.message),
+            "writer_only" => ApiError::new(501, "writer_only", refused.message),
             _ => ApiError::new(
                 422,
                 "writer_refused",
@@ -469,6 +563,12 @@ async fn submit(state: &EdgeState, submission: Submission) -> Result<custos_stag
                 ),
             ),
         }),
+        // Sending it again would fail again: the client must split it.
+        Err(error @ custos_stage::StageError::TooLarge { .. }) => Err(ApiError::new(
+            413,
+            "too_large",
+            format!("the request cannot cross to the log writer whole: {error}; send it in smaller requests"),
+        )),
         Err(error) => Err(ApiError::new(
             503,
             "writer_unavailable",
@@ -498,7 +598,7 @@ async fn post_events(
         Err(rejection) => {
             // Kept for forensics by the writer, as one refused item.
             let item = EventItem {
-                raw: body.to_vec(),
+                raw: body[..body.len().min(REFUSED_RAW_BYTES)].to_vec(),
                 keyid: None,
                 check: ItemCheck::Refused {
                     code: rejection.reason.code().to_owned(),
@@ -521,35 +621,58 @@ async fn post_events(
     let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
     let count = items.len();
     // One batch per realm: each goes to its realm's partition (and log writer), and
-    // the answers are put back in request order.
-    let mut batches: Vec<(EventBatch, Vec<usize>)> = Vec::new();
+    // the answers are put back in request order. A realm's batch is cut at
+    // SUBMISSION_RAW_BYTES, so every submission fits in one broker record.
+    // Per realm, its batches (with their request indexes and envelope bytes) in order.
+    let mut realms: Vec<Vec<(EventBatch, Vec<usize>, usize)>> = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        let (item, realm) = state.view.check(item);
-        let position = match batches.iter().position(|(batch, _)| batch.realm == realm) {
-            Some(position) => position,
+        let (mut item, realm) = state.view.check(item);
+        if matches!(item.check, ItemCheck::Refused { .. }) && item.raw.len() > REFUSED_RAW_BYTES {
+            // The writer keeps 64 KiB of a refused input for forensics; the rest would
+            // only make the record too large for the broker.
+            item.raw.truncate(REFUSED_RAW_BYTES);
+        }
+        let lane = match realms.iter().position(|lane| lane[0].0.realm == realm) {
+            Some(lane) => lane,
             None => {
-                batches.push((
-                    EventBatch {
-                        remote: remote.clone(),
-                        realm,
-                        items: Vec::new(),
-                    },
-                    Vec::new(),
-                ));
-                batches.len() - 1
+                realms.push(Vec::new());
+                realms.len() - 1
             }
         };
-        batches[position].0.items.push(item);
-        batches[position].1.push(index);
+        let lane = &mut realms[lane];
+        if lane
+            .last()
+            .is_none_or(|(_, _, size)| *size > 0 && size + item.raw.len() > SUBMISSION_RAW_BYTES)
+        {
+            let batch = EventBatch {
+                remote: remote.clone(),
+                realm,
+                items: Vec::new(),
+            };
+            lane.push((batch, Vec::new(), 0));
+        }
+        let (batch, indexes, size) = lane.last_mut().expect("a batch was pushed above");
+        *size += item.raw.len();
+        batch.items.push(item);
+        indexes.push(index);
     }
-    let answers = futures::future::join_all(
-        batches
-            .into_iter()
-            .map(|(batch, indexes)| async { (submit(&state, Submission::Events(batch)).await, indexes) }),
-    )
+    // Realms at once; a realm's batches one after another, each once the one before is
+    // durable, so the writer takes an agent's events in request order.
+    let answers = futures::future::join_all(realms.into_iter().map(|lane| async {
+        let mut answers = Vec::with_capacity(lane.len());
+        for (batch, indexes, _) in lane {
+            let appended = submit(&state, Submission::Events(batch)).await;
+            let failed = appended.is_err();
+            answers.push((appended, indexes));
+            if failed {
+                break;
+            }
+        }
+        answers
+    }))
     .await;
     let mut verdicts: Vec<Option<Verdict>> = vec![None; count];
-    for (appended, indexes) in answers {
+    for (appended, indexes) in answers.into_iter().flatten() {
         let appended = appended?;
         if appended.verdicts.len() != indexes.len() {
             return Err(ApiError::new(

@@ -23,6 +23,8 @@
 //!        │ checked by the platform's own rules, mapped to event members
 //!        ▼
 //!  attest: signed by the adapter's per-agent keys ─▶ the same decode/verify/sequencer path
+//!        ▲
+//!  Submission::Adapter from ingest nodes (forwarded: the same handlers, the token by its hash)
 //! ```
 //!
 //! Admin routes (`/v1/agents`, `/v1/rejected`, `/v1/checkpoints/latest`) and the stages'
@@ -39,6 +41,8 @@ use tokio::sync::oneshot;
 
 pub(crate) mod attest;
 pub mod edge;
+mod forwarded;
+pub use forwarded::{AdapterDesk, WithAdapters};
 mod http;
 mod lastid;
 mod lookup;
@@ -145,6 +149,9 @@ pub struct Hooks {
     /// More routes (the query API, the console), built once the node is open and served
     /// beside ingest's own.
     pub routes: Option<RouteBuilder>,
+    /// Serves the adapter requests ingest nodes pass on ([`AdapterDesk`]) once the node
+    /// is open: given to the writer's Kafka bridge before the start.
+    pub adapters: Option<AdapterDesk>,
 }
 
 /// Builds extra routes once the node is open (see [`Hooks::routes`]).
@@ -388,6 +395,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         operations,
         drain,
         routes,
+        adapters,
     } = hooks;
     let (changes, _) = tokio::sync::broadcast::channel(4096);
     // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
@@ -490,6 +498,9 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     };
     if let (Some(adapter), Some(token)) = (vaultysclaw, vaultysclaw_token) {
         tokio::spawn(vaultysclaw::pull(state.clone(), adapter, token));
+    }
+    if let Some(desk) = adapters {
+        desk.open(state.clone(), tokio::runtime::Handle::current());
     }
     let mut router = http::router(state);
     if let Some(routes) = routes {

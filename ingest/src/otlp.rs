@@ -371,6 +371,18 @@ pub(crate) async fn post_traces(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = crate::http::authorize(&state, &headers, &[Role::Collector])?;
+    traces(state, caller, remote.to_string(), &headers, &body).await
+}
+
+/// `POST /v1/traces` from `caller`, authenticated by its token here or by its token's
+/// hash on the ingest node that passed the request on (`crate::forwarded`).
+pub(crate) async fn traces(
+    state: AppState,
+    caller: custos_http::Caller,
+    remote: String,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     let [realm] = caller.realms.as_slice() else {
         return Err(ApiError::new(
             403,
@@ -378,9 +390,8 @@ pub(crate) async fn post_traces(
             "a collector token is bound to exactly one realm; create one with `custos token create --role collector --realm R`",
         ));
     };
-    let remote = remote.to_string();
-    let protobuf = is_protobuf(&headers)?;
-    let bytes = decoded_body(&headers, &body, state.config.max_request_bytes)?;
+    let protobuf = is_protobuf(headers)?;
+    let bytes = decoded_body(headers, body, state.config.max_request_bytes)?;
     let (groups, total, ignored) = match events_of(&bytes, protobuf) {
         Ok(events) => events,
         Err(error) => {

@@ -879,6 +879,15 @@ impl Sequencer {
                 .enroll(agent, realm, labels, by, entries)
                 .map(|record| Appended::entries(vec![record.enroll_log_index]))
                 .map_err(|error| refused(&error)),
+            // Served by the node's adapters (`crate::forwarded`), which append what they
+            // attest through this queue; one that reaches the log itself was misrouted.
+            Submission::Adapter(request) => Err(Refused::new(
+                "writer_only",
+                format!(
+                    "the log takes no adapter request (`{}`) itself: the node holding it serves the adapters",
+                    request.route
+                ),
+            )),
         }
     }
 
@@ -1298,6 +1307,7 @@ impl Sequencer {
         Appended {
             log_indexes,
             verdicts: results,
+            reply: None,
         }
     }
 

@@ -81,7 +81,22 @@ impl Bridges {
                 .with_context(|| format!("reading partition {partition} of the submissions topic"))?,
             None => custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?,
         };
-        let into_writer = queue.submitter();
+        // Adapter requests ingest nodes pass on are served by this node's adapters (they
+        // hold the keys and chains); over a partition set a request cannot name its realm's
+        // partition, so they are refused there.
+        let adapters = match partition {
+            None => Some(
+                hooks
+                    .adapters
+                    .get_or_insert_with(custos_ingest::AdapterDesk::default)
+                    .clone(),
+            ),
+            Some(_) => None,
+        };
+        let into_writer = custos_ingest::WithAdapters {
+            log: queue.submitter(),
+            desk: adapters,
+        };
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
         let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;
         let stop = Arc::new(AtomicBool::new(false));

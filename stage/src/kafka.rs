@@ -569,6 +569,9 @@ impl Sender {
                     record = back;
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    return Err(StageError::TooLarge { bytes: value.len() });
+                }
                 Err((error, _)) => return Err(kafka(error)),
             }
         }

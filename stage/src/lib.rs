@@ -57,6 +57,56 @@ pub enum Submission {
     },
     /// A control operation asked by an operator or another stage.
     Control(ControlOp),
+    /// An adapter's HTTP request (OTLP traces, LastID audit records, a VaultysClaw
+    /// webhook) that an ingest node passes on whole: the adapters sign what they take
+    /// with keys and hash chains kept in the writer's store. The writer's node serves it
+    /// as its own API would, and answers [`Appended::reply`].
+    Adapter(AdapterRequest),
+}
+
+/// An adapter request as an ingest node took it. It never carries the bearer token,
+/// only the token's SHA-256, which the writer's node looks up in its own token table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterRequest {
+    /// The route, one of [`ADAPTER_ROUTES`].
+    pub route: String,
+    /// The client's address (per-source limits, forensics).
+    pub remote: String,
+    /// The request headers the adapters read ([`ADAPTER_HEADERS`]), names in lowercase.
+    pub headers: Vec<(String, String)>,
+    /// Lowercase hex SHA-256 of the `Authorization: Bearer` token, when one was sent.
+    pub token_sha256: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// The routes an ingest node passes on as [`Submission::Adapter`] (all `POST`).
+pub const ADAPTER_ROUTES: [&str; 3] = [
+    "/v1/traces",
+    "/v1/adapters/lastid/audit",
+    "/v1/adapters/vaultysclaw/webhook",
+];
+
+/// The request headers an [`AdapterRequest`] carries; no other header crosses.
+pub const ADAPTER_HEADERS: [&str; 6] = [
+    "content-type",
+    "content-encoding",
+    "x-vaultysclaw-timestamp",
+    "x-vaultysclaw-signature",
+    "x-vaultysclaw-delivery",
+    "x-vaultysclaw-event",
+];
+
+/// The writer's node's answer to an [`AdapterRequest`], given back to the client as it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterReply {
+    /// The HTTP status the writer's own API answered.
+    pub status: u16,
+    pub content_type: String,
+    /// The answer's body in standard base64 (an OTLP protobuf answer is binary).
+    pub body: String,
+    /// Seconds, when the answer says when to send again (429, 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 /// One request's envelopes, as an ingest node checked them.
@@ -311,6 +361,9 @@ pub struct Appended {
     /// For [`Submission::Events`]: one verdict per item, in request order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<Verdict>,
+    /// For [`Submission::Adapter`]: the answer to give the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<AdapterReply>,
 }
 
 impl Appended {
@@ -319,6 +372,7 @@ impl Appended {
         Self {
             log_indexes,
             verdicts: Vec::new(),
+            reply: None,
         }
     }
 }
@@ -510,6 +564,12 @@ pub enum StageError {
     Closed,
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The record is larger than the Kafka client takes (`message.max.bytes`, 1 000 000
+    /// unless the settings file raises it, with the brokers' and topic's limits).
+    #[error(
+        "a record of {bytes} bytes is larger than the Kafka client's message.max.bytes (the brokers' message size limit)"
+    )]
+    TooLarge { bytes: usize },
     #[error("malformed record on `{topic}` at offset {offset}: {message}")]
     Malformed {
         topic: String,

@@ -49,6 +49,17 @@ pub enum WireSubmission {
     Control {
         op: ControlOp,
     },
+    Adapter {
+        route: String,
+        remote: String,
+        /// Header name (lowercase) → value, only [`crate::ADAPTER_HEADERS`].
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        headers: std::collections::BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_sha256: Option<String>,
+        /// The request body in standard base64.
+        body: String,
+    },
 }
 
 /// One envelope of an [`EventBatch`]: `raw` is the client's bytes in base64 (they need
@@ -161,6 +172,13 @@ pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> 
             lease_epoch: *lease_epoch,
         },
         Submission::Control(op) => WireSubmission::Control { op: op.clone() },
+        Submission::Adapter(request) => WireSubmission::Adapter {
+            route: request.route.clone(),
+            remote: request.remote.clone(),
+            headers: request.headers.iter().cloned().collect(),
+            token_sha256: request.token_sha256.clone(),
+            body: STANDARD.encode(&request.body),
+        },
     };
     serde_json::to_vec(&SubmissionRecord {
         v: VERSION,
@@ -191,6 +209,38 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
             lease_epoch,
         },
         WireSubmission::Control { op } => Submission::Control(op),
+        WireSubmission::Adapter {
+            route,
+            remote,
+            headers,
+            token_sha256,
+            body,
+        } => {
+            if !crate::ADAPTER_ROUTES.contains(&route.as_str()) {
+                return Err(format!("`{route}` is not an adapter route"));
+            }
+            if let Some(name) = headers
+                .keys()
+                .find(|name| !crate::ADAPTER_HEADERS.contains(&name.as_str()))
+            {
+                return Err(format!("header `{name}` is not one an adapter request carries"));
+            }
+            if token_sha256
+                .as_deref()
+                .is_some_and(|digest| digest.len() != 64 || !digest.bytes().all(|byte| byte.is_ascii_hexdigit()))
+            {
+                return Err("`token_sha256` is not 64 hex digits".into());
+            }
+            Submission::Adapter(crate::AdapterRequest {
+                route,
+                remote,
+                headers: headers.into_iter().collect(),
+                token_sha256,
+                body: STANDARD
+                    .decode(&body)
+                    .map_err(|error| format!("the adapter request body is not base64: {error}"))?,
+            })
+        }
     };
     Ok((record.origin, record.ticket, submission))
 }
@@ -390,6 +440,9 @@ pub fn submission_key(submission: &Submission) -> String {
         Submission::Events(batch) => batch.realm.clone(),
         Submission::Finding(envelope) | Submission::Action { envelope, .. } => realm_of(&envelope.payload),
         Submission::Control(ControlOp::Enroll { realm, .. } | ControlOp::Revoke { realm, .. }) => realm.clone(),
+        // The adapter's realm is known only to the writer's node (the token's, the
+        // adapter's configuration, the LastID agent's): one writer serves them all.
+        Submission::Adapter(_) => String::new(),
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::hardening::signed_lines;
 use crate::respond::{enroll, get, wait_for};
 use crate::stages::{Broker, poison};
-use crate::support::{Server, custos};
+use crate::support::{Server, custos, post};
 
 /// Starts the stage process; returns it and the two keys it printed.
 fn stages(data: &std::path::Path, brokers: &str) -> (Child, String, String) {
@@ -206,6 +206,8 @@ fn ingest_node(dir: &std::path::Path, name: &str, brokers: &str) -> Server {
 fn stateless_ingest_nodes_in_front_of_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
+    let webhook_secret = dir.path().join("vaultysclaw-secret");
+    std::fs::write(&webhook_secret, VAULTYSCLAW_SECRET).unwrap();
     let writer = Server::start_with(
         &dir.path().join("writer"),
         &[
@@ -215,6 +217,10 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
             "edge-test",
             "--roles",
             "writer",
+            "--vaultysclaw-secret-file",
+            webhook_secret.to_str().unwrap(),
+            "--vaultysclaw-realm",
+            "vc",
         ],
     );
     let token = writer.token();
@@ -243,8 +249,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     }
     let probe = probes[0].clone();
 
-    // The node describes its own routes, and refuses the adapters by name: they attest
-    // with keys kept in a store, which an ingest node does not have.
+    // The node describes its own routes.
     let document: serde_json::Value = reqwest::blocking::get(format!("{}/openapi.json", first.url))
         .unwrap()
         .json()
@@ -252,18 +257,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     for path in ["/v1/events", "/v1/agents/{did}/revoke", "/v1/tokens", "/v1/traces"] {
         assert!(document["paths"][path].is_object(), "{path} not in {document}");
     }
-    for path in [
-        "/v1/traces",
-        "/v1/adapters/lastid/audit",
-        "/v1/adapters/vaultysclaw/webhook",
-    ] {
-        let (status, answer) = crate::support::post(&first.url, path, None, b"{}".to_vec()).unwrap();
-        assert_eq!(
-            (status, answer["error"].as_str()),
-            (501, Some("writer_only")),
-            "{path}: {answer}"
-        );
-    }
+    adapters_through_ingest_nodes(&url, &token, [&first.url, &second.url]);
 
     // One ingest node answers a mixed request item by item, as the writer's own API does.
     let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(
@@ -297,6 +291,23 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         expected.map(|(status, reason)| (status.to_owned(), reason.to_owned())),
         "{results:?}"
     );
+    // A request larger than one broker record crosses as several submissions and is
+    // answered as one: 3 000 events and a line far too large to be an event.
+    let mut large = batch(&mut signers[1], 3000);
+    large.push(b'\n');
+    large.extend(std::iter::repeat_n(b'x', 300 * 1024));
+    assert!(large.len() > 1_500_000, "{} bytes", large.len());
+    let results = post_events(&first.url, &large).expect("an answer to a large request");
+    assert_eq!(results.len(), 3001);
+    let accepted = results.iter().filter(|result| result["status"] == "accepted").count();
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    for result in &results {
+        *tally
+            .entry(format!("{} {}", result["status"], result["reason"]))
+            .or_default() += 1;
+    }
+    assert_eq!(accepted, 3000, "{tally:?} {:?}", &results[..3]);
+    assert_eq!(results[3000]["status"], "rejected", "{}", results[3000]);
     // A refusal made by the ingest node is kept for forensics by the writer.
     let (_, rejected) = get(&url, "/v1/rejected?reason=unknown_agent", &token);
     assert!(!rejected["rejected"].as_array().unwrap().is_empty(), "{rejected}");
@@ -377,6 +388,152 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     assert!(!log.contains("panicked"), "{log}");
     let output = crate::support::run(&["verify", dir.path().join("writer").to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stdout(&output));
+}
+
+const VAULTYSCLAW_SECRET: &str = "edge-webhook-secret";
+
+/// The adapters through both ingest nodes: each request is passed on whole to the
+/// writer's node and answered as its own API answers. A collector token of the writer
+/// is one attesting identity whichever ingest node it reaches (the token itself never
+/// crosses: only its hash), and the LastID chains and VaultysClaw deliveries the writer
+/// keeps make a resend through the other node a duplicate.
+fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) {
+    let (status, created) = post(
+        url,
+        "/v1/tokens",
+        Some(admin),
+        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let collector = created["token"].as_str().unwrap();
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let spans = |span_id: &str| {
+        json!({"resourceSpans": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "planner"}}]},
+            "scopeSpans": [{"spans": [{"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id,
+                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
+                "endTimeUnixNano": now.to_string(),
+                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]}]}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    let span_ids = ["00f067aa0ba90201", "00f067aa0ba90202"];
+    for (node, span_id) in nodes.iter().zip(span_ids) {
+        let (status, answer) = post_otlp(node, Some(collector), spans(span_id)).unwrap();
+        assert_eq!(status, 200, "{node}: {answer}");
+    }
+    let rows = sql(
+        url,
+        admin,
+        "SELECT agent, span_id, attrs FROM events WHERE kind = 'llm_call' ORDER BY log_index",
+    );
+    let found: Vec<&str> = rows.iter().map(|row| row["span_id"].as_str().unwrap()).collect();
+    assert_eq!(found, span_ids, "{rows:?}");
+    assert_eq!(
+        rows[0]["agent"], rows[1]["agent"],
+        "one attested agent whichever node: {rows:?}"
+    );
+    let attrs: serde_json::Value = serde_json::from_str(rows[0]["attrs"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (attrs["custos.source"].as_str(), attrs["custos.attested_for"].as_str()),
+        (Some("otlp"), Some("planner"))
+    );
+    // Who may send: checked by the writer against its own tokens, and without a token
+    // by the ingest node itself.
+    let (status, answer) = post_otlp(nodes[0], None, spans("00f067aa0ba90203")).unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{answer}"
+    );
+    let (status, answer) = post_otlp(
+        nodes[1],
+        Some(&format!("cus_{}", "A".repeat(43))),
+        spans("00f067aa0ba90203"),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{answer}"
+    );
+    let (status, answer) = post_otlp(nodes[0], Some(admin), spans("00f067aa0ba90203")).unwrap();
+    assert_eq!((status, answer["error"].as_str()), (403, Some("forbidden")), "{answer}");
+    let (status, answer) = post_otlp(nodes[0], Some(collector), b"{\"resourceSpans\": 7}".to_vec()).unwrap();
+    assert_eq!((status, answer["error"].as_str()), (400, Some("bad_otlp")), "{answer}");
+    // A body too large for one broker record is refused by name, not answered 503 for
+    // ever (a client would resend it in vain).
+    let mut padded = spans("00f067aa0ba90204");
+    padded.extend(std::iter::repeat_n(b' ', 900 * 1024));
+    let (status, answer) = post_otlp(nodes[1], Some(collector), padded).unwrap();
+    assert_eq!((status, answer["error"].as_str()), (413, Some("too_large")), "{answer}");
+
+    // LastID: enrolled on the writer; records through one node, again through the other.
+    let mut agent = crate::lastid::LastIdAgent::new("did:lastid:agent:edge", [33; 32]);
+    let (status, enrolled) = post(
+        url,
+        "/v1/agents",
+        Some(admin),
+        json!({"did": agent.did, "realm": "eng", "source": "lastid", "public_key": agent.public_key_hex()})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{enrolled}");
+    let records = [
+        agent.next("AgentToolInvoked", None, json!({"tool": "search"})),
+        agent.next("AgentToolInvoked", None, json!({"tool": "fetch"})),
+    ];
+    let statuses = |results: Vec<serde_json::Value>| -> Vec<String> {
+        results
+            .iter()
+            .map(|result| result["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        statuses(crate::lastid::ship(nodes[0], &records)),
+        ["accepted", "accepted"]
+    );
+    assert_eq!(
+        statuses(crate::lastid::ship(nodes[1], &records)),
+        ["duplicate", "duplicate"]
+    );
+    let mut forged = records[1].clone();
+    forged["metadata"] = json!({"tool": "exfiltrate"});
+    let results = crate::lastid::ship(nodes[1], &[forged]);
+    assert_eq!(results[0]["reason"], "integrity_mismatch", "{results:?}");
+
+    // VaultysClaw: the webhook secret and the deliveries seen are the writer's.
+    let delivery = json!({"event": "intent.completed", "occurredAt": chrono::Utc::now().to_rfc3339(), "data": {
+        "intentId": "i-edge", "agentDid": "did:vc:agent:edge", "action": "http.get",
+        "params": {"url": "https://api.example.com"}, "status": "completed"}});
+    let at = chrono::Utc::now().timestamp_millis();
+    let (status, answer) = crate::vaultysclaw::deliver(nodes[1], "d-edge", at, VAULTYSCLAW_SECRET, &delivery);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("accepted")), "{answer}");
+    let (status, answer) = crate::vaultysclaw::deliver(nodes[0], "d-edge", at, VAULTYSCLAW_SECRET, &delivery);
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("duplicate")),
+        "{answer}"
+    );
+    let (status, answer) = crate::vaultysclaw::deliver(nodes[0], "d-edge-2", at, "not-the-secret", &delivery);
+    assert_eq!((status, answer["error"].as_str()), (401, Some("bad_hmac")), "{answer}");
+}
+
+/// `POST /v1/traces` with an OTLP/JSON body.
+fn post_otlp(url: &str, token: Option<&str>, body: Vec<u8>) -> reqwest::Result<(u16, serde_json::Value)> {
+    let mut request = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/traces"))
+        .header("content-type", "application/json")
+        .timeout(Duration::from_secs(30))
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send()?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().unwrap_or(serde_json::Value::Null)))
 }
 
 /// Sends `body` (signed envelopes, one per line) to `urls[target]` until some ingest

@@ -60,7 +60,7 @@ impl LastIdAgent {
     }
 }
 
-fn ship(url: &str, records: &[Value]) -> Vec<Value> {
+pub(crate) fn ship(url: &str, records: &[Value]) -> Vec<Value> {
     let body = json!({ "records": records }).to_string().into_bytes();
     let (status, answer) = post(url, "/v1/adapters/lastid/audit", None, body).unwrap();
     assert_eq!(status, 200, "{answer}");

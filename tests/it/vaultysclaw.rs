@@ -68,7 +68,7 @@ fn start_fake(state: Arc<Mutex<Fake>>) -> String {
     url
 }
 
-fn deliver(url: &str, delivery: &str, timestamp: i64, secret: &str, body: &Value) -> (u16, Value) {
+pub(crate) fn deliver(url: &str, delivery: &str, timestamp: i64, secret: &str, body: &Value) -> (u16, Value) {
     let raw = body.to_string();
     let signature = custos_ingest::vaultysclaw::signature(secret.as_bytes(), &timestamp.to_string(), raw.as_bytes());
     let response = reqwest::blocking::Client::new()

@@ -135,6 +135,17 @@ fn submissions_round_trip_and_bad_records_are_named() {
                 },
             ],
         }),
+        // An adapter request's body is binary (OTLP protobuf, gzip) and travels as it is.
+        Submission::Adapter(custos_stage::AdapterRequest {
+            route: "/v1/traces".into(),
+            remote: "192.0.2.1:4000".into(),
+            headers: vec![
+                ("content-encoding".into(), "gzip".into()),
+                ("content-type".into(), "application/x-protobuf".into()),
+            ],
+            token_sha256: Some("ab".repeat(32)),
+            body: vec![0x1f, 0x8b, 0x00, 0xff],
+        }),
     ] {
         let bytes = wire::encode_submission("origin-1", 42, &submission).unwrap();
         let (origin, ticket, decoded) = wire::decode_submission(&bytes).unwrap();
@@ -161,6 +172,22 @@ fn submissions_round_trip_and_bad_records_are_named() {
     )
     .unwrap_err();
     assert!(error.contains("`maybe`"), "{error}");
+    // An adapter request names one of the adapter routes and carries only their headers,
+    // so a forged record cannot reach another route of the writer's node or pass it a
+    // header such as `authorization`.
+    let adapter = |route: &str, headers: &str, token: &str| {
+        let record = format!(
+            r#"{{"v":1,"origin":"o","ticket":1,"submission":{{"type":"adapter","route":"{route}","remote":"r","headers":{headers},{token}"body":""}}}}"#
+        );
+        wire::decode_submission(record.as_bytes())
+    };
+    let error = adapter("/v1/agents", "{}", "").unwrap_err();
+    assert!(error.contains("`/v1/agents` is not an adapter route"), "{error}");
+    let error = adapter("/v1/traces", r#"{"authorization":"Bearer x"}"#, "").unwrap_err();
+    assert!(error.contains("`authorization`"), "{error}");
+    let error = adapter("/v1/traces", "{}", r#""token_sha256":"secret","#).unwrap_err();
+    assert!(error.contains("64 hex digits"), "{error}");
+    assert!(adapter("/v1/adapters/lastid/audit", "{}", "").is_ok());
     let error = wire::decode_committed(b"{\"v\":2,\"record\":{\"type\":\"replayed\",\"next_index\":1}}").unwrap_err();
     assert!(error.contains("version 2"), "{error}");
     let error = wire::decode_committed(b"not json").unwrap_err();

@@ -1,0 +1,173 @@
+//! Adapter requests that ingest nodes pass on whole ([`Submission::Adapter`]), served by
+//! the writer's node with the same handlers as its own API.
+//!
+//! ```text
+//!  collector / LastID / VaultysClaw ─▶ ingest node (limits; the bearer token → SHA-256)
+//!        │ Submission::Adapter { route, remote, adapter headers, token_sha256, body }
+//!        ▼ submissions topic
+//!  writer's Kafka bridge ─▶ AdapterDesk::serve ─▶ otlp / lastid / vaultysclaw handler
+//!        │ (token looked up by its hash in this node's table; the remote kept for limits)
+//!        ▼ attest ─▶ sequencer (the same appends as a request to this node's API)
+//!  Appended::reply { status, content type, body } ─▶ receipt ─▶ the ingest node answers it
+//! ```
+//!
+//! The adapters' keys, chains, LastID table and webhook deliveries stay in this node's
+//! store, so a collector is one attesting identity whichever ingest node it reaches.
+//!
+//! [`Submission::Adapter`]: custos_stage::Submission::Adapter
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use custos_http::Role;
+use custos_stage::{AdapterReply, AdapterRequest, Appended, Receipt, Refused};
+
+use crate::ApiError;
+use crate::http::AppState;
+
+/// Answers bodies up to this size (an adapter's answer is a verdict list: a few KiB per
+/// hundred items).
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// Where the writer's Kafka bridge hands adapter requests: empty until the node is open
+/// (then they are refused as retryable), and served on the node's runtime after.
+#[derive(Clone, Default)]
+pub struct AdapterDesk(Arc<OnceLock<(AppState, tokio::runtime::Handle)>>);
+
+impl AdapterDesk {
+    pub(crate) fn open(&self, state: AppState, runtime: tokio::runtime::Handle) {
+        let _ = self.0.set((state, runtime));
+    }
+
+    /// Serves `request` as this node's API serves the route; the receipt answers with
+    /// the reply once the handler has finished (its appends durable).
+    pub fn serve(&self, request: AdapterRequest) -> Receipt {
+        let (answer, receipt) = custos_stage::receipt();
+        let Some((state, runtime)) = self.0.get() else {
+            answer.send(Err(Refused::retryable(
+                "not_ready",
+                "the writer's node is still starting; the adapter request can be sent again",
+            )));
+            return receipt;
+        };
+        let state = state.clone();
+        runtime.spawn(async move {
+            let response = match serve(state, request).await {
+                Ok(response) => response,
+                Err(error) => error.into_response(),
+            };
+            answer.send(reply(response).await);
+        });
+        receipt
+    }
+}
+
+async fn serve(state: AppState, request: AdapterRequest) -> Result<Response, ApiError> {
+    if request.body.len() > state.config.max_request_bytes {
+        return Err(ApiError::new(
+            413,
+            "too_large",
+            format!(
+                "the request holds {} bytes; the limit is {}",
+                request.body.len(),
+                state.config.max_request_bytes
+            ),
+        ));
+    }
+    // The ingest node sends the client's address as it saw it; one that does not parse
+    // counts as one unknown source for the limits.
+    let remote: SocketAddr = request
+        .remote
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut headers = HeaderMap::new();
+    for (name, value) in &request.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    let body = Bytes::from(request.body);
+    match request.route.as_str() {
+        "/v1/traces" => {
+            let digest = request
+                .token_sha256
+                .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
+            let caller = custos_http::authorize_sha256(&state.tokens, &digest, &[Role::Collector])?;
+            crate::otlp::traces(state, caller, remote.to_string(), &headers, &body).await
+        }
+        "/v1/adapters/lastid/audit" => crate::lastid::post_audit(State(state), ConnectInfo(remote), body).await,
+        "/v1/adapters/vaultysclaw/webhook" => {
+            crate::vaultysclaw::post_webhook(State(state), ConnectInfo(remote), headers, body).await
+        }
+        other => Err(ApiError::new(
+            404,
+            "not_found",
+            format!("`{other}` is not an adapter route"),
+        )),
+    }
+}
+
+/// The handler's answer as the contract carries it.
+async fn reply(response: Response) -> Result<Appended, Refused> {
+    let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    let text = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = text(header::CONTENT_TYPE).unwrap_or_else(|| "application/json".into());
+    let retry_after = text(header::RETRY_AFTER).and_then(|seconds| seconds.parse().ok());
+    let body = axum::body::to_bytes(body, MAX_REPLY_BYTES)
+        .await
+        .map_err(|error| Refused::new("internal", format!("reading the adapter's answer: {error}")))?;
+    Ok(Appended {
+        log_indexes: Vec::new(),
+        verdicts: Vec::new(),
+        reply: Some(AdapterReply {
+            status,
+            content_type,
+            body: base64::engine::general_purpose::STANDARD.encode(&body),
+            retry_after,
+        }),
+    })
+}
+
+/// What the writer's Kafka bridge submits to: adapter requests go to `desk`, the rest to
+/// the log. Without a desk (a writer of one partition of a set, whose realm the request
+/// cannot name), adapter requests are refused `writer_only`.
+pub struct WithAdapters<S> {
+    pub log: S,
+    pub desk: Option<AdapterDesk>,
+}
+
+impl<S: custos_stage::Submitter> custos_stage::Submitter for WithAdapters<S> {
+    fn submit(&self, submission: custos_stage::Submission) -> Result<Receipt, custos_stage::StageError> {
+        match (submission, &self.desk) {
+            (custos_stage::Submission::Adapter(request), Some(desk)) => Ok(desk.serve(request)),
+            (custos_stage::Submission::Adapter(request), None) => {
+                let (answer, receipt) = custos_stage::receipt();
+                answer.send(Err(Refused::new(
+                    "writer_only",
+                    format!(
+                        "`{}` is not served through ingest nodes when each partition has its own log \
+                         (--log-per-partition): send it to the API of the writer of its realm's partition",
+                        request.route
+                    ),
+                )));
+                Ok(receipt)
+            }
+            (submission, _) => self.log.submit(submission),
+        }
+    }
+}
