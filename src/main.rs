@@ -381,6 +381,14 @@ impl ServeArgs {
         let Some(brokers) = self.kafka.clone() else {
             return Ok(None);
         };
+        if self.max_event_bytes > custos_stage::kafka::MAX_EVENT_BYTES {
+            anyhow::bail!(
+                "--max-event-bytes {}: with --kafka an envelope must fit one broker record with its committed form; \
+                 the most is {}",
+                self.max_event_bytes,
+                custos_stage::kafka::MAX_EVENT_BYTES
+            );
+        }
         let mut kafka = custos_stage::kafka::KafkaConfig::new(brokers);
         kafka.prefix = self.kafka_prefix.clone();
         if let Some(path) = &self.kafka_config_file {

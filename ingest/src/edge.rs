@@ -185,6 +185,52 @@ struct EdgeState {
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
+/// A request's checked items, (item, realm) in request order, as the submissions that
+/// carry them: per realm (each goes to its realm's partition and log writer), its
+/// batches in order, each with the request indexes of its items. A realm's batch is cut
+/// at [`SUBMISSION_ITEMS`] items or [`SUBMISSION_RAW_BYTES`] of envelopes, so that every
+/// submission and its receipt fit one broker record.
+fn realm_batches(
+    remote: &str,
+    checked: impl Iterator<Item = (EventItem, String)>,
+) -> Vec<Vec<(EventBatch, Vec<usize>)>> {
+    let mut realms: Vec<Vec<(EventBatch, Vec<usize>, usize)>> = Vec::new();
+    for (index, (mut item, realm)) in checked.enumerate() {
+        if matches!(item.check, ItemCheck::Refused { .. }) && item.raw.len() > REFUSED_RAW_BYTES {
+            // The writer keeps 64 KiB of a refused input for forensics; the rest would
+            // only make the record too large for the broker.
+            item.raw.truncate(REFUSED_RAW_BYTES);
+        }
+        let lane = match realms.iter().position(|lane| lane[0].0.realm == realm) {
+            Some(lane) => lane,
+            None => {
+                realms.push(Vec::new());
+                realms.len() - 1
+            }
+        };
+        let lane = &mut realms[lane];
+        let full = |(batch, _, size): &(EventBatch, Vec<usize>, usize)| {
+            batch.items.len() >= SUBMISSION_ITEMS || (*size > 0 && size + item.raw.len() > SUBMISSION_RAW_BYTES)
+        };
+        if lane.last().is_none_or(full) {
+            let batch = EventBatch {
+                remote: remote.to_owned(),
+                realm,
+                items: Vec::new(),
+            };
+            lane.push((batch, Vec::new(), 0));
+        }
+        let (batch, indexes, size) = lane.last_mut().expect("a batch was pushed above");
+        *size += item.raw.len();
+        batch.items.push(item);
+        indexes.push(index);
+    }
+    realms
+        .into_iter()
+        .map(|lane| lane.into_iter().map(|(batch, indexes, _)| (batch, indexes)).collect())
+        .collect()
+}
+
 /// Submissions an ingest node waits on at once, at most: each holds its request's body
 /// and connection until the writer answers.
 const MAX_IN_FLIGHT: usize = 256;
@@ -192,7 +238,11 @@ const MAX_IN_FLIGHT: usize = 256;
 /// The envelope bytes of one `Submission::Events` at most: in base64 with the record's
 /// JSON, well under the 1 000 000 bytes a Kafka client sends in one record by default
 /// (`message.max.bytes`). A larger request becomes several submissions.
-const SUBMISSION_RAW_BYTES: usize = 512 * 1024;
+const SUBMISSION_RAW_BYTES: usize = 384 * 1024;
+
+/// The items of one `Submission::Events` at most: what bounds its receipt (a verdict per
+/// item) and the refusal messages it carries, for a request of many tiny items.
+const SUBMISSION_ITEMS: usize = 1024;
 
 /// A refused item travels with at most this many of its bytes (the writer keeps 64 KiB
 /// of it for forensics).
@@ -620,47 +670,13 @@ async fn post_events(
     };
     let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
     let count = items.len();
-    // One batch per realm: each goes to its realm's partition (and log writer), and
-    // the answers are put back in request order. A realm's batch is cut at
-    // SUBMISSION_RAW_BYTES, so every submission fits in one broker record.
-    // Per realm, its batches (with their request indexes and envelope bytes) in order.
-    let mut realms: Vec<Vec<(EventBatch, Vec<usize>, usize)>> = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let (mut item, realm) = state.view.check(item);
-        if matches!(item.check, ItemCheck::Refused { .. }) && item.raw.len() > REFUSED_RAW_BYTES {
-            // The writer keeps 64 KiB of a refused input for forensics; the rest would
-            // only make the record too large for the broker.
-            item.raw.truncate(REFUSED_RAW_BYTES);
-        }
-        let lane = match realms.iter().position(|lane| lane[0].0.realm == realm) {
-            Some(lane) => lane,
-            None => {
-                realms.push(Vec::new());
-                realms.len() - 1
-            }
-        };
-        let lane = &mut realms[lane];
-        if lane
-            .last()
-            .is_none_or(|(_, _, size)| *size > 0 && size + item.raw.len() > SUBMISSION_RAW_BYTES)
-        {
-            let batch = EventBatch {
-                remote: remote.clone(),
-                realm,
-                items: Vec::new(),
-            };
-            lane.push((batch, Vec::new(), 0));
-        }
-        let (batch, indexes, size) = lane.last_mut().expect("a batch was pushed above");
-        *size += item.raw.len();
-        batch.items.push(item);
-        indexes.push(index);
-    }
+    let checked = items.into_iter().map(|item| state.view.check(item));
+    let realms = realm_batches(&remote, checked);
     // Realms at once; a realm's batches one after another, each once the one before is
     // durable, so the writer takes an agent's events in request order.
     let answers = futures::future::join_all(realms.into_iter().map(|lane| async {
         let mut answers = Vec::with_capacity(lane.len());
-        for (batch, indexes, _) in lane {
+        for (batch, indexes) in lane {
             let appended = submit(&state, Submission::Events(batch)).await;
             let failed = appended.is_err();
             answers.push((appended, indexes));
@@ -818,5 +834,70 @@ mod tests {
         let (_, mut bad) = item(1);
         bad.outcome = Err(custos_event::Rejection::new(Reason::BadSignature, "bad"));
         assert!(refused("bad_signature", false)(view.check(bad).0.check));
+    }
+
+    /// Every submission a request becomes, and its receipt, fits one broker record (the
+    /// 1 000 000 bytes a Kafka client sends by default), whatever the request holds:
+    /// many tiny refused items with long messages, the largest envelopes a cluster node
+    /// takes, or one huge refused line; and the request indexes come back in order.
+    #[test]
+    fn every_submission_and_its_receipt_fit_one_broker_record() {
+        let refused = |raw: Vec<u8>| EventItem {
+            raw,
+            keyid: None,
+            check: ItemCheck::Refused {
+                code: "malformed".into(),
+                message: "m".repeat(300),
+                signed: false,
+            },
+        };
+        let verified = |raw: Vec<u8>| EventItem {
+            raw,
+            keyid: Some(format!("did:key:z6Mk{}", "a".repeat(44))),
+            check: ItemCheck::Verified,
+        };
+        let mut checked: Vec<(EventItem, String)> = Vec::new();
+        checked.extend((0..10_000).map(|_| (refused(b"x".to_vec()), String::new())));
+        let largest = custos_stage::kafka::MAX_EVENT_BYTES;
+        checked.extend((0..12).map(|_| (verified(vec![b'e'; largest]), "eng".to_owned())));
+        checked.push((refused(vec![b'z'; 2 << 20]), String::new()));
+        checked.extend((0..3000).map(|_| (verified(vec![b'o'; 300]), "ops".to_owned())));
+        let total = checked.len();
+        let realms = realm_batches("192.0.2.1:4000", checked.into_iter());
+        assert_eq!(realms.len(), 3, "one lane per realm");
+        let mut seen = Vec::new();
+        for lane in &realms {
+            let mut last = None;
+            for (batch, indexes) in lane {
+                assert_eq!(batch.items.len(), indexes.len());
+                // A realm's items keep request order across its batches.
+                assert!(indexes.windows(2).all(|pair| pair[0] < pair[1]));
+                assert!(last < indexes.first().copied());
+                last = indexes.last().copied();
+                seen.extend(indexes.iter().copied());
+                let bytes =
+                    custos_stage::wire::encode_submission("origin", 1, &Submission::Events(batch.clone())).unwrap();
+                assert!(bytes.len() < 1_000_000, "a submission of {} bytes", bytes.len());
+                let verdicts = indexes
+                    .iter()
+                    .map(|&index| Verdict::rejected(index, "malformed", "m".repeat(300)))
+                    .collect();
+                let appended = custos_stage::Appended {
+                    log_indexes: Vec::new(),
+                    verdicts,
+                    reply: None,
+                };
+                let receipt = custos_stage::wire::encode_receipt("origin", 1, Ok(appended)).unwrap();
+                assert!(receipt.len() < 1_000_000, "a receipt of {} bytes", receipt.len());
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..total).collect::<Vec<_>>(), "every item in exactly one batch");
+        let huge = realms[0]
+            .iter()
+            .flat_map(|(batch, _)| &batch.items)
+            .map(|item| item.raw.len())
+            .max();
+        assert_eq!(huge, Some(REFUSED_RAW_BYTES), "a huge refused line travels cut");
     }
 }

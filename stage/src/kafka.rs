@@ -1334,9 +1334,19 @@ impl KafkaPublisher {
     }
 }
 
-/// Events of one agent per committed-topic record at most (a record stays far below the
-/// broker's 1 MiB message limit).
+/// Events of one agent per committed-topic record at most.
 const RUN_LENGTH: usize = 256;
+
+/// A committed-topic record of several events is cut below this many bytes, well under
+/// the 1 000 000 bytes a Kafka client sends in one record by default
+/// (`message.max.bytes`). One event alone stays under it: with `--kafka` an envelope is
+/// at most [`MAX_EVENT_BYTES`].
+const RUN_BYTES: usize = 512 * 1024;
+
+/// The largest envelope a node takes with `--kafka` (`--max-event-bytes` may not be
+/// set above it): its committed record (the payload parsed and in base64, with the
+/// entry) and its submission then fit one broker record.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Events held for runs at most: a writer that never pauses still publishes as it goes.
 const MAX_WAITING: usize = 4096;
@@ -1363,11 +1373,22 @@ impl KafkaPublisher {
         self.waiting = 0;
         for (agent, observations) in std::mem::take(&mut self.runs) {
             for run in observations.chunks(RUN_LENGTH) {
-                let bytes = wire::encode_events(run).map_err(StageError::Kafka)?;
-                self.send(&agent, &bytes)?;
+                self.send_run(&agent, run)?;
             }
         }
         Ok(())
+    }
+
+    /// Sends `run` as one record, or in halves while it is larger than [`RUN_BYTES`]
+    /// (large events: one record of them all would be refused by the client).
+    fn send_run(&self, agent: &str, run: &[custos_event::Observation]) -> Result<(), StageError> {
+        let bytes = wire::encode_events(run).map_err(StageError::Kafka)?;
+        if bytes.len() > RUN_BYTES && run.len() > 1 {
+            let (first, second) = run.split_at(run.len() / 2);
+            self.send_run(agent, first)?;
+            return self.send_run(agent, second);
+        }
+        self.send(agent, &bytes)
     }
 }
 

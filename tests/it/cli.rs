@@ -153,6 +153,31 @@ fn an_operator_round_trip() {
     assert!(stderr(&output).contains("not a Custos store"), "{}", stderr(&output));
 }
 
+/// With `--kafka` an envelope must fit one broker record: a larger `--max-event-bytes`
+/// is refused at start, named, before any broker is contacted.
+#[test]
+fn a_cluster_node_refuses_an_event_limit_past_a_broker_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let output = run(&[
+        "serve",
+        "--data",
+        data.to_str().unwrap(),
+        "--kafka",
+        "127.0.0.1:9",
+        "--roles",
+        "ingest",
+        "--max-event-bytes",
+        "300000",
+    ]);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(
+        text.contains("--max-event-bytes 300000") && text.contains("262144"),
+        "{text}"
+    );
+}
+
 #[test]
 fn every_command_has_help_with_examples() {
     for args in [

@@ -200,6 +200,37 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
         "freshness: visible on the query node {:?} after the writer's answer",
         started.elapsed()
     );
+    // A burst of one agent's largest events: their committed records are cut to fit the
+    // broker's record size (one record of them all would be refused, and would stop the
+    // committed topic for every reader).
+    let blob = "x".repeat(40 * 1024);
+    let burst: Vec<String> = (0..24)
+        .map(|index| {
+            let object = json!({"kind": "tool_call", "action": format!("large-{index}"), "attrs": {"blob": blob}});
+            signers[0]
+                .sign_object(object.as_object().unwrap().clone(), chrono::Utc::now())
+                .unwrap()
+                .to_json()
+        })
+        .collect();
+    let (status, answer) = post(&url, "/v1/events", None, burst.join("\n").into_bytes()).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|result| result["status"] == "accepted"),
+        "{answer}"
+    );
+    wait_for("the burst of large events on the query node", || {
+        rows(
+            &node.url,
+            &node_token,
+            "SELECT count(*) AS n FROM events WHERE action LIKE 'large-%'",
+        )
+        .is_some_and(|rows| rows[0]["n"] == 24)
+    });
     let revoked = signers[1].did().to_owned();
     let (status, answer) = post(
         &url,
