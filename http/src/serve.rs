@@ -466,6 +466,20 @@ impl RejectLimiter {
         (tokens + now.duration_since(since).as_secs_f64() * self.rate).min(self.burst)
     }
 
+    /// [`RejectLimiter::check`] as the API answers it: 429 `rate_limited` with
+    /// `Retry-After`, naming the source and what it sent too much of (`what`).
+    pub fn admit(&self, source: std::net::IpAddr, what: &str) -> Result<(), crate::ApiError> {
+        self.check(source).map_err(|seconds| {
+            crate::metrics::RATE_LIMITED.inc();
+            crate::ApiError::new(
+                429,
+                "rate_limited",
+                format!("{source} sent too many {what}; retry in {seconds} s"),
+            )
+            .retry_after(seconds)
+        })
+    }
+
     /// `Err(seconds)` when `source` has spent its budget: the request is refused whole.
     pub fn check(&self, source: std::net::IpAddr) -> Result<(), u64> {
         let buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

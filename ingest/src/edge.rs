@@ -455,14 +455,7 @@ async fn forward_adapter(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let source = remote.ip();
-    if let Err(seconds) = state.rejects.check(source) {
-        return Err(ApiError::new(
-            429,
-            "rate_limited",
-            format!("{source} sent too many refused requests; retry in {seconds} s"),
-        )
-        .retry_after(seconds));
-    }
+    state.rejects.admit(source, "refused requests")?;
     let route = uri.path().to_owned();
     let token_sha256 = custos_http::bearer_sha256(&headers);
     if route == "/v1/traces" && token_sha256.is_none() {

@@ -343,14 +343,7 @@ pub(crate) async fn post_audit(
 ) -> Result<Response, ApiError> {
     let source = remote.ip();
     let remote = remote.to_string();
-    if let Err(seconds) = state.rejects.check(source) {
-        return Err(ApiError::new(
-            429,
-            "rate_limited",
-            format!("{source} sent more unverifiable input than allowed; retry in {seconds} s"),
-        )
-        .retry_after(seconds));
-    }
+    state.rejects.admit(source, "unverifiable records")?;
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(error) => {

@@ -303,14 +303,7 @@ pub(crate) async fn post_webhook(
     };
     let source = remote.ip();
     let remote = remote.to_string();
-    if let Err(seconds) = state.rejects.check(source) {
-        return Err(ApiError::new(
-            429,
-            "rate_limited",
-            format!("{source} sent too many refused deliveries; retry in {seconds} s"),
-        )
-        .retry_after(seconds));
-    }
+    state.rejects.admit(source, "refused deliveries")?;
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
     let refusal = {
         let timestamp = header("x-vaultysclaw-timestamp").unwrap_or_default();
