@@ -191,6 +191,13 @@ struct ServeArgs {
     /// bytes; what was stored meanwhile is answered `duplicate`).
     #[arg(long, default_value_t = 30, requires = "kafka", value_parser = clap::value_parser!(u64).range(1..=3600))]
     writer_timeout_secs: u64,
+    /// With --roles writer: check the signature of every event an ingest node passed on
+    /// as verified again, refusing (bad_signature) and logging any that does not verify.
+    /// Whoever may write the submissions topic (a compromised ingest node, a leaked broker
+    /// credential) then cannot append events in an agent's name. Costs one more batch
+    /// verification per event on the writer (docs/BENCHMARKS.md).
+    #[arg(long, requires = "kafka")]
+    verify_submissions: bool,
     /// The writers keep one Merkle log per partition of the submissions topic. Give it to
     /// every writer, detector and responder process of the cluster. A writer keeps each
     /// partition's log in its own store under DATA/partitions/<p>/, takes the partitions
@@ -430,6 +437,7 @@ impl ServeArgs {
             query: self.roles.contains(&Role::Query),
             writer_timeout: std::time::Duration::from_secs(self.writer_timeout_secs),
             log_per_partition: self.log_per_partition,
+            verify_submissions: self.verify_submissions,
             partition: None,
             preferred: self.prefer_partitions.clone(),
             trust,

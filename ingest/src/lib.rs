@@ -51,6 +51,8 @@ pub mod vaultysclaw;
 pub use http::catalogue;
 pub mod registry;
 pub mod replica;
+mod reverify;
+pub use reverify::Reverified;
 pub mod samples;
 pub mod sequencer;
 mod state;

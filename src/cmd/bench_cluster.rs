@@ -68,6 +68,10 @@ pub(crate) struct ClusterArgs {
     /// after a run that succeeded too; a failed run always keeps it.
     #[arg(long)]
     keep: bool,
+    /// Start the writer with --verify-submissions (it checks every event's signature
+    /// again): what that check costs.
+    #[arg(long)]
+    verify_submissions: bool,
 }
 
 /// The storage engine of the tansu broker the bench starts.
@@ -532,9 +536,18 @@ async fn run(args: &ClusterArgs, scratch: &Path) -> anyhow::Result<()> {
     kafka.prefix = prefix.clone();
     let cluster_args = ["--kafka", &broker.addr, "--kafka-prefix", &prefix];
     let archive = format!("file://{}", scratch.join("archive").display());
+    let verify: &[&str] = match args.verify_submissions {
+        true => &["--verify-submissions"],
+        false => &[],
+    };
     let writer = Process::serve(
         &scratch.join("writer"),
-        &[&cluster_args[..], &["--roles", "writer", "--object-store", &archive]].concat(),
+        &[
+            &cluster_args[..],
+            &["--roles", "writer", "--object-store", &archive],
+            verify,
+        ]
+        .concat(),
     )?;
     let admin = Client::new(&writer.url, Some(writer.token()?));
     // Every phase's agents are enrolled before the ingest nodes start.

@@ -34,6 +34,9 @@ pub(crate) struct Cluster {
     pub(crate) preferred: Vec<i32>,
     /// System keys of stages in other processes: `did:key` → payload type.
     pub(crate) trust: std::collections::BTreeMap<String, String>,
+    /// The writer checks the signature of every event an ingest node verified again
+    /// (`--verify-submissions`).
+    pub(crate) verify_submissions: bool,
     /// A query node's pinned checkpoint verifier keys (`--log-key`): the object store's
     /// segments must be signed by them. One for one log; one per partition, in partition
     /// order, over a partition set.
@@ -55,6 +58,7 @@ impl Bridges {
     fn start(
         kafka: &KafkaConfig,
         partition: Option<i32>,
+        verify_submissions: bool,
         data: &std::path::Path,
         hooks: &mut custos_ingest::Hooks,
     ) -> anyhow::Result<Self> {
@@ -97,6 +101,10 @@ impl Bridges {
             log: queue.submitter(),
             desk: adapters,
         };
+        let into_writer: Box<dyn custos_stage::Submitter> = match verify_submissions {
+            true => Box::new(custos_ingest::Reverified::new(into_writer)),
+            false => Box::new(into_writer),
+        };
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
         let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -121,7 +129,7 @@ impl Bridges {
         let inward = std::thread::Builder::new()
             .name("custos-intake".into())
             .spawn(move || {
-                if let Err(error) = custos_stage::forward_submissions(&mut intake, &into_writer, 256, &flag) {
+                if let Err(error) = custos_stage::forward_submissions(&mut intake, &*into_writer, 256, &flag) {
                     tracing::error!(%error, "taking submissions from Kafka stopped");
                 }
             })?;
@@ -226,6 +234,7 @@ impl Node {
                 Some(Bridges::start(
                     &cluster.kafka,
                     cluster.partition,
+                    cluster.verify_submissions,
                     &config.data,
                     &mut hooks,
                 )?)

@@ -221,6 +221,9 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
             webhook_secret.to_str().unwrap(),
             "--vaultysclaw-realm",
             "vc",
+            // Every event the ingest nodes verified is checked again: none is refused
+            // for it (a forgery is, `stages.rs`).
+            "--verify-submissions",
         ],
     );
     let token = writer.token();

@@ -723,6 +723,100 @@ fn an_action_from_an_earlier_lease_tenure_is_refused() {
     runtime.block_on(running.shutdown()).unwrap();
 }
 
+/// The writer takes an ingest node's word for each signature, unless it checks them
+/// again (`--verify-submissions`, `custos_ingest::Reverified`): then an event a
+/// compromised ingest node passes on as verified, signed by another key than its
+/// agent's, is refused `bad_signature` and its good neighbours are appended.
+#[test]
+fn a_writer_that_checks_signatures_again_refuses_a_forged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let system = AgentKey::from_seed(&[48; 32]);
+    let (running, submit) = queue_writer(&runtime, &dir.path().join("node"), &system, FINDING_PAYLOAD_TYPE);
+    let agent = AgentKey::from_seed(&[49; 32]);
+    let enroll = custos_stage::Submission::Control(custos_stage::ControlOp::Enroll {
+        agent: agent.did().to_owned(),
+        realm: "eng".into(),
+        labels: Default::default(),
+        by: "test".into(),
+    });
+    submit.submit(enroll).unwrap().wait(Duration::from_secs(30)).unwrap();
+    let honest = std::cell::RefCell::new(Signer::new(agent.clone(), "eng"));
+    let did = agent.did().to_owned();
+    let next = || {
+        let object = json!({"kind": "tool_call", "action": "transfer"})
+            .as_object()
+            .unwrap()
+            .clone();
+        honest.borrow_mut().sign_object(object, chrono::Utc::now()).unwrap()
+    };
+    let good = || next().to_json().into_bytes();
+    // The forger knows the agent's did and chain, not its key: the agent's next payload,
+    // signed with the forger's own key under the agent's keyid.
+    let forger = AgentKey::from_seed(&[50; 32]);
+    let forged = || {
+        let mut envelope: serde_json::Value = serde_json::from_str(
+            &forger
+                .sign_envelope(custos_event::EVENT_PAYLOAD_TYPE, next().payload)
+                .to_json(),
+        )
+        .unwrap();
+        envelope["signatures"][0]["keyid"] = json!(did);
+        serde_json::to_vec(&envelope).unwrap()
+    };
+    let batch = |raws: Vec<Vec<u8>>| {
+        custos_stage::Submission::Events(custos_stage::EventBatch {
+            remote: "10.9.9.9:1".into(),
+            realm: "eng".into(),
+            items: raws
+                .into_iter()
+                .map(|raw| custos_stage::EventItem {
+                    raw,
+                    keyid: Some(did.clone()),
+                    check: custos_stage::ItemCheck::Verified,
+                })
+                .collect(),
+        })
+    };
+    let statuses = |appended: custos_stage::Appended| -> Vec<String> {
+        appended
+            .verdicts
+            .iter()
+            .map(|verdict| verdict.reason.clone().unwrap_or(format!("{:?}", verdict.status)))
+            .collect()
+    };
+    // Taken on the ingest node's word, a forgery goes into the log under the agent's name
+    // (what --verify-submissions closes; `custos verify --signatures` finds it later).
+    let first = vec![good(), forged()];
+    let trusted = submit
+        .submit(batch(first))
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(statuses(trusted), ["Accepted", "Accepted"]);
+    // Checked again, it is refused and its neighbours go on.
+    let checking = custos_ingest::Reverified::new(submit);
+    let second = vec![good(), forged(), good()];
+    let checked = checking
+        .submit(batch(second))
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    let verdicts = statuses(checked);
+    assert_eq!(verdicts[1], "bad_signature", "{verdicts:?}");
+    assert_eq!(verdicts[0], "Accepted", "{verdicts:?}");
+    runtime.block_on(running.shutdown()).unwrap();
+    // The forgery taken on trust is found by the offline check, at its log index.
+    let data = dir.path().join("node");
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    let text = crate::support::stdout(&output) + &crate::support::stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("PROBLEM [bad_signature]") && text.contains("log index 2:"),
+        "{text}"
+    );
+}
+
 /// A reader that starts from a time (a query node, after the sealed segments) gets what
 /// was published from then on, then the end of its replay; what came before is left.
 /// One partition can be read alone.
