@@ -8,6 +8,8 @@
 //!       ▲                          WAL fsync, enforcement)   │    index, verdict)          │
 //!       │                                                    └──▶ query tail, control view │
 //!       └────────────────────────────── Submission ───────────────────────────────────────┘
+//!  intake ── adapter requests (OTLP, LastID, VaultysClaw: passed on whole) ──▶ the writer's
+//!            node serves them with its own API's handlers and answers `Appended::reply`
 //! ```
 //!
 //! A stage never calls another stage. It reads [`Committed`] records through a
