@@ -25,7 +25,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use custos_http::Role;
-use custos_stage::{AdapterReply, AdapterRequest, Appended, Receipt, Refused};
+use std::time::{Duration, Instant};
+
+use custos_stage::{AdapterReply, AdapterRequest, Answer, Appended, Intake, Refused, StageError, Submission};
 
 use crate::ApiError;
 use crate::http::AppState;
@@ -44,16 +46,16 @@ impl AdapterDesk {
         let _ = self.0.set((state, runtime));
     }
 
-    /// Serves `request` as this node's API serves the route; the receipt answers with
-    /// the reply once the handler has finished (its appends durable).
-    pub fn serve(&self, request: AdapterRequest) -> Receipt {
-        let (answer, receipt) = custos_stage::receipt();
+    /// Serves `request` as this node's API serves the route, on the node's runtime;
+    /// `answer` gets the reply once the handler has finished (its appends durable).
+    /// Returns at once.
+    pub fn serve(&self, request: AdapterRequest, answer: Answer) {
         let Some((state, runtime)) = self.0.get() else {
             answer.send(Err(Refused::retryable(
                 "not_ready",
                 "the writer's node is still starting; the adapter request can be sent again",
             )));
-            return receipt;
+            return;
         };
         let state = state.clone();
         runtime.spawn(async move {
@@ -63,7 +65,6 @@ impl AdapterDesk {
             };
             answer.send(reply(response).await);
         });
-        receipt
     }
 }
 
@@ -143,31 +144,49 @@ async fn reply(response: Response) -> Result<Appended, Refused> {
     })
 }
 
-/// What the writer's Kafka bridge submits to: adapter requests go to `desk`, the rest to
-/// the log. Without a desk (a writer of one partition of a set, whose realm the request
-/// cannot name), adapter requests are refused `writer_only`.
-pub struct WithAdapters<S> {
-    pub log: S,
+/// What the writer's Kafka bridge reads submissions through: adapter requests go to
+/// `desk` and are answered from there when their handler finishes, while the intake
+/// reads on, so a slow adapter request (one that enrolls many new agents) never holds
+/// the events queued behind it. Without a desk (a writer of one partition of a set,
+/// whose realm the request cannot name), they are refused `writer_only`.
+///
+/// Their offsets are acknowledged with the batch around them, possibly before they are
+/// answered: a writer that stops meanwhile loses the request, and the ingest node sends
+/// it again for want of a receipt (`custos_stage::kafka::RESEND_AFTER`); a copy that
+/// comes while the first is still being answered is left by the intake.
+pub struct AdapterIntake<I> {
+    pub inner: I,
     pub desk: Option<AdapterDesk>,
 }
 
-impl<S: custos_stage::Submitter> custos_stage::Submitter for WithAdapters<S> {
-    fn submit(&self, submission: custos_stage::Submission) -> Result<Receipt, custos_stage::StageError> {
-        match (submission, &self.desk) {
-            (custos_stage::Submission::Adapter(request), Some(desk)) => Ok(desk.serve(request)),
-            (custos_stage::Submission::Adapter(request), None) => {
-                let (answer, receipt) = custos_stage::receipt();
-                answer.send(Err(Refused::new(
-                    "writer_only",
-                    format!(
-                        "`{}` is not served through ingest nodes when each partition has its own log \
-                         (--log-per-partition): send it to the API of the writer of its realm's partition",
-                        request.route
-                    ),
-                )));
-                Ok(receipt)
+impl<I: Intake> Intake for AdapterIntake<I> {
+    fn recv(&mut self, timeout: Duration) -> Result<Option<(Submission, Answer)>, StageError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inner.recv(left)? {
+                Some((Submission::Adapter(request), answer)) => {
+                    match &self.desk {
+                        Some(desk) => desk.serve(request, answer),
+                        None => answer.send(Err(Refused::new(
+                            "writer_only",
+                            format!(
+                                "`{}` is not served through ingest nodes when each partition has its own log \
+                                 (--log-per-partition): send it to the API of the writer of its realm's partition",
+                                request.route
+                            ),
+                        ))),
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
+                other => return Ok(other),
             }
-            (submission, _) => self.log.submit(submission),
         }
+    }
+
+    fn ack(&mut self) -> Result<(), StageError> {
+        self.inner.ack()
     }
 }

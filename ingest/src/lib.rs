@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 pub(crate) mod attest;
 pub mod edge;
 mod forwarded;
-pub use forwarded::{AdapterDesk, WithAdapters};
+pub use forwarded::{AdapterDesk, AdapterIntake};
 mod http;
 mod lastid;
 mod lookup;

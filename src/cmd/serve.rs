@@ -80,7 +80,7 @@ impl Bridges {
         let mut committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
         let mut publisher =
             custos_stage::kafka::KafkaPublisher::new(kafka, partition).context("connecting to Kafka")?;
-        let mut intake = match partition {
+        let intake = match partition {
             Some(partition) => custos_stage::kafka::KafkaIntake::for_partition(kafka, partition)
                 .with_context(|| format!("reading partition {partition} of the submissions topic"))?,
             None => custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?,
@@ -97,13 +97,13 @@ impl Bridges {
             ),
             Some(_) => None,
         };
-        let into_writer = custos_ingest::WithAdapters {
-            log: queue.submitter(),
+        let mut intake = custos_ingest::AdapterIntake {
+            inner: intake,
             desk: adapters,
         };
         let into_writer: Box<dyn custos_stage::Submitter> = match verify_submissions {
-            true => Box::new(custos_ingest::Reverified::new(into_writer)),
-            false => Box::new(into_writer),
+            true => Box::new(custos_ingest::Reverified::new(queue.submitter())),
+            false => Box::new(queue.submitter()),
         };
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
         let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;

@@ -1147,6 +1147,27 @@ struct Answered {
     receipts: HashMap<(String, u64), Arc<[u8]>>,
     order: std::collections::VecDeque<(String, u64)>,
     bytes: usize,
+    /// Submissions handed out and not answered yet: a copy that comes meanwhile (a
+    /// resend while an adapter request still runs) is left, as the first one's receipt
+    /// will answer its submitter.
+    in_flight: std::collections::HashSet<(String, u64)>,
+}
+
+/// Takes a submission off [`Answered::in_flight`] when its answer is sent, or dropped
+/// unsent (then a copy of it is taken as new).
+struct InFlight {
+    answered: Arc<Mutex<Answered>>,
+    key: (String, u64),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.answered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .in_flight
+            .remove(&self.key);
+    }
 }
 
 /// The receipts [`Answered`] keeps at most, in bytes (a receipt of 256 events is about
@@ -1231,13 +1252,21 @@ impl Intake for KafkaIntake {
                 Ok((origin, ticket, submission)) => {
                     let sender = self.sender.clone();
                     let topic = self.receipts.clone();
-                    let again = self
-                        .answered
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .receipts
-                        .get(&(origin.clone(), ticket))
-                        .cloned();
+                    let key = (origin.clone(), ticket);
+                    let (again, running) = {
+                        let mut answered = self.answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let again = answered.receipts.get(&key).cloned();
+                        let running = again.is_none() && !answered.in_flight.insert(key.clone());
+                        (again, running)
+                    };
+                    if running {
+                        tracing::warn!(
+                            origin,
+                            ticket,
+                            "a submission came again while the first copy is still being answered: the copy is left"
+                        );
+                        continue;
+                    }
                     if let Some(receipt) = again {
                         tracing::warn!(
                             origin,
@@ -1252,7 +1281,14 @@ impl Intake for KafkaIntake {
                         continue;
                     }
                     let answered = self.answered.clone();
+                    let in_flight = InFlight {
+                        answered: answered.clone(),
+                        key,
+                    };
                     let answer = Answer::new(move |outcome: Result<crate::Appended, Refused>| {
+                        // Off the in-flight set only at the end, once the receipt is kept:
+                        // a copy read meanwhile finds one or the other.
+                        let _in_flight = in_flight;
                         match wire::encode_receipt(&origin, ticket, outcome) {
                             Ok(bytes) => {
                                 let bytes: Arc<[u8]> = Arc::from(bytes);

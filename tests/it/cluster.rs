@@ -260,7 +260,48 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     for path in ["/v1/events", "/v1/agents/{did}/revoke", "/v1/tokens", "/v1/traces"] {
         assert!(document["paths"][path].is_object(), "{path} not in {document}");
     }
-    adapters_through_ingest_nodes(&url, &token, [&first.url, &second.url]);
+    let collector = adapters_through_ingest_nodes(&url, &token, [&first.url, &second.url]);
+
+    // A slow adapter request (a thousand agents the collector never named before, each
+    // enrolled first) does not hold the events queued behind it on the writer: they are
+    // answered while it still runs.
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let spans: Vec<serde_json::Value> = (0..1000)
+        .map(|index| {
+            json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": format!("{index:016x}"),
+                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
+                "endTimeUnixNano": now.to_string(), "attributes": [
+                    {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+                    {"key": "gen_ai.agent.id", "value": {"stringValue": format!("fleet-{index}")}}]})
+        })
+        .collect();
+    let body = json!({"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": spans}]}]});
+    let agents = || {
+        sql(&url, &token, "SELECT count(*) AS n FROM agents")[0]["n"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = agents();
+    let slow = {
+        let (node, collector) = (second.url.clone(), collector.clone());
+        std::thread::spawn(move || post_otlp(&node, Some(&collector), body.to_string().into_bytes()).unwrap())
+    };
+    wait_for("the slow adapter request to start enrolling", || agents() > before);
+    let results = post_events(&first.url, &batch(&mut signers[2], 5)).expect("events answered");
+    assert!(
+        results.iter().all(|result| result["status"] == "accepted"),
+        "{results:?}"
+    );
+    // Not a clock: the adapter request is still enrolling when the events are answered
+    // (held behind it, they were answered only once all 1000 were enrolled).
+    let enrolled = agents() - before;
+    assert!(
+        enrolled < 1000,
+        "the events waited for the adapter request ({enrolled} agents enrolled)"
+    );
+    let (status, answer) = slow.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(agents() - before, 1000, "the adapter request enrolled its 1000 agents");
 
     // One ingest node answers a mixed request item by item, as the writer's own API does.
     let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(
@@ -400,7 +441,7 @@ const VAULTYSCLAW_SECRET: &str = "edge-webhook-secret";
 /// is one attesting identity whichever ingest node it reaches (the token itself never
 /// crosses: only its hash), and the LastID chains and VaultysClaw deliveries the writer
 /// keeps make a resend through the other node a duplicate.
-fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) {
+fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> String {
     let (status, created) = post(
         url,
         "/v1/tokens",
@@ -522,6 +563,7 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) {
     );
     let (status, answer) = crate::vaultysclaw::deliver(nodes[0], "d-edge-2", at, "not-the-secret", &delivery);
     assert_eq!((status, answer["error"].as_str()), (401, Some("bad_hmac")), "{answer}");
+    collector.to_owned()
 }
 
 /// `POST /v1/traces` with an OTLP/JSON body.

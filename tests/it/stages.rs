@@ -971,7 +971,8 @@ fn a_submission_without_a_receipt_is_sent_again() {
 }
 
 /// A submission that comes to the writer again after it was answered (its receipt lost
-/// on the way) is answered with the same receipt, not handed to the log a second time.
+/// on the way) is answered with the same receipt, not handed to the log a second time;
+/// one that comes again while the first copy is still being answered is left.
 #[test]
 fn a_submission_answered_before_gets_the_same_receipt() {
     use rdkafka::Message as _;
@@ -1001,6 +1002,14 @@ fn a_submission_answered_before_gets_the_same_receipt() {
     };
     send();
     let (_, answer) = next_submission(&mut intake, Duration::from_secs(30)).expect("the submission");
+    // A copy while the first is still being answered (an adapter request the writer's
+    // node still serves when the ingest node resends it) is left: the first's receipt
+    // answers it.
+    send();
+    assert!(
+        next_submission(&mut intake, Duration::from_secs(5)).is_none(),
+        "a copy of a submission in flight is not handed out again"
+    );
     answer.send(Ok(custos_stage::Appended::entries(vec![5])));
     send();
     assert!(
