@@ -27,13 +27,17 @@ use crate::log::{CheckpointLine, SegmentInfo, read_ndjson};
 use crate::partitions::CrossCheckpoint;
 use crate::{LogPaths, StoreError};
 
+/// A file's length and modification time, and the basis its copy was cut at.
+type Stamp = (u64, Option<std::time::SystemTime>, u64);
+
 /// An object store and the prefix the store's files go under.
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
-    /// What was uploaded, by relative path: its length and modification time then.
-    uploaded: HashMap<String, (u64, Option<std::time::SystemTime>)>,
+    /// What was uploaded, by relative path: its length and modification time then, and
+    /// the basis its copy was cut at (see [`Archive::sync_file`]).
+    uploaded: HashMap<String, Stamp>,
     /// The sealed files (segments, seq indexes) already in the object store when this
     /// process first synced, by relative path, with their sizes: a restarted writer
     /// does not upload them again.
@@ -109,17 +113,25 @@ impl Archive {
     }
 
     /// Uploads `file` (at `relative` under the prefix) if it changed since its last
-    /// upload; `contents` turns its bytes into what is uploaded. Answers whether it did.
+    /// upload, or if `basis` did; `contents` turns its bytes into what is uploaded.
+    /// Answers whether it did.
+    ///
+    /// `basis` is what `contents` cuts the file at (the segments read, the end of the
+    /// last sealed one): a file copied cut at an older basis is copied again once the
+    /// basis moves, even if the file itself did not change since. (Without it, a
+    /// checkpoint list read just after a seal was copied without the seal's checkpoint,
+    /// and never again, as the file did not change after.)
     fn sync_file(
         &mut self,
         file: &Path,
         relative: &str,
+        basis: u64,
         contents: impl FnOnce(Vec<u8>) -> Vec<u8>,
     ) -> Result<bool, StoreError> {
         let Ok(metadata) = fs_err::metadata(file) else {
             return Ok(false);
         };
-        let stamp = (metadata.len(), metadata.modified().ok());
+        let stamp = (metadata.len(), metadata.modified().ok(), basis);
         if self.uploaded.get(relative) == Some(&stamp) {
             return Ok(false);
         }
@@ -149,7 +161,7 @@ impl Archive {
         let binds = held.is_none_or(|held| held.contains(&0));
         if binds {
             for name in ["partitions.json", "partitions.pub"] {
-                count += usize::from(self.sync_file(&data.join(name), name, |bytes| bytes)?);
+                count += usize::from(self.sync_file(&data.join(name), name, 0, |bytes| bytes)?);
             }
         }
         for (store, relative, partition) in stores(data) {
@@ -242,14 +254,15 @@ impl Archive {
             true => name.to_owned(),
             false => format!("{relative}/{name}"),
         };
-        let mut count = usize::from(self.sync_file(&store.join("store.json"), &join("store.json"), |bytes| bytes)?);
+        let mut count = usize::from(self.sync_file(&store.join("store.json"), &join("store.json"), 0, |bytes| bytes)?);
         let Ok(info) = crate::StoreInfo::open(store, false) else {
             return Ok(count);
         };
         for log_id in &info.logs {
             let paths = LogPaths::new(store, log_id);
             let base = join(&format!("logs/{log_id}"));
-            count += usize::from(self.sync_file(&paths.public_key, &format!("{base}/checkpoint.pub"), |bytes| bytes)?);
+            count +=
+                usize::from(self.sync_file(&paths.public_key, &format!("{base}/checkpoint.pub"), 0, |bytes| bytes)?);
             // Segments first (each once: sealed files never change), then the manifest.
             let segments: Vec<SegmentInfo> = match paths.manifest.exists() {
                 true => read_ndjson(&paths.manifest)?,
@@ -264,29 +277,34 @@ impl Archive {
                     let local = paths.segment_dir.join(&file);
                     if self.already_there(&relative, &local)? {
                         let stamp =
-                            fs_err::metadata(&local).map(|metadata| (metadata.len(), metadata.modified().ok()))?;
+                            fs_err::metadata(&local).map(|metadata| (metadata.len(), metadata.modified().ok(), 0))?;
                         self.uploaded.insert(relative, stamp);
                         continue;
                     }
-                    count += usize::from(self.sync_file(&local, &relative, |bytes| bytes)?);
+                    count += usize::from(self.sync_file(&local, &relative, 0, |bytes| bytes)?);
                 }
             }
             let manifest_lines = segments.len();
-            count += usize::from(
-                self.sync_file(&paths.manifest, &format!("{base}/segments.ndjson"), |bytes| {
+            count += usize::from(self.sync_file(
+                &paths.manifest,
+                &format!("{base}/segments.ndjson"),
+                manifest_lines as u64,
+                |bytes| {
                     // Only the lines whose segments were read above (one may have been sealed since).
                     keep_lines(&bytes, manifest_lines, |_| true)
-                })?,
-            );
+                },
+            )?);
             let sealed = segments.last().map_or(0, |segment| segment.end_index);
-            count +=
-                usize::from(
-                    self.sync_file(&paths.checkpoints, &format!("{base}/checkpoints.ndjson"), |bytes| {
-                        keep_lines(&bytes, usize::MAX, |line| {
-                            serde_json::from_slice::<CheckpointLine>(line).is_ok_and(|line| line.size <= sealed)
-                        })
-                    })?,
-                );
+            count += usize::from(self.sync_file(
+                &paths.checkpoints,
+                &format!("{base}/checkpoints.ndjson"),
+                sealed,
+                |bytes| {
+                    keep_lines(&bytes, usize::MAX, |line| {
+                        serde_json::from_slice::<CheckpointLine>(line).is_ok_and(|line| line.size <= sealed)
+                    })
+                },
+            )?);
         }
         Ok(count)
     }
@@ -454,6 +472,54 @@ mod tests {
         // Without a held set (one process writes them all): everything.
         let mut all = Archive::open(&format!("file://{}", bucket.path().join("all").display())).unwrap();
         assert_eq!(all.sync(data.path()).unwrap(), 3);
+    }
+
+    /// A checkpoint list read just after a seal holds the seal's checkpoint before the
+    /// manifest read a moment earlier holds its segment: the copy leaves the checkpoint
+    /// out (it would name entries not copied). Once the segment is copied, the list is
+    /// copied again with it, though the list itself did not change since.
+    #[test]
+    fn a_checkpoint_left_out_for_its_segment_is_copied_with_it() {
+        let data = tempfile::tempdir().unwrap();
+        let bucket = tempfile::tempdir().unwrap();
+        let paths = LogPaths::new(data.path(), crate::DEFAULT_LOG_ID);
+        fs_err::create_dir_all(&paths.segment_dir).unwrap();
+        let info = serde_json::json!({"format": 1, "store_id": "s", "logs": [crate::DEFAULT_LOG_ID]});
+        fs_err::write(data.path().join("store.json"), info.to_string()).unwrap();
+        let segment = |file: &str, first: u64, end: u64| {
+            fs_err::write(paths.segment_dir.join(file), file).unwrap();
+            let line = SegmentInfo {
+                file: file.into(),
+                first_index: first,
+                end_index: end,
+                bytes: 1,
+                blake3: String::new(),
+                sealed_at: String::new(),
+                sig: String::new(),
+            };
+            format!("{}\n", serde_json::to_string(&line).unwrap())
+        };
+        let first = segment("a.parquet", 0, 10);
+        fs_err::write(&paths.manifest, &first).unwrap();
+        let checkpoints = [10, 20]
+            .map(|size| format!("{}\n", serde_json::json!({"size": size, "note": format!("n{size}")})))
+            .concat();
+        fs_err::write(&paths.checkpoints, checkpoints).unwrap();
+        let copied = || {
+            let text = fs_err::read_to_string(bucket.path().join("logs/0/checkpoints.ndjson")).unwrap();
+            text.lines()
+                .map(|line| serde_json::from_str::<CheckpointLine>(line).unwrap().size)
+                .collect::<Vec<u64>>()
+        };
+        let mut archive = Archive::open(&format!("file://{}", bucket.path().display())).unwrap();
+        archive.sync(data.path()).unwrap();
+        assert_eq!(copied(), [10], "a checkpoint past the copied segments is left out");
+        // The seal's manifest line lands; the checkpoint list stays as it was.
+        let second = segment("b.parquet", 10, 20);
+        fs_err::write(&paths.manifest, format!("{first}{second}")).unwrap();
+        archive.sync(data.path()).unwrap();
+        assert_eq!(copied(), [10, 20], "copied with its segment");
+        assert!(bucket.path().join("logs/0/segments/b.parquet").exists());
     }
 
     #[test]
