@@ -89,6 +89,16 @@ pub static WRITER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 
 /// Submissions an ingest node sent to the log writer again because their receipt was
 /// late (`custos_stage::kafka::RESEND_AFTER`): each is a request that waited seconds.
+pub static FORGED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "custos_writer_forged_total",
+            "Events an ingest node passed on as verified whose signature did not verify on the writer (--verify-submissions)",
+        )
+        .expect("valid metric"),
+    )
+});
+
 pub static RESUBMITTED: LazyLock<IntCounter> = LazyLock::new(|| {
     register(
         IntCounter::new(
@@ -305,6 +315,7 @@ pub fn init() {
         WRITER_SECONDS.with_label_values(&[step]);
     }
     LazyLock::force(&RESUBMITTED);
+    LazyLock::force(&FORGED);
     LazyLock::force(&TREE_SIZE);
     LazyLock::force(&CHECKPOINT_SIZE);
     LazyLock::force(&CHECKPOINT_AGE);

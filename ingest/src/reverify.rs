@@ -79,6 +79,7 @@ fn check(keys: &KeyCache, batch: &mut EventBatch) {
         }
     }
     if forged > 0 {
+        custos_http::metrics::FORGED.inc_by(forged);
         tracing::warn!(
             remote = batch.remote,
             forged,
@@ -150,7 +151,12 @@ mod tests {
                 item(b"not an envelope".to_vec(), ItemCheck::Verified),
             ],
         };
+        let counted = custos_http::metrics::FORGED.get();
         check(&KeyCache::default(), &mut batch);
+        assert!(
+            custos_http::metrics::FORGED.get() >= counted + 2,
+            "both forgeries counted"
+        );
         assert_eq!(batch.items[0].check, ItemCheck::Verified);
         for position in [1, 3] {
             let ItemCheck::Refused { code, message, signed } = &batch.items[position].check else {
