@@ -498,7 +498,6 @@ async fn forward_adapter(
 
 /// The writer's node's answer to an adapter request, as an HTTP response.
 fn adapter_answer(reply: custos_stage::AdapterReply) -> Result<Response, ApiError> {
-    use base64::Engine as _;
     let malformed = |what: String| {
         ApiError::new(
             502,
@@ -507,8 +506,8 @@ fn adapter_answer(reply: custos_stage::AdapterReply) -> Result<Response, ApiErro
         )
     };
     let status = StatusCode::from_u16(reply.status).map_err(|_| malformed(format!("status {}", reply.status)))?;
-    let body = base64::engine::general_purpose::STANDARD
-        .decode(&reply.body)
+    let body = reply
+        .body_bytes()
         .map_err(|error| malformed(format!("body: {error}")))?;
     let content_type = axum::http::HeaderValue::try_from(reply.content_type.as_str())
         .map_err(|_| malformed(format!("content type `{}`", reply.content_type)))?;

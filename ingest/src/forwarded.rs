@@ -18,15 +18,13 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use custos_http::Role;
-use std::time::{Duration, Instant};
-
 use custos_stage::{AdapterReply, AdapterRequest, Answer, Appended, Intake, Refused, StageError, Submission};
 
 use crate::ApiError;
@@ -135,12 +133,7 @@ async fn reply(response: Response) -> Result<Appended, Refused> {
     Ok(Appended {
         log_indexes: Vec::new(),
         verdicts: Vec::new(),
-        reply: Some(AdapterReply {
-            status,
-            content_type,
-            body: base64::engine::general_purpose::STANDARD.encode(&body),
-            retry_after,
-        }),
+        reply: Some(AdapterReply::new(status, content_type, &body, retry_after)),
     })
 }
 

@@ -111,6 +111,24 @@ pub struct AdapterReply {
     pub retry_after: Option<u64>,
 }
 
+impl AdapterReply {
+    pub fn new(status: u16, content_type: String, body: &[u8], retry_after: Option<u64>) -> Self {
+        use base64::Engine as _;
+        Self {
+            status,
+            content_type,
+            body: base64::engine::general_purpose::STANDARD.encode(body),
+            retry_after,
+        }
+    }
+
+    /// The answer's body bytes.
+    pub fn body_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(&self.body)
+    }
+}
+
 /// One request's envelopes, as an ingest node checked them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventBatch {
