@@ -143,10 +143,46 @@ pub struct Caller {
 }
 
 /// The token table, persisted in `tokens.json` in the data directory.
+///
+/// Several processes may share one table: the writer processes of a partition set all
+/// serve `DATA/edge/`, and each partition's writer checks collector tokens there. So
+/// every change is made under an exclusive lock on `tokens.lock`, to the table as it is
+/// on disk then (a token another process made or revoked is kept, never written over),
+/// and a table notices another process's change within [`Tokens::RELOAD_EVERY`]
+/// ([`Tokens::reload_due`], [`Tokens::reload`]): a token revoked through one process is
+/// refused by every other within that time.
 #[derive(Debug)]
 pub struct Tokens {
     path: PathBuf,
     records: Vec<TokenRecord>,
+    /// The file as this table last read or wrote it.
+    stamp: Option<FileStamp>,
+    /// When the file was last looked at, in milliseconds since the Unix epoch.
+    looked_ms: std::sync::atomic::AtomicU64,
+}
+
+/// What tells one version of the token file from the next: each write is a rename of a
+/// new file, so its inode changes, and its length and time usually do too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Self {
+            inode,
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
 }
 
 /// A secret, printed as `**REDACTED**` by both `Debug` and `Display`.
@@ -186,28 +222,38 @@ pub fn admin_token_path(data: &Path) -> PathBuf {
 }
 
 impl Tokens {
+    /// How often a table looks whether another process changed its file.
+    pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
     /// Loads `tokens.json`; on first start creates an admin token, writes it owner-only to
-    /// `admin.token` for local CLI use, and returns it so it can be printed once.
+    /// `admin.token` for local CLI use, and returns it so it can be printed once. Two
+    /// processes starting on one directory at once make one admin token between them.
     pub fn open(data: &Path) -> std::io::Result<(Self, Option<Secret>)> {
-        let path = data.join("tokens.json");
-        if path.exists() {
-            let text = fs_err::read_to_string(&path)?;
-            let records = serde_json::from_str(&text).map_err(|error| {
-                std::io::Error::other(format!("`{}` is not a token table: {error}", path.display()))
-            })?;
-            return Ok((Self { path, records }, None));
-        }
         let mut tokens = Self {
-            path,
+            path: data.join("tokens.json"),
             records: Vec::new(),
+            stamp: None,
+            looked_ms: std::sync::atomic::AtomicU64::new(now_ms()),
         };
-        let secret = tokens.create(Role::Admin, Vec::new(), None)?;
+        let _lock = tokens.lock()?;
+        if tokens.path.exists() {
+            tokens.read_file()?;
+            return Ok((tokens, None));
+        }
+        let secret = tokens.add(Role::Admin, Vec::new(), None)?;
         write_owner_only(&admin_token_path(data), format!("{}\n", secret.0).as_bytes())?;
         Ok((tokens, Some(secret)))
     }
 
     /// Creates a token and persists its hash. The secret is returned once.
     pub fn create(&mut self, role: Role, realms: Vec<String>, expires_at: Option<String>) -> std::io::Result<Secret> {
+        let _lock = self.lock()?;
+        self.read_file()?;
+        self.add(role, realms, expires_at)
+    }
+
+    /// Adds a token to the table as read, and writes it; the caller holds the lock.
+    fn add(&mut self, role: Role, realms: Vec<String>, expires_at: Option<String>) -> std::io::Result<Secret> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|error| std::io::Error::other(error.to_string()))?;
         let secret = format!("cus_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
@@ -223,6 +269,62 @@ impl Tokens {
         });
         self.save()?;
         Ok(Secret(secret))
+    }
+
+    /// The exclusive lock every change to the file is made under (`tokens.lock`, released
+    /// when the returned file is dropped, or by the kernel when the process dies).
+    fn lock(&self) -> std::io::Result<std::fs::File> {
+        let path = self.path.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| std::io::Error::new(error.kind(), format!("`{}`: {error}", path.display())))?;
+        file.lock()?;
+        Ok(file)
+    }
+
+    /// Reads the file into the table (a missing file is an empty table).
+    fn read_file(&mut self) -> std::io::Result<()> {
+        let stamp = FileStamp::of(&self.path);
+        let text = match fs_err::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(error) => return Err(error),
+        };
+        self.records = match text.trim().is_empty() {
+            true => Vec::new(),
+            false => serde_json::from_str(&text).map_err(|error| {
+                std::io::Error::other(format!("`{}` is not a token table: {error}", self.path.display()))
+            })?,
+        };
+        self.stamp = stamp;
+        Ok(())
+    }
+
+    /// Whether the file may have changed since this table read it: true at most once per
+    /// [`Tokens::RELOAD_EVERY`], and only when the file's inode, length or time moved.
+    pub fn reload_due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = now_ms();
+        let looked = self.looked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(looked) < Self::RELOAD_EVERY.as_millis() as u64
+            || self
+                .looked_ms
+                .compare_exchange(looked, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        FileStamp::of(&self.path) != self.stamp
+    }
+
+    /// Reads the file again, as another process may have changed it. A file that cannot
+    /// be read leaves the table as it was, and says why.
+    pub fn reload(&mut self) -> std::io::Result<()> {
+        let before = std::mem::take(&mut self.records);
+        self.read_file().inspect_err(|_| self.records = before)
     }
 
     /// Every token, without its hash.
@@ -242,6 +344,8 @@ impl Tokens {
 
     /// Revokes token `id`; `Ok(false)` when there is no such token.
     pub fn revoke(&mut self, id: &str) -> std::io::Result<bool> {
+        let _lock = self.lock()?;
+        self.read_file()?;
         let Some(record) = self.records.iter_mut().find(|record| record.id == id) else {
             return Ok(false);
         };
@@ -250,12 +354,15 @@ impl Tokens {
         Ok(true)
     }
 
-    fn save(&self) -> std::io::Result<()> {
+    /// Writes the table; the caller holds the lock and read the file under it.
+    fn save(&mut self) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(&self.records).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("json.tmp");
         fs_err::write(&temporary, text)?;
         fs_err::File::open(&temporary)?.sync_all()?;
-        fs_err::rename(&temporary, &self.path)
+        fs_err::rename(&temporary, &self.path)?;
+        self.stamp = FileStamp::of(&self.path);
+        Ok(())
     }
 
     /// Whether token `id` exists, is not revoked and has not expired.
@@ -290,6 +397,12 @@ impl Tokens {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
 /// Past its expiry (an unreadable expiry counts as past).
 fn expired(record: &TokenRecord) -> bool {
     record.expires_at.as_ref().is_some_and(|expiry| {
@@ -305,6 +418,47 @@ fn subtle_eq(left: &[u8], right: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes serving one token directory (the writer processes of a partition
+    /// set share `DATA/edge/`): neither writes over the other's tokens, and a token made
+    /// or revoked through one is seen by the other once it looks again.
+    #[test]
+    fn two_tables_on_one_file_keep_each_others_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut first, admin) = Tokens::open(dir.path()).unwrap();
+        let (mut second, again) = Tokens::open(dir.path()).unwrap();
+        assert!(admin.is_some() && again.is_none(), "one admin token between them");
+        let a = first.create(Role::Collector, vec!["eng".into()], None).unwrap();
+        let b = second.create(Role::Analyst, Vec::new(), None).unwrap();
+        // The second made its token on the table as the file held it: both are kept.
+        assert!(second.authenticate(&a.0).is_some());
+        let (third, _) = Tokens::open(dir.path()).unwrap();
+        assert!(third.authenticate(&a.0).is_some() && third.authenticate(&b.0).is_some());
+        assert_eq!(third.list().len(), 3);
+        // The first has not looked again yet; after the reload interval it sees the change.
+        assert!(first.authenticate(&b.0).is_none());
+        first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(first.reload_due());
+        first.reload().unwrap();
+        assert!(first.authenticate(&b.0).is_some());
+        assert!(!first.reload_due(), "looked just now");
+        // A revocation through the second reaches the first.
+        let id = hash_token(&a.0)[..12].to_owned();
+        assert!(second.revoke(&id).unwrap());
+        first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(first.reload_due());
+        first.reload().unwrap();
+        assert!(first.authenticate(&a.0).is_none(), "revoked elsewhere");
+        // Nothing changed since: not due even after the interval.
+        first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(!first.reload_due());
+        // A table the other process cannot read leaves the one read before.
+        fs_err::write(dir.path().join("tokens.json"), "not json").unwrap();
+        first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(first.reload_due());
+        assert!(first.reload().unwrap_err().to_string().contains("not a token table"));
+        assert!(first.authenticate(&b.0).is_some());
+    }
 
     #[test]
     fn lifetimes_parse_and_bad_ones_name_the_value() {

@@ -166,6 +166,7 @@ pub fn bearer_sha256(headers: &HeaderMap) -> Option<String> {
 
 /// [`authorize`] by the token's hash ([`bearer_sha256`]), as an ingest node passes it on.
 pub fn authorize_sha256(tokens: &RwLock<Tokens>, digest: &str, allowed: &[Role]) -> Result<Caller, ApiError> {
+    reload_if_changed(tokens);
     let caller = tokens
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -185,6 +186,23 @@ pub fn authorize_sha256(tokens: &RwLock<Tokens>, digest: &str, allowed: &[Role])
         ));
     }
     Ok(caller)
+}
+
+/// Reads the token table again when another process sharing its file changed it (at
+/// most once per [`Tokens::RELOAD_EVERY`]); an unreadable file keeps the table as it was.
+pub fn reload_if_changed(tokens: &RwLock<Tokens>) {
+    let due = tokens
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .reload_due();
+    if due
+        && let Err(error) = tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reload()
+    {
+        tracing::error!(error = %error, "could not read the token table again; keeping the one read before");
+    }
 }
 
 /// The credentials of a `Bearer` authorization header; the scheme name is
