@@ -320,6 +320,11 @@ impl Tokens {
         FileStamp::of(&self.path) != self.stamp
     }
 
+    /// Whether the file is not the one this table last read or wrote.
+    pub fn changed(&self) -> bool {
+        FileStamp::of(&self.path) != self.stamp
+    }
+
     /// Reads the file again, as another process may have changed it. A file that cannot
     /// be read leaves the table as it was, and says why.
     pub fn reload(&mut self) -> std::io::Result<()> {

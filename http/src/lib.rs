@@ -167,10 +167,29 @@ pub fn bearer_sha256(headers: &HeaderMap) -> Option<String> {
 /// [`authorize`] by the token's hash ([`bearer_sha256`]), as an ingest node passes it on.
 pub fn authorize_sha256(tokens: &RwLock<Tokens>, digest: &str, allowed: &[Role]) -> Result<Caller, ApiError> {
     reload_if_changed(tokens);
-    let caller = tokens
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .authenticate_sha256(digest)
+    let lookup = || {
+        tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .authenticate_sha256(digest)
+    };
+    let caller = lookup()
+        .or_else(|| {
+            // A token another process made just now (a partition set's writers share
+            // one table): look at the file before refusing it.
+            let changed = tokens
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .changed();
+            if !changed {
+                return None;
+            }
+            let mut table = tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if table.changed() {
+                table.reload().ok()?;
+            }
+            table.authenticate_sha256(digest)
+        })
         .ok_or_else(|| {
             ApiError::new(
                 401,

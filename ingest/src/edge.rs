@@ -183,7 +183,23 @@ struct EdgeState {
     /// answering makes new requests fail fast instead of piling up requests, bodies and
     /// connections.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Over a partition set: the partition the writers routed an adapter request to, by
+    /// (route, token hash), so the next one goes there at once.
+    adapter_routes: Arc<std::sync::Mutex<std::collections::HashMap<AdapterRoute, u32>>>,
 }
+
+/// What decides an adapter request's partition: its route, and for OTLP the token (its
+/// realm), as (route, token SHA-256).
+type AdapterRoute = (String, Option<String>);
+
+/// The most adapter routes an ingest node remembers; the table is emptied when full (a
+/// forgotten route costs one more round trip through the writers).
+const ADAPTER_ROUTES_KEPT: usize = 4096;
+
+/// How many times the writers may route one adapter request on before the ingest node
+/// gives up (once is the rule: the first writer names the realm's partition; twice
+/// covers a route remembered from before the set changed).
+const ADAPTER_HOPS: usize = 2;
 
 /// A request's checked items, (item, realm) in request order, as the submissions that
 /// carry them: per realm (each goes to its realm's partition and log writer), its
@@ -298,6 +314,7 @@ pub async fn start_edge(
         keys: Arc::new(KeyCache::default()),
         receipt_timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+        adapter_routes: Arc::default(),
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
     let tokens = state.tokens.clone();
@@ -474,14 +491,50 @@ async fn forward_adapter(
             Some(((*name).to_owned(), value.to_owned()))
         })
         .collect();
-    let request = custos_stage::AdapterRequest {
+    let known: AdapterRoute = (route.clone(), token_sha256.clone());
+    let routes = || {
+        state
+            .adapter_routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut request = custos_stage::AdapterRequest {
+        partition: routes().get(&known).copied(),
         route,
         remote: remote.to_string(),
         headers: adapter_headers,
         token_sha256,
         body: body.to_vec(),
     };
-    let appended = submit(&state, Submission::Adapter(request)).await?;
+    // Over a partition set the writer that takes it may name the realm's partition
+    // instead of serving it: send it again there, and remember where.
+    let mut hops = 0;
+    let appended = loop {
+        let appended = submit(&state, Submission::Adapter(request.clone())).await?;
+        match appended.route_to {
+            Some(partition) if hops < ADAPTER_HOPS => {
+                hops += 1;
+                let mut routes = routes();
+                if routes.len() >= ADAPTER_ROUTES_KEPT {
+                    routes.clear();
+                }
+                routes.insert(known.clone(), partition);
+                request.partition = Some(partition);
+            }
+            Some(partition) => {
+                return Err(ApiError::new(
+                    502,
+                    "bad_writer_reply",
+                    format!(
+                        "the log writers routed the adapter request {} times, the last to partition \
+                         {partition}; the partition set may be changing: send it again",
+                        hops + 1
+                    ),
+                ));
+            }
+            None => break appended,
+        }
+    };
     let reply = appended.reply.ok_or_else(|| {
         ApiError::new(
             500,
@@ -878,6 +931,7 @@ mod tests {
                     log_indexes: Vec::new(),
                     verdicts,
                     reply: None,
+                    route_to: None,
                 };
                 let receipt = custos_stage::wire::encode_receipt("origin", 1, Ok(appended)).unwrap();
                 assert!(receipt.len() < 1_000_000, "a receipt of {} bytes", receipt.len());

@@ -14,6 +14,18 @@
 //! The adapters' keys, chains, LastID table and webhook deliveries stay in this node's
 //! store, so a collector is one attesting identity whichever ingest node it reaches.
 //!
+//! Over a partition set (`--log-per-partition`) a realm's log is one partition's, so an
+//! adapter request is served by the writer of its realm's partition:
+//!
+//! ```text
+//!  ingest node ─▶ partition of the empty key (or the one it learnt for this token/route)
+//!        ▼
+//!  that writer: the request's realm (the collector token's, the webhook's configured one)
+//!        ├─ its own partition ─▶ served here, as above
+//!        └─ partition q ─▶ Appended::route_to(q) ─▶ the ingest node sends it again with
+//!                          AdapterRequest::partition = q, and remembers q
+//! ```
+//!
 //! [`Submission::Adapter`]: custos_stage::Submission::Adapter
 
 use std::net::SocketAddr;
@@ -39,6 +51,23 @@ const MAX_REPLY_BYTES: usize = 16 << 20;
 #[derive(Clone, Default)]
 pub struct AdapterDesk(Arc<OnceLock<(AppState, tokio::runtime::Handle)>>);
 
+/// The log a writer of a partition set writes: partition `partition` of `partitions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetPlace {
+    pub partition: u32,
+    pub partitions: u32,
+}
+
+/// Where an adapter request is served over a partition set.
+#[derive(Debug, PartialEq, Eq)]
+enum Placement {
+    /// By this writer: its realm is this partition's, or it has none the writer can
+    /// tell (an unknown token, a webhook not configured), which any writer refuses alike.
+    Here,
+    /// By the writer of this partition.
+    There(u32),
+}
+
 impl AdapterDesk {
     pub(crate) fn open(&self, state: AppState, runtime: tokio::runtime::Handle) {
         let _ = self.0.set((state, runtime));
@@ -47,7 +76,10 @@ impl AdapterDesk {
     /// Serves `request` as this node's API serves the route, on the node's runtime;
     /// `answer` gets the reply once the handler has finished (its appends durable).
     /// Returns at once.
-    pub fn serve(&self, request: AdapterRequest, answer: Answer) {
+    ///
+    /// Over a partition set (`set`), a request whose realm another partition's log
+    /// writes is answered [`Appended::route_to`] that partition instead.
+    pub fn serve(&self, request: AdapterRequest, answer: Answer, set: Option<SetPlace>) {
         let Some((state, runtime)) = self.0.get() else {
             answer.send(Err(Refused::retryable(
                 "not_ready",
@@ -55,6 +87,13 @@ impl AdapterDesk {
             )));
             return;
         };
+        if let Some(set) = set {
+            match place(state, &request, set) {
+                Ok(Placement::Here) => {}
+                Ok(Placement::There(partition)) => return answer.send(Ok(Appended::route_to(partition))),
+                Err(refused) => return answer.send(Err(refused)),
+            }
+        }
         let state = state.clone();
         runtime.spawn(async move {
             let response = match serve(state, request).await {
@@ -64,6 +103,39 @@ impl AdapterDesk {
             answer.send(reply(response).await);
         });
     }
+}
+
+/// Which partition's writer serves `request` over a partition set: the one of its realm.
+fn place(state: &AppState, request: &AdapterRequest, set: SetPlace) -> Result<Placement, Refused> {
+    let realm = match request.route.as_str() {
+        "/v1/traces" => request.token_sha256.as_deref().and_then(|digest| {
+            // The collector's one realm; any other caller is refused alike by every writer.
+            custos_http::authorize_sha256(&state.tokens, digest, &[Role::Collector])
+                .ok()
+                .and_then(|caller| match caller.realms.as_slice() {
+                    [realm] => Some(realm.clone()),
+                    _ => None,
+                })
+        }),
+        "/v1/adapters/vaultysclaw/webhook" => state.config.vaultysclaw.as_ref().map(|config| config.realm.clone()),
+        "/v1/adapters/lastid/audit" => {
+            return Err(Refused::new(
+                "writer_only",
+                "LastID audit records are not served through ingest nodes when each partition has its own log \
+                 (--log-per-partition): a LastID agent is enrolled on the API of the writer of its realm's \
+                 partition; send its records there",
+            ));
+        }
+        _ => None,
+    };
+    let Some(realm) = realm else {
+        return Ok(Placement::Here);
+    };
+    let partition = custos_event::partition_of(&realm, set.partitions.max(1));
+    Ok(match partition == set.partition {
+        true => Placement::Here,
+        false => Placement::There(partition),
+    })
 }
 
 async fn serve(state: AppState, request: AdapterRequest) -> Result<Response, ApiError> {
@@ -134,14 +206,15 @@ async fn reply(response: Response) -> Result<Appended, Refused> {
         log_indexes: Vec::new(),
         verdicts: Vec::new(),
         reply: Some(AdapterReply::new(status, content_type, &body, retry_after)),
+        route_to: None,
     })
 }
 
 /// What the writer's Kafka bridge reads submissions through: adapter requests go to
 /// `desk` and are answered from there when their handler finishes, while the intake
 /// reads on, so a slow adapter request (one that enrolls many new agents) never holds
-/// the events queued behind it. Without a desk (a writer of one partition of a set,
-/// whose realm the request cannot name), they are refused `writer_only`.
+/// the events queued behind it. A writer of one partition of a set (`set`) serves only
+/// the requests of its own realms, and answers the others with their partition.
 ///
 /// Their offsets are acknowledged with the batch around them, possibly before they are
 /// answered: a writer that stops meanwhile loses the request, and the ingest node sends
@@ -149,7 +222,8 @@ async fn reply(response: Response) -> Result<Appended, Refused> {
 /// comes while the first is still being answered is left by the intake.
 pub struct AdapterIntake<I> {
     pub inner: I,
-    pub desk: Option<AdapterDesk>,
+    pub desk: AdapterDesk,
+    pub set: Option<SetPlace>,
 }
 
 impl<I: Intake> Intake for AdapterIntake<I> {
@@ -159,17 +233,7 @@ impl<I: Intake> Intake for AdapterIntake<I> {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.inner.recv(left)? {
                 Some((Submission::Adapter(request), answer)) => {
-                    match &self.desk {
-                        Some(desk) => desk.serve(request, answer),
-                        None => answer.send(Err(Refused::new(
-                            "writer_only",
-                            format!(
-                                "`{}` is not served through ingest nodes when each partition has its own log \
-                                 (--log-per-partition): send it to the API of the writer of its realm's partition",
-                                request.route
-                            ),
-                        ))),
-                    }
+                    self.desk.serve(request, answer, self.set);
                     if Instant::now() >= deadline {
                         return Ok(None);
                     }

@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 pub(crate) mod attest;
 pub mod edge;
 mod forwarded;
-pub use forwarded::{AdapterDesk, AdapterIntake};
+pub use forwarded::{AdapterDesk, AdapterIntake, SetPlace};
 mod http;
 mod lastid;
 mod lookup;
@@ -279,6 +279,9 @@ pub struct NodeConfig {
     pub witnesses: Vec<witness::WitnessTarget>,
     /// The VaultysClaw adapter (webhook receiver, audit pull).
     pub vaultysclaw: Option<vaultysclaw::VaultysClawConfig>,
+    /// Where the token table lives, when not in `data`: the writers of a partition set
+    /// share one, `DATA/edge/`, which their ingest edges serve too.
+    pub tokens: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -300,6 +303,7 @@ impl NodeConfig {
             reject_burst: 2_000.0,
             witnesses: Vec::new(),
             vaultysclaw: None,
+            tokens: None,
         }
     }
 }
@@ -422,7 +426,9 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
     })?;
     let node_key =
         custos_store::keyfile::load_or_create(&config.data.join("node.key")).map_err(custos_store::StoreError::from)?;
-    let (tokens, admin_token) = Tokens::open(&config.data)?;
+    let tokens_dir = config.tokens.clone().unwrap_or_else(|| config.data.clone());
+    fs_err::create_dir_all(&tokens_dir)?;
+    let (tokens, admin_token) = Tokens::open(&tokens_dir)?;
     let ready = Arc::new(AtomicBool::new(false));
     let node_did = node_key.did().to_owned();
     let sequencer = {

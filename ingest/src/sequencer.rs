@@ -1308,6 +1308,7 @@ impl Sequencer {
             log_indexes,
             verdicts: results,
             reply: None,
+            route_to: None,
         }
     }
 

@@ -13,7 +13,8 @@ use crate::pipeline::{Marks, Pipeline, PipelineConfig, Transport};
 #[derive(Clone, Debug)]
 pub(crate) struct Cluster {
     pub(crate) kafka: KafkaConfig,
-    /// Partitions of the topics this process creates when they are missing.
+    /// Partitions of the topics this process creates when they are missing; for the
+    /// writer of one partition of a set, the set's count as read from the topic.
     pub(crate) partitions: i32,
     /// Whether this process runs the log writer (with ingest and query).
     pub(crate) writer: bool,
@@ -58,6 +59,7 @@ impl Bridges {
     fn start(
         kafka: &KafkaConfig,
         partition: Option<i32>,
+        partitions: i32,
         verify_submissions: bool,
         data: &std::path::Path,
         hooks: &mut custos_ingest::Hooks,
@@ -86,20 +88,18 @@ impl Bridges {
             None => custos_stage::kafka::KafkaIntake::new(kafka).context("joining the writer group on Kafka")?,
         };
         // Adapter requests ingest nodes pass on are served by this node's adapters (they
-        // hold the keys and chains); over a partition set a request cannot name its realm's
-        // partition, so they are refused there.
-        let adapters = match partition {
-            None => Some(
-                hooks
-                    .adapters
-                    .get_or_insert_with(custos_ingest::AdapterDesk::default)
-                    .clone(),
-            ),
-            Some(_) => None,
-        };
+        // hold the keys and chains); over a partition set, only those of this partition's
+        // realms (the others are answered with their partition).
         let mut intake = custos_ingest::AdapterIntake {
             inner: intake,
-            desk: adapters,
+            desk: hooks
+                .adapters
+                .get_or_insert_with(custos_ingest::AdapterDesk::default)
+                .clone(),
+            set: partition.map(|partition| custos_ingest::SetPlace {
+                partition: partition.unsigned_abs(),
+                partitions: partitions.unsigned_abs(),
+            }),
         };
         let into_writer: Box<dyn custos_stage::Submitter> = match verify_submissions {
             true => Box::new(custos_ingest::Reverified::new(queue.submitter())),
@@ -234,6 +234,7 @@ impl Node {
                 Some(Bridges::start(
                     &cluster.kafka,
                     cluster.partition,
+                    cluster.partitions,
                     cluster.verify_submissions,
                     &config.data,
                     &mut hooks,
@@ -503,18 +504,12 @@ async fn run_without_store(
         }
     };
     let data = config.data.clone();
-    let partitions = match writers {
-        true => Some(PartitionWriters::start(config.clone(), limits.clone(), cluster.clone()).await?),
-        false => None,
-    };
-    let archiver = match (&partitions, archive.filter(|_| query.is_none())) {
-        (Some(partitions), Some(url)) => Some(Archiver::start(&url, data.clone(), Some(partitions.held.clone()))?),
-        _ => None,
-    };
     let config_for_query = config.clone();
+    // The edge first: with partition writers, it opens the set's token table (and prints
+    // a new one's admin token) before their nodes share it.
     let edge = match cluster.ingest || writers {
         true => {
-            let mut config = config;
+            let mut config = config.clone();
             if writers {
                 // The partition stores are under DATA; this node's token table beside them.
                 config.data = config.data.join("edge");
@@ -526,6 +521,14 @@ async fn run_without_store(
             Some(Edge::start(config, cluster, extra).await?)
         }
         false => None,
+    };
+    let partitions = match writers {
+        true => Some(PartitionWriters::start(config, limits.clone(), cluster.clone()).await?),
+        false => None,
+    };
+    let archiver = match (&partitions, archive.filter(|_| query.is_none())) {
+        (Some(partitions), Some(url)) => Some(Archiver::start(&url, data.clone(), Some(partitions.held.clone()))?),
+        _ => None,
     };
     let (query_stop, query_stop_wait) = tokio::sync::oneshot::channel::<()>();
     let query_server = match (&query, &edge) {
@@ -680,8 +683,12 @@ impl PartitionWriters {
                     let mut config = base.clone();
                     config.data = dir;
                     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                    // One token table for the set, the one the writers' ingest edges
+                    // serve: a collector token made there is checked by its realm's writer.
+                    config.tokens = Some(base.data.join("edge"));
                     let mut this = cluster.clone();
                     this.partition = Some(partition);
+                    this.partitions = partitions;
                     match Node::start_in(config, None, Arc::new(Marks::default()), limits.clone(), Some(&this)).await {
                         Ok(node) => {
                             claims.taken(partition.unsigned_abs());

@@ -822,7 +822,7 @@ impl Submitter for KafkaSubmitter {
         let bytes = Arc::new(wire::encode_submission(&self.origin, ticket, &submission).map_err(StageError::Kafka)?);
         let (answer, receipt) = crate::receipt();
         let key = wire::submission_key(&submission);
-        let partition = wire::partition_for(&key, self.partitions);
+        let partition = wire::submission_partition(&submission, self.partitions).map_err(StageError::Kafka)?;
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -79,6 +79,11 @@ pub struct AdapterRequest {
     /// Lowercase hex SHA-256 of the `Authorization: Bearer` token, when one was sent.
     pub token_sha256: Option<String>,
     pub body: Vec<u8>,
+    /// Over a partition set (`--log-per-partition`): the partition whose writer serves
+    /// it, once the writer that first took it answered [`Appended::route_to`]. The
+    /// record goes to that partition, and its writer serves it without routing it again.
+    /// `None`: the record goes to the partition of the empty key.
+    pub partition: Option<u32>,
 }
 
 /// The routes an ingest node passes on as [`Submission::Adapter`] (all `POST`).
@@ -384,6 +389,11 @@ pub struct Appended {
     /// For [`Submission::Adapter`]: the answer to give the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<AdapterReply>,
+    /// For [`Submission::Adapter`] over a partition set: the request's realm is written
+    /// by partition `route_to`'s log; send it again there ([`AdapterRequest::partition`]).
+    /// Nothing was appended and no `reply` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_to: Option<u32>,
 }
 
 impl Appended {
@@ -393,6 +403,15 @@ impl Appended {
             log_indexes,
             verdicts: Vec::new(),
             reply: None,
+            route_to: None,
+        }
+    }
+
+    /// The answer to an adapter request that belongs to partition `partition`'s log.
+    pub fn route_to(partition: u32) -> Self {
+        Self {
+            route_to: Some(partition),
+            ..Self::entries(Vec::new())
         }
     }
 }

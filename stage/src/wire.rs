@@ -59,6 +59,9 @@ pub enum WireSubmission {
         token_sha256: Option<String>,
         /// The request body in standard base64.
         body: String,
+        /// The partition whose writer serves it (over a partition set, once routed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partition: Option<u32>,
     },
 }
 
@@ -178,6 +181,7 @@ pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> 
             headers: request.headers.iter().cloned().collect(),
             token_sha256: request.token_sha256.clone(),
             body: STANDARD.encode(&request.body),
+            partition: request.partition,
         },
     };
     serde_json::to_vec(&SubmissionRecord {
@@ -215,6 +219,7 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
             headers,
             token_sha256,
             body,
+            partition,
         } => {
             if !crate::ADAPTER_ROUTES.contains(&route.as_str()) {
                 return Err(format!("`{route}` is not an adapter route"));
@@ -239,6 +244,7 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
                 body: STANDARD
                     .decode(&body)
                     .map_err(|error| format!("the adapter request body is not base64: {error}"))?,
+                partition,
             })
         }
     };
@@ -443,6 +449,22 @@ pub fn submission_key(submission: &Submission) -> String {
         // The adapter's realm is known only to the writer's node (the token's, the
         // adapter's configuration, the LastID agent's): one writer serves them all.
         Submission::Adapter(_) => String::new(),
+    }
+}
+
+/// The partition a submission record goes to among `partitions`: its key's
+/// ([`partition_for`]), or the one an adapter request was routed to
+/// ([`crate::AdapterRequest::partition`]), refused when the topic has no such partition.
+pub fn submission_partition(submission: &Submission, partitions: i32) -> Result<i32, String> {
+    match submission {
+        Submission::Adapter(crate::AdapterRequest {
+            partition: Some(partition),
+            ..
+        }) => i32::try_from(*partition)
+            .ok()
+            .filter(|partition| *partition < partitions.max(1))
+            .ok_or_else(|| format!("partition {partition} is not one of the topic's {partitions}")),
+        other => Ok(partition_for(&submission_key(other), partitions)),
     }
 }
 

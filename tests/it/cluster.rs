@@ -967,7 +967,8 @@ fn evidence_from_a_partition(store: &std::path::Path, writer: &Server, realm: &s
         .rfind(|line| line.starts_with(&prefix))
         .expect("the partition's node");
     let url = line.rsplit("API on ").next().unwrap().trim_end_matches(')').to_owned();
-    let token = std::fs::read_to_string(PartitionSet::store_dir(store, partition).join("admin.token")).unwrap();
+    // The partitions' nodes share the set's token table with the writers' edge.
+    let token = std::fs::read_to_string(store.join("edge/admin.token")).unwrap();
     let bundle = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/evidence"))
         .bearer_auth(token.trim())
@@ -1258,6 +1259,188 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
         let own = custos_store::partitions::latest_head(&store, head.partition).unwrap();
         assert_eq!(*head, own, "partition {}", head.partition);
     }
+}
+
+/// Over a partition set, OTLP traces and VaultysClaw deliveries through an ingest node
+/// are served by the writer of their realm's partition: the writer that takes a request
+/// (on the empty key's partition) answers one of another partition's realm with that
+/// partition, and the ingest node sends it there. Collector tokens are made on the
+/// writers' edge (the set's one token table) and checked by the realm's writer, which
+/// sees a revocation made there within a second. LastID records are refused
+/// `writer_only`: a LastID agent is enrolled on the API of its partition's writer.
+#[test]
+fn adapters_through_ingest_nodes_over_a_partition_set() {
+    use custos_stage::wire::partition_for;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let prefix = "parts-adapters";
+    let realms = realms_per_partition(3);
+    // Where an ingest node sends an adapter request first, and the realms of the other
+    // two partitions (routed) and of that one (served where it lands).
+    let first = partition_for("", 3) as usize;
+    let (routed, vc_realm, direct) = (
+        realms[(first + 1) % 3].clone(),
+        realms[(first + 2) % 3].clone(),
+        realms[first].clone(),
+    );
+    let webhook_secret = dir.path().join("vaultysclaw-secret");
+    std::fs::write(&webhook_secret, VAULTYSCLAW_SECRET).unwrap();
+    let store = dir.path().join("writers");
+    let writer = Server::start_with(
+        &store,
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-prefix",
+            prefix,
+            "--roles",
+            "writer",
+            "--log-per-partition",
+            "--vaultysclaw-secret-file",
+            webhook_secret.to_str().unwrap(),
+            "--vaultysclaw-realm",
+            &vc_realm,
+        ],
+    );
+    wait_for("the writer to take every partition", || {
+        let log = writer.log.lock().unwrap();
+        (0..3).all(|partition| log.contains(&format!("partition {partition}: this process writes")))
+    });
+    let node = ingest_on(dir.path(), "ingest-1", &broker.addr, prefix);
+    let admin = std::fs::read_to_string(store.join("edge/admin.token")).unwrap();
+    let admin = admin.trim();
+    let collector = |realm: &str| {
+        let (status, created) = post(
+            &writer.url,
+            "/v1/tokens",
+            Some(admin),
+            json!({"role": "collector", "realms": [realm]}).to_string().into_bytes(),
+        )
+        .unwrap();
+        assert_eq!(status, 201, "{created}");
+        (
+            created["token"].as_str().unwrap().to_owned(),
+            created["id"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (routed_token, routed_id) = collector(&routed);
+    let (direct_token, _) = collector(&direct);
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let spans = |service: &str, span_id: &str| {
+        json!({"resourceSpans": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": service}}]},
+            "scopeSpans": [{"spans": [{"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id,
+                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
+                "endTimeUnixNano": now.to_string(),
+                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]}]}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    // Routed once, then sent straight to the partition the node learnt; the writers'
+    // own edge routes the same way.
+    for (url, span_id) in [
+        (&node.url, "00f067aa0ba90301"),
+        (&node.url, "00f067aa0ba90302"),
+        (&writer.url, "00f067aa0ba90303"),
+    ] {
+        let (status, answer) = post_otlp(url, Some(&routed_token), spans("planner", span_id)).unwrap();
+        assert_eq!(status, 200, "{url}: {answer}");
+    }
+    let (status, answer) = post_otlp(&node.url, Some(&direct_token), spans("indexer", "00f067aa0ba90304")).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    // Refused alike wherever the request lands.
+    let (status, answer) = post_otlp(&node.url, Some(admin), spans("planner", "00f067aa0ba90305")).unwrap();
+    assert_eq!((status, answer["error"].as_str()), (403, Some("forbidden")), "{answer}");
+    let (status, answer) = post_otlp(
+        &node.url,
+        Some(&format!("cus_{}", "B".repeat(43))),
+        spans("planner", "00f067aa0ba90305"),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{answer}"
+    );
+
+    // VaultysClaw: served by the writer of the configured realm's partition, which keeps
+    // the deliveries it saw.
+    let delivery = json!({"event": "intent.completed", "occurredAt": chrono::Utc::now().to_rfc3339(), "data": {
+        "intentId": "i-set", "agentDid": "did:vc:agent:set", "action": "http.get",
+        "params": {"url": "https://api.example.com"}, "status": "completed"}});
+    let at = chrono::Utc::now().timestamp_millis();
+    let (status, answer) = crate::vaultysclaw::deliver(&node.url, "d-set", at, VAULTYSCLAW_SECRET, &delivery);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("accepted")), "{answer}");
+    let (status, answer) = crate::vaultysclaw::deliver(&writer.url, "d-set", at, VAULTYSCLAW_SECRET, &delivery);
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("duplicate")),
+        "{answer}"
+    );
+
+    // LastID: refused by name, not served by a partition that does not hold its agent.
+    let (status, answer) = post(
+        &node.url,
+        "/v1/adapters/lastid/audit",
+        None,
+        json!({"records": []}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (501, Some("writer_only")),
+        "{answer}"
+    );
+
+    // A collector token revoked on the writers' edge is refused by the partition's writer
+    // (its own copy of the shared table reads the file again within a second).
+    let (status, answer) = post(
+        &writer.url,
+        &format!("/v1/tokens/{routed_id}/revoke"),
+        Some(admin),
+        b"{}".to_vec(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    std::thread::sleep(custos_http::Tokens::RELOAD_EVERY + Duration::from_millis(500));
+    let (status, answer) = post_otlp(&node.url, Some(&routed_token), spans("planner", "00f067aa0ba90306")).unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{answer}"
+    );
+    node.kill();
+    let log = writer.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // Each attested event is in its realm's partition.
+    let mut spans_seen = Vec::new();
+    let mut deliveries = 0;
+    for (partition, _, payload) in stored(&store, custos_event::EVENT_PAYLOAD_TYPE) {
+        let realm = payload["realm"].as_str().unwrap();
+        assert_eq!(partition as i32, partition_for(realm, 3), "{payload}");
+        match (payload["attrs"]["custos.source"].as_str(), payload["span_id"].as_str()) {
+            (Some("otlp"), Some(span)) => spans_seen.push((realm.to_owned(), span.to_owned())),
+            (Some("vaultysclaw"), _) => {
+                assert_eq!(realm, vc_realm, "{payload}");
+                deliveries += 1;
+            }
+            // The attestors' own entries (an attested agent's delegation).
+            (Some("otlp"), None) => assert!(realm == routed || realm == direct, "{payload}"),
+            other => panic!("{other:?}: {payload}"),
+        }
+    }
+    spans_seen.sort();
+    let mut expected: Vec<(String, String)> = ["00f067aa0ba90301", "00f067aa0ba90302", "00f067aa0ba90303"]
+        .into_iter()
+        .map(|span| (routed.clone(), span.to_owned()))
+        .chain([(direct.clone(), "00f067aa0ba90304".to_owned())])
+        .collect();
+    expected.sort();
+    assert_eq!(spans_seen, expected);
+    assert!(deliveries >= 1, "the delivery is stored");
+    let output = crate::support::run(&["verify", store.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// Detectors over a log per partition: two detector processes share one data directory

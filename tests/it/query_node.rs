@@ -353,8 +353,8 @@ fn stored_through(url: &str, body: &[u8]) {
 }
 
 /// The API of the node writing partition `partition`'s log in one of the
-/// `--log-per-partition` writer processes (printed as it takes the partition), and that
-/// store's admin token.
+/// `--log-per-partition` writer processes (printed as it takes the partition), and the
+/// set's admin token (the partitions' nodes share the writers' edge token table).
 fn partition_api(writers: &[&Server], store: &std::path::Path, partition: u32) -> (String, String) {
     let prefix = format!("partition {partition}: this process writes its log");
     let holder = || {
@@ -367,10 +367,8 @@ fn partition_api(writers: &[&Server], store: &std::path::Path, partition: u32) -
     let log = holder().unwrap();
     let line = log.lines().rfind(|line| line.starts_with(&prefix)).unwrap();
     let url = line.rsplit("API on ").next().unwrap().trim_end_matches(')').to_owned();
-    let token = std::fs::read_to_string(
-        custos_store::partitions::PartitionSet::store_dir(store, partition).join("admin.token"),
-    )
-    .unwrap();
+    // The partitions' nodes share the set's token table with the writers' edge.
+    let token = std::fs::read_to_string(store.join("edge/admin.token")).unwrap();
     (url, token.trim().to_owned())
 }
 

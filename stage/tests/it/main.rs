@@ -145,6 +145,16 @@ fn submissions_round_trip_and_bad_records_are_named() {
             ],
             token_sha256: Some("ab".repeat(32)),
             body: vec![0x1f, 0x8b, 0x00, 0xff],
+            partition: None,
+        }),
+        // Routed to its realm's partition over a partition set.
+        Submission::Adapter(custos_stage::AdapterRequest {
+            route: "/v1/adapters/vaultysclaw/webhook".into(),
+            remote: "192.0.2.1:4000".into(),
+            headers: Vec::new(),
+            token_sha256: None,
+            body: b"{}".to_vec(),
+            partition: Some(2),
         }),
     ] {
         let bytes = wire::encode_submission("origin-1", 42, &submission).unwrap();
@@ -188,6 +198,20 @@ fn submissions_round_trip_and_bad_records_are_named() {
     let error = adapter("/v1/traces", "{}", r#""token_sha256":"secret","#).unwrap_err();
     assert!(error.contains("64 hex digits"), "{error}");
     assert!(adapter("/v1/adapters/lastid/audit", "{}", "").is_ok());
+    // A writer of a partition set answers a request of another partition's realm with
+    // that partition, as the documented receipt.
+    let receipt = wire::encode_receipt("o", 10, Ok(custos_stage::Appended::route_to(2))).unwrap();
+    assert_eq!(
+        String::from_utf8(receipt.clone()).unwrap(),
+        r#"{"v":1,"origin":"o","ticket":10,"outcome":{"status":"appended","log_indexes":[],"route_to":2}}"#
+    );
+    match wire::decode_receipt(&receipt).unwrap().outcome {
+        wire::Outcome::Appended(appended) => {
+            assert_eq!(appended, custos_stage::Appended::route_to(2));
+            assert_eq!(appended.reply, None);
+        }
+        other => panic!("{other:?}"),
+    }
     let error = wire::decode_committed(b"{\"v\":2,\"record\":{\"type\":\"replayed\",\"next_index\":1}}").unwrap_err();
     assert!(error.contains("version 2"), "{error}");
     let error = wire::decode_committed(b"not json").unwrap_err();
@@ -343,6 +367,30 @@ fn a_submission_goes_to_the_partition_of_its_realm() {
     });
     assert_eq!(wire::submission_key(&batch), "eng");
     assert_eq!(wire::submission_key(&revoke), "eng");
+    assert_eq!(
+        wire::submission_partition(&revoke, 3),
+        Ok(wire::partition_for("eng", 3))
+    );
+    // An adapter request goes to the empty key's partition until a writer routes it to
+    // its realm's; a partition the topic does not have is refused, naming it.
+    let mut request = custos_stage::AdapterRequest {
+        route: "/v1/traces".into(),
+        remote: String::new(),
+        headers: Vec::new(),
+        token_sha256: None,
+        body: Vec::new(),
+        partition: None,
+    };
+    let adapter = |request: &custos_stage::AdapterRequest| Submission::Adapter(request.clone());
+    assert_eq!(
+        wire::submission_partition(&adapter(&request), 3),
+        Ok(wire::partition_for("", 3))
+    );
+    request.partition = Some(2);
+    assert_eq!(wire::submission_partition(&adapter(&request), 3), Ok(2));
+    request.partition = Some(3);
+    let error = wire::submission_partition(&adapter(&request), 3).unwrap_err();
+    assert!(error.contains("partition 3") && error.contains("3"), "{error}");
 }
 
 /// A receipt is answered to a waiting thread or to an awaiting task (which holds no
