@@ -87,8 +87,9 @@ pub static WRITER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
-/// Submissions an ingest node sent to the log writer again because their receipt was
-/// late (`custos_stage::kafka::RESEND_AFTER`): each is a request that waited seconds.
+/// Events an ingest node passed on as verified whose signature did not verify when a
+/// writer with `--verify-submissions` checked it again: something that can write the
+/// submissions topic is sending events in agents' names.
 pub static FORGED: LazyLock<IntCounter> = LazyLock::new(|| {
     register(
         IntCounter::new(
@@ -99,6 +100,8 @@ pub static FORGED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Submissions an ingest node sent to the log writer again because their receipt was
+/// late (`custos_stage::kafka::RESEND_AFTER`): each is a request that waited seconds.
 pub static RESUBMITTED: LazyLock<IntCounter> = LazyLock::new(|| {
     register(
         IntCounter::new(
