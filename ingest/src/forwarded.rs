@@ -46,10 +46,29 @@ use crate::http::AppState;
 /// hundred items).
 const MAX_REPLY_BYTES: usize = 16 << 20;
 
+/// The most adapter requests a writer serves at once; more are refused as retryable
+/// (`busy`: the ingest node answers 503 with Retry-After), so a flood from a valid
+/// collector token or webhook secret cannot grow the writer's tasks and memory without
+/// bound beside its intake.
+pub const MAX_SERVING: usize = 64;
+
 /// Where the writer's Kafka bridge hands adapter requests: empty until the node is open
-/// (then they are refused as retryable), and served on the node's runtime after.
-#[derive(Clone, Default)]
-pub struct AdapterDesk(Arc<OnceLock<(AppState, tokio::runtime::Handle)>>);
+/// (then they are refused as retryable), and served on the node's runtime after, at most
+/// [`MAX_SERVING`] at once.
+#[derive(Clone)]
+pub struct AdapterDesk {
+    node: Arc<OnceLock<(AppState, tokio::runtime::Handle)>>,
+    serving: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for AdapterDesk {
+    fn default() -> Self {
+        Self {
+            node: Arc::default(),
+            serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
+        }
+    }
+}
 
 /// The log a writer of a partition set writes: partition `partition` of `partitions`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +89,7 @@ enum Placement {
 
 impl AdapterDesk {
     pub(crate) fn open(&self, state: AppState, runtime: tokio::runtime::Handle) {
-        let _ = self.0.set((state, runtime));
+        let _ = self.node.set((state, runtime));
     }
 
     /// Serves `request` as this node's API serves the route, on the node's runtime;
@@ -80,7 +99,13 @@ impl AdapterDesk {
     /// Over a partition set (`set`), a request whose realm another partition's log
     /// writes is answered [`Appended::route_to`] that partition instead.
     pub fn serve(&self, request: AdapterRequest, answer: Answer, set: Option<SetPlace>) {
-        let Some((state, runtime)) = self.0.get() else {
+        let Ok(permit) = self.serving.clone().try_acquire_owned() else {
+            return answer.send(Err(Refused::retryable(
+                "busy",
+                format!("the writer is already serving {MAX_SERVING} adapter requests; send it again"),
+            )));
+        };
+        let Some((state, runtime)) = self.node.get() else {
             answer.send(Err(Refused::retryable(
                 "not_ready",
                 "the writer's node is still starting; the adapter request can be sent again",
@@ -101,6 +126,7 @@ impl AdapterDesk {
                 Err(error) => error.into_response(),
             };
             answer.send(reply(response).await);
+            drop(permit);
         });
     }
 }
@@ -245,5 +271,46 @@ impl<I: Intake> Intake for AdapterIntake<I> {
 
     fn ack(&mut self) -> Result<(), StageError> {
         self.inner.ack()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> AdapterRequest {
+        AdapterRequest {
+            route: "/v1/traces".into(),
+            remote: "192.0.2.1:4000".into(),
+            headers: Vec::new(),
+            token_sha256: None,
+            body: Vec::new(),
+            partition: None,
+        }
+    }
+
+    /// A writer serving its most adapter requests refuses the next as retryable `busy`
+    /// at once, and takes requests again once one finishes.
+    #[test]
+    fn a_desk_serving_its_most_refuses_more_as_busy() {
+        let desk = AdapterDesk::default();
+        let held: Vec<_> = (0..MAX_SERVING)
+            .map(|_| desk.serving.clone().try_acquire_owned().unwrap())
+            .collect();
+        let (answer, receipt) = custos_stage::receipt();
+        desk.serve(request(), answer, None);
+        let refused = receipt.try_take().expect("answered at once").unwrap_err();
+        assert_eq!((refused.code.as_str(), refused.retryable), ("busy", true));
+        assert!(
+            refused.message.contains(&MAX_SERVING.to_string()),
+            "{}",
+            refused.message
+        );
+        drop(held);
+        // Not busy any more; this desk's node is not open, which is the next refusal.
+        let (answer, receipt) = custos_stage::receipt();
+        desk.serve(request(), answer, None);
+        let refused = receipt.try_take().expect("answered at once").unwrap_err();
+        assert_eq!((refused.code.as_str(), refused.retryable), ("not_ready", true));
     }
 }

@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 pub(crate) mod attest;
 pub mod edge;
 mod forwarded;
-pub use forwarded::{AdapterDesk, AdapterIntake, SetPlace};
+pub use forwarded::{AdapterDesk, AdapterIntake, MAX_SERVING as MAX_ADAPTER_REQUESTS, SetPlace};
 mod http;
 mod lastid;
 mod lookup;
