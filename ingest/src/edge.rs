@@ -130,6 +130,7 @@ impl ControlView {
             code: code.to_owned(),
             message,
             signed,
+            whole: None,
         };
         let mut realm = String::new();
         let check = match &item.outcome {
@@ -212,9 +213,14 @@ fn realm_batches(
 ) -> Vec<Vec<(EventBatch, Vec<usize>)>> {
     let mut realms: Vec<Vec<(EventBatch, Vec<usize>, usize)>> = Vec::new();
     for (index, (mut item, realm)) in checked.enumerate() {
-        if matches!(item.check, ItemCheck::Refused { .. }) && item.raw.len() > REFUSED_RAW_BYTES {
+        if let ItemCheck::Refused { signed, whole, .. } = &mut item.check
+            && item.raw.len() > REFUSED_RAW_BYTES
+        {
             // The writer keeps 64 KiB of a refused input for forensics; the rest would
-            // only make the record too large for the broker.
+            // only make the record too large for the broker. Its size and blake3 travel.
+            *whole = Some(custos_stage::WholeInput::of(&item.raw));
+            // Cut, a signed event no longer verifies at the writer: its refusal stands.
+            *signed = false;
             item.raw.truncate(REFUSED_RAW_BYTES);
         }
         let lane = match realms.iter().position(|lane| lane[0].0.realm == realm) {
@@ -699,6 +705,7 @@ async fn post_events(
                     code: rejection.reason.code().to_owned(),
                     message: rejection.message.clone(),
                     signed: false,
+                    whole: (body.len() > REFUSED_RAW_BYTES).then(|| custos_stage::WholeInput::of(&body)),
                 },
             };
             let _ = submit(
@@ -840,6 +847,7 @@ mod tests {
             keyid: Some(did.clone()),
             outcome,
             refused: None,
+            whole: None,
         };
         (did, item)
     }
@@ -894,6 +902,7 @@ mod tests {
                 code: "malformed".into(),
                 message: "m".repeat(300),
                 signed: false,
+                whole: None,
             },
         };
         let verified = |raw: Vec<u8>| EventItem {

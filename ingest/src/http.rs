@@ -23,7 +23,6 @@ use crate::sequencer::{Command, ErrorKind, Item, WriterError};
 use custos_http::openapi::Endpoint;
 use custos_http::{ApiError, EVERYONE, READERS, guarded, metrics_answer};
 use custos_http::{Caller, Role, Tokens};
-use custos_store::forensics::RejectedRecord;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -408,6 +407,7 @@ fn prestage(raws: Vec<Vec<u8>>, max_event_bytes: usize, keys: &KeyCache) -> Vec<
                 keyid,
                 outcome,
                 refused: None,
+                whole: None,
             }
         })
         .collect()
@@ -490,8 +490,7 @@ async fn post_events(
     let raws = match split_request(&state.rejects, &state.config, source, &body)? {
         Ok(raws) => raws,
         Err(rejection) => {
-            let record = RejectedRecord::new(&rejection, &body, &remote, None, None, None);
-            let _ = record_whole_request(&state, record).await;
+            let _ = keep_rejected(&state, &rejection, &body, &remote).await;
             return Err(ApiError::new(400, rejection.reason.code(), rejection.message));
         }
     };
@@ -564,32 +563,28 @@ fn unauthenticated(reason: &str) -> bool {
     )
 }
 
-/// Keeps an input an adapter refused (a LastID record, a webhook delivery, an OTLP body)
-/// for forensics, with its reason.
+/// Keeps a refused input for forensics, with its reason: a request body that cannot
+/// be split, or what an adapter refused (a LastID record, a webhook delivery, an OTLP
+/// body). The sequencer gets at most the bytes a record keeps, with the whole input's
+/// size and blake3 when that is less than all of it.
 pub(crate) async fn keep_rejected(
     state: &AppState,
     rejection: &Rejection,
     raw: &[u8],
     remote: &str,
 ) -> Result<(), ApiError> {
-    record_whole_request(state, RejectedRecord::new(rejection, raw, remote, None, None, None)).await
-}
-
-/// A body that cannot be split is still kept for forensics, as one rejected item.
-pub(crate) async fn record_whole_request(state: &AppState, record: RejectedRecord) -> Result<(), ApiError> {
-    let rejection = Rejection::new(
-        Reason::from_code(&record.reason).unwrap_or(Reason::Malformed),
-        record.message.clone(),
-    );
+    let kept = raw.len().min(custos_store::forensics::MAX_KEPT_BYTES);
     let item = Item {
-        raw: record.input.into_bytes(),
+        raw: raw[..kept].to_vec(),
         keyid: None,
-        outcome: Err(rejection),
+        outcome: Err(rejection.clone()),
         refused: None,
+        whole: (kept < raw.len()).then(|| custos_stage::WholeInput::of(raw)),
     };
+    let remote = remote.to_owned();
     ask(state, |reply| Command::Ingest {
         items: vec![item],
-        remote: record.remote,
+        remote,
         reply,
     })
     .await

@@ -93,6 +93,7 @@ fn refused(code: &str, message: &str) -> ItemCheck {
         code: code.to_owned(),
         message: format!("{message} (checked again by the log writer; the ingest node that sent it said it verified)"),
         signed: false,
+        whole: None,
     }
 }
 
@@ -131,6 +132,7 @@ mod tests {
             code: "malformed".into(),
             message: "not JSON".into(),
             signed: false,
+            whole: None,
         };
         let mut batch = EventBatch {
             remote: "10.0.0.7:4000".into(),
@@ -146,6 +148,7 @@ mod tests {
                         code: "revoked_agent".into(),
                         message: "revoked".into(),
                         signed: true,
+                        whole: None,
                     },
                 ),
                 item(b"not an envelope".to_vec(), ItemCheck::Verified),
@@ -159,7 +162,10 @@ mod tests {
         );
         assert_eq!(batch.items[0].check, ItemCheck::Verified);
         for position in [1, 3] {
-            let ItemCheck::Refused { code, message, signed } = &batch.items[position].check else {
+            let ItemCheck::Refused {
+                code, message, signed, ..
+            } = &batch.items[position].check
+            else {
                 panic!("item {position} passed: {:?}", batch.items[position].check);
             };
             assert_eq!((code.as_str(), *signed), ("bad_signature", false));

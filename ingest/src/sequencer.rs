@@ -40,6 +40,9 @@ pub struct Item {
     /// Verified, but refused by an ingest node's registry view (a revoked agent): kept
     /// for forensics and shown to the detector like a refusal made here.
     pub refused: Option<Rejection>,
+    /// When `raw` is only the first bytes of a refused input (one too large to pass on
+    /// whole): the whole input's size and blake3, which its forensics record keeps.
+    pub whole: Option<custos_stage::WholeInput>,
 }
 
 /// What an ingest command answers: a result per item, except items whose seq is older
@@ -1171,7 +1174,12 @@ impl Sequencer {
                 Ok(verified) => verified,
                 Err(rejection) => {
                     results.push(rejected_verdict(index, &rejection));
-                    self.reject(&rejection, &item.raw, remote, index, item.keyid, None);
+                    let mut record = RejectedRecord::new(&rejection, &item.raw, remote, Some(index), item.keyid, None);
+                    if let Some(whole) = item.whole {
+                        record = record.of_whole(whole.size, whole.blake3);
+                    }
+                    tracing::debug!(reason = rejection.reason.code(), index, "rejected input");
+                    self.forensics.record(record);
                     continue;
                 }
             };
@@ -1262,13 +1270,18 @@ impl Sequencer {
                     )
                     .and_then(|decoded| custos_event::verify::check_event(decoded.envelope))
                 };
-                let (outcome, refused) = match item.check {
-                    ItemCheck::Verified => (decode(&item.raw), None),
-                    ItemCheck::Refused { code, message, signed } => {
+                let (outcome, refused, whole) = match item.check {
+                    ItemCheck::Verified => (decode(&item.raw), None, None),
+                    ItemCheck::Refused {
+                        code,
+                        message,
+                        signed,
+                        whole,
+                    } => {
                         let rejection = Rejection::new(Reason::from_code(&code).unwrap_or(Reason::Malformed), message);
                         match signed.then(|| decode(&item.raw)) {
-                            Some(Ok(verified)) => (Ok(verified), Some(rejection)),
-                            _ => (Err(rejection), None),
+                            Some(Ok(verified)) => (Ok(verified), Some(rejection), None),
+                            _ => (Err(rejection), None, whole),
                         }
                     }
                 };
@@ -1277,6 +1290,7 @@ impl Sequencer {
                     keyid: item.keyid,
                     outcome,
                     refused,
+                    whole,
                 }
             })
             .collect();

@@ -166,7 +166,27 @@ pub enum ItemCheck {
         code: String,
         message: String,
         signed: bool,
+        /// When the ingest node cut `raw` to fit a broker record: the size and blake3 of
+        /// the whole input as it was received, which its forensics record keeps.
+        whole: Option<WholeInput>,
     },
+}
+
+/// The size and blake3 (lowercase hex) of an input an ingest node cut before passing
+/// it on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WholeInput {
+    pub size: u64,
+    pub blake3: String,
+}
+
+impl WholeInput {
+    pub fn of(raw: &[u8]) -> Self {
+        Self {
+            size: raw.len() as u64,
+            blake3: blake3::hash(raw).to_hex().to_string(),
+        }
+    }
 }
 
 /// What happened to one item of an [`EventBatch`]: the JSON `POST /v1/events` answers.

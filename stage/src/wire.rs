@@ -80,6 +80,11 @@ pub struct WireEventItem {
     pub message: Option<String>,
     #[serde(default)]
     pub signed: bool,
+    /// A refused item cut to fit the record: the whole input's size and blake3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 /// The writer's answer to a ticket.
@@ -252,9 +257,20 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
 }
 
 fn wire_item(item: &EventItem) -> WireEventItem {
-    let (check, code, message, signed) = match &item.check {
-        ItemCheck::Verified => ("verified", None, None, false),
-        ItemCheck::Refused { code, message, signed } => ("refused", Some(code.clone()), Some(message.clone()), *signed),
+    let (check, code, message, signed, whole) = match &item.check {
+        ItemCheck::Verified => ("verified", None, None, false, None),
+        ItemCheck::Refused {
+            code,
+            message,
+            signed,
+            whole,
+        } => (
+            "refused",
+            Some(code.clone()),
+            Some(message.clone()),
+            *signed,
+            whole.as_ref(),
+        ),
     };
     WireEventItem {
         raw: STANDARD.encode(&item.raw),
@@ -263,6 +279,8 @@ fn wire_item(item: &EventItem) -> WireEventItem {
         code,
         message,
         signed,
+        size: whole.map(|whole| whole.size),
+        blake3: whole.map(|whole| whole.blake3.clone()),
     }
 }
 
@@ -273,6 +291,15 @@ fn event_item(item: WireEventItem) -> Result<EventItem, String> {
             code: item.code.ok_or("a refused item needs a `code`")?,
             message: item.message.unwrap_or_default(),
             signed: item.signed,
+            whole: match (item.size, item.blake3) {
+                (None, None) => None,
+                (Some(size), Some(blake3))
+                    if blake3.len() == 64 && blake3.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f')) =>
+                {
+                    Some(crate::WholeInput { size, blake3 })
+                }
+                _ => return Err("a cut item needs both `size` and `blake3` (64 lowercase hex digits)".into()),
+            },
         },
         other => return Err(format!("item check `{other}` is neither `verified` nor `refused`")),
     };

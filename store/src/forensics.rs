@@ -71,6 +71,17 @@ impl RejectedRecord {
     }
 }
 
+impl RejectedRecord {
+    /// Describes the whole input when `raw` was only its first bytes: its size and
+    /// blake3 are the whole input's, and the record says it is cut.
+    pub fn of_whole(mut self, size: u64, blake3: String) -> Self {
+        self.size = usize::try_from(size).unwrap_or(usize::MAX);
+        self.blake3 = blake3;
+        self.truncated = true;
+        self
+    }
+}
+
 /// The bounded store of rejected input.
 #[derive(Debug)]
 pub struct Forensics {

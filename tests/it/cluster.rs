@@ -355,6 +355,27 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     // A refusal made by the ingest node is kept for forensics by the writer.
     let (_, rejected) = get(&url, "/v1/rejected?reason=unknown_agent", &token);
     assert!(!rejected["rejected"].as_array().unwrap().is_empty(), "{rejected}");
+    // The huge line crossed cut to fit a broker record; its record still names the
+    // whole line: its size and blake3.
+    let line = vec![b'x'; 300 * 1024];
+    let reason = results[3000]["reason"].as_str().unwrap();
+    let (_, rejected) = get(&url, &format!("/v1/rejected?reason={reason}"), &token);
+    let record = rejected["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| record["size"] == line.len())
+        .unwrap_or_else(|| {
+            let sizes: Vec<&serde_json::Value> = rejected["rejected"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|record| &record["size"])
+                .collect();
+            panic!("no record of the whole {} byte line; sizes kept: {sizes:?}", line.len())
+        });
+    assert_eq!(record["blake3"], blake3::hash(&line).to_hex().as_str(), "{record}");
+    assert_eq!(record["truncated"], true);
 
     // Two clients stream through the two ingest nodes; the second node is killed mid-way.
     let (left, right) = signers.split_at_mut(3);

@@ -495,6 +495,7 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
                 code: "malformed".into(),
                 message: "not JSON".into(),
                 signed: false,
+                whole: None,
             },
         },
         EventItem {
@@ -502,6 +503,7 @@ fn events_from_an_ingest_node(ingest: &dyn Submitter, url: &str, token: &str) {
                 code: "revoked_agent".into(),
                 message: "the ingest node's view says revoked".into(),
                 signed: true,
+                whole: None,
             },
             ..verified(&second)
         },

@@ -73,6 +73,37 @@ async fn json_arrays_url_safe_base64_and_whole_request_errors() {
         .admin(reqwest::Method::GET, "/v1/rejected?reason=malformed", None)
         .await;
     assert_eq!(kept["rejected"].as_array().unwrap().len(), 1);
+    // A body that is not UTF-8 and longer than a record keeps: the record names the
+    // whole body (its size and blake3) and keeps its first 64 KiB as base64.
+    let mut binary = b"[".to_vec();
+    binary.extend((0..100 * 1024).map(|n| 0x80 | (n % 128) as u8));
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/events", node.url))
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let (_, kept) = node
+        .admin(reqwest::Method::GET, "/v1/rejected?reason=malformed", None)
+        .await;
+    let record = kept["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| record["input_encoding"] == "base64")
+        .unwrap_or_else(|| panic!("the binary body is kept: {kept}"))
+        .clone();
+    assert_eq!(record["size"], binary.len(), "{record}");
+    assert_eq!(record["blake3"], blake3::hash(&binary).to_hex().as_str(), "{record}");
+    assert_eq!(record["truncated"], true);
+    let input = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(record["input"].as_str().unwrap())
+            .unwrap()
+    };
+    assert_eq!(input, binary[..custos_store::forensics::MAX_KEPT_BYTES]);
     node.stop().await;
 }
 

@@ -131,6 +131,18 @@ fn submissions_round_trip_and_bad_records_are_named() {
                         code: "malformed".into(),
                         message: "not JSON".into(),
                         signed: false,
+                        whole: None,
+                    },
+                },
+                // A refused input cut to fit the record names the whole one.
+                custos_stage::EventItem {
+                    raw: b"xxxx".to_vec(),
+                    keyid: None,
+                    check: custos_stage::ItemCheck::Refused {
+                        code: "too_large".into(),
+                        message: "too large".into(),
+                        signed: false,
+                        whole: Some(custos_stage::WholeInput::of(b"xxxxxxxx")),
                     },
                 },
             ],
@@ -198,6 +210,14 @@ fn submissions_round_trip_and_bad_records_are_named() {
     let error = adapter("/v1/traces", "{}", r#""token_sha256":"secret","#).unwrap_err();
     assert!(error.contains("64 hex digits"), "{error}");
     assert!(adapter("/v1/adapters/lastid/audit", "{}", "").is_ok());
+    // A cut item names both the size and the blake3 of the whole input.
+    for whole in [r#","size":8"#, r#","blake3":"00""#, r#","size":8,"blake3":"XYZ""#] {
+        let record = format!(
+            r#"{{"v":1,"origin":"o","ticket":1,"submission":{{"type":"events","remote":"r","realm":"","items":[{{"raw":"","check":"refused","code":"too_large"{whole}}}]}}}}"#
+        );
+        let error = wire::decode_submission(record.as_bytes()).unwrap_err();
+        assert!(error.contains("`size` and `blake3`"), "{whole}: {error}");
+    }
     // A writer of a partition set answers a request of another partition's realm with
     // that partition, as the documented receipt.
     let receipt = wire::encode_receipt("o", 10, Ok(custos_stage::Appended::route_to(2))).unwrap();
