@@ -251,7 +251,7 @@ pub static OTLP_SPANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             Opts::new(
                 "custos_otlp_spans_total",
-                "Spans received on POST /v1/traces, by outcome: stored, rejected, ignored (not GenAI)",
+                "Spans received on POST /v1/traces, by outcome: stored, duplicate (attested before), rejected, ignored (not GenAI)",
             ),
             &["outcome"],
         )

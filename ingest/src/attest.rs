@@ -16,8 +16,13 @@
 //! the adapter. The chain state is saved, and the signed envelopes kept as pending,
 //! before anything is submitted; pending envelopes are resent first (answered
 //! `duplicate` when already stored), so a crash never forks an attested chain.
+//!
+//! A span is attested once: each agent remembers the (trace id, span id) of its last
+//! [`RECENT_SPANS`] spans (`<did>.spans`, written with the pending envelopes), so an
+//! exporter's retry, or an ingest node's resend after a writer crash, is answered
+//! `duplicate` instead of stored again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,6 +46,95 @@ struct Lane {
     signer: Signer,
     /// The root's delegation to it was answered (it is enrolled).
     enrolled: bool,
+    /// The spans it attested last.
+    spans: RecentSpans,
+}
+
+/// How many spans each attested agent remembers, to answer a span sent again
+/// `duplicate`: an exporter retries within seconds, and an ingest node resends after 5
+/// and 15 s.
+pub(crate) const RECENT_SPANS: usize = 1024;
+
+/// The (trace id, span id) keys of an agent's last [`RECENT_SPANS`] spans, as the first
+/// 16 bytes of their blake3; on disk one hex key per line, appended as they are signed
+/// and rewritten when the file holds four times the window.
+#[derive(Default)]
+struct RecentSpans {
+    keys: HashSet<u128>,
+    order: VecDeque<u128>,
+    /// Lines in the file.
+    written: usize,
+}
+
+impl RecentSpans {
+    /// The key of an event made from a span: its `trace_id` and `span_id` members.
+    fn key(object: &Map<String, Value>) -> Option<u128> {
+        let span = object.get("span_id")?.as_str()?;
+        let trace = object.get("trace_id").and_then(Value::as_str).unwrap_or_default();
+        let hash = blake3::hash(format!("{trace}/{span}").as_bytes());
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&hash.as_bytes()[..16]);
+        Some(u128::from_le_bytes(first))
+    }
+
+    fn load(path: &Path) -> Result<Self, ApiError> {
+        let text = match fs_err::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(error) => return Err(io(error)),
+        };
+        let mut spans = Self::default();
+        for line in text.lines().filter(|line| !line.is_empty()) {
+            let key = u128::from_str_radix(line, 16)
+                .map_err(|_| io(format!("`{}` holds `{line}`, which is not a span key", path.display())))?;
+            spans.remember(key);
+            spans.written += 1;
+        }
+        Ok(spans)
+    }
+
+    fn remember(&mut self, key: u128) {
+        if self.keys.insert(key) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > RECENT_SPANS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+    }
+
+    /// Remembers `keys`, durable in `path` first (so a key is never remembered that a
+    /// restart would forget while its span is stored).
+    fn record(&mut self, path: &Path, keys: &[u128]) -> Result<(), ApiError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let line = |key: &u128| format!("{key:032x}\n");
+        if self.written + keys.len() > 4 * RECENT_SPANS {
+            let mut kept = self.order.clone();
+            kept.extend(keys);
+            let skip = kept.len().saturating_sub(RECENT_SPANS);
+            let text: String = kept.iter().skip(skip).map(line).collect();
+            custos_store::write_atomic(path, text.as_bytes()).map_err(io)?;
+            self.written = kept.len() - skip;
+        } else {
+            use std::io::Write as _;
+            let mut file = fs_err::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            let text: String = keys.iter().map(line).collect();
+            file.write_all(text.as_bytes()).map_err(io)?;
+            file.sync_data().map_err(io)?;
+            self.written += keys.len();
+        }
+        for key in keys {
+            self.remember(*key);
+        }
+        Ok(())
+    }
 }
 
 /// The keys of one adapter instance (a collector token, the VaultysClaw receiver).
@@ -92,6 +186,27 @@ fn past_pending(chain: ChainState, pending: &Path) -> Result<ChainState, ApiErro
     Ok(chain)
 }
 
+/// The payloads of the envelopes kept pending in `path` (none when there is no file).
+fn pending_payloads(path: &Path) -> Result<Vec<Map<String, Value>>, ApiError> {
+    use base64::Engine as _;
+    let text = match fs_err::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io(error)),
+    };
+    text.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_str::<Value>(line)
+                .ok()
+                .and_then(|envelope| envelope["payload"].as_str().map(str::to_owned))
+                .and_then(|payload| base64::engine::general_purpose::STANDARD.decode(payload).ok())
+                .and_then(|payload| serde_json::from_slice::<Map<String, Value>>(&payload).ok())
+                .ok_or_else(|| io(format!("`{}` holds a line that is not an envelope", path.display())))
+        })
+        .collect()
+}
+
 impl Attestor {
     /// Opens (creating on first use) the adapter's root key under `DATA/attest/…`.
     pub(crate) fn open(data: &Path, source: &'static str, name: &str, realm: &str) -> Result<Self, ApiError> {
@@ -135,6 +250,10 @@ impl Attestor {
             .join(format!("{}.pending.ndjson", did.trim_start_matches("did:key:")))
     }
 
+    fn spans_path(&self, did: &str) -> PathBuf {
+        self.dir.join(format!("{}.spans", did.trim_start_matches("did:key:")))
+    }
+
     fn lane(&self, key: AgentKey) -> Result<Lane, ApiError> {
         let did = key.did().to_owned();
         let chain = match fs_err::read_to_string(self.chain_path(&did)) {
@@ -147,7 +266,17 @@ impl Attestor {
             .dir
             .join(format!("{}.enrolled", did.trim_start_matches("did:key:")))
             .exists();
+        // Spans signed and kept pending before a stop that came before their keys were
+        // written: they will be sent, so they count as attested.
+        let mut spans = RecentSpans::load(&self.spans_path(&did))?;
+        let pending: Vec<u128> = pending_payloads(&self.pending_path(&did))?
+            .iter()
+            .filter_map(RecentSpans::key)
+            .filter(|key| !spans.keys.contains(key))
+            .collect();
+        spans.record(&self.spans_path(&did), &pending)?;
         Ok(Lane {
+            spans,
             signer: Signer::resume(key, self.realm.clone(), chain),
             enrolled,
         })
@@ -176,7 +305,24 @@ impl Attestor {
         };
         // Per object: its place among the signed envelopes, or why it could not be signed.
         let mut places: Vec<Result<usize, Verdict>> = Vec::with_capacity(objects.len());
+        let mut new_spans: Vec<u128> = Vec::new();
+        let mut this_request: HashSet<u128> = HashSet::new();
         for (index, mut object) in objects.into_iter().enumerate() {
+            let span = RecentSpans::key(&object);
+            if let Some(key) = span
+                && (lane.spans.keys.contains(&key) || this_request.contains(&key))
+            {
+                places.push(Err(Verdict {
+                    index,
+                    status: Status::Duplicate,
+                    reason: None,
+                    message: Some("this span was attested already (the request was sent again)".into()),
+                    log_index: None,
+                    flags: Vec::new(),
+                    missing: None,
+                }));
+                continue;
+            }
             let attrs = object.entry("attrs").or_insert_with(|| Value::Object(Map::new()));
             if let Value::Object(attrs) = attrs {
                 attrs.insert("custos.source".into(), Value::from(self.source));
@@ -187,6 +333,10 @@ impl Attestor {
                 Ok(envelope) => {
                     places.push(Ok(raws.len()));
                     raws.push(envelope.to_json().into_bytes());
+                    if let Some(key) = span {
+                        this_request.insert(key);
+                        new_spans.push(key);
+                    }
                 }
                 Err(message) => {
                     // Kept for forensics like any refused input; its neighbours go on.
@@ -215,6 +365,7 @@ impl Attestor {
         custos_store::write_atomic(&pending_path, lines.join("\n").as_bytes()).map_err(io)?;
         let chain = serde_json::to_vec(lane.signer.chain()).map_err(io)?;
         custos_store::write_atomic(&self.chain_path(&did), &chain).map_err(io)?;
+        lane.spans.record(&self.spans_path(&did), &new_spans)?;
         let verdicts = match raws.is_empty() {
             true => Vec::new(),
             false => crate::http::ingest_raws(state, raws, remote.to_owned()).await?,
@@ -368,5 +519,76 @@ impl Attestor {
             answers.push(self.sign_and_submit(state, remote, lane, objects).await?);
         }
         Ok(answers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(trace: &str, span: &str) -> Map<String, Value> {
+        serde_json::json!({"kind": "llm_call", "trace_id": trace, "span_id": span})
+            .as_object()
+            .unwrap()
+            .clone()
+    }
+
+    /// An agent's window keeps its last spans across reloads, forgets the oldest, and
+    /// the file is rewritten to the window once it grows to four times it.
+    #[test]
+    fn recent_spans_survive_a_reload_and_keep_a_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.spans");
+        let key = |n: usize| RecentSpans::key(&span("4bf92f3577b34da6a3ce929d0e0e4736", &format!("{n:016x}"))).unwrap();
+        assert_ne!(
+            RecentSpans::key(&span("a", "1")),
+            RecentSpans::key(&span("b", "1")),
+            "the trace is part of the key"
+        );
+        assert_eq!(
+            RecentSpans::key(
+                &span("a", "1")
+                    .into_iter()
+                    .filter(|(name, _)| name != "span_id")
+                    .collect()
+            ),
+            None
+        );
+        let mut spans = RecentSpans::default();
+        for batch in 0..5 {
+            let keys: Vec<u128> = (batch * 1000..(batch + 1) * 1000).map(key).collect();
+            spans.record(&path, &keys).unwrap();
+        }
+        assert_eq!(spans.order.len(), RECENT_SPANS);
+        assert!(spans.keys.contains(&key(4999)) && !spans.keys.contains(&key(4999 - RECENT_SPANS)));
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 4 * RECENT_SPANS, "{lines} lines");
+        let again = RecentSpans::load(&path).unwrap();
+        assert_eq!(again.order, spans.order);
+        std::fs::write(&path, "not a key\n").unwrap();
+        let error = RecentSpans::load(&path).err().unwrap();
+        assert!(error.message.contains("not a span key"), "{}", error.message);
+    }
+
+    /// A span signed and kept pending before the process stopped, with its key not yet
+    /// written, counts as attested when the agent's lane opens again: it is sent from
+    /// the pending file, so a resend of its request must not store it a second time.
+    #[test]
+    fn a_pending_span_counts_as_attested_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let attestor = Attestor::open(dir.path(), "otlp", "t1", "eng").unwrap();
+        let key = attestor.agent_key("planner");
+        let did = key.did().to_owned();
+        let mut signer = Signer::new(key.clone(), "eng");
+        let object = span("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+        let envelope = signer.sign_object(object.clone(), chrono::Utc::now()).unwrap();
+        std::fs::write(attestor.pending_path(&did), envelope.to_json()).unwrap();
+        let lane = attestor.lane(key).unwrap();
+        assert!(lane.spans.keys.contains(&RecentSpans::key(&object).unwrap()));
+        assert_eq!(lane.signer.chain().next_seq, 1, "past the pending envelope");
+        // And it is written, so the next restart knows it without the pending file.
+        std::fs::remove_file(attestor.pending_path(&did)).unwrap();
+        let spans = RecentSpans::load(&attestor.spans_path(&did)).unwrap();
+        assert!(spans.keys.contains(&RecentSpans::key(&object).unwrap()));
     }
 }

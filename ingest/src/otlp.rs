@@ -408,9 +408,18 @@ pub(crate) async fn traces(
         .flatten()
         .filter(|verdict| verdict.status == custos_stage::Status::Rejected)
         .collect();
+    // Spans attested before (an exporter's retry, an ingest node's resend): not stored again.
+    let duplicates = verdicts
+        .iter()
+        .flatten()
+        .filter(|verdict| verdict.status == custos_stage::Status::Duplicate)
+        .count() as i64;
     custos_http::metrics::OTLP_SPANS
         .with_label_values(&["stored"])
-        .inc_by((total - ignored - refused.len() as i64).max(0) as u64);
+        .inc_by((total - ignored - duplicates - refused.len() as i64).max(0) as u64);
+    custos_http::metrics::OTLP_SPANS
+        .with_label_values(&["duplicate"])
+        .inc_by(duplicates as u64);
     custos_http::metrics::OTLP_SPANS
         .with_label_values(&["ignored"])
         .inc_by(ignored as u64);

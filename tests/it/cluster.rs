@@ -160,7 +160,7 @@ fn stage_and_writer_processes_work_through_the_broker() {
 }
 
 /// SQL over the writer's store: rows as JSON.
-fn sql(url: &str, token: &str, query: &str) -> Vec<serde_json::Value> {
+pub(crate) fn sql(url: &str, token: &str, query: &str) -> Vec<serde_json::Value> {
     let response = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/sql"))
         .bearer_auth(token)
@@ -588,7 +588,7 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
 }
 
 /// `POST /v1/traces` with an OTLP/JSON body.
-fn post_otlp(url: &str, token: Option<&str>, body: Vec<u8>) -> reqwest::Result<(u16, serde_json::Value)> {
+pub(crate) fn post_otlp(url: &str, token: Option<&str>, body: Vec<u8>) -> reqwest::Result<(u16, serde_json::Value)> {
     let mut request = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/traces"))
         .header("content-type", "application/json")

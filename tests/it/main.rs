@@ -14,6 +14,7 @@ mod kafka_tls;
 mod lastid;
 mod metrics;
 mod openapi;
+mod otlp;
 mod query;
 mod query_node;
 mod respond;

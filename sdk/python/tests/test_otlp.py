@@ -92,20 +92,27 @@ def test_json_bodies_partial_success_and_refusals(node):
         "traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id, "name": name, "kind": 1,
         "startTimeUnixNano": str(now - 1000), "endTimeUnixNano": str(now),
         "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()]}
-    body = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "ops-bot"}}]},
-                               "scopeSpans": [{"spans": [
-                                   span("chat", "00f067aa0ba902b7", {"gen_ai.operation.name": "chat"}),
-                                   span("GET /health", "00f067aa0ba902b8", {})]}]}]}
+    request = lambda chat_id, health_id: {
+        "resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "ops-bot"}}]},
+                           "scopeSpans": [{"spans": [
+                               span("chat", chat_id, {"gen_ai.operation.name": "chat"}),
+                               span("GET /health", health_id, {})]}]}]}
+    body = request("00f067aa0ba902b7", "00f067aa0ba902b8")
     status, answer = post_json(node, token, body)
     assert status == 200, answer
     assert answer["partialSuccess"]["rejectedSpans"] == 0
     assert "1 spans were not GenAI operations" in answer["partialSuccess"]["errorMessage"]
 
-    # A revoked attested agent's spans are rejected and counted, not silently dropped.
+    # The same request again (an exporter's retry): its span is stored once.
+    status, answer = post_json(node, token, body)
+    assert status == 200 and answer["partialSuccess"]["rejectedSpans"] == 0, answer
+    assert len(node.sql("SELECT agent FROM events WHERE realm = 'ops' AND kind = 'llm_call'")) == 1
+
+    # A revoked attested agent's new spans are rejected and counted, not silently dropped.
     rows = node.sql("SELECT agent FROM events WHERE realm = 'ops' AND kind = 'llm_call'")
     status, revoked = node.call("POST", f"/v1/agents/{rows[0]['agent']}/revoke", {"reason": "test"})
     assert status == 200, revoked
-    status, answer = post_json(node, token, body)
+    status, answer = post_json(node, token, request("00f067aa0ba902c7", "00f067aa0ba902c8"))
     assert status == 200 and answer["partialSuccess"]["rejectedSpans"] == 1, answer
     assert "revoked_agent" in answer["partialSuccess"]["errorMessage"]
 

@@ -1,0 +1,108 @@
+//! OTLP traces on one node: a span is stored once, whatever sends it again.
+
+use serde_json::json;
+
+use crate::cluster::post_otlp;
+use crate::support::{Server, post};
+
+/// The span ids of the attested `llm_call` events, in log order.
+fn spans(url: &str, token: &str) -> Vec<String> {
+    crate::cluster::sql(
+        url,
+        token,
+        "SELECT span_id FROM events WHERE kind = 'llm_call' ORDER BY log_index",
+    )
+    .iter()
+    .map(|row| row["span_id"].as_str().unwrap().to_owned())
+    .collect()
+}
+
+/// An exporter's retry of a whole request (its answer was lost), one span sent twice in
+/// one request, and the same request after the node was killed with SIGKILL and
+/// restarted: each span is in the log once, and the node answers every one a success
+/// (`duplicate`, not a rejection, in `custos_otlp_spans_total`).
+#[test]
+fn a_span_sent_again_is_stored_once_even_across_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start(&data);
+    let admin = server.token();
+    let (status, created) = post(
+        &server.url,
+        "/v1/tokens",
+        Some(&admin),
+        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let collector = created["token"].as_str().unwrap().to_owned();
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let request = |span_ids: &[&str]| {
+        let spans: Vec<serde_json::Value> = span_ids
+            .iter()
+            .map(|span_id| {
+                json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id, "name": "chat", "kind": 3,
+                    "startTimeUnixNano": (now - 1000).to_string(), "endTimeUnixNano": now.to_string(),
+                    "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]})
+            })
+            .collect();
+        json!({"resourceSpans": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "planner"}}]},
+            "scopeSpans": [{"spans": spans}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    let send = |url: &str, span_ids: &[&str]| {
+        let (status, answer) = post_otlp(url, Some(&collector), request(span_ids)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            answer["partialSuccess"].is_null() || answer["partialSuccess"]["rejectedSpans"] == 0,
+            "{answer}"
+        );
+    };
+    let first = ["00f067aa0ba90401", "00f067aa0ba90402"];
+    send(&server.url, &first);
+    send(&server.url, &first);
+    send(
+        &server.url,
+        &["00f067aa0ba90402", "00f067aa0ba90403", "00f067aa0ba90403"],
+    );
+    assert_eq!(
+        spans(&server.url, &admin),
+        ["00f067aa0ba90401", "00f067aa0ba90402", "00f067aa0ba90403"]
+    );
+    let (_, metrics) = {
+        let response = reqwest::blocking::Client::new()
+            .get(format!("{}/metrics", server.url))
+            .bearer_auth(&admin)
+            .send()
+            .unwrap();
+        (response.status(), response.text().unwrap())
+    };
+    assert!(
+        metrics.contains("custos_otlp_spans_total{outcome=\"duplicate\"} 4"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("custos_otlp"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Killed without a chance to save anything, then started again on the same data.
+    server.kill();
+    let server = Server::start(&data);
+    send(&server.url, &first);
+    send(&server.url, &["00f067aa0ba90404"]);
+    assert_eq!(
+        spans(&server.url, &admin),
+        [
+            "00f067aa0ba90401",
+            "00f067aa0ba90402",
+            "00f067aa0ba90403",
+            "00f067aa0ba90404"
+        ]
+    );
+    server.stop();
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stderr(&output));
+}
