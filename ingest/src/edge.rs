@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -187,7 +187,18 @@ struct EdgeState {
     /// Over a partition set: the partition the writers routed an adapter request to, by
     /// (route, token hash), so the next one goes there at once.
     adapter_routes: Arc<std::sync::Mutex<std::collections::HashMap<AdapterRoute, u32>>>,
+    /// Collector token hashes the writer refused (401, 403) lately, with its answer:
+    /// given again here, without a broker round trip, for [`REFUSED_TOKEN_FOR`].
+    refused_tokens: Arc<std::sync::Mutex<std::collections::HashMap<String, (Instant, custos_stage::AdapterReply)>>>,
 }
+
+/// How long an ingest node answers a collector token the writer refused by itself. A
+/// token is a random secret made on the writer, so one unknown now does not become
+/// valid later; a revoked one stays revoked.
+const REFUSED_TOKEN_FOR: Duration = Duration::from_secs(60);
+
+/// The most refused token hashes an ingest node keeps (emptied when full).
+const REFUSED_TOKENS_KEPT: usize = 4096;
 
 /// What decides an adapter request's partition: its route, and for OTLP the token (its
 /// realm), as (route, token SHA-256).
@@ -321,6 +332,7 @@ pub async fn start_edge(
         receipt_timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         adapter_routes: Arc::default(),
+        refused_tokens: Arc::default(),
     };
     let bodies = Arc::new(serve::BodyBudget::new(limits.clone()));
     let tokens = state.tokens.clone();
@@ -490,6 +502,26 @@ async fn forward_adapter(
             "send `Authorization: Bearer <token>` (a collector token of the writer's node)",
         ));
     }
+    // A token the writer refused lately is refused here as it was, without the brokers.
+    let traces = route == "/v1/traces";
+    let refused_before = token_sha256.as_ref().filter(|_| traces).and_then(|digest| {
+        let mut refused = state
+            .refused_tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match refused.get(digest) {
+            Some((at, reply)) if at.elapsed() < REFUSED_TOKEN_FOR => Some(reply.clone()),
+            Some(_) => {
+                refused.remove(digest);
+                None
+            }
+            None => None,
+        }
+    });
+    if let Some(reply) = refused_before {
+        state.rejects.charge(source, 1);
+        return adapter_answer(reply);
+    }
     let adapter_headers = custos_stage::ADAPTER_HEADERS
         .iter()
         .filter_map(|name| {
@@ -551,6 +583,16 @@ async fn forward_adapter(
     // A refused credential costs the source here too, so it cannot keep the brokers busy.
     if matches!(reply.status, 401 | 403) {
         state.rejects.charge(source, 1);
+        if let Some(digest) = request.token_sha256.as_ref().filter(|_| traces) {
+            let mut refused = state
+                .refused_tokens
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if refused.len() >= REFUSED_TOKENS_KEPT {
+                refused.clear();
+            }
+            refused.insert(digest.clone(), (Instant::now(), reply.clone()));
+        }
     }
     adapter_answer(reply)
 }

@@ -261,6 +261,33 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         assert!(document["paths"][path].is_object(), "{path} not in {document}");
     }
     let collector = adapters_through_ingest_nodes(&url, &token, [&first.url, &second.url]);
+    // A collector token the writer refused is refused again by the ingest node itself for
+    // a while, as the writer answered, without a broker round trip (the node hands the
+    // writer nothing more).
+    let handed_over = |node: &Server| -> u64 {
+        let text = reqwest::blocking::Client::new()
+            .get(format!("{}/metrics", node.url))
+            .bearer_auth(node.token())
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("custos_ingest_writer_seconds_count{step=\"submit\"} "))
+            .map_or(0, |count| count.trim().parse().unwrap())
+    };
+    let before = handed_over(&second);
+    assert!(before > 0, "the node hands the writer its submissions");
+    for _ in 0..3 {
+        let (status, answer) =
+            post_otlp(&second.url, Some(&format!("cus_{}", "A".repeat(43))), b"{}".to_vec()).unwrap();
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (401, Some("unauthenticated")),
+            "{answer}"
+        );
+    }
+    assert_eq!(handed_over(&second), before, "refused by the ingest node itself");
 
     // A slow adapter request (a thousand agents the collector never named before, each
     // enrolled first) does not hold the events queued behind it on the writer: they are
