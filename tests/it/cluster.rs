@@ -1312,9 +1312,9 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
 /// Over a partition set, OTLP traces and VaultysClaw deliveries through an ingest node
 /// are served by the writer of their realm's partition: the writer that takes a request
 /// (on the empty key's partition) answers one of another partition's realm with that
-/// partition, and the ingest node sends it there. Collector tokens are made on the
-/// writers' edge (the set's one token table) and checked by the realm's writer, which
-/// sees a revocation made there within a second. LastID records are refused
+/// partition, and the ingest node sends it there. Collector tokens are made on one
+/// writer process's edge (the set's one token table) and checked by the realm's writer
+/// in the other process, which sees a revocation made there within a second. LastID records are refused
 /// `writer_only`: a LastID agent is enrolled on the API of its partition's writer.
 #[test]
 fn adapters_through_ingest_nodes_over_a_partition_set() {
@@ -1334,26 +1334,40 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
     let webhook_secret = dir.path().join("vaultysclaw-secret");
     std::fs::write(&webhook_secret, VAULTYSCLAW_SECRET).unwrap();
     let store = dir.path().join("writers");
-    let writer = Server::start_with(
-        &store,
-        &[
-            "--kafka",
-            &broker.addr,
-            "--kafka-prefix",
-            prefix,
-            "--roles",
-            "writer",
-            "--log-per-partition",
-            "--vaultysclaw-secret-file",
-            webhook_secret.to_str().unwrap(),
-            "--vaultysclaw-realm",
-            &vc_realm,
-        ],
-    );
-    wait_for("the writer to take every partition", || {
-        let log = writer.log.lock().unwrap();
-        (0..3).all(|partition| log.contains(&format!("partition {partition}: this process writes")))
-    });
+    // Two writer processes on the shared store: `writer` holds the partition requests
+    // land on first, `other` the two they are routed to, so a collector token made on
+    // `writer`'s edge is checked by the other process (the set's one token table).
+    let writer_of = |prefer: &str| {
+        Server::start_with(
+            &store,
+            &[
+                "--kafka",
+                &broker.addr,
+                "--kafka-prefix",
+                prefix,
+                "--roles",
+                "writer",
+                "--log-per-partition",
+                "--prefer-partitions",
+                prefer,
+                "--vaultysclaw-secret-file",
+                webhook_secret.to_str().unwrap(),
+                "--vaultysclaw-realm",
+                &vc_realm,
+            ],
+        )
+    };
+    let holds = |server: &Server, partitions: &[usize]| {
+        let log = server.log.lock().unwrap();
+        partitions
+            .iter()
+            .all(|partition| log.contains(&format!("partition {partition}: this process writes")))
+    };
+    let writer = writer_of(&first.to_string());
+    wait_for("the first writer to take its partition", || holds(&writer, &[first]));
+    let others = [(first + 1) % 3, (first + 2) % 3];
+    let other = writer_of(&format!("{},{}", others[0], others[1]));
+    wait_for("the other writer to take its partitions", || holds(&other, &others));
     let node = ingest_on(dir.path(), "ingest-1", &broker.addr, prefix);
     let admin = std::fs::read_to_string(store.join("edge/admin.token")).unwrap();
     let admin = admin.trim();
@@ -1458,8 +1472,10 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         "{answer}"
     );
     node.kill();
-    let log = writer.stop();
-    assert!(!log.contains("panicked"), "{log}");
+    for server in [writer, other] {
+        let log = server.stop();
+        assert!(!log.contains("panicked"), "{log}");
+    }
 
     // Each attested event is in its realm's partition.
     let mut spans_seen = Vec::new();
