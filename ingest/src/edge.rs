@@ -281,6 +281,12 @@ const SUBMISSION_ITEMS: usize = 1024;
 /// of it for forensics).
 const REFUSED_RAW_BYTES: usize = 128 * 1024;
 
+/// The largest adapter request body an ingest node passes on: it crosses as one
+/// `Submission::Adapter` record, its body in base64, under the 1 000 000 bytes a Kafka
+/// client sends in one record by default. A larger one is refused 413 before it is
+/// copied or sent (a collector splits its batches; the writer's own API takes more).
+pub const MAX_ADAPTER_BODY: usize = 640 * 1024;
+
 /// A running ingest node.
 pub struct Edge {
     pub addr: SocketAddr,
@@ -521,6 +527,17 @@ async fn forward_adapter(
     if let Some(reply) = refused_before {
         state.rejects.charge(source, 1);
         return adapter_answer(reply);
+    }
+    if body.len() > MAX_ADAPTER_BODY {
+        return Err(ApiError::new(
+            413,
+            "too_large",
+            format!(
+                "the request holds {} bytes; through an ingest node an adapter request is at most \
+                 {MAX_ADAPTER_BODY} (it crosses to the log writer as one broker record): send smaller batches",
+                body.len()
+            ),
+        ));
     }
     let adapter_headers = custos_stage::ADAPTER_HEADERS
         .iter()

@@ -560,6 +560,8 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
     padded.extend(std::iter::repeat_n(b' ', 900 * 1024));
     let (status, answer) = post_otlp(nodes[1], Some(collector), padded).unwrap();
     assert_eq!((status, answer["error"].as_str()), (413, Some("too_large")), "{answer}");
+    let limit = custos_ingest::edge::MAX_ADAPTER_BODY.to_string();
+    assert!(answer["message"].as_str().unwrap().contains(&limit), "{answer}");
 
     // LastID: enrolled on the writer; records through one node, again through the other.
     let mut agent = crate::lastid::LastIdAgent::new("did:lastid:agent:edge", [33; 32]);
