@@ -288,16 +288,12 @@ impl Tokens {
     /// Reads the file into the table (a missing file is an empty table).
     fn read_file(&mut self) -> std::io::Result<()> {
         let stamp = FileStamp::of(&self.path);
-        let text = match fs_err::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(error) => return Err(error),
-        };
-        self.records = match text.trim().is_empty() {
-            true => Vec::new(),
-            false => serde_json::from_str(&text).map_err(|error| {
+        self.records = match fs_err::read_to_string(&self.path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|error| {
                 std::io::Error::other(format!("`{}` is not a token table: {error}", self.path.display()))
             })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(error),
         };
         self.stamp = stamp;
         Ok(())
@@ -457,6 +453,15 @@ mod tests {
         // Nothing changed since: not due even after the interval.
         first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
         assert!(!first.reload_due());
+        // An empty file is not an empty table (it never is one this code wrote).
+        let empty = tempfile::tempdir().unwrap();
+        fs_err::write(empty.path().join("tokens.json"), "").unwrap();
+        assert!(
+            Tokens::open(empty.path())
+                .unwrap_err()
+                .to_string()
+                .contains("not a token table")
+        );
         // A table the other process cannot read leaves the one read before.
         fs_err::write(dir.path().join("tokens.json"), "not json").unwrap();
         first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
