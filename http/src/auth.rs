@@ -235,7 +235,13 @@ impl Tokens {
             stamp: None,
             looked_ms: std::sync::atomic::AtomicU64::new(now_ms()),
         };
-        let _lock = tokens.lock()?;
+        // A table in a directory this process may not write (mounted read-only) is read
+        // without the lock; changing it then fails, naming the file.
+        let _lock = match tokens.lock() {
+            Ok(lock) => Some(lock),
+            Err(_) if tokens.path.exists() => None,
+            Err(error) => return Err(error),
+        };
         if tokens.path.exists() {
             tokens.read_file()?;
             return Ok((tokens, None));
