@@ -291,16 +291,20 @@ impl Tokens {
         Ok(file)
     }
 
-    /// Reads the file into the table (a missing file is an empty table).
+    /// Reads the file into the table. A missing file leaves the table as it is (empty at
+    /// the first start; after that a file deleted under a running node, which its next
+    /// change writes again, rather than locking every caller out).
     fn read_file(&mut self) -> std::io::Result<()> {
         let stamp = FileStamp::of(&self.path);
-        self.records = match fs_err::read_to_string(&self.path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|error| {
-                std::io::Error::other(format!("`{}` is not a token table: {error}", self.path.display()))
-            })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        match fs_err::read_to_string(&self.path) {
+            Ok(text) => {
+                self.records = serde_json::from_str(&text).map_err(|error| {
+                    std::io::Error::other(format!("`{}` is not a token table: {error}", self.path.display()))
+                })?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(error),
-        };
+        }
         self.stamp = stamp;
         Ok(())
     }
@@ -330,8 +334,7 @@ impl Tokens {
     /// Reads the file again, as another process may have changed it. A file that cannot
     /// be read leaves the table as it was, and says why.
     pub fn reload(&mut self) -> std::io::Result<()> {
-        let before = std::mem::take(&mut self.records);
-        self.read_file().inspect_err(|_| self.records = before)
+        self.read_file()
     }
 
     /// Every token, without its hash.
@@ -459,6 +462,17 @@ mod tests {
         // Nothing changed since: not due even after the interval.
         first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
         assert!(!first.reload_due());
+        // A file deleted under running tables: they keep what they read, and the next
+        // change writes it again.
+        fs_err::remove_file(dir.path().join("tokens.json")).unwrap();
+        first.looked_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(first.reload_due());
+        first.reload().unwrap();
+        assert!(first.authenticate(&b.0).is_some(), "kept");
+        let c = second.create(Role::Auditor, Vec::new(), None).unwrap();
+        let (reopened, admin) = Tokens::open(dir.path()).unwrap();
+        assert!(admin.is_none());
+        assert!(reopened.authenticate(&b.0).is_some() && reopened.authenticate(&c.0).is_some());
         // An empty file is not an empty table (it never is one this code wrote).
         let empty = tempfile::tempdir().unwrap();
         fs_err::write(empty.path().join("tokens.json"), "").unwrap();
