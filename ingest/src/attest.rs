@@ -84,11 +84,26 @@ impl RecentSpans {
             Err(error) => return Err(io(error)),
         };
         let mut spans = Self::default();
+        let mut damaged = 0;
         for line in text.lines().filter(|line| !line.is_empty()) {
-            let key = u128::from_str_radix(line, 16)
-                .map_err(|_| io(format!("`{}` holds `{line}`, which is not a span key", path.display())))?;
-            spans.remember(key);
             spans.written += 1;
+            match u128::from_str_radix(line, 16) {
+                Ok(key) if line.len() == 32 => spans.remember(key),
+                // A line torn by a power loss: that one span may be stored again, nothing
+                // else is lost, and the agent's spans are still taken.
+                _ => damaged += 1,
+            }
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            // A torn last line: the next keys go into a rewritten file, not after it.
+            spans.written = 4 * RECENT_SPANS;
+        }
+        if damaged > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                damaged,
+                "span keys that do not read were skipped; those spans may be stored again if sent again"
+            );
         }
         Ok(spans)
     }
@@ -565,9 +580,15 @@ mod tests {
         assert!(lines <= 4 * RECENT_SPANS, "{lines} lines");
         let again = RecentSpans::load(&path).unwrap();
         assert_eq!(again.order, spans.order);
-        std::fs::write(&path, "not a key\n").unwrap();
-        let error = RecentSpans::load(&path).err().unwrap();
-        assert!(error.message.contains("not a span key"), "{}", error.message);
+        // A torn or damaged line is skipped; the others still count.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("not a key\n00ab\n\0\0\0");
+        std::fs::write(&path, text).unwrap();
+        let mut damaged = RecentSpans::load(&path).unwrap();
+        assert_eq!(damaged.order, spans.order);
+        // Keys recorded after a torn last line are not glued to it.
+        damaged.record(&path, &[key(7777)]).unwrap();
+        assert!(RecentSpans::load(&path).unwrap().keys.contains(&key(7777)));
     }
 
     /// A span signed and kept pending before the process stopped, with its key not yet
