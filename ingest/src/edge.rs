@@ -187,9 +187,35 @@ struct EdgeState {
     /// Over a partition set: the partition the writers routed an adapter request to, by
     /// (route, token hash), so the next one goes there at once.
     adapter_routes: Arc<std::sync::Mutex<std::collections::HashMap<AdapterRoute, u32>>>,
-    /// Collector token hashes the writer refused (401, 403) lately, with its answer:
-    /// given again here, without a broker round trip, for [`REFUSED_TOKEN_FOR`].
-    refused_tokens: Arc<std::sync::Mutex<std::collections::HashMap<String, (Instant, custos_stage::AdapterReply)>>>,
+    refused_tokens: Arc<RefusedTokens>,
+}
+
+/// Collector token hashes the writer refused (401, 403) lately, with its answer: given
+/// again by the ingest node itself, without a broker round trip, for
+/// [`REFUSED_TOKEN_FOR`].
+#[derive(Default)]
+struct RefusedTokens(std::sync::Mutex<std::collections::HashMap<String, (Instant, custos_stage::AdapterReply)>>);
+
+impl RefusedTokens {
+    fn answer(&self, digest: &str) -> Option<custos_stage::AdapterReply> {
+        let mut refused = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match refused.get(digest) {
+            Some((at, reply)) if at.elapsed() < REFUSED_TOKEN_FOR => Some(reply.clone()),
+            Some(_) => {
+                refused.remove(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn keep(&self, digest: &str, reply: &custos_stage::AdapterReply) {
+        let mut refused = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refused.len() >= REFUSED_TOKENS_KEPT {
+            refused.clear();
+        }
+        refused.insert(digest.to_owned(), (Instant::now(), reply.clone()));
+    }
 }
 
 /// How long an ingest node answers a collector token the writer refused by itself. A
@@ -499,7 +525,8 @@ async fn forward_adapter(
     state.rejects.admit(source, "refused requests")?;
     let route = uri.path().to_owned();
     let token_sha256 = custos_http::bearer_sha256(&headers);
-    if route == "/v1/traces" && token_sha256.is_none() {
+    let traces = route == "/v1/traces";
+    if traces && token_sha256.is_none() {
         // Refused here: without a token the writer could only refuse it too.
         state.rejects.charge(source, 1);
         return Err(ApiError::new(
@@ -509,21 +536,10 @@ async fn forward_adapter(
         ));
     }
     // A token the writer refused lately is refused here as it was, without the brokers.
-    let traces = route == "/v1/traces";
-    let refused_before = token_sha256.as_ref().filter(|_| traces).and_then(|digest| {
-        let mut refused = state
-            .refused_tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match refused.get(digest) {
-            Some((at, reply)) if at.elapsed() < REFUSED_TOKEN_FOR => Some(reply.clone()),
-            Some(_) => {
-                refused.remove(digest);
-                None
-            }
-            None => None,
-        }
-    });
+    let refused_before = token_sha256
+        .as_deref()
+        .filter(|_| traces)
+        .and_then(|digest| state.refused_tokens.answer(digest));
     if let Some(reply) = refused_before {
         state.rejects.charge(source, 1);
         return adapter_answer(reply);
@@ -600,15 +616,8 @@ async fn forward_adapter(
     // A refused credential costs the source here too, so it cannot keep the brokers busy.
     if matches!(reply.status, 401 | 403) {
         state.rejects.charge(source, 1);
-        if let Some(digest) = request.token_sha256.as_ref().filter(|_| traces) {
-            let mut refused = state
-                .refused_tokens
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if refused.len() >= REFUSED_TOKENS_KEPT {
-                refused.clear();
-            }
-            refused.insert(digest.clone(), (Instant::now(), reply.clone()));
+        if let Some(digest) = request.token_sha256.as_deref().filter(|_| traces) {
+            state.refused_tokens.keep(digest, &reply);
         }
     }
     adapter_answer(reply)
