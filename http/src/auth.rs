@@ -277,6 +277,11 @@ impl Tokens {
         Ok(Secret(secret))
     }
 
+    /// How long a change waits for another process's change to the file: the lock is
+    /// held for one small read and write, so a longer wait is a stuck holder (a hung
+    /// shared file system), and the change fails rather than hold the caller's table.
+    pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
     /// The exclusive lock every change to the file is made under (`tokens.lock`, released
     /// when the returned file is dropped, or by the kernel when the process dies).
     fn lock(&self) -> std::io::Result<std::fs::File> {
@@ -287,8 +292,26 @@ impl Tokens {
             .write(true)
             .open(&path)
             .map_err(|error| std::io::Error::new(error.kind(), format!("`{}`: {error}", path.display())))?;
-        file.lock()?;
-        Ok(file)
+        let deadline = std::time::Instant::now() + Self::LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "`{}` has been held by another process for {} s; the token table was not changed",
+                            path.display(),
+                            Self::LOCK_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error),
+            }
+        }
     }
 
     /// Reads the file into the table. A missing file leaves the table as it is (empty at
@@ -473,6 +496,19 @@ mod tests {
         let (reopened, admin) = Tokens::open(dir.path()).unwrap();
         assert!(admin.is_none());
         assert!(reopened.authenticate(&b.0).is_some() && reopened.authenticate(&c.0).is_some());
+        // A change waits for a process holding the lock, then gives up naming the file.
+        let held = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join("tokens.lock"))
+            .unwrap();
+        held.lock().unwrap();
+        let error = second.create(Role::Auditor, Vec::new(), None).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("tokens.lock"), "{error}");
+        drop(held);
+        second.create(Role::Auditor, Vec::new(), None).unwrap();
         // An empty file is not an empty table (it never is one this code wrote).
         let empty = tempfile::tempdir().unwrap();
         fs_err::write(empty.path().join("tokens.json"), "").unwrap();
