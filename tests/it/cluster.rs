@@ -928,24 +928,30 @@ fn partition_writer(
     prefer: &str,
     trust: &(String, String),
 ) -> Server {
-    Server::start_with(
+    partition_writer_with(
         store,
-        &[
-            "--kafka",
-            brokers,
-            "--kafka-prefix",
-            prefix,
-            "--roles",
-            "writer",
-            "--log-per-partition",
-            "--prefer-partitions",
-            prefer,
-            "--trust-detector",
-            &trust.0,
-            "--trust-responder",
-            &trust.1,
-        ],
+        brokers,
+        prefix,
+        prefer,
+        &["--trust-detector", &trust.0, "--trust-responder", &trust.1],
     )
+}
+
+/// [`partition_writer`] with other `serve` arguments in place of the stage keys.
+fn partition_writer_with(store: &std::path::Path, brokers: &str, prefix: &str, prefer: &str, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--kafka",
+        brokers,
+        "--kafka-prefix",
+        prefix,
+        "--roles",
+        "writer",
+        "--log-per-partition",
+        "--prefer-partitions",
+        prefer,
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(store, &args)
 }
 
 /// Enrolls a new agent in `realm` through an ingest node and has it poison a memory and
@@ -1340,18 +1346,12 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
     // land on first, `other` the two they are routed to, so a collector token made on
     // `writer`'s edge is checked by the other process (the set's one token table).
     let writer_of = |prefer: &str| {
-        Server::start_with(
+        partition_writer_with(
             &store,
+            &broker.addr,
+            prefix,
+            prefer,
             &[
-                "--kafka",
-                &broker.addr,
-                "--kafka-prefix",
-                prefix,
-                "--roles",
-                "writer",
-                "--log-per-partition",
-                "--prefer-partitions",
-                prefer,
                 "--vaultysclaw-secret-file",
                 webhook_secret.to_str().unwrap(),
                 "--vaultysclaw-realm",
