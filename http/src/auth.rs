@@ -430,10 +430,12 @@ impl Tokens {
     }
 }
 
+/// Milliseconds on a monotonic clock, so a wall clock set back never stops a table from
+/// looking at its file again: an hour plus the time since the first call in this
+/// process (the hour puts every moment far from zero, which a reset `looked_ms` means).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    3_600_000 + START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// Past its expiry (an unreadable expiry counts as past).
