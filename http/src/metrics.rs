@@ -353,6 +353,9 @@ pub fn init() {
     for severity in ["low", "medium", "high", "critical"] {
         FINDINGS.with_label_values(&[severity]);
     }
+    for outcome in ["stored", "duplicate", "rejected", "ignored"] {
+        OTLP_SPANS.with_label_values(&[outcome]);
+    }
 }
 
 /// The text exposition of every registered metric.
