@@ -161,6 +161,10 @@ pub struct Tokens {
     looked_ms: std::sync::atomic::AtomicU64,
 }
 
+/// Held while one change is made to a token file (`tokens.lock`): see
+/// [`Tokens::change_lock`].
+pub struct ChangeLock(#[allow(dead_code)] std::fs::File);
+
 /// What tells one version of the token file from the next: each write is a rename of a
 /// new file, so its inode changes, and its length and time usually do too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,7 +257,19 @@ impl Tokens {
 
     /// Creates a token and persists its hash. The secret is returned once.
     pub fn create(&mut self, role: Role, realms: Vec<String>, expires_at: Option<String>) -> std::io::Result<Secret> {
-        let _lock = self.lock()?;
+        let lock = Self::change_lock(&self.lock_path())?;
+        self.create_under(&lock, role, realms, expires_at)
+    }
+
+    /// [`Tokens::create`] under a lock taken before (so that a caller sharing the table
+    /// waits for other processes without holding it).
+    pub fn create_under(
+        &mut self,
+        _lock: &ChangeLock,
+        role: Role,
+        realms: Vec<String>,
+        expires_at: Option<String>,
+    ) -> std::io::Result<Secret> {
         self.read_file()?;
         self.add(role, realms, expires_at)
     }
@@ -282,20 +298,29 @@ impl Tokens {
     /// shared file system), and the change fails rather than hold the caller's table.
     pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+    /// Where the lock every change to this table's file is made under lives.
+    pub fn lock_path(&self) -> PathBuf {
+        self.path.with_extension("lock")
+    }
+
+    fn lock(&self) -> std::io::Result<ChangeLock> {
+        Self::change_lock(&self.lock_path())
+    }
+
     /// The exclusive lock every change to the file is made under (`tokens.lock`, released
-    /// when the returned file is dropped, or by the kernel when the process dies).
-    fn lock(&self) -> std::io::Result<std::fs::File> {
-        let path = self.path.with_extension("lock");
+    /// when it is dropped, or by the kernel when the process dies), waiting at most
+    /// [`Tokens::LOCK_WAIT`] for another process; it blocks the calling thread meanwhile.
+    pub fn change_lock(path: &Path) -> std::io::Result<ChangeLock> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
+            .open(path)
             .map_err(|error| std::io::Error::new(error.kind(), format!("`{}`: {error}", path.display())))?;
         let deadline = std::time::Instant::now() + Self::LOCK_WAIT;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(file),
+                Ok(()) => return Ok(ChangeLock(file)),
                 Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
@@ -377,7 +402,12 @@ impl Tokens {
 
     /// Revokes token `id`; `Ok(false)` when there is no such token.
     pub fn revoke(&mut self, id: &str) -> std::io::Result<bool> {
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
+        self.revoke_under(&lock, id)
+    }
+
+    /// [`Tokens::revoke`] under a lock taken before.
+    pub fn revoke_under(&mut self, _lock: &ChangeLock, id: &str) -> std::io::Result<bool> {
         self.read_file()?;
         let Some(record) = self.records.iter_mut().find(|record| record.id == id) else {
             return Ok(false);

@@ -142,9 +142,10 @@ async fn create_token(
         }
         None => None,
     };
+    let lock = change_lock(&tokens).await?;
     let mut table = tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let secret = table
-        .create(role, request.realms.clone(), expires_at.clone())
+        .create_under(&lock, role, request.realms.clone(), expires_at.clone())
         .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
     let id = crate::auth::hash_token(&secret.0)[..12].to_owned();
     tracing::info!(token = id, role = role.name(), by = caller.token_id, "token created");
@@ -161,6 +162,19 @@ async fn create_token(
         .into_response())
 }
 
+/// The token file's change lock, waited for on a blocking thread and without holding
+/// the table: other requests keep authenticating while another process changes the file.
+async fn change_lock(tokens: &SharedTokens) -> Result<crate::auth::ChangeLock, ApiError> {
+    let path = tokens
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .lock_path();
+    tokio::task::spawn_blocking(move || crate::Tokens::change_lock(&path))
+        .await
+        .map_err(|error| ApiError::new(500, "internal", format!("the lock task failed: {error}")))?
+        .map_err(|error| ApiError::new(503, "store_failed", format!("changing the token table: {error}")))
+}
+
 async fn list_tokens(State(tokens): State<SharedTokens>, headers: HeaderMap) -> Result<Response, ApiError> {
     crate::authorize(&tokens, &headers, &[Role::Admin])?;
     let tokens = tokens.read().unwrap_or_else(std::sync::PoisonError::into_inner).list();
@@ -173,9 +187,10 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let caller = crate::authorize(&tokens, &headers, &[Role::Admin])?;
+    let lock = change_lock(&tokens).await?;
     let mut table = tokens.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let found = table
-        .revoke(&id)
+        .revoke_under(&lock, &id)
         .map_err(|error| ApiError::new(503, "store_failed", format!("saving the token table: {error}")))?;
     if !found {
         return Err(ApiError::new(404, "no_such_token", format!("there is no token `{id}`")));

@@ -473,3 +473,44 @@ fn tokens_are_checked_first_and_strictly() {
     assert_eq!(rows, json!([{"kind": "tool_call", "n": "3"}]));
     server.stop();
 }
+
+/// A token change waits for another process holding the token file's lock (the writer
+/// processes of a partition set share one table) without holding the node: requests
+/// keep being authenticated meanwhile, and the change is made once the lock is free.
+#[test]
+fn a_token_change_waiting_on_another_process_holds_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("store"), &["--no-detect"]);
+    let admin = server.token();
+    let url = server.url.clone();
+    // Another process's change in progress.
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(server.data.join("tokens.lock"))
+        .unwrap();
+    held.lock().unwrap();
+    let creating = {
+        let (url, admin) = (url.clone(), admin.clone());
+        std::thread::spawn(move || {
+            post(
+                &url,
+                "/v1/tokens",
+                Some(&admin),
+                json!({"role": "analyst", "realms": ["eng"]}).to_string().into_bytes(),
+            )
+            .unwrap()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, _) = get(&url, "/v1/agents", &admin);
+    assert_eq!(status, 200);
+    assert!(
+        !creating.is_finished(),
+        "the read was answered only after the token change gave up waiting"
+    );
+    drop(held);
+    let (status, answer) = creating.join().unwrap();
+    assert_eq!(status, 201, "{answer}");
+}
