@@ -264,18 +264,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     // A collector token the writer refused is refused again by the ingest node itself for
     // a while, as the writer answered, without a broker round trip (the node hands the
     // writer nothing more).
-    let handed_over = |node: &Server| -> u64 {
-        let text = reqwest::blocking::Client::new()
-            .get(format!("{}/metrics", node.url))
-            .bearer_auth(node.token())
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("custos_ingest_writer_seconds_count{step=\"submit\"} "))
-            .map_or(0, |count| count.trim().parse().unwrap())
-    };
+    let handed_over = submissions_handed_over;
     let before = handed_over(&second);
     assert!(before > 0, "the node hands the writer its submissions");
     for _ in 0..3 {
@@ -614,6 +603,21 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
     let (status, answer) = crate::vaultysclaw::deliver(nodes[0], "d-edge-2", at, "not-the-secret", &delivery);
     assert_eq!((status, answer["error"].as_str()), (401, Some("bad_hmac")), "{answer}");
     collector.to_owned()
+}
+
+/// How many submissions ingest node `node` has handed the writers (its
+/// `custos_ingest_writer_seconds` count for the `submit` step).
+fn submissions_handed_over(node: &Server) -> u64 {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("{}/metrics", node.url))
+        .bearer_auth(node.token())
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("custos_ingest_writer_seconds_count{step=\"submit\"} "))
+        .map_or(0, |count| count.trim().parse().unwrap())
 }
 
 /// `POST /v1/traces` with an OTLP/JSON body.
@@ -1400,16 +1404,20 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         .to_string()
         .into_bytes()
     };
-    // Routed once, then sent straight to the partition the node learnt; the writers'
-    // own edge routes the same way.
+    // Routed once (two submissions), then sent straight to the partition the node learnt
+    // (one); the writers' own edge routes the same way.
+    let mut submissions = Vec::new();
     for (url, span_id) in [
         (&node.url, "00f067aa0ba90301"),
         (&node.url, "00f067aa0ba90302"),
         (&writer.url, "00f067aa0ba90303"),
     ] {
+        let before = submissions_handed_over(&node);
         let (status, answer) = post_otlp(url, Some(&routed_token), spans("planner", span_id)).unwrap();
         assert_eq!(status, 200, "{url}: {answer}");
+        submissions.push(submissions_handed_over(&node) - before);
     }
+    assert_eq!(submissions, [2, 1, 0], "submissions per request from the ingest node");
     let (status, answer) = post_otlp(&node.url, Some(&direct_token), spans("indexer", "00f067aa0ba90304")).unwrap();
     assert_eq!(status, 200, "{answer}");
     // Refused alike wherever the request lands.
