@@ -942,7 +942,13 @@ fn partition_writer(
 }
 
 /// [`partition_writer`] with other `serve` arguments in place of the stage keys.
-fn partition_writer_with(store: &std::path::Path, brokers: &str, prefix: &str, prefer: &str, extra: &[&str]) -> Server {
+pub(crate) fn partition_writer_with(
+    store: &std::path::Path,
+    brokers: &str,
+    prefix: &str,
+    prefer: &str,
+    extra: &[&str],
+) -> Server {
     let mut args = vec![
         "--kafka",
         brokers,

@@ -390,22 +390,7 @@ fn a_query_node_over_a_partition_set_answers_each_partition_as_its_writer() {
     let archive = format!("file://{}", dir.path().join("archive").display());
     let store = dir.path().join("writers");
     let writer_of = |partitions: &str| {
-        Server::start_with(
-            &store,
-            &[
-                "--kafka",
-                &broker.addr,
-                "--kafka-prefix",
-                prefix,
-                "--roles",
-                "writer",
-                "--log-per-partition",
-                "--prefer-partitions",
-                partitions,
-                "--object-store",
-                &archive,
-            ],
-        )
+        crate::cluster::partition_writer_with(&store, &broker.addr, prefix, partitions, &["--object-store", &archive])
     };
     let writer = writer_of("0,1");
     let other = writer_of("2");
