@@ -1332,8 +1332,9 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
 /// (on the empty key's partition) answers one of another partition's realm with that
 /// partition, and the ingest node sends it there. Collector tokens are made on one
 /// writer process's edge (the set's one token table) and checked by the realm's writer
-/// in the other process, which sees a revocation made there within a second. LastID records are refused
-/// `writer_only`: a LastID agent is enrolled on the API of its partition's writer.
+/// in the other process, which sees a revocation made there within a second (as do two
+/// ingest nodes given one `--data`). LastID records are refused `writer_only`: a LastID
+/// agent is enrolled on the API of its partition's writer.
 #[test]
 fn adapters_through_ingest_nodes_over_a_partition_set() {
     use custos_stage::wire::partition_for;
@@ -1487,6 +1488,42 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         (401, Some("unauthenticated")),
         "{answer}"
     );
+
+    // Two ingest nodes given one `--data` share one token table: a token made on one
+    // works on the other at once, and one revoked there is refused here within a second.
+    let twin = ingest_on(dir.path(), "ingest-1", &broker.addr, prefix);
+    let node_admin = node.token();
+    let (status, created) = post(
+        &node.url,
+        "/v1/tokens",
+        Some(&node_admin),
+        json!({"role": "auditor"}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let auditor = created["token"].as_str().unwrap();
+    let metrics = |url: &str| {
+        reqwest::blocking::Client::new()
+            .get(format!("{url}/metrics"))
+            .bearer_auth(auditor)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(metrics(&twin.url), 200, "made on the other node");
+    let id = created["id"].as_str().unwrap();
+    let (status, answer) = post(
+        &twin.url,
+        &format!("/v1/tokens/{id}/revoke"),
+        Some(&node_admin),
+        b"{}".to_vec(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    std::thread::sleep(custos_http::Tokens::RELOAD_EVERY + Duration::from_millis(500));
+    assert_eq!(metrics(&node.url), 401, "revoked on the other node");
+    twin.kill();
     node.kill();
     for server in [writer, other] {
         let log = server.stop();
