@@ -171,38 +171,28 @@ fn io(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(503, "store_failed", format!("attestation state: {error}"))
 }
 
-/// `chain`, taken past the last pending envelope when the process stopped after keeping
-/// it but before saving the chain (so its `seq` is never signed again).
-fn past_pending(chain: ChainState, pending: &Path) -> Result<ChainState, ApiError> {
-    use base64::Engine as _;
-    let text = match fs_err::read_to_string(pending) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(chain),
-        Err(error) => return Err(io(error)),
-    };
-    let Some(last) = text.lines().rfind(|line| !line.is_empty()) else {
+/// `chain`, taken past the last pending envelope (`pending`: their payloads' bytes) when
+/// the process stopped after keeping it but before saving the chain (so its `seq` is
+/// never signed again).
+fn past_pending(chain: ChainState, pending: &[Vec<u8>], path: &Path) -> Result<ChainState, ApiError> {
+    let Some(payload) = pending.last() else {
         return Ok(chain);
     };
-    let payload = serde_json::from_str::<Value>(last)
-        .ok()
-        .and_then(|envelope| envelope["payload"].as_str().map(str::to_owned))
-        .and_then(|payload| base64::engine::general_purpose::STANDARD.decode(payload).ok())
-        .ok_or_else(|| io(format!("`{}` holds a line that is not an envelope", pending.display())))?;
-    let seq = serde_json::from_slice::<Value>(&payload)
+    let seq = serde_json::from_slice::<Value>(payload)
         .ok()
         .and_then(|payload| payload["seq"].as_u64())
-        .ok_or_else(|| io(format!("`{}` holds an envelope without a seq", pending.display())))?;
+        .ok_or_else(|| io(format!("`{}` holds an envelope without a seq", path.display())))?;
     if seq >= chain.next_seq {
         return Ok(ChainState {
             next_seq: seq + 1,
-            prev: Some(custos_event::blake3_hex(&payload)),
+            prev: Some(custos_event::blake3_hex(payload)),
         });
     }
     Ok(chain)
 }
 
-/// The payloads of the envelopes kept pending in `path` (none when there is no file).
-fn pending_payloads(path: &Path) -> Result<Vec<Map<String, Value>>, ApiError> {
+/// The payload bytes of the envelopes kept pending in `path` (none when there is no file).
+fn pending_payloads(path: &Path) -> Result<Vec<Vec<u8>>, ApiError> {
     use base64::Engine as _;
     let text = match fs_err::read_to_string(path) {
         Ok(text) => text,
@@ -216,7 +206,6 @@ fn pending_payloads(path: &Path) -> Result<Vec<Map<String, Value>>, ApiError> {
                 .ok()
                 .and_then(|envelope| envelope["payload"].as_str().map(str::to_owned))
                 .and_then(|payload| base64::engine::general_purpose::STANDARD.decode(payload).ok())
-                .and_then(|payload| serde_json::from_slice::<Map<String, Value>>(&payload).ok())
                 .ok_or_else(|| io(format!("`{}` holds a line that is not an envelope", path.display())))
         })
         .collect()
@@ -276,7 +265,9 @@ impl Attestor {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => ChainState::default(),
             Err(error) => return Err(io(error)),
         };
-        let chain = past_pending(chain, &self.pending_path(&did))?;
+        let pending_path = self.pending_path(&did);
+        let pending = pending_payloads(&pending_path)?;
+        let chain = past_pending(chain, &pending, &pending_path)?;
         let enrolled = self
             .dir
             .join(format!("{}.enrolled", did.trim_start_matches("did:key:")))
@@ -284,9 +275,10 @@ impl Attestor {
         // Spans signed and kept pending before a stop that came before their keys were
         // written: they will be sent, so they count as attested.
         let mut spans = RecentSpans::load(&self.spans_path(&did))?;
-        let pending: Vec<u128> = pending_payloads(&self.pending_path(&did))?
+        let pending: Vec<u128> = pending
             .iter()
-            .filter_map(RecentSpans::key)
+            .filter_map(|payload| serde_json::from_slice::<Map<String, Value>>(payload).ok())
+            .filter_map(|payload| RecentSpans::key(&payload))
             .filter(|key| !spans.keys.contains(key))
             .collect();
         spans.record(&self.spans_path(&did), &pending)?;

@@ -1174,12 +1174,11 @@ impl Sequencer {
                 Ok(verified) => verified,
                 Err(rejection) => {
                     results.push(rejected_verdict(index, &rejection));
-                    let mut record = RejectedRecord::new(&rejection, &item.raw, remote, Some(index), item.keyid, None);
-                    if let Some(whole) = item.whole {
-                        record = record.of_whole(whole.size, whole.blake3);
-                    }
-                    tracing::debug!(reason = rejection.reason.code(), index, "rejected input");
-                    self.forensics.record(record);
+                    let record = RejectedRecord::new(&rejection, &item.raw, remote, Some(index), item.keyid, None);
+                    self.reject(match item.whole {
+                        Some(whole) => record.of_whole(whole.size, whole.blake3),
+                        None => record,
+                    });
                     continue;
                 }
             };
@@ -1342,34 +1341,20 @@ impl Sequencer {
                 entry: None,
             })));
         }
-        self.reject(
+        self.reject(RejectedRecord::new(
             &refusal.rejection,
             &refusal.raw,
             remote,
-            refusal.index,
+            Some(refusal.index),
             Some(keyid),
             refusal.evidence,
-        );
+        ));
     }
 
-    fn reject(
-        &mut self,
-        rejection: &Rejection,
-        raw: &[u8],
-        remote: &str,
-        index: usize,
-        keyid: Option<String>,
-        evidence: Option<serde_json::Value>,
-    ) {
-        tracing::debug!(reason = rejection.reason.code(), index, "rejected input");
-        self.forensics.record(RejectedRecord::new(
-            rejection,
-            raw,
-            remote,
-            Some(index),
-            keyid,
-            evidence,
-        ));
+    /// Keeps a rejected input for forensics.
+    fn reject(&mut self, record: RejectedRecord) {
+        tracing::debug!(reason = record.reason, index = record.index, "rejected input");
+        self.forensics.record(record);
     }
 
     /// Registry, clock and chain checks; on success, queues the entry (and any control
