@@ -455,6 +455,7 @@ impl Pipeline {
             replay_from,
             publish_entries: false,
             adapters: None,
+            control_notes: None,
             queue: Some(queue),
             system_signers: signers,
             operations: Some(Arc::new(Ops {

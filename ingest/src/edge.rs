@@ -12,6 +12,8 @@
 //!  POST /v1/agents/{did}/revoke ─▶ Submission::Control ─▶ log writer
 //!  POST /v1/traces, /v1/adapters/… ─▶ Submission::Adapter (whole; token as SHA-256)
 //!        ─▶ the writer's node serves it as its own API ─▶ its answer, given back as is
+//!        (a LastID batch keyed by its agents' realm from the view's `lastid:` records,
+//!        split when they are in several; a LastID enrollment keyed by its realm)
 //!  /v1/tokens (admin): the node's own token table
 //! ```
 //!
@@ -46,10 +48,12 @@ use custos_http::metrics_answer;
 use custos_http::openapi::Endpoint;
 use custos_http::{ApiError, serve};
 
-/// The registry as the control topic tells it: each agent's latest status and realm.
+/// The registry as the control topic tells it: each agent's latest status and realm,
+/// and the realm of each LastID agent the writers enrolled.
 #[derive(Default)]
 pub struct ControlView {
     agents: std::sync::RwLock<HashMap<String, AgentView>>,
+    lastid: std::sync::RwLock<HashMap<String, String>>,
     loaded: AtomicBool,
 }
 
@@ -82,9 +86,11 @@ impl ControlView {
     /// Takes one control-topic record (`key`, `value`). Other subjects (memories,
     /// credentials) are not the ingest node's concern; a malformed value is skipped.
     pub fn apply(&self, key: &str, value: &[u8]) {
-        if !key.starts_with("agent:") {
-            return;
-        }
+        let kind = match key.split_once(':') {
+            Some(("agent", _)) => "agent",
+            Some(("lastid", _)) => "lastid",
+            _ => return,
+        };
         let value: ControlValue = match serde_json::from_slice(value) {
             Ok(value) => value,
             Err(error) => {
@@ -92,7 +98,12 @@ impl ControlView {
                 return;
             }
         };
-        if value.kind != "agent" {
+        if value.kind != kind || key.split_once(':').map(|(_, subject)| subject) != Some(value.agent.as_str()) {
+            tracing::warn!(key, "control record skipped: its value is not about its key");
+            return;
+        }
+        if kind == "lastid" {
+            self.note_lastid(&value.agent, &value.realm);
             return;
         }
         self.agents
@@ -115,6 +126,24 @@ impl ControlView {
 
     pub fn loaded(&self) -> bool {
         self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Records that LastID agent `did` is enrolled in `realm` (a control-topic record, or
+    /// an enrollment this node passed on).
+    pub fn note_lastid(&self, did: &str, realm: &str) {
+        self.lastid
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(did.to_owned(), realm.to_owned());
+    }
+
+    /// The realm LastID agent `did` is enrolled in, as far as the control topic told.
+    pub fn lastid_realm(&self, did: &str) -> Option<String> {
+        self.lastid
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(did)
+            .cloned()
     }
 
     /// The realm `did` is enrolled in, as far as the control topic told.
@@ -447,9 +476,14 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<EdgeState>)> {
             post(post_events),
         ),
         (
-            Endpoint::new("POST", "/v1/agents", "registry", "Enroll a Custos agent (through the log writer)")
-                .returns("Record")
-                .errors(&[409, 503])
+            Endpoint::new(
+                "POST",
+                "/v1/agents",
+                "registry",
+                "Enroll a Custos agent (through the log writer); a LastID agent's enrollment (source, public_key) is passed on to the writer's node, which checks the admin token in its own table",
+            )
+            .returns("Record")
+            .errors(&[409, 503])
                 .roles(ADMIN)
                 .body("application/json", r#"{"did":"did:key:z6Mk…","realm":"eng","labels":{}}"#),
             post(enroll),
@@ -483,10 +517,10 @@ fn endpoints() -> Vec<(Endpoint, MethodRouter<EdgeState>)> {
                 "POST",
                 "/v1/adapters/lastid/audit",
                 "adapters",
-                "LastID audit records, passed on whole to the writer's node (which holds the LastID enrollments and chains) and answered as there",
+                "LastID audit records, passed on to the writer's node of their agents' realm (which holds the LastID enrollments and chains; a batch whose agents are in several partitions' realms is split and its verdicts put back in order) and answered as there",
             )
             .returns("ItemResults")
-            .errors(&[413, 429, 501, 503]),
+            .errors(&[413, 429, 503]),
             post(forward_adapter),
         ),
         (
@@ -513,7 +547,8 @@ pub fn catalogue() -> Vec<Endpoint> {
 /// An adapter route: the request is passed on whole to the writer's node
 /// (`Submission::Adapter`), which holds the adapters' keys, chains and tables, and its
 /// answer is given back as it is. Only the adapters' own headers cross, and the bearer
-/// token only as its SHA-256.
+/// token only as its SHA-256. A LastID batch goes to the partition of its agents' realm
+/// as the control topic tells it ([`lastid_parts`]), in parts when they are in several.
 async fn forward_adapter(
     State(state): State<EdgeState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -562,26 +597,51 @@ async fn forward_adapter(
             Some(((*name).to_owned(), value.to_owned()))
         })
         .collect();
-    let known: AdapterRoute = (route.clone(), token_sha256.clone());
+    let mut request = custos_stage::AdapterRequest {
+        partition: None,
+        route,
+        remote: remote.to_string(),
+        headers: adapter_headers,
+        token_sha256,
+        body: body.to_vec(),
+        realm: None,
+    };
+    if request.route == LASTID_AUDIT {
+        match lastid_parts(&state.view, &body, state.config.max_events_per_request) {
+            Some(parts) if parts.len() > 1 => return forward_lastid_parts(&state, request, parts, source).await,
+            Some(mut parts) => request.realm = parts.pop().and_then(|part| part.realm),
+            // Not a batch this node can read: the writer refuses it, and keeps it.
+            None => {}
+        }
+    }
+    adapter_answer(relay(&state, request, source).await?)
+}
+
+const LASTID_AUDIT: &str = "/v1/adapters/lastid/audit";
+
+/// Hands an adapter request to the writers and waits for the answer of the one that
+/// serves it: over a partition set the writer that takes it may name the realm's
+/// partition instead, and the request is sent again there (remembered by route and
+/// token, for requests this node could not place by realm).
+async fn relay(
+    state: &EdgeState,
+    mut request: custos_stage::AdapterRequest,
+    source: std::net::IpAddr,
+) -> Result<custos_stage::AdapterReply, ApiError> {
+    let traces = request.route == "/v1/traces";
+    let known: AdapterRoute = (request.route.clone(), request.token_sha256.clone());
     let routes = || {
         state
             .adapter_routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let mut request = custos_stage::AdapterRequest {
-        partition: routes().get(&known).copied(),
-        route,
-        remote: remote.to_string(),
-        headers: adapter_headers,
-        token_sha256,
-        body: body.to_vec(),
-    };
-    // Over a partition set the writer that takes it may name the realm's partition
-    // instead of serving it: send it again there, and remember where.
+    if request.realm.is_none() {
+        request.partition = routes().get(&known).copied();
+    }
     let mut hops = 0;
     let appended = loop {
-        let appended = submit(&state, Submission::Adapter(request.clone())).await?;
+        let appended = submit(state, Submission::Adapter(request.clone())).await?;
         match appended.route_to {
             Some(partition) if hops < ADAPTER_HOPS => {
                 hops += 1;
@@ -620,7 +680,149 @@ async fn forward_adapter(
             state.refused_tokens.keep(digest, &reply);
         }
     }
-    adapter_answer(reply)
+    Ok(reply)
+}
+
+/// The records of a LastID batch that go to one realm's partition: their places in the
+/// batch, and the batch of them alone (each record's bytes as they came).
+#[derive(Debug, PartialEq, Eq)]
+struct LastIdPart {
+    /// `None`: agents the control topic names no realm for (not enrolled, or records
+    /// that do not say whose they are), sent where the writers find it themselves.
+    realm: Option<String>,
+    indexes: Vec<usize>,
+    body: Vec<u8>,
+}
+
+/// Splits a LastID batch by the realm `view` gives each record's `agent_did`, in batch
+/// order; `None` for a body that is not `{"records":[…]}` with at most `max` records
+/// (passed on whole: the writer refuses it as it would from the agent).
+fn lastid_parts(view: &ControlView, body: &[u8], max: usize) -> Option<Vec<LastIdPart>> {
+    #[derive(Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        records: Vec<&'a serde_json::value::RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Whose {
+        agent_did: Option<String>,
+    }
+    let batch: Batch = serde_json::from_slice(body).ok()?;
+    if batch.records.len() > max {
+        return None;
+    }
+    let mut parts: Vec<(Option<String>, Vec<usize>, Vec<&str>)> = Vec::new();
+    for (index, record) in batch.records.iter().enumerate() {
+        let realm = serde_json::from_str::<Whose>(record.get())
+            .ok()
+            .and_then(|whose| whose.agent_did)
+            .and_then(|did| view.lastid_realm(&did));
+        let position = match parts.iter().position(|(known, _, _)| *known == realm) {
+            Some(position) => position,
+            None => {
+                parts.push((realm, Vec::new(), Vec::new()));
+                parts.len() - 1
+            }
+        };
+        parts[position].1.push(index);
+        parts[position].2.push(record.get());
+    }
+    if parts.is_empty() {
+        parts.push((None, Vec::new(), Vec::new()));
+    }
+    Some(
+        parts
+            .into_iter()
+            .map(|(realm, indexes, records)| LastIdPart {
+                realm,
+                indexes,
+                body: format!("{{\"records\":[{}]}}", records.join(",")).into_bytes(),
+            })
+            .collect(),
+    )
+}
+
+/// Sends each part of a LastID batch to its partition at once, and answers one verdict
+/// per record in batch order. When a part is not answered 200, its answer is the
+/// request's (the first such, in batch order): the client sends the batch again, and
+/// what the other parts stored is then a `duplicate`.
+async fn forward_lastid_parts(
+    state: &EdgeState,
+    request: custos_stage::AdapterRequest,
+    parts: Vec<LastIdPart>,
+    source: std::net::IpAddr,
+) -> Result<Response, ApiError> {
+    let sent: Vec<_> = parts
+        .into_iter()
+        .map(|part| {
+            let mut request = request.clone();
+            request.body = part.body;
+            request.realm = part.realm;
+            let state = state.clone();
+            (
+                part.indexes,
+                tokio::spawn(async move { relay(&state, request, source).await }),
+            )
+        })
+        .collect();
+    let mut verdicts = Vec::new();
+    let mut failed = None;
+    for (indexes, answer) in sent {
+        let reply = answer
+            .await
+            .map_err(|error| ApiError::new(500, "internal", format!("a LastID part's task failed: {error}")))??;
+        if failed.is_some() {
+            continue;
+        }
+        if reply.status != 200 {
+            failed = Some(reply);
+            continue;
+        }
+        let body = reply.body_bytes().map_err(|error| {
+            ApiError::new(
+                502,
+                "bad_writer_reply",
+                format!("the log writer's answer to a LastID part is malformed: {error}"),
+            )
+        })?;
+        let answered: Vec<Verdict> = serde_json::from_slice(&body).map_err(|error| {
+            ApiError::new(
+                502,
+                "bad_writer_reply",
+                format!("the log writer's answer to a LastID part is not one verdict per record: {error}"),
+            )
+        })?;
+        if answered.len() != indexes.len() {
+            return Err(ApiError::new(
+                502,
+                "bad_writer_reply",
+                format!(
+                    "the log writer answered {} verdicts for a LastID part of {} records",
+                    answered.len(),
+                    indexes.len()
+                ),
+            ));
+        }
+        for mut verdict in answered {
+            verdict.index = *indexes.get(verdict.index).ok_or_else(|| {
+                ApiError::new(
+                    502,
+                    "bad_writer_reply",
+                    format!(
+                        "the log writer answered record {} of a LastID part of {} records",
+                        verdict.index,
+                        indexes.len()
+                    ),
+                )
+            })?;
+            verdicts.push(verdict);
+        }
+    }
+    if let Some(reply) = failed {
+        return adapter_answer(reply);
+    }
+    verdicts.sort_by_key(|verdict| verdict.index);
+    Ok(Json(verdicts).into_response())
 }
 
 /// The writer's node's answer to an adapter request, as an HTTP response.
@@ -856,17 +1058,22 @@ async fn revoke(
 }
 
 /// `POST /v1/agents` through an ingest node: the enrollment goes to the writer of the
-/// realm's partition, which answers once it is durable.
-async fn enroll(State(state): State<EdgeState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+/// realm's partition, which answers once it is durable. A platform agent's enrollment
+/// (`source`) is passed on whole to that writer's node, which keeps the adapter's
+/// enrollments and checks the admin token in its own table (as collector tokens are).
+async fn enroll(
+    State(state): State<EdgeState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let platform = serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|value| value.get("source").is_some() || value.get("public_key").is_some());
+    if platform {
+        return enroll_platform_agent(&state, remote, &headers, &body).await;
+    }
     let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin])?;
     let request = crate::http::EnrollRequest::parse(&body)?;
-    if request.source.is_some() || request.public_key.is_some() {
-        return Err(ApiError::new(
-            400,
-            "bad_source",
-            "platform adapters (source, public_key) are served by a node with its own store, not by an ingest node",
-        ));
-    }
     if let Some(realm) = state.view.realm_of(&request.did) {
         return Err(ApiError::new(
             409,
@@ -891,6 +1098,46 @@ async fn enroll(State(state): State<EdgeState>, headers: HeaderMap, body: Bytes)
         })),
     )
         .into_response())
+}
+
+/// A platform agent's enrollment (`"source":"lastid"`), passed on to the writer of its
+/// realm's partition; once it answers 201, this node places the agent's records there
+/// at once (other ingest nodes learn it from the control topic).
+async fn enroll_platform_agent(
+    state: &EdgeState,
+    remote: SocketAddr,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let source = remote.ip();
+    state.rejects.admit(source, "refused requests")?;
+    let Some(token_sha256) = custos_http::bearer_sha256(headers) else {
+        state.rejects.charge(source, 1);
+        return Err(ApiError::new(
+            401,
+            "unauthenticated",
+            "send `Authorization: Bearer <token>` (an admin token of the log writer's node)",
+        ));
+    };
+    let request = crate::http::EnrollRequest::parse(body)?;
+    let reply = relay(
+        state,
+        custos_stage::AdapterRequest {
+            route: "/v1/agents".into(),
+            remote: remote.to_string(),
+            headers: Vec::new(),
+            token_sha256: Some(token_sha256),
+            body: body.to_vec(),
+            partition: None,
+            realm: Some(request.realm.clone()),
+        },
+        source,
+    )
+    .await?;
+    if reply.status == 201 && request.source.as_deref() == Some("lastid") {
+        state.view.note_lastid(&request.did, &request.realm);
+    }
+    adapter_answer(reply)
 }
 
 #[cfg(test)]
@@ -1022,5 +1269,60 @@ mod tests {
             .map(|item| item.raw.len())
             .max();
         assert_eq!(huge, Some(REFUSED_RAW_BYTES), "a huge refused line travels cut");
+    }
+
+    /// LastID agents' realms come from `lastid:` control records (a record about another
+    /// subject than its key is skipped), and a batch is split by them, each record's
+    /// bytes kept as they came, batch order kept within each part.
+    #[test]
+    fn a_lastid_batch_is_split_by_the_realms_the_control_topic_gives() {
+        let view = ControlView::new();
+        let (key, value) = crate::registry::lastid_record("did:lastid:agent:a", "ops");
+        view.apply(&key, &value);
+        let (_, value) = crate::registry::lastid_record("did:lastid:agent:b", "eng");
+        view.apply("lastid:did:lastid:agent:b", &value);
+        view.apply("lastid:did:lastid:agent:c", &value);
+        assert_eq!(view.lastid_realm("did:lastid:agent:a").as_deref(), Some("ops"));
+        assert_eq!(view.lastid_realm("did:lastid:agent:b").as_deref(), Some("eng"));
+        assert_eq!(view.lastid_realm("did:lastid:agent:c"), None, "key and value disagree");
+        let body = br#"{"records":[{"agent_did":"did:lastid:agent:a","seq":0},
+            {"agent_did":"did:lastid:agent:b" , "seq":0},{"agent_did":"did:lastid:agent:z"},[1],
+            {"agent_did":"did:lastid:agent:a","seq":1}]}"#;
+        let parts = lastid_parts(&view, body, 10).unwrap();
+        let shown: Vec<(Option<&str>, &[usize], &str)> = parts
+            .iter()
+            .map(|part| {
+                (
+                    part.realm.as_deref(),
+                    part.indexes.as_slice(),
+                    std::str::from_utf8(&part.body).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    Some("ops"),
+                    &[0, 4][..],
+                    r#"{"records":[{"agent_did":"did:lastid:agent:a","seq":0},{"agent_did":"did:lastid:agent:a","seq":1}]}"#
+                ),
+                (
+                    Some("eng"),
+                    &[1][..],
+                    r#"{"records":[{"agent_did":"did:lastid:agent:b" , "seq":0}]}"#
+                ),
+                (
+                    None,
+                    &[2, 3][..],
+                    r#"{"records":[{"agent_did":"did:lastid:agent:z"},[1]]}"#
+                ),
+            ]
+        );
+        // Passed on whole: more records than the limit, or not a batch at all.
+        assert_eq!(lastid_parts(&view, body, 4), None);
+        assert_eq!(lastid_parts(&view, b"{\"records\":{}}", 10), None);
+        let empty = lastid_parts(&view, br#"{"records":[]}"#, 10).unwrap();
+        assert_eq!((empty.len(), empty[0].realm.as_ref()), (1, None));
     }
 }

@@ -12,13 +12,17 @@
 //! ```
 //!
 //! The adapters' keys, chains, LastID table and webhook deliveries stay in this node's
-//! store, so a collector is one attesting identity whichever ingest node it reaches.
+//! store, so a collector is one attesting identity whichever ingest node it reaches. A
+//! LastID enrollment (route `/v1/agents`) is served here too; the node then publishes
+//! the agent's realm on the control topic (`registry::lastid_record`), which is how
+//! ingest nodes place its records.
 //!
 //! Over a partition set (`--log-per-partition`) a realm's log is one partition's, so an
 //! adapter request is served by the writer of its realm's partition:
 //!
 //! ```text
-//!  ingest node ─▶ partition of the empty key (or the one it learnt for this token/route)
+//!  ingest node ─▶ partition of the request's realm when it can tell (LastID), else of the
+//!                 empty key (or the one it learnt for this token/route)
 //!        ▼
 //!  that writer: the request's realm (the collector token's, the webhook's configured one)
 //!        ├─ its own partition ─▶ served here, as above
@@ -144,14 +148,14 @@ fn place(state: &AppState, request: &AdapterRequest, set: SetPlace) -> Result<Pl
                 })
         }),
         "/v1/adapters/vaultysclaw/webhook" => state.config.vaultysclaw.as_ref().map(|config| config.realm.clone()),
-        "/v1/adapters/lastid/audit" => {
-            return Err(Refused::new(
-                "writer_only",
-                "LastID audit records are not served through ingest nodes when each partition has its own log \
-                 (--log-per-partition): a LastID agent is enrolled on the API of the writer of its realm's \
-                 partition; send its records there",
-            ));
-        }
+        // The realm of a platform agent's enrollment is in its body; any other body is
+        // refused alike by every writer.
+        "/v1/agents" => serde_json::from_slice::<crate::http::EnrollRequest>(&request.body)
+            .ok()
+            .map(|enrollment| enrollment.realm),
+        // The ingest node placed the batch by the realm its view gives the agents: each
+        // writer checks records against the LastID agents enrolled on its partition.
+        "/v1/adapters/lastid/audit" => None,
         _ => None,
     };
     let Some(realm) = realm else {
@@ -199,6 +203,22 @@ async fn serve(state: AppState, request: AdapterRequest) -> Result<Response, Api
                 .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
             let caller = custos_http::authorize_sha256(&state.tokens, &digest, &[Role::Collector])?;
             crate::otlp::traces(state, caller, remote.to_string(), &headers, &body).await
+        }
+        "/v1/agents" => {
+            let digest = request
+                .token_sha256
+                .ok_or_else(|| ApiError::new(401, "unauthenticated", "send `Authorization: Bearer <token>`"))?;
+            let caller = custos_http::authorize_sha256(&state.tokens, &digest, &[Role::Admin])?;
+            let enrollment = crate::http::EnrollRequest::parse(&body)?;
+            if enrollment.source.is_none() {
+                // An ingest node enrolls a Custos agent as a control submission.
+                return Err(ApiError::new(
+                    400,
+                    "bad_source",
+                    "an ingest node passes on only platform agents' enrollments (source lastid)",
+                ));
+            }
+            crate::http::enroll_as(&state, &caller, enrollment).await
         }
         "/v1/adapters/lastid/audit" => crate::lastid::post_audit(State(state), ConnectInfo(remote), body).await,
         "/v1/adapters/vaultysclaw/webhook" => {
@@ -286,6 +306,7 @@ mod tests {
             token_sha256: None,
             body: Vec::new(),
             partition: None,
+            realm: None,
         }
     }
 

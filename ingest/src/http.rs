@@ -622,6 +622,12 @@ impl EnrollRequest {
 async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, &[Role::Admin])?;
     let request = EnrollRequest::parse(&body)?;
+    enroll_as(&state, &caller, request).await
+}
+
+/// `POST /v1/agents` for an admin `caller` (authenticated here, or by its token's hash
+/// when an ingest node passed a platform agent's enrollment on).
+pub(crate) async fn enroll_as(state: &AppState, caller: &Caller, request: EnrollRequest) -> Result<Response, ApiError> {
     match request.source.as_deref() {
         Some("lastid") if !request.labels.is_empty() => {
             return Err(ApiError::new(
@@ -631,7 +637,7 @@ async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             ));
         }
         Some("lastid") => {
-            return crate::lastid::enroll(&state, &request.did, &request.realm, request.public_key.as_deref()).await;
+            return crate::lastid::enroll(state, &request.did, &request.realm, request.public_key.as_deref()).await;
         }
         Some(other) => {
             return Err(ApiError::new(
@@ -652,7 +658,7 @@ async fn enroll(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         None => {}
     }
     let by = format!("token:{}", caller.token_id);
-    let record = ask(&state, |reply| Command::Enroll {
+    let record = ask(state, |reply| Command::Enroll {
         did: request.did,
         realm: request.realm,
         labels: request.labels,

@@ -66,6 +66,8 @@ struct Table {
 pub(crate) struct LastId {
     path: PathBuf,
     table: tokio::sync::Mutex<Table>,
+    /// Where each enrollment goes as a control-topic record (a writer bridged to Kafka).
+    notes: Option<crate::registry::ControlNotes>,
 }
 
 fn io(error: impl std::fmt::Display) -> ApiError {
@@ -73,15 +75,24 @@ fn io(error: impl std::fmt::Display) -> ApiError {
 }
 
 impl LastId {
-    pub(crate) fn open(data: &std::path::Path) -> Self {
+    /// Opens the state under `data`; with `notes`, every enrollment it holds is sent
+    /// there at once (again: the control topic keeps the latest per agent), so ingest
+    /// nodes learn agents enrolled before, or whose record was lost in a crash.
+    pub(crate) fn open(data: &std::path::Path, notes: Option<crate::registry::ControlNotes>) -> Self {
         let path = data.join("attest").join("lastid").join("state.json");
-        let table = fs_err::read(&path)
+        let table: Table = fs_err::read(&path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        if let Some(notes) = &notes {
+            for (did, enrolled) in &table.agents {
+                let _ = notes.send(crate::registry::lastid_record(did, &enrolled.realm));
+            }
+        }
         Self {
             path,
             table: tokio::sync::Mutex::new(table),
+            notes,
         }
     }
 
@@ -182,6 +193,11 @@ pub(crate) async fn enroll(
         },
     );
     adapter.save(&table)?;
+    if let Some(notes) = &adapter.notes {
+        // Sent on by the bridge's thread (a closed channel: the node is stopping, and
+        // the next start sends every enrollment again).
+        let _ = notes.send(crate::registry::lastid_record(did, realm));
+    }
     Ok((
         axum::http::StatusCode::CREATED,
         Json(serde_json::json!({

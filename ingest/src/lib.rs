@@ -154,6 +154,9 @@ pub struct Hooks {
     /// Serves the adapter requests ingest nodes pass on ([`AdapterDesk`]) once the node
     /// is open: given to the writer's Kafka bridge before the start.
     pub adapters: Option<AdapterDesk>,
+    /// Where the node's LastID enrollments go as control-topic records (all of them at
+    /// start, then each new one): given by the writer's Kafka bridge.
+    pub control_notes: Option<registry::ControlNotes>,
 }
 
 /// Builds extra routes once the node is open (see [`Hooks::routes`]).
@@ -402,6 +405,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         drain,
         routes,
         adapters,
+        control_notes,
     } = hooks;
     let (changes, _) = tokio::sync::broadcast::channel(4096);
     // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
@@ -474,7 +478,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             stopping_rx.clone(),
         ));
     }
-    let lastid = Arc::new(lastid::LastId::open(&config.data));
+    let lastid = Arc::new(lastid::LastId::open(&config.data, control_notes));
     let (vaultysclaw, vaultysclaw_token) = match &config.vaultysclaw {
         Some(settings) => {
             let adapter = vaultysclaw::VaultysClaw::open(&config.data, settings.clone())

@@ -239,6 +239,24 @@ fn trim(recent: &mut VecDeque<(u64, [u8; 32], u64)>, window: usize, sealed_end: 
     }
 }
 
+/// Control-topic records a writer's node adds beside those of its control entries,
+/// (`key`, `value`): its LastID enrollments ([`lastid_record`]).
+pub type ControlNotes = std::sync::mpsc::Sender<(String, Vec<u8>)>;
+
+/// The control-topic record of a LastID agent enrolled on this writer's node, keyed
+/// `lastid:<did>`: what places the agent's audit records on its realm's partition when
+/// ingest nodes pass them on (`docs/architecture.md`).
+pub fn lastid_record(did: &str, realm: &str) -> (String, Vec<u8>) {
+    let value = serde_json::json!({
+        "v": 1,
+        "type": "lastid",
+        "status": "enrolled",
+        "agent": did,
+        "realm": realm,
+    });
+    (format!("lastid:{did}"), value.to_string().into_bytes())
+}
+
 /// One record of the compacted control topic: the latest state of one subject (an agent,
 /// a memory, a credential), keyed `agent:<did>`, `memory:<id>` or `credential:<value>`.
 /// Built from a control entry's payload; `None` for a payload that is not one.

@@ -106,7 +106,10 @@ impl Bridges {
             false => Box::new(queue.submitter()),
         };
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
-        let control = custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?;
+        let control = Arc::new(custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?);
+        // The node's LastID enrollments, which place their agents' records over a set.
+        let (notes, noted) = std::sync::mpsc::channel();
+        hooks.control_notes = Some(notes);
         let stop = Arc::new(AtomicBool::new(false));
         let path = published_path(data);
         let flag = stop.clone();
@@ -134,14 +137,19 @@ impl Bridges {
                 }
             })?;
         let flag = stop.clone();
+        let publisher = control.clone();
         let states = std::thread::Builder::new()
             .name("custos-control".into())
             .spawn(move || {
-                publish_control(&mut control_feed, &control, from, &flag);
+                publish_control(&mut control_feed, &publisher, from, &flag);
             })?;
+        let flag = stop.clone();
+        let notices = std::thread::Builder::new()
+            .name("custos-notes".into())
+            .spawn(move || publish_notes(&noted, &control, &flag))?;
         Ok(Self {
             stop,
-            threads: vec![out, inward, states],
+            threads: vec![out, inward, states, notices],
         })
     }
 
@@ -183,11 +191,42 @@ fn publish_control(
         if let Err(error) = sent {
             tracing::error!(key, error, "could not publish a control record");
         }
-        while let Err(error) = control.flush() {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            tracing::warn!(%error, "publishing control records: waiting for the brokers");
+        if !flushed(control, stop) {
+            return;
+        }
+    }
+}
+
+/// Waits until the control records queued so far reached the brokers; `false` when the
+/// process stops first.
+fn flushed(control: &custos_stage::kafka::ControlPublisher, stop: &AtomicBool) -> bool {
+    while let Err(error) = control.flush() {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        tracing::warn!(%error, "publishing control records: waiting for the brokers");
+    }
+    true
+}
+
+/// Publishes the records the node adds to the control topic beside its control entries
+/// (its LastID enrollments, `custos_ingest::registry::lastid_record`), as they come.
+fn publish_notes(
+    notes: &std::sync::mpsc::Receiver<(String, Vec<u8>)>,
+    control: &custos_stage::kafka::ControlPublisher,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let (key, value) = match notes.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(note) => note,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        if let Err(error) = control.publish(&key, &value) {
+            tracing::error!(key, %error, "could not publish a control record");
+        }
+        if !flushed(control, stop) {
+            return;
         }
     }
 }

@@ -82,13 +82,21 @@ pub struct AdapterRequest {
     /// Over a partition set (`--log-per-partition`): the partition whose writer serves
     /// it, once the writer that first took it answered [`Appended::route_to`]. The
     /// record goes to that partition, and its writer serves it without routing it again.
-    /// `None`: the record goes to the partition of the empty key.
+    /// `None`: the record goes to the partition of [`AdapterRequest::realm`].
     pub partition: Option<u32>,
+    /// The realm an ingest node places the request by, when it can tell it (a LastID
+    /// enrollment's realm; the realm its registry view gives a LastID batch's agents):
+    /// the record is keyed by it, so it lands on that realm's partition. `None`: the
+    /// empty key's partition, whose writer finds the realm itself.
+    pub realm: Option<String>,
 }
 
 /// The routes an ingest node passes on as [`Submission::Adapter`] (all `POST`).
-pub const ADAPTER_ROUTES: [&str; 3] = [
+/// `/v1/agents` only for a platform agent's enrollment (`"source":"lastid"`), which the
+/// adapter's tables on the writer's node hold.
+pub const ADAPTER_ROUTES: [&str; 4] = [
     "/v1/traces",
+    "/v1/agents",
     "/v1/adapters/lastid/audit",
     "/v1/adapters/vaultysclaw/webhook",
 ];

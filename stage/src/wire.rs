@@ -62,6 +62,9 @@ pub enum WireSubmission {
         /// The partition whose writer serves it (over a partition set, once routed).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         partition: Option<u32>,
+        /// The realm the ingest node placed it by (the record's key), when it could tell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        realm: Option<String>,
     },
 }
 
@@ -187,6 +190,7 @@ pub fn encode_submission(origin: &str, ticket: u64, submission: &Submission) -> 
             token_sha256: request.token_sha256.clone(),
             body: STANDARD.encode(&request.body),
             partition: request.partition,
+            realm: request.realm.clone(),
         },
     };
     serde_json::to_vec(&SubmissionRecord {
@@ -225,6 +229,7 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
             token_sha256,
             body,
             partition,
+            realm,
         } => {
             if !crate::ADAPTER_ROUTES.contains(&route.as_str()) {
                 return Err(format!("`{route}` is not an adapter route"));
@@ -250,6 +255,7 @@ pub fn decode_submission(bytes: &[u8]) -> Result<(String, u64, Submission), Stri
                     .decode(&body)
                     .map_err(|error| format!("the adapter request body is not base64: {error}"))?,
                 partition,
+                realm,
             })
         }
     };
@@ -473,9 +479,10 @@ pub fn submission_key(submission: &Submission) -> String {
         Submission::Events(batch) => batch.realm.clone(),
         Submission::Finding(envelope) | Submission::Action { envelope, .. } => realm_of(&envelope.payload),
         Submission::Control(ControlOp::Enroll { realm, .. } | ControlOp::Revoke { realm, .. }) => realm.clone(),
-        // The adapter's realm is known only to the writer's node (the token's, the
-        // adapter's configuration, the LastID agent's): one writer serves them all.
-        Submission::Adapter(_) => String::new(),
+        // The realm the ingest node could tell (a LastID enrollment's, its view of a
+        // LastID batch's agents); otherwise only the writer's node knows it (the token's,
+        // the adapter's configuration), and the empty key's partition takes it first.
+        Submission::Adapter(request) => request.realm.clone().unwrap_or_default(),
     }
 }
 

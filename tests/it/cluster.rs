@@ -13,6 +13,7 @@ use custos_event::{AgentKey, Signer};
 use serde_json::json;
 
 use crate::hardening::signed_lines;
+use crate::lastid::{LastIdAgent, ship};
 use crate::respond::{enroll, get, wait_for};
 use crate::stages::{Broker, poison};
 use crate::support::{Server, custos, post};
@@ -1333,8 +1334,9 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
 /// partition, and the ingest node sends it there. Collector tokens are made on one
 /// writer process's edge (the set's one token table) and checked by the realm's writer
 /// in the other process, which sees a revocation made there within a second (as do two
-/// ingest nodes given one `--data`). LastID records are refused `writer_only`: a LastID
-/// agent is enrolled on the API of its partition's writer.
+/// ingest nodes given one `--data`). LastID agents are enrolled through either edge and
+/// their records placed by the `lastid:` records of the control topic, a batch spanning
+/// two partitions split and answered in order.
 #[test]
 fn adapters_through_ingest_nodes_over_a_partition_set() {
     use custos_stage::wire::partition_for;
@@ -1457,19 +1459,100 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         "{answer}"
     );
 
-    // LastID: refused by name, not served by a partition that does not hold its agent.
-    let (status, answer) = post(
-        &node.url,
-        "/v1/adapters/lastid/audit",
-        None,
-        json!({"records": []}).to_string().into_bytes(),
-    )
-    .unwrap();
+    // LastID: enrolled through an ingest node (passed on to the writer of the realm's
+    // partition, the admin token checked in the set's table); the agent's records go
+    // there, by the `lastid:` control record its writer publishes.
+    let mut routed_agent = LastIdAgent::new("did:lastid:agent:set-routed", [41; 32]);
+    let mut direct_agent = LastIdAgent::new("did:lastid:agent:set-direct", [42; 32]);
+    let enroll_lastid = |url: &str, token: Option<&str>, agent: &LastIdAgent, realm: &str| {
+        post(
+            url,
+            "/v1/agents",
+            token,
+            json!({"did": agent.did, "realm": realm, "source": "lastid", "public_key": agent.public_key_hex()})
+                .to_string()
+                .into_bytes(),
+        )
+        .unwrap()
+    };
+    let (status, answer) = enroll_lastid(&node.url, None, &routed_agent, &routed);
     assert_eq!(
         (status, answer["error"].as_str()),
-        (501, Some("writer_only")),
+        (401, Some("unauthenticated")),
         "{answer}"
     );
+    // Made on the other process's edge, so `node` learns it from the control topic only.
+    let (status, answer) = enroll_lastid(&writer.url, Some(admin), &routed_agent, &routed);
+    assert_eq!(
+        (status, answer["realm"].as_str()),
+        (201, Some(routed.as_str())),
+        "{answer}"
+    );
+    let (status, answer) = enroll_lastid(&node.url, Some(admin), &routed_agent, &routed);
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("agent_exists")),
+        "{answer}"
+    );
+    let (status, answer) = enroll_lastid(&node.url, Some(admin), &direct_agent, &direct);
+    assert_eq!(status, 201, "{answer}");
+    let mut kafka = custos_stage::kafka::KafkaConfig::new(broker.addr.clone());
+    kafka.prefix = prefix.into();
+    let key = format!("lastid:{}", routed_agent.did);
+    let mut published = None;
+    wait_for("the writer to publish the LastID enrollment", || {
+        published = custos_stage::kafka::read_control(&kafka, Duration::from_secs(20))
+            .unwrap()
+            .remove(&key);
+        published.is_some()
+    });
+    let record: serde_json::Value = serde_json::from_slice(&published.unwrap()).unwrap();
+    assert_eq!(
+        (record["type"].as_str(), record["realm"].as_str()),
+        (Some("lastid"), Some(routed.as_str())),
+        "{record}"
+    );
+    let first_record = routed_agent.next("tool_call", None, json!({"tool": "search"}));
+    wait_for("the ingest node to place the LastID agent's records", || {
+        ship(&node.url, std::slice::from_ref(&first_record))[0]["status"] == "accepted"
+    });
+    // A batch of agents of two partitions (and one nobody enrolled) is split, each part
+    // served by its writer, and answered in batch order.
+    let batch = [
+        direct_agent.next("tool_call", None, json!({"tool": "fetch"})),
+        routed_agent.next("memory_write", Some("mem-1"), json!({})),
+        LastIdAgent::new("did:lastid:agent:nobody", [43; 32]).next("tool_call", None, json!({})),
+        routed_agent.next("tool_call", None, json!({"tool": "search"})),
+        direct_agent.next("tool_call", None, json!({"tool": "fetch"})),
+    ];
+    let answers = ship(&node.url, &batch);
+    let shown: Vec<(u64, &str, Option<&str>)> = answers
+        .iter()
+        .map(|answer| {
+            (
+                answer["index"].as_u64().unwrap(),
+                answer["status"].as_str().unwrap(),
+                answer["reason"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (0, "accepted", None),
+            (1, "accepted", None),
+            (2, "rejected", Some("unknown_agent")),
+            (3, "accepted", None),
+            (4, "accepted", None),
+        ],
+        "{answers:?}"
+    );
+    // The same records through the other process's edge: duplicates, by the same chains.
+    let again: Vec<String> = ship(&writer.url, &[first_record, batch[1].clone(), batch[4].clone()])
+        .iter()
+        .map(|answer| answer["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(again, ["duplicate"; 3]);
 
     // A collector token revoked on the writers' edge is refused by the partition's writer
     // (its own copy of the shared table reads the file again within a second).
@@ -1533,6 +1616,7 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
     // Each attested event is in its realm's partition.
     let mut spans_seen = Vec::new();
     let mut deliveries = 0;
+    let mut lastid_records = Vec::new();
     for (partition, _, payload) in stored(&store, custos_event::EVENT_PAYLOAD_TYPE) {
         let realm = payload["realm"].as_str().unwrap();
         assert_eq!(partition as i32, partition_for(realm, 3), "{payload}");
@@ -1544,6 +1628,18 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
             }
             // The attestors' own entries (an attested agent's delegation).
             (Some("otlp"), None) => assert!(realm == routed || realm == direct, "{payload}"),
+            // LastID records (and their agents' delegations) in their agent's realm.
+            (Some("lastid"), _) => {
+                let did = payload["attrs"]["custos.attested_for"].as_str().unwrap();
+                let expected = match did == routed_agent.did {
+                    true => &routed,
+                    false => &direct,
+                };
+                assert_eq!(realm, expected, "{payload}");
+                if payload["attrs"]["lastid.record"].is_string() {
+                    lastid_records.push(did.to_owned());
+                }
+            }
             other => panic!("{other:?}: {payload}"),
         }
     }
@@ -1556,6 +1652,18 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
     expected.sort();
     assert_eq!(spans_seen, expected);
     assert!(deliveries >= 1, "the delivery is stored");
+    lastid_records.sort();
+    assert_eq!(
+        lastid_records,
+        [
+            direct_agent.did.clone(),
+            direct_agent.did.clone(),
+            routed_agent.did.clone(),
+            routed_agent.did.clone(),
+            routed_agent.did.clone()
+        ],
+        "each LastID record stored once"
+    );
     let output = crate::support::run(&["verify", store.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }

@@ -158,6 +158,7 @@ fn submissions_round_trip_and_bad_records_are_named() {
             token_sha256: Some("ab".repeat(32)),
             body: vec![0x1f, 0x8b, 0x00, 0xff],
             partition: None,
+            realm: None,
         }),
         // Routed to its realm's partition over a partition set.
         Submission::Adapter(custos_stage::AdapterRequest {
@@ -167,6 +168,17 @@ fn submissions_round_trip_and_bad_records_are_named() {
             token_sha256: None,
             body: b"{}".to_vec(),
             partition: Some(2),
+            realm: None,
+        }),
+        // A LastID batch placed by the realm the ingest node's view gives its agents.
+        Submission::Adapter(custos_stage::AdapterRequest {
+            route: "/v1/adapters/lastid/audit".into(),
+            remote: "192.0.2.1:4000".into(),
+            headers: Vec::new(),
+            token_sha256: None,
+            body: br#"{"records":[]}"#.to_vec(),
+            partition: None,
+            realm: Some("ops".into()),
         }),
     ] {
         let bytes = wire::encode_submission("origin-1", 42, &submission).unwrap();
@@ -203,13 +215,15 @@ fn submissions_round_trip_and_bad_records_are_named() {
         );
         wire::decode_submission(record.as_bytes())
     };
-    let error = adapter("/v1/agents", "{}", "").unwrap_err();
-    assert!(error.contains("`/v1/agents` is not an adapter route"), "{error}");
+    let error = adapter("/v1/tokens", "{}", "").unwrap_err();
+    assert!(error.contains("`/v1/tokens` is not an adapter route"), "{error}");
     let error = adapter("/v1/traces", r#"{"authorization":"Bearer x"}"#, "").unwrap_err();
     assert!(error.contains("`authorization`"), "{error}");
     let error = adapter("/v1/traces", "{}", r#""token_sha256":"secret","#).unwrap_err();
     assert!(error.contains("64 hex digits"), "{error}");
     assert!(adapter("/v1/adapters/lastid/audit", "{}", "").is_ok());
+    // A LastID agent's enrollment (the writer's node serves only those on this route).
+    assert!(adapter("/v1/agents", "{}", "").is_ok());
     // A cut item names both the size and the blake3 of the whole input.
     for whole in [r#","size":8"#, r#","blake3":"00""#, r#","size":8,"blake3":"XYZ""#] {
         let record = format!(
@@ -400,11 +414,19 @@ fn a_submission_goes_to_the_partition_of_its_realm() {
         token_sha256: None,
         body: Vec::new(),
         partition: None,
+        realm: None,
     };
     let adapter = |request: &custos_stage::AdapterRequest| Submission::Adapter(request.clone());
     assert_eq!(
         wire::submission_partition(&adapter(&request), 3),
         Ok(wire::partition_for("", 3))
+    );
+    // One placed by a realm the ingest node could tell goes to that realm's partition.
+    request.realm = Some("eng".into());
+    assert_ne!(wire::partition_for("eng", 3), wire::partition_for("", 3));
+    assert_eq!(
+        wire::submission_partition(&adapter(&request), 3),
+        Ok(wire::partition_for("eng", 3))
     );
     request.partition = Some(2);
     assert_eq!(wire::submission_partition(&adapter(&request), 3), Ok(2));
