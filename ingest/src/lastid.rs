@@ -540,3 +540,45 @@ pub(crate) async fn post_audit(
         .collect();
     Ok(Json(verdicts).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node bridged to Kafka sends every LastID enrollment it holds at start (the
+    /// control topic keeps the latest per agent), so ingest nodes place agents enrolled
+    /// before the bridge, or whose record a crash lost.
+    #[test]
+    fn every_enrollment_held_is_noted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = Table::default();
+        for (did, realm) in [("did:lastid:agent:a", "ops"), ("did:lastid:agent:b", "eng")] {
+            table.agents.insert(
+                did.into(),
+                Enrolled {
+                    realm: realm.into(),
+                    public_key: "00".repeat(32),
+                },
+            );
+        }
+        LastId::open(dir.path(), None).save(&table).unwrap();
+        let (notes, noted) = std::sync::mpsc::channel();
+        let opened = LastId::open(dir.path(), Some(notes));
+        let sent: Vec<(String, Vec<u8>)> = noted.try_iter().collect();
+        assert_eq!(
+            sent,
+            [
+                crate::registry::lastid_record("did:lastid:agent:a", "ops"),
+                crate::registry::lastid_record("did:lastid:agent:b", "eng"),
+            ]
+        );
+        let record: serde_json::Value = serde_json::from_slice(&sent[0].1).unwrap();
+        assert_eq!(
+            record,
+            serde_json::json!({"v": 1, "type": "lastid", "status": "enrolled",
+                "agent": "did:lastid:agent:a", "realm": "ops"})
+        );
+        assert_eq!(sent[0].0, "lastid:did:lastid:agent:a");
+        drop(opened);
+    }
+}
