@@ -607,7 +607,8 @@ async fn forward_adapter(
         realm: None,
     };
     if request.route == LASTID_AUDIT {
-        match lastid_parts(&state.view, &body, state.config.max_events_per_request) {
+        let partitions = state.submitter.partitions();
+        match lastid_parts(&state.view, &body, state.config.max_events_per_request, partitions) {
             Some(parts) if parts.len() > 1 => return forward_lastid_parts(&state, request, parts, source).await,
             Some(mut parts) => request.realm = parts.pop().and_then(|part| part.realm),
             // Not a batch this node can read: the writer refuses it, and keeps it.
@@ -683,21 +684,25 @@ async fn relay(
     Ok(reply)
 }
 
-/// The records of a LastID batch that go to one realm's partition: their places in the
-/// batch, and the batch of them alone (each record's bytes as they came).
+/// The records of a LastID batch that go to one partition: their places in the batch,
+/// and the batch of them alone (each record's bytes as they came).
 #[derive(Debug, PartialEq, Eq)]
 struct LastIdPart {
-    /// `None`: agents the control topic names no realm for (not enrolled, or records
-    /// that do not say whose they are), sent where the writers find it themselves.
+    /// The realm of its first record's agent, which places the part (its other agents'
+    /// realms are on the same partition). `None`: agents the control topic names no
+    /// realm for (not enrolled, or records that do not say whose they are), sent where
+    /// the writers find it themselves.
     realm: Option<String>,
     indexes: Vec<usize>,
     body: Vec<u8>,
 }
 
-/// Splits a LastID batch by the realm `view` gives each record's `agent_did`, in batch
-/// order; `None` for a body that is not `{"records":[…]}` with at most `max` records
-/// (passed on whole: the writer refuses it as it would from the agent).
-fn lastid_parts(view: &ControlView, body: &[u8], max: usize) -> Option<Vec<LastIdPart>> {
+/// Splits a LastID batch by the partition (of `partitions`) of the realm `view` gives
+/// each record's `agent_did`, in batch order: at most one part per partition, however
+/// many realms the batch names. `None` for a body that is not `{"records":[…]}` with at
+/// most `max` records (passed on whole: the writer refuses it as it would from the
+/// agent).
+fn lastid_parts(view: &ControlView, body: &[u8], max: usize, partitions: u32) -> Option<Vec<LastIdPart>> {
     #[derive(Deserialize)]
     struct Batch<'a> {
         #[serde(borrow)]
@@ -711,19 +716,22 @@ fn lastid_parts(view: &ControlView, body: &[u8], max: usize) -> Option<Vec<LastI
     if batch.records.len() > max {
         return None;
     }
+    // The partition of each part, and (the realm placing it, indexes, records).
+    let mut keys: Vec<Option<u32>> = Vec::new();
     let mut parts: Vec<(Option<String>, Vec<usize>, Vec<&str>)> = Vec::new();
     for (index, record) in batch.records.iter().enumerate() {
         let realm = serde_json::from_str::<Whose>(record.get())
             .ok()
             .and_then(|whose| whose.agent_did)
             .and_then(|did| view.lastid_realm(&did));
-        let position = match parts.iter().position(|(known, _, _)| *known == realm) {
-            Some(position) => position,
-            None => {
-                parts.push((realm, Vec::new(), Vec::new()));
-                parts.len() - 1
-            }
-        };
+        let partition = realm
+            .as_deref()
+            .map(|realm| custos_event::partition_of(realm, partitions.max(1)));
+        let position = keys.iter().position(|known| *known == partition).unwrap_or_else(|| {
+            keys.push(partition);
+            parts.push((realm, Vec::new(), Vec::new()));
+            parts.len() - 1
+        });
         parts[position].1.push(index);
         parts[position].2.push(record.get());
     }
@@ -1272,10 +1280,10 @@ mod tests {
     }
 
     /// LastID agents' realms come from `lastid:` control records (a record about another
-    /// subject than its key is skipped), and a batch is split by them, each record's
-    /// bytes kept as they came, batch order kept within each part.
+    /// subject than its key is skipped), and a batch is split by their partitions, each
+    /// record's bytes kept as they came, batch order kept within each part.
     #[test]
-    fn a_lastid_batch_is_split_by_the_realms_the_control_topic_gives() {
+    fn a_lastid_batch_is_split_by_its_agents_partitions() {
         let view = ControlView::new();
         let (key, value) = crate::registry::lastid_record("did:lastid:agent:a", "ops");
         view.apply(&key, &value);
@@ -1288,7 +1296,11 @@ mod tests {
         let body = br#"{"records":[{"agent_did":"did:lastid:agent:a","seq":0},
             {"agent_did":"did:lastid:agent:b" , "seq":0},{"agent_did":"did:lastid:agent:z"},[1],
             {"agent_did":"did:lastid:agent:a","seq":1}]}"#;
-        let parts = lastid_parts(&view, body, 10).unwrap();
+        // A count of partitions that puts the two realms on different ones.
+        let partitions = (2..)
+            .find(|count| custos_event::partition_of("ops", *count) != custos_event::partition_of("eng", *count))
+            .unwrap();
+        let parts = lastid_parts(&view, body, 10, partitions).unwrap();
         let shown: Vec<(Option<&str>, &[usize], &str)> = parts
             .iter()
             .map(|part| {
@@ -1319,10 +1331,17 @@ mod tests {
                 ),
             ]
         );
+        // Realms of one partition make one part, placed by its first record's realm.
+        let one = lastid_parts(&view, body, 10, 1).unwrap();
+        let shown: Vec<(Option<&str>, &[usize])> = one
+            .iter()
+            .map(|part| (part.realm.as_deref(), part.indexes.as_slice()))
+            .collect();
+        assert_eq!(shown, [(Some("ops"), &[0, 1, 4][..]), (None, &[2, 3][..])]);
         // Passed on whole: more records than the limit, or not a batch at all.
-        assert_eq!(lastid_parts(&view, body, 4), None);
-        assert_eq!(lastid_parts(&view, b"{\"records\":{}}", 10), None);
-        let empty = lastid_parts(&view, br#"{"records":[]}"#, 10).unwrap();
+        assert_eq!(lastid_parts(&view, body, 4, partitions), None);
+        assert_eq!(lastid_parts(&view, b"{\"records\":{}}", 10, partitions), None);
+        let empty = lastid_parts(&view, br#"{"records":[]}"#, 10, partitions).unwrap();
         assert_eq!((empty.len(), empty[0].realm.as_ref()), (1, None));
     }
 }

@@ -853,6 +853,10 @@ impl Submitter for KafkaSubmitter {
     fn resubmitted(&self) -> u64 {
         self.resubmitted.load(Ordering::Relaxed)
     }
+
+    fn partitions(&self) -> u32 {
+        self.partitions.max(1).unsigned_abs()
+    }
 }
 
 /// Positions read but not yet committed, per partition.

@@ -657,6 +657,12 @@ pub trait Submitter: Send + Sync {
     fn resubmitted(&self) -> u64 {
         0
     }
+
+    /// How many partitions submissions are spread over (by realm,
+    /// [`wire::partition_for`]): 1 in one process.
+    fn partitions(&self) -> u32 {
+        1
+    }
 }
 
 /// A submitter that stamps the action records it passes on with the responder lease
@@ -679,6 +685,10 @@ impl<S: Submitter> Submitter for Fenced<S> {
 
     fn resubmitted(&self) -> u64 {
         self.inner.resubmitted()
+    }
+
+    fn partitions(&self) -> u32 {
+        self.inner.partitions()
     }
 }
 
