@@ -1075,8 +1075,15 @@ async fn enroll(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let platform = serde_json::from_slice::<serde_json::Value>(&body)
-        .is_ok_and(|value| value.get("source").is_some() || value.get("public_key").is_some());
+    // Looks only at the two members, building nothing of the rest (the token is not
+    // checked yet).
+    #[derive(Deserialize)]
+    struct Platform {
+        source: Option<serde::de::IgnoredAny>,
+        public_key: Option<serde::de::IgnoredAny>,
+    }
+    let platform =
+        serde_json::from_slice::<Platform>(&body).is_ok_and(|peek| peek.source.is_some() || peek.public_key.is_some());
     if platform {
         return enroll_platform_agent(&state, remote, &headers, &body).await;
     }
