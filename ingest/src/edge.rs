@@ -1115,6 +1115,10 @@ async fn enroll(
         .into_response())
 }
 
+/// The largest platform agent's enrollment an ingest node passes on (its token is
+/// checked only by the writer's node).
+const MAX_ENROLLMENT_BODY: usize = 16 << 10;
+
 /// A platform agent's enrollment (`"source":"lastid"`), passed on to the writer of its
 /// realm's partition; once it answers 201, this node places the agent's records there
 /// at once (other ingest nodes learn it from the control topic).
@@ -1126,6 +1130,17 @@ async fn enroll_platform_agent(
 ) -> Result<Response, ApiError> {
     let source = remote.ip();
     state.rejects.admit(source, "refused requests")?;
+    if body.len() > MAX_ENROLLMENT_BODY {
+        return Err(ApiError::new(
+            413,
+            "too_large",
+            format!(
+                "the enrollment holds {} bytes; a platform agent's enrollment (did, realm, source, \
+                 public_key) is at most {MAX_ENROLLMENT_BODY}",
+                body.len()
+            ),
+        ));
+    }
     let Some(token_sha256) = custos_http::bearer_sha256(headers) else {
         state.rejects.charge(source, 1);
         return Err(ApiError::new(

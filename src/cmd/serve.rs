@@ -217,13 +217,17 @@ fn publish_notes(
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let (key, value) = match notes.recv_timeout(std::time::Duration::from_millis(100)) {
+        let first = match notes.recv_timeout(std::time::Duration::from_millis(100)) {
             Ok(note) => note,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
-        if let Err(error) = control.publish(&key, &value) {
-            tracing::error!(key, %error, "could not publish a control record");
+        // What else is waiting goes with it (at most 1024 at a time, well within the
+        // producer's queue), then one flush: at start every enrollment comes at once.
+        for (key, value) in std::iter::once(first).chain(notes.try_iter().take(1023)) {
+            if let Err(error) = control.publish(&key, &value) {
+                tracing::error!(key, %error, "could not publish a control record");
+            }
         }
         if !flushed(control, stop) {
             return;

@@ -1481,6 +1481,10 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         (401, Some("unauthenticated")),
         "{answer}"
     );
+    let padded =
+        json!({"did": routed_agent.did, "realm": routed, "source": "lastid", "public_key": "0".repeat(20_000)});
+    let (status, answer) = post(&node.url, "/v1/agents", Some(admin), padded.to_string().into_bytes()).unwrap();
+    assert_eq!((status, answer["error"].as_str()), (413, Some("too_large")), "{answer}");
     // Made on the other process's edge, so `node` learns it from the control topic only.
     let (status, answer) = enroll_lastid(&writer.url, Some(admin), &routed_agent, &routed);
     assert_eq!(
