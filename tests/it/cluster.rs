@@ -478,7 +478,8 @@ const VAULTYSCLAW_SECRET: &str = "edge-webhook-secret";
 /// writer's node and answered as its own API answers. A collector token of the writer
 /// is one attesting identity whichever ingest node it reaches (the token itself never
 /// crosses: only its hash), and the LastID chains and VaultysClaw deliveries the writer
-/// keeps make a resend through the other node a duplicate.
+/// keeps make a resend through the other node a duplicate. A LastID agent may be
+/// enrolled through an ingest node with the writer's admin token.
 fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> String {
     let (status, created) = post(
         url,
@@ -587,6 +588,28 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
     forged["metadata"] = json!({"tool": "exfiltrate"});
     let results = crate::lastid::ship(nodes[1], &[forged]);
     assert_eq!(results[0]["reason"], "integrity_mismatch", "{results:?}");
+    // Enrolled through an ingest node too, with the writer's admin token (its node
+    // keeps LastID enrollments and checks the token); its records then go through the
+    // other node.
+    let mut second = crate::lastid::LastIdAgent::new("did:lastid:agent:edge-2", [34; 32]);
+    let (status, enrolled) = post(
+        nodes[1],
+        "/v1/agents",
+        Some(admin),
+        json!({"did": second.did, "realm": "eng", "source": "lastid", "public_key": second.public_key_hex()})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, enrolled["source"].as_str()),
+        (201, Some("lastid")),
+        "{enrolled}"
+    );
+    let record = second.next("AgentToolInvoked", None, json!({"tool": "search"}));
+    wait_for("the other ingest node to place the new LastID agent", || {
+        crate::lastid::ship(nodes[0], std::slice::from_ref(&record))[0]["status"] == "accepted"
+    });
 
     // VaultysClaw: the webhook secret and the deliveries seen are the writer's.
     let delivery = json!({"event": "intent.completed", "occurredAt": chrono::Utc::now().to_rfc3339(), "data": {
