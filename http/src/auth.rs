@@ -484,6 +484,57 @@ fn subtle_eq(left: &[u8], right: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// Marks paths immutable (`chattr +i`), which even root cannot write, as on a
+    /// read-only mount; undone when dropped, so the temporary directory can go.
+    struct Immutable(Vec<PathBuf>);
+
+    impl Immutable {
+        fn set(paths: &[PathBuf]) -> Self {
+            let guard = Self(paths.to_vec());
+            let status = std::process::Command::new("chattr").arg("+i").args(paths).status();
+            assert!(
+                status.as_ref().is_ok_and(std::process::ExitStatus::success),
+                "chattr +i {paths:?}: {status:?} (the test needs chattr and a file system with the immutable attribute)"
+            );
+            guard
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr").arg("-i").args(&self.0).status();
+        }
+    }
+
+    /// A token table in a directory this process may not write (a read-only mount: here
+    /// the immutable attribute, which binds root too) is read without its lock and
+    /// authenticates; a change fails, naming the lock file, and leaves the table as it was.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_read_only_table_is_read_and_refuses_changes_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, admin) = Tokens::open(dir.path()).unwrap();
+        let admin = admin.unwrap();
+        let paths: Vec<PathBuf> = ["tokens.json", "tokens.lock", "admin.token", ""]
+            .iter()
+            .map(|name| dir.path().join(name))
+            .collect();
+        let _frozen = Immutable::set(&paths);
+        assert!(
+            std::fs::OpenOptions::new().write(true).open(&paths[1]).is_err(),
+            "the lock file is not writable"
+        );
+        let (mut tokens, made) = Tokens::open(dir.path()).unwrap();
+        assert!(made.is_none());
+        assert_eq!(
+            tokens.authenticate(&admin.0).map(|caller| caller.role),
+            Some(Role::Admin)
+        );
+        let error = tokens.create(Role::Analyst, Vec::new(), None).unwrap_err();
+        assert!(error.to_string().contains("tokens.lock"), "{error}");
+        assert_eq!(tokens.records.len(), 1, "nothing added");
+    }
+
     /// Two processes serving one token directory (the writer processes of a partition
     /// set share `DATA/edge/`): neither writes over the other's tokens, and a token made
     /// or revoked through one is seen by the other once it looks again.
