@@ -751,37 +751,41 @@ fn lastid_parts(view: &ControlView, body: &[u8], max: usize, partitions: u32) ->
 }
 
 /// Sends each part of a LastID batch to its partition at once, and answers one verdict
-/// per record in batch order. When a part is not answered 200, its answer is the
-/// request's (the first such, in batch order): the client sends the batch again, and
-/// what the other parts stored is then a `duplicate`.
+/// per record in batch order. When a part is not answered 200 (or not answered), its
+/// answer is the request's (the first such, in batch order): the client sends the batch
+/// again, and what the other parts stored is then a `duplicate`.
 async fn forward_lastid_parts(
     state: &EdgeState,
     request: custos_stage::AdapterRequest,
     parts: Vec<LastIdPart>,
     source: std::net::IpAddr,
 ) -> Result<Response, ApiError> {
-    let sent: Vec<_> = parts
+    // Awaited together in this request's task: a client that goes away drops them all.
+    let (indexes, sent): (Vec<_>, Vec<_>) = parts
         .into_iter()
         .map(|part| {
             let mut request = request.clone();
             request.body = part.body;
             request.realm = part.realm;
-            let state = state.clone();
-            (
-                part.indexes,
-                tokio::spawn(async move { relay(&state, request, source).await }),
-            )
+            (part.indexes, relay(state, request, source))
         })
-        .collect();
+        .unzip();
+    let answers = futures::future::join_all(sent).await;
+    adapter_answer(merge_lastid_answers(indexes.into_iter().zip(answers).collect())?)
+}
+
+/// The answer to a split LastID batch from its parts' (record places, answer): their
+/// verdicts in batch order, or the first part's answer that is not 200, as it is.
+fn merge_lastid_answers(
+    answers: Vec<(Vec<usize>, Result<custos_stage::AdapterReply, ApiError>)>,
+) -> Result<custos_stage::AdapterReply, ApiError> {
     let mut verdicts = Vec::new();
     let mut failed = None;
-    for (indexes, answer) in sent {
-        let reply = answer
-            .await
-            .map_err(|error| ApiError::new(500, "internal", format!("a LastID part's task failed: {error}")))??;
+    for (indexes, answer) in answers {
         if failed.is_some() {
             continue;
         }
+        let reply = answer?;
         if reply.status != 200 {
             failed = Some(reply);
             continue;
@@ -827,10 +831,17 @@ async fn forward_lastid_parts(
         }
     }
     if let Some(reply) = failed {
-        return adapter_answer(reply);
+        return Ok(reply);
     }
     verdicts.sort_by_key(|verdict| verdict.index);
-    Ok(Json(verdicts).into_response())
+    let body = serde_json::to_vec(&verdicts)
+        .map_err(|error| ApiError::new(500, "internal", format!("encoding the verdicts: {error}")))?;
+    Ok(custos_stage::AdapterReply::new(
+        200,
+        "application/json".into(),
+        &body,
+        None,
+    ))
 }
 
 /// The writer's node's answer to an adapter request, as an HTTP response.
@@ -1365,5 +1376,52 @@ mod tests {
         assert_eq!(lastid_parts(&view, b"{\"records\":{}}", 10, partitions), None);
         let empty = lastid_parts(&view, br#"{"records":[]}"#, 10, partitions).unwrap();
         assert_eq!((empty.len(), empty[0].realm.as_ref()), (1, None));
+    }
+
+    /// A split batch is answered in batch order from its parts' verdicts; a part not
+    /// answered 200 answers the request as it is (the first such); a part answering
+    /// other records than it holds is a bad writer reply.
+    #[test]
+    fn a_split_lastid_batch_is_answered_in_batch_order() {
+        let verdicts = |statuses: &[&str]| {
+            let verdicts: Vec<serde_json::Value> = statuses
+                .iter()
+                .enumerate()
+                .map(|(index, status)| serde_json::json!({"index": index, "status": status, "log_index": null}))
+                .collect();
+            custos_stage::AdapterReply::new(
+                200,
+                "application/json".into(),
+                &serde_json::to_vec(&verdicts).unwrap(),
+                None,
+            )
+        };
+        let busy = custos_stage::AdapterReply::new(503, "application/json".into(), b"{}", Some(1));
+        let merged = merge_lastid_answers(vec![
+            (vec![0, 3], Ok(verdicts(&["accepted", "duplicate"]))),
+            (vec![1, 2], Ok(verdicts(&["rejected", "accepted"]))),
+        ])
+        .unwrap();
+        let answered: Vec<Verdict> = serde_json::from_slice(&merged.body_bytes().unwrap()).unwrap();
+        let shown: Vec<(usize, custos_stage::Status)> =
+            answered.iter().map(|verdict| (verdict.index, verdict.status)).collect();
+        assert_eq!(
+            shown,
+            [
+                (0, custos_stage::Status::Accepted),
+                (1, custos_stage::Status::Rejected),
+                (2, custos_stage::Status::Accepted),
+                (3, custos_stage::Status::Duplicate)
+            ]
+        );
+        let first_failure = merge_lastid_answers(vec![
+            (vec![0], Ok(verdicts(&["accepted"]))),
+            (vec![1], Ok(busy.clone())),
+            (vec![2], Err(ApiError::new(503, "writer_unavailable", "away"))),
+        ])
+        .unwrap();
+        assert_eq!(first_failure, busy);
+        let error = merge_lastid_answers(vec![(vec![0, 1], Ok(verdicts(&["accepted"])))]).unwrap_err();
+        assert_eq!(error.error, "bad_writer_reply");
     }
 }
