@@ -1161,6 +1161,19 @@ async fn enroll_platform_agent(
         ));
     };
     let request = crate::http::EnrollRequest::parse(body)?;
+    // Known in another realm (another partition's writer would not know it): refused
+    // here, as a Custos agent the view knows is, so one LastID DID has one realm.
+    if let Some(realm) = state
+        .view
+        .lastid_realm(&request.did)
+        .filter(|_| request.source.as_deref() == Some("lastid"))
+    {
+        return Err(ApiError::new(
+            409,
+            "agent_exists",
+            format!("LastID agent `{}` is already enrolled in realm `{realm}`", request.did),
+        ));
+    }
     let reply = relay(
         state,
         custos_stage::AdapterRequest {

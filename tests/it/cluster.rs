@@ -1543,6 +1543,14 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
     wait_for("the ingest node to place the LastID agent's records", || {
         ship(&node.url, std::slice::from_ref(&first_record))[0]["status"] == "accepted"
     });
+    // One realm per LastID agent: enrolling it again in a realm of another partition
+    // (whose writer does not know it) is refused by the node's view.
+    let (status, answer) = enroll_lastid(&node.url, Some(admin), &routed_agent, &direct);
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("agent_exists")),
+        "{answer}"
+    );
     // A batch of agents of two partitions (and one nobody enrolled) is split, each part
     // served by its writer, and answered in batch order.
     let batch = [
