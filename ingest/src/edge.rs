@@ -86,9 +86,8 @@ impl ControlView {
     /// Takes one control-topic record (`key`, `value`). Other subjects (memories,
     /// credentials) are not the ingest node's concern; a malformed value is skipped.
     pub fn apply(&self, key: &str, value: &[u8]) {
-        let kind = match key.split_once(':') {
-            Some(("agent", _)) => "agent",
-            Some(("lastid", _)) => "lastid",
+        let (kind, subject) = match key.split_once(':') {
+            Some((kind @ ("agent" | "lastid"), subject)) => (kind, subject),
             _ => return,
         };
         let value: ControlValue = match serde_json::from_slice(value) {
@@ -98,7 +97,7 @@ impl ControlView {
                 return;
             }
         };
-        if value.kind != kind || key.split_once(':').map(|(_, subject)| subject) != Some(value.agent.as_str()) {
+        if value.kind != kind || value.agent != subject {
             tracing::warn!(key, "control record skipped: its value is not about its key");
             return;
         }
@@ -771,24 +770,23 @@ async fn forward_lastid_parts(
         })
         .unzip();
     let answers = futures::future::join_all(sent).await;
-    adapter_answer(merge_lastid_answers(indexes.into_iter().zip(answers).collect())?)
+    match merge_lastid_answers(indexes.into_iter().zip(answers).collect())? {
+        Ok(verdicts) => Ok(Json(verdicts).into_response()),
+        Err(reply) => adapter_answer(reply),
+    }
 }
 
 /// The answer to a split LastID batch from its parts' (record places, answer): their
-/// verdicts in batch order, or the first part's answer that is not 200, as it is.
+/// verdicts in batch order, or the first part's answer that is not 200, as it is (or
+/// the first part's error).
 fn merge_lastid_answers(
     answers: Vec<(Vec<usize>, Result<custos_stage::AdapterReply, ApiError>)>,
-) -> Result<custos_stage::AdapterReply, ApiError> {
+) -> Result<Result<Vec<Verdict>, custos_stage::AdapterReply>, ApiError> {
     let mut verdicts = Vec::new();
-    let mut failed = None;
     for (indexes, answer) in answers {
-        if failed.is_some() {
-            continue;
-        }
         let reply = answer?;
         if reply.status != 200 {
-            failed = Some(reply);
-            continue;
+            return Ok(Err(reply));
         }
         let body = reply.body_bytes().map_err(|error| {
             ApiError::new(
@@ -830,18 +828,8 @@ fn merge_lastid_answers(
             verdicts.push(verdict);
         }
     }
-    if let Some(reply) = failed {
-        return Ok(reply);
-    }
     verdicts.sort_by_key(|verdict| verdict.index);
-    let body = serde_json::to_vec(&verdicts)
-        .map_err(|error| ApiError::new(500, "internal", format!("encoding the verdicts: {error}")))?;
-    Ok(custos_stage::AdapterReply::new(
-        200,
-        "application/json".into(),
-        &body,
-        None,
-    ))
+    Ok(Ok(verdicts))
 }
 
 /// The writer's node's answer to an adapter request, as an HTTP response.
@@ -1410,12 +1398,12 @@ mod tests {
             )
         };
         let busy = custos_stage::AdapterReply::new(503, "application/json".into(), b"{}", Some(1));
-        let merged = merge_lastid_answers(vec![
+        let answered = merge_lastid_answers(vec![
             (vec![0, 3], Ok(verdicts(&["accepted", "duplicate"]))),
             (vec![1, 2], Ok(verdicts(&["rejected", "accepted"]))),
         ])
+        .unwrap()
         .unwrap();
-        let answered: Vec<Verdict> = serde_json::from_slice(&merged.body_bytes().unwrap()).unwrap();
         let shown: Vec<(usize, custos_stage::Status)> =
             answered.iter().map(|verdict| (verdict.index, verdict.status)).collect();
         assert_eq!(
@@ -1432,7 +1420,8 @@ mod tests {
             (vec![1], Ok(busy.clone())),
             (vec![2], Err(ApiError::new(503, "writer_unavailable", "away"))),
         ])
-        .unwrap();
+        .unwrap()
+        .unwrap_err();
         assert_eq!(first_failure, busy);
         let error = merge_lastid_answers(vec![(vec![0, 1], Ok(verdicts(&["accepted"])))]).unwrap_err();
         assert_eq!(error.error, "bad_writer_reply");
