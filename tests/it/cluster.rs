@@ -201,7 +201,8 @@ fn ingest_node(dir: &std::path::Path, name: &str, brokers: &str) -> Server {
 /// Two stateless ingest processes in front of one writer. Each answers per item as one
 /// node does; one is killed with SIGKILL mid-stream and its client moves to the other,
 /// resending what was not acknowledged: every acknowledged event is stored exactly once.
-/// A revocation made through one ingest node is enforced by both at once. The broker
+/// A revocation made through one ingest node is enforced there at once, and on events
+/// sent through another running ingest node within a second. The broker
 /// is killed too, and ingest resumes by itself.
 #[test]
 fn stateless_ingest_nodes_in_front_of_the_writer() {
@@ -454,6 +455,33 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         let results = post_events(&node.url, &batch(&mut signers[0], 1)).expect("an answer");
         assert_eq!(results[0]["reason"], "revoked_agent", "{results:?}");
     }
+    // A revocation through one running ingest node is enforced on events sent through
+    // the other within a second of the answer: refused `revoked_agent`, by that node's
+    // view of the control topic or by the writer, whichever has it first (the refused
+    // events go to the writer for forensics either way, so the two look alike here).
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents/{}/revoke", third.url, dids[5]))
+        .bearer_auth(third.token())
+        .json(&json!({"reason": "cluster test, the other node"}))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    let answered = std::time::Instant::now();
+    let refused_after = loop {
+        let results = post_events(&first.url, &batch(&mut signers[5], 1)).expect("an answer");
+        if results[0]["reason"] == "revoked_agent" {
+            break answered.elapsed();
+        }
+        assert!(
+            answered.elapsed() < Duration::from_secs(10),
+            "the other ingest node never enforced the revocation: {results:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        refused_after < Duration::from_secs(1),
+        "the other ingest node enforced the revocation only after {refused_after:?}"
+    );
 
     // The broker dies and comes back: ingest resumes by itself, nothing acknowledged lost.
     broker.restart();
