@@ -1603,9 +1603,6 @@ impl Lease {
         })
     }
 
-    /// Renews (or claims) once a second, reads what came for up to `timeout`, and answers
-    /// whether this process holds the lease now (see [`LeaseState`]). Call it at least
-    /// every second.
     /// This process's tenure (`LeaseLog::epoch`) while the log says it holds the lease:
     /// what its submissions carry so that the writer fences it once another took over.
     pub fn epoch(&self) -> Option<u64> {
@@ -1615,6 +1612,9 @@ impl Lease {
         }
     }
 
+    /// Renews (or claims) once a second, reads what came for up to `timeout`, and answers
+    /// whether this process holds the lease now (see [`LeaseState`]). Call it at least
+    /// every second.
     pub fn state(&mut self, timeout: Duration) -> LeaseState {
         if self
             .last_sent
@@ -1665,8 +1665,6 @@ impl Lease {
     }
 }
 
-/// Assigns every partition of `topic` to `consumer` at the offset `start(low, high)`
-/// picks from its watermarks; answers the watermarks.
 /// Per partition of `topic`: the timestamp (ms) of its last record (none when it is
 /// empty; a record without a timestamp counts as late), and its end then.
 fn last_stamps(config: &KafkaConfig, topic: &str) -> Result<HashMap<i32, (Option<i64>, i64)>, StageError> {
