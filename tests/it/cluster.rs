@@ -438,14 +438,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     }
 
     // A revocation through the surviving ingest node; both answers that follow it refuse.
-    let edge_token = first.token();
-    let revoked = reqwest::blocking::Client::new()
-        .post(format!("{}/v1/agents/{}/revoke", first.url, dids[0]))
-        .bearer_auth(&edge_token)
-        .json(&json!({"reason": "cluster test"}))
-        .send()
-        .unwrap();
-    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    revoke_through(&first, &dids[0], "cluster test");
     // A node started after it learns the revocation from the control topic.
     let third = ingest_node(dir.path(), "ingest-3", &broker.addr);
     wait_for("the new ingest node to read the control topic", || {
@@ -459,13 +452,7 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     // the other within a second of the answer: refused `revoked_agent`, by that node's
     // view of the control topic or by the writer, whichever has it first (the refused
     // events go to the writer for forensics either way, so the two look alike here).
-    let revoked = reqwest::blocking::Client::new()
-        .post(format!("{}/v1/agents/{}/revoke", third.url, dids[5]))
-        .bearer_auth(third.token())
-        .json(&json!({"reason": "cluster test, the other node"}))
-        .send()
-        .unwrap();
-    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    revoke_through(&third, &dids[5], "cluster test, the other node");
     let answered = std::time::Instant::now();
     let refused_after = loop {
         let results = post_events(&first.url, &batch(&mut signers[5], 1)).expect("an answer");
@@ -655,6 +642,17 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
     let (status, answer) = crate::vaultysclaw::deliver(nodes[0], "d-edge-2", at, "not-the-secret", &delivery);
     assert_eq!((status, answer["error"].as_str()), (401, Some("bad_hmac")), "{answer}");
     collector.to_owned()
+}
+
+/// Revokes agent `did` through ingest node `node`, with its admin token: answered 200.
+fn revoke_through(node: &Server, did: &str, reason: &str) {
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents/{did}/revoke", node.url))
+        .bearer_auth(node.token())
+        .json(&json!({ "reason": reason }))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
 }
 
 /// How many submissions ingest node `node` has handed the writers (its
@@ -1288,13 +1286,7 @@ fn one_log_per_partition_survives_losing_a_writer_and_an_ingest_node() {
     });
 
     // A revocation through an ingest node goes to the agent's partition and is enforced.
-    let revoked = reqwest::blocking::Client::new()
-        .post(format!("{}/v1/agents/{}/revoke", survivor.url, signers[1].did()))
-        .bearer_auth(&edge_token)
-        .json(&json!({"reason": "partition test"}))
-        .send()
-        .unwrap();
-    assert_eq!(revoked.status().as_u16(), 200, "{:?}", revoked.text());
+    revoke_through(&survivor, signers[1].did(), "partition test");
     let results = post_events(&survivor.url, &signed_lines(&mut signers[1], 1)).expect("an answer");
     assert_eq!(results[0]["reason"], "revoked_agent", "{results:?}");
 
