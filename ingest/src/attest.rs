@@ -13,9 +13,11 @@
 //!
 //! Each agent name gets its own key and hash chain, so baselines, findings and
 //! revocations stay per agent, and one misbehaving agent is revoked without silencing
-//! the adapter. The chain state is saved, and the signed envelopes kept as pending,
-//! before anything is submitted; pending envelopes are resent first (answered
-//! `duplicate` when already stored), so a crash never forks an attested chain.
+//! the adapter. The agents a request names for the first time are enrolled together:
+//! the root signs their delegations as one batch. The chain state is saved, and the
+//! signed envelopes kept as pending, before anything is submitted; pending envelopes
+//! are resent first (answered `duplicate` when already stored), so a crash never forks
+//! an attested chain.
 //!
 //! A span is attested once: each agent remembers the (trace id, span id) of its last
 //! [`RECENT_SPANS`] spans (`<did>.spans`, written with the pending envelopes), so an
@@ -403,16 +405,18 @@ impl Attestor {
             .collect())
     }
 
-    /// Makes sure the root is enrolled and `name`'s key is its enrolled sub-agent (the
-    /// root's delegation carries `extra` attrs); answers that key's did.
+    /// Makes sure the root is enrolled and each name's key is its enrolled sub-agent;
+    /// answers those keys' dids, in order. The names not enrolled yet are delegated
+    /// together: the root signs one delegation per name (carrying that name's `extra`
+    /// attrs) and submits them as one batch, so a request naming a thousand new agents
+    /// costs one append, not a thousand.
     async fn ensure(
         &self,
         lanes: &mut Lanes,
         state: &AppState,
         remote: &str,
-        name: &str,
-        extra: Map<String, Value>,
-    ) -> Result<String, ApiError> {
+        names: Vec<(String, Map<String, Value>)>,
+    ) -> Result<Vec<String>, ApiError> {
         if !lanes.root_enrolled {
             let labels = [
                 ("custos.source".to_owned(), self.source.to_owned()),
@@ -443,44 +447,70 @@ impl Attestor {
             let lane = self.lane(self.root.clone())?;
             lanes.lanes.insert(root_did.clone(), lane);
         }
-        let key = self.agent_key(name);
-        let did = key.did().to_owned();
-        if !lanes.lanes.contains_key(&did) {
-            let lane = self.lane(key)?;
-            lanes.lanes.insert(did.clone(), lane);
+        let mut dids = Vec::with_capacity(names.len());
+        let mut delegations = Vec::new();
+        // Per delegation: the did and the name it enrolls.
+        let mut delegated: Vec<(String, String)> = Vec::new();
+        let mut delegating: HashSet<String> = HashSet::new();
+        for (name, extra) in names {
+            let key = self.agent_key(&name);
+            let did = key.did().to_owned();
+            if !lanes.lanes.contains_key(&did) {
+                let lane = self.lane(key)?;
+                lanes.lanes.insert(did.clone(), lane);
+            }
+            dids.push(did.clone());
+            if lanes.lanes[&did].enrolled || !delegating.insert(did.clone()) {
+                continue;
+            }
+            // The root delegates to the agent key: the node enrolls it as the root's
+            // sub-agent, in the root's realm.
+            let mut attrs = extra;
+            attrs.insert("custos.attested_for".into(), Value::from(name.clone()));
+            let mut delegation = Map::new();
+            delegation.insert("kind".into(), Value::from("delegation"));
+            delegation.insert("target".into(), Value::from(did.clone()));
+            delegation.insert("attrs".into(), Value::Object(attrs));
+            delegations.push(delegation);
+            delegated.push((did, name));
         }
-        if lanes.lanes[&did].enrolled {
-            return Ok(did);
+        if delegations.is_empty() {
+            return Ok(dids);
         }
-        // The root delegates to the agent key: the node enrolls it as the root's
-        // sub-agent, in the root's realm.
-        let mut attrs = extra;
-        attrs.insert("custos.attested_for".into(), Value::from(name));
-        let mut delegation = Map::new();
-        delegation.insert("kind".into(), Value::from("delegation"));
-        delegation.insert("target".into(), Value::from(did.clone()));
-        delegation.insert("attrs".into(), Value::Object(attrs));
         let root = lanes.lanes.get_mut(&root_did).expect("the root lane was added above");
-        let verdict = self.sign_and_submit(state, remote, root, vec![delegation]).await?;
-        if let Some(refused) = verdict.iter().find(|verdict| verdict.status == Status::Rejected) {
+        let verdicts = self.sign_and_submit(state, remote, root, delegations).await?;
+        let mut refused = None;
+        let mut marked = false;
+        for ((did, name), verdict) in delegated.iter().zip(&verdicts) {
+            if verdict.status == Status::Rejected {
+                refused.get_or_insert((did, name, verdict));
+                continue;
+            }
+            // The marker's presence is what counts: its directory is fsynced once below.
+            let marker = self
+                .dir
+                .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
+            fs_err::write(&marker, name.as_bytes()).map_err(io)?;
+            marked = true;
+            if let Some(lane) = lanes.lanes.get_mut(did) {
+                lane.enrolled = true;
+            }
+        }
+        if marked {
+            custos_store::fsync_dir(&self.dir).map_err(io)?;
+        }
+        if let Some((did, name, verdict)) = refused {
             return Err(ApiError::new(
                 403,
                 "adapter_refused",
                 format!(
-                    "the adapter key {root_did} could not enroll the key for `{name}`: {} ({})",
-                    refused.reason.as_deref().unwrap_or("rejected"),
-                    refused.message.as_deref().unwrap_or("")
+                    "the adapter key {root_did} could not enroll the key {did} for `{name}`: {} ({})",
+                    verdict.reason.as_deref().unwrap_or("rejected"),
+                    verdict.message.as_deref().unwrap_or("")
                 ),
             ));
         }
-        let marker = self
-            .dir
-            .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
-        custos_store::write_atomic(&marker, name.as_bytes()).map_err(io)?;
-        if let Some(lane) = lanes.lanes.get_mut(&did) {
-            lane.enrolled = true;
-        }
-        Ok(did)
+        Ok(dids)
     }
 
     /// Enrolls `name`'s key as the root's sub-agent now, the delegation carrying `extra`.
@@ -492,7 +522,10 @@ impl Attestor {
         extra: Map<String, Value>,
     ) -> Result<String, ApiError> {
         let mut lanes = self.state.lock().await;
-        self.ensure(&mut lanes, state, remote, name, extra).await
+        let dids = self
+            .ensure(&mut lanes, state, remote, vec![(name.to_owned(), extra)])
+            .await?;
+        Ok(dids.into_iter().next().expect("one name, one did"))
     }
 
     /// The adapter's root key (`custos.attested_by`).
@@ -502,7 +535,7 @@ impl Attestor {
 
     /// Attests each group's events as the agent its name derives; answers one verdict
     /// per event, groups in order. A group without events still sends what its agent
-    /// had pending.
+    /// had pending. The agents new to the request are enrolled first, together.
     pub(crate) async fn attest(
         &self,
         state: &AppState,
@@ -510,9 +543,10 @@ impl Attestor {
         groups: Vec<(String, Vec<Map<String, Value>>)>,
     ) -> Result<Vec<Vec<Verdict>>, ApiError> {
         let mut lanes = self.state.lock().await;
+        let names = groups.iter().map(|(name, _)| (name.clone(), Map::new())).collect();
+        let dids = self.ensure(&mut lanes, state, remote, names).await?;
         let mut answers = Vec::with_capacity(groups.len());
-        for (name, objects) in groups {
-            let did = self.ensure(&mut lanes, state, remote, &name, Map::new()).await?;
+        for ((name, objects), did) in groups.into_iter().zip(dids) {
             let objects = objects
                 .into_iter()
                 .map(|mut object| {

@@ -280,11 +280,13 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
     }
     assert_eq!(handed_over(&second), before, "refused by the ingest node itself");
 
-    // A slow adapter request (a thousand agents the collector never named before, each
-    // enrolled first) does not hold the events queued behind it on the writer: they are
-    // answered while it still runs.
+    // A slow adapter request (500 agents the collector never named before, enrolled
+    // first in one batch, then each agent's span signed and appended in turn) does not
+    // hold the events queued behind it on the writer: they are answered while it still
+    // runs.
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
-    let spans: Vec<serde_json::Value> = (0..1000)
+    const FLEET: u64 = 500;
+    let spans: Vec<serde_json::Value> = (0..FLEET)
         .map(|index| {
             json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": format!("{index:016x}"),
                 "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
@@ -299,27 +301,43 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
             .as_u64()
             .unwrap()
     };
-    let before = agents();
+    // The collector's agents that have events.
+    let attested = || {
+        sql(
+            &url,
+            &token,
+            "SELECT count(*) AS n FROM agents WHERE parent IS NOT NULL AND events > 0",
+        )[0]["n"]
+            .as_u64()
+            .unwrap()
+    };
+    let (before, attested_before) = (agents(), attested());
     let slow = {
         let (node, collector) = (second.url.clone(), collector.clone());
         std::thread::spawn(move || post_otlp(&node, Some(&collector), body.to_string().into_bytes()).unwrap())
     };
-    wait_for("the slow adapter request to start enrolling", || agents() > before);
+    let mut enrolled = 0;
+    wait_for("the slow adapter request to enroll its agents", || {
+        enrolled = agents() - before;
+        enrolled > 0
+    });
+    assert_eq!(enrolled, FLEET, "the new agents are enrolled as one batch");
     let results = post_events(&first.url, &batch(&mut signers[2], 5)).expect("events answered");
     assert!(
         results.iter().all(|result| result["status"] == "accepted"),
         "{results:?}"
     );
-    // Not a clock: the adapter request is still enrolling when the events are answered
-    // (held behind it, they were answered only once all 1000 were enrolled).
-    let enrolled = agents() - before;
+    // Not a clock: the adapter request is still appending its agents' spans when the
+    // events are answered (held behind it, they were answered only once all were in).
+    let spanned = attested() - attested_before;
     assert!(
-        enrolled < 1000,
-        "the events waited for the adapter request ({enrolled} agents enrolled)"
+        spanned < FLEET && !slow.is_finished(),
+        "the events waited for the adapter request ({spanned} agents' spans appended)"
     );
     let (status, answer) = slow.join().unwrap();
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(agents() - before, 1000, "the adapter request enrolled its 1000 agents");
+    assert_eq!(agents() - before, FLEET, "the adapter request enrolled its agents");
+    assert_eq!(attested() - attested_before, FLEET, "and appended each one's span");
 
     // One ingest node answers a mixed request item by item, as the writer's own API does.
     let unknown = Signer::new(AgentKey::from_seed(&[99; 32]), "eng").sign_object(

@@ -106,3 +106,95 @@ fn a_span_sent_again_is_stored_once_even_across_a_kill() {
     let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stderr(&output));
 }
+
+/// The agents a request names for the first time are enrolled together, one delegation
+/// each from the collector's key. Once that key is revoked, a request naming a new agent
+/// is refused `adapter_refused`, naming the agent; nothing of it is stored.
+#[test]
+fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("store"));
+    let admin = server.token();
+    let (status, created) = post(
+        &server.url,
+        "/v1/tokens",
+        Some(&admin),
+        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let collector = created["token"].as_str().unwrap().to_owned();
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let request = |agents: &[&str]| {
+        let spans: Vec<serde_json::Value> = agents
+            .iter()
+            .enumerate()
+            .map(|(index, agent)| {
+                json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": format!("{:016x}", index + 1),
+                    "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
+                    "endTimeUnixNano": now.to_string(), "attributes": [
+                        {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+                        {"key": "gen_ai.agent.id", "value": {"stringValue": agent}}]})
+            })
+            .collect();
+        json!({"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": spans}]}]})
+            .to_string()
+            .into_bytes()
+    };
+    let (status, answer) = post_otlp(&server.url, Some(&collector), request(&["planner", "coder", "critic"])).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let rows = crate::cluster::sql(
+        &server.url,
+        &admin,
+        "SELECT parent, count(*) AS n FROM agents WHERE parent IS NOT NULL GROUP BY parent",
+    );
+    assert_eq!(rows.len(), 1, "one collector key delegates to all three: {rows:?}");
+    assert_eq!(rows[0]["n"], 3, "{rows:?}");
+    let root = rows[0]["parent"].as_str().unwrap().to_owned();
+    // The three delegations come before every span: they were appended as one batch,
+    // not one before each agent's span.
+    let order: Vec<String> = crate::cluster::sql(
+        &server.url,
+        &admin,
+        &format!(
+            "SELECT kind FROM events WHERE (agent = '{root}' AND kind = 'delegation') OR kind = 'llm_call' ORDER BY log_index"
+        ),
+    )
+    .iter()
+    .map(|row| row["kind"].as_str().unwrap().to_owned())
+    .collect();
+    assert_eq!(
+        order,
+        [
+            "delegation",
+            "delegation",
+            "delegation",
+            "llm_call",
+            "llm_call",
+            "llm_call"
+        ]
+    );
+
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/agents/{root}/revoke", server.url))
+        .bearer_auth(&admin)
+        .json(&json!({"reason": "collector token leaked"}))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200);
+    let before = crate::cluster::sql(&server.url, &admin, "SELECT count(*) AS n FROM agents")[0]["n"].clone();
+    let (status, answer) = post_otlp(&server.url, Some(&collector), request(&["planner", "newcomer"])).unwrap();
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("adapter_refused")),
+        "{answer}"
+    );
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`newcomer`") && message.contains(&root), "{answer}");
+    assert_eq!(
+        crate::cluster::sql(&server.url, &admin, "SELECT count(*) AS n FROM agents")[0]["n"],
+        before,
+        "no agent was enrolled"
+    );
+    server.stop();
+}
