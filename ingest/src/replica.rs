@@ -122,19 +122,87 @@ impl Replica {
     /// Takes in the segments the local copy's manifest lists beyond those already taken
     /// (only lines whose files are all here: a manifest may arrive before a segment), then
     /// checks the copy's checkpoints up to the sealed end against them. Answers how many
-    /// segments were new.
+    /// segments were new. A reader that shares the replica does the same in steps
+    /// instead, holding it only for the cheap ones: [`Replica::next_sealed`], then
+    /// [`SealedSegment::read`] on its own, then [`Replica::take`]; and
+    /// [`Replica::check_new_heads`] once no segment is left.
     pub fn refresh_sealed(&mut self) -> Result<usize, StoreError> {
-        // The checkpoints to check, read first: those inside a segment taken now are
-        // checked with its leaves in hand; those that come later re-read their segment.
+        let mut taken = 0;
+        while let Some(segment) = self.next_sealed()? {
+            self.take(segment.read()?)?;
+            taken += 1;
+        }
+        self.check_new_heads()?;
+        Ok(taken)
+    }
+
+    /// The next segment to take in, when the copy's manifest lists one whose file is
+    /// here: what reading it needs, with the tree as it stands before it.
+    pub fn next_sealed(&mut self) -> Result<Option<SealedSegment>, StoreError> {
+        let lines: Vec<SegmentInfo> = match self.paths.manifest.exists() {
+            true => read_ndjson(&self.paths.manifest)?,
+            false => return Ok(None),
+        };
+        let Some(line) = lines.into_iter().nth(self.segments.len()) else {
+            return Ok(None);
+        };
+        let file = self.paths.segment_dir.join(&line.file);
+        if !file.exists() {
+            return Ok(None);
+        }
+        Ok(Some(SealedSegment {
+            key: self.log_key()?,
+            log_id: self.paths.log_id.clone(),
+            position: self.segments.len(),
+            sealed_end: self.sealed_end,
+            frontier: self.frontier.clone(),
+            file,
+            line,
+        }))
+    }
+
+    /// Takes in a segment read by [`SealedSegment::read`]: its entries folded, its tree
+    /// joined, the checkpoints inside it checked, the tail below it dropped. A segment
+    /// planned before another was taken (the replica moved on) is left for the next plan.
+    pub fn take(&mut self, segment: ReadSegment) -> Result<(), StoreError> {
+        if segment.position != self.segments.len() || segment.line.first_index != self.sealed_end {
+            return Ok(());
+        }
         self.read_heads()?;
         let heads = std::mem::take(&mut self.heads);
-        let result = self
-            .take_segments(&heads)
-            .and_then(|taken| self.check_heads(&heads, None).map(|()| taken));
-        // Those still unchecked (beyond the sealed end, or refused) wait for next time.
+        self.starts
+            .push(std::mem::replace(&mut self.frontier, segment.frontier));
+        for entry in &segment.entries {
+            if !self.folded.contains(&entry.log_index) {
+                self.fold(entry);
+            }
+        }
+        self.sealed_end = segment.line.end_index;
+        self.segments.push(segment.line);
+        let checked = self.check_heads(&heads, Some(&segment.leaves));
+        self.keep_unchecked(heads);
+        let sealed_end = self.sealed_end;
+        self.tail = self.tail.split_off(&sealed_end);
+        self.folded = self.folded.split_off(&sealed_end);
+        self.registry.sealed_end = sealed_end;
+        self.registry.prune(sealed_end);
+        checked
+    }
+
+    /// Checks the copy's checkpoints that came after their segment was taken.
+    pub fn check_new_heads(&mut self) -> Result<(), StoreError> {
+        self.read_heads()?;
+        let heads = std::mem::take(&mut self.heads);
+        let checked = self.check_heads(&heads, None);
+        self.keep_unchecked(heads);
+        checked
+    }
+
+    /// Keeps the checkpoints still unchecked (beyond the sealed end, or refused) for
+    /// next time.
+    fn keep_unchecked(&mut self, heads: Vec<CheckpointLine>) {
         let checked = self.checked;
         self.heads = heads.into_iter().filter(|line| line.size > checked).collect();
-        result
     }
 
     /// Reads the copy's checkpoints beyond the last one checked into `heads`, when the
@@ -156,57 +224,6 @@ impl Replica {
         Ok(())
     }
 
-    fn take_segments(&mut self, heads: &[CheckpointLine]) -> Result<usize, StoreError> {
-        let lines: Vec<SegmentInfo> = match self.paths.manifest.exists() {
-            true => read_ndjson(&self.paths.manifest)?,
-            false => return Ok(0),
-        };
-        let mut taken = 0;
-        let mut key = None;
-        for line in lines.into_iter().skip(self.segments.len()) {
-            let file = self.paths.segment_dir.join(&line.file);
-            if !file.exists() {
-                break;
-            }
-            let key = match &key {
-                Some(key) => key,
-                None => key.insert(self.log_key()?),
-            };
-            let bytes = fs_err::read(&file)?;
-            check(&self.paths.log_id, key, &line, &bytes)?;
-            if line.first_index != self.sealed_end {
-                return Err(StoreError::Tamper(format!(
-                    "segment `{}` starts at log index {}, but the segments before it end at {}",
-                    line.file, line.first_index, self.sealed_end
-                )));
-            }
-            let leaves = leaves_of(&line, bytes)?;
-            self.starts.push(self.frontier.clone());
-            for leaf in &leaves {
-                self.frontier.push(*leaf);
-            }
-            let entries = custos_store::segment::read_types(&file, &[CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE])
-                .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", line.file)))?;
-            for entry in &entries {
-                if !self.folded.contains(&entry.log_index) {
-                    self.fold(entry);
-                }
-            }
-            self.sealed_end = line.end_index;
-            self.segments.push(line);
-            self.check_heads(heads, Some(&leaves))?;
-            taken += 1;
-        }
-        if taken > 0 {
-            let sealed_end = self.sealed_end;
-            self.tail = self.tail.split_off(&sealed_end);
-            self.folded = self.folded.split_off(&sealed_end);
-            self.registry.sealed_end = sealed_end;
-            self.registry.prune(sealed_end);
-        }
-        Ok(taken)
-    }
-
     /// Checks the checkpoints of `heads` beyond the last one checked, up to the sealed
     /// end: signed by the log key, and its root the one the segments' leaves give at its
     /// size. `last` holds the last taken segment's leaves, when at hand; another
@@ -217,18 +234,24 @@ impl Replica {
         heads: &[CheckpointLine],
         last: Option<&[custos_store::merkle::Hash]>,
     ) -> Result<(), StoreError> {
-        let pending: Vec<&CheckpointLine> = heads
+        let mut pending: Vec<&CheckpointLine> = heads
             .iter()
             .filter(|line| line.size > self.checked && line.size <= self.sealed_end)
             .collect();
         if pending.is_empty() {
             return Ok(());
         }
+        pending.sort_by_key(|line| line.size);
         let key = self.log_key()?;
         // The leaves of the segment the checkpoints inside it are checked with: (its
         // position, its leaves).
         let mut read: Option<(usize, std::borrow::Cow<'_, [custos_store::merkle::Hash]>)> =
             last.map(|leaves| (self.segments.len() - 1, std::borrow::Cow::Borrowed(leaves)));
+        // The tree grown through a segment for the checkpoints inside it, in size order:
+        // (the segment's position, the tree, how many of its leaves it holds). Each
+        // checkpoint adds the leaves since the one before, so a segment with a checkpoint
+        // every thousand entries costs one pass over its leaves, not one per checkpoint.
+        let mut growing: Option<(usize, Frontier, usize)> = None;
         for line in pending {
             let checkpoint = custos_store::checkpoint::verify_checkpoint(&line.note, &key).map_err(|error| {
                 StoreError::Tamper(format!(
@@ -255,11 +278,17 @@ impl Replica {
                     read = Some((position, std::borrow::Cow::Owned(leaves_of(segment, bytes)?)));
                 }
                 let leaves = read.as_ref().map_or(&[][..], |(_, leaves)| leaves.as_ref());
-                let mut tree = self.starts[position].clone();
-                for leaf in &leaves[..(checkpoint.size - segment.first_index) as usize] {
+                let upto = (checkpoint.size - segment.first_index) as usize;
+                let (mut tree, pushed) = match growing.take() {
+                    Some((at, tree, pushed)) if at == position && pushed <= upto => (tree, pushed),
+                    _ => (self.starts[position].clone(), 0),
+                };
+                for leaf in &leaves[pushed..upto] {
                     tree.push(*leaf);
                 }
-                tree.root()
+                let root = tree.root();
+                growing = Some((position, tree, upto));
+                root
             };
             if root != checkpoint.root {
                 return Err(StoreError::Tamper(format!(
@@ -458,6 +487,60 @@ impl Replica {
 
 /// A manifest line is signed by the log key and names its segment's blake3; a copy that
 /// fails either is tampered with.
+/// A sealed segment to take in, as [`Replica::next_sealed`] planned it: reading and
+/// checking it needs no access to the replica.
+pub struct SealedSegment {
+    key: custos_store::checkpoint::NoteKey,
+    log_id: String,
+    /// How many segments were taken before it, and where they end.
+    position: usize,
+    sealed_end: u64,
+    /// The tree over the leaves before it.
+    frontier: Frontier,
+    file: PathBuf,
+    line: SegmentInfo,
+}
+
+/// A segment read and checked: its manifest line's signature by the log key, its
+/// blake3, its place after the segments before it and its leaves.
+pub struct ReadSegment {
+    position: usize,
+    line: SegmentInfo,
+    leaves: Vec<custos_store::merkle::Hash>,
+    /// The tree with its leaves added.
+    frontier: Frontier,
+    entries: Vec<LogEntry>,
+}
+
+impl SealedSegment {
+    /// Reads the file and checks it (the costly part of taking a segment in: the file's
+    /// digest, its leaves, its entries).
+    pub fn read(self) -> Result<ReadSegment, StoreError> {
+        let bytes = fs_err::read(&self.file)?;
+        check(&self.log_id, &self.key, &self.line, &bytes)?;
+        if self.line.first_index != self.sealed_end {
+            return Err(StoreError::Tamper(format!(
+                "segment `{}` starts at log index {}, but the segments before it end at {}",
+                self.line.file, self.line.first_index, self.sealed_end
+            )));
+        }
+        let leaves = leaves_of(&self.line, bytes)?;
+        let mut frontier = self.frontier;
+        for leaf in &leaves {
+            frontier.push(*leaf);
+        }
+        let entries = custos_store::segment::read_types(&self.file, &[CONTROL_PAYLOAD_TYPE, EVENT_PAYLOAD_TYPE])
+            .map_err(|error| StoreError::Tamper(format!("segment `{}`: {error}", self.line.file)))?;
+        Ok(ReadSegment {
+            position: self.position,
+            line: self.line,
+            leaves,
+            frontier,
+            entries,
+        })
+    }
+}
+
 fn check(
     log_id: &str,
     key: &custos_store::checkpoint::NoteKey,
@@ -695,6 +778,30 @@ mod tests {
             // What was checked before it is still served; nothing after it.
             assert!(replica.checkpoint().unwrap().is_none_or(|view| view.size < size));
         }
+    }
+
+    /// A segment read while the replica is not held (the query node's refresh): taken in
+    /// once, with the tail applied meanwhile; a second plan of the same segment, taken
+    /// after the first, changes nothing.
+    #[test]
+    fn a_segment_read_apart_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        sealed_store(dir.path(), 25);
+        let mut replica = Replica::new(dir.path().to_owned(), 64);
+        let first = replica.next_sealed().unwrap().unwrap();
+        let again = replica.next_sealed().unwrap().unwrap();
+        let read = first.read().unwrap();
+        // Meanwhile an entry of that segment arrives on the committed topic.
+        replica.apply(&event(&AgentKey::from_seed(&[7; 32]), 3, 0));
+        replica.take(read).unwrap();
+        assert_eq!((replica.segments.len(), replica.view().size), (1, 10));
+        assert!(replica.tail.is_empty(), "the tail below the sealed end is dropped");
+        replica.take(again.read().unwrap()).unwrap();
+        assert_eq!((replica.segments.len(), replica.sealed_end), (1, 10), "taken once");
+        assert_eq!(replica.refresh_sealed().unwrap(), 2);
+        assert_eq!(replica.view().size, 25);
+        assert_eq!(replica.checkpoint().unwrap().unwrap().size, 25);
+        assert!(replica.next_sealed().unwrap().is_none());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! rebuilt at every start from the object store and the committed topic.
 //!
 //! ```text
-//!  --object-store URL ──every 500 ms──▶ Archive::refresh ─▶ DATA/replica/ ─▶ Replica::refresh_sealed
+//!  --object-store URL ──every 500 ms──▶ Archive::refresh ─▶ DATA/replica/ ─▶ each new segment read
+//!                                        (the replica not held), then Replica::take
 //!  --kafka: committed topic, every partition from shortly before the last seal ─▶ Replica::apply
 //!                                                                              │
 //!  HTTP (own tokens in DATA/tokens.json, /v1/tokens): /v1/sql, /v1/events, /v1/ocsf, console ◀┘ ReplicaSource
@@ -281,10 +282,7 @@ fn follow_sealed(
         same_layout(store, partitions)?;
         let mut segments = 0;
         for replica in replicas {
-            segments += replica
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .refresh_sealed()?;
+            segments += refresh_replica(replica)?;
         }
         Ok(segments)
     };
@@ -309,6 +307,24 @@ fn follow_sealed(
             Err(error) => tracing::warn!(%error, "reading the object store failed; trying again"),
         }
     }
+}
+
+/// Takes in `replica`'s new sealed segments, holding it only to plan and to take each
+/// one: reading and checking a segment (its digest, leaves and entries, a second or so
+/// for 100 000 entries) goes on while queries read it and the committed topic's tail
+/// joins it, so a new segment does not hold back what the node shows.
+fn refresh_replica(replica: &Mutex<Replica>) -> Result<usize, custos_store::StoreError> {
+    let lock = || replica.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut taken = 0;
+    loop {
+        let next = lock().next_sealed()?;
+        let Some(segment) = next else { break };
+        let read = segment.read()?;
+        lock().take(read)?;
+        taken += 1;
+    }
+    lock().check_new_heads()?;
+    Ok(taken)
 }
 
 /// Whether the copy at `store` is what the node was started for: a partition set of
