@@ -514,15 +514,8 @@ const VAULTYSCLAW_SECRET: &str = "edge-webhook-secret";
 /// keeps make a resend through the other node a duplicate. A LastID agent may be
 /// enrolled through an ingest node with the writer's admin token.
 fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> String {
-    let (status, created) = post(
-        url,
-        "/v1/tokens",
-        Some(admin),
-        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{created}");
-    let collector = created["token"].as_str().unwrap();
+    let collector = collector_token(url, admin, "eng");
+    let collector = collector.as_str();
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let spans = |span_id: &str| {
         json!({"resourceSpans": [{"resource": {"attributes": [
@@ -686,6 +679,19 @@ fn submissions_handed_over(node: &Server) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix("custos_ingest_writer_seconds_count{step=\"submit\"} "))
         .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+/// A new collector token for `realm`, made at `url` with the `admin` token.
+pub(crate) fn collector_token(url: &str, admin: &str, realm: &str) -> String {
+    let (status, created) = post(
+        url,
+        "/v1/tokens",
+        Some(admin),
+        json!({"role": "collector", "realms": [realm]}).to_string().into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{created}");
+    created["token"].as_str().unwrap().to_owned()
 }
 
 /// `POST /v1/traces` with an OTLP/JSON body.

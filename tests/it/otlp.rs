@@ -2,8 +2,8 @@
 
 use serde_json::json;
 
-use crate::cluster::post_otlp;
-use crate::support::{Server, post};
+use crate::cluster::{collector_token, post_otlp};
+use crate::support::Server;
 
 /// The span ids of the attested `llm_call` events, in log order.
 fn spans(url: &str, token: &str) -> Vec<String> {
@@ -27,15 +27,7 @@ fn a_span_sent_again_is_stored_once_even_across_a_kill() {
     let data = dir.path().join("store");
     let server = Server::start(&data);
     let admin = server.token();
-    let (status, created) = post(
-        &server.url,
-        "/v1/tokens",
-        Some(&admin),
-        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{created}");
-    let collector = created["token"].as_str().unwrap().to_owned();
+    let collector = collector_token(&server.url, &admin, "eng");
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let request = |span_ids: &[&str]| {
         let spans: Vec<serde_json::Value> = span_ids
@@ -115,15 +107,7 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("store"));
     let admin = server.token();
-    let (status, created) = post(
-        &server.url,
-        "/v1/tokens",
-        Some(&admin),
-        json!({"role": "collector", "realms": ["eng"]}).to_string().into_bytes(),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{created}");
-    let collector = created["token"].as_str().unwrap().to_owned();
+    let collector = collector_token(&server.url, &admin, "eng");
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let request = |agents: &[&str]| {
         let spans: Vec<serde_json::Value> = agents
