@@ -256,6 +256,13 @@ impl Attestor {
             .join(format!("{}.pending.ndjson", did.trim_start_matches("did:key:")))
     }
 
+    /// Present once the root's delegation to `did` was answered (its content, the
+    /// agent's name, is for people).
+    fn enrolled_path(&self, did: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.enrolled", did.trim_start_matches("did:key:")))
+    }
+
     fn spans_path(&self, did: &str) -> PathBuf {
         self.dir.join(format!("{}.spans", did.trim_start_matches("did:key:")))
     }
@@ -270,10 +277,7 @@ impl Attestor {
         let pending_path = self.pending_path(&did);
         let pending = pending_payloads(&pending_path)?;
         let chain = past_pending(chain, &pending, &pending_path)?;
-        let enrolled = self
-            .dir
-            .join(format!("{}.enrolled", did.trim_start_matches("did:key:")))
-            .exists();
+        let enrolled = self.enrolled_path(&did).exists();
         // Spans signed and kept pending before a stop that came before their keys were
         // written: they will be sent, so they count as attested.
         let mut spans = RecentSpans::load(&self.spans_path(&did))?;
@@ -487,10 +491,7 @@ impl Attestor {
                 continue;
             }
             // The marker's presence is what counts: its directory is fsynced once below.
-            let marker = self
-                .dir
-                .join(format!("{}.enrolled", did.trim_start_matches("did:key:")));
-            fs_err::write(&marker, name.as_bytes()).map_err(io)?;
+            fs_err::write(self.enrolled_path(did), name.as_bytes()).map_err(io)?;
             marked = true;
             if let Some(lane) = lanes.lanes.get_mut(did) {
                 lane.enrolled = true;

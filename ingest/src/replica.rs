@@ -165,7 +165,7 @@ impl Replica {
     /// joined, the checkpoints inside it checked, the tail below it dropped. A segment
     /// planned before another was taken (the replica moved on) is left for the next plan.
     pub fn take(&mut self, segment: ReadSegment) -> Result<(), StoreError> {
-        if segment.position != self.segments.len() || segment.line.first_index != self.sealed_end {
+        if segment.position != self.segments.len() {
             return Ok(());
         }
         self.read_heads()?;
@@ -485,8 +485,6 @@ impl Replica {
     }
 }
 
-/// A manifest line is signed by the log key and names its segment's blake3; a copy that
-/// fails either is tampered with.
 /// A sealed segment to take in, as [`Replica::next_sealed`] planned it: reading and
 /// checking it needs no access to the replica.
 pub struct SealedSegment {
@@ -541,6 +539,8 @@ impl SealedSegment {
     }
 }
 
+/// A manifest line is signed by the log key and names its segment's blake3; a copy that
+/// fails either is tampered with.
 fn check(
     log_id: &str,
     key: &custos_store::checkpoint::NoteKey,
