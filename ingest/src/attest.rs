@@ -14,10 +14,11 @@
 //! Each agent name gets its own key and hash chain, so baselines, findings and
 //! revocations stay per agent, and one misbehaving agent is revoked without silencing
 //! the adapter. The agents a request names for the first time are enrolled together:
-//! the root signs their delegations as one batch. The chain state is saved, and the
-//! signed envelopes kept as pending, before anything is submitted; pending envelopes
-//! are resent first (answered `duplicate` when already stored), so a crash never forks
-//! an attested chain.
+//! the root signs their delegations as one batch. Then every agent's events of the
+//! request go as one batch too: a request costs two appends at most, however many
+//! agents it names. The signed envelopes are kept as pending, and then the chain state
+//! saved, before anything is submitted; pending envelopes are resent first (answered
+//! `duplicate` when already stored), so a crash never forks an attested chain.
 //!
 //! A span is attested once: each agent remembers the (trace id, span id) of its last
 //! [`RECENT_SPANS`] spans (`<did>.spans`, written with the pending envelopes), so an
@@ -122,7 +123,8 @@ impl RecentSpans {
     }
 
     /// Remembers `keys`, durable in `path` first (so a key is never remembered that a
-    /// restart would forget while its span is stored).
+    /// restart would forget while its span is stored); the caller fsyncs the directory
+    /// (the file may be new, or replaced).
     fn record(&mut self, path: &Path, keys: &[u128]) -> Result<(), ApiError> {
         if keys.is_empty() {
             return Ok(());
@@ -133,7 +135,7 @@ impl RecentSpans {
             kept.extend(keys);
             let skip = kept.len().saturating_sub(RECENT_SPANS);
             let text: String = kept.iter().skip(skip).map(line).collect();
-            custos_store::write_atomic(path, text.as_bytes()).map_err(io)?;
+            custos_store::write_renamed(path, text.as_bytes()).map_err(io)?;
             self.written = kept.len() - skip;
         } else {
             use std::io::Write as _;
@@ -287,7 +289,10 @@ impl Attestor {
             .filter_map(|payload| RecentSpans::key(&payload))
             .filter(|key| !spans.keys.contains(key))
             .collect();
-        spans.record(&self.spans_path(&did), &pending)?;
+        if !pending.is_empty() {
+            spans.record(&self.spans_path(&did), &pending)?;
+            custos_store::fsync_dir(&self.dir).map_err(io)?;
+        }
         Ok(Lane {
             spans,
             signer: Signer::resume(key, self.realm.clone(), chain),
@@ -295,116 +300,181 @@ impl Attestor {
         })
     }
 
-    /// Signs `objects` (payload members without agent, seq, prev, realm) as the root or
-    /// an agent's key, keeps them pending, submits them after whatever was pending, and
-    /// answers their verdicts (the resent ones' are dropped).
+    /// Signs each group's objects (payload members without agent, seq, prev, realm) as
+    /// the key of the lane its did names (the root's or an agent's), keeps them pending,
+    /// and submits every lane's envelopes as one batch, each lane's after whatever it had
+    /// pending; answers each group's verdicts (the resent envelopes' are dropped). A lane
+    /// may be named by several groups: its chain runs through them in order.
     async fn sign_and_submit(
         &self,
         state: &AppState,
         remote: &str,
-        lane: &mut Lane,
-        objects: Vec<Map<String, Value>>,
-    ) -> Result<Vec<Verdict>, ApiError> {
-        let did = lane.signer.did().to_owned();
-        let pending_path = self.pending_path(&did);
-        let mut raws: Vec<Vec<u8>> = match fs_err::read_to_string(&pending_path) {
-            Ok(text) => text
-                .lines()
-                .filter(|line| !line.is_empty())
-                .map(|line| line.as_bytes().to_vec())
-                .collect(),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => return Err(io(error)),
-        };
-        // Per object: its place among the signed envelopes, or why it could not be signed.
-        let mut places: Vec<Result<usize, Verdict>> = Vec::with_capacity(objects.len());
-        let mut new_spans: Vec<u128> = Vec::new();
-        let mut this_request: HashSet<u128> = HashSet::new();
-        for (index, mut object) in objects.into_iter().enumerate() {
-            let span = RecentSpans::key(&object);
-            if let Some(key) = span
-                && (lane.spans.keys.contains(&key) || this_request.contains(&key))
-            {
-                places.push(Err(Verdict {
-                    index,
-                    status: Status::Duplicate,
-                    reason: None,
-                    message: Some("this span was attested already (the request was sent again)".into()),
-                    log_index: None,
-                    flags: Vec::new(),
-                    missing: None,
-                }));
-                continue;
-            }
-            let attrs = object.entry("attrs").or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(attrs) = attrs {
-                attrs.insert("custos.source".into(), Value::from(self.source));
-                attrs.insert("custos.attested_by".into(), Value::from(self.root.did()));
-            }
-            let shown = serde_json::to_vec(&object).unwrap_or_default();
-            match lane.signer.sign_object(object, chrono::Utc::now()) {
-                Ok(envelope) => {
-                    places.push(Ok(raws.len()));
-                    raws.push(envelope.to_json().into_bytes());
-                    if let Some(key) = span {
-                        this_request.insert(key);
-                        new_spans.push(key);
-                    }
+        lanes: &mut Lanes,
+        groups: Vec<(String, Vec<Map<String, Value>>)>,
+    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
+        /// One lane's share of the request.
+        struct Share {
+            did: String,
+            /// Its envelopes: those pending from before, then those signed now.
+            raws: Vec<Vec<u8>>,
+            /// Something was signed now (its pending file, chain and spans change).
+            signed: bool,
+            /// The spans signed now, in order, and as a set.
+            new_spans: Vec<u128>,
+            fresh: HashSet<u128>,
+        }
+        let mut shares: Vec<Share> = Vec::new();
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        // Per group, per object: its (share, place among the share's envelopes), or why
+        // it was not signed.
+        let mut places: Vec<Vec<Result<(usize, usize), Verdict>>> = Vec::with_capacity(groups.len());
+        for (did, objects) in groups {
+            let slot = match slots.get(&did) {
+                Some(slot) => *slot,
+                None => {
+                    let raws = match fs_err::read_to_string(self.pending_path(&did)) {
+                        Ok(text) => text
+                            .lines()
+                            .filter(|line| !line.is_empty())
+                            .map(|line| line.as_bytes().to_vec())
+                            .collect(),
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                        Err(error) => return Err(io(error)),
+                    };
+                    shares.push(Share {
+                        did: did.clone(),
+                        raws,
+                        signed: false,
+                        new_spans: Vec::new(),
+                        fresh: HashSet::new(),
+                    });
+                    slots.insert(did.clone(), shares.len() - 1);
+                    shares.len() - 1
                 }
-                Err(message) => {
-                    // Kept for forensics like any refused input; its neighbours go on.
-                    let rejection = custos_event::Rejection::new(
-                        custos_event::Reason::BadPayload,
-                        format!("the adapter could not make an event of this input: {message}"),
-                    );
-                    crate::http::keep_rejected(state, &rejection, &shown, remote).await?;
-                    places.push(Err(Verdict {
+            };
+            let share = &mut shares[slot];
+            let lane = lanes
+                .lanes
+                .get_mut(&did)
+                .ok_or_else(|| io(format!("no attested agent {did} is open")))?;
+            let mut group = Vec::with_capacity(objects.len());
+            for (index, mut object) in objects.into_iter().enumerate() {
+                let span = RecentSpans::key(&object);
+                if let Some(key) = span
+                    && (lane.spans.keys.contains(&key) || share.fresh.contains(&key))
+                {
+                    group.push(Err(Verdict {
                         index,
-                        status: Status::Rejected,
-                        reason: Some("bad_payload".into()),
-                        message: Some(rejection.message),
+                        status: Status::Duplicate,
+                        reason: None,
+                        message: Some("this span was attested already (the request was sent again)".into()),
                         log_index: None,
                         flags: Vec::new(),
                         missing: None,
                     }));
+                    continue;
+                }
+                let attrs = object.entry("attrs").or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(attrs) = attrs {
+                    attrs.insert("custos.source".into(), Value::from(self.source));
+                    attrs.insert("custos.attested_by".into(), Value::from(self.root.did()));
+                }
+                let shown = serde_json::to_vec(&object).unwrap_or_default();
+                match lane.signer.sign_object(object, chrono::Utc::now()) {
+                    Ok(envelope) => {
+                        group.push(Ok((slot, share.raws.len())));
+                        share.raws.push(envelope.to_json().into_bytes());
+                        share.signed = true;
+                        if let Some(key) = span {
+                            share.fresh.insert(key);
+                            share.new_spans.push(key);
+                        }
+                    }
+                    Err(message) => {
+                        // Kept for forensics like any refused input; its neighbours go on.
+                        let rejection = custos_event::Rejection::new(
+                            custos_event::Reason::BadPayload,
+                            format!("the adapter could not make an event of this input: {message}"),
+                        );
+                        crate::http::keep_rejected(state, &rejection, &shown, remote).await?;
+                        group.push(Err(Verdict {
+                            index,
+                            status: Status::Rejected,
+                            reason: Some("bad_payload".into()),
+                            message: Some(rejection.message),
+                            log_index: None,
+                            flags: Vec::new(),
+                            missing: None,
+                        }));
+                    }
                 }
             }
+            places.push(group);
         }
-        // Durable before submitting: what is signed, then the chain past it.
-        let lines: Vec<&str> = raws
-            .iter()
-            .map(|raw| std::str::from_utf8(raw).unwrap_or_default())
-            .collect();
-        custos_store::write_atomic(&pending_path, lines.join("\n").as_bytes()).map_err(io)?;
-        let chain = serde_json::to_vec(lane.signer.chain()).map_err(io)?;
-        custos_store::write_atomic(&self.chain_path(&did), &chain).map_err(io)?;
-        lane.spans.record(&self.spans_path(&did), &new_spans)?;
+        // Durable before submitting: every lane's signed envelopes, then (never before
+        // them, or a crash could leave a chain past envelopes that were never kept) the
+        // chains past them and the spans' keys; the directory fsynced once after each.
+        let signed: Vec<&Share> = shares.iter().filter(|share| share.signed).collect();
+        if !signed.is_empty() {
+            for share in &signed {
+                let lines: Vec<&str> = share
+                    .raws
+                    .iter()
+                    .map(|raw| std::str::from_utf8(raw).unwrap_or_default())
+                    .collect();
+                custos_store::write_renamed(&self.pending_path(&share.did), lines.join("\n").as_bytes()).map_err(io)?;
+            }
+            custos_store::fsync_dir(&self.dir).map_err(io)?;
+            for share in &signed {
+                let lane = lanes.lanes.get_mut(&share.did).expect("looked up above");
+                let chain = serde_json::to_vec(lane.signer.chain()).map_err(io)?;
+                custos_store::write_renamed(&self.chain_path(&share.did), &chain).map_err(io)?;
+                lane.spans.record(&self.spans_path(&share.did), &share.new_spans)?;
+            }
+            custos_store::fsync_dir(&self.dir).map_err(io)?;
+        }
+        // One append for every lane: where each lane's envelopes start in it.
+        let mut starts = Vec::with_capacity(shares.len());
+        let mut raws = Vec::new();
+        for share in &mut shares {
+            starts.push(raws.len());
+            raws.append(&mut share.raws);
+        }
         let verdicts = match raws.is_empty() {
             true => Vec::new(),
             false => crate::http::ingest_raws(state, raws, remote.to_owned()).await?,
         };
-        fs_err::remove_file(&pending_path).or_else(|error| match error.kind() {
-            std::io::ErrorKind::NotFound => Ok(()),
-            _ => Err(io(error)),
-        })?;
+        // Answered: a pending file left by a crash from here on is resent and answered
+        // `duplicate`, so its removal needs no fsync.
+        for share in &shares {
+            fs_err::remove_file(self.pending_path(&share.did)).or_else(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(io(error)),
+            })?;
+        }
         Ok(places
             .into_iter()
-            .enumerate()
-            .map(|(index, place)| match place {
-                Ok(at) => {
-                    let mut verdict = verdicts.get(at).cloned().unwrap_or_else(|| Verdict {
-                        index,
-                        status: Status::Rejected,
-                        reason: Some("internal".into()),
-                        message: Some("the writer gave no verdict for this event".into()),
-                        log_index: None,
-                        flags: Vec::new(),
-                        missing: None,
-                    });
-                    verdict.index = index;
-                    verdict
-                }
-                Err(verdict) => verdict,
+            .map(|group| {
+                group
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, place)| match place {
+                        Ok((slot, at)) => {
+                            let mut verdict = verdicts.get(starts[slot] + at).cloned().unwrap_or_else(|| Verdict {
+                                index,
+                                status: Status::Rejected,
+                                reason: Some("internal".into()),
+                                message: Some("the writer gave no verdict for this event".into()),
+                                log_index: None,
+                                flags: Vec::new(),
+                                missing: None,
+                            });
+                            verdict.index = index;
+                            verdict
+                        }
+                        Err(verdict) => verdict,
+                    })
+                    .collect()
             })
             .collect())
     }
@@ -481,8 +551,11 @@ impl Attestor {
         if delegations.is_empty() {
             return Ok(dids);
         }
-        let root = lanes.lanes.get_mut(&root_did).expect("the root lane was added above");
-        let verdicts = self.sign_and_submit(state, remote, root, delegations).await?;
+        let verdicts = self
+            .sign_and_submit(state, remote, lanes, vec![(root_did.clone(), delegations)])
+            .await?
+            .pop()
+            .unwrap_or_default();
         let mut refused = None;
         let mut marked = false;
         for ((did, name), verdict) in delegated.iter().zip(&verdicts) {
@@ -546,21 +619,25 @@ impl Attestor {
         let mut lanes = self.state.lock().await;
         let names = groups.iter().map(|(name, _)| (name.clone(), Map::new())).collect();
         let dids = self.ensure(&mut lanes, state, remote, names).await?;
-        let mut answers = Vec::with_capacity(groups.len());
-        for ((name, objects), did) in groups.into_iter().zip(dids) {
-            let objects = objects
-                .into_iter()
-                .map(|mut object| {
-                    if let Value::Object(attrs) = object.entry("attrs").or_insert_with(|| Value::Object(Map::new())) {
-                        attrs.insert("custos.attested_for".into(), Value::from(name.clone()));
-                    }
-                    object
-                })
-                .collect();
-            let lane = lanes.lanes.get_mut(&did).expect("ensure added it");
-            answers.push(self.sign_and_submit(state, remote, lane, objects).await?);
-        }
-        Ok(answers)
+        let groups = groups
+            .into_iter()
+            .zip(dids)
+            .map(|((name, objects), did)| {
+                let objects = objects
+                    .into_iter()
+                    .map(|mut object| {
+                        if let Value::Object(attrs) = object.entry("attrs").or_insert_with(|| Value::Object(Map::new()))
+                        {
+                            attrs.insert("custos.attested_for".into(), Value::from(name.clone()));
+                        }
+                        object
+                    })
+                    .collect();
+                (did, objects)
+            })
+            .collect();
+        // Every agent's events in one append, not one per agent.
+        self.sign_and_submit(state, remote, &mut lanes, groups).await
     }
 }
 

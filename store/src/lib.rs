@@ -174,17 +174,24 @@ impl LogPaths {
 /// Replaces `path` with `bytes` durably: a temporary file beside it, fsynced, renamed
 /// over it, and the directory fsynced (a crash leaves the old file or the new one).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    let temporary = PathBuf::from(name);
-    fs_err::write(&temporary, bytes)?;
-    fs_err::File::open(&temporary)?.sync_all()?;
-    fs_err::rename(&temporary, path)?;
+    write_renamed(path, bytes)?;
     fsync_dir(
         path.parent()
             .filter(|dir| !dir.as_os_str().is_empty())
             .unwrap_or(Path::new(".")),
     )
+}
+
+/// [`write_atomic`] without the directory's fsync, for a caller that replaces several
+/// files of one directory and then fsyncs it once with [`fsync_dir`]: until then a crash
+/// may leave the old file.
+pub fn write_renamed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    let temporary = PathBuf::from(name);
+    fs_err::write(&temporary, bytes)?;
+    fs_err::File::open(&temporary)?.sync_all()?;
+    fs_err::rename(&temporary, path)
 }
 
 /// fsyncs a directory so a create, rename or delete inside it is durable.

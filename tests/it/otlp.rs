@@ -99,9 +99,27 @@ fn a_span_sent_again_is_stored_once_even_across_a_kill() {
     assert!(output.status.success(), "{}", crate::support::stderr(&output));
 }
 
+/// How many batches the node has verified and appended (`custos_ingest_verify_seconds`
+/// counts one per batch).
+fn appends(url: &str, token: &str) -> u64 {
+    let metrics = reqwest::blocking::Client::new()
+        .get(format!("{url}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("custos_ingest_verify_seconds_count "))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
 /// The agents a request names for the first time are enrolled together, one delegation
-/// each from the collector's key. Once that key is revoked, a request naming a new agent
-/// is refused `adapter_refused`, naming the agent; nothing of it is stored.
+/// each from the collector's key, and every agent's spans of a request are appended as
+/// one batch: a request naming many agents costs two appends, not one per agent. Once
+/// that key is revoked, a request naming a new agent is refused `adapter_refused`,
+/// naming the agent; nothing of it is stored.
 #[test]
 fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,8 +143,14 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
             .to_string()
             .into_bytes()
     };
+    let before = appends(&server.url, &admin);
     let (status, answer) = post_otlp(&server.url, Some(&collector), request(&["planner", "coder", "critic"])).unwrap();
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        appends(&server.url, &admin) - before,
+        2,
+        "the delegations first, then the spans: {answer}"
+    );
     let rows = crate::cluster::sql(
         &server.url,
         &admin,
@@ -159,6 +183,40 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
         ]
     );
 
+    // Known agents, one of them named twice in the request: one append, and its chain
+    // runs through both of its spans.
+    let before = appends(&server.url, &admin);
+    let (status, answer) = post_otlp(
+        &server.url,
+        Some(&collector),
+        request(&["critic", "planner", "coder", "planner", "reviewer"]),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        appends(&server.url, &admin) - before,
+        2,
+        "one new agent's delegation, then every span"
+    );
+    let before = appends(&server.url, &admin);
+    let (status, answer) = post_otlp(&server.url, Some(&collector), request(&["coder", "critic", "planner"])).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        appends(&server.url, &admin) - before,
+        1,
+        "known agents only: one append"
+    );
+    let mut counts: Vec<i64> = crate::cluster::sql(
+        &server.url,
+        &admin,
+        "SELECT agent, count(*) AS n FROM events WHERE kind = 'llm_call' GROUP BY agent",
+    )
+    .iter()
+    .map(|row| row["n"].as_i64().unwrap())
+    .collect();
+    counts.sort();
+    assert_eq!(counts, [1, 3, 3, 4], "reviewer, coder, critic, planner");
+
     let revoked = reqwest::blocking::Client::new()
         .post(format!("{}/v1/agents/{root}/revoke", server.url))
         .bearer_auth(&admin)
@@ -181,4 +239,7 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
         "no agent was enrolled"
     );
     server.stop();
+    let data = dir.path().join("store");
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stderr(&output));
 }
