@@ -156,6 +156,22 @@ impl RecentSpans {
     }
 }
 
+/// One attested lane's share of a request.
+struct Share {
+    did: String,
+    /// Its envelopes: those pending from before, then those signed now.
+    raws: Vec<Vec<u8>>,
+    /// Something was signed now (its pending file, chain and spans change).
+    signed: bool,
+    /// The spans signed now, in order, and as a set.
+    new_spans: Vec<u128>,
+    fresh: HashSet<u128>,
+}
+
+/// Per group, per object: its (share, place among the share's envelopes), or why it
+/// was not signed.
+type Places = Vec<Vec<Result<(usize, usize), Verdict>>>;
+
 /// The keys of one adapter instance (a collector token, the VaultysClaw receiver).
 pub(crate) struct Attestor {
     dir: PathBuf,
@@ -300,34 +316,18 @@ impl Attestor {
         })
     }
 
-    /// Signs each group's objects (payload members without agent, seq, prev, realm) as
-    /// the key of the lane its did names (the root's or an agent's), keeps them pending,
-    /// and submits every lane's envelopes as one batch, each lane's after whatever it had
-    /// pending; answers each group's verdicts (the resent envelopes' are dropped). A lane
-    /// may be named by several groups: its chain runs through them in order.
-    async fn sign_and_submit(
+    /// Signs each group's objects on its lane and keeps every lane's envelopes pending,
+    /// then saves the lanes' chains and spans: the first half of [`Self::sign_and_submit`].
+    async fn sign_and_keep(
         &self,
         state: &AppState,
         remote: &str,
         lanes: &mut Lanes,
         groups: Vec<(String, Vec<Map<String, Value>>)>,
-    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
-        /// One lane's share of the request.
-        struct Share {
-            did: String,
-            /// Its envelopes: those pending from before, then those signed now.
-            raws: Vec<Vec<u8>>,
-            /// Something was signed now (its pending file, chain and spans change).
-            signed: bool,
-            /// The spans signed now, in order, and as a set.
-            new_spans: Vec<u128>,
-            fresh: HashSet<u128>,
-        }
+    ) -> Result<(Vec<Share>, Places), ApiError> {
         let mut shares: Vec<Share> = Vec::new();
         let mut slots: HashMap<String, usize> = HashMap::new();
-        // Per group, per object: its (share, place among the share's envelopes), or why
-        // it was not signed.
-        let mut places: Vec<Vec<Result<(usize, usize), Verdict>>> = Vec::with_capacity(groups.len());
+        let mut places: Places = Vec::with_capacity(groups.len());
         for (did, objects) in groups {
             let slot = match slots.get(&did) {
                 Some(slot) => *slot,
@@ -433,6 +433,33 @@ impl Attestor {
             }
             custos_store::fsync_dir(&self.dir).map_err(io)?;
         }
+        Ok((shares, places))
+    }
+
+    /// Signs each group's objects (payload members without agent, seq, prev, realm) as
+    /// the key of the lane its did names (the root's or an agent's), keeps them pending,
+    /// and submits every lane's envelopes as one batch, each lane's after whatever it had
+    /// pending; answers each group's verdicts (the resent envelopes' are dropped). A lane
+    /// may be named by several groups: its chain runs through them in order.
+    async fn sign_and_submit(
+        &self,
+        state: &AppState,
+        remote: &str,
+        lanes: &mut Lanes,
+        groups: Vec<(String, Vec<Map<String, Value>>)>,
+    ) -> Result<Vec<Vec<Verdict>>, ApiError> {
+        let touched: Vec<String> = groups.iter().map(|(did, _)| did.clone()).collect();
+        let (mut shares, places) = match self.sign_and_keep(state, remote, lanes, groups).await {
+            Ok(kept) => kept,
+            Err(error) => {
+                // Their signers may have signed what was never kept: each lane opens
+                // again from its files next time, so its chain never runs past them.
+                for did in touched {
+                    lanes.lanes.remove(&did);
+                }
+                return Err(error);
+            }
+        };
         // One append for every lane: where each lane's envelopes start in it.
         let mut starts = Vec::with_capacity(shares.len());
         let mut raws = Vec::new();

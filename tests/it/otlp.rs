@@ -243,3 +243,87 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
     let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
     assert!(output.status.success(), "{}", crate::support::stderr(&output));
 }
+
+/// A request the node could not keep (its agent's pending file cannot be written) is
+/// answered with an error, and the agent's chain does not run past what it signed for
+/// it: the next request continues the chain from what was kept, without a gap.
+#[test]
+fn a_request_that_could_not_be_kept_leaves_no_gap_in_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let server = Server::start(&data);
+    let admin = server.token();
+    let collector = collector_token(&server.url, &admin, "eng");
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let request = |span_id: &str| {
+        json!({"resourceSpans": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "planner"}}]},
+            "scopeSpans": [{"spans": [{"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id,
+                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
+                "endTimeUnixNano": now.to_string(),
+                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]}]}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    let (status, answer) = post_otlp(&server.url, Some(&collector), request("00f067aa0ba90501")).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let agent =
+        crate::cluster::sql(&server.url, &admin, "SELECT agent FROM events WHERE kind = 'llm_call'")[0]["agent"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    // Where the agent's pending envelopes are written first: a directory in the way
+    // makes that write fail (as a full or failing disk would), whoever runs the test.
+    let stem = agent.trim_start_matches("did:key:");
+    let chain = walk(&data.join("attest"))
+        .into_iter()
+        .find(|path| path.file_name().and_then(|name| name.to_str()) == Some(&format!("{stem}.chain.json")))
+        .expect("the agent's chain file");
+    let blocker = chain.with_file_name(format!("{stem}.pending.ndjson.tmp"));
+    std::fs::create_dir(&blocker).unwrap();
+    let (status, answer) = post_otlp(&server.url, Some(&collector), request("00f067aa0ba90502")).unwrap();
+    assert_eq!(status, 503, "{answer}");
+    std::fs::remove_dir(&blocker).unwrap();
+    for span_id in ["00f067aa0ba90503", "00f067aa0ba90502"] {
+        let (status, answer) = post_otlp(&server.url, Some(&collector), request(span_id)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    let rows = crate::cluster::sql(
+        &server.url,
+        &admin,
+        "SELECT span_id, seq, gap_from FROM events WHERE kind = 'llm_call' ORDER BY log_index",
+    );
+    let found: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|row| (row["span_id"].as_str().unwrap(), row["seq"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("00f067aa0ba90501", 0),
+            ("00f067aa0ba90503", 1),
+            ("00f067aa0ba90502", 2)
+        ],
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|row| row["gap_from"].is_null()),
+        "no chain gap: {rows:?}"
+    );
+    server.stop();
+    let output = crate::support::run(&["verify", data.to_str().unwrap(), "--signatures"]);
+    assert!(output.status.success(), "{}", crate::support::stderr(&output));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => found.extend(walk(&path)),
+            false => found.push(path),
+        }
+    }
+    found
+}
