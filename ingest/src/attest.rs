@@ -51,7 +51,16 @@ struct Lane {
     enrolled: bool,
     /// The spans it attested last.
     spans: RecentSpans,
+    /// The request that named it last ([`Lanes::tick`]).
+    used: u64,
 }
+
+/// How many attested agents' lanes an adapter keeps open in memory. A lane holds its
+/// key, its chain and up to [`RECENT_SPANS`] span keys (about 50 KiB when full), so a
+/// collector naming ever more agents must not keep them all: after a request, the
+/// lanes named least recently beyond this are closed, and open again from their files
+/// (chain, pending envelopes, span keys, enrollment marker) when next named.
+pub(crate) const OPEN_LANES: usize = 4096;
 
 /// How many spans each attested agent remembers, to answer a span sent again
 /// `duplicate`: an exporter retries within seconds, and an ingest node resends after 5
@@ -185,6 +194,30 @@ pub(crate) struct Attestor {
 struct Lanes {
     root_enrolled: bool,
     lanes: HashMap<String, Lane>,
+    /// Counts the requests that named lanes.
+    tick: u64,
+}
+
+impl Lanes {
+    /// Closes the lanes named least recently (never `root`'s) when more than `keep` are
+    /// open, down to three quarters of it, so that a fleet just over `keep` does not
+    /// sort them on every request. Every lane's state is in its files between requests.
+    fn trim(&mut self, keep: usize, root: &str) {
+        if self.lanes.len() <= keep {
+            return;
+        }
+        let mut ages: Vec<(u64, String)> = self
+            .lanes
+            .iter()
+            .filter(|(did, _)| did.as_str() != root)
+            .map(|(did, lane)| (lane.used, did.clone()))
+            .collect();
+        ages.sort_unstable();
+        let excess = self.lanes.len() - keep * 3 / 4;
+        for (_, did) in ages.into_iter().take(excess) {
+            self.lanes.remove(&did);
+        }
+    }
 }
 
 fn io(error: impl std::fmt::Display) -> ApiError {
@@ -313,6 +346,7 @@ impl Attestor {
             spans,
             signer: Signer::resume(key, self.realm.clone(), chain),
             enrolled,
+            used: 0,
         })
     }
 
@@ -548,6 +582,8 @@ impl Attestor {
             let lane = self.lane(self.root.clone())?;
             lanes.lanes.insert(root_did.clone(), lane);
         }
+        lanes.tick += 1;
+        let tick = lanes.tick;
         let mut dids = Vec::with_capacity(names.len());
         let mut delegations = Vec::new();
         // Per delegation: the did and the name it enrolls.
@@ -559,6 +595,9 @@ impl Attestor {
             if !lanes.lanes.contains_key(&did) {
                 let lane = self.lane(key)?;
                 lanes.lanes.insert(did.clone(), lane);
+            }
+            if let Some(lane) = lanes.lanes.get_mut(&did) {
+                lane.used = tick;
             }
             dids.push(did.clone());
             if lanes.lanes[&did].enrolled || !delegating.insert(did.clone()) {
@@ -625,8 +664,9 @@ impl Attestor {
         let mut lanes = self.state.lock().await;
         let dids = self
             .ensure(&mut lanes, state, remote, vec![(name.to_owned(), extra)])
-            .await?;
-        Ok(dids.into_iter().next().expect("one name, one did"))
+            .await;
+        lanes.trim(OPEN_LANES, self.root.did());
+        Ok(dids?.into_iter().next().expect("one name, one did"))
     }
 
     /// The adapter's root key (`custos.attested_by`).
@@ -645,7 +685,13 @@ impl Attestor {
     ) -> Result<Vec<Vec<Verdict>>, ApiError> {
         let mut lanes = self.state.lock().await;
         let names = groups.iter().map(|(name, _)| (name.clone(), Map::new())).collect();
-        let dids = self.ensure(&mut lanes, state, remote, names).await?;
+        let dids = match self.ensure(&mut lanes, state, remote, names).await {
+            Ok(dids) => dids,
+            Err(error) => {
+                lanes.trim(OPEN_LANES, self.root.did());
+                return Err(error);
+            }
+        };
         let groups = groups
             .into_iter()
             .zip(dids)
@@ -664,7 +710,9 @@ impl Attestor {
             })
             .collect();
         // Every agent's events in one append, not one per agent.
-        self.sign_and_submit(state, remote, &mut lanes, groups).await
+        let answers = self.sign_and_submit(state, remote, &mut lanes, groups).await;
+        lanes.trim(OPEN_LANES, self.root.did());
+        answers
     }
 }
 
@@ -720,6 +768,36 @@ mod tests {
         // Keys recorded after a torn last line are not glued to it.
         damaged.record(&path, &[key(7777)]).unwrap();
         assert!(RecentSpans::load(&path).unwrap().keys.contains(&key(7777)));
+    }
+
+    /// Beyond the limit, the lanes named least recently are closed (down to three
+    /// quarters of it), never the root's.
+    #[test]
+    fn the_lanes_named_least_recently_are_closed_beyond_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let attestor = Attestor::open(dir.path(), "otlp", "t1", "eng").unwrap();
+        let mut lanes = Lanes::default();
+        let root = attestor.root.did().to_owned();
+        lanes
+            .lanes
+            .insert(root.clone(), attestor.lane(attestor.root.clone()).unwrap());
+        let mut dids = Vec::new();
+        // Named in the order 5, 4, 3, 2, 1, 0: agent 0 most recently.
+        for (used, name) in (0..6).rev().enumerate() {
+            let key = attestor.agent_key(&format!("agent-{name}"));
+            let mut lane = attestor.lane(key.clone()).unwrap();
+            lane.used = used as u64 + 1;
+            dids.push(key.did().to_owned());
+            lanes.lanes.insert(key.did().to_owned(), lane);
+        }
+        lanes.trim(8, &root);
+        assert_eq!(lanes.lanes.len(), 7, "within the limit, nothing is closed");
+        lanes.trim(4, &root);
+        let mut open: Vec<&String> = lanes.lanes.keys().collect();
+        open.sort();
+        let mut expected = vec![&root, &dids[4], &dids[5]];
+        expected.sort();
+        assert_eq!(open, expected, "the root and the two named last");
     }
 
     /// A span signed and kept pending before the process stopped, with its key not yet
