@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -55,7 +55,28 @@ pub struct ControlView {
     agents: std::sync::RwLock<HashMap<String, AgentView>>,
     lastid: std::sync::RwLock<HashMap<String, String>>,
     loaded: AtomicBool,
+    rounds: Rounds,
 }
+
+/// Reading the control topic up to its end on demand ([`ControlView::catch_up`]): each
+/// call asks for a round, and the follower reports the rounds it finished.
+struct Rounds {
+    asked: AtomicU64,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Rounds {
+    fn default() -> Self {
+        Self {
+            asked: AtomicU64::new(0),
+            done: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// How long a request naming an agent this node does not know waits for the control
+/// topic to be read to its end before the agent is refused `unknown_agent`.
+pub const CATCH_UP: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AgentView {
@@ -125,6 +146,46 @@ impl ControlView {
 
     pub fn loaded(&self) -> bool {
         self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most `within`) until the view has read the control topic up to where
+    /// it ended after this call began: an agent enrolled through another node before
+    /// then is known afterwards. Concurrent calls share rounds. `false` when that did
+    /// not happen in time (the brokers away, say).
+    pub async fn catch_up(&self, within: Duration) -> bool {
+        let round = self.rounds.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut done = self.rounds.done.subscribe();
+        matches!(
+            tokio::time::timeout(within, done.wait_for(|finished| *finished >= round)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// For the reader of the control topic: the last round asked for. A round it starts
+    /// after reading this (asking the brokers where the topic ends) serves every call
+    /// up to it.
+    pub fn rounds_asked(&self) -> u64 {
+        self.rounds.asked.load(Ordering::SeqCst)
+    }
+
+    /// For the reader of the control topic: every round up to `round` is done (the
+    /// topic was read to where it ended when that round started).
+    pub fn rounds_done(&self, round: u64) {
+        self.rounds.done.send_if_modified(|finished| {
+            let newer = round > *finished;
+            if newer {
+                *finished = round;
+            }
+            newer
+        });
+    }
+
+    /// Whether the view knows agent `did` (enrolled, whatever its status).
+    fn knows(&self, did: &str) -> bool {
+        self.agents
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(did)
     }
 
     /// Records that LastID agent `did` is enrolled in `realm` (a control-topic record, or
@@ -998,6 +1059,17 @@ async fn post_events(
         }
     };
     let items = verify_request(raws, state.config.max_event_bytes, state.keys.clone()).await?;
+    // An agent enrolled through another node a moment ago may not have reached this
+    // node's view yet: before refusing it `unknown_agent`, read the control topic up to
+    // its end (as the writer's own registry would already know it).
+    let unknown = items.iter().any(|item| {
+        item.outcome
+            .as_ref()
+            .is_ok_and(|verified| !state.view.knows(&verified.payload.agent))
+    });
+    if unknown {
+        state.view.catch_up(CATCH_UP).await;
+    }
     let count = items.len();
     let checked = items.into_iter().map(|item| state.view.check(item));
     let realms = realm_batches(&remote, checked);
@@ -1102,6 +1174,22 @@ async fn enroll(
         by: format!("token:{}", caller.token_id),
     };
     let appended = submit(&state, Submission::Control(op)).await?;
+    // Answered once this node's view has the agent too: its control record is on the
+    // brokers then, so another ingest node that reads the topic to its end (as it does
+    // before refusing an unknown signer) knows it as well.
+    let deadline = Instant::now() + CATCH_UP;
+    while !state.view.knows(&request.did) && Instant::now() < deadline {
+        if !state
+            .view
+            .catch_up(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            break;
+        }
+        if !state.view.knows(&request.did) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({
@@ -1219,6 +1307,33 @@ mod tests {
 
     fn refused(code: &'static str, signed: bool) -> impl Fn(ItemCheck) -> bool {
         move |check| matches!(check, ItemCheck::Refused { code: c, signed: s, .. } if c == code && s == signed)
+    }
+
+    /// A catch-up is answered by a round asked for after it began, not by one already
+    /// finished; without a reader it is not in time.
+    #[tokio::test]
+    async fn a_catch_up_waits_for_a_round_asked_after_it() {
+        let view = Arc::new(ControlView::new());
+        assert!(
+            !view.catch_up(Duration::from_millis(20)).await,
+            "no reader: not in time"
+        );
+        view.rounds_done(view.rounds_asked());
+        let waiting = tokio::spawn({
+            let view = view.clone();
+            async move { view.catch_up(Duration::from_secs(30)).await }
+        });
+        while view.rounds_asked() < 2 {
+            tokio::task::yield_now().await;
+        }
+        view.rounds_done(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the round done before it was asked does not count"
+        );
+        view.rounds_done(2);
+        assert!(waiting.await.unwrap());
     }
 
     #[test]

@@ -880,13 +880,30 @@ fn follow_control(kafka: &KafkaConfig, view: &custos_ingest::edge::ControlView, 
             }
         }
     };
+    // The last round of reading to the topic's end that was started, and finished
+    // (`ControlView::catch_up`).
+    let (mut started, mut finished) = (0, 0);
     while !stop.load(Ordering::Relaxed) {
-        if let Some((key, value)) = feed.poll(std::time::Duration::from_millis(100)) {
+        // Short: a round asked for starts within this.
+        if let Some((key, value)) = feed.poll(std::time::Duration::from_millis(10)) {
             view.apply(&key, &value);
         }
-        if feed.caught_up() && !view.loaded() {
-            view.set_loaded();
-            tracing::info!("registry view loaded from the control topic");
+        let asked = view.rounds_asked();
+        if asked > started && view.loaded() {
+            match feed.mark_end(std::time::Duration::from_secs(2)) {
+                Ok(()) => started = asked,
+                Err(error) => tracing::debug!(%error, "asking where the control topic ends; trying again"),
+            }
+        }
+        if feed.caught_up() {
+            if !view.loaded() {
+                view.set_loaded();
+                tracing::info!("registry view loaded from the control topic");
+            }
+            if started > finished {
+                finished = started;
+                view.rounds_done(finished);
+            }
         }
     }
 }

@@ -1781,7 +1781,11 @@ fn partition_count<C: ClientContext>(client: &rdkafka::client::Client<C>, topic:
 /// registry view with, and what an agent platform can read.
 pub struct ControlFeed {
     consumer: BaseConsumer,
-    /// Partitions not yet read up to the end they had when the feed opened.
+    topic: String,
+    /// Each partition's next offset to read (its start until a record is read).
+    next: HashMap<i32, i64>,
+    /// Partitions not yet read up to the end they had when the feed opened (or when
+    /// [`ControlFeed::mark_end`] was last called).
     behind: HashMap<i32, i64>,
 }
 
@@ -1795,13 +1799,37 @@ impl ControlFeed {
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
             .map_err(kafka)?;
-        let marks = assign_all(&consumer, &config.control(), |_, low, _| Offset::Offset(low))?;
+        let topic = config.control();
+        let marks = assign_all(&consumer, &topic, |_, low, _| Offset::Offset(low))?;
+        let next = marks.iter().map(|(partition, (low, _))| (*partition, *low)).collect();
         let behind = marks
             .into_iter()
             .filter(|(_, (low, high))| high > low)
             .map(|(partition, (_, high))| (partition, high))
             .collect();
-        Ok(Self { consumer, behind })
+        Ok(Self {
+            consumer,
+            topic,
+            next,
+            behind,
+        })
+    }
+
+    /// Asks the brokers where each partition ends now: [`ControlFeed::caught_up`] is
+    /// false again until the feed has read that far. What a reader uses to be sure it
+    /// has seen every record published before a moment (an agent enrolled through
+    /// another node, say).
+    pub fn mark_end(&mut self, timeout: Duration) -> Result<(), StageError> {
+        for (partition, next) in &self.next {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, *partition, timeout)
+                .map_err(kafka)?;
+            if high > *next {
+                self.behind.insert(*partition, high);
+            }
+        }
+        Ok(())
     }
 
     /// The next record (`key`, `value`), waiting up to `timeout`; `None` when none came
@@ -1814,6 +1842,7 @@ impl ControlFeed {
                 return None;
             }
         };
+        self.next.insert(message.partition(), message.offset() + 1);
         if self
             .behind
             .get(&message.partition())

@@ -253,6 +253,17 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         }
     }
     let probe = probes[0].clone();
+    // An agent enrolled through one ingest node is taken at once by the other, as by
+    // one node: the first answers once the agent's control record is on the brokers,
+    // and a node that does not know a signer reads the control topic to its end before
+    // refusing it `unknown_agent`.
+    for n in 0..10u8 {
+        let key = AgentKey::from_seed(&[120 + n; 32]);
+        enroll(&first.url, &first.token(), key.did(), "eng");
+        let mut signer = Signer::new(key, "eng");
+        let results = post_events(&second.url, &batch(&mut signer, 1)).expect("events answered");
+        assert_eq!(results[0]["status"], "accepted", "{results:?}");
+    }
 
     // The node describes its own routes.
     let document: serde_json::Value = reqwest::blocking::get(format!("{}/openapi.json", first.url))
