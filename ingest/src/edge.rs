@@ -668,7 +668,21 @@ async fn forward_adapter(
     };
     if request.route == LASTID_AUDIT {
         let partitions = state.submitter.partitions();
-        match lastid_parts(&state.view, &body, state.config.max_events_per_request, partitions) {
+        let mut parts = lastid_parts(&state.view, &body, state.config.max_events_per_request, partitions);
+        // Records of a LastID agent the view does not place yet (enrolled through
+        // another node a moment ago, say): placed again after reading the control topic
+        // to its end, as events of an unknown signer are.
+        let unplaced = |parts: &Option<Vec<LastIdPart>>| {
+            parts.as_ref().is_some_and(|parts| {
+                parts
+                    .iter()
+                    .any(|part| part.realm.is_none() && !part.indexes.is_empty())
+            })
+        };
+        if unplaced(&parts) && state.view.catch_up(CATCH_UP).await {
+            parts = lastid_parts(&state.view, &body, state.config.max_events_per_request, partitions);
+        }
+        match parts {
             Some(parts) if parts.len() > 1 => return forward_lastid_parts(&state, request, parts, source).await,
             Some(mut parts) => request.realm = parts.pop().and_then(|part| part.realm),
             // Not a batch this node can read: the writer refuses it, and keeps it.
