@@ -527,16 +527,7 @@ fn adapters_through_ingest_nodes(url: &str, admin: &str, nodes: [&str; 2]) -> St
     let collector = collector_token(url, admin, "eng");
     let collector = collector.as_str();
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
-    let spans = |span_id: &str| {
-        json!({"resourceSpans": [{"resource": {"attributes": [
-            {"key": "service.name", "value": {"stringValue": "planner"}}]},
-            "scopeSpans": [{"spans": [{"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id,
-                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
-                "endTimeUnixNano": now.to_string(),
-                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]}]}]}]})
-        .to_string()
-        .into_bytes()
-    };
+    let spans = |span_id: &str| crate::otlp::planner_spans(now, &[span_id]);
     let span_ids = ["00f067aa0ba90201", "00f067aa0ba90202"];
     for (node, span_id) in nodes.iter().zip(span_ids) {
         let (status, answer) = post_otlp(node, Some(collector), spans(span_id)).unwrap();

@@ -5,6 +5,24 @@ use serde_json::json;
 use crate::cluster::{collector_token, post_otlp};
 use crate::support::Server;
 
+/// An OTLP/JSON body: `chat` spans of the service `planner` with `span_ids`, in one
+/// trace, ended at `now` (Unix nanoseconds).
+pub(crate) fn planner_spans(now: i64, span_ids: &[&str]) -> Vec<u8> {
+    let spans: Vec<serde_json::Value> = span_ids
+        .iter()
+        .map(|span_id| {
+            json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id, "name": "chat", "kind": 3,
+                "startTimeUnixNano": (now - 1000).to_string(), "endTimeUnixNano": now.to_string(),
+                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]})
+        })
+        .collect();
+    json!({"resourceSpans": [{"resource": {"attributes": [
+        {"key": "service.name", "value": {"stringValue": "planner"}}]},
+        "scopeSpans": [{"spans": spans}]}]})
+    .to_string()
+    .into_bytes()
+}
+
 /// The span ids of the attested `llm_call` events, in log order.
 fn spans(url: &str, token: &str) -> Vec<String> {
     crate::cluster::sql(
@@ -29,21 +47,7 @@ fn a_span_sent_again_is_stored_once_even_across_a_kill() {
     let admin = server.token();
     let collector = collector_token(&server.url, &admin, "eng");
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
-    let request = |span_ids: &[&str]| {
-        let spans: Vec<serde_json::Value> = span_ids
-            .iter()
-            .map(|span_id| {
-                json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id, "name": "chat", "kind": 3,
-                    "startTimeUnixNano": (now - 1000).to_string(), "endTimeUnixNano": now.to_string(),
-                    "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]})
-            })
-            .collect();
-        json!({"resourceSpans": [{"resource": {"attributes": [
-            {"key": "service.name", "value": {"stringValue": "planner"}}]},
-            "scopeSpans": [{"spans": spans}]}]})
-        .to_string()
-        .into_bytes()
-    };
+    let request = |span_ids: &[&str]| planner_spans(now, span_ids);
     let send = |url: &str, span_ids: &[&str]| {
         let (status, answer) = post_otlp(url, Some(&collector), request(span_ids)).unwrap();
         assert_eq!(status, 200, "{answer}");
@@ -255,16 +259,7 @@ fn a_request_that_could_not_be_kept_leaves_no_gap_in_the_chain() {
     let admin = server.token();
     let collector = collector_token(&server.url, &admin, "eng");
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
-    let request = |span_id: &str| {
-        json!({"resourceSpans": [{"resource": {"attributes": [
-            {"key": "service.name", "value": {"stringValue": "planner"}}]},
-            "scopeSpans": [{"spans": [{"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id,
-                "name": "chat", "kind": 3, "startTimeUnixNano": (now - 1000).to_string(),
-                "endTimeUnixNano": now.to_string(),
-                "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]}]}]}]})
-        .to_string()
-        .into_bytes()
-    };
+    let request = |span_id: &str| planner_spans(now, &[span_id]);
     let (status, answer) = post_otlp(&server.url, Some(&collector), request("00f067aa0ba90501")).unwrap();
     assert_eq!(status, 200, "{answer}");
     let agent =
