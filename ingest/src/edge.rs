@@ -1174,6 +1174,10 @@ async fn enroll(
     }
     let caller = custos_http::authorize(&state.tokens, &headers, &[Role::Admin])?;
     let request = crate::http::EnrollRequest::parse(&body)?;
+    // Read to the control topic's end first, so that an enrollment through another node
+    // a moment ago (maybe in a realm of another partition, whose writer would not know
+    // it) is refused here.
+    state.view.catch_up(CATCH_UP).await;
     if let Some(realm) = state.view.realm_of(&request.did) {
         return Err(ApiError::new(
             409,
@@ -1252,7 +1256,10 @@ async fn enroll_platform_agent(
     };
     let request = crate::http::EnrollRequest::parse(body)?;
     // Known in another realm (another partition's writer would not know it): refused
-    // here, as a Custos agent the view knows is, so one LastID DID has one realm.
+    // here, as a Custos agent the view knows is, so one LastID DID has one realm. The
+    // view is read to the topic's end first: an enrollment through another node a
+    // moment ago counts.
+    state.view.catch_up(CATCH_UP).await;
     if let Some(realm) = state
         .view
         .lastid_realm(&request.did)

@@ -1603,6 +1603,21 @@ fn adapters_through_ingest_nodes_over_a_partition_set() {
         (409, Some("agent_exists")),
         "{answer}"
     );
+    // So for a Custos agent, even at once: enrolled through the writer's edge, then
+    // through the ingest node in a realm of another partition (whose writer does not
+    // know it), it is refused, as the node reads the control topic to its end first.
+    for seed in 50..55u8 {
+        let key = AgentKey::from_seed(&[seed; 32]);
+        let body = |realm: &str| json!({"did": key.did(), "realm": realm}).to_string().into_bytes();
+        let (status, answer) = post(&writer.url, "/v1/agents", Some(admin), body(&routed)).unwrap();
+        assert_eq!(status, 201, "{answer}");
+        let (status, answer) = post(&node.url, "/v1/agents", Some(&node.token()), body(&direct)).unwrap();
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (409, Some("agent_exists")),
+            "{answer}"
+        );
+    }
     // A batch of agents of two partitions (and one nobody enrolled) is split, each part
     // served by its writer, and answered in batch order.
     let batch = [
