@@ -112,6 +112,22 @@ pub static RESUBMITTED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// An ingest node's reads of the control topic to its end, asked for by a request that
+/// named an agent the node did not know (docs/architecture.md), by whether the read
+/// finished within its second.
+pub static CATCH_UPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "custos_ingest_catch_ups_total",
+                "Reads of the control topic to its end an ingest node's requests waited on, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Entries in the Merkle log.
 pub static TREE_SIZE: LazyLock<IntGauge> = LazyLock::new(|| {
     register(IntGauge::new("custos_log_tree_size", "Entries in the Merkle log").expect("valid metric"))
@@ -318,6 +334,7 @@ pub fn init() {
         WRITER_SECONDS.with_label_values(&[step]);
     }
     LazyLock::force(&RESUBMITTED);
+    LazyLock::force(&CATCH_UPS);
     LazyLock::force(&FORGED);
     LazyLock::force(&TREE_SIZE);
     LazyLock::force(&CHECKPOINT_SIZE);

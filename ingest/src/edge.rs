@@ -155,10 +155,14 @@ impl ControlView {
     pub async fn catch_up(&self, within: Duration) -> bool {
         let round = self.rounds.asked.fetch_add(1, Ordering::SeqCst) + 1;
         let mut done = self.rounds.done.subscribe();
-        matches!(
+        let in_time = matches!(
             tokio::time::timeout(within, done.wait_for(|finished| *finished >= round)).await,
             Ok(Ok(_))
-        )
+        );
+        custos_http::metrics::CATCH_UPS
+            .with_label_values(&[if in_time { "in_time" } else { "late" }])
+            .inc();
+        in_time
     }
 
     /// For the reader of the control topic: the last round asked for. A round it starts

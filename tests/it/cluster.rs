@@ -264,6 +264,20 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         let results = post_events(&second.url, &batch(&mut signer, 1)).expect("events answered");
         assert_eq!(results[0]["status"], "accepted", "{results:?}");
     }
+    // Every read of the topic to its end finished in time (none waited out its second):
+    // the first node's, one or more per enrollment, and the second's, for the signers
+    // it did not know yet when their events came.
+    for (node, least) in [(&first, 10), (&second, 0)] {
+        let (in_time, late) = (
+            metric(node, "custos_ingest_catch_ups_total{outcome=\"in_time\"}"),
+            metric(node, "custos_ingest_catch_ups_total{outcome=\"late\"}"),
+        );
+        assert!(
+            in_time >= least && late == 0,
+            "{} read the topic to its end {in_time} times in time, {late} late",
+            node.url
+        );
+    }
 
     // The node describes its own routes.
     let document: serde_json::Value = reqwest::blocking::get(format!("{}/openapi.json", first.url))
