@@ -455,7 +455,7 @@ impl Pipeline {
             replay_from,
             publish_entries: false,
             adapters: None,
-            control_notes: None,
+            control: None,
             queue: Some(queue),
             system_signers: signers,
             operations: Some(Arc::new(Ops {

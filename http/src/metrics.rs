@@ -112,6 +112,22 @@ pub static RESUBMITTED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// A writer bridged to Kafka: enrollments and revocations (and LastID enrollments)
+/// answered once their control record was on the brokers, by whether that happened
+/// within `PUBLISH_WAIT` (docs/architecture.md).
+pub static CONTROL_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "custos_writer_control_waits_total",
+                "Registry changes a writer bridged to Kafka answered once their control record was on the brokers, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// An ingest node's reads of the control topic to its end, asked for by a request that
 /// named an agent the node did not know (docs/architecture.md), by whether the read
 /// finished within its second.
@@ -335,6 +351,7 @@ pub fn init() {
     }
     LazyLock::force(&RESUBMITTED);
     LazyLock::force(&CATCH_UPS);
+    LazyLock::force(&CONTROL_WAITS);
     LazyLock::force(&FORGED);
     LazyLock::force(&TREE_SIZE);
     LazyLock::force(&CHECKPOINT_SIZE);

@@ -43,9 +43,32 @@ pub(crate) struct AppState {
     pub(crate) lastid: Arc<crate::lastid::LastId>,
     /// The VaultysClaw adapter, when configured.
     pub(crate) vaultysclaw: Option<Arc<crate::vaultysclaw::VaultysClaw>>,
+    /// On a writer bridged to Kafka: how far its control records are on the brokers.
+    pub(crate) published: Option<tokio::sync::watch::Receiver<crate::registry::Published>>,
 }
 
 impl AppState {
+    /// On a writer bridged to Kafka, waits (at most [`crate::registry::PUBLISH_WAIT`])
+    /// until `reached` holds of its published control records: until a change this
+    /// request made is on the control topic, where ingest nodes read it. At once
+    /// elsewhere.
+    pub(crate) async fn published(&self, reached: impl Fn(&crate::registry::Published) -> bool) {
+        let Some(published) = &self.published else {
+            return;
+        };
+        let mut published = published.clone();
+        let in_time = matches!(
+            tokio::time::timeout(crate::registry::PUBLISH_WAIT, published.wait_for(|now| reached(now))).await,
+            Ok(Ok(_))
+        );
+        if !in_time {
+            tracing::warn!("a control record did not reach the brokers in time; answering anyway");
+        }
+        custos_http::metrics::CONTROL_WAITS
+            .with_label_values(&[if in_time { "in_time" } else { "late" }])
+            .inc();
+    }
+
     /// The attestor of adapter `name` of `source`, opened (its root key made) on first use.
     pub(crate) fn attestor(
         &self,
@@ -666,6 +689,9 @@ pub(crate) async fn enroll_as(state: &AppState, caller: &Caller, request: Enroll
         reply,
     })
     .await?;
+    // Answered once ingest nodes can learn the agent: its first events may go to any.
+    let index = record.enroll_log_index;
+    state.published(|published| published.entries > index).await;
     Ok((StatusCode::CREATED, Json(record)).into_response())
 }
 
@@ -793,6 +819,9 @@ async fn revoke(
         reply,
     })
     .await?;
+    if let Some(last) = revoked.log_indexes.iter().max().copied() {
+        state.published(|published| published.entries > last).await;
+    }
     Ok(Json(revoked).into_response())
 }
 

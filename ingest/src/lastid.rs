@@ -68,6 +68,9 @@ pub(crate) struct LastId {
     table: tokio::sync::Mutex<Table>,
     /// Where each enrollment goes as a control-topic record (a writer bridged to Kafka).
     notes: Option<crate::registry::ControlNotes>,
+    /// Records sent on `notes` so far (under `table`'s lock after the start): the
+    /// published count ([`crate::registry::Published::notes`]) an answer waits for.
+    sent: std::sync::atomic::AtomicU64,
 }
 
 fn io(error: impl std::fmt::Display) -> ApiError {
@@ -84,15 +87,18 @@ impl LastId {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let mut sent = 0;
         if let Some(notes) = &notes {
             for (did, enrolled) in &table.agents {
                 let _ = notes.send(crate::registry::lastid_record(did, &enrolled.realm));
+                sent += 1;
             }
         }
         Self {
             path,
             table: tokio::sync::Mutex::new(table),
             notes,
+            sent: sent.into(),
         }
     }
 
@@ -197,6 +203,10 @@ pub(crate) async fn enroll(
         // Sent on by the bridge's thread (a closed channel: the node is stopping, and
         // the next start sends every enrollment again).
         let _ = notes.send(crate::registry::lastid_record(did, realm));
+        let number = adapter.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        drop(table);
+        // Answered once ingest nodes can place the agent's records.
+        state.published(|published| published.notes >= number).await;
     }
     Ok((
         axum::http::StatusCode::CREATED,

@@ -154,9 +154,11 @@ pub struct Hooks {
     /// Serves the adapter requests ingest nodes pass on ([`AdapterDesk`]) once the node
     /// is open: given to the writer's Kafka bridge before the start.
     pub adapters: Option<AdapterDesk>,
-    /// Where the node's LastID enrollments go as control-topic records (all of them at
-    /// start, then each new one): given by the writer's Kafka bridge.
-    pub control_notes: Option<registry::ControlNotes>,
+    /// The writer's Kafka bridge: where the node's LastID enrollments go as control-topic
+    /// records (all of them at start, then each new one), and how far the node's control
+    /// records have reached the brokers, which enrollments and revocations are answered
+    /// after.
+    pub control: Option<registry::ControlLink>,
 }
 
 /// Builds extra routes once the node is open (see [`Hooks::routes`]).
@@ -405,7 +407,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         drain,
         routes,
         adapters,
-        control_notes,
+        control,
     } = hooks;
     let (changes, _) = tokio::sync::broadcast::channel(4096);
     // Ends long-lived responses (the control stream) so a graceful shutdown can finish.
@@ -478,7 +480,11 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
             stopping_rx.clone(),
         ));
     }
-    let lastid = Arc::new(lastid::LastId::open(&config.data, control_notes));
+    let (notes, published) = match control {
+        Some(registry::ControlLink { notes, published }) => (Some(notes), Some(published)),
+        None => (None, None),
+    };
+    let lastid = Arc::new(lastid::LastId::open(&config.data, notes));
     let (vaultysclaw, vaultysclaw_token) = match &config.vaultysclaw {
         Some(settings) => {
             let adapter = vaultysclaw::VaultysClaw::open(&config.data, settings.clone())
@@ -507,6 +513,7 @@ pub async fn start_with(config: NodeConfig, hooks: Hooks) -> Result<Running, Nod
         attestors: Arc::default(),
         lastid,
         vaultysclaw: vaultysclaw.clone(),
+        published,
     };
     if let (Some(adapter), Some(token)) = (vaultysclaw, vaultysclaw_token) {
         tokio::spawn(vaultysclaw::pull(state.clone(), adapter, token));

@@ -243,6 +243,30 @@ fn trim(recent: &mut VecDeque<(u64, [u8; 32], u64)>, window: usize, sealed_end: 
 /// (`key`, `value`): its LastID enrollments ([`lastid_record`]).
 pub type ControlNotes = std::sync::mpsc::Sender<(String, Vec<u8>)>;
 
+/// What a writer bridged to Kafka shares with its node about the control topic: the
+/// records the node adds beside its control entries go out on `notes`, and `published`
+/// says how far what the node changed has reached the brokers.
+pub struct ControlLink {
+    pub notes: ControlNotes,
+    pub published: tokio::sync::watch::Receiver<Published>,
+}
+
+/// How far a writer's control records are on the brokers: those of every control entry
+/// below log index `entries`, and the first `notes` records sent on [`ControlNotes`]
+/// since the start. An answer that changed the registry (an enrollment, a revocation)
+/// waits for it, at most [`PUBLISH_WAIT`], so that an ingest node that reads the control
+/// topic to its end after the answer knows the change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub entries: u64,
+    pub notes: u64,
+}
+
+/// The longest an answer waits for its control record to reach the brokers; later, it
+/// is answered anyway (the change is durable in the log, and published when the brokers
+/// take it), and `custos_writer_control_waits_total{outcome="late"}` counts it.
+pub const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The control-topic record of a LastID agent enrolled on this writer's node, keyed
 /// `lastid:<did>`: what places the agent's audit records on its realm's partition when
 /// ingest nodes pass them on (`docs/architecture.md`).

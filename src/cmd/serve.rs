@@ -107,9 +107,15 @@ impl Bridges {
         };
         let mut control_feed = fanout.subscribe(|record| matches!(record, custos_stage::Committed::Control { .. }));
         let control = Arc::new(custos_stage::kafka::ControlPublisher::new(kafka).context("connecting to Kafka")?);
-        // The node's LastID enrollments, which place their agents' records over a set.
+        // The node's LastID enrollments, which place their agents' records over a set,
+        // and how far the node's control records are on the brokers.
         let (notes, noted) = std::sync::mpsc::channel();
-        hooks.control_notes = Some(notes);
+        let (reach, published) = tokio::sync::watch::channel(custos_ingest::registry::Published {
+            entries: from,
+            notes: 0,
+        });
+        let reach = Arc::new(reach);
+        hooks.control = Some(custos_ingest::registry::ControlLink { notes, published });
         let stop = Arc::new(AtomicBool::new(false));
         let path = published_path(data);
         let flag = stop.clone();
@@ -138,15 +144,16 @@ impl Bridges {
             })?;
         let flag = stop.clone();
         let publisher = control.clone();
+        let reached = reach.clone();
         let states = std::thread::Builder::new()
             .name("custos-control".into())
             .spawn(move || {
-                publish_control(&mut control_feed, &publisher, from, &flag);
+                publish_control(&mut control_feed, &publisher, from, &reached, &flag);
             })?;
         let flag = stop.clone();
         let notices = std::thread::Builder::new()
             .name("custos-notes".into())
-            .spawn(move || publish_notes(&noted, &control, &flag))?;
+            .spawn(move || publish_notes(&noted, &control, &reach, &flag))?;
         Ok(Self {
             stop,
             threads: vec![out, inward, states, notices],
@@ -162,11 +169,13 @@ impl Bridges {
 }
 
 /// Keeps the compacted control topic up to date: each control entry becomes the latest
-/// record of its subject (`agent:<did>`, `memory:<id>`, `credential:<value>`).
+/// record of its subject (`agent:<did>`, `memory:<id>`, `credential:<value>`). `reach`
+/// follows the entries whose records are on the brokers (answers wait on it).
 fn publish_control(
     feed: &mut custos_stage::embedded::ChannelSubscription,
     control: &custos_stage::kafka::ControlPublisher,
     from: u64,
+    reach: &tokio::sync::watch::Sender<custos_ingest::registry::Published>,
     stop: &AtomicBool,
 ) {
     use custos_stage::Subscription as _;
@@ -183,6 +192,7 @@ fn publish_control(
             continue;
         }
         let Some((key, value)) = custos_ingest::registry::control_record(&payload, log_index) else {
+            reach.send_modify(|published| published.entries = published.entries.max(log_index + 1));
             continue;
         };
         let sent = serde_json::to_vec(&value)
@@ -194,6 +204,7 @@ fn publish_control(
         if !flushed(control, stop) {
             return;
         }
+        reach.send_modify(|published| published.entries = published.entries.max(log_index + 1));
     }
 }
 
@@ -214,6 +225,7 @@ fn flushed(control: &custos_stage::kafka::ControlPublisher, stop: &AtomicBool) -
 fn publish_notes(
     notes: &std::sync::mpsc::Receiver<(String, Vec<u8>)>,
     control: &custos_stage::kafka::ControlPublisher,
+    reach: &tokio::sync::watch::Sender<custos_ingest::registry::Published>,
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
@@ -224,14 +236,17 @@ fn publish_notes(
         };
         // What else is waiting goes with it (at most 1024 at a time, well within the
         // producer's queue), then one flush: at start every enrollment comes at once.
+        let mut count = 0;
         for (key, value) in std::iter::once(first).chain(notes.try_iter().take(1023)) {
             if let Err(error) = control.publish(&key, &value) {
                 tracing::error!(key, %error, "could not publish a control record");
             }
+            count += 1;
         }
         if !flushed(control, stop) {
             return;
         }
+        reach.send_modify(|published| published.notes += count);
     }
 }
 

@@ -264,6 +264,23 @@ fn stateless_ingest_nodes_in_front_of_the_writer() {
         let results = post_events(&second.url, &batch(&mut signer, 1)).expect("events answered");
         assert_eq!(results[0]["status"], "accepted", "{results:?}");
     }
+    // Likewise an agent enrolled through the writer's own API: it answers once the
+    // agent's control record is on the brokers, and every such wait ended in time.
+    for n in 0..10u8 {
+        let key = AgentKey::from_seed(&[140 + n; 32]);
+        enroll(&url, &token, key.did(), "eng");
+        let mut signer = Signer::new(key, "eng");
+        let results = post_events(&second.url, &batch(&mut signer, 1)).expect("events answered");
+        assert_eq!(results[0]["status"], "accepted", "{results:?}");
+    }
+    let (in_time, late) = (
+        metric(&writer, "custos_writer_control_waits_total{outcome=\"in_time\"}"),
+        metric(&writer, "custos_writer_control_waits_total{outcome=\"late\"}"),
+    );
+    assert!(
+        in_time >= 16 && late == 0,
+        "the writer answered {in_time} enrollments once published in time, {late} late"
+    );
     // Every read of the topic to its end finished in time (none waited out its second):
     // the first node's, one or more per enrollment, and the second's, for the signers
     // it did not know yet when their events came.

@@ -158,3 +158,109 @@ async fn the_latest_checkpoint_verifies_with_the_published_key() {
     assert!(checkpoint.size >= 50, "a checkpoint every 50 entries");
     node.stop().await;
 }
+
+/// The metric line `custos_writer_control_waits_total{outcome="…"}` of the node.
+async fn control_waits(node: &Node, outcome: &str) -> u64 {
+    let (status, body) = node.admin(Method::GET, "/metrics", None).await;
+    assert_eq!(status, 200);
+    let text = body.as_str().unwrap().to_owned();
+    let prefix = format!("custos_writer_control_waits_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+/// On a writer bridged to Kafka, an enrollment, a revocation and a LastID enrollment are
+/// answered only once their control record is on the brokers (as the bridge reports),
+/// so an ingest node reading the control topic after the answer knows the change; when
+/// the brokers do not take it within a second, they are answered anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_changes_are_answered_once_their_control_record_is_published() {
+    use custos_ingest::registry::{ControlLink, Published};
+    let (notes, noted) = std::sync::mpsc::channel();
+    let (reach, published) = tokio::sync::watch::channel(Published::default());
+    let hooks = custos_ingest::Hooks {
+        control: Some(ControlLink { notes, published }),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::support::config(dir.path());
+    let node = std::sync::Arc::new(Node::start_hooked(dir, config, hooks).await);
+    let enroll = |seed: u8| {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let did = AgentKey::from_seed(&[seed; 32]).did().to_owned();
+            let body = serde_json::json!({"did": did, "realm": "eng"});
+            node.admin(Method::POST, "/v1/agents", Some(body)).await
+        })
+    };
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(300));
+
+    // Not answered while its record is not out; answered once the bridge says it is.
+    let first = enroll(1);
+    settle().await;
+    assert!(
+        !first.is_finished(),
+        "an enrollment was answered before its control record was published"
+    );
+    reach.send_modify(|published| published.entries = u64::MAX);
+    let (status, record) = first.await.unwrap();
+    assert_eq!(status, 201, "{record}");
+    let index = record["enroll_log_index"].as_u64().unwrap();
+
+    // Records published up to, but not including, the new entry do not answer it.
+    reach.send_modify(|published| published.entries = index + 1);
+    let second = enroll(2);
+    settle().await;
+    assert!(!second.is_finished(), "answered on an earlier entry's publication");
+    reach.send_modify(|published| published.entries = index + 2);
+    let (status, record) = second.await.unwrap();
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(record["enroll_log_index"].as_u64(), Some(index + 1));
+
+    // A revocation, likewise.
+    let did = AgentKey::from_seed(&[2; 32]).did().to_owned();
+    let revoke = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.admin(Method::POST, &format!("/v1/agents/{did}/revoke"), None)
+                .await
+        })
+    };
+    settle().await;
+    assert!(
+        !revoke.is_finished(),
+        "a revocation was answered before its control record was published"
+    );
+    reach.send_modify(|published| published.entries = u64::MAX);
+    let (status, revoked) = revoke.await.unwrap();
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(control_waits(&node, "in_time").await, 3);
+
+    // A LastID enrollment waits for its note.
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+    let lastid = {
+        let node = node.clone();
+        let body = serde_json::json!({"did": "did:lastid:agent:ops-bot", "realm": "ops",
+            "source": "lastid", "public_key": hex::encode(key.as_bytes())});
+        tokio::spawn(async move { node.admin(Method::POST, "/v1/agents", Some(body)).await })
+    };
+    settle().await;
+    assert!(
+        !lastid.is_finished(),
+        "a LastID enrollment was answered before its record was published"
+    );
+    let (key_name, _) = noted.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(key_name, "lastid:did:lastid:agent:ops-bot");
+    reach.send_modify(|published| published.notes = 1);
+    let (status, answer) = lastid.await.unwrap();
+    assert_eq!(status, 201, "{answer}");
+
+    // Brokers that do not take it: answered anyway after the wait, and counted late.
+    reach.send_modify(|published| published.entries = 0);
+    let late = enroll(3);
+    let (status, record) = late.await.unwrap();
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(control_waits(&node, "late").await, 1);
+    assert_eq!(control_waits(&node, "in_time").await, 4);
+}

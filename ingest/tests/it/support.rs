@@ -28,7 +28,11 @@ impl Node {
     }
 
     pub(crate) async fn start_in(dir: tempfile::TempDir, config: NodeConfig) -> Self {
-        let running = custos_ingest::start(config.clone()).await.unwrap();
+        Self::start_hooked(dir, config, custos_ingest::Hooks::default()).await
+    }
+
+    pub(crate) async fn start_hooked(dir: tempfile::TempDir, config: NodeConfig, hooks: custos_ingest::Hooks) -> Self {
+        let running = custos_ingest::start_with(config.clone(), hooks).await.unwrap();
         let token = match &running.admin_token {
             Some(secret) => secret.0.clone(),
             None => std::fs::read_to_string(dir.path().join("admin.token"))
