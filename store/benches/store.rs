@@ -1,4 +1,5 @@
-//! WAL group append (with fsync), Merkle append, and proof generation.
+//! WAL group append (with fsync), Merkle append, proof generation, and sealing (a
+//! segment's Parquet encoding).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use custos_event::{AgentKey, Kind, Payload, Signer};
@@ -72,5 +73,18 @@ fn merkle(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wal, merkle);
+/// What the seal thread does to the open entries (a segment's Parquet file and its seqs),
+/// for 20 000 small events.
+fn seal(c: &mut Criterion) {
+    let entries = entries(20_000);
+    let mut group = c.benchmark_group("seal_20k");
+    group.throughput(Throughput::Elements(entries.len() as u64));
+    group.sample_size(10);
+    group.bench_function("encode_segment", |b| {
+        b.iter(|| custos_store::segment::encode_with_seqs("bench", &entries).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, wal, merkle, seal);
 criterion_main!(benches);
