@@ -151,7 +151,8 @@ struct ServeArgs {
     /// With --roles query: the writer's checkpoint verifier key you trust (the text of its
     /// DATA/logs/0/checkpoint.pub, as `custos verify --log-key` takes it). The node then
     /// refuses an object store signed by any other key, instead of trusting the key it
-    /// reads there first. With --log-per-partition: one key per partition, in partition
+    /// reads there first. Either key is kept in DATA/trusted-log-keys/ and trusted at
+    /// every later start. With --log-per-partition: one key per partition, in partition
     /// order, comma-separated or the flag repeated (each DATA/partitions/<p>/logs/0/
     /// checkpoint.pub of the writers' DATA).
     #[arg(

@@ -109,6 +109,12 @@ impl Replica {
         self.log_key = Some(key);
     }
 
+    /// The log key this replica trusts: pinned, or the one it read first; `None` before
+    /// the copy held one.
+    pub fn trusted_log_key(&self) -> Option<&custos_store::checkpoint::NoteKey> {
+        self.log_key.as_ref()
+    }
+
     /// When the last segment taken in was sealed (RFC 3339), if any was.
     pub fn last_sealed_at(&self) -> Option<&str> {
         self.segments.last().map(|segment| segment.sealed_at.as_str())

@@ -77,26 +77,34 @@ impl QueryNode {
                 })
                 .collect(),
         };
-        let replicas: Vec<Arc<Mutex<Replica>>> = logs
-            .iter()
-            .enumerate()
-            .map(|(position, (_, dir))| {
-                let mut replica = Replica::new(dir.clone(), chain_window);
-                // One key per log, in partition order (serve checked the count).
-                if let Some(key) = log_keys.get(position) {
+        let mut replicas: Vec<Arc<Mutex<Replica>>> = Vec::with_capacity(logs.len());
+        for (position, (_, dir)) in logs.iter().enumerate() {
+            let mut replica = Replica::new(dir.clone(), chain_window);
+            // One key per log, in partition order (serve checked the count); without
+            // one, the key this node trusted before (`replica/` is disposable, what it
+            // trusted is not).
+            match log_keys.get(position) {
+                Some(key) => {
+                    remember_log_key(&data, position, key)?;
                     replica.pin_log_key(key.clone());
                 }
-                Arc::new(Mutex::new(replica))
-            })
-            .collect();
+                None => {
+                    if let Some(key) = remembered_log_key(&data, position)? {
+                        replica.pin_log_key(key);
+                    }
+                }
+            }
+            replicas.push(Arc::new(Mutex::new(replica)));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let caught_up = Arc::new(AtomicUsize::new(0));
         let (first, loaded) = std::sync::mpsc::channel::<anyhow::Result<usize>>();
         let sealed = {
             let (url, store, replicas, stop) = (url.to_owned(), store.clone(), replicas.clone(), stop.clone());
+            let data = data.clone();
             std::thread::Builder::new()
                 .name("custos-replica-sealed".into())
-                .spawn(move || follow_sealed(&url, &store, partitions, &replicas, &stop, first))?
+                .spawn(move || follow_sealed(&url, &store, &data, partitions, &replicas, &stop, first))?
         };
         let segments = tokio::task::spawn_blocking(move || loaded.recv())
             .await?
@@ -272,6 +280,7 @@ async fn metrics(State((_, _, tokens)): State<HealthState>, headers: HeaderMap) 
 fn follow_sealed(
     url: &str,
     store: &std::path::Path,
+    data: &std::path::Path,
     partitions: Option<u32>,
     replicas: &[Arc<Mutex<Replica>>],
     stop: &AtomicBool,
@@ -281,8 +290,24 @@ fn follow_sealed(
         archive.refresh(store)?;
         same_layout(store, partitions)?;
         let mut segments = 0;
-        for replica in replicas {
+        for (position, replica) in replicas.iter().enumerate() {
             segments += refresh_replica(replica)?;
+            // The key read first is trusted from now on, across restarts too.
+            let key = replica
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .trusted_log_key()
+                .cloned();
+            if let Some(key) = key
+                && !remembered_path(data, position).exists()
+            {
+                remember_log_key(data, position, &key)?;
+                tracing::warn!(
+                    log = position,
+                    key = %key.verifier_string(),
+                    "trusting the log key read first from the object store (pin it with --log-key)"
+                );
+            }
         }
         Ok(segments)
     };
@@ -307,6 +332,51 @@ fn follow_sealed(
             Err(error) => tracing::warn!(%error, "reading the object store failed; trying again"),
         }
     }
+}
+
+/// Where a query node keeps the log key it trusts for log `position` (0 for one log, the
+/// partition over a set), outside the disposable `replica/`.
+fn remembered_path(data: &std::path::Path, position: usize) -> std::path::PathBuf {
+    data.join("trusted-log-keys").join(format!("{position}.pub"))
+}
+
+/// Keeps `key` as the one trusted for log `position` (pinned with --log-key, or read
+/// first), so a restart trusts it again instead of whatever the object store then holds.
+fn remember_log_key(
+    data: &std::path::Path,
+    position: usize,
+    key: &custos_store::checkpoint::NoteKey,
+) -> anyhow::Result<()> {
+    let path = remembered_path(data, position);
+    let text = format!("{}\n", key.verifier_string());
+    if fs_err::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    fs_err::create_dir_all(data.join("trusted-log-keys"))?;
+    custos_store::write_atomic(&path, text.as_bytes())
+        .with_context(|| format!("remembering the trusted log key in `{}`", path.display()))
+}
+
+/// The log key this node trusted before for log `position`, if it did.
+fn remembered_log_key(
+    data: &std::path::Path,
+    position: usize,
+) -> anyhow::Result<Option<custos_store::checkpoint::NoteKey>> {
+    let path = remembered_path(data, position);
+    let text = match fs_err::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    custos_store::checkpoint::NoteKey::parse_verifier(text.trim())
+        .map(Some)
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "`{}` does not hold a checkpoint verifier key ({error}): give the writer's key with --log-key, \
+                 or delete the file to trust the key the object store holds now",
+                path.display()
+            )
+        })
 }
 
 /// Takes in `replica`'s new sealed segments, holding it only to plan and to take each

@@ -295,6 +295,48 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let log = both.stop();
     assert!(!log.contains("panicked"), "{log}");
     writer.stop();
+    let refused =
+        |name: &str, extra: &[&str]| refused_query_node(&dir.path().join(name), &broker.addr, PREFIX, &archive, extra);
+    let stranger = custos_store::checkpoint::NoteKey {
+        name: "custos/stranger".into(),
+        public: AgentKey::from_seed(&[9; 32]).public_key(),
+    };
+
+    // The key a node read first is trusted across restarts. Whoever can write the bucket
+    // puts a whole store of their own making there (valid, signed by another key): the
+    // node, its disposable copy thrown away, refuses it rather than trusting its key.
+    let archive_dir = dir.path().join("archive");
+    let remembered = std::fs::read_to_string(both_dir.join("trusted-log-keys/0.pub")).unwrap();
+    let original = std::fs::read_to_string(archive_dir.join("logs/0/checkpoint.pub")).unwrap();
+    assert_eq!(remembered.trim(), original.trim());
+    let forged_dir = dir.path().join("forged");
+    let forger = Server::start_with(
+        &dir.path().join("forger"),
+        &[
+            "--no-detect",
+            "--object-store",
+            &format!("file://{}", forged_dir.display()),
+        ],
+    );
+    let forger_token = forger.token();
+    let mut puppet = Signer::new(AgentKey::from_seed(&[66; 32]), "eng");
+    enroll(&forger.url, &forger_token, puppet.did(), "eng");
+    for _ in 0..6 {
+        let (status, answer) = post(&forger.url, "/v1/events", None, signed_lines(&mut puppet, 100)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    wait_for("the forged store's sealed segment", || {
+        forged_dir.join("logs/0/segments.ndjson").exists()
+    });
+    forger.stop();
+    let kept_dir = dir.path().join("archive-kept");
+    std::fs::rename(&archive_dir, &kept_dir).unwrap();
+    std::fs::rename(&forged_dir, &archive_dir).unwrap();
+    std::fs::remove_dir_all(both_dir.join("replica")).unwrap();
+    let swapped = refused("ingest-query", &[]);
+    assert!(swapped.contains("log key this node trusts"), "{swapped}");
+    std::fs::remove_dir_all(&archive_dir).unwrap();
+    std::fs::rename(&kept_dir, &archive_dir).unwrap();
 
     // A segment changed in the object store (same size, one byte): a query node starting
     // from it refuses, naming the segment.
@@ -308,15 +350,9 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&segment, bytes).unwrap();
-    let refused =
-        |name: &str, extra: &[&str]| refused_query_node(&dir.path().join(name), &broker.addr, PREFIX, &archive, extra);
     let stderr = refused("query-tampered", &[]);
     let name = segment.file_name().unwrap().to_str().unwrap();
     // A node pinned to another key refuses the copy before reading any segment.
-    let stranger = custos_store::checkpoint::NoteKey {
-        name: "custos/stranger".into(),
-        public: AgentKey::from_seed(&[9; 32]).public_key(),
-    };
     let pinned = refused("query-pinned", &["--log-key", &stranger.verifier_string()]);
     assert!(pinned.contains("log key this node trusts"), "{pinned}");
     assert!(stderr.contains(name) && stderr.contains("blake3"), "{stderr}");
@@ -324,17 +360,36 @@ fn a_query_node_answers_as_the_writer_from_object_storage_and_the_topic() {
 }
 
 /// A query node (`--roles query`) on `archive` that must stop at start: its error output.
+/// One still running after a minute took the store instead: killed, and the test fails.
 fn refused_query_node(data: &std::path::Path, brokers: &str, prefix: &str, archive: &str, extra: &[&str]) -> String {
-    let output = crate::support::custos()
+    let log = data.with_extension("refused.log");
+    let mut child = crate::support::custos()
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0", "--kafka", brokers, "--kafka-prefix", prefix])
         .args(["--roles", "query", "--object-store", archive])
         .args(extra)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    let stderr = crate::support::stderr(&output);
-    assert!(!output.status.success(), "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    match status {
+        Some(status) => assert!(!status.success(), "{stderr}"),
+        None => panic!("the query node started on a store it should have refused: {stderr}"),
+    }
     stderr
 }
 
