@@ -180,31 +180,46 @@ fn publish_control(
 ) {
     use custos_stage::Subscription as _;
     while !stop.load(Ordering::Relaxed) {
-        let record = match feed.recv(std::time::Duration::from_millis(100)) {
+        let first = match feed.recv(std::time::Duration::from_millis(100)) {
             Ok(Some(record)) => record,
             Ok(None) => continue,
             Err(_) => return,
         };
-        let custos_stage::Committed::Control { log_index, payload, .. } = record else {
+        // What else is waiting goes with it (a burst of enrollments, a revocation's
+        // cascade), then one flush: each answer waits for its record.
+        let mut burst = vec![first];
+        while burst.len() < 1024 {
+            match feed.recv(std::time::Duration::ZERO) {
+                Ok(Some(record)) => burst.push(record),
+                _ => break,
+            }
+        }
+        let mut last = None;
+        for record in burst {
+            let custos_stage::Committed::Control { log_index, payload, .. } = record else {
+                continue;
+            };
+            if log_index < from {
+                continue;
+            }
+            last = Some(log_index);
+            let Some((key, value)) = custos_ingest::registry::control_record(&payload, log_index) else {
+                continue;
+            };
+            let sent = serde_json::to_vec(&value)
+                .map_err(|error| error.to_string())
+                .and_then(|bytes| control.publish(&key, &bytes).map_err(|error| error.to_string()));
+            if let Err(error) = sent {
+                tracing::error!(key, error, "could not publish a control record");
+            }
+        }
+        let Some(last) = last else {
             continue;
         };
-        if log_index < from {
-            continue;
-        }
-        let Some((key, value)) = custos_ingest::registry::control_record(&payload, log_index) else {
-            reach.send_modify(|published| published.entries = published.entries.max(log_index + 1));
-            continue;
-        };
-        let sent = serde_json::to_vec(&value)
-            .map_err(|error| error.to_string())
-            .and_then(|bytes| control.publish(&key, &bytes).map_err(|error| error.to_string()));
-        if let Err(error) = sent {
-            tracing::error!(key, error, "could not publish a control record");
-        }
         if !flushed(control, stop) {
             return;
         }
-        reach.send_modify(|published| published.entries = published.entries.max(log_index + 1));
+        reach.send_modify(|published| published.entries = published.entries.max(last + 1));
     }
 }
 
