@@ -1,6 +1,6 @@
 //! `custos serve`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -79,7 +79,7 @@ impl Bridges {
         hooks.replay_from = from;
         // Query nodes rebuild the unsealed tail's rows from the committed topic.
         hooks.publish_entries = true;
-        let mut committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
+        let committed = fanout.subscribe_bounded(16_384, custos_stage::embedded::everything);
         let mut publisher =
             custos_stage::kafka::KafkaPublisher::new(kafka, partition).context("connecting to Kafka")?;
         let intake = match partition {
@@ -115,6 +115,7 @@ impl Bridges {
             notes: 0,
         });
         let reach = Arc::new(reach);
+        let control_out = reach.subscribe();
         hooks.control = Some(custos_ingest::registry::ControlLink { notes, published });
         let stop = Arc::new(AtomicBool::new(false));
         let path = published_path(data);
@@ -122,7 +123,20 @@ impl Bridges {
         let out = std::thread::Builder::new()
             .name("custos-publish".into())
             .spawn(move || {
+                // The control records among those published, until the control topic
+                // has them too: a restart resumes (replays) from the first of them, so
+                // recording past it would lose it from the control topic.
+                let pending = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+                let mut committed = NotingControl {
+                    inner: committed,
+                    pending: pending.clone(),
+                };
                 let mut record = |index: u64| {
+                    let published = control_out.borrow().entries;
+                    let pending = &mut *pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let Some(index) = recordable(index, pending, published) else {
+                        return;
+                    };
                     // Not fsynced: losing it only republishes a little, which readers dedupe.
                     if let Err(error) = std::fs::write(&path, index.to_string()) {
                         tracing::warn!(%error, "could not record the published log index");
@@ -165,6 +179,44 @@ impl Bridges {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// The writer's committed records on their way to Kafka, noting the log index of each
+/// control record among them (see [`recordable`]).
+struct NotingControl {
+    inner: custos_stage::embedded::ChannelSubscription,
+    pending: Arc<Mutex<std::collections::VecDeque<u64>>>,
+}
+
+impl custos_stage::Subscription for NotingControl {
+    fn recv(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<custos_stage::Committed>, custos_stage::StageError> {
+        let record = self.inner.recv(timeout)?;
+        if let Some(custos_stage::Committed::Control { log_index, .. }) = &record {
+            self.pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push_back(*log_index);
+        }
+        Ok(record)
+    }
+}
+
+/// The log index the committed-record publisher may record as published (a restart
+/// replays after it, to both publishers): `index`, unless a control record at or below
+/// it is not on the control topic yet; then just below the first such one (`None`:
+/// nothing). `pending` holds the control records forwarded so far, oldest first, and
+/// loses those below `published` (the control topic has every control record below it).
+fn recordable(index: u64, pending: &mut std::collections::VecDeque<u64>, published: u64) -> Option<u64> {
+    while pending.front().is_some_and(|&control| control < published) {
+        pending.pop_front();
+    }
+    match pending.front() {
+        Some(&first) if first <= index => first.checked_sub(1),
+        _ => Some(index),
     }
 }
 
@@ -968,5 +1020,28 @@ mod tests {
         assert!(short.contains("3 partitions"), "{short}");
         let twice = super::pinned_keys(&[a.clone(), b, a], Some(3)).unwrap_err().to_string();
         assert!(twice.contains("custos/a/0") && twice.contains("twice"), "{twice}");
+    }
+
+    /// The committed-record publisher never records a log index at or past a control
+    /// record the control topic does not have yet: a restart replays from after the
+    /// recorded index, and would skip it for good.
+    #[test]
+    fn the_published_index_stays_below_an_unpublished_control_record() {
+        let mut pending = std::collections::VecDeque::new();
+        // No control record: whatever went out.
+        assert_eq!(super::recordable(40, &mut pending, 0), Some(40));
+        // Control records 41 and 45 went out as committed records; the control topic has
+        // none of them yet.
+        pending.extend([41, 45]);
+        assert_eq!(super::recordable(50, &mut pending, 0), Some(40));
+        // It has 41 (every control record below 42): held below 45.
+        assert_eq!(super::recordable(50, &mut pending, 42), Some(44));
+        assert_eq!(super::recordable(44, &mut pending, 42), Some(44));
+        // It has 45 too: free again, and the queue is empty.
+        assert_eq!(super::recordable(60, &mut pending, 46), Some(60));
+        assert!(pending.is_empty());
+        // A control record at index 0 not out yet: nothing may be recorded.
+        pending.push_back(0);
+        assert_eq!(super::recordable(3, &mut pending, 0), None);
     }
 }
