@@ -154,15 +154,13 @@ impl ControlView {
     /// not happen in time (the brokers away, say).
     pub async fn catch_up(&self, within: Duration) -> bool {
         let round = self.rounds.asked.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut done = self.rounds.done.subscribe();
-        let in_time = matches!(
-            tokio::time::timeout(within, done.wait_for(|finished| *finished >= round)).await,
-            Ok(Ok(_))
-        );
-        custos_http::metrics::CATCH_UPS
-            .with_label_values(&[if in_time { "in_time" } else { "late" }])
-            .inc();
-        in_time
+        crate::http::counted_wait(
+            &mut self.rounds.done.subscribe(),
+            within,
+            |finished| *finished >= round,
+            &custos_http::metrics::CATCH_UPS,
+        )
+        .await
     }
 
     /// For the reader of the control topic: the last round asked for. A round it starts

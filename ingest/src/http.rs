@@ -47,6 +47,21 @@ pub(crate) struct AppState {
     pub(crate) published: Option<tokio::sync::watch::Receiver<crate::registry::Published>>,
 }
 
+/// Waits at most `within` until `reached` holds of what `watch` holds, and counts the
+/// wait in `outcomes` as `in_time` or `late`; `true` when in time.
+pub(crate) async fn counted_wait<T>(
+    watch: &mut tokio::sync::watch::Receiver<T>,
+    within: std::time::Duration,
+    reached: impl FnMut(&T) -> bool,
+    outcomes: &prometheus::IntCounterVec,
+) -> bool {
+    let in_time = matches!(tokio::time::timeout(within, watch.wait_for(reached)).await, Ok(Ok(_)));
+    outcomes
+        .with_label_values(&[if in_time { "in_time" } else { "late" }])
+        .inc();
+    in_time
+}
+
 impl AppState {
     /// On a writer bridged to Kafka, waits (at most [`crate::registry::PUBLISH_WAIT`])
     /// until `reached` holds of its published control records: until a change this
@@ -56,17 +71,16 @@ impl AppState {
         let Some(published) = &self.published else {
             return;
         };
-        let mut published = published.clone();
-        let in_time = matches!(
-            tokio::time::timeout(crate::registry::PUBLISH_WAIT, published.wait_for(|now| reached(now))).await,
-            Ok(Ok(_))
-        );
+        let in_time = counted_wait(
+            &mut published.clone(),
+            crate::registry::PUBLISH_WAIT,
+            reached,
+            &custos_http::metrics::CONTROL_WAITS,
+        )
+        .await;
         if !in_time {
             tracing::warn!("a control record did not reach the brokers in time; answering anyway");
         }
-        custos_http::metrics::CONTROL_WAITS
-            .with_label_values(&[if in_time { "in_time" } else { "late" }])
-            .inc();
     }
 
     /// The attestor of adapter `name` of `source`, opened (its root key made) on first use.

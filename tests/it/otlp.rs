@@ -23,6 +23,14 @@ pub(crate) fn planner_spans(now: i64, span_ids: &[&str]) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A node on the store `data`, its admin token, and a collector token for realm `eng`.
+fn collecting(data: &std::path::Path) -> (Server, String, String) {
+    let server = Server::start(data);
+    let admin = server.token();
+    let collector = collector_token(&server.url, &admin, "eng");
+    (server, admin, collector)
+}
+
 /// The span ids of the attested `llm_call` events, in log order.
 fn spans(url: &str, token: &str) -> Vec<String> {
     crate::cluster::sql(
@@ -43,9 +51,7 @@ fn spans(url: &str, token: &str) -> Vec<String> {
 fn a_span_sent_again_is_stored_once_even_across_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("store");
-    let server = Server::start(&data);
-    let admin = server.token();
-    let collector = collector_token(&server.url, &admin, "eng");
+    let (server, admin, collector) = collecting(&data);
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let request = |span_ids: &[&str]| planner_spans(now, span_ids);
     let send = |url: &str, span_ids: &[&str]| {
@@ -127,9 +133,7 @@ fn appends(url: &str, token: &str) -> u64 {
 #[test]
 fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("store"));
-    let admin = server.token();
-    let collector = collector_token(&server.url, &admin, "eng");
+    let (server, admin, collector) = collecting(&dir.path().join("store"));
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let request = |agents: &[&str]| {
         let spans: Vec<serde_json::Value> = agents
@@ -255,9 +259,7 @@ fn new_agents_are_enrolled_together_and_a_revoked_collector_enrolls_none() {
 fn a_request_that_could_not_be_kept_leaves_no_gap_in_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("store");
-    let server = Server::start(&data);
-    let admin = server.token();
-    let collector = collector_token(&server.url, &admin, "eng");
+    let (server, admin, collector) = collecting(&data);
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     let request = |span_id: &str| planner_spans(now, &[span_id]);
     let (status, answer) = post_otlp(&server.url, Some(&collector), request("00f067aa0ba90501")).unwrap();
